@@ -1,0 +1,57 @@
+"""Output naming and sidecar text, read from ``outputs.yaml``."""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import yaml
+
+
+@lru_cache(maxsize=1)
+def output_specs() -> dict[str, Any]:
+    """The parsed ``outputs.yaml``."""
+    text = resources.files("dwiflow.bids_specs").joinpath("outputs.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def output_spec(key: str) -> dict[str, Any]:
+    """The spec of one output key; raises KeyError naming the known keys."""
+    outputs = output_specs()["outputs"]
+    if key not in outputs:
+        raise KeyError(f"unknown output {key!r}; known: {sorted(outputs)}")
+    return outputs[key]
+
+
+def output_filename(key: str, source_entities: dict[str, str]) -> str:
+    """BIDS derivative file name of output ``key`` for a source run's entities.
+
+    ``source_entities`` holds the run's entities (``sub``, ``ses``, ``acq``, ``dir``,
+    ``run`` …); the output's own entities (``model``, ``param``, ``desc``) are added and
+    everything is written in the spec's entity order.
+    """
+    spec = output_spec(key)
+    entities = {k: v for k, v in source_entities.items() if v not in (None, "")}
+    entities.update(spec.get("entities", {}))
+    order = output_specs()["entity_order"]
+    parts = [f"{name}-{entities[name]}" for name in order if name in entities]
+    return "_".join(parts + [spec["suffix"]]) + spec["extension"]
+
+
+_SIDECAR_KEYS = ("Description", "Units", "OrientationEncoding", "Levels", "Type")
+
+
+def sidecar(key: str, parameters: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """JSON sidecar content for output ``key``: its description, units, the model and parameters."""
+    spec = output_spec(key)
+    content: dict[str, Any] = {k: deepcopy(spec[k]) for k in _SIDECAR_KEYS if k in spec}
+    model_name = spec.get("model")
+    if model_name:
+        model = deepcopy(output_specs()["models"][model_name])
+        if parameters:
+            model["Parameters"] = parameters
+        content = {"Model": model, **content}
+    content.update(extra)
+    return content

@@ -1,0 +1,169 @@
+"""Antipodally symmetric point sets on the unit sphere with their neighbour graph.
+
+Two constructions: geodesic subdivision of the icosahedron (10·ν²+2 points for
+frequency ν: 362 for ν=6, 642 for ν=8, 2562 for ν=16) and electrostatic repulsion of
+antipodal pairs (Jones et al. 1999), which is what MRtrix3 and DIPY ship. Neighbours
+come from the convex hull of the points (its faces triangulate the sphere).
+
+References
+----------
+Jones D.K., Horsfield M.A., Simmons A. Optimal strategies for measuring diffusion in
+anisotropic systems by magnetic resonance imaging. Magn Reson Med 42 (1999) 515-525.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+from scipy.spatial import ConvexHull
+
+from dwiflow.core.errors import DwiflowInputError
+
+
+@dataclass(frozen=True)
+class Sphere:
+    """Unit vectors with a triangulation.
+
+    Attributes
+    ----------
+    vertices : ndarray, shape (n, 3)
+        Unit vectors; for a symmetric sphere vertex ``i + n/2`` is ``-vertex i``.
+    faces : ndarray, shape (f, 3)
+        Triangles (vertex indices) of the convex hull.
+    edges : ndarray, shape (e, 2)
+        Unique undirected edges (i < j) of the triangulation: the neighbour graph.
+    """
+
+    vertices: np.ndarray
+    faces: np.ndarray
+    edges: np.ndarray = field(repr=False)
+
+    @property
+    def n_vertices(self) -> int:
+        return int(self.vertices.shape[0])
+
+    def neighbours(self, index: int) -> np.ndarray:
+        """Indices of the vertices joined to ``index`` by an edge."""
+        e = self.edges
+        return np.sort(np.concatenate([e[e[:, 0] == index, 1], e[e[:, 1] == index, 0]]))
+
+    @property
+    def hemisphere(self) -> np.ndarray:
+        """The first half of the vertices (one of each antipodal pair) of a symmetric sphere."""
+        return self.vertices[: self.n_vertices // 2]
+
+
+def sphere_from_vertices(vertices: np.ndarray) -> Sphere:
+    """Triangulate unit vectors (convex hull) and build a :class:`Sphere`."""
+    v = np.asarray(vertices, dtype=float)
+    if v.ndim != 2 or v.shape[1] != 3 or v.shape[0] < 4:
+        raise DwiflowInputError(f"sphere vertices must be an (n>=4, 3) array, got shape {v.shape}")
+    norms = np.linalg.norm(v, axis=1)
+    if np.any(norms < 1e-9):
+        raise DwiflowInputError("sphere vertices contain a zero vector")
+    v = v / norms[:, None]
+    faces = ConvexHull(v).simplices.astype(np.intp)
+    pairs = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [0, 2]]])
+    pairs.sort(axis=1)
+    edges = np.unique(pairs, axis=0)
+    return Sphere(v, faces, edges)
+
+
+def symmetric_sphere(hemisphere: np.ndarray) -> Sphere:
+    """Sphere made of ``hemisphere`` followed by its antipodes."""
+    h = np.asarray(hemisphere, dtype=float)
+    return sphere_from_vertices(np.concatenate([h, -h]))
+
+
+def _icosahedron() -> tuple[np.ndarray, np.ndarray]:
+    t = (1 + np.sqrt(5)) / 2
+    v = np.array(
+        [[-1, t, 0], [1, t, 0], [-1, -t, 0], [1, -t, 0], [0, -1, t], [0, 1, t],
+         [0, -1, -t], [0, 1, -t], [t, 0, -1], [t, 0, 1], [-t, 0, -1], [-t, 0, 1]],
+        dtype=float,
+    )
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    f = ConvexHull(v).simplices
+    return v, f
+
+
+def _hemisphere_of(points: np.ndarray) -> np.ndarray:
+    """One point of each antipodal pair (the one with positive z, then y, then x)."""
+    key = np.where(np.abs(points[:, 2]) > 1e-9, points[:, 2],
+                   np.where(np.abs(points[:, 1]) > 1e-9, points[:, 1], points[:, 0]))
+    return points[key > 0]
+
+
+@lru_cache(maxsize=16)
+def geodesic_sphere(frequency: int) -> Sphere:
+    """Icosahedral geodesic sphere of frequency ν: 10ν²+2 symmetric points.
+
+    Every icosahedron face is divided into ν² triangles and the new points are
+    projected onto the sphere. The vertex order is a hemisphere then its antipodes.
+    """
+    if int(frequency) != frequency or frequency < 1:
+        raise DwiflowInputError(f"frequency must be a positive integer, got {frequency!r}")
+    frequency = int(frequency)
+    v, faces = _icosahedron()
+    ij = np.array([(i, j) for i in range(frequency + 1) for j in range(frequency + 1 - i)], dtype=float)
+    w = np.column_stack([ij[:, 0], ij[:, 1], frequency - ij[:, 0] - ij[:, 1]]) / frequency
+    pts = np.einsum("pk,fkd->fpd", w, v[faces]).reshape(-1, 3)
+    pts /= np.linalg.norm(pts, axis=1, keepdims=True)
+    pts = np.unique(np.round(pts, 12), axis=0)
+    hemi = _hemisphere_of(pts)
+    return symmetric_sphere(hemi)
+
+
+@lru_cache(maxsize=16)
+def repulsion_sphere(n_hemisphere: int, iterations: int = 150, seed: int = 1) -> Sphere:
+    """Symmetric sphere of ``2 * n_hemisphere`` points spread by electrostatic repulsion.
+
+    Each direction repels every other direction and their antipodes (Jones et al. 1999);
+    the energy is minimised by projected gradient steps from a Fibonacci start, which
+    makes the result deterministic.
+    """
+    if int(n_hemisphere) != n_hemisphere or n_hemisphere < 3:
+        raise DwiflowInputError(f"n_hemisphere must be an integer >= 3, got {n_hemisphere!r}")
+    n = int(n_hemisphere)
+    rng = np.random.default_rng(seed)
+    k = np.arange(n) + 0.5
+    z = 1 - k / n  # upper hemisphere
+    az = np.pi * (1 + np.sqrt(5)) * k
+    r = np.sqrt(1 - z**2)
+    x = np.column_stack([r * np.cos(az), r * np.sin(az), z]) + 1e-3 * rng.standard_normal((n, 3))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    spacing = np.sqrt(2 * np.pi / n)  # typical nearest-neighbour distance
+    for it in range(iterations):
+        step = 0.1 * spacing * (1.0 - it / iterations)
+        force = np.zeros_like(x)
+        for sgn in (1.0, -1.0):
+            diff = x[:, None, :] - sgn * x[None, :, :]
+            d2 = np.einsum("ijk,ijk->ij", diff, diff)
+            np.fill_diagonal(d2, np.inf)
+            force += np.einsum("ij,ijk->ik", d2**-1.5, diff)
+        force -= np.einsum("ij,ij->i", force, x)[:, None] * x
+        x = x + step * force / max(float(np.linalg.norm(force, axis=1).max()), 1e-12)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = np.where(x[:, 2:3] < 0, -x, x)
+    return symmetric_sphere(x)
+
+
+SPHERES = {
+    "ico362": lambda: geodesic_sphere(6),
+    "ico642": lambda: geodesic_sphere(8),
+    "ico2562": lambda: geodesic_sphere(16),
+    "ico10242": lambda: geodesic_sphere(32),
+    "repulsion300": lambda: repulsion_sphere(150),
+    "repulsion724": lambda: repulsion_sphere(362),
+}
+"""Named spheres: ~300 and ~700 points for fits and constraints, dense ones for peak search."""
+
+
+def get_sphere(name: str) -> Sphere:
+    """A named sphere from :data:`SPHERES` (cached)."""
+    try:
+        return SPHERES[name]()
+    except KeyError:
+        raise DwiflowInputError(f"unknown sphere {name!r}; choose one of {sorted(SPHERES)}") from None

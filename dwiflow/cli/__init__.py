@@ -1,0 +1,1 @@
+"""Command lines: ``dwirecon`` (file-level stages) and, later, ``dwiflow`` (BIDS App)."""

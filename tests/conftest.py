@@ -1,0 +1,64 @@
+"""Shared fixtures: the real BIDS data in ../shared, MRtrix3 availability, small images."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIDS_REAL = Path(os.environ.get("DWIFLOW_BIDS_REAL", REPO.parent / "shared" / "data" / "bids_real"))
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+REAL_RUNS = {
+    "sub-01_acq-b1kb2k": "sub-01/dwi/sub-01_acq-b1kb2k_dwi",
+    "sub-01_acq-b6kmax": "sub-01/dwi/sub-01_acq-b6kmax_dwi",
+    "sub-02_dir-AP": "sub-02/dwi/sub-02_dir-AP_dwi",
+    "sub-02_dir-PA": "sub-02/dwi/sub-02_dir-PA_dwi",
+    "sub-03": "sub-03/dwi/sub-03_dwi",
+}
+
+
+def real_run(name: str) -> dict[str, Path]:
+    """Paths of one run of ../shared/data/bids_real (the data must be there)."""
+    if not BIDS_REAL.is_dir():
+        pytest.fail(f"real test data not found at {BIDS_REAL} (set DWIFLOW_BIDS_REAL)")
+    base = BIDS_REAL / REAL_RUNS[name]
+    paths = {k: Path(f"{base}.{ext}") for k, ext in (("dwi", "nii.gz"), ("bval", "bval"), ("bvec", "bvec"))}
+    if name.startswith("sub-01"):
+        acq = name.split("acq-")[1]
+        paths["mask"] = BIDS_REAL / f"derivatives/masks/sub-01/dwi/sub-01_acq-{acq}_desc-brain_mask.nii.gz"
+    return paths
+
+
+@pytest.fixture(scope="session")
+def mrtrix() -> dict[str, str]:
+    """Paths of MRtrix3 commands; required under CI=true, skipped elsewhere when absent."""
+    tools = {name: shutil.which(name) for name in ("dwi2tensor", "tensor2metric", "mrconvert", "amp2response")}
+    if not tools["dwi2tensor"] or not tools["tensor2metric"]:
+        if IN_CI:
+            pytest.fail("MRtrix3 is required under CI=true (apt-get install -y mrtrix3)")
+        pytest.skip("MRtrix3 not installed (apt-get install -y mrtrix3)")
+    return tools  # type: ignore[return-value]
+
+
+def run_mrtrix(*args: str | os.PathLike) -> None:
+    subprocess.run([str(a) for a in args] + ["-quiet", "-force"], check=True)
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def write_gradients(base: Path, bvals: np.ndarray, bvecs_3xn: np.ndarray) -> tuple[Path, Path]:
+    bval = base.with_suffix(".bval")
+    bvec = base.with_suffix(".bvec")
+    np.savetxt(bval, np.atleast_2d(bvals), fmt="%g")
+    np.savetxt(bvec, bvecs_3xn, fmt="%.8f")
+    return bval, bvec

@@ -1,0 +1,118 @@
+import warnings
+
+import numpy as np
+import pytest
+
+from dwiflow.core.errors import DwiflowInputError
+from dwiflow.core.gradients import cluster_shells, fsl_bvecs_to_world, gradient_table, world_to_fsl_bvecs
+from dwiflow.tasks.io import load_dwi
+from tests.conftest import real_run
+
+
+def test_nearby_bvalues_form_one_shell_and_tiny_bvalues_are_b0():
+    bvals = np.array([0.001, 0.004, 995, 1000, 1005, 2990, 3000, 0.002])
+    shells = cluster_shells(bvals)
+    assert [s.is_b0 for s in shells] == [True, False, False]
+    assert shells[0].count == 3 and shells[0].bvalue == pytest.approx(0.007 / 3)
+    assert shells[1].bvalue == pytest.approx(1000.0) and shells[1].count == 3
+    assert shells[2].bvalue == pytest.approx(2995.0) and shells[2].count == 2
+
+
+def test_b0_threshold_is_configurable():
+    assert [s.count for s in cluster_shells(np.array([0, 40, 100, 1000]))] == [2, 1, 1]
+    assert [s.count for s in cluster_shells(np.array([0, 40, 100, 1000]), b0_threshold=10)] == [1, 2, 1]
+
+
+@pytest.mark.parametrize(
+    "run, expected",
+    [
+        ("sub-01_acq-b1kb2k", [(0, 13), (1000, 30), (2000, 60)]),
+        ("sub-01_acq-b6kmax", [(0, 6), (750, 3), (1500, 6), (2250, 9), (3000, 12), (3750, 15), (4500, 18), (5200, 21), (6000, 24)]),
+        ("sub-02_dir-AP", [(0, 1), (2500, 20)]),
+        ("sub-02_dir-PA", [(0, 1), (2500, 20)]),
+        ("sub-03", [(0, 5), (1000, 12)]),
+    ],
+)
+def test_shells_of_every_real_run(run, expected):
+    paths = real_run(run)
+    gtab = load_dwi(paths["dwi"], paths["bval"], paths["bvec"]).gtab
+    got = [(s.bvalue, s.count) for s in gtab.shells]
+    assert [c for _, c in got] == [c for _, c in expected]
+    assert np.allclose([b for b, _ in got], [b for b, _ in expected], atol=1)
+    assert gtab.shells[0].is_b0 and gtab.shells[0].bvalue < 0.01  # sub-03's b=0.001-0.004 count as b=0
+
+
+def test_count_mismatch_names_both_numbers_and_files():
+    bvecs = np.eye(3)[:, [0, 1, 2, 0]]
+    with pytest.raises(DwiflowInputError, match=r"a\.bval has 5 b-values but b\.bvec has 4 directions"):
+        gradient_table(np.array([0, 1000, 1000, 1000, 1000]), bvecs, bval_name="a.bval", bvec_name="b.bvec")
+    with pytest.raises(DwiflowInputError, match=r"dwi\.nii has 7 volumes but a\.bval has 4 b-values"):
+        gradient_table(np.array([0, 1000, 1000, 1000]), bvecs, n_volumes=7, bval_name="a.bval", image_name="dwi.nii")
+
+
+def test_n_by_3_bvecs_are_read_with_a_warning_and_give_the_same_table():
+    rng = np.random.default_rng(3)
+    vecs = rng.standard_normal((3, 10))
+    vecs /= np.linalg.norm(vecs, axis=0)
+    bvals = np.full(10, 1000.0)
+    reference = gradient_table(bvals, vecs)
+    with pytest.warns(UserWarning, match="BIDS expects 3 rows"):
+        transposed = gradient_table(bvals, vecs.T)
+    assert np.allclose(reference.bvecs, transposed.bvecs)
+
+
+def test_non_unit_vectors_are_normalised_and_zero_b0_vectors_kept():
+    vectors = np.array([[0, 0, 0], [2, 0, 0], [0, 0.5, 0]])  # one row per volume
+    g = gradient_table(np.array([0, 1000, 1000]), vectors.T)
+    assert np.allclose(np.linalg.norm(g.bvecs, axis=1), [0, 1, 1])
+    assert np.allclose(g.bvecs[1], [1, 0, 0]) and np.allclose(g.bvecs[2], [0, 1, 0])
+
+
+def test_dw_volume_without_direction_is_an_error():
+    with pytest.raises(DwiflowInputError, match=r"volume\(s\) \[1\]"):
+        gradient_table(np.array([0, 1000]), np.zeros((3, 2)))
+
+
+def test_fsl_rule_negative_determinant_is_plain_rotation():
+    affine = np.diag([-2.0, 2.0, 2.0, 1.0])  # LAS storage
+    world = fsl_bvecs_to_world(np.eye(3), affine)
+    assert np.allclose(world, np.diag([-1.0, 1.0, 1.0]))
+
+
+def test_fsl_rule_positive_determinant_flips_x_first():
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])  # RAS storage: FSL's x axis is flipped
+    world = fsl_bvecs_to_world(np.eye(3), affine)
+    assert np.allclose(world, np.diag([-1.0, 1.0, 1.0]))
+
+
+def test_bvecs_do_not_change_when_storage_is_flipped_left_right():
+    """FSL's convention makes bvecs independent of radiological/neurological storage."""
+    las = np.diag([-2.0, 2.0, 2.0, 1.0])
+    ras = las @ np.array([[-1, 0, 0, 9], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    assert np.linalg.det(ras[:3, :3]) > 0
+    v = np.random.default_rng(0).standard_normal((5, 3))
+    assert np.allclose(fsl_bvecs_to_world(v, las), fsl_bvecs_to_world(v, ras))
+
+
+def test_oblique_affine_rotates_directions_and_round_trips():
+    angle = np.radians(20)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([2.0, 2.5, 3.0])
+    assert np.linalg.det(affine[:3, :3]) > 0
+    v = np.random.default_rng(1).standard_normal((6, 3))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    world = fsl_bvecs_to_world(v, affine)
+    assert np.allclose(world, (v * [-1, 1, 1]) @ rot.T)
+    assert np.allclose(world_to_fsl_bvecs(world, affine), v)
+
+
+def test_subset_and_find_shell():
+    g = gradient_table(np.array([0, 1000, 2000, 1000]), np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]).T)
+    assert g.find_shell(990).count == 2
+    with pytest.raises(DwiflowInputError, match="no shell at b=3000"):
+        g.find_shell(3000)
+    assert g.subset(np.array([1, 3])).n_volumes == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(g.shell_index) == [0, 1, 2, 1]

@@ -1,0 +1,78 @@
+import nibabel as nib
+import numpy as np
+import pytest
+from dipy.core.gradients import gradient_table as dipy_gradient_table
+from dipy.reconst.dti import TensorModel as DipyTensorModel
+
+from dwiflow.core.errors import DwiflowInputError
+from dwiflow.core.sims import acquisition_scheme, make_phantom
+from dwiflow.core.tensor import (
+    STATUS_NO_SIGNAL,
+    STATUS_NONFINITE_INPUT,
+    TensorModel,
+    fractional_anisotropy,
+)
+from dwiflow.tasks.io import load_dwi, read_bvals, read_bvecs
+from tests.conftest import real_run
+
+
+@pytest.mark.parametrize("run", ["sub-01_acq-b1kb2k", "sub-01_acq-b6kmax"])
+def test_wls_fa_md_equal_dipy_in_the_brain_mask(run):
+    paths = real_run(run)
+    dwi = load_dwi(paths["dwi"], paths["bval"], paths["bvec"])
+    mask = nib.load(paths["mask"]).get_fdata() > 0
+    ours = TensorModel(dwi.gtab).fit(dwi.data, mask)
+    dgtab = dipy_gradient_table(read_bvals(paths["bval"]), bvecs=read_bvecs(paths["bvec"]).T)
+    ref = DipyTensorModel(dgtab, fit_method="WLS").fit(np.asarray(dwi.data, dtype=float), mask=mask)
+    assert np.abs(ours.fa - ref.fa)[mask].max() < 1e-4
+    assert np.abs(ours.md - ref.md)[mask].max() < 1e-4 * np.abs(ref.md[mask]).max()
+    assert np.all(ours.status[mask] == 0)
+
+
+def test_noiseless_single_fibre_recovers_the_tensor_exactly():
+    gtab = acquisition_scheme("multi")
+    direction = np.array([[0.6, 0.0, 0.8]])
+    ph = make_phantom(gtab, (3, 3, 2), directions=direction, fractions=[1.0], snr=None, evals=(1.7e-3, 0.3e-3, 0.3e-3))
+    fit = TensorModel(gtab).fit(ph.data)
+    assert np.allclose(fit.evals, [1.7e-3, 0.3e-3, 0.3e-3], rtol=1e-8)
+    assert np.allclose(np.abs(fit.v1 @ direction[0]), 1, atol=1e-10)
+    assert np.allclose(fit.s0, 100.0)
+    assert np.allclose(fit.fa, fractional_anisotropy(np.array([1.7e-3, 0.3e-3, 0.3e-3])))
+
+
+def test_noisy_single_fibre_phantom_fa_and_md_within_tolerance():
+    gtab = acquisition_scheme("single")
+    ph = make_phantom(gtab, (20, 20, 10), n_fibres=1, snr=50, seed=4)
+    fit = TensorModel(gtab).fit(ph.data)
+    true_fa = fractional_anisotropy(np.array([1.7e-3, 0.3e-3, 0.3e-3]))
+    assert abs(np.median(fit.fa) - true_fa) < 0.02
+    assert abs(np.median(fit.md) - 0.7667e-3) < 0.02e-3
+    angle = np.degrees(np.arccos(np.clip(np.abs(np.sum(fit.v1 * ph.directions[..., 0, :], -1)), 0, 1)))
+    assert np.median(angle) < 3
+
+
+def test_failed_voxels_get_nan_and_a_status_code():
+    gtab = acquisition_scheme("single")
+    ph = make_phantom(gtab, (4, 4, 1), n_fibres=1, snr=None)
+    data = ph.data.copy()
+    data[0, 0, 0, 5] = np.nan
+    data[1, 1, 0, :] = 0.0
+    fit = TensorModel(gtab).fit(data)
+    assert fit.status[0, 0, 0] == STATUS_NONFINITE_INPUT and np.isnan(fit.fa[0, 0, 0])
+    assert fit.status[1, 1, 0] == STATUS_NO_SIGNAL and np.isnan(fit.md[1, 1, 0])
+    good = fit.status == 0
+    assert good.sum() == 14 and np.all(np.isfinite(fit.fa[good]))
+
+
+def test_bad_inputs_are_named():
+    gtab = acquisition_scheme("single")
+    with pytest.raises(DwiflowInputError, match="mask is empty"):
+        TensorModel(gtab).fit(np.ones((2, 2, 2, gtab.n_volumes)), np.zeros((2, 2, 2), bool))
+    with pytest.raises(DwiflowInputError, match="mask has shape"):
+        TensorModel(gtab).fit(np.ones((2, 2, 2, gtab.n_volumes)), np.ones((2, 2), bool))
+    with pytest.raises(DwiflowInputError, match="data has 3 volumes"):
+        TensorModel(gtab).fit(np.ones((2, 2, 2, 3)))
+    with pytest.raises(DwiflowInputError, match="fit_method"):
+        TensorModel(gtab, fit_method="NLLS")
+    with pytest.raises(DwiflowInputError, match="cannot determine a tensor"):
+        TensorModel(gtab.subset(np.arange(8)))

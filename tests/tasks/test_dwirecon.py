@@ -1,0 +1,177 @@
+"""The dwirecon command line: outputs, sidecars, and one-line errors on bad input."""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dwiflow.cli.dwirecon import main
+from dwiflow.core.sims import acquisition_scheme, make_phantom
+from tests.conftest import write_gradients, write_nifti
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantom")
+    assert main(["phantom", str(out), "--shape", "12,12,4", "--seed", "2"]) == 0
+    base = out / "sub-phantom" / "dwi" / "sub-phantom_dwi"
+    return {"root": out, "dwi": f"{base}.nii.gz", "bval": f"{base}.bval", "bvec": f"{base}.bvec"}
+
+
+def _run(argv, capsys):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _outputs(directory):
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_phantom_writes_bids_and_truth(phantom_dir):
+    root = phantom_dir["root"]
+    desc = json.loads((root / "dataset_description.json").read_text())
+    assert desc["BIDSVersion"] and desc["DatasetType"] == "raw"
+    img = nib.load(phantom_dir["dwi"])
+    assert img.shape == (12, 12, 4, 66)
+    truth = nib.load(root / "derivatives/truth/sub-phantom/dwi/sub-phantom_desc-nfibres_truth.nii.gz").get_fdata()
+    assert set(np.unique(truth)) <= {1, 2, 3}
+
+
+def test_shells_prints_every_shell(phantom_dir, capsys):
+    code, out, _ = _run(["shells", phantom_dir["bval"]], capsys)
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 and "6 volumes" in lines[0] and "b=1000" in lines[1] and "60 volumes" in lines[1]
+
+
+def test_tensor_writes_maps_with_sidecars(phantom_dir, tmp_path, capsys):
+    p = phantom_dir
+    code, out, err = _run(["tensor", p["dwi"], p["bval"], p["bvec"], "--fa", tmp_path / "fa.nii.gz",
+                           "--v1", tmp_path / "v1.nii.gz", "--md", tmp_path / "md.nii.gz"], capsys)
+    assert code == 0, err
+    fa = nib.load(tmp_path / "fa.nii.gz").get_fdata()
+    assert fa.shape == (12, 12, 4) and 0.3 < np.median(fa) < 0.9
+    side = json.loads((tmp_path / "v1.json").read_text())
+    assert side["OrientationEncoding"] == {"Type": "unit3vector", "Reference": "xyz"}
+    assert side["Model"]["Parameters"]["FitMethod"] == "WLS"
+    assert json.loads((tmp_path / "md.json").read_text())["Units"] == "mm^2/s"
+
+
+def test_mask_command(phantom_dir, tmp_path, capsys):
+    p = phantom_dir
+    code, _, err = _run(["mask", p["dwi"], p["bval"], p["bvec"], tmp_path / "mask.nii.gz"], capsys)
+    assert code == 0, err
+    side = json.loads((tmp_path / "mask.json").read_text())
+    assert side["VoxelCount"] == int(nib.load(tmp_path / "mask.nii.gz").get_fdata().sum())
+
+
+def _small_case(tmp_path, n_volumes=None, bvals=None):
+    gtab = acquisition_scheme("single", n_b0=2)
+    ph = make_phantom(gtab, (5, 5, 3), n_fibres=1, snr=None)
+    data = ph.data if n_volumes is None else ph.data[..., :n_volumes]
+    dwi = write_nifti(tmp_path / "dwi.nii.gz", data.astype(np.float32))
+    bval, bvec = write_gradients(tmp_path / "dwi", gtab.bvals if bvals is None else bvals, gtab.bvecs.T)
+    return dwi, bval, bvec, ph
+
+
+def _assert_clean_error(code, err, pattern, out_dir, before):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err
+    assert pattern in lines[0], lines[0]
+    assert _outputs(out_dir) == before  # nothing written, not even temporaries
+
+
+def test_bval_bvec_count_mismatch(tmp_path, capsys):
+    dwi, bval, bvec, _ = _small_case(tmp_path)
+    np.savetxt(bval, np.atleast_2d(np.zeros(61)), fmt="%g")
+    before = _outputs(tmp_path)
+    code, _, err = _run(["tensor", dwi, bval, bvec, "--fa", tmp_path / "fa.nii.gz"], capsys)
+    _assert_clean_error(code, err, "has 61 b-values but", tmp_path, before)
+
+
+def test_volume_count_mismatch(tmp_path, capsys):
+    dwi, bval, bvec, _ = _small_case(tmp_path, n_volumes=40)
+    before = _outputs(tmp_path)
+    code, _, err = _run(["tensor", dwi, bval, bvec, "--fa", tmp_path / "fa.nii.gz"], capsys)
+    _assert_clean_error(code, err, "has 40 volumes but", tmp_path, before)
+
+
+def test_missing_file(tmp_path, capsys):
+    dwi, bval, _, _ = _small_case(tmp_path)
+    before = _outputs(tmp_path)
+    code, _, err = _run(["tensor", dwi, bval, tmp_path / "none.bvec", "--fa", tmp_path / "fa.nii.gz"], capsys)
+    _assert_clean_error(code, err, "bvec file not found", tmp_path, before)
+
+
+def test_unreadable_image(tmp_path, capsys):
+    _, bval, bvec, _ = _small_case(tmp_path)
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"this is not a nifti file")
+    before = _outputs(tmp_path)
+    code, _, err = _run(["tensor", bad, bval, bvec, "--fa", tmp_path / "fa.nii.gz"], capsys)
+    _assert_clean_error(code, err, "cannot read DWI", tmp_path, before)
+
+
+def test_3d_image_given_as_dwi(tmp_path, capsys):
+    _, bval, bvec, ph = _small_case(tmp_path)
+    flat = write_nifti(tmp_path / "flat.nii.gz", ph.data[..., 0].astype(np.float32))
+    before = _outputs(tmp_path)
+    code, _, err = _run(["mask", flat, bval, bvec, tmp_path / "m.nii.gz"], capsys)
+    _assert_clean_error(code, err, "must be 4D", tmp_path, before)
+
+
+def test_empty_and_mismatched_masks(tmp_path, capsys):
+    dwi, bval, bvec, _ = _small_case(tmp_path)
+    empty = write_nifti(tmp_path / "empty.nii.gz", np.zeros((5, 5, 3), np.uint8))
+    wrong = write_nifti(tmp_path / "wrong.nii.gz", np.ones((5, 5, 2), np.uint8))
+    before = _outputs(tmp_path)
+    code, _, err = _run(["tensor", dwi, bval, bvec, "--mask", empty, "--fa", tmp_path / "fa.nii.gz"], capsys)
+    _assert_clean_error(code, err, "is empty", tmp_path, before)
+    code, _, err = _run(["tensor", dwi, bval, bvec, "--mask", wrong, "--fa", tmp_path / "fa.nii.gz"], capsys)
+    _assert_clean_error(code, err, "has shape (5, 5, 2)", tmp_path, before)
+
+
+def test_all_zero_b0_cannot_be_masked(tmp_path, capsys):
+    dwi, bval, bvec, ph = _small_case(tmp_path)
+    data = ph.data.astype(np.float32)
+    data[..., :2] = 0
+    write_nifti(tmp_path / "dwi.nii.gz", data)
+    before = _outputs(tmp_path)
+    code, _, err = _run(["mask", dwi, bval, bvec, tmp_path / "m.nii.gz"], capsys)
+    _assert_clean_error(code, err, "b=0 volumes are all zero", tmp_path, before)
+
+
+def test_nan_voxels_are_a_documented_status_not_a_crash(tmp_path, capsys):
+    dwi, bval, bvec, ph = _small_case(tmp_path)
+    data = ph.data.astype(np.float32)
+    data[2, 2, 1, 10] = np.nan
+    write_nifti(tmp_path / "dwi.nii.gz", data)
+    code, _, err = _run(["tensor", dwi, bval, bvec, "--fa", tmp_path / "fa.nii.gz", "--status", tmp_path / "st.nii.gz"], capsys)
+    assert code == 0, err
+    fa = nib.load(tmp_path / "fa.nii.gz").get_fdata()
+    status = nib.load(tmp_path / "st.nii.gz").get_fdata()
+    assert np.isnan(fa[2, 2, 1]) and status[2, 2, 1] == 1
+    assert np.isfinite(fa).sum() == fa.size - 1 and (status == 0).sum() == fa.size - 1
+    levels = json.loads((tmp_path / "st.json").read_text())["Levels"]
+    assert levels["1"] == "non-finite input signal"
+
+
+def test_no_output_requested_and_bad_option(tmp_path, capsys):
+    dwi, bval, bvec, _ = _small_case(tmp_path)
+    code, _, err = _run(["tensor", dwi, bval, bvec], capsys)
+    assert code == 2 and "no output requested" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["phantom", str(tmp_path / "x"), "--shape", "0,1,1"])
+    assert exc.value.code == 2
+
+
+def test_installed_entry_point_exits_non_zero(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dwiflow.cli.dwirecon", "shells", str(tmp_path / "missing.bval")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"dwirecon shells: error: bval file not found: {tmp_path / 'missing.bval'}"

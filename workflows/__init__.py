@@ -1,0 +1,1 @@
+"""BIDS-aware workflows composing the tasks (see DESIGN.md)."""
