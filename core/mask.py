@@ -84,6 +84,8 @@ def median_otsu_mask(
     if median_radius < 0 or numpass < 0:
         raise DwiflowInputError("median_radius and numpass must be >= 0")
     image = np.nan_to_num(mean_b0(data, gtab), nan=0.0)
+    if image.min() == image.max():  # constant positive b=0 (e.g. a noiseless phantom): all tissue
+        return np.ones(image.shape, dtype=bool)
     size = tuple(min(2 * median_radius + 1, s) for s in image.shape)
     for _ in range(numpass):
         image = ndimage.median_filter(image, size=size, mode="nearest")

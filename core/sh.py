@@ -178,12 +178,33 @@ def laplace_beltrami_weights(lmax: int) -> np.ndarray:
 
 def zonal_sh_basis(lmax: int, cos_angle: np.ndarray) -> np.ndarray:
     """Zonal (m=0) harmonics sqrt((2l+1)/4π) P_l(cos θ) for even l, shape (n, lmax/2+1)."""
+    return zonal_sh_basis_rows(lmax, cos_angle).T
+
+
+def zonal_sh_basis_rows(lmax: int, cos_angle: np.ndarray) -> np.ndarray:
+    """As :func:`zonal_sh_basis` but transposed, (lmax/2+1, n), each row contiguous.
+
+    Legendre polynomials come from Bonnet's recurrence
+    (l+1) P_{l+1} = (2l+1) x P_l - l P_{l-1}, evaluated in place for all points at once.
+    """
     lmax = check_lmax(lmax)
-    x = np.atleast_1d(np.asarray(cos_angle, dtype=float))
-    return np.stack(
-        [np.sqrt((2 * l + 1) / (4 * np.pi)) * special.eval_legendre(l, x) for l in range(0, lmax + 1, 2)],
-        axis=-1,
-    )
+    x = np.ravel(np.asarray(cos_angle, dtype=float))
+    out = np.empty((lmax // 2 + 1, x.size))
+    out[0] = 1.0
+    p_prev, p_curr = out[0], x.copy()  # P_0, P_1
+    scratch = np.empty_like(x)
+    for l in range(1, lmax):
+        np.multiply(x, p_curr, out=scratch)
+        scratch *= (2 * l + 1) / (l + 1)
+        scratch -= (l / (l + 1)) * p_prev
+        if (l + 1) % 2 == 0:
+            out[(l + 1) // 2] = scratch
+            p_prev, p_curr = p_curr, out[(l + 1) // 2]
+        else:
+            p_prev, p_curr = p_curr, scratch.copy()
+    for row, l in enumerate(range(0, lmax + 1, 2)):
+        out[row] *= np.sqrt((2 * l + 1) / (4 * np.pi))
+    return out
 
 
 def zonal_to_rotational_harmonics(zonal: np.ndarray) -> np.ndarray:

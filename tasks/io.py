@@ -29,7 +29,7 @@ class DwiRun:
     path: Path
 
 
-def _existing(path: str | os.PathLike, what: str) -> Path:
+def existing_file(path: str | os.PathLike, what: str) -> Path:
     p = Path(path)
     if not p.exists():
         raise DwiflowInputError(f"{what} file not found: {p}")
@@ -40,7 +40,7 @@ def _existing(path: str | os.PathLike, what: str) -> Path:
 
 def load_image(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
     """Load a NIfTI image, turning nibabel's errors into one-line input errors."""
-    p = _existing(path, what)
+    p = existing_file(path, what)
     try:
         img = nib.load(str(p))
         img.header  # noqa: B018 - force header parsing
@@ -51,7 +51,7 @@ def load_image(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
 
 def read_bvals(path: str | os.PathLike) -> np.ndarray:
     """b-values from a BIDS/FSL ``.bval`` text file (whitespace separated)."""
-    p = _existing(path, "bval")
+    p = existing_file(path, "bval")
     try:
         values = np.loadtxt(p, dtype=float, ndmin=1)
     except Exception as exc:
@@ -66,7 +66,7 @@ def read_bvals(path: str | os.PathLike) -> np.ndarray:
 
 def read_bvecs(path: str | os.PathLike) -> np.ndarray:
     """Raw b-vector array from a BIDS/FSL ``.bvec`` text file (3 rows expected)."""
-    p = _existing(path, "bvec")
+    p = existing_file(path, "bvec")
     try:
         values = np.loadtxt(p, dtype=float, ndmin=2)
     except Exception as exc:

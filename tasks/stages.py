@@ -20,7 +20,15 @@ from dwiflow.core.gradients import DEFAULT_B0_THRESHOLD, cluster_shells, world_t
 from dwiflow.core.mask import median_otsu_mask
 from dwiflow.core.sims import acquisition_scheme, make_phantom
 from dwiflow.core.tensor import MIN_POSITIVE_SIGNAL, TensorModel
-from dwiflow.tasks.io import atomic_outputs, load_dwi, load_mask, read_bvals
+from dwiflow.core.response import (
+    ResponseFunction,
+    amp2response,
+    fa_response_voxels,
+    mask_for_response_ssst,
+    response_from_mask_ssst,
+    tensor_response_zonal,
+)
+from dwiflow.tasks.io import atomic_outputs, existing_file, load_dwi, load_image, load_mask, read_bvals, sidecar_path
 
 PathLike = str | os.PathLike
 
@@ -97,6 +105,162 @@ def tensor_stage(
             content = sidecar(f"tensor_{name}", parameters, **_provenance(dwi, bval, bvec, mask))
             written[name] = out.nifti(path, maps[name], run.affine, content, dtype=dtype)
     return written
+
+
+def _brain_mask(run, mask: PathLike | None) -> np.ndarray:
+    if mask is not None:
+        return load_mask(mask, run.data.shape[:3], run.affine)
+    return median_otsu_mask(run.data, run.gtab)
+
+
+def load_fibre_directions(path: PathLike, spatial_shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """A 4D image whose first three volumes are per-voxel fibre directions (world frame)."""
+    img = load_image(path, "directions image")
+    if len(img.shape) != 4 or img.shape[3] < 3:
+        raise DwiflowInputError(f"directions image {path} must be 4D with at least 3 volumes, got shape {img.shape}")
+    if tuple(img.shape[:3]) != tuple(spatial_shape):
+        raise DwiflowInputError(f"directions image {path} has spatial shape {img.shape[:3]} but the DWI has {tuple(spatial_shape)}")
+    if not np.allclose(img.affine, affine, atol=1e-3):
+        raise DwiflowInputError(f"directions image {path} is not on the DWI's voxel grid (affines differ)")
+    return np.asarray(img.dataobj[..., :3], dtype=float)
+
+
+def read_direction_file(path: PathLike, n_volumes: int) -> np.ndarray:
+    """External directions: N×3 unit vectors, or N×2 [azimuth, elevation] in radians (MRtrix3)."""
+    from dwiflow.core.sh import sphere_to_cart
+
+    p = existing_file(path, "directions")
+    try:
+        values = np.loadtxt(p, ndmin=2, comments="#")
+    except Exception as exc:
+        raise DwiflowInputError(f"cannot read directions from {p}: {exc}") from None
+    if values.shape[1] == 2:
+        values = sphere_to_cart(values[:, 1], values[:, 0])
+    if values.shape != (n_volumes, 3):
+        raise DwiflowInputError(f"directions file {p} has {values.shape[0]} rows of {values.shape[1]} values; "
+                                f"expected {n_volumes} rows (one per volume) of 3 (x y z) or 2 (azimuth elevation)")
+    return values
+
+
+def _response_sidecar(response: ResponseFunction, method: str, parameters: dict[str, Any], *sources) -> dict[str, Any]:
+    return {
+        "Description": f"Response function (zonal SH per shell, MRtrix3 convention) estimated by {method}",
+        "Method": method,
+        "Parameters": parameters,
+        "Shells": [float(b) for b in response.bvalues],
+        "Lmax": [int(l) for l in response.lmax],
+        "ResponseFunction": {"Coefficients": response.coefficients.tolist(), "Type": "zonal"},
+        **_provenance(*sources),
+    }
+
+
+def amp2response_stage(
+    dwi: PathLike,
+    bval: PathLike,
+    bvec: PathLike,
+    mask: PathLike,
+    directions_image: PathLike,
+    out_txt: PathLike,
+    *,
+    shells: list[float] | None = None,
+    lmax: list[int] | None = None,
+    isotropic: bool = False,
+    constrained: bool = True,
+    directions_file: PathLike | None = None,
+) -> Path:
+    """MRtrix3-style amp2response from a single-fibre mask and a fibre-direction image."""
+    if directions_file is not None:
+        img = load_image(dwi, "amplitude image")
+        if len(img.shape) != 4:
+            raise DwiflowInputError(f"amplitude image {dwi} must be 4D, got shape {img.shape}")
+        data, affine = np.asarray(img.dataobj, dtype=float), img.affine
+        ext_dirs, gtab = read_direction_file(directions_file, img.shape[3]), None
+    else:
+        run = load_dwi(dwi, bval, bvec)
+        data, affine, gtab, ext_dirs = run.data, run.affine, run.gtab, None
+    voxels = load_mask(mask, data.shape[:3], affine)
+    fibres = load_fibre_directions(directions_image, data.shape[:3], affine)
+    response = amp2response(
+        np.asarray(data[voxels], dtype=float), fibres[voxels], gtab, directions=ext_dirs,
+        shells=shells, lmax=lmax, isotropic=isotropic, constrained=constrained,
+    )
+    params = {"Shells": shells, "Lmax": lmax, "Isotropic": isotropic, "Constrained": constrained,
+              "Voxels": int(voxels.sum())}
+    with atomic_outputs() as out:
+        out.text(out_txt, response.to_text())
+        out.json(sidecar_path(out_txt), _response_sidecar(response, "amp2response", params, dwi, mask, directions_image))
+    return Path(out_txt)
+
+
+def fa_response_stage(
+    dwi: PathLike,
+    bval: PathLike,
+    bvec: PathLike,
+    out_txt: PathLike,
+    *,
+    mask: PathLike | None = None,
+    voxels_out: PathLike | None = None,
+    number: int = 300,
+    erode: int = 3,
+    shells: list[float] | None = None,
+    lmax: list[int] | None = None,
+) -> Path:
+    """MRtrix3 ``dwi2response fa``: top-FA voxels of the eroded mask, then amp2response.
+
+    As MRtrix3 does, the response is estimated on the largest b-value shell only unless
+    ``shells`` says otherwise.
+    """
+    run = load_dwi(dwi, bval, bvec)
+    brain = _brain_mask(run, mask)
+    voxels, v1, _ = fa_response_voxels(run.data, run.gtab, brain, erode=erode, number=number)
+    if shells is None:
+        if not run.gtab.dw_shells:
+            raise DwiflowInputError(f"{bval} has no diffusion-weighted shell")
+        shells = [run.gtab.dw_shells[-1].bvalue]
+    response = amp2response(np.asarray(run.data[voxels], dtype=float), v1[voxels], run.gtab, shells=shells, lmax=lmax)
+    params = {"Number": number, "Erode": erode, "Shells": shells, "Lmax": lmax, "Voxels": int(voxels.sum())}
+    with atomic_outputs() as out:
+        out.text(out_txt, response.to_text())
+        out.json(sidecar_path(out_txt), _response_sidecar(response, "fa (MRtrix3 dwi2response fa)", params, dwi, mask))
+        if voxels_out is not None:
+            out.nifti(voxels_out, voxels.astype(np.uint8), run.affine,
+                      {"Description": "Voxels selected for the response", "VoxelCount": int(voxels.sum())}, dtype=np.uint8)
+    return Path(out_txt)
+
+
+def ssst_response_stage(
+    dwi: PathLike,
+    bval: PathLike,
+    bvec: PathLike,
+    out_txt: PathLike,
+    *,
+    roi_radii: int | tuple[int, int, int] = 10,
+    roi_center: tuple[int, int, int] | None = None,
+    fa_threshold: float = 0.7,
+    mask: PathLike | None = None,
+    voxels_out: PathLike | None = None,
+) -> Path:
+    """DIPY ``auto_response_ssst``: FA-thresholded central ROI, mean eigenvalues and S0.
+
+    Also writes the same tensor response as zonal SH for every shell (lmax 10, 0 at b=0).
+    """
+    run = load_dwi(dwi, bval, bvec)
+    brain = load_mask(mask, run.data.shape[:3], run.affine) if mask is not None else None
+    voxels = mask_for_response_ssst(run.data, run.gtab, roi_center, roi_radii, fa_threshold, brain)
+    ssst = response_from_mask_ssst(run.data, run.gtab, voxels)
+    lmaxes = [0 if s.is_b0 else 10 for s in run.gtab.shells]
+    response = tensor_response_zonal(ssst.evals, ssst.s0, np.array([s.bvalue for s in run.gtab.shells]), lmaxes)
+    params = {"RoiRadii": roi_radii, "RoiCenter": roi_center, "FaThreshold": fa_threshold}
+    content = _response_sidecar(response, "ssst (DIPY auto_response_ssst)", params, dwi, mask)
+    content.update({"Eigenvalues": ssst.evals.tolist(), "S0": ssst.s0, "VoxelCount": ssst.n_voxels,
+                    "EigenvalueRatio": ssst.ratio})
+    with atomic_outputs() as out:
+        out.text(out_txt, response.to_text())
+        out.json(sidecar_path(out_txt), content)
+        if voxels_out is not None:
+            out.nifti(voxels_out, voxels.astype(np.uint8), run.affine,
+                      {"Description": "Voxels selected for the SSST response", "VoxelCount": ssst.n_voxels}, dtype=np.uint8)
+    return Path(out_txt)
 
 
 def phantom_stage(

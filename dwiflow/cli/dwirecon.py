@@ -10,6 +10,7 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from dwiflow._version import __version__
 from dwiflow.core.errors import DwiflowInputError
@@ -25,6 +26,44 @@ def _positive_int_triplet(text: str) -> tuple[int, int, int]:
     if len(values) != 3 or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected three positive integers like 10,10,10, got {text!r}")
     return values  # type: ignore[return-value]
+
+
+def _number_list(kind: type, count: int | None = None):
+    def parse(text: str):
+        try:
+            values = [kind(v) for v in text.replace(" ", "").split(",") if v != ""]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+        if not values or (count is not None and len(values) not in (1, count)):
+            raise argparse.ArgumentTypeError(f"expected {'1 or ' + str(count) if count else 'one or more'} values, got {text!r}")
+        return values
+    return parse
+
+
+def _cmd_response(args: argparse.Namespace) -> int:
+    from dwiflow.tasks import stages
+
+    if args.method == "amp2response":
+        path = stages.amp2response_stage(
+            args.dwi, args.bval, args.bvec, args.mask, args.directions_image, args.out,
+            shells=args.shells, lmax=args.lmax, isotropic=args.isotropic, constrained=not args.noconstraint,
+            directions_file=args.directions,
+        )
+    elif args.method == "fa":
+        path = stages.fa_response_stage(
+            args.dwi, args.bval, args.bvec, args.out, mask=args.mask, voxels_out=args.voxels,
+            number=args.number, erode=args.erode, shells=args.shells, lmax=args.lmax,
+        )
+    else:
+        radii = args.roi_radii[0] if len(args.roi_radii) == 1 else tuple(args.roi_radii)
+        path = stages.ssst_response_stage(
+            args.dwi, args.bval, args.bvec, args.out, roi_radii=radii,
+            roi_center=tuple(args.roi_center) if args.roi_center else None, fa_threshold=args.fa_thr,
+            mask=args.mask, voxels_out=args.voxels,
+        )
+    print(f"response written to {path}")
+    print(Path(path).read_text().rstrip())
+    return 0
 
 
 def _cmd_shells(args: argparse.Namespace) -> int:
@@ -92,6 +131,48 @@ def build_parser() -> argparse.ArgumentParser:
                        ("s0", "fitted S0"), ("evals", "eigenvalues (3 volumes)"), ("status", "per-voxel fit status")):
         p.add_argument(f"--{name}", metavar="FILE", help=f"write the {text} map")
     p.set_defaults(func=_cmd_tensor)
+
+    p = sub.add_parser("response", help="response-function estimation (amp2response, fa, ssst)",
+                       description="Estimate a response function; writes MRtrix3's text format plus a JSON sidecar.")
+    methods = p.add_subparsers(dest="method", required=True, metavar="METHOD")
+    m = methods.add_parser("amp2response", help="MRtrix3 amp2response from a single-fibre mask and directions",
+                           description="Constrained least squares over all selected voxels at once (Smith, Dhollander & "
+                           "Connelly): one problem per shell, amplitude non-negative and increasing from the fibre axis to "
+                           "the orthogonal plane.")
+    for name in ("dwi", "bval", "bvec", "mask"):
+        m.add_argument(name)
+    m.add_argument("directions_image", metavar="DIRECTIONS", help="4D image of per-voxel fibre directions (world frame)")
+    m.add_argument("out", metavar="OUT_TXT")
+    m.add_argument("--shells", type=_number_list(float), help="b-values of the shells to use, e.g. 0,1000 (default: all)")
+    m.add_argument("--lmax", type=_number_list(int), help="lmax per shell, e.g. 0,8,8 (default 10, 0 for b=0)")
+    m.add_argument("--isotropic", action="store_true", help="lmax 0 for every shell")
+    m.add_argument("--noconstraint", action="store_true", help="no non-negativity/monotonicity constraints")
+    m.add_argument("--directions", metavar="FILE", help="DWI volumes are amplitudes along these directions "
+                   "(N rows of x y z, or azimuth elevation in radians); BVAL/BVEC are then not used")
+    m = methods.add_parser("fa", help="MRtrix3 dwi2response fa: top-FA voxels of the eroded mask",
+                           description="The NUMBER highest-FA voxels of the eroded brain mask, principal eigenvectors as "
+                           "directions, then amp2response on the largest shell (or --shells).")
+    for name in ("dwi", "bval", "bvec"):
+        m.add_argument(name)
+    m.add_argument("out", metavar="OUT_TXT")
+    m.add_argument("--mask", help="brain mask (default: median-Otsu on the b=0 volumes)")
+    m.add_argument("--voxels", metavar="OUT_MASK", help="write the selected voxels")
+    m.add_argument("--number", type=int, default=300, help="voxels to select (default 300)")
+    m.add_argument("--erode", type=int, default=3, help="erosions of the brain mask (default 3)")
+    m.add_argument("--shells", type=_number_list(float), help="shells to estimate (default: the largest b)")
+    m.add_argument("--lmax", type=_number_list(int), help="lmax per shell")
+    m = methods.add_parser("ssst", help="DIPY auto_response_ssst: FA threshold in a central ROI",
+                           description="Tensor eigenvalues and S0 averaged over voxels with FA above a threshold in a "
+                           "cuboid ROI (DIPY's mask_for_response_ssst + response_from_mask_ssst).")
+    for name in ("dwi", "bval", "bvec"):
+        m.add_argument(name)
+    m.add_argument("out", metavar="OUT_TXT")
+    m.add_argument("--roi-radii", type=_number_list(int, 3), default=[10], metavar="R[,R,R]")
+    m.add_argument("--roi-center", type=_number_list(int, 3), metavar="X,Y,Z", help="default: the volume's centre")
+    m.add_argument("--fa-thr", type=float, default=0.7, help="FA threshold (default 0.7)")
+    m.add_argument("--mask", help="only voxels of this mask")
+    m.add_argument("--voxels", metavar="OUT_MASK", help="write the selected voxels")
+    p.set_defaults(func=_cmd_response)
 
     p = sub.add_parser("phantom", help="write a small BIDS phantom dataset with ground truth",
                        description="Multi-tensor phantom (1-3 fibres per voxel, Rician noise) as a BIDS dataset.")

@@ -32,6 +32,7 @@ def test_mask_errors():
         median_otsu_mask(np.zeros((4, 4, 4, gtab.n_volumes)), gtab)
     with pytest.raises(DwiflowInputError, match="must be 4D"):
         median_otsu_mask(np.zeros((4, 4, gtab.n_volumes)), gtab)
+    assert median_otsu_mask(np.full((4, 4, 4, gtab.n_volumes), 7.0), gtab).all()  # constant positive b=0: all tissue
     no_b0 = gtab.subset(np.flatnonzero(~gtab.b0s_mask))
     with pytest.raises(DwiflowInputError, match="no b=0 volume"):
         median_otsu_mask(np.ones((4, 4, 4, no_b0.n_volumes)), no_b0)

@@ -1,0 +1,160 @@
+import nibabel as nib
+import numpy as np
+import pytest
+from dipy.core.gradients import gradient_table as dipy_gradient_table
+from dipy.reconst.csdeconv import auto_response_ssst
+
+from dwiflow.core.errors import DwiflowInputError
+from dwiflow.core.response import (
+    ResponseFunction,
+    amp2response,
+    fa_response_voxels,
+    mask_for_response_ssst,
+    response_constraints,
+    response_from_mask_ssst,
+    roi_mask,
+    solve_convex_qp,
+    tensor_response_zonal,
+)
+from dwiflow.core.sims import acquisition_scheme, make_phantom
+from dwiflow.tasks.io import load_dwi, read_bvals, read_bvecs
+from tests.conftest import real_run
+
+EVALS = (1.7e-3, 0.3e-3, 0.3e-3)
+
+
+@pytest.fixture(scope="module")
+def single_fibre_phantom():
+    gtab = acquisition_scheme("multi")
+    return make_phantom(gtab, (20, 20, 5), n_fibres=1, snr=None, evals=EVALS, seed=11)
+
+
+def test_amp2response_recovers_the_analytic_response(single_fibre_phantom):
+    ph = single_fibre_phantom
+    signals = ph.data.reshape(-1, ph.gtab.n_volumes)
+    fibres = ph.directions[..., 0, :].reshape(-1, 3)
+    est = amp2response(signals, fibres, ph.gtab)
+    truth = tensor_response_zonal(np.array(EVALS), 100.0, est.bvalues, est.lmax)
+    assert np.allclose(est.bvalues, [0, 1000, 2000, 3000], atol=1)
+    err = np.abs(est.coefficients - truth.coefficients) / truth.coefficients[:, :1]
+    assert err.max() < 1e-5  # noiseless: exact but for the kernel's l>10 content, which lmax 10 cannot hold
+
+
+def test_amp2response_at_snr_30_is_within_2_percent_up_to_b2000(single_fibre_phantom):
+    # At b=3000 the signal along the fibre (S0·e^-5.1 ≈ 0.6) sits below the Rician noise floor (σ=3.3),
+    # which biases that shell by ~6%: a property of magnitude data, not of the estimator.
+    gtab = single_fibre_phantom.gtab
+    ph = make_phantom(gtab, (20, 20, 5), n_fibres=1, snr=30, evals=EVALS, seed=12)
+    est = amp2response(ph.data.reshape(-1, gtab.n_volumes), ph.directions[..., 0, :].reshape(-1, 3), gtab,
+                       shells=[0, 1000, 2000], lmax=[0, 8, 8])
+    truth = tensor_response_zonal(np.array(EVALS), 100.0, est.bvalues, est.lmax)
+    err = np.abs(est.coefficients - truth.coefficients) / truth.coefficients[:, :1]
+    assert err.max() < 0.02
+
+
+def test_constrained_solution_is_the_qp_optimum():
+    cvxpy = pytest.importorskip("cvxpy")
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((40, 6))
+    hessian = a.T @ a
+    linear = a.T @ rng.standard_normal(40) * 5
+    c = response_constraints(10)
+    ours = solve_convex_qp(hessian, linear, c)
+    x = cvxpy.Variable(6)
+    cvxpy.Problem(cvxpy.Minimize(0.5 * cvxpy.quad_form(x, hessian) - linear @ x), [c @ x >= 0]).solve(solver="CLARABEL")
+    assert np.all(c @ ours >= -1e-9)
+    assert np.allclose(ours, x.value, atol=1e-5 * np.abs(x.value).max())
+    assert not np.allclose(ours, np.linalg.solve(hessian, linear), atol=1e-3)  # the constraints were active
+
+
+def test_response_text_round_trip_and_errors():
+    r = ResponseFunction(np.array([0, 1000.0]), np.array([[10.0, 0, 0], [5, -2, 0.5]]), [0, 4])
+    text = r.to_text()
+    assert text.splitlines()[0] == "# Shells: 0,1000"
+    back = ResponseFunction.from_text(text)
+    assert np.allclose(back.coefficients, r.coefficients) and np.allclose(back.bvalues, r.bvalues)
+    with pytest.raises(DwiflowInputError, match="no '# Shells:' line"):
+        ResponseFunction.from_text("1 2 3\n4 5 6\n")
+    with pytest.raises(DwiflowInputError, match="cannot parse"):
+        ResponseFunction.from_text("# Shells: 1000\n1 two 3\n")
+
+
+def test_amp2response_bad_inputs(single_fibre_phantom):
+    ph = single_fibre_phantom
+    signals = ph.data.reshape(-1, ph.gtab.n_volumes)[:50]
+    fibres = ph.directions[..., 0, :].reshape(-1, 3)[:50].copy()
+    with pytest.raises(DwiflowInputError, match="no shell at b=5000"):
+        amp2response(signals, fibres, ph.gtab, shells=[5000])
+    for bad in (3, -2):
+        with pytest.raises(DwiflowInputError, match="non-negative even integer"):
+            amp2response(signals, fibres, ph.gtab, lmax=[0, bad, 8, 8])
+    with pytest.raises(DwiflowInputError, match="2 lmax values given for 4 shells"):
+        amp2response(signals, fibres, ph.gtab, lmax=[0, 8])
+    with pytest.raises(DwiflowInputError, match="b=0 shell"):
+        amp2response(signals, fibres, ph.gtab, lmax=[2, 8, 8, 8])
+    fibres[3] = np.nan
+    fibres[7] = 0
+    with pytest.raises(DwiflowInputError, match="2 of the 50 selected voxels have a NaN or zero fibre direction"):
+        amp2response(signals, fibres, ph.gtab)
+    with pytest.raises(DwiflowInputError, match="single-fibre mask is empty"):
+        amp2response(signals[:0], fibres[:0], ph.gtab)
+
+
+def test_external_directions_equal_the_gradient_path(single_fibre_phantom):
+    ph = single_fibre_phantom
+    shell = ph.gtab.find_shell(2000)
+    signals = ph.data.reshape(-1, ph.gtab.n_volumes)
+    fibres = ph.directions[..., 0, :].reshape(-1, 3)
+    via_gtab = amp2response(signals, fibres, ph.gtab, shells=[2000])
+    via_file = amp2response(signals[:, shell.indices], fibres, directions=ph.gtab.bvecs[shell.indices])
+    assert np.allclose(via_gtab.coefficients, via_file.coefficients, rtol=1e-12)
+
+
+@pytest.mark.parametrize("run", ["sub-01_acq-b1kb2k", "sub-01_acq-b6kmax"])
+def test_ssst_equals_dipy_auto_response_ssst(run):
+    paths = real_run(run)
+    dwi = load_dwi(paths["dwi"], paths["bval"], paths["bvec"])
+    data = np.asarray(dwi.data, dtype=float)
+    dgtab = dipy_gradient_table(read_bvals(paths["bval"]), bvecs=read_bvecs(paths["bvec"]).T)
+    for radii, thr in ((10, 0.7), (20, 0.5)):
+        (ref_evals, ref_s0), _ = auto_response_ssst(dgtab, data, roi_radii=radii, fa_thr=thr)
+        voxels = mask_for_response_ssst(data, dwi.gtab, roi_radii=radii, fa_threshold=thr)
+        ours = response_from_mask_ssst(data, dwi.gtab, voxels)
+        assert np.allclose(ours.evals, ref_evals, rtol=1e-6, atol=0)
+        assert ours.s0 == pytest.approx(ref_s0, rel=1e-6)
+
+
+def test_ssst_equals_dipy_and_truth_on_a_phantom():
+    gtab = acquisition_scheme("single")
+    ph = make_phantom(gtab, (12, 12, 6), n_fibres=1, snr=None, evals=EVALS, seed=5)
+    dgtab = dipy_gradient_table(gtab.bvals, bvecs=gtab.bvecs)
+    (ref_evals, ref_s0), _ = auto_response_ssst(dgtab, ph.data, roi_radii=4, fa_thr=0.7)
+    ours = response_from_mask_ssst(ph.data, gtab, mask_for_response_ssst(ph.data, gtab, roi_radii=4))
+    assert np.allclose(ours.evals, ref_evals, rtol=1e-6) and ours.s0 == pytest.approx(ref_s0, rel=1e-6)
+    assert np.allclose(ours.evals, EVALS, rtol=1e-8) and ours.s0 == pytest.approx(100.0)
+
+
+def test_ssst_no_voxel_names_the_count_and_option():
+    gtab = acquisition_scheme("single")
+    ph = make_phantom(gtab, (8, 8, 4), n_fibres=1, snr=None, evals=(0.9e-3, 0.8e-3, 0.8e-3))
+    with pytest.raises(DwiflowInputError, match=r"no voxel with FA > 0.7 among the \d+ voxels of the ROI.*--fa-thr"):
+        mask_for_response_ssst(ph.data, gtab)
+
+
+def test_roi_mask_shrinks_like_dipy():
+    m = roi_mask((104, 104, 2), None, 10)
+    assert m.sum() == 21 * 21 * 2  # z radius shrinks to 1 around centre 1 (slices 0..2, 2 is outside)
+    with pytest.raises(DwiflowInputError, match="outside the volume"):
+        roi_mask((10, 10, 10), (10, 0, 0), 2)
+
+
+def test_fa_selection_recovers_the_response_on_a_mixed_phantom():
+    gtab = acquisition_scheme("single")
+    ph = make_phantom(gtab, (20, 20, 8), n_fibres=(1, 2), snr=None, evals=EVALS, seed=8)
+    voxels, v1, fa = fa_response_voxels(ph.data, gtab, np.ones((20, 20, 8), bool), number=100)
+    assert voxels.sum() == 100 and np.all(ph.n_fibres[voxels] == 1)  # the highest FA is single-fibre
+    est = amp2response(ph.data[voxels], v1[voxels], gtab, shells=[1000])
+    truth = tensor_response_zonal(np.array(EVALS), 100.0, est.bvalues, est.lmax)
+    assert np.abs(est.coefficients - truth.coefficients).max() / truth.coefficients[0, 0] < 1e-6
+    with pytest.raises(DwiflowInputError, match="empty after 3 erosions"):
+        fa_response_voxels(ph.data, gtab, np.pad(np.ones((2, 2, 8), bool), ((9, 9), (9, 9), (0, 0))))
