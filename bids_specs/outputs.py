@@ -43,10 +43,17 @@ def output_filename(key: str, source_entities: dict[str, str]) -> str:
 _SIDECAR_KEYS = ("Description", "Units", "OrientationEncoding", "Levels", "Type")
 
 
-def sidecar(key: str, parameters: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-    """JSON sidecar content for output ``key``: its description, units, the model and parameters."""
+def sidecar(
+    key: str, parameters: dict[str, Any] | None = None, orientation: dict[str, Any] | None = None, **extra: Any
+) -> dict[str, Any]:
+    """JSON sidecar content for output ``key``: its description, units, the model and parameters.
+
+    ``orientation`` adds run-specific ``OrientationEncoding`` fields (e.g. the SH degree).
+    """
     spec = output_spec(key)
     content: dict[str, Any] = {k: deepcopy(spec[k]) for k in _SIDECAR_KEYS if k in spec}
+    if orientation:
+        content.setdefault("OrientationEncoding", {}).update(orientation)
     model_name = spec.get("model")
     if model_name:
         model = deepcopy(output_specs()["models"][model_name])

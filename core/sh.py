@@ -85,8 +85,23 @@ def sphere_to_cart(polar: np.ndarray, azimuth: np.ndarray) -> np.ndarray:
     return np.stack([s * np.cos(azimuth), s * np.sin(azimuth), np.cos(polar)], axis=-1)
 
 
-def _complex_sh(degree: int, order: np.ndarray | int, polar: np.ndarray, azimuth: np.ndarray) -> np.ndarray:
-    return special.sph_harm_y(degree, order, polar, azimuth)
+def _normalised_legendre(lmax: int, cos_polar: np.ndarray, sin_polar: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
+    """Orthonormalised associated Legendre functions sqrt((2l+1)/4π (l-m)!/(l+m)!) P_l^m, m >= 0.
+
+    P_l^m carries the Condon-Shortley phase. Standard stable recurrences: along the
+    diagonal P_m^m from P_{m-1}^{m-1}, then upwards in l for fixed m.
+    """
+    p: dict[tuple[int, int], np.ndarray] = {(0, 0): np.full_like(cos_polar, np.sqrt(1 / (4 * np.pi)))}
+    for m in range(1, lmax + 1):
+        p[(m, m)] = -np.sqrt((2 * m + 1) / (2 * m)) * sin_polar * p[(m - 1, m - 1)]
+    for m in range(0, lmax + 1):
+        if m + 1 <= lmax:
+            p[(m + 1, m)] = np.sqrt(2 * m + 3) * cos_polar * p[(m, m)]
+        for l in range(m + 2, lmax + 1):
+            a = np.sqrt((4 * l * l - 1) / (l * l - m * m))
+            b = np.sqrt(((l - 1) ** 2 - m * m) / (4 * (l - 1) ** 2 - 1))
+            p[(l, m)] = a * (cos_polar * p[(l - 1, m)] - b * p[(l - 2, m)])
+    return p
 
 
 def real_sh_basis(
@@ -119,27 +134,27 @@ def real_sh_basis(
         polar, azimuth = cart_to_sphere(directions)
     if polar is None or azimuth is None:
         raise DwiflowInputError("give either directions or both polar and azimuth")
-    polar = np.atleast_1d(np.asarray(polar, dtype=float))
-    azimuth = np.atleast_1d(np.asarray(azimuth, dtype=float))
-    out = np.empty(polar.shape + (n_coefficients(lmax),))
-    col = 0
+    polar = np.atleast_1d(np.asarray(polar, dtype=float)).ravel()
+    azimuth = np.atleast_1d(np.asarray(azimuth, dtype=float)).ravel()
+    legendre_p = _normalised_legendre(lmax, np.cos(polar), np.sin(polar))
+    cos_m = [np.ones_like(azimuth)] + [np.cos(m * azimuth) for m in range(1, lmax + 1)]
+    sin_m = [np.zeros_like(azimuth)] + [np.sin(m * azimuth) for m in range(1, lmax + 1)]
+    rows = np.empty((n_coefficients(lmax), polar.size))  # filled row by row (contiguous), returned transposed
     sqrt2 = np.sqrt(2.0)
+    col = 0
     for l in range(0, lmax + 1, 2):
-        ms = np.arange(0, l + 1)
-        y = _complex_sh(l, ms[None, :], polar[:, None], azimuth[:, None])  # (n, l+1) for m = 0..l
-        # columns for m = -l..l
-        block = np.empty(polar.shape + (2 * l + 1,))
-        block[:, l] = y[:, 0].real
-        if basis == "mrtrix3":
-            block[:, l + 1 :] = sqrt2 * y[:, 1:].real  # m > 0: Re Y_l^m
-            block[:, :l] = sqrt2 * y[:, 1:][:, ::-1].imag  # m < 0: Im Y_l^|m|
-        else:
-            sign = (-1.0) ** ms[1:]
-            block[:, l + 1 :] = sqrt2 * y[:, 1:].imag  # m > 0: Im Y_l^m
-            block[:, :l] = (sqrt2 * sign * y[:, 1:].real)[:, ::-1]  # m < 0: Re Y_l^m = (-1)^m Re Y_l^|m|
-        out[:, col : col + 2 * l + 1] = block
-        col += 2 * l + 1
-    return out
+        for m in range(-l, l + 1):
+            plm = legendre_p[(l, abs(m))]
+            if m == 0:
+                rows[col] = plm
+            elif basis == "mrtrix3":  # m>0: sqrt2 Re Y_l^m ; m<0: sqrt2 Im Y_l^|m|
+                np.multiply(plm, cos_m[m] if m > 0 else sin_m[-m], out=rows[col])
+                rows[col] *= sqrt2
+            else:  # descoteaux07: m>0: sqrt2 Im Y_l^m ; m<0: sqrt2 (-1)^m Re Y_l^|m|
+                np.multiply(plm, sin_m[m] if m > 0 else cos_m[-m], out=rows[col])
+                rows[col] *= sqrt2 if m > 0 else sqrt2 * (-1) ** m
+            col += 1
+    return rows.T
 
 
 def convert_sh_basis(coefficients: np.ndarray, source: SHBasis, target: SHBasis) -> np.ndarray:

@@ -86,12 +86,7 @@ def tensor_stage(
     if not outputs:
         raise DwiflowInputError(f"no output requested; give at least one of {', '.join(TENSOR_OUTPUTS)}")
     run = load_dwi(dwi, bval, bvec)
-    if mask is not None:
-        voxels = load_mask(mask, run.data.shape[:3], run.affine)
-    else:
-        voxels = np.any(np.nan_to_num(run.data) > 0, axis=-1)
-        if not voxels.any():
-            raise DwiflowInputError(f"DWI {dwi} has no voxel with a positive signal")
+    voxels = load_mask(mask, run.data.shape[:3], run.affine) if mask is not None else _voxels_with_signal(run, dwi)
     fit = TensorModel(run.gtab, fit_method=fit_method).fit(run.data, voxels)
     maps = {
         "fa": fit.fa, "md": fit.md, "ad": fit.ad, "rd": fit.rd, "v1": fit.v1,
@@ -105,6 +100,14 @@ def tensor_stage(
             content = sidecar(f"tensor_{name}", parameters, **_provenance(dwi, bval, bvec, mask))
             written[name] = out.nifti(path, maps[name], run.affine, content, dtype=dtype)
     return written
+
+
+def _voxels_with_signal(run, dwi: PathLike) -> np.ndarray:
+    """Without a mask, every voxel with some positive signal is fitted (as MRtrix3 does)."""
+    voxels = np.any(np.nan_to_num(run.data) > 0, axis=-1)
+    if not voxels.any():
+        raise DwiflowInputError(f"DWI {dwi} has no voxel with a positive signal")
+    return voxels
 
 
 def _brain_mask(run, mask: PathLike | None) -> np.ndarray:
@@ -261,6 +264,118 @@ def ssst_response_stage(
             out.nifti(voxels_out, voxels.astype(np.uint8), run.affine,
                       {"Description": "Voxels selected for the SSST response", "VoxelCount": ssst.n_voxels}, dtype=np.uint8)
     return Path(out_txt)
+
+
+def load_response(path: PathLike) -> ResponseFunction:
+    """A response in MRtrix3's text format."""
+    p = existing_file(path, "response")
+    return ResponseFunction.from_text(p.read_text(), str(p))
+
+
+def load_sh_image(path: PathLike, what: str = "FOD"):
+    """A 4D SH image; the volume count must be an even-degree SH coefficient count."""
+    from dwiflow.core.sh import lmax_from_n_coefficients
+
+    img = load_image(path, what)
+    if len(img.shape) != 4:
+        raise DwiflowInputError(f"{what} {path} must be a 4D SH image, got shape {img.shape}")
+    try:
+        lmax = lmax_from_n_coefficients(img.shape[3])
+    except DwiflowInputError:
+        raise DwiflowInputError(
+            f"{what} {path} has {img.shape[3]} volumes, which is not an even-degree SH coefficient count "
+            "(1, 6, 15, 28, 45, 66, ...): is it an SH image?"
+        ) from None
+    return np.asarray(img.dataobj, dtype=float), img.affine, lmax
+
+
+def csd_stage(
+    dwi: PathLike,
+    bval: PathLike,
+    bvec: PathLike,
+    response: PathLike,
+    out_fod: PathLike,
+    *,
+    mask: PathLike | None = None,
+    lmax: int | None = None,
+    shell: float | None = None,
+    neg_lambda: float = 1.0,
+    threshold: float = 0.0,
+    niter: int = 50,
+    status_out: PathLike | None = None,
+) -> Path:
+    """Constrained spherical deconvolution: FOD as SH (MRtrix3 basis, world frame) + sidecar."""
+    from dwiflow.core.csd import CsdModel
+
+    run = load_dwi(dwi, bval, bvec)
+    resp = load_response(response)
+    model = CsdModel(run.gtab, resp, lmax=lmax, shell=shell, neg_lambda=neg_lambda, threshold=threshold, niter=niter)
+    voxels = load_mask(mask, run.data.shape[:3], run.affine) if mask is not None else _voxels_with_signal(run, dwi)
+    fit = model.fit(run.data, voxels)
+    zonal = model.zonal
+    params = {"Lmax": model.lmax, "Shell": model.shell.bvalue, "NegLambda": neg_lambda, "NormLambda": 1.0,
+              "Threshold": threshold, "MaxIterations": niter, "ConstraintDirections": int(model.constraint_dirs.shape[0]),
+              "VoxelsNotConverged": int((fit.status == 2).sum()), "VoxelsFailed": int((fit.status != 0).sum())}
+    content = sidecar("csd_fod", params, {"SphericalHarmonicDegree": model.lmax}, **_provenance(dwi, bval, bvec, response, mask),
+                      ResponseFunction={"Coefficients": [float(c) for c in zonal], "Type": "zonal",
+                                        "Shell": model.shell.bvalue})
+    with atomic_outputs() as out:
+        out.nifti(out_fod, fit.sh, run.affine, content)
+        if status_out is not None:
+            out.nifti(status_out, fit.status, run.affine, sidecar("csd_status", params), dtype=np.uint8)
+    return Path(out_fod)
+
+
+def peaks_stage(
+    fod: PathLike,
+    out_peaks: PathLike,
+    *,
+    mask: PathLike | None = None,
+    npeaks: int = 3,
+    rel_threshold: float = 0.2,
+    threshold: float = 0.0,
+    min_separation: float = 25.0,
+) -> Path:
+    """FOD peaks: 4D NIfTI of 3×npeaks volumes, amplitude-scaled vectors, NaN where absent."""
+    from dwiflow.core.peaks import find_peaks
+
+    sh, affine, _ = load_sh_image(fod)
+    voxels = load_mask(mask, sh.shape[:3], affine) if mask is not None else None
+    peaks = find_peaks(sh, voxels, npeaks=npeaks, rel_threshold=rel_threshold, abs_threshold=threshold,
+                       min_separation_deg=min_separation)
+    params = {"NumberOfPeaks": npeaks, "RelativeThreshold": rel_threshold, "AbsoluteThreshold": threshold,
+              "MinSeparationDegrees": min_separation}
+    with atomic_outputs() as out:
+        out.nifti(out_peaks, peaks.vectors.reshape(sh.shape[:3] + (3 * npeaks,)), affine,
+                  sidecar("peaks", params, **_provenance(fod, mask)))
+    return Path(out_peaks)
+
+
+FOD_METRIC_OUTPUTS = ("afd_total", "peak_amplitude", "nufo", "gfa")
+
+
+def fod_metrics_stage(
+    fod: PathLike, peaks: PathLike, out_dir: PathLike, *, source_entities: dict[str, str] | None = None
+) -> dict[str, Path]:
+    """Total AFD, per-peak amplitude, NuFO and GFA, one NIfTI + sidecar each in ``out_dir``."""
+    from dwiflow.bids_specs.outputs import output_filename
+    from dwiflow.core.peaks import fod_metrics
+
+    sh, affine, _ = load_sh_image(fod)
+    pk = load_image(peaks, "peaks")
+    if len(pk.shape) != 4 or pk.shape[3] % 3:
+        raise DwiflowInputError(f"peaks {peaks} must be 4D with 3 volumes per peak, got shape {pk.shape}")
+    if tuple(pk.shape[:3]) != sh.shape[:3]:
+        raise DwiflowInputError(f"peaks {peaks} has spatial shape {pk.shape[:3]} but the FOD has {sh.shape[:3]}")
+    maps = fod_metrics(sh, np.asarray(pk.dataobj, dtype=float))
+    written: dict[str, Path] = {}
+    with atomic_outputs() as out:
+        for key in FOD_METRIC_OUTPUTS:
+            name = output_filename(key, source_entities or {})
+            dtype = np.uint8 if key == "nufo" else np.float32
+            written[key] = out.nifti(Path(out_dir) / name, maps[key], affine,
+                                     sidecar(key, **_provenance(fod, peaks)), dtype=dtype)
+    return written
 
 
 def phantom_stage(

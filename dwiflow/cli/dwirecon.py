@@ -66,6 +66,41 @@ def _cmd_response(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_csd(args: argparse.Namespace) -> int:
+    from dwiflow.tasks.stages import csd_stage
+
+    _set_threads(args.nthreads)
+    path = csd_stage(args.dwi, args.bval, args.bvec, args.response, args.out, mask=args.mask, lmax=args.lmax,
+                     shell=args.shell, neg_lambda=args.neg_lambda, threshold=args.threshold, niter=args.niter,
+                     status_out=args.status)
+    print(f"FOD written to {path}")
+    return 0
+
+
+def _cmd_peaks(args: argparse.Namespace) -> int:
+    from dwiflow.tasks.stages import peaks_stage
+
+    path = peaks_stage(args.fod, args.out, mask=args.mask, npeaks=args.npeaks, rel_threshold=args.rel_threshold,
+                       threshold=args.threshold, min_separation=args.min_separation)
+    print(f"peaks written to {path}")
+    return 0
+
+
+def _cmd_fod_metrics(args: argparse.Namespace) -> int:
+    from dwiflow.tasks.stages import describe_outputs, fod_metrics_stage
+
+    written = fod_metrics_stage(args.fod, args.peaks, args.out_dir, source_entities={"model": args.model})
+    print("FOD metrics written:\n" + describe_outputs(written))
+    return 0
+
+
+def _set_threads(n: int | None) -> None:
+    if n:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
 def _cmd_shells(args: argparse.Namespace) -> int:
     from dwiflow.tasks.stages import shells_of
 
@@ -173,6 +208,43 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mask", help="only voxels of this mask")
     m.add_argument("--voxels", metavar="OUT_MASK", help="write the selected voxels")
     p.set_defaults(func=_cmd_response)
+
+    p = sub.add_parser("csd", help="constrained spherical deconvolution (Tournier 2007)",
+                       description="Single-shell CSD with MRtrix3's dwi2fod csd formulation; FOD as SH (MRtrix3 basis, "
+                       "world frame).")
+    for name in ("dwi", "bval", "bvec", "response"):
+        p.add_argument(name)
+    p.add_argument("out", metavar="OUT_FOD")
+    p.add_argument("--mask", help="voxels to fit (default: every voxel with signal, as MRtrix3)")
+    p.add_argument("--lmax", type=int, help="FOD lmax (default 8, or the response's if lower)")
+    p.add_argument("--shell", type=float, help="b-value of the shell to deconvolve (default: the largest)")
+    p.add_argument("--neg-lambda", type=float, default=1.0, help="non-negativity regularisation (default 1)")
+    p.add_argument("--threshold", type=float, default=0.0, help="amplitude threshold of the constraint (default 0)")
+    p.add_argument("--niter", type=int, default=50, help="maximum iterations (default 50)")
+    p.add_argument("--status", metavar="FILE", help="write the per-voxel status map")
+    p.add_argument("--nthreads", type=int, help="threads for the per-voxel solver (default: all cores)")
+    p.set_defaults(func=_cmd_csd)
+
+    p = sub.add_parser("peaks", help="FOD peaks (local maxima), MRtrix3 sh2peaks layout",
+                       description="Local maxima of the FOD on a dense sphere, refined to sub-degree accuracy.")
+    p.add_argument("fod")
+    p.add_argument("out", metavar="OUT_PEAKS")
+    p.add_argument("--mask")
+    p.add_argument("--npeaks", type=int, default=3)
+    p.add_argument("--rel-threshold", type=float, default=0.2,
+                   help="minimum amplitude relative to the largest peak (default 0.2; 0.1 keeps the equatorial "
+                   "ringing of lmax-8 CSD as spurious peaks)")
+    p.add_argument("--threshold", type=float, default=0.0, help="minimum absolute amplitude (default 0)")
+    p.add_argument("--min-separation", type=float, default=25.0, help="minimum angle between peaks in degrees")
+    p.set_defaults(func=_cmd_peaks)
+
+    p = sub.add_parser("fod-metrics", help="total AFD, peak amplitudes, NuFO and GFA",
+                       description="Scalar maps from an FOD and its peaks, one NIfTI + sidecar each.")
+    p.add_argument("fod")
+    p.add_argument("peaks")
+    p.add_argument("out_dir")
+    p.add_argument("--model", default="csd", help="model label in the output names (default csd)")
+    p.set_defaults(func=_cmd_fod_metrics)
 
     p = sub.add_parser("phantom", help="write a small BIDS phantom dataset with ground truth",
                        description="Multi-tensor phantom (1-3 fibres per voxel, Rician noise) as a BIDS dataset.")

@@ -1,0 +1,132 @@
+import numpy as np
+import pytest
+from dipy.core.gradients import gradient_table as dipy_gradient_table
+from dipy.core.sphere import Sphere as DipySphere
+from dipy.reconst.csdeconv import ConstrainedSphericalDeconvModel
+
+from dwiflow.core.csd import CsdModel, _gaunt_lower
+from dwiflow.core.errors import DwiflowInputError
+from dwiflow.core.gradients import gradient_table
+from dwiflow.core.peaks import find_peaks, fod_metrics
+from dwiflow.core.response import ResponseFunction, tensor_response_zonal
+from dwiflow.core.sh import real_sh_basis
+from dwiflow.core.sims import make_phantom
+from dwiflow.core.sphere import get_sphere, repulsion_sphere
+
+EVALS = (1.7e-3, 0.3e-3, 0.3e-3)
+
+
+def scheme(n_dirs=150, bval=2000.0, n_b0=10):
+    dirs = repulsion_sphere(n_dirs, seed=5).hemisphere
+    return gradient_table(np.r_[np.zeros(n_b0), np.full(n_dirs, bval)], np.r_[np.zeros((n_b0, 3)), dirs].T)
+
+
+@pytest.fixture(scope="module")
+def acceptance_phantom():
+    """1-2 fibres, b=2000, 150 directions, SNR 20, crossings of at least 30 degrees."""
+    g = scheme()
+    ph = make_phantom(g, (40, 40, 10), n_fibres=(1, 2), snr=20, seed=7, min_separation_deg=30)
+    response = tensor_response_zonal(np.array(EVALS), 100.0, np.array([2000.0]), [8])
+    return g, ph, response, CsdModel(g, response).fit(ph.data)
+
+
+def reference_csd(model, signal):
+    """Plain float64 re-implementation of the iteration (per voxel) to check the batched solver."""
+    h, a = model._constraints, model._normal
+    rhs = signal @ model._forward
+    f = np.zeros((signal.shape[0], a.shape[0]))
+    f[:, : model._init.shape[0]] = signal @ model._init.T
+    neg = (f @ h.T) < 0
+    for _ in range(50):
+        work = a[None] + np.einsum("vn,ni,nj->vij", neg.astype(float), h, h)
+        f = np.linalg.solve(work, rhs[..., None])[..., 0]
+        new = (f @ h.T) < 0
+        if np.array_equal(new, neg):
+            break
+        neg = new
+    return f
+
+
+def test_batched_solver_reaches_the_same_fixed_point(acceptance_phantom):
+    g, ph, response, fit = acceptance_phantom
+    model = CsdModel(g, response)
+    signal = ph.data.reshape(-1, g.n_volumes)[:300][:, model.shell.indices]
+    ref = reference_csd(model, signal)
+    assert np.abs(fit.sh.reshape(-1, 45)[:300] - ref).max() < 1e-9 * np.abs(ref).max()
+    assert np.all(fit.status == 0)
+
+
+def test_gaunt_identity_for_normal_matrix_assembly():
+    gaunt, pairs = _gaunt_lower(8)
+    d = np.random.default_rng(1).standard_normal((40, 3))
+    low, high = real_sh_basis(8, d), real_sh_basis(16, d)
+    assert np.abs(low[:, pairs[0]] * low[:, pairs[1]] - high @ gaunt.T).max() < 1e-10
+
+
+def test_phantom_accuracy(acceptance_phantom):
+    g, ph, _, fit = acceptance_phantom
+    peaks = find_peaks(fit.sh)
+    v = peaks.vectors
+    u = v / np.linalg.norm(v, axis=-1, keepdims=True)
+    truth, one, two = ph.directions, ph.n_fibres == 1, ph.n_fibres == 2
+    err = np.degrees(np.arccos(np.clip(np.abs(np.sum(u[..., 0, :] * truth[..., 0, :], -1)), 0, 1)))
+    assert np.nanmean(err[one]) <= 1.3
+    assert np.mean(np.isfinite(v[..., 1, 0])[one]) <= 0.01  # spurious second peaks
+    found = [np.degrees(np.arccos(np.clip(np.abs(np.einsum("...pi,...i->...p", np.nan_to_num(u), truth[..., k, :])).max(-1), 0, 1))) < 15
+             for k in (0, 1)]
+    # MRtrix3's sh2peaks on the same FOD with the same relative threshold finds 79.0% (see the MRtrix3 test)
+    assert np.mean((found[0] & found[1])[two]) >= 0.78
+
+
+def test_agrees_with_dipy_csd(acceptance_phantom):
+    g, ph, _, fit = acceptance_phantom
+    data = ph.data[:20, :20, :5]
+    dgtab = dipy_gradient_table(g.bvals, bvecs=g.bvecs)
+    dipy_fit = ConstrainedSphericalDeconvModel(dgtab, (np.array(EVALS), 100.0), sh_order_max=8).fit(data)
+    v = get_sphere("ico642").hemisphere
+    theirs = dipy_fit.odf(DipySphere(xyz=v)).reshape(-1, v.shape[0])
+    ours = fit.sh[:20, :20, :5].reshape(-1, 45) @ real_sh_basis(8, v).T
+    a, b = ours - ours.mean(1, keepdims=True), theirs - theirs.mean(1, keepdims=True)
+    corr = (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    assert np.median(corr) >= 0.98
+
+
+def test_nan_voxels_get_nan_and_status():
+    g = scheme(60)
+    ph = make_phantom(g, (4, 4, 2), n_fibres=1, snr=None)
+    data = ph.data.copy()
+    data[1, 1, 0, 20] = np.nan
+    fit = CsdModel(g, tensor_response_zonal(np.array(EVALS), 100.0, np.array([2000.0]), [8])).fit(data)
+    assert fit.status[1, 1, 0] == 1 and np.all(np.isnan(fit.sh[1, 1, 0]))
+    assert (fit.status == 0).sum() == 31
+
+
+def test_bad_inputs():
+    g = scheme(20)
+    good = tensor_response_zonal(np.array(EVALS), 100.0, np.array([2000.0]), [8])
+    with pytest.raises(DwiflowInputError, match="response has shells b=1000, 3000 but the data's shell is b=2000"):
+        CsdModel(g, tensor_response_zonal(np.array(EVALS), 100.0, np.array([1000.0, 3000.0]), [8, 8]))
+    with pytest.raises(DwiflowInputError, match="lmax 10 .* more than the 20 directions"):
+        CsdModel(g, good, lmax=10)
+    with pytest.raises(DwiflowInputError, match="no anisotropic terms"):
+        CsdModel(g, ResponseFunction(np.array([2000.0]), np.array([[50.0]])))
+    with pytest.raises(DwiflowInputError, match="non-negative even integer"):
+        CsdModel(g, good, lmax=7)
+    with pytest.raises(DwiflowInputError, match="too few even for lmax 2"):
+        CsdModel(g.subset(np.arange(14)), good)
+    with pytest.raises(DwiflowInputError, match="mask is empty"):
+        CsdModel(g, good).fit(np.ones((2, 2, 2, g.n_volumes)), np.zeros((2, 2, 2), bool))
+
+
+def test_fod_metrics_on_known_fods():
+    v1, v2 = np.array([1.0, 0, 0]), np.array([0, 1.0, 0])
+    # sharp FODs: sums of normalised delta-like lobes built from SH of a delta
+    b = real_sh_basis(8, np.stack([v1, v2]))
+    sh = np.stack([b[0], b[0] + 0.6 * b[1]])[:, None, None, :]
+    peaks = find_peaks(sh)
+    metrics = fod_metrics(sh, peaks.vectors)
+    assert list(metrics["nufo"].ravel()) == [1, 2]
+    assert np.allclose(metrics["afd_total"].ravel(), [b[0, 0], 1.6 * b[0, 0]])
+    amp = peaks.amplitudes
+    assert amp[1, 0, 0, 1] / amp[1, 0, 0, 0] == pytest.approx(0.6, abs=0.05)
+    assert 0 < metrics["gfa"][0, 0, 0] <= 1
