@@ -187,28 +187,91 @@ def bench_csd_peaks(n_voxels: int, repeats: int, workdir: Path) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    header = f"{'step':<14} {'peer':<50} {'voxels':>8} {'dwiflow s':>10} {'peer s':>9} {'ratio':>7}  accuracy"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        ratio = r["peer_s"] / r["dwiflow_s"]
-        ratio_text = f"{ratio:>6.1f}x" if np.isfinite(ratio) else f"{'-':>7}"
-        print(f"{r['step']:<14} {r['peer']:<50} {r['voxels']:>8d} {r['dwiflow_s']:>10.3f} {r['peer_s']:>9.3f} "
-              f"{ratio_text}  {r['accuracy']}")
+def bench_iterative_responses(n_voxels: int, tax_voxels: int, workdir: Path) -> list[dict]:
+    """Tournier (vs MRtrix3 dwi2response tournier) and Tax (vs DIPY recursive_response) on one phantom."""
+    import warnings
+
+    from dipy.core.gradients import gradient_table as dipy_gtab
+    from dipy.reconst.csdeconv import recursive_response
+
+    from dwiflow.core.gradients import gradient_table
+    from dwiflow.core.response_iterative import tax_response, tournier_response
+    from dwiflow.core.sphere import repulsion_sphere
+
+    dirs = repulsion_sphere(150, seed=5).hemisphere
+    gtab = gradient_table(np.r_[np.zeros(10), np.full(150, 2000.0)], np.r_[np.zeros((10, 3)), dirs].T)
+    side = int(round((n_voxels / 10) ** 0.5))
+    ph = make_phantom(gtab, (side, side, 10), n_fibres=(1, 1, 2), snr=20, seed=2, min_separation_deg=30)
+    nvox = side * side * 10
+    brain = np.ones(ph.data.shape[:3], bool)
+    tournier_response(ph.data[:6, :6, :6], gtab, brain[:6, :6, :6], sf_voxels=20, iter_voxels=50)  # compile
+    t_ours, ours = _best_of(lambda: tournier_response(ph.data, gtab, brain), 1)
+    truth = tensor_response_zonal(np.array(ph.evals), ph.s0, np.array([2000.0]), [10])
+    rows = []
+    if shutil.which("dwi2response"):
+        affine = np.diag([-2.0, 2.0, 2.0, 1.0])
+        nib.save(nib.Nifti1Image(ph.data.astype(np.float32), affine), workdir / "tour.nii")
+        nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine), workdir / "tour_mask.nii")
+        np.savetxt(workdir / "tour.bval", gtab.bvals[None], fmt="%g")
+        np.savetxt(workdir / "tour.bvec", world_to_fsl_bvecs(gtab.bvecs, affine).T, fmt="%.8f")
+        cmd = ["dwi2response", "tournier", "-quiet", "-force", "-nthreads", "2", str(workdir / "tour.nii"), "-fslgrad",
+               str(workdir / "tour.bvec"), str(workdir / "tour.bval"), str(workdir / "tour_mrtrix.txt"),
+               "-mask", str(workdir / "tour_mask.nii"), "-scratch", str(workdir)]
+        t_m, _ = _best_of(lambda: subprocess.run(cmd, check=True), 1)
+        ref = ResponseFunction.from_text((workdir / "tour_mrtrix.txt").read_text())
+        l0 = abs(ours.response.coefficients[0, 0] - ref.coefficients[0, 0]) / ref.coefficients[0, 0]
+        rows.append({"step": "tournier", "peer": "MRtrix3 dwi2response tournier (2 threads)", "voxels": nvox,
+                     "dwiflow_s": t_ours, "peer_s": t_m,
+                     "accuracy": f"l=0 vs MRtrix3 {l0:.1e}, vs truth "
+                                 f"{abs(ours.response.coefficients[0, 0] / truth.coefficients[0, 0] - 1):.1e}"})
+    sub = ph.data.reshape(-1, gtab.n_volumes)[:tax_voxels][:, None, None, :]
+    tax_response(sub[:3000], gtab)  # compile the kernels before timing
+    t_tax, tax = _best_of(lambda: tax_response(sub, gtab), 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t_d, ref = _best_of(lambda: recursive_response(dipy_gtab(gtab.bvals, bvecs=gtab.bvecs), sub[:, 0, 0],
+                                                         sh_order_max=8), 1)
+    l0 = abs(tax.response.coefficients[1, 0] - ref.dwi_response[0]) / ref.dwi_response[0]
+    rows.append({"step": "tax", "peer": "DIPY 1.12 recursive_response (1 thread)", "voxels": sub.shape[0],
+                 "dwiflow_s": t_tax, "peer_s": t_d, "accuracy": f"l=0 vs DIPY {l0:.1e}"})
+    return rows
+
+
+HEADER = f"{'step':<14} {'peer':<50} {'voxels':>8} {'dwiflow s':>10} {'peer s':>9} {'ratio':>7}  accuracy"
+
+
+def print_row(r: dict) -> None:
+    ratio = r["peer_s"] / r["dwiflow_s"]
+    ratio_text = f"{ratio:>6.1f}x" if np.isfinite(ratio) else f"{'-':>7}"
+    print(f"{r['step']:<14} {r['peer']:<50} {r['voxels']:>8d} {r['dwiflow_s']:>10.3f} {r['peer_s']:>9.3f} "
+          f"{ratio_text}  {r['accuracy']}", flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--voxels", type=int, default=100_000, help="phantom size for the tensor step")
     parser.add_argument("--response-voxels", type=int, default=50_000, help="single-fibre voxels for amp2response")
+    parser.add_argument("--tax-voxels", type=int, default=20_000, help="voxels for the recursive (Tax) response")
+    parser.add_argument("--steps", help="comma-separated subset of: tensor, amp2response, csd, iterative")
     parser.add_argument("--repeats", type=int, default=3, help="best of N timings")
     args = parser.parse_args()
+    steps = {
+        "tensor": lambda tmp: bench_tensor(args.voxels, args.repeats, tmp),
+        "amp2response": lambda tmp: bench_amp2response(args.response_voxels, args.repeats, tmp),
+        "csd": lambda tmp: bench_csd_peaks(args.voxels, 1, tmp),
+        "iterative": lambda tmp: bench_iterative_responses(args.voxels, args.tax_voxels, tmp),
+    }
+    chosen = args.steps.split(",") if args.steps else list(steps)
+    unknown = set(chosen) - set(steps)
+    if unknown:
+        parser.error(f"unknown steps {sorted(unknown)}; choose from {', '.join(steps)}")
+    print("ratio = peer seconds / dwiflow seconds (>1: dwiflow faster); peers run on the same data in this process")
+    print(HEADER)
+    print("-" * len(HEADER), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = bench_tensor(args.voxels, args.repeats, Path(tmp))
-        rows += bench_amp2response(args.response_voxels, args.repeats, Path(tmp))
-        rows += bench_csd_peaks(args.voxels, 1, Path(tmp))
-    print_table(rows)
+        for name in chosen:
+            for row in steps[name](Path(tmp)):
+                print_row(row)
     return 0
 
 

@@ -44,7 +44,8 @@ def solve_csd(packed_work, negative, rhs, constraints, threshold, niter, n):
     """Iterate every voxel to the fixed point of its negative set.
 
     packed_work : (v, n(n+1)/2) normal matrices (lower triangle, row-major) for the
-        negative sets in ``negative`` (v, n_c); rhs : (v, n) Mᵀs; constraints : (n_c, n).
+        negative sets in ``negative`` (v, n_c); rhs : (v, n) Mᵀs; constraints : (n_c, n);
+        threshold : (v,) amplitude below which a constraint direction counts as negative.
     Returns the FOD coefficients (v, n), a status (0 ok, 2 not converged, 3 singular) and
     the number of solves per voxel.
     """
@@ -74,7 +75,7 @@ def solve_csd(packed_work, negative, rhs, constraints, threshold, niter, n):
                 a = 0.0
                 for k in range(n):
                     a += constraints[c, k] * f[k]
-                now = a < threshold
+                now = a < threshold[v]
                 if now != neg[c]:
                     changed = True
                     sign = 1.0 if now else -1.0

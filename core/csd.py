@@ -113,6 +113,13 @@ class CsdModel:
         Constraint directions on the hemisphere (300).
     chunk_size : int
         Voxels assembled together (memory ~ chunk_size × 10 kB).
+    flavour : {"mrtrix3", "dipy"}
+        ``dipy`` reproduces DIPY's ``ConstrainedSphericalDeconvModel`` instead: constraints on 181
+        hemisphere directions scaled by λ·n_SH·R₀/√(181·362), a per-voxel threshold τ·(mean FOD
+        amplitude of the unconstrained fit), no norm term, all b>0 volumes, and the lmax-4 part
+        of the unconstrained fit as the start. Used by the recursive (Tax) response.
+    tau : float
+        DIPY's relative threshold (``flavour="dipy"`` only).
     """
 
     def __init__(
@@ -127,7 +134,12 @@ class CsdModel:
         niter: int = 50,
         n_constraints: int = 300,
         chunk_size: int = 20_000,
+        flavour: str = "mrtrix3",
+        tau: float = 0.1,
     ) -> None:
+        if flavour not in ("mrtrix3", "dipy"):
+            raise DwiflowInputError(f"flavour must be 'mrtrix3' or 'dipy', got {flavour!r}")
+        self.flavour, self.tau = flavour, float(tau)
         if not gtab.dw_shells:
             raise DwiflowInputError("CSD needs a diffusion-weighted shell; the gradient table has only b=0")
         self.shell: Shell = gtab.find_shell(shell) if shell is not None else gtab.dw_shells[-1]
@@ -157,6 +169,8 @@ class CsdModel:
         if int(niter) != niter or niter < 0:
             raise DwiflowInputError(f"niter must be a non-negative integer, got {niter}")
         self.niter, self.chunk_size = int(niter), int(chunk_size)
+        if flavour == "dipy":  # every b>0 volume, as DIPY's model
+            self.shell = Shell(self.shell.bvalue, np.flatnonzero(~gtab.b0s_mask), False)
         dirs = gtab.bvecs[self.shell.indices]
         rh = expand_per_degree(zonal_to_rotational_harmonics(zonal), self.lmax)
         self.zonal = zonal
@@ -168,12 +182,22 @@ class CsdModel:
         rh_init = expand_per_degree(zonal_to_rotational_harmonics(zonal), lmax_init)
         self._init = np.linalg.pinv(b_init) / rh_init[:, None]  # (n_init, n_dirs)
         self._forward = np.ascontiguousarray(real_sh_basis(self.lmax, dirs) * rh)  # M, (n_dirs, n_sh)
-        multiplier = neg_lambda * 50.0 * zonal[0] / n_constraints
-        self.constraint_dirs = constraint_directions(n_constraints)
+        if flavour == "dipy":
+            from dwiflow.core.sphere import geodesic_sphere
+
+            self.constraint_dirs = geodesic_sphere(6).hemisphere  # 181 directions, as DIPY's small_sphere
+            multiplier = neg_lambda * rh.size * rh[0] / np.sqrt(181.0 * 362.0)  # DIPY's λ scaling
+            norm_lambda = 0.0
+        else:
+            self.constraint_dirs = constraint_directions(n_constraints)
+            multiplier = neg_lambda * 50.0 * zonal[0] / n_constraints
         self._constraints = np.ascontiguousarray(real_sh_basis(self.lmax, self.constraint_dirs) * multiplier)  # H
+        self._multiplier = multiplier
         self.threshold = threshold * multiplier
         normal = self._forward.T @ self._forward
         normal += np.eye(normal.shape[0]) * (norm_lambda * NORM_LAMBDA_MULTIPLIER * normal[0, 0])
+        if flavour == "dipy" and np.linalg.matrix_rank(normal) < normal.shape[0]:
+            normal += 1e-5 * np.eye(normal.shape[0])
         self._normal = normal
         gaunt, pairs = _gaunt_lower(self.lmax)
         self._pairs = pairs
@@ -214,20 +238,29 @@ class CsdModel:
             finite = np.all(np.isfinite(signal), axis=1)
             signal[~finite] = 0.0
             rhs = signal @ self._forward  # Mᵀs
-            start = np.zeros((signal.shape[0], nsh))
-            start[:, : self._init.shape[0]] = signal @ self._init.T
             if self.niter == 0:
                 sh[sl] = np.linalg.solve(self._normal, rhs.T).T
                 status[sl] = np.where(finite, 0, 1)
                 continue
-            # Starting negative set: amplitudes of the low-order fit below a tenth of their
-            # maximum. The fixed point (the unique minimiser) does not depend on this guess;
-            # this one starts closer to it than MRtrix3's (< threshold) and saves iterations.
-            start_amps = start @ self._constraints.T
-            negative = start_amps < np.maximum(self.threshold, INIT_NEGATIVE_FRACTION * start_amps.max(axis=1, keepdims=True))
+            if self.flavour == "dipy":
+                # DIPY: threshold τ·mean amplitude of the unconstrained fit; start from its lmax-4 part
+                unconstrained = np.linalg.solve(self._normal, rhs.T).T
+                threshold = self._constraints[0, 0] * unconstrained[:, 0] * self.tau
+                start = np.zeros_like(unconstrained)
+                start[:, :15] = unconstrained[:, :15]
+                negative = (start @ self._constraints.T) < threshold[:, None]
+            else:
+                threshold = np.full(signal.shape[0], self.threshold)
+                start = np.zeros((signal.shape[0], nsh))
+                start[:, : self._init.shape[0]] = signal @ self._init.T
+                # Starting negative set: amplitudes of the low-order fit below a tenth of their
+                # maximum. The fixed point (the unique minimiser) does not depend on this guess;
+                # this one starts closer to it than MRtrix3's (< threshold) and saves iterations.
+                start_amps = start @ self._constraints.T
+                negative = start_amps < np.maximum(self.threshold, INIT_NEGATIVE_FRACTION * start_amps.max(axis=1, keepdims=True))
             moments = negative.astype(np.float64) @ self._mask_moments
             work = moments @ self._gaunt + normal_lower  # (v, n_pairs): normal matrices, packed lower
-            out, st, it = solve_csd(work, negative, rhs, self._constraints, self.threshold, self.niter, nsh)
+            out, st, it = solve_csd(work, negative, rhs, self._constraints, threshold, self.niter, nsh)
             st[~finite] = 1
             out[~finite] = np.nan
             out[st != 0] = np.nan

@@ -118,15 +118,21 @@ def find_peaks_batch(
     lmax = lmax_from_n_coefficients(sh.shape[1])
     coarse_f, fine_f = frequency // 2, frequency
     coarse = _grid(coarse_f)
-    amps = np.asarray(sh, dtype=np.float32) @ _grid_basis(coarse_f, lmax).astype(np.float32).T  # (v, h)
-    # local maxima on the coarse grid, among vertices that could pass the thresholds
-    floor = np.maximum(abs_threshold, rel_threshold * amps.max(axis=1, keepdims=True))
-    vox, vert = np.nonzero(amps > floor)
-    centre = amps[vox, vert]
-    is_max = np.ones(vox.size, dtype=bool)
+    # amplitudes as (vertices, voxels): neighbour gathers then copy contiguous rows
+    amps_t = _grid_basis(coarse_f, lmax).astype(np.float32) @ np.asarray(sh, dtype=np.float32).T  # (h, v)
+    # local maxima on the coarse grid (cost independent of the thresholds)
+    floor = np.maximum(abs_threshold, rel_threshold * amps_t.max(axis=0, keepdims=True))
+    is_max_t = amps_t > floor
     for c in range(coarse.neighbours.shape[1]):
-        is_max &= centre >= amps[vox, coarse.neighbours[vert, c]]
-    vox, vert = vox[is_max], vert[is_max]
+        is_max_t &= amps_t >= amps_t[coarse.neighbours[:, c]]
+    vert, vox = np.nonzero(is_max_t)
+    amps_at = amps_t[vert, vox]
+    # only the largest few maxima of each voxel can become peaks: climb those
+    order = np.lexsort((-amps_at, vox))
+    vox, vert = vox[order], vert[order]
+    rank = np.arange(vox.size) - np.searchsorted(vox, vox)
+    keep = rank < 2 * npeaks + 2
+    vox, vert = vox[keep], vert[keep]
     out = np.full((sh.shape[0], npeaks, 3), np.nan)
     if vox.size == 0:
         return out
@@ -185,6 +191,69 @@ def find_peaks_batch(
     return out
 
 
+@lru_cache(maxsize=8)
+def _neighbour_table(sphere_name: str) -> np.ndarray:
+    """(n, max_degree) neighbour indices of a named sphere, padded with the vertex itself."""
+    sphere = get_sphere(sphere_name)
+    n = sphere.n_vertices
+    both = np.concatenate([sphere.edges, sphere.edges[:, ::-1]])
+    both = both[np.argsort(both[:, 0], kind="stable")]
+    counts = np.bincount(both[:, 0], minlength=n)
+    slot = np.arange(both.shape[0]) - np.concatenate([[0], np.cumsum(counts)[:-1]])[both[:, 0]]
+    table = np.repeat(np.arange(n)[:, None], counts.max(), axis=1)
+    table[both[:, 0], slot] = both[:, 1]
+    return table
+
+
+def vertex_peaks(
+    sh: np.ndarray,
+    sphere_name: str = "repulsion724",
+    npeaks: int = 2,
+    rel_threshold: float = 0.5,
+    min_separation_deg: float = 25.0,
+) -> np.ndarray:
+    """Unrefined peaks at the vertices of a symmetric sphere, as DIPY's ``peak_directions``.
+
+    Local maxima over the triangulation's edges, kept in decreasing amplitude when at least
+    ``rel_threshold`` of the largest and ``min_separation_deg`` away from those kept.
+    Returns (v, npeaks, 3) amplitude-scaled vectors, NaN-padded.
+    """
+    sphere = get_sphere(sphere_name)
+    v = sphere.vertices
+    amps = np.asarray(sh, dtype=float) @ real_sh_basis(lmax_from_n_coefficients(sh.shape[1]), v).T
+    half = v.shape[0] // 2
+    table = _neighbour_table(sphere_name)[:half]  # only the first hemisphere is reported
+    centre = amps[:, :half]
+    is_max = np.ones(centre.shape, dtype=bool)
+    for c in range(table.shape[1]):
+        is_max &= centre >= amps[:, table[:, c]]
+    is_max = np.concatenate([is_max, np.zeros((amps.shape[0], v.shape[0] - half), dtype=bool)], axis=1)
+    order = np.argsort(-np.where(is_max, amps, -np.inf), axis=1)[:, : 4 * npeaks + 4]
+    cand_amp = np.take_along_axis(np.where(is_max, amps, -np.inf), order, axis=1)
+    cand_dir = v[order]
+    out = np.full((sh.shape[0], npeaks, 3), np.nan)
+    n_kept = np.zeros(sh.shape[0], dtype=int)
+    rows = np.arange(sh.shape[0])
+    cos_sep = np.cos(np.radians(min_separation_deg))
+    for c in range(order.shape[1]):
+        d, amp = cand_dir[:, c], cand_amp[:, c]
+        accept = np.isfinite(amp) & (amp >= rel_threshold * cand_amp[:, 0]) & (n_kept < npeaks)
+        for k in range(npeaks):
+            close = np.abs(np.einsum("vi,vi->v", np.nan_to_num(out[:, k]), d)) > cos_sep * np.linalg.norm(np.nan_to_num(out[:, k]), axis=1)
+            accept &= ~(close & (k < n_kept))
+        out[rows[accept], n_kept[accept]] = d[accept] * amp[accept, None]
+        n_kept += accept
+    return out
+
+
+def find_peaks_rows(sh: np.ndarray, chunk_size: int = 4000, **options) -> np.ndarray:
+    """:func:`find_peaks_batch` over (v, n_coeffs) rows in chunks (bounded memory)."""
+    out = np.empty((sh.shape[0], options.get("npeaks", 3), 3))
+    for sl in iter_chunks(sh.shape[0], chunk_size):
+        out[sl] = find_peaks_batch(sh[sl], **options)
+    return out
+
+
 def find_peaks(
     sh: np.ndarray,
     mask: np.ndarray | None = None,
@@ -207,9 +276,8 @@ def find_peaks(
     if not mask.any():
         raise DwiflowInputError("no voxel with a finite FOD inside the mask")
     batch = VoxelBatch.from_volume(sh, mask)
-    vectors = np.empty((batch.n_voxels, npeaks, 3))
-    for sl in iter_chunks(batch.n_voxels, chunk_size):
-        vectors[sl] = find_peaks_batch(batch.signal(sl), npeaks, rel_threshold, abs_threshold, min_separation_deg)
+    vectors = find_peaks_rows(batch.signal(), chunk_size, npeaks=npeaks, rel_threshold=rel_threshold,
+                              abs_threshold=abs_threshold, min_separation_deg=min_separation_deg)
     return Peaks(scatter(vectors, batch, fill=np.nan))
 
 

@@ -157,6 +157,26 @@ def _response_sidecar(response: ResponseFunction, method: str, parameters: dict[
     }
 
 
+def _write_response(
+    out_txt: PathLike,
+    response: ResponseFunction,
+    content: dict[str, Any],
+    affine: np.ndarray,
+    voxels: np.ndarray | None = None,
+    voxels_out: PathLike | None = None,
+    method: str = "",
+) -> Path:
+    """Response text + sidecar, and optionally the selected-voxel mask, all or nothing."""
+    with atomic_outputs() as out:
+        out.text(out_txt, response.to_text())
+        out.json(sidecar_path(out_txt), content)
+        if voxels_out is not None and voxels is not None:
+            out.nifti(voxels_out, voxels.astype(np.uint8), affine,
+                      {"Description": f"Voxels selected for the {method} response", "VoxelCount": int(voxels.sum())},
+                      dtype=np.uint8)
+    return Path(out_txt)
+
+
 def amp2response_stage(
     dwi: PathLike,
     bval: PathLike,
@@ -189,10 +209,8 @@ def amp2response_stage(
     )
     params = {"Shells": shells, "Lmax": lmax, "Isotropic": isotropic, "Constrained": constrained,
               "Voxels": int(voxels.sum())}
-    with atomic_outputs() as out:
-        out.text(out_txt, response.to_text())
-        out.json(sidecar_path(out_txt), _response_sidecar(response, "amp2response", params, dwi, mask, directions_image))
-    return Path(out_txt)
+    return _write_response(out_txt, response, _response_sidecar(response, "amp2response", params, dwi, mask,
+                                                                directions_image), affine)
 
 
 def fa_response_stage(
@@ -222,13 +240,8 @@ def fa_response_stage(
         shells = [run.gtab.dw_shells[-1].bvalue]
     response = amp2response(np.asarray(run.data[voxels], dtype=float), v1[voxels], run.gtab, shells=shells, lmax=lmax)
     params = {"Number": number, "Erode": erode, "Shells": shells, "Lmax": lmax, "Voxels": int(voxels.sum())}
-    with atomic_outputs() as out:
-        out.text(out_txt, response.to_text())
-        out.json(sidecar_path(out_txt), _response_sidecar(response, "fa (MRtrix3 dwi2response fa)", params, dwi, mask))
-        if voxels_out is not None:
-            out.nifti(voxels_out, voxels.astype(np.uint8), run.affine,
-                      {"Description": "Voxels selected for the response", "VoxelCount": int(voxels.sum())}, dtype=np.uint8)
-    return Path(out_txt)
+    content = _response_sidecar(response, "fa (MRtrix3 dwi2response fa)", params, dwi, mask)
+    return _write_response(out_txt, response, content, run.affine, voxels, voxels_out, "fa")
 
 
 def ssst_response_stage(
@@ -257,13 +270,38 @@ def ssst_response_stage(
     content = _response_sidecar(response, "ssst (DIPY auto_response_ssst)", params, dwi, mask)
     content.update({"Eigenvalues": ssst.evals.tolist(), "S0": ssst.s0, "VoxelCount": ssst.n_voxels,
                     "EigenvalueRatio": ssst.ratio})
-    with atomic_outputs() as out:
-        out.text(out_txt, response.to_text())
-        out.json(sidecar_path(out_txt), content)
-        if voxels_out is not None:
-            out.nifti(voxels_out, voxels.astype(np.uint8), run.affine,
-                      {"Description": "Voxels selected for the SSST response", "VoxelCount": ssst.n_voxels}, dtype=np.uint8)
-    return Path(out_txt)
+    return _write_response(out_txt, response, content, run.affine, voxels, voxels_out, "SSST")
+
+
+def iterative_response_stage(
+    method: str,
+    dwi: PathLike,
+    bval: PathLike,
+    bvec: PathLike,
+    out_txt: PathLike,
+    *,
+    mask: PathLike | None = None,
+    voxels_out: PathLike | None = None,
+    options: dict[str, Any] | None = None,
+) -> Path:
+    """Tournier (MRtrix3 ``dwi2response tournier``) or Tax (DIPY ``recursive_response``) response."""
+    from dwiflow.core.response_iterative import tax_response, tournier_response
+
+    options = dict(options or {})
+    run = load_dwi(dwi, bval, bvec)
+    if method == "tournier":
+        result = tournier_response(run.data, run.gtab, _brain_mask(run, mask), **options)
+        label = "tournier (MRtrix3 dwi2response tournier)"
+    elif method == "tax":
+        wm = load_mask(mask, run.data.shape[:3], run.affine) if mask is not None else None
+        result = tax_response(run.data, run.gtab, wm, **options)
+        label = "tax (recursive calibration, DIPY recursive_response)"
+    else:
+        raise DwiflowInputError(f"unknown iterative response method {method!r}")
+    params = {**options, "Iterations": result.iterations, "Converged": result.converged,
+              "Voxels": int(result.voxels.sum())}
+    content = _response_sidecar(result.response, label, params, dwi, mask)
+    return _write_response(out_txt, result.response, content, run.affine, result.voxels, voxels_out, method)
 
 
 def load_response(path: PathLike) -> ResponseFunction:

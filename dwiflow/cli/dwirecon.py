@@ -54,6 +54,15 @@ def _cmd_response(args: argparse.Namespace) -> int:
             args.dwi, args.bval, args.bvec, args.out, mask=args.mask, voxels_out=args.voxels,
             number=args.number, erode=args.erode, shells=args.shells, lmax=args.lmax,
         )
+    elif args.method in ("tournier", "tax"):
+        if args.method == "tournier":
+            options = {"sf_voxels": args.sf_voxels, "iter_voxels": args.iter_voxels, "dilate": args.dilate,
+                       "max_iters": args.max_iters, "lmax": args.lmax, "shell": args.shell}
+        else:
+            options = {"lmax": args.lmax or 8, "peak_thr": args.peak_thr, "init_fa": args.init_fa,
+                       "init_trace": args.init_trace, "max_iters": args.max_iters, "convergence": args.convergence}
+        path = stages.iterative_response_stage(args.method, args.dwi, args.bval, args.bvec, args.out, mask=args.mask,
+                                               voxels_out=args.voxels, options=options)
     else:
         radii = args.roi_radii[0] if len(args.roi_radii) == 1 else tuple(args.roi_radii)
         path = stages.ssst_response_stage(
@@ -136,6 +145,17 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _response_method(methods, name: str, help_text: str, description: str, mask_help: str) -> argparse.ArgumentParser:
+    """A ``dwirecon response`` method taking DWI BVAL BVEC OUT_TXT [--mask] [--voxels]."""
+    m = methods.add_parser(name, help=help_text, description=description)
+    for arg in ("dwi", "bval", "bvec"):
+        m.add_argument(arg)
+    m.add_argument("out", metavar="OUT_TXT")
+    m.add_argument("--mask", help=mask_help)
+    m.add_argument("--voxels", metavar="OUT_MASK", help="write the selected voxels")
+    return m
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dwirecon",
@@ -184,29 +204,40 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--noconstraint", action="store_true", help="no non-negativity/monotonicity constraints")
     m.add_argument("--directions", metavar="FILE", help="DWI volumes are amplitudes along these directions "
                    "(N rows of x y z, or azimuth elevation in radians); BVAL/BVEC are then not used")
-    m = methods.add_parser("fa", help="MRtrix3 dwi2response fa: top-FA voxels of the eroded mask",
-                           description="The NUMBER highest-FA voxels of the eroded brain mask, principal eigenvectors as "
-                           "directions, then amp2response on the largest shell (or --shells).")
-    for name in ("dwi", "bval", "bvec"):
-        m.add_argument(name)
-    m.add_argument("out", metavar="OUT_TXT")
-    m.add_argument("--mask", help="brain mask (default: median-Otsu on the b=0 volumes)")
-    m.add_argument("--voxels", metavar="OUT_MASK", help="write the selected voxels")
+    m = _response_method(methods, "fa", "MRtrix3 dwi2response fa: top-FA voxels of the eroded mask",
+                         "The NUMBER highest-FA voxels of the eroded brain mask, principal eigenvectors as directions, "
+                         "then amp2response on the largest shell (or --shells).",
+                         "brain mask (default: median-Otsu on the b=0 volumes)")
     m.add_argument("--number", type=int, default=300, help="voxels to select (default 300)")
     m.add_argument("--erode", type=int, default=3, help="erosions of the brain mask (default 3)")
     m.add_argument("--shells", type=_number_list(float), help="shells to estimate (default: the largest b)")
     m.add_argument("--lmax", type=_number_list(int), help="lmax per shell")
-    m = methods.add_parser("ssst", help="DIPY auto_response_ssst: FA threshold in a central ROI",
-                           description="Tensor eigenvalues and S0 averaged over voxels with FA above a threshold in a "
-                           "cuboid ROI (DIPY's mask_for_response_ssst + response_from_mask_ssst).")
-    for name in ("dwi", "bval", "bvec"):
-        m.add_argument(name)
-    m.add_argument("out", metavar="OUT_TXT")
+    m = _response_method(methods, "ssst", "DIPY auto_response_ssst: FA threshold in a central ROI",
+                         "Tensor eigenvalues and S0 averaged over voxels with FA above a threshold in a cuboid ROI "
+                         "(DIPY's mask_for_response_ssst + response_from_mask_ssst).", "only voxels of this mask")
     m.add_argument("--roi-radii", type=_number_list(int, 3), default=[10], metavar="R[,R,R]")
     m.add_argument("--roi-center", type=_number_list(int, 3), metavar="X,Y,Z", help="default: the volume's centre")
     m.add_argument("--fa-thr", type=float, default=0.7, help="FA threshold (default 0.7)")
-    m.add_argument("--mask", help="only voxels of this mask")
-    m.add_argument("--voxels", metavar="OUT_MASK", help="write the selected voxels")
+    m = _response_method(methods, "tournier", "MRtrix3 dwi2response tournier (iterative, CSD-based)",
+                         "Tournier et al. 2013: iterate CSD and the selection of the voxels with the largest "
+                         "sqrt(p1)*(1-p2/p1)^2, ending in amp2response on the largest shell.",
+                         "brain mask (default: median-Otsu on the b=0 volumes)")
+    m.add_argument("--sf-voxels", type=int, default=300)
+    m.add_argument("--iter-voxels", type=int, default=3000)
+    m.add_argument("--dilate", type=int, default=1)
+    m.add_argument("--max-iters", type=int, default=10)
+    m.add_argument("--lmax", type=int)
+    m.add_argument("--shell", type=float, help="shell to use (default: the largest)")
+    m = _response_method(methods, "tax", "recursive calibration (Tax 2014; DIPY recursive_response)",
+                         "Iterate DIPY-style CSD from a fat tensor response, keeping voxels whose second peak is below "
+                         "--peak-thr of the first, ending in amp2response (b=0 and the shell).",
+                         "voxels to consider, typically white matter (default: all)")
+    m.add_argument("--lmax", type=int, default=8)
+    m.add_argument("--peak-thr", type=float, default=0.01)
+    m.add_argument("--init-fa", type=float, default=0.08)
+    m.add_argument("--init-trace", type=float, default=0.0021)
+    m.add_argument("--max-iters", type=int, default=8)
+    m.add_argument("--convergence", type=float, default=0.001)
     p.set_defaults(func=_cmd_response)
 
     p = sub.add_parser("csd", help="constrained spherical deconvolution (Tournier 2007)",
