@@ -6,8 +6,15 @@ compiled on first use and cached on disk.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
-from numba import njit, prange
+from numba import config, njit, prange
+
+# GNU OpenMP cannot survive a fork, and Pydra's cf worker forks: use numba's own thread pool
+# unless the user chose a threading layer.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    config.THREADING_LAYER = "workqueue"
 
 
 @njit(cache=True, fastmath=True, inline="always")

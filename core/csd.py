@@ -102,7 +102,8 @@ class CsdModel:
         Zonal SH per shell; the row whose b-value matches the deconvolved shell is used
         (a single row without b-values is used as it is).
     lmax : int
-        FOD degree (default 8, or the response's lmax if lower).
+        FOD degree (default 8, or lower when the response's lmax or the number of directions
+        is lower: at most 3 coefficients per measured direction).
     shell : float, optional
         b-value of the shell to deconvolve (default: the largest).
     neg_lambda, norm_lambda, threshold : float
@@ -154,7 +155,8 @@ class CsdModel:
         lmax_data = max_lmax_for_directions(n_dirs)
         if lmax_data < 2:
             raise DwiflowInputError(f"shell b={self.shell.bvalue:.0f} has {n_dirs} directions: too few even for lmax 2 (6 needed)")
-        self.lmax = check_lmax(lmax if lmax is not None else min(lmax_response, 8), "lmax")
+        default_lmax = min(lmax_response, 8, self._max_supported_lmax(n_dirs))
+        self.lmax = check_lmax(lmax if lmax is not None else default_lmax, "lmax")
         if self.lmax < 2:
             raise DwiflowInputError("lmax must be a positive even integer")
         if n_coefficients(self.lmax) > SUPER_RESOLUTION_FACTOR * n_dirs:

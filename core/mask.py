@@ -67,8 +67,8 @@ def median_otsu_mask(
     data : ndarray (x, y, z, n)
     gtab : GradientTable
     median_radius : int
-        Radius of the cubic median filter (its width is 2r+1 voxels, clipped to the
-        image size along thin axes).
+        Radius of the cubic median filter (its width is 2r+1 voxels, but at most a third of
+        the image along each axis).
     numpass : int
         Number of median-filter passes.
     largest_component, fill_holes : bool
@@ -86,7 +86,8 @@ def median_otsu_mask(
     image = np.nan_to_num(mean_b0(data, gtab), nan=0.0)
     if image.min() == image.max():  # constant positive b=0 (e.g. a noiseless phantom): all tissue
         return np.ones(image.shape, dtype=bool)
-    size = tuple(min(2 * median_radius + 1, s) for s in image.shape)
+    # window 2r+1, but at most a third of the axis (odd), so thin volumes are not eaten away
+    size = tuple(min(2 * median_radius + 1, max(1, (s // 3) | 1)) for s in image.shape)
     for _ in range(numpass):
         image = ndimage.median_filter(image, size=size, mode="nearest")
     mask = image > otsu_threshold(image)

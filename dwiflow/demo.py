@@ -1,9 +1,8 @@
 """The demo job: build the built-in phantom dataset and run every stage that exists on it.
 
 Run with ``python3 dev.py demo [OUTPUT_DIR]`` (default ``demo_output/``). It writes a BIDS
-phantom dataset with its ground truth, then the derivatives of the CSD chain (brain mask,
-tensor maps, FA-selected response, FOD, peaks, FOD metrics), and prints how the recovered
-peaks compare with the truth.
+phantom dataset with its ground truth, runs the BIDS App on it (``dwiflow … participant`` with
+the ``csd`` recon spec, then ``group``), and prints how the recovered peaks compare with the truth.
 """
 
 from __future__ import annotations
@@ -16,52 +15,30 @@ import nibabel as nib
 import numpy as np
 
 from dwiflow.bids_specs.outputs import output_filename
-from dwiflow.tasks.stages import (
-    csd_stage,
-    fa_response_stage,
-    fod_metrics_stage,
-    mask_stage,
-    peaks_stage,
-    phantom_stage,
-    tensor_stage,
-)
-
-
-def _step(number: int, total: int, text: str) -> float:
-    print(f"[demo] {number}/{total} {text}", flush=True)
-    return time.perf_counter()
+from dwiflow.tasks.stages import phantom_stage
 
 
 def run_demo(out_dir: Path) -> dict[str, Path]:
-    """Write the phantom, then the CSD-chain derivatives; return every path written."""
+    """Write the phantom as a BIDS dataset, run the BIDS App on it (participant, group), report accuracy."""
+    from dwiflow.cli.bidsapp import main as bidsapp
+
     t0 = time.perf_counter()
-    total = 7
     raw = out_dir / "phantom"
-    _step(1, total, f"phantom dataset (multi-shell, 24x24x6, 1-3 fibres, CSF, SNR 30) -> {raw}")
-    files = phantom_stage(raw, scheme="multi", shape=(24, 24, 6), snr=30.0, seed=42)
-    deriv = out_dir / "derivatives" / "dwiflow" / "sub-phantom" / "dwi"
-    entities = {"sub": "phantom"}
-    dwi, bval, bvec = files["dwi"], files["bval"], files["bvec"]
-    mask_path = deriv / output_filename("brain_mask", entities)
-    _step(2, total, f"brain mask -> {mask_path.name}")
-    mask_stage(dwi, bval, bvec, mask_path)
-    _step(3, total, "tensor maps (FA, MD, AD, RD, V1)")
-    maps = {name: deriv / output_filename(f"tensor_{name}", entities) for name in ("fa", "md", "ad", "rd", "v1")}
-    written = tensor_stage(dwi, bval, bvec, maps)
-    response = deriv / output_filename("response", {**entities, "model": "csd", "desc": "fa"})
-    _step(4, total, f"response function (FA selection + amp2response, b=3000) -> {response.name}")
-    fa_response_stage(dwi, bval, bvec, response, number=100, erode=0)
-    fod = deriv / output_filename("csd_fod", entities)
-    _step(5, total, f"constrained spherical deconvolution (lmax 8) -> {fod.name}")
-    csd_stage(dwi, bval, bvec, response, fod)
-    peaks = deriv / output_filename("peaks", {**entities, "model": "csd"})
-    _step(6, total, f"FOD peaks -> {peaks.name}")
-    peaks_stage(fod, peaks)
-    _step(7, total, "FOD metrics (total AFD, peak amplitudes, NuFO, GFA)")
-    metrics = fod_metrics_stage(fod, peaks, deriv, source_entities={**entities, "model": "csd"})
+    print(f"[demo] 1/3 phantom BIDS dataset (multi-shell, 20x20x10 tissue in a 26x26x14 image, 1-3 fibres, CSF, "
+          f"SNR 30) -> {raw}", flush=True)
+    files = phantom_stage(raw, scheme="multi", shape=(20, 20, 10), snr=30.0, seed=42)
+    deriv = out_dir / "derivatives" / "dwiflow"
+    print(f"[demo] 2/3 dwiflow {raw} {deriv} participant --mask-dir {raw / 'derivatives' / 'masks'}  (recon spec csd: "
+          "tensor, response, CSD, peaks, FOD metrics)", flush=True)
+    if bidsapp([str(raw), str(deriv), "participant", "--mask-dir", str(raw / "derivatives" / "masks"),
+                "--work-dir", str(out_dir / "work"), "--worker", "cf"]) != 0:
+        raise SystemExit("[demo] the participant level failed")
+    print(f"[demo] 3/3 dwiflow {raw} {deriv} group", flush=True)
+    bidsapp([str(raw), str(deriv), "group"])
+    peaks = deriv / "sub-phantom" / "dwi" / ("sub-phantom_" + output_filename("peaks", {"model": "csd"}))
     _report_accuracy(peaks, files)
-    print(f"[demo] done in {time.perf_counter() - t0:.1f} s. Outputs under {out_dir.resolve()}")
-    return {**files, "mask": mask_path, **written, "response": response, "fod": fod, "peaks": peaks, **metrics}
+    print(f"[demo] done in {time.perf_counter() - t0:.1f} s. Derivatives: {deriv.resolve()}")
+    return {**files, "derivatives": deriv, "peaks": peaks}
 
 
 def _report_accuracy(peaks_path: Path, files: dict[str, Path]) -> None:
@@ -70,7 +47,7 @@ def _report_accuracy(peaks_path: Path, files: dict[str, Path]) -> None:
     unit = vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
     n_true = nib.load(files["nfibres"]).get_fdata().astype(int)
     truth = nib.load(files["directions"]).get_fdata().reshape(peaks.shape[:3] + (-1, 3))
-    single = n_true == 1
+    single = n_true == 1  # background voxels have n_true == 0 and are not counted
     first = np.abs(np.sum(unit[..., 0, :] * truth[..., 0, :], axis=-1))
     angle = np.degrees(np.arccos(np.clip(first, 0, 1)))
     nufo = np.sum(np.isfinite(vectors[..., 0]), axis=-1)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from dwiflow._version import __version__
-from dwiflow.bids_specs.outputs import sidecar
+from dwiflow.bids_specs.outputs import output_filename, sidecar
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import DEFAULT_B0_THRESHOLD, cluster_shells, world_to_fsl_bvecs
 from dwiflow.core.mask import median_otsu_mask
@@ -34,8 +34,9 @@ PathLike = str | os.PathLike
 
 
 def _provenance(*sources: PathLike | None) -> dict[str, Any]:
+    # file names only: outputs must not depend on where inputs or the workflow cache live
     return {
-        "Sources": [str(Path(s)) for s in sources if s is not None],
+        "Sources": [Path(s).name for s in sources if s is not None],
         "GeneratedBy": [{"Name": "dwiflow", "Version": __version__}],
     }
 
@@ -423,21 +424,36 @@ def phantom_stage(
     snr: float | None = 30.0,
     seed: int = 0,
     voxel_size: float = 2.0,
+    background: tuple[int, int, int] = (3, 3, 2),
 ) -> dict[str, Path]:
     """Write a small BIDS dataset of a multi-fibre phantom plus its ground truth.
 
-    Layout: ``OUT/sub-phantom/dwi/sub-phantom_dwi.{nii.gz,bval,bvec,json}`` and
+    Layout: ``OUT/sub-phantom/dwi/sub-phantom_dwi.{nii.gz,bval,bvec,json}``, the tissue block as a
+    brain-mask derivative in ``OUT/derivatives/masks`` (as ../shared/data/bids_real ships), and
     ``OUT/derivatives/truth/sub-phantom/dwi/`` with the number of fibres, fractions,
-    fibre directions (world frame) and the CSF fraction.
+    fibre directions (world frame) and the CSF fraction. The tissue block of ``shape`` sits in a
+    field of view padded by ``background`` voxels per side that hold only noise (as outside a
+    head), so that masking behaves as on real data; truth maps are 0 there.
     """
     gtab = acquisition_scheme(scheme)
-    phantom = make_phantom(gtab, shape, snr=snr, seed=seed, csf_fraction=(0.0, 0.2))
+    tissue = make_phantom(gtab, shape, snr=snr, seed=seed, csf_fraction=(0.0, 0.2))
+    pad = [(b, b) for b in background]
+    rng = np.random.default_rng(seed + 1)
+    sigma = 0.0 if snr is None else tissue.s0 / snr
+    data = np.pad(tissue.data, pad + [(0, 0)])
+    outside = np.pad(np.zeros(shape, bool), pad, constant_values=True)
+    if sigma:
+        noise = rng.standard_normal((int(outside.sum()), gtab.n_volumes, 2)) * sigma
+        data[outside] = np.hypot(noise[..., 0], noise[..., 1])
+    phantom = tissue
+    shape = data.shape[:3]
     # LAS storage (negative determinant), as most scanners' NIfTI conversions
     affine = np.diag([-voxel_size, voxel_size, voxel_size, 1.0])
     affine[:3, 3] = [voxel_size * shape[0] / 2, -voxel_size * shape[1] / 2, -voxel_size * shape[2] / 2]
     root = Path(out_dir)
     dwi_dir = root / "sub-phantom" / "dwi"
     truth_dir = root / "derivatives" / "truth" / "sub-phantom" / "dwi"
+    mask_dir = root / "derivatives" / "masks" / "sub-phantom" / "dwi"
     base = dwi_dir / "sub-phantom_dwi"
     fsl_bvecs = world_to_fsl_bvecs(gtab.bvecs, affine)
     truth_common = {"FibreEigenvalues": list(phantom.evals), "S0": phantom.s0, "SNR": snr, "Seed": seed,
@@ -453,18 +469,24 @@ def phantom_stage(
             "Name": "dwiflow phantom ground truth", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
             "GeneratedBy": [{"Name": "dwiflow", "Version": __version__}],
         })
-        files["dwi"] = out.nifti(base.with_name(base.name + ".nii.gz"), phantom.data, affine,
+        files["dwi"] = out.nifti(base.with_name(base.name + ".nii.gz"), data, affine,
                                  {"Description": "Simulated multi-tensor DWI with Rician noise", **truth_common})
         files["bval"] = out.text(base.with_name(base.name + ".bval"), " ".join(f"{b:g}" for b in gtab.bvals) + "\n")
         files["bvec"] = out.text(base.with_name(base.name + ".bvec"),
                                  "\n".join(" ".join(f"{v:.8f}" for v in row) for row in fsl_bvecs.T) + "\n")
         truth = {
-            "nfibres": (phantom.n_fibres, np.uint8, "Number of fibres"),
-            "fractions": (phantom.fractions, np.float32, "Fibre volume fractions of the tissue"),
-            "directions": (np.nan_to_num(phantom.directions.reshape(shape + (-1,))), np.float32,
-                           "Fibre directions in world coordinates, 3 volumes per fibre (0 where absent)"),
-            "csf": (phantom.csf_fraction, np.float32, "Free-water (CSF) volume fraction"),
+            "nfibres": (np.pad(phantom.n_fibres, pad), np.uint8, "Number of fibres (0 outside the tissue)"),
+            "fractions": (np.pad(phantom.fractions, pad + [(0, 0)]), np.float32, "Fibre volume fractions of the tissue"),
+            "directions": (np.pad(np.nan_to_num(phantom.directions.reshape(phantom.n_fibres.shape + (-1,))), pad + [(0, 0)]),
+                           np.float32, "Fibre directions in world coordinates, 3 volumes per fibre (0 where absent)"),
+            "csf": (np.pad(phantom.csf_fraction, pad), np.float32, "Free-water (CSF) volume fraction"),
         }
+        out.json(root / "derivatives" / "masks" / "dataset_description.json", {
+            "Name": "dwiflow phantom brain mask (the tissue block)", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+            "GeneratedBy": [{"Name": "dwiflow", "Version": __version__}],
+        })
+        files["mask"] = out.nifti(mask_dir / f"sub-phantom_{output_filename('brain_mask', {})}", (~outside).astype(np.uint8),
+                                  affine, {"Description": "The phantom's tissue block", "Type": "Brain"}, dtype=np.uint8)
         for name, (array, dtype, desc) in truth.items():
             path = truth_dir / f"sub-phantom_desc-{name}_truth.nii.gz"
             files[name] = out.nifti(path, array, affine, {"Description": desc, **truth_common}, dtype=dtype)

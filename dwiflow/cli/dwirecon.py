@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Multi-tensor phantom (1-3 fibres per voxel, Rician noise) as a BIDS dataset.")
     p.add_argument("out_dir")
     p.add_argument("--scheme", choices=("single", "multi"), default="single")
-    p.add_argument("--shape", type=_positive_int_triplet, default=(10, 10, 10), metavar="X,Y,Z")
+    p.add_argument("--shape", type=_positive_int_triplet, default=(10, 10, 10), metavar="X,Y,Z",
+                   help="size of the tissue block; the image adds 3,3,2 voxels of background on each side")
     p.add_argument("--snr", type=float, default=30.0, help="S0/sigma; 0 for noiseless (default 30)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_phantom)

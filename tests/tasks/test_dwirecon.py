@@ -36,9 +36,13 @@ def test_phantom_writes_bids_and_truth(phantom_dir):
     desc = json.loads((root / "dataset_description.json").read_text())
     assert desc["BIDSVersion"] and desc["DatasetType"] == "raw"
     img = nib.load(phantom_dir["dwi"])
-    assert img.shape == (12, 12, 4, 66)
+    assert img.shape == (18, 18, 8, 66)  # 12x12x4 tissue plus 3,3,2 voxels of background per side
     truth = nib.load(root / "derivatives/truth/sub-phantom/dwi/sub-phantom_desc-nfibres_truth.nii.gz").get_fdata()
-    assert set(np.unique(truth)) <= {1, 2, 3}
+    assert set(np.unique(truth)) <= {0, 1, 2, 3} and (truth > 0).sum() == 12 * 12 * 4
+    mask = nib.load(root / "derivatives/masks/sub-phantom/dwi/sub-phantom_desc-brain_mask.nii.gz").get_fdata() > 0
+    assert np.array_equal(mask, truth > 0)
+    b0 = np.asarray(img.dataobj)[..., 0]
+    assert b0[mask].mean() == pytest.approx(100, abs=3) and b0[~mask].mean() < 10  # background holds noise only
 
 
 def test_shells_prints_every_shell(phantom_dir, capsys):
@@ -54,7 +58,8 @@ def test_tensor_writes_maps_with_sidecars(phantom_dir, tmp_path, capsys):
                            "--v1", tmp_path / "v1.nii.gz", "--md", tmp_path / "md.nii.gz"], capsys)
     assert code == 0, err
     fa = nib.load(tmp_path / "fa.nii.gz").get_fdata()
-    assert fa.shape == (12, 12, 4) and 0.3 < np.median(fa) < 0.9
+    tissue = nib.load(phantom_dir["root"] / "derivatives/masks/sub-phantom/dwi/sub-phantom_desc-brain_mask.nii.gz").get_fdata() > 0
+    assert fa.shape == (18, 18, 8) and 0.3 < np.median(fa[tissue]) < 0.9
     side = json.loads((tmp_path / "v1.json").read_text())
     assert side["OrientationEncoding"] == {"Type": "unit3vector", "Reference": "xyz"}
     assert side["Model"]["Parameters"]["FitMethod"] == "WLS"

@@ -1,0 +1,138 @@
+"""What dwiflow reads from a BIDS dataset: every DWI run with its gradients and entities.
+
+pybids does the querying (sidecar inheritance included); this module adds the checks a
+BIDS App needs before anything runs: the dataset exists, the selected participants have
+DWI runs, and every run has its .bval and .bvec.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RUN_ENTITIES = ("subject", "session", "acquisition", "reconstruction", "direction", "run")
+SHORT = {"subject": "sub", "session": "ses", "acquisition": "acq", "reconstruction": "rec",
+         "direction": "dir", "run": "run"}
+
+
+class BidsInputError(ValueError):
+    """The BIDS input cannot be used; the message names the path or label at fault."""
+
+
+@dataclass
+class DwiRunSpec:
+    """One diffusion run: its files and BIDS entities."""
+
+    dwi: Path
+    bval: Path
+    bvec: Path
+    entities: dict[str, str]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    mask: Path | None = None
+
+    @property
+    def short_entities(self) -> dict[str, str]:
+        """Entities with their file-name keys (sub, ses, acq, dir, run ...), in BIDS order."""
+        return {SHORT[k]: str(self.entities[k]) for k in RUN_ENTITIES if self.entities.get(k) not in (None, "")}
+
+    @property
+    def label(self) -> str:
+        return "_".join(f"{k}-{v}" for k, v in self.short_entities.items())
+
+
+def _layout(bids_dir: Path, validate: bool):
+    from bids import BIDSLayout
+
+    return BIDSLayout(str(bids_dir), validate=validate, derivatives=False)
+
+
+def find_dwi_runs(
+    bids_dir: str | Path,
+    participant_labels: list[str] | None = None,
+    session_labels: list[str] | None = None,
+    bids_filters: dict[str, Any] | None = None,
+    mask_dir: str | Path | None = None,
+    validate: bool = False,
+) -> list[DwiRunSpec]:
+    """Every DWI run of the selected participants/sessions, with bval, bvec, metadata and mask.
+
+    Raises
+    ------
+    BidsInputError
+        Not a BIDS dataset; a requested participant without DWI; a run without .bval/.bvec.
+    """
+    root = Path(bids_dir)
+    if not (root / "dataset_description.json").is_file():
+        raise BidsInputError(f"{root} is not a BIDS dataset (no dataset_description.json)")
+    layout = _layout(root, validate)
+    query: dict[str, Any] = {"suffix": "dwi", "extension": [".nii.gz", ".nii"], "datatype": "dwi"}
+    query.update(bids_filters or {})
+    available = set(layout.get_subjects())
+    if participant_labels:
+        labels = [p.removeprefix("sub-") for p in participant_labels]
+        missing = [p for p in labels if p not in available]
+        if missing:
+            raise BidsInputError(f"participant(s) {missing} not found in {root}; available: {sorted(available)}")
+        query["subject"] = labels
+    if session_labels:
+        query["session"] = [s.removeprefix("ses-") for s in session_labels]
+    files = layout.get(**query)
+    if participant_labels:
+        with_dwi = {f.entities["subject"] for f in files}
+        without = sorted(set(query["subject"]) - with_dwi)
+        if without:
+            raise BidsInputError(f"no DWI run found for participant(s) {without} in {root}")
+    if not files:
+        raise BidsInputError(f"no DWI run found in {root} for the selection {query}")
+    masks = _mask_index(Path(mask_dir)) if mask_dir else {}
+    runs = []
+    for f in sorted(files, key=lambda x: x.path):
+        path = Path(f.path)
+        base = path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
+        bval, bvec = path.with_name(base + ".bval"), path.with_name(base + ".bvec")
+        if not bval.is_file():
+            bval = Path(layout.get_bval(f.path)) if _safe(layout.get_bval, f.path) else bval
+        if not bvec.is_file():
+            bvec = Path(layout.get_bvec(f.path)) if _safe(layout.get_bvec, f.path) else bvec
+        for kind, p in (("bval", bval), ("bvec", bvec)):
+            if not p.is_file():
+                raise BidsInputError(f"DWI run {path} has no .{kind} file (expected {p})")
+        entities = {k: str(f.entities[k]) for k in RUN_ENTITIES if k in f.entities}
+        spec = DwiRunSpec(path, bval, bvec, entities, layout.get_metadata(f.path))
+        spec.mask = masks.get(spec.label)
+        runs.append(spec)
+    return runs
+
+
+def _safe(fn, arg) -> bool:
+    try:
+        return bool(fn(arg))
+    except Exception:
+        return False
+
+
+def _mask_index(mask_dir: Path) -> dict[str, Path]:
+    """``desc-brain_mask`` files of a derivative dataset, keyed by their run label."""
+    if not mask_dir.is_dir():
+        raise BidsInputError(f"mask directory {mask_dir} does not exist")
+    index = {}
+    for p in mask_dir.rglob("*_desc-brain_mask.nii*"):
+        label = p.name.split("_desc-brain_mask")[0]
+        index[label] = p
+    return index
+
+
+def load_filter_file(path: str | Path) -> dict[str, Any]:
+    """A ``--bids-filter-file`` (JSON): pybids query entities applied to the DWI query."""
+    p = Path(path)
+    if not p.is_file():
+        raise BidsInputError(f"BIDS filter file not found: {p}")
+    try:
+        content = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise BidsInputError(f"BIDS filter file {p} is not valid JSON: {exc}") from None
+    if not isinstance(content, dict):
+        raise BidsInputError(f"BIDS filter file {p} must hold a JSON object")
+    return content.get("dwi", content)

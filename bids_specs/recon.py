@@ -1,0 +1,71 @@
+"""Recon specs: which stages a run goes through and with which options (YAML, validated)."""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dwiflow.bids_specs.inputs import BidsInputError
+
+STAGE_OPTIONS: dict[str, set[str]] = {
+    "mask": set(),
+    "tensor": set(),
+    "response": {"method", "options"},
+    "csd": {"lmax"},
+    "peaks": {"npeaks", "rel_threshold", "min_separation"},
+    "fod_metrics": set(),
+}
+STAGE_REQUIRES = {"csd": "response", "peaks": "csd", "fod_metrics": "peaks", "response": "mask"}
+RESPONSE_METHODS = ("fa", "ssst", "tournier", "tax")
+
+
+def builtin_specs() -> list[str]:
+    folder = resources.files("dwiflow.bids_specs").joinpath("recon_specs")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recon_spec(name_or_file: str | Path) -> dict[str, Any]:
+    """A built-in preset by name, or a YAML file; validated (errors name the offending key)."""
+    candidate = Path(name_or_file)
+    if candidate.suffix in (".yaml", ".yml") or candidate.is_file():
+        if not candidate.is_file():
+            raise BidsInputError(f"recon spec file not found: {candidate}")
+        text, source = candidate.read_text(), str(candidate)
+    else:
+        if str(name_or_file) not in builtin_specs():
+            raise BidsInputError(f"unknown recon spec {name_or_file!r}; built-in: {builtin_specs()} (or give a YAML file)")
+        text = resources.files("dwiflow.bids_specs").joinpath("recon_specs", f"{name_or_file}.yaml").read_text()
+        source = f"built-in recon spec {name_or_file!r}"
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise BidsInputError(f"{source} is not valid YAML: {exc}") from None
+    return validate_recon_spec(spec, source)
+
+
+def validate_recon_spec(spec: Any, source: str = "recon spec") -> dict[str, Any]:
+    if not isinstance(spec, dict) or not isinstance(spec.get("stages"), dict):
+        raise BidsInputError(f"{source}: expected a mapping with a 'stages' mapping")
+    stages = deepcopy(spec["stages"])
+    for name, options in stages.items():
+        if name not in STAGE_OPTIONS:
+            raise BidsInputError(f"{source}: unknown stage 'stages.{name}'; known stages: {sorted(STAGE_OPTIONS)}")
+        options = options or {}
+        if not isinstance(options, dict):
+            raise BidsInputError(f"{source}: 'stages.{name}' must be a mapping of options")
+        unknown = set(options) - STAGE_OPTIONS[name]
+        if unknown:
+            raise BidsInputError(f"{source}: unknown option(s) {sorted(unknown)} in 'stages.{name}'; "
+                                 f"allowed: {sorted(STAGE_OPTIONS[name]) or 'none'}")
+        stages[name] = options
+    for stage, needed in STAGE_REQUIRES.items():
+        if stage in stages and needed not in stages:
+            raise BidsInputError(f"{source}: stage 'stages.{stage}' needs 'stages.{needed}'")
+    method = stages.get("response", {}).get("method", "fa")
+    if "response" in stages and method not in RESPONSE_METHODS:
+        raise BidsInputError(f"{source}: 'stages.response.method' must be one of {RESPONSE_METHODS}, got {method!r}")
+    return {"name": spec.get("name", "custom"), "description": spec.get("description", ""), "stages": stages}

@@ -1,0 +1,146 @@
+"""Pydra 1.0 tasks: one thin task per stage, wrapping :mod:`dwiflow.tasks.stages`.
+
+Each task writes its outputs into its own working directory (Pydra's cache directory for
+the task) and returns them as files, so only file paths cross task boundaries. Every task
+takes ``code_version`` (package version + hash of the ``core/`` sources, see
+:func:`code_version`) so that editing an estimator changes the task hash and invalidates
+cached results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+
+from fileformats.generic import File
+from pydra.compose import python
+
+from dwiflow._version import __version__
+from dwiflow.tasks import stages
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """``<version>+<sha256 of the core/ and tasks/stages.py sources>`` (first 12 hex digits)."""
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    sources = sorted((here.parent / "core").glob("*.py")) + [here / "stages.py", here / "io.py"]
+    for path in sources:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return f"{__version__}+{digest.hexdigest()[:12]}"
+
+
+def _optional(path: File | None) -> str | None:
+    return None if path is None else str(path)
+
+
+@python.define(outputs=["mask"])
+def BrainMask(dwi: File, bval: File, bvec: File, code_version: str = "") -> File:
+    """Median-Otsu brain mask of the mean b=0 image."""
+    out = Path.cwd() / "mask.nii.gz"
+    stages.mask_stage(dwi, bval, bvec, out)
+    return File(out)
+
+
+@python.define(outputs=["fa", "md", "ad", "rd", "v1", "s0", "status"])
+def Tensor(dwi: File, bval: File, bvec: File, mask: File, code_version: str = "") -> tuple[File, File, File, File, File, File, File]:
+    """Weighted least-squares tensor fit and its maps."""
+    names = ("fa", "md", "ad", "rd", "v1", "s0", "status")
+    written = stages.tensor_stage(dwi, bval, bvec, {n: Path.cwd() / f"{n}.nii.gz" for n in names}, mask=mask)
+    return tuple(File(written[n]) for n in names)
+
+
+@python.define(outputs=["response"])
+def Response(
+    dwi: File, bval: File, bvec: File, mask: File, method: str = "fa", options: dict | None = None, code_version: str = ""
+) -> File:
+    """Response function by ``method``: fa, ssst, tournier or tax."""
+    out = Path.cwd() / "response.txt"
+    options = dict(options or {})
+    if method == "fa":
+        stages.fa_response_stage(dwi, bval, bvec, out, mask=mask, **options)
+    elif method == "ssst":
+        stages.ssst_response_stage(dwi, bval, bvec, out, mask=mask, **options)
+    else:
+        stages.iterative_response_stage(method, dwi, bval, bvec, out, mask=mask, options=options)
+    return File(out)
+
+
+@python.define(outputs=["fod", "status"])
+def Csd(
+    dwi: File, bval: File, bvec: File, response: File, mask: File, lmax: int | None = None, code_version: str = ""
+) -> tuple[File, File]:
+    """Constrained spherical deconvolution."""
+    fod, status = Path.cwd() / "fod.nii.gz", Path.cwd() / "csd_status.nii.gz"
+    stages.csd_stage(dwi, bval, bvec, response, fod, mask=mask, lmax=lmax, status_out=status)
+    return File(fod), File(status)
+
+
+@python.define(outputs=["peaks"])
+def Peaks(
+    fod: File, mask: File, npeaks: int = 3, rel_threshold: float = 0.2, min_separation: float = 25.0, code_version: str = ""
+) -> File:
+    """FOD peaks."""
+    out = Path.cwd() / "peaks.nii.gz"
+    stages.peaks_stage(fod, out, mask=mask, npeaks=npeaks, rel_threshold=rel_threshold, min_separation=min_separation)
+    return File(out)
+
+
+@python.define(outputs=["afd_total", "peak_amplitude", "nufo", "gfa"])
+def FodMetrics(fod: File, peaks: File, code_version: str = "") -> tuple[File, File, File, File]:
+    """Total AFD, per-peak amplitude, NuFO and GFA."""
+    written = stages.fod_metrics_stage(fod, peaks, Path.cwd())
+    return tuple(File(written[k]) for k in stages.FOD_METRIC_OUTPUTS)
+
+
+# input name of StageDerivatives → (output key in bids_specs/outputs.yaml, extra entities)
+DERIVATIVE_KEYS: dict[str, tuple[str, dict[str, str]]] = {
+    "mask": ("brain_mask", {}),
+    "fa": ("tensor_fa", {}), "md": ("tensor_md", {}), "ad": ("tensor_ad", {}), "rd": ("tensor_rd", {}),
+    "v1": ("tensor_v1", {}), "s0": ("tensor_s0", {}), "tensor_status": ("tensor_status", {}),
+    "response": ("response", {"model": "csd"}),
+    "fod": ("csd_fod", {}), "csd_status": ("csd_status", {}),
+    "peaks": ("peaks", {"model": "csd"}),
+    "afd_total": ("afd_total", {"model": "csd"}), "peak_amplitude": ("peak_amplitude", {"model": "csd"}),
+    "nufo": ("nufo", {"model": "csd"}), "gfa": ("gfa", {"model": "csd"}),
+}
+
+
+@python.define(outputs=["staged"])
+def StageDerivatives(
+    entities: dict,
+    response_method: str = "",
+    mask: File | None = None, fa: File | None = None, md: File | None = None, ad: File | None = None,
+    rd: File | None = None, v1: File | None = None, s0: File | None = None, tensor_status: File | None = None,
+    response: File | None = None, fod: File | None = None, csd_status: File | None = None, peaks: File | None = None,
+    afd_total: File | None = None, peak_amplitude: File | None = None, nufo: File | None = None, gfa: File | None = None,
+    code_version: str = "",
+):
+    """Copy a run's outputs (and their sidecars) under their BIDS derivative names into one folder."""
+    import shutil
+
+    from fileformats.generic import Directory
+
+    from dwiflow.bids_specs.outputs import output_filename
+    from dwiflow.tasks.io import sidecar_path
+
+    values = {"mask": mask, "fa": fa, "md": md, "ad": ad, "rd": rd, "v1": v1, "s0": s0, "tensor_status": tensor_status,
+              "response": response, "fod": fod, "csd_status": csd_status, "peaks": peaks, "afd_total": afd_total,
+              "peak_amplitude": peak_amplitude, "nufo": nufo, "gfa": gfa}
+    folder = Path.cwd() / "derivatives"
+    folder.mkdir(exist_ok=True)
+    for name, value in values.items():
+        if value is None:
+            continue
+        key, extra = DERIVATIVE_KEYS[name]
+        ents = {**entities, **extra}
+        if name == "response":
+            ents["desc"] = response_method
+        target = folder / output_filename(key, ents)
+        shutil.copyfile(value, target)
+        side = sidecar_path(value)
+        if side.is_file():
+            shutil.copyfile(side, sidecar_path(target))
+    return Directory(folder)

@@ -1,0 +1,169 @@
+"""The dwiflow BIDS App: outputs, cache behaviour, selection, failures and bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dwiflow.cli.bidsapp import main
+from dwiflow.cli.dwirecon import main as dwirecon
+
+SPEC = """
+name: small
+description: csd chain tuned for a small phantom
+stages:
+  mask: {}
+  tensor: {}
+  response: {method: fa, options: {number: 50, erode: 0}}
+  csd: {}
+  peaks: {npeaks: 2}
+  fod_metrics: {}
+"""
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bids")
+    assert dwirecon(["phantom", str(root / "bids"), "--shape", "12,12,6", "--scheme", "multi", "--seed", "3"]) == 0
+    bids = root / "bids"
+    # a second subject with two runs of one acquisition (dir-AP / dir-PA), like sub-02 of bids_real
+    src = bids / "sub-phantom" / "dwi" / "sub-phantom_dwi"
+    dst = bids / "sub-two" / "dwi"
+    dst.mkdir(parents=True)
+    for direction in ("AP", "PA"):
+        for ext in (".nii.gz", ".bval", ".bvec"):
+            shutil.copyfile(f"{src}{ext}", dst / f"sub-two_dir-{direction}_dwi{ext}")
+    spec = root / "small.yaml"
+    spec.write_text(SPEC)
+    return {"bids": bids, "spec": spec, "root": root}
+
+
+def _run(dataset, out: Path, *extra: str, worker: str = "debug") -> int:
+    return main([str(dataset["bids"]), str(out), "participant", "--recon-spec", str(dataset["spec"]),
+                 "--work-dir", str(out.parent / f"work_{out.name}"), "--worker", worker, *extra])
+
+
+def _result_files(work: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in (work / "cache").rglob("_result.pklz")}
+
+
+def test_participant_outputs_are_a_bids_derivative(dataset, tmp_path):
+    out = tmp_path / "out"
+    assert _run(dataset, out, "--participant-label", "phantom") == 0
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "dwiflow"
+    folder = out / "sub-phantom" / "dwi"
+    fod = folder / "sub-phantom_model-csd_param-fod_dwimap.nii.gz"
+    assert nib.load(fod).shape == (18, 18, 10, 45)
+    side = json.loads(fod.with_name(fod.name.replace(".nii.gz", ".json")).read_text())
+    assert side["OrientationEncoding"]["Type"] == "sh" and side["Model"]["Parameters"]["Lmax"] == 8
+    for nifti in folder.glob("*.nii.gz"):
+        assert nifti.with_name(nifti.name.replace(".nii.gz", ".json")).is_file()
+    assert not (out / "sub-two").exists()  # --participant-label selected only sub-phantom
+    assert not list(out.rglob("*.partial"))
+
+
+def test_rerun_is_a_cache_hit_and_workers_agree(dataset, tmp_path):
+    out = tmp_path / "out"
+    work = tmp_path / "work_out"
+    assert _run(dataset, out, "--participant-label", "phantom") == 0
+    first = _result_files(work)
+    before = {p.name: p.read_bytes() for p in (out / "sub-phantom" / "dwi").iterdir()}
+    assert _run(dataset, out, "--participant-label", "phantom", worker="cf") == 0
+    assert _result_files(work) == first  # no task result was recomputed or rewritten
+    after = {p.name: p.read_bytes() for p in (out / "sub-phantom" / "dwi").iterdir()}
+    assert after == before
+    # a fresh cache with the cf worker gives byte-identical outputs
+    out_cf = tmp_path / "cf"
+    assert _run(dataset, out_cf, "--participant-label", "phantom", worker="cf") == 0
+    assert {p.name: p.read_bytes() for p in (out_cf / "sub-phantom" / "dwi").iterdir()} == before
+
+
+def test_option_change_reruns_only_downstream_and_code_change_invalidates(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    work = tmp_path / "work_out"
+    assert _run(dataset, out, "--participant-label", "phantom") == 0
+    first = set(_result_files(work))
+    spec = dataset["root"] / "changed.yaml"
+    spec.write_text(SPEC.replace("peaks: {npeaks: 2}", "peaks: {npeaks: 3}"))
+    assert main([str(dataset["bids"]), str(out), "participant", "--recon-spec", str(spec), "--work-dir", str(work),
+                 "--worker", "debug", "--participant-label", "phantom"]) == 0
+    new = {Path(p).parent.name for p in set(_result_files(work)) - first}
+    # new results: peaks, fod_metrics, the staging task and the enclosing workflow, nothing upstream
+    assert len(new) == 4
+    assert nib.load(out / "sub-phantom" / "dwi" / "sub-phantom_model-csd_param-peaks_dwimap.nii.gz").shape[3] == 9
+    import dwiflow.tasks.pydra_tasks as tasks
+
+    monkeypatch.setattr(tasks, "code_version", lambda: "edited-core")
+    import dwiflow.workflows.recon as recon
+
+    monkeypatch.setattr(recon, "code_version", lambda: "edited-core")
+    before = set(_result_files(work))
+    assert main([str(dataset["bids"]), str(out), "participant", "--recon-spec", str(spec), "--work-dir", str(work),
+                 "--worker", "debug", "--participant-label", "phantom"]) == 0
+    assert len(set(_result_files(work)) - before) >= 7  # every task ran again
+
+
+def test_two_runs_of_one_subject_and_filter_file(dataset, tmp_path):
+    out = tmp_path / "out"
+    assert _run(dataset, out, "--participant-label", "two") == 0
+    names = sorted(p.name for p in (out / "sub-two" / "dwi").glob("*param-fa_dwimap.nii.gz"))
+    assert names == ["sub-two_dir-AP_model-tensor_param-fa_dwimap.nii.gz", "sub-two_dir-PA_model-tensor_param-fa_dwimap.nii.gz"]
+    filt = tmp_path / "filter.json"
+    filt.write_text(json.dumps({"dwi": {"direction": "PA"}}))
+    out2 = tmp_path / "filtered"
+    assert _run(dataset, out2, "--participant-label", "two", "--bids-filter-file", str(filt)) == 0
+    assert [p.name for p in (out2 / "sub-two" / "dwi").glob("*param-fa_dwimap.nii.gz")] == [names[1]]
+    assert main([str(dataset["bids"]), str(out), "group"]) == 0
+    rows = (out / "desc-group_summary.tsv").read_text().splitlines()
+    assert rows[0].split("\t")[0] == "run" and len(rows) == 3
+
+
+def test_failed_run_is_named_and_others_complete(dataset, tmp_path, capsys):
+    bids = tmp_path / "bids"
+    shutil.copytree(dataset["bids"], bids)
+    dwi = bids / "sub-two" / "dwi" / "sub-two_dir-AP_dwi.nii.gz"
+    img = nib.load(dwi)
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), dwi)  # all-zero run: its mask fails
+    out = tmp_path / "out"
+    code = main([str(bids), str(out), "participant", "--recon-spec", str(dataset["spec"]), "--work-dir",
+                 str(tmp_path / "work"), "--worker", "debug"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "run sub-two_dir-AP failed" in err and "log:" in err
+    assert (out / "sub-two" / "dwi" / "sub-two_dir-PA_model-tensor_param-fa_dwimap.nii.gz").is_file()
+    assert (out / "sub-phantom" / "dwi" / "sub-phantom_model-csd_param-fod_dwimap.nii.gz").is_file()
+    assert not list((out / "sub-two" / "dwi").glob("sub-two_dir-AP_*"))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d, t: [str(t / "nowhere"), str(t / "out"), "participant"], "does not exist"),
+        (lambda d, t: [str(t), str(t / "out"), "participant"], "is not a BIDS dataset"),
+        (lambda d, t: [str(d["bids"]), str(t / "out"), "participant", "--participant-label", "nobody"], "not found"),
+        (lambda d, t: [str(d["bids"]), str(d["bids"]), "participant"], "must not be BIDS_DIR"),
+        (lambda d, t: [str(d["bids"]), str(t / "out"), "participant", "--recon-spec", "nope"], "unknown recon spec"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(dataset, tmp_path, capsys, make, message):
+    code = main(make(dataset, tmp_path))
+    err = capsys.readouterr().err
+    assert code == 2 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_recon_spec_names_the_key_and_missing_bvec(dataset, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SPEC.replace("peaks: {npeaks: 2}", "peaks: {npeaks: 2, colour: red}"))
+    assert main([str(dataset["bids"]), str(tmp_path / "out"), "participant", "--recon-spec", str(bad)]) == 2
+    assert "unknown option(s) ['colour'] in 'stages.peaks'" in capsys.readouterr().err
+    bids = tmp_path / "bids"
+    shutil.copytree(dataset["bids"], bids)
+    (bids / "sub-two" / "dwi" / "sub-two_dir-PA_dwi.bvec").unlink()
+    assert main([str(bids), str(tmp_path / "out"), "participant"]) == 2
+    assert "has no .bvec file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

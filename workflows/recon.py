@@ -1,0 +1,258 @@
+"""Per-run reconstruction workflow (Pydra) built from a recon spec, and the participant/group levels.
+
+A run's workflow is built from plain values (the recon spec, whether a mask was given), so
+only the stages the spec asks for become nodes. The last node stages every output under its
+BIDS derivative name; the participant level then copies the staged files into OUTPUT_DIR
+atomically (temporary name, then rename), so an interrupted run leaves no half-written
+outputs and a rerun resumes from Pydra's cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fileformats.generic import File
+from pydra.compose import workflow
+
+from dwiflow._version import __version__
+from dwiflow.bids_specs.inputs import DwiRunSpec
+from dwiflow.tasks.pydra_tasks import (
+    BrainMask,
+    Csd,
+    FodMetrics,
+    Peaks,
+    Response,
+    StageDerivatives,
+    Tensor,
+    code_version,
+)
+
+
+@workflow.define(outputs=["staged"])
+def ReconRun(
+    dwi: File,
+    bval: File,
+    bvec: File,
+    entities: dict,
+    stages: dict,
+    mask: File | None = None,
+    code_version: str = "",
+):
+    """One diffusion run through the stages of a recon spec; outputs a folder of staged derivatives."""
+    cv = code_version
+    outputs: dict[str, Any] = {}
+    if mask is None:
+        mask = workflow.add(BrainMask(dwi=dwi, bval=bval, bvec=bvec, code_version=cv), name="mask").mask
+    outputs["mask"] = mask  # given or computed, the mask used is part of the derivatives
+    if "tensor" in stages:
+        tensor = workflow.add(Tensor(dwi=dwi, bval=bval, bvec=bvec, mask=mask, code_version=cv), name="tensor")
+        outputs.update(fa=tensor.fa, md=tensor.md, ad=tensor.ad, rd=tensor.rd, v1=tensor.v1, s0=tensor.s0,
+                       tensor_status=tensor.status)
+    method = ""
+    if "response" in stages:
+        method = stages["response"].get("method", "fa")
+        response = workflow.add(Response(dwi=dwi, bval=bval, bvec=bvec, mask=mask, method=method,
+                                         options=stages["response"].get("options") or {}, code_version=cv),
+                                name="response").response
+        outputs["response"] = response
+    if "csd" in stages:
+        csd = workflow.add(Csd(dwi=dwi, bval=bval, bvec=bvec, response=response, mask=mask,
+                               lmax=stages["csd"].get("lmax"), code_version=cv), name="csd")
+        outputs.update(fod=csd.fod, csd_status=csd.status)
+    if "peaks" in stages:
+        opts = stages["peaks"]
+        peaks = workflow.add(Peaks(fod=csd.fod, mask=mask, npeaks=opts.get("npeaks", 3),
+                                   rel_threshold=opts.get("rel_threshold", 0.2),
+                                   min_separation=opts.get("min_separation", 25.0), code_version=cv),
+                             name="peaks").peaks
+        outputs["peaks"] = peaks
+    if "fod_metrics" in stages:
+        metrics = workflow.add(FodMetrics(fod=csd.fod, peaks=peaks, code_version=cv), name="fod_metrics")
+        outputs.update(afd_total=metrics.afd_total, peak_amplitude=metrics.peak_amplitude, nufo=metrics.nufo,
+                       gfa=metrics.gfa)
+    staged = workflow.add(StageDerivatives(entities=entities, response_method=method, code_version=cv, **outputs),
+                          name="stage_derivatives")
+    return staged.staged
+
+
+@dataclass
+class RunOutcome:
+    """What happened to one run."""
+
+    run: DwiRunSpec
+    ok: bool
+    files: list[Path] = field(default_factory=list)
+    error: str = ""
+    log: Path | None = None
+    seconds: float = 0.0
+
+
+def output_folder(output_dir: Path, run: DwiRunSpec) -> Path:
+    ents = run.short_entities
+    folder = output_dir / f"sub-{ents['sub']}"
+    if "ses" in ents:
+        folder = folder / f"ses-{ents['ses']}"
+    return folder / "dwi"
+
+
+def publish(staged: Path, target: Path) -> list[Path]:
+    """Copy staged derivatives into ``target`` atomically (temporary name, then rename)."""
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    pending = []
+    for src in sorted(Path(staged).iterdir()):
+        tmp = target / f".{src.name}.partial"
+        shutil.copyfile(src, tmp)
+        pending.append((tmp, target / src.name))
+    for tmp, final in pending:
+        os.replace(tmp, final)
+        written.append(final)
+    return written
+
+
+def write_dataset_description(output_dir: Path, bids_dir: Path, recon_spec: dict[str, Any]) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    description = {
+        "Name": f"dwiflow derivatives ({recon_spec['name']})",
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "dwiflow", "Version": __version__, "CodeURL": "https://github.com/dwiflow/dwiflow",
+                         "Description": f"recon spec {recon_spec['name']}: {recon_spec['description']}"}],
+        "SourceDatasets": [{"URL": f"file://{bids_dir.resolve()}"}],
+    }
+    path = output_dir / "dataset_description.json"
+    tmp = output_dir / ".dataset_description.json.partial"
+    tmp.write_text(json.dumps(description, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run_participant(
+    runs: list[DwiRunSpec],
+    bids_dir: Path,
+    output_dir: Path,
+    recon_spec: dict[str, Any],
+    work_dir: Path,
+    worker: str = "cf",
+    worker_options: dict[str, Any] | None = None,
+    progress=print,
+) -> list[RunOutcome]:
+    """Run every run's workflow (one Submitter); a failed run is reported and the others go on."""
+    from pydra.engine.submitter import Submitter
+
+    write_dataset_description(output_dir, bids_dir, recon_spec)
+    cv = code_version()
+    outcomes = []
+    stages = recon_spec["stages"]
+    for index, run in enumerate(runs, 1):
+        t0 = time.perf_counter()
+        started = time.time()
+        progress(f"[dwiflow] run {index}/{len(runs)} {run.label}: stages {', '.join(stages)}")
+        task = ReconRun(dwi=File(run.dwi), bval=File(run.bval), bvec=File(run.bvec), entities=run.short_entities,
+                        stages=stages, mask=File(run.mask) if run.mask else None, code_version=cv)
+        log = work_dir / "logs" / f"{run.label}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with Submitter(cache_root=work_dir / "cache", worker=worker, **(worker_options or {})) as submitter:
+                result = submitter(task, raise_errors=True)
+            if result.errored:
+                raise RuntimeError(f"workflow errored; see {result.cache_dir}")
+            files = publish(Path(result.outputs.staged), output_folder(output_dir, run))
+            outcome = RunOutcome(run, True, files, seconds=time.perf_counter() - t0)
+            progress(f"[dwiflow]   done in {outcome.seconds:.1f} s: {len(files)} files in {output_folder(output_dir, run)}")
+        except Exception as exc:  # a failed run must not stop the others
+            details = task_errors(work_dir / "cache", since=started)
+            log.write_text("".join(traceback.format_exception(exc)) + "".join(f"\n--- {where}\n{text}" for where, text in details))
+            message = _last_line(details[-1][1]) if details else (_last_line(str(exc)) or type(exc).__name__)
+            outcome = RunOutcome(run, False, error=message, log=log, seconds=time.perf_counter() - t0)
+            progress(f"[dwiflow]   FAILED {run.label}: {message} (log: {log})")
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip() and not line.startswith("See output directory")]
+    return lines[-1].strip() if lines else ""
+
+
+def task_errors(cache: Path, since: float) -> list[tuple[str, str]]:
+    """Tracebacks Pydra saved for failed tasks (``_error.pklz``) since ``since``, innermost last.
+
+    Non-debug workers only say "see output directory"; this brings the real error (the task's
+    own exception) into the run's log and its one-line report.
+    """
+    import cloudpickle
+
+    found = []
+    for path in cache.glob("*/_error.pklz"):
+        if path.stat().st_mtime < since - 1:
+            continue
+        try:
+            with open(path, "rb") as handle:
+                content = cloudpickle.load(handle)
+            text = "".join(content.get("error message", [])) if isinstance(content, dict) else str(content)
+        except Exception as exc:  # an unreadable error file must not hide the others
+            text = f"(could not read {path}: {exc})"
+        found.append((path.parent.name, text))
+    # python tasks' own errors are the most specific: put them last
+    return sorted(found, key=lambda item: (item[0].startswith("python-"), item[0]))
+
+
+SUMMARY_COLUMNS = ("run", "voxels_in_mask", "mean_fa", "mean_md", "mean_afd_total", "response_l0")
+
+
+def run_group(output_dir: Path, progress=print) -> Path:
+    """One TSV of per-run summary statistics over the whole derivative dataset."""
+    import nibabel as nib
+    import numpy as np
+
+    from dwiflow.core.response import ResponseFunction
+
+    from dwiflow.bids_specs.outputs import output_filename
+
+    fa_name = output_filename("tensor_fa", {})  # names relative to a run: <run entities>_<name>
+    mask_name = output_filename("brain_mask", {})
+    rows = []
+    for fa_path in sorted(output_dir.rglob(f"*_{fa_name}")):
+        label = fa_path.name[: -len(fa_name) - 1]
+        folder = fa_path.parent
+
+        def find(pattern: str) -> Path | None:
+            hits = sorted(folder.glob(f"{label}_{pattern}"))
+            return hits[0] if hits else None
+
+        mask_path = find(mask_name)
+        mask = nib.load(mask_path).get_fdata() > 0 if mask_path else None
+        values: dict[str, Any] = {"run": label}
+
+        def mean_of(pattern: str) -> str:
+            path = find(pattern)
+            if path is None:
+                return "n/a"
+            data = nib.load(path).get_fdata()
+            sel = mask if mask is not None else np.isfinite(data)
+            return f"{np.nanmean(data[sel]):.6g}"
+
+        values["voxels_in_mask"] = str(int(mask.sum())) if mask is not None else "n/a"
+        values["mean_fa"] = mean_of(fa_name)
+        values["mean_md"] = mean_of(output_filename("tensor_md", {}))
+        values["mean_afd_total"] = mean_of(output_filename("afd_total", {"model": "csd"}))
+        response = find(output_filename("response", {"model": "csd", "desc": "*"}))
+        values["response_l0"] = (",".join(f"{c:.6g}" for c in ResponseFunction.from_text(response.read_text()).coefficients[:, 0])
+                                 if response else "n/a")
+        rows.append(values)
+    if not rows:
+        raise FileNotFoundError(f"no participant-level outputs found in {output_dir}; run the participant level first")
+    path = output_dir / output_filename("group_summary", {})
+    tmp = output_dir / f".{path.name}.partial"
+    tmp.write_text("\t".join(SUMMARY_COLUMNS) + "\n" + "".join("\t".join(r[c] for c in SUMMARY_COLUMNS) + "\n" for r in rows))
+    os.replace(tmp, path)
+    progress(f"[dwiflow] group summary of {len(rows)} run(s): {path}")
+    return path
