@@ -20,12 +20,15 @@ from dwiflow._version import __version__
 from dwiflow.tasks import stages
 
 
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """``<version>+<sha256 of the core/ and tasks/stages.py sources>`` (first 12 hex digits)."""
-    here = Path(__file__).resolve().parent
+@lru_cache(maxsize=4)
+def code_version(source_root: Path | None = None) -> str:
+    """``<version>+<sha256 of the core/ sources and the stage code>`` (first 12 hex digits).
+
+    ``source_root`` is the repository (or installed) root holding ``core/`` and ``tasks/``.
+    """
+    root = Path(source_root) if source_root else Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    sources = sorted((here.parent / "core").glob("*.py")) + [here / "stages.py", here / "io.py"]
+    sources = sorted((root / "core").glob("*.py")) + [root / "tasks" / "stages.py", root / "tasks" / "io.py"]
     for path in sources:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())

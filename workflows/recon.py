@@ -21,6 +21,7 @@ from typing import Any
 
 from fileformats.generic import File
 from pydra.compose import workflow
+from pydra.engine.hooks import TaskHooks
 
 from dwiflow._version import __version__
 from dwiflow.bids_specs.inputs import DwiRunSpec
@@ -36,6 +37,19 @@ from dwiflow.tasks.pydra_tasks import (
 )
 
 
+def _progress(label: str, stage: str) -> TaskHooks:
+    """Hooks printing one line when a stage starts computing and when it is done."""
+
+    def started(job) -> None:
+        print(f"[dwiflow]   {label}: {stage} ...", flush=True)
+
+    def finished(job, result) -> None:
+        state = "FAILED" if getattr(result, "errored", False) else "done"
+        print(f"[dwiflow]   {label}: {stage} {state}", flush=True)
+
+    return TaskHooks(pre_run_task=started, post_run_task=finished)
+
+
 @workflow.define(outputs=["staged"])
 def ReconRun(
     dwi: File,
@@ -48,39 +62,45 @@ def ReconRun(
 ):
     """One diffusion run through the stages of a recon spec; outputs a folder of staged derivatives."""
     cv = code_version
+    label = "_".join(f"{k}-{v}" for k, v in entities.items())
+
+    def add(task, name: str):
+        return workflow.add(task, name=name, hooks=_progress(label, name))
+
     outputs: dict[str, Any] = {}
     if mask is None:
-        mask = workflow.add(BrainMask(dwi=dwi, bval=bval, bvec=bvec, code_version=cv), name="mask").mask
+        mask = add(BrainMask(dwi=dwi, bval=bval, bvec=bvec, code_version=cv), "mask").mask
     outputs["mask"] = mask  # given or computed, the mask used is part of the derivatives
     if "tensor" in stages:
-        tensor = workflow.add(Tensor(dwi=dwi, bval=bval, bvec=bvec, mask=mask, code_version=cv), name="tensor")
+        tensor = add(Tensor(dwi=dwi, bval=bval, bvec=bvec, mask=mask, code_version=cv), "tensor")
         outputs.update(fa=tensor.fa, md=tensor.md, ad=tensor.ad, rd=tensor.rd, v1=tensor.v1, s0=tensor.s0,
                        tensor_status=tensor.status)
     method = ""
     if "response" in stages:
         method = stages["response"].get("method", "fa")
-        response = workflow.add(Response(dwi=dwi, bval=bval, bvec=bvec, mask=mask, method=method,
-                                         options=stages["response"].get("options") or {}, code_version=cv),
-                                name="response").response
+        response = add(Response(dwi=dwi, bval=bval, bvec=bvec, mask=mask, method=method,
+                                options=stages["response"].get("options") or {}, code_version=cv), "response").response
         outputs["response"] = response
     if "csd" in stages:
-        csd = workflow.add(Csd(dwi=dwi, bval=bval, bvec=bvec, response=response, mask=mask,
-                               lmax=stages["csd"].get("lmax"), code_version=cv), name="csd")
+        csd = add(Csd(dwi=dwi, bval=bval, bvec=bvec, response=response, mask=mask,
+                      lmax=stages["csd"].get("lmax"), code_version=cv), "csd")
         outputs.update(fod=csd.fod, csd_status=csd.status)
     if "peaks" in stages:
         opts = stages["peaks"]
-        peaks = workflow.add(Peaks(fod=csd.fod, mask=mask, npeaks=opts.get("npeaks", 3),
-                                   rel_threshold=opts.get("rel_threshold", 0.2),
-                                   min_separation=opts.get("min_separation", 25.0), code_version=cv),
-                             name="peaks").peaks
+        peaks = add(Peaks(fod=csd.fod, mask=mask, npeaks=opts.get("npeaks", 3),
+                          rel_threshold=opts.get("rel_threshold", 0.2),
+                          min_separation=opts.get("min_separation", 25.0), code_version=cv), "peaks").peaks
         outputs["peaks"] = peaks
     if "fod_metrics" in stages:
-        metrics = workflow.add(FodMetrics(fod=csd.fod, peaks=peaks, code_version=cv), name="fod_metrics")
+        metrics = add(FodMetrics(fod=csd.fod, peaks=peaks, code_version=cv), "fod_metrics")
         outputs.update(afd_total=metrics.afd_total, peak_amplitude=metrics.peak_amplitude, nufo=metrics.nufo,
                        gfa=metrics.gfa)
     staged = workflow.add(StageDerivatives(entities=entities, response_method=method, code_version=cv, **outputs),
                           name="stage_derivatives")
     return staged.staged
+
+
+BIDSIGNORE_PATTERNS = ("*_dwimap.nii.gz", "*_dwimap.json", "*_response.txt", "*_response.json", "*_summary.tsv")
 
 
 @dataclass
@@ -132,6 +152,15 @@ def write_dataset_description(output_dir: Path, bids_dir: Path, recon_spec: dict
     tmp = output_dir / ".dataset_description.json.partial"
     tmp.write_text(json.dumps(description, indent=2) + "\n")
     os.replace(tmp, path)
+    # BEP016 maps, response functions and the group summary are not in the released BIDS schema
+    # yet; the validator asks for them to be listed here.
+    ignore = output_dir / ".bidsignore"
+    ignore.write_text("\n".join(BIDSIGNORE_PATTERNS) + "\n")
+    readme = output_dir / "README"
+    if not readme.exists():
+        readme.write_text(f"Diffusion MRI derivatives written by dwiflow {__version__} (recon spec {recon_spec['name']}).\n"
+                          "Maps follow BEP016 (model-<label>_param-<label>_dwimap); every map has a JSON sidecar with "
+                          "its model, parameters, units and orientation encoding.\n")
 
 
 def run_participant(

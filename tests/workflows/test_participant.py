@@ -1,7 +1,10 @@
 """The dwiflow BIDS App: outputs, cache behaviour, selection, failures and bad input."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -64,6 +67,9 @@ def test_participant_outputs_are_a_bids_derivative(dataset, tmp_path):
         assert nifti.with_name(nifti.name.replace(".nii.gz", ".json")).is_file()
     assert not (out / "sub-two").exists()  # --participant-label selected only sub-phantom
     assert not list(out.rglob("*.partial"))
+    validator = shutil.which("bids-validator-deno") or str(Path(sys.executable).parent / "bids-validator-deno")
+    check = subprocess.run([validator, str(out), "--datasetTypes", "derivative"], capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0 and "[ERROR]" not in check.stdout, check.stdout[-3000:]
 
 
 def test_rerun_is_a_cache_hit_and_workers_agree(dataset, tmp_path):
@@ -167,3 +173,42 @@ def test_invalid_recon_spec_names_the_key_and_missing_bvec(dataset, tmp_path, ca
     assert main([str(bids), str(tmp_path / "out"), "participant"]) == 2
     assert "has no .bvec file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_killed_run_resumes_with_identical_outputs(dataset, tmp_path):
+    """SIGKILL part-way through a participant run, rerun, compare with an uninterrupted run."""
+    import signal
+    import time
+
+    def command(out: Path, work: Path) -> list[str]:
+        return [sys.executable, "-m", "dwiflow.cli.bidsapp", str(dataset["bids"]), str(out), "participant",
+                "--recon-spec", str(dataset["spec"]), "--work-dir", str(work), "--worker", "cf", "--participant-label", "phantom"]
+
+    t0 = time.perf_counter()
+    subprocess.run(command(tmp_path / "clean", tmp_path / "work_clean"), check=True, capture_output=True)
+    duration = time.perf_counter() - t0
+    reference = {p.name: p.read_bytes() for p in (tmp_path / "clean" / "sub-phantom" / "dwi").iterdir()}
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.Popen(command(out, work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(0.4 * duration)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rerun = subprocess.run(command(out, work), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert {p.name: p.read_bytes() for p in (out / "sub-phantom" / "dwi").iterdir()} == reference
+    assert not list(out.rglob("*.partial"))
+
+
+def test_code_version_follows_the_core_sources(tmp_path):
+    from dwiflow.tasks.pydra_tasks import code_version
+
+    repo = Path(__file__).resolve().parents[2]
+    copy = tmp_path / "src"
+    shutil.copytree(repo / "core", copy / "core")
+    shutil.copytree(repo / "tasks", copy / "tasks")
+    assert code_version(copy) == code_version()
+    tensor = copy / "core" / "tensor.py"
+    tensor.write_text(tensor.read_text().replace("MIN_POSITIVE_SIGNAL = 1e-4", "MIN_POSITIVE_SIGNAL = 2e-4"))
+    code_version.cache_clear()  # computed once per process in normal use
+    assert code_version(copy) != code_version()
