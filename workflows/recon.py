@@ -189,7 +189,9 @@ def run_participant(
         log = work_dir / "logs" / f"{run.label}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with Submitter(cache_root=work_dir / "cache", worker=worker, **(worker_options or {})) as submitter:
+            # locks older than this run are stale (a killed earlier run): one dwiflow process per work dir
+            with Submitter(cache_root=work_dir / "cache", worker=worker, clean_stale_locks=True,
+                           **(worker_options or {})) as submitter:
                 result = submitter(task, raise_errors=True)
             if result.errored:
                 raise RuntimeError(f"workflow errored; see {result.cache_dir}")

@@ -185,19 +185,21 @@ def test_killed_run_resumes_with_identical_outputs(dataset, tmp_path):
                 "--recon-spec", str(dataset["spec"]), "--work-dir", str(work), "--worker", "cf", "--participant-label", "phantom"]
 
     t0 = time.perf_counter()
-    subprocess.run(command(tmp_path / "clean", tmp_path / "work_clean"), check=True, capture_output=True)
+    subprocess.run(command(tmp_path / "clean", tmp_path / "work_clean"), check=True, capture_output=True, timeout=600)
     duration = time.perf_counter() - t0
     reference = {p.name: p.read_bytes() for p in (tmp_path / "clean" / "sub-phantom" / "dwi").iterdir()}
 
-    out, work = tmp_path / "out", tmp_path / "work"
-    proc = subprocess.Popen(command(out, work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    time.sleep(0.4 * duration)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    rerun = subprocess.run(command(out, work), capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stderr
-    assert {p.name: p.read_bytes() for p in (out / "sub-phantom" / "dwi").iterdir()} == reference
-    assert not list(out.rglob("*.partial"))
+    for fraction in (0.3, 0.6, 0.85):  # kill at different stages; the rerun must neither hang nor differ
+        out, work = tmp_path / f"out{fraction}", tmp_path / f"work{fraction}"
+        proc = subprocess.Popen(command(out, work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        time.sleep(fraction * duration)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rerun = subprocess.run(command(out, work), capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr
+        assert {p.name: p.read_bytes() for p in (out / "sub-phantom" / "dwi").iterdir()} == reference
+        assert not list(out.rglob("*.partial"))
 
 
 def test_code_version_follows_the_core_sources(tmp_path):
