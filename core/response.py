@@ -36,7 +36,7 @@ from scipy import optimize
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import GradientTable, Shell
 from dwiflow.core.sh import check_lmax, zonal_sh_basis, zonal_sh_basis_rows
-from dwiflow.core.tensor import TensorModel, fractional_anisotropy
+from dwiflow.core.tensor import TensorModel
 from dwiflow.core.voxels import iter_chunks
 
 DEFAULT_LMAX = 10  # MRtrix3 3.0.3's default for non-zero shells
@@ -280,18 +280,19 @@ def amp2response(
     return ResponseFunction(bvalues, coeffs, lmaxes, {"Voxels": signals.shape[0]})
 
 
-def top_fa_voxels(fa: np.ndarray, mask: np.ndarray, number: int) -> np.ndarray:
-    """Boolean mask of the ``number`` highest-FA voxels inside ``mask`` (MRtrix3 ``mrthreshold -top``)."""
+def top_voxels(scores: np.ndarray, mask: np.ndarray, number: int) -> np.ndarray:
+    """Boolean mask of the ``number`` voxels of ``mask`` with the highest ``scores`` (FA, a cost function…;
+    MRtrix3 ``mrthreshold -top``). Non-finite values never qualify."""
     if number < 1:
         raise DwiflowInputError(f"number of voxels must be >= 1, got {number}")
-    candidates = np.flatnonzero(mask.ravel() & np.isfinite(fa.ravel()))
+    candidates = np.flatnonzero(mask.ravel() & np.isfinite(scores.ravel()))
     if candidates.size == 0:
-        raise DwiflowInputError("no voxel with a finite FA inside the (eroded) mask; give a larger mask or fewer erosions")
-    values = fa.ravel()[candidates]
+        raise DwiflowInputError("no candidate voxel (finite FA or score) inside the mask; give a larger mask or fewer erosions")
+    values = scores.ravel()[candidates]
     keep = candidates[np.argsort(-values, kind="stable")[: min(number, candidates.size)]]
-    out = np.zeros(fa.size, dtype=bool)
+    out = np.zeros(scores.size, dtype=bool)
     out[keep] = True
-    return out.reshape(fa.shape)
+    return out.reshape(scores.shape)
 
 
 def roi_mask(shape: tuple[int, int, int], center: tuple[int, int, int] | None, radii: int | tuple[int, int, int]) -> np.ndarray:
@@ -428,5 +429,5 @@ def fa_response_voxels(
         raise DwiflowInputError(f"the brain mask is empty after {erode} erosions; use fewer (--erode)")
     fit = TensorModel(gtab).fit(data, eroded)
     fa = np.where(fit.status == 0, fit.fa, np.nan)
-    voxels = top_fa_voxels(fa, eroded, number)
+    voxels = top_voxels(fa, eroded, number)
     return voxels, fit.v1, fa

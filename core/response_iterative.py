@@ -35,7 +35,7 @@ from dwiflow.core.csd import CsdModel
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import GradientTable
 from dwiflow.core.peaks import find_peaks_rows, vertex_peaks
-from dwiflow.core.response import ResponseFunction, amp2response, top_fa_voxels
+from dwiflow.core.response import ResponseFunction, amp2response, top_voxels
 from dwiflow.core.sh import real_sh_basis, zonal_sh_basis
 
 
@@ -102,7 +102,7 @@ def tournier_response(
         cost_map[index] = cost
         direction = np.zeros(brain_mask.shape + (3,))
         direction[index] = np.nan_to_num(peaks[:, 0])
-        selected = top_fa_voxels(np.where(cost_map > 0, cost_map, np.nan), candidates, sf_voxels)
+        selected = top_voxels(np.where(cost_map > 0, cost_map, np.nan), candidates, sf_voxels)
         response = amp2response(
             np.asarray(data[selected], dtype=float), direction[selected], gtab,
             shells=[target.bvalue], lmax=[4] if iteration == 0 else ([lmax] if lmax else None),
@@ -110,7 +110,7 @@ def tournier_response(
         if previous is not None and np.array_equal(selected, previous):
             return IterativeResponse(response, selected, iteration + 1, True)
         previous = selected
-        grow = top_fa_voxels(np.where(cost_map > 0, cost_map, np.nan), candidates, iter_voxels)
+        grow = top_voxels(np.where(cost_map > 0, cost_map, np.nan), candidates, iter_voxels)
         if dilate:
             grow = ndimage.binary_dilation(grow, iterations=dilate)
         candidates = grow & brain_mask

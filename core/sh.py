@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from scipy import special
 
 from dwiflow.core.errors import DwiflowInputError
 

@@ -3,7 +3,6 @@
 import subprocess
 import sys
 
-import dwiflow
 
 
 def test_core_imports_no_heavy_or_file_dependencies():

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprocs", type=int, help="processes for the cf worker")
     p.add_argument("--omp-nthreads", type=int, help="threads per task (numba/BLAS)")
     p.add_argument("--sbatch-args", default="", help="extra sbatch arguments for the slurm worker")
-    p.add_argument("--skip-bids-validation", action="store_true", help="(validation is off unless pybids' validator is asked)")
+    p.add_argument("--skip-bids-validation", action="store_true",
+                   help="accepted for BIDS-Apps compatibility; dwiflow checks its own inputs and does not run a validator")
     p.add_argument("--version", action="version", version=f"dwiflow {__version__}")
     return p
 
@@ -71,8 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         spec = load_recon_spec(args.recon_spec)
         filters = load_filter_file(args.bids_filter_file) if args.bids_filter_file else None
-        runs = find_dwi_runs(bids_dir, args.participant_label, args.session_label, filters, args.mask_dir,
-                             validate=not args.skip_bids_validation and False)
+        # pybids' own validation is not run (it rejects derivative-style inputs users commonly have);
+        # --skip-bids-validation is accepted for BIDS-Apps compatibility
+        runs = find_dwi_runs(bids_dir, args.participant_label, args.session_label, filters, args.mask_dir, validate=False)
     except BidsInputError as exc:
         return _error(str(exc))
     from dwiflow.workflows.recon import run_participant

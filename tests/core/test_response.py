@@ -1,4 +1,3 @@
-import nibabel as nib
 import numpy as np
 import pytest
 from dipy.core.gradients import gradient_table as dipy_gradient_table

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dwiflow.core.gradients import world_to_fsl_bvecs
-from dwiflow.core.response import ResponseFunction, top_fa_voxels
+from dwiflow.core.response import ResponseFunction, top_voxels
 from dwiflow.core.sims import acquisition_scheme, make_phantom
 from dwiflow.core.tensor import TensorModel
 from dwiflow.tasks.io import load_dwi
@@ -24,7 +24,7 @@ OPTION_SETS = [
 def _selection(tmp_path, dwi, bval, bvec, brain, number):
     run = load_dwi(dwi, bval, bvec)
     fit = TensorModel(run.gtab).fit(run.data, brain)
-    voxels = top_fa_voxels(fit.fa, brain, number)
+    voxels = top_voxels(fit.fa, brain, number)
     mask = write_nifti(tmp_path / "voxels.nii.gz", voxels.astype(np.uint8), run.affine)
     dirs = write_nifti(tmp_path / "dirs.nii.gz", np.nan_to_num(fit.v1).astype(np.float32), run.affine)
     run_mrtrix("mrconvert", dwi, "-fslgrad", bvec, bval, tmp_path / "dwi.mif")
