@@ -162,6 +162,22 @@ def write_dataset_description(output_dir: Path, bids_dir: Path, recon_spec: dict
                           "its model, parameters, units and orientation encoding.\n")
 
 
+def _recon_task(run: DwiRunSpec, stages: dict[str, Any], cv: str):
+    return ReconRun(dwi=File(run.dwi), bval=File(run.bval), bvec=File(run.bvec), entities=run.short_entities,
+                    stages=stages, mask=File(run.mask) if run.mask else None, code_version=cv)
+
+
+def _all_runs_workflow(runs: list[DwiRunSpec], stages: dict[str, Any], cv: str):
+    """One workflow holding every run's ReconRun as a node, so that independent runs proceed in parallel."""
+
+    @workflow.define(outputs=["first"])
+    def AllRuns(n_runs: int = len(runs)):
+        staged = [workflow.add(_recon_task(run, stages, cv), name=f"run{i}").staged for i, run in enumerate(runs)]
+        return staged[0]
+
+    return AllRuns(n_runs=len(runs))
+
+
 def run_participant(
     runs: list[DwiRunSpec],
     bids_dir: Path,
@@ -179,12 +195,22 @@ def run_participant(
     cv = code_version()
     outcomes = []
     stages = recon_spec["stages"]
+    if worker != "debug" and len(runs) > 1:
+        # Phase 1: every run in one graph, so the worker runs independent runs concurrently (cf) or queues all of
+        # their jobs at once (slurm/sge). Failures are collected per run in phase 2, where finished runs are
+        # cache hits and a failed run fails again with its own error.
+        progress(f"[dwiflow] {len(runs)} runs submitted together ({worker} worker)")
+        try:
+            with Submitter(cache_root=work_dir / "cache", worker=worker, clean_stale_locks=True,
+                           **(worker_options or {})) as submitter:
+                submitter(_all_runs_workflow(runs, stages, cv), raise_errors=False)
+        except Exception as exc:  # reported per run below
+            progress(f"[dwiflow]   some runs failed ({_last_line(str(exc)) or type(exc).__name__}); details per run follow")
     for index, run in enumerate(runs, 1):
         t0 = time.perf_counter()
         started = time.time()
         progress(f"[dwiflow] run {index}/{len(runs)} {run.label}: stages {', '.join(stages)}")
-        task = ReconRun(dwi=File(run.dwi), bval=File(run.bval), bvec=File(run.bvec), entities=run.short_entities,
-                        stages=stages, mask=File(run.mask) if run.mask else None, code_version=cv)
+        task = _recon_task(run, stages, cv)
         log = work_dir / "logs" / f"{run.label}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -128,7 +128,8 @@ def test_two_runs_of_one_subject_and_filter_file(dataset, tmp_path):
     assert rows[0].split("\t")[0] == "run" and len(rows) == 3
 
 
-def test_failed_run_is_named_and_others_complete(dataset, tmp_path, capsys):
+@pytest.mark.parametrize("worker", ["debug", "cf"])
+def test_failed_run_is_named_and_others_complete(dataset, tmp_path, capsys, worker):
     bids = tmp_path / "bids"
     shutil.copytree(dataset["bids"], bids)
     dwi = bids / "sub-two" / "dwi" / "sub-two_dir-AP_dwi.nii.gz"
@@ -136,10 +137,11 @@ def test_failed_run_is_named_and_others_complete(dataset, tmp_path, capsys):
     nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), dwi)  # all-zero run: its mask fails
     out = tmp_path / "out"
     code = main([str(bids), str(out), "participant", "--recon-spec", str(dataset["spec"]), "--work-dir",
-                 str(tmp_path / "work"), "--worker", "debug"])
+                 str(tmp_path / "work"), "--worker", worker])
     err = capsys.readouterr().err
     assert code == 1
     assert "run sub-two_dir-AP failed" in err and "log:" in err
+    assert "b=0 volumes are all zero" in err  # the task's own error, not "see output directory"
     assert (out / "sub-two" / "dwi" / "sub-two_dir-PA_model-tensor_param-fa_dwimap.nii.gz").is_file()
     assert (out / "sub-phantom" / "dwi" / "sub-phantom_model-csd_param-fod_dwimap.nii.gz").is_file()
     assert not list((out / "sub-two" / "dwi").glob("sub-two_dir-AP_*"))
