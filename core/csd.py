@@ -194,15 +194,13 @@ class CsdModel:
             self.constraint_dirs = constraint_directions(n_constraints)
             multiplier = neg_lambda * 50.0 * zonal[0] / n_constraints
         self._constraints = np.ascontiguousarray(real_sh_basis(self.lmax, self.constraint_dirs) * multiplier)  # H
-        self._multiplier = multiplier
         self.threshold = threshold * multiplier
         normal = self._forward.T @ self._forward
         normal += np.eye(normal.shape[0]) * (norm_lambda * NORM_LAMBDA_MULTIPLIER * normal[0, 0])
         if flavour == "dipy" and np.linalg.matrix_rank(normal) < normal.shape[0]:
             normal += 1e-5 * np.eye(normal.shape[0])
         self._normal = normal
-        gaunt, pairs = _gaunt_lower(self.lmax)
-        self._pairs = pairs
+        gaunt, _ = _gaunt_lower(self.lmax)
         # Σ_{n∈S} h_n h_nᵀ (lower triangle) = (mask @ Y2L(constraint dirs)) @ gaunt · multiplier²
         self._mask_moments = np.ascontiguousarray(real_sh_basis(2 * self.lmax, self.constraint_dirs))  # (n_c, n_high)
         self._gaunt = np.ascontiguousarray(gaunt.T * multiplier**2)  # (n_high, n_pairs)

@@ -35,7 +35,7 @@ def run_demo(out_dir: Path) -> dict[str, Path]:
         raise SystemExit("[demo] the participant level failed")
     print(f"[demo] 3/3 dwiflow {raw} {deriv} group", flush=True)
     bidsapp([str(raw), str(deriv), "group"])
-    peaks = deriv / "sub-phantom" / "dwi" / ("sub-phantom_" + output_filename("peaks", {"model": "csd"}))
+    peaks = deriv / "sub-phantom" / "dwi" / output_filename("peaks", {"sub": "phantom", "model": "csd"})
     _report_accuracy(peaks, files)
     print(f"[demo] done in {time.perf_counter() - t0:.1f} s. Derivatives: {deriv.resolve()}")
     return {**files, "derivatives": deriv, "peaks": peaks}

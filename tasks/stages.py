@@ -485,10 +485,10 @@ def phantom_stage(
             "Name": "dwiflow phantom brain mask (the tissue block)", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
             "GeneratedBy": [{"Name": "dwiflow", "Version": __version__}],
         })
-        files["mask"] = out.nifti(mask_dir / f"sub-phantom_{output_filename('brain_mask', {})}", (~outside).astype(np.uint8),
+        files["mask"] = out.nifti(mask_dir / output_filename("brain_mask", {"sub": "phantom"}), (~outside).astype(np.uint8),
                                   affine, {"Description": "The phantom's tissue block", "Type": "Brain"}, dtype=np.uint8)
         for name, (array, dtype, desc) in truth.items():
-            path = truth_dir / f"sub-phantom_desc-{name}_truth.nii.gz"
+            path = truth_dir / output_filename("truth", {"sub": "phantom", "desc": name})
             files[name] = out.nifti(path, array, affine, {"Description": desc, **truth_common}, dtype=dtype)
     return files
 
