@@ -16,10 +16,13 @@ STAGE_OPTIONS: dict[str, set[str]] = {
     "tensor": set(),
     "response": {"method", "options"},
     "csd": {"lmax"},
+    "rumba": {"use_response", "wm_response", "gm_response", "csf_response", "n_iter", "recon_type", "n_coils", "R",
+              "global_fit", "use_tv", "sh_lmax", "amplitudes", "sphere", "precision"},
     "peaks": {"npeaks", "rel_threshold", "min_separation"},
     "fod_metrics": set(),
 }
-STAGE_REQUIRES = {"csd": "response", "peaks": "csd", "fod_metrics": "peaks", "response": "mask"}
+STAGE_REQUIRES = {"csd": "response", "fod_metrics": "peaks", "response": "mask"}
+FOD_STAGES = ("csd", "rumba")  # stages producing an FOD for peaks and FOD metrics
 RESPONSE_METHODS = ("fa", "ssst", "tournier", "tax")
 
 
@@ -65,6 +68,10 @@ def validate_recon_spec(spec: Any, source: str = "recon spec") -> dict[str, Any]
     for stage, needed in STAGE_REQUIRES.items():
         if stage in stages and needed not in stages:
             raise BidsInputError(f"{source}: stage 'stages.{stage}' needs 'stages.{needed}'")
+    if "peaks" in stages and not any(s in stages for s in FOD_STAGES):
+        raise BidsInputError(f"{source}: stage 'stages.peaks' needs an FOD stage ({' or '.join(FOD_STAGES)})")
+    if all(s in stages for s in FOD_STAGES):
+        raise BidsInputError(f"{source}: give one FOD stage per recon spec, not both {' and '.join(FOD_STAGES)}")
     method = stages.get("response", {}).get("method", "fa")
     if "response" in stages and method not in RESPONSE_METHODS:
         raise BidsInputError(f"{source}: 'stages.response.method' must be one of {RESPONSE_METHODS}, got {method!r}")

@@ -81,6 +81,33 @@ def Csd(
     return File(fod), File(status)
 
 
+RUMBA_TASK_OUTPUTS = ("fod", "fod_amplitudes", "combined_odf", "fwm", "fiso", "fgm", "fcsf", "snr", "status")
+
+
+@python.define(outputs=list(RUMBA_TASK_OUTPUTS))
+def Rumba(
+    dwi: File, bval: File, bvec: File, mask: File, response: File | None = None, options: dict | None = None,
+    code_version: str = "",
+) -> tuple[File | None, File | None, File | None, File | None, File | None, File | None, File | None, File | None,
+           File | None]:
+    """RUMBA-SD; ``response`` (an SSST response with eigenvalues) replaces the default white-matter response.
+
+    ``options``: gm_response, csf_response (None switches a compartment off), n_iter, recon_type, n_coils, R,
+    global_fit, use_tv, sh_lmax, amplitudes (write the fODF on the sphere, default False).
+    """
+    options = dict(options or {})
+    amplitudes = options.pop("amplitudes", False)
+    wanted = [n for n in RUMBA_TASK_OUTPUTS if n != "fod_amplitudes" or amplitudes]
+    if options.get("gm_response", 0.8e-3) is None:
+        wanted.remove("fgm")
+    if options.get("csf_response", 3.0e-3) is None:
+        wanted.remove("fcsf")
+    wm = options.pop("wm_response", None)
+    written = stages.rumba_stage(dwi, bval, bvec, {n: Path.cwd() / f"rumba_{n}.nii.gz" for n in wanted}, mask=mask,
+                                 wm_response=response if response is not None else wm, **options)
+    return tuple(File(written[n]) if n in written else None for n in RUMBA_TASK_OUTPUTS)
+
+
 @python.define(outputs=["peaks"])
 def Peaks(
     fod: File, mask: File, npeaks: int = 3, rel_threshold: float = 0.2, min_separation: float = 25.0, code_version: str = ""
@@ -105,20 +132,26 @@ DERIVATIVE_KEYS: dict[str, tuple[str, dict[str, str]]] = {
     "v1": ("tensor_v1", {}), "s0": ("tensor_s0", {}), "tensor_status": ("tensor_status", {}),
     "response": ("response", {"model": "csd"}),
     "fod": ("csd_fod", {}), "csd_status": ("csd_status", {}),
-    "peaks": ("peaks", {"model": "csd"}),
-    "afd_total": ("afd_total", {"model": "csd"}), "peak_amplitude": ("peak_amplitude", {"model": "csd"}),
-    "nufo": ("nufo", {"model": "csd"}), "gfa": ("gfa", {"model": "csd"}),
+    "peaks": ("peaks", {}),
+    "afd_total": ("afd_total", {}), "peak_amplitude": ("peak_amplitude", {}),
+    "nufo": ("nufo", {}), "gfa": ("gfa", {}),
+    **{f"rumba_{n}": (f"rumba_{n}", {}) for n in RUMBA_TASK_OUTPUTS},
 }
+MODEL_ENTITY = ("response", "peaks", "afd_total", "peak_amplitude", "nufo", "gfa")  # named after the FOD's model
 
 
 @python.define(outputs=["staged"])
 def StageDerivatives(
     entities: dict,
     response_method: str = "",
+    fod_model: str = "csd",
     mask: File | None = None, fa: File | None = None, md: File | None = None, ad: File | None = None,
     rd: File | None = None, v1: File | None = None, s0: File | None = None, tensor_status: File | None = None,
     response: File | None = None, fod: File | None = None, csd_status: File | None = None, peaks: File | None = None,
     afd_total: File | None = None, peak_amplitude: File | None = None, nufo: File | None = None, gfa: File | None = None,
+    rumba_fod: File | None = None, rumba_fod_amplitudes: File | None = None, rumba_combined_odf: File | None = None,
+    rumba_fwm: File | None = None, rumba_fiso: File | None = None, rumba_fgm: File | None = None,
+    rumba_fcsf: File | None = None, rumba_snr: File | None = None, rumba_status: File | None = None,
     code_version: str = "",
 ):
     """Copy a run's outputs (and their sidecars) under their BIDS derivative names into one folder."""
@@ -131,7 +164,10 @@ def StageDerivatives(
 
     values = {"mask": mask, "fa": fa, "md": md, "ad": ad, "rd": rd, "v1": v1, "s0": s0, "tensor_status": tensor_status,
               "response": response, "fod": fod, "csd_status": csd_status, "peaks": peaks, "afd_total": afd_total,
-              "peak_amplitude": peak_amplitude, "nufo": nufo, "gfa": gfa}
+              "peak_amplitude": peak_amplitude, "nufo": nufo, "gfa": gfa,
+              "rumba_fod": rumba_fod, "rumba_fod_amplitudes": rumba_fod_amplitudes, "rumba_combined_odf": rumba_combined_odf,
+              "rumba_fwm": rumba_fwm, "rumba_fiso": rumba_fiso, "rumba_fgm": rumba_fgm, "rumba_fcsf": rumba_fcsf,
+              "rumba_snr": rumba_snr, "rumba_status": rumba_status}
     folder = Path.cwd() / "derivatives"
     folder.mkdir(exist_ok=True)
     for name, value in values.items():
@@ -139,6 +175,8 @@ def StageDerivatives(
             continue
         key, extra = DERIVATIVE_KEYS[name]
         ents = {**entities, **extra}
+        if name in MODEL_ENTITY:
+            ents["model"] = fod_model
         if name == "response":
             ents["desc"] = response_method
         target = folder / output_filename(key, ents)

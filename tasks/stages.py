@@ -365,6 +365,122 @@ def csd_stage(
     return Path(out_fod)
 
 
+RUMBA_OUTPUTS = ("fod", "fod_amplitudes", "combined_odf", "fwm", "fiso", "fgm", "fcsf", "snr", "status")
+
+
+def read_wm_response(value: Any) -> tuple[list[float] | list[list[float]], str]:
+    """White-matter response for RUMBA-SD: eigenvalues (3, or 3 per shell) or a response file whose JSON
+    sidecar holds ``Eigenvalues`` (as ``dwirecon response ssst`` writes). Returns the values and a description."""
+    if value is None:
+        from dwiflow.core.rumba import DEFAULT_WM_RESPONSE
+
+        return list(DEFAULT_WM_RESPONSE), "default"
+    if isinstance(value, (str, os.PathLike)):
+        import json
+
+        p = existing_file(value, "white-matter response")
+        side = sidecar_path(p)
+        try:
+            evals = json.loads(side.read_text())["Eigenvalues"] if side.is_file() else None
+        except (ValueError, KeyError):
+            evals = None
+        if evals is None:
+            raise DwiflowInputError(f"white-matter response {p} has no tensor eigenvalues in its sidecar {side.name}; "
+                                    "RUMBA-SD needs eigenvalues (e.g. from `dwirecon response ssst`) or three numbers")
+        return [float(v) for v in evals], f"eigenvalues from {p.name}"
+    return [float(v) for v in np.ravel(value)], "given"
+
+
+def rumba_stage(
+    dwi: PathLike,
+    bval: PathLike,
+    bvec: PathLike,
+    outputs: dict[str, PathLike],
+    *,
+    mask: PathLike | None = None,
+    wm_response: Any = None,
+    gm_response: float | None = 0.8e-3,
+    csf_response: float | None = 3.0e-3,
+    n_iter: int = 600,
+    recon_type: str = "smf",
+    n_coils: int | None = None,
+    R: int = 1,
+    global_fit: bool = False,
+    use_tv: bool = False,
+    sphere: str = "repulsion724",
+    sh_lmax: int = 8,
+    precision: str = "float32",
+    n_threads: int | None = None,
+    progress=None,
+) -> dict[str, Path]:
+    """RUMBA-SD fit; writes the requested maps (keys of :data:`RUMBA_OUTPUTS` → paths), all or nothing.
+
+    The fODF is written as SH (MRtrix3 basis, world frame, degree ``sh_lmax``) and, if asked, as
+    amplitudes on the model sphere; fractions, the SNR estimate and a status map alongside.
+    """
+    from dwiflow.core.rumba import STATUS_LEVELS, RumbaSDModel
+    from dwiflow.core.sh import amplitudes_to_sh
+
+    unknown = set(outputs) - set(RUMBA_OUTPUTS)
+    if unknown:
+        raise DwiflowInputError(f"unknown RUMBA-SD outputs {sorted(unknown)}; choose from {RUMBA_OUTPUTS}")
+    if not outputs:
+        raise DwiflowInputError(f"no output requested; give at least one of {', '.join(RUMBA_OUTPUTS)}")
+    if global_fit is False and use_tv:
+        raise DwiflowInputError("total variation (--tv) needs the global fit (--global)")
+    if "fgm" in outputs and gm_response is None:
+        raise DwiflowInputError("a grey-matter fraction map was asked for but the GM compartment is switched off")
+    if "fcsf" in outputs and csf_response is None:
+        raise DwiflowInputError("a CSF fraction map was asked for but the CSF compartment is switched off")
+    evals, evals_source = read_wm_response(wm_response)
+    run = load_dwi(dwi, bval, bvec)
+    n_dw_shells = len([s_ for s_ in run.gtab.shells if not s_.is_b0])
+    evals_arr = np.asarray(evals, dtype=float)
+    if evals_arr.size == 3 * n_dw_shells and evals_arr.size != 3:
+        evals_arr = evals_arr.reshape(n_dw_shells, 3)
+    model = RumbaSDModel(run.gtab, wm_response=evals_arr, gm_response=gm_response, csf_response=csf_response,
+                         n_iter=n_iter, recon_type=recon_type, n_coils=n_coils, R=R, sphere=sphere,
+                         voxelwise=not global_fit, use_tv=use_tv, precision=precision, n_threads=n_threads)
+    voxels = load_mask(mask, run.data.shape[:3], run.affine) if mask is not None else _voxels_with_signal(run, dwi)
+    fit = model.fit(run.data, voxels, progress=progress)
+    sh = amplitudes_to_sh(fit.odf_rows, model.vertices, sh_lmax) if {"fod", "combined_odf"} & set(outputs) else None
+    rows = fit.fractions
+    maps = {
+        "fod": lambda: fit._volume(np.nan_to_num(sh), fill=0.0),
+        "fod_amplitudes": fit.odf,
+        "combined_odf": lambda: fit._volume(np.nan_to_num(
+            sh + (rows[:, -2:].sum(axis=1, keepdims=True) * amplitudes_to_sh(np.ones((1, model.vertices.shape[0])),
+                                                                             model.vertices, sh_lmax)
+                  / model.vertices.shape[0])), fill=0.0),
+        "fwm": lambda: fit.f_wm, "fiso": lambda: fit.f_iso, "fgm": lambda: fit.f_gm, "fcsf": lambda: fit.f_csf,
+        "snr": fit.snr, "status": fit.status_volume,
+    }
+    params = {
+        "WhiteMatterResponse": np.asarray(model.wm_response).tolist(), "WhiteMatterResponseSource": evals_source,
+        "GreyMatterDiffusivity": gm_response, "CsfDiffusivity": csf_response, "Iterations": model.n_iter,
+        "ReconType": recon_type, "NoiseOrder": model.order, "AccelerationFactor": R, "Fit": "global" if global_fit
+        else "voxelwise", "TotalVariation": use_tv, "Sphere": sphere if isinstance(sphere, str) else "custom",
+        "SphereDirections": int(model.vertices.shape[0]), "Precision": precision,
+        "VoxelsFailed": int((fit.status != 0).sum()),
+    }
+    sources = _provenance(dwi, bval, bvec, mask, wm_response if isinstance(wm_response, (str, os.PathLike)) else None)
+    written: dict[str, Path] = {}
+    with atomic_outputs() as out:
+        for name, path in outputs.items():
+            key = f"rumba_{name}"
+            orientation = None
+            if name in ("fod", "combined_odf"):
+                orientation = {"SphericalHarmonicDegree": int(sh_lmax)}
+            elif name == "fod_amplitudes":
+                orientation = {"Directions": np.round(model.vertices, 8).tolist()}
+            content = sidecar(key, params, orientation, **sources)
+            if name == "status":
+                content["Levels"] = {str(k): v for k, v in STATUS_LEVELS.items()}
+            dtype = np.uint8 if name == "status" else np.float32
+            written[name] = out.nifti(path, maps[name](), run.affine, content, dtype=dtype)
+    return written
+
+
 def peaks_stage(
     fod: PathLike,
     out_peaks: PathLike,

@@ -62,3 +62,14 @@ def write_gradients(base: Path, bvals: np.ndarray, bvecs_3xn: np.ndarray) -> tup
     np.savetxt(bval, np.atleast_2d(bvals), fmt="%g")
     np.savetxt(bvec, bvecs_3xn, fmt="%.8f")
     return bval, bvec
+
+
+@pytest.fixture(scope="session")
+def sub01_b1kb2k_brain():
+    """(gradient table in world frame, signals of the shipped brain mask's voxels) of sub-01 acq-b1kb2k."""
+    from dwiflow.tasks.io import load_dwi, load_mask
+
+    paths = real_run("sub-01_acq-b1kb2k")
+    run = load_dwi(paths["dwi"], paths["bval"], paths["bvec"])
+    mask = load_mask(paths["mask"], run.data.shape[:3], run.affine)
+    return run.gtab, np.asarray(run.data[mask], dtype=float)

@@ -30,6 +30,8 @@ from dwiflow.tasks.pydra_tasks import (
     FodMetrics,
     Peaks,
     Response,
+    Rumba,
+    RUMBA_TASK_OUTPUTS,
     StageDerivatives,
     Tensor,
     code_version,
@@ -84,17 +86,27 @@ def ReconRun(
         csd = add(Csd(dwi=dwi, bval=bval, bvec=bvec, response=response, mask=mask,
                       lmax=stages["csd"].get("lmax"), code_version=cv), "csd")
         outputs.update(fod=csd.fod, csd_status=csd.status)
+    fod, fod_model = (csd.fod, "csd") if "csd" in stages else (None, "")
+    if "rumba" in stages:
+        options = dict(stages["rumba"])
+        # an SSST response (tensor eigenvalues) replaces RUMBA-SD's default white-matter response
+        use_response = options.pop("use_response", True) and method == "ssst"
+        rumba = add(Rumba(dwi=dwi, bval=bval, bvec=bvec, mask=mask, response=response if use_response else None,
+                          options=options, code_version=cv), "rumba")
+        outputs.update({f"rumba_{n}": getattr(rumba, n) for n in RUMBA_TASK_OUTPUTS})
+        fod, fod_model = rumba.fod, "rumba"
     if "peaks" in stages:
         opts = stages["peaks"]
-        peaks = add(Peaks(fod=csd.fod, mask=mask, npeaks=opts.get("npeaks", 3),
+        peaks = add(Peaks(fod=fod, mask=mask, npeaks=opts.get("npeaks", 3),
                           rel_threshold=opts.get("rel_threshold", 0.2),
                           min_separation=opts.get("min_separation", 25.0), code_version=cv), "peaks").peaks
         outputs["peaks"] = peaks
     if "fod_metrics" in stages:
-        metrics = add(FodMetrics(fod=csd.fod, peaks=peaks, code_version=cv), "fod_metrics")
+        metrics = add(FodMetrics(fod=fod, peaks=peaks, code_version=cv), "fod_metrics")
         outputs.update(afd_total=metrics.afd_total, peak_amplitude=metrics.peak_amplitude, nufo=metrics.nufo,
                        gfa=metrics.gfa)
-    staged = workflow.add(StageDerivatives(entities=entities, response_method=method, code_version=cv, **outputs),
+    staged = workflow.add(StageDerivatives(entities=entities, response_method=method, fod_model=fod_model or "csd",
+                                           code_version=cv, **outputs),
                           name="stage_derivatives")
     return staged.staged
 
@@ -299,8 +311,8 @@ def run_group(output_dir: Path, progress=print) -> Path:
         values["voxels_in_mask"] = str(int(mask.sum())) if mask is not None else "n/a"
         values["mean_fa"] = mean_of(fa_name)
         values["mean_md"] = mean_of(output_filename("tensor_md", {}))
-        values["mean_afd_total"] = mean_of(output_filename("afd_total", {"model": "csd"}))
-        response = find(output_filename("response", {"model": "csd", "desc": "*"}))
+        values["mean_afd_total"] = mean_of(output_filename("afd_total", {"model": "*"}))
+        response = find(output_filename("response", {"model": "*", "desc": "*"}))
         values["response_l0"] = (",".join(f"{c:.6g}" for c in ResponseFunction.from_text(response.read_text()).coefficients[:, 0])
                                  if response else "n/a")
         rows.append(values)

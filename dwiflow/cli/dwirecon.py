@@ -86,6 +86,62 @@ def _cmd_csd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diffusivity_or_none(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a diffusivity in mm²/s (e.g. 3e-3) or 'none', got {text!r}") from None
+
+
+def _wm_response(text: str):
+    """Three eigenvalues (or three per shell) separated by commas, or a response file with eigenvalues."""
+    if "," in text:
+        return _number_list(float)(text)
+    return text
+
+
+def source_entities(dwi: str) -> dict[str, str]:
+    """BIDS entities of a DWI file name (``sub-01_acq-x_dwi.nii.gz`` → sub, acq); empty for other names."""
+    name = Path(dwi).name.split(".")[0]
+    entities = {}
+    for part in name.split("_")[:-1]:
+        if "-" in part:
+            key, value = part.split("-", 1)
+            entities[key] = value
+    return entities
+
+
+def _cmd_rumba(args: argparse.Namespace) -> int:
+    from dwiflow.bids_specs.outputs import output_filename
+    from dwiflow.tasks.stages import RUMBA_OUTPUTS, describe_outputs, rumba_stage
+
+    skip = set()
+    if args.gm_response is None:
+        skip.add("fgm")
+    if args.csf_response is None:
+        skip.add("fcsf")
+    if args.no_amplitudes:
+        skip.add("fod_amplitudes")
+    entities = source_entities(args.dwi)
+    out_dir = Path(args.out_dir)
+    outputs = {name: out_dir / output_filename(f"rumba_{name}", entities) for name in RUMBA_OUTPUTS if name not in skip}
+
+    def progress(done: int, total: int) -> None:
+        unit = "iterations" if args.global_fit else "voxels"
+        print(f"rumba: {done}/{total} {unit}", file=sys.stderr, flush=True)
+
+    written = rumba_stage(
+        args.dwi, args.bval, args.bvec, outputs, mask=args.mask, wm_response=args.wm_response,
+        gm_response=args.gm_response, csf_response=args.csf_response, n_iter=args.n_iter, recon_type=args.recon_type,
+        n_coils=args.n_coils, R=args.R, global_fit=args.global_fit, use_tv=args.tv, sphere=args.sphere,
+        sh_lmax=args.sh_lmax, precision=args.precision, n_threads=args.nthreads, progress=progress,
+    )
+    print("RUMBA-SD maps written:\n" + describe_outputs(written))
+    return 0
+
+
 def _cmd_peaks(args: argparse.Namespace) -> int:
     from dwiflow.tasks.stages import peaks_stage
 
@@ -255,6 +311,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", metavar="FILE", help="write the per-voxel status map")
     p.add_argument("--nthreads", type=int, help="threads for the per-voxel solver (default: all cores)")
     p.set_defaults(func=_cmd_csd)
+
+    p = sub.add_parser("rumba", help="RUMBA-SD deconvolution (Canales-Rodriguez 2015), voxelwise or global + TV",
+                       description="Robust and unbiased model-based spherical deconvolution: fODF on a dense sphere plus "
+                       "GM/CSF isotropic fractions under Rician (smf) or noncentral-chi (sos) noise. Writes every map "
+                       "(fODF as SH and amplitudes, combined ODF, fractions, SNR, status) into OUT_DIR, named from the "
+                       "DWI's BIDS entities.")
+    for name in ("dwi", "bval", "bvec", "out_dir"):
+        p.add_argument(name)
+    p.add_argument("--mask", help="voxels to fit (default: every voxel with signal)")
+    p.add_argument("--wm-response", type=_wm_response, metavar="L1,L2,L3|FILE",
+                   help="white-matter tensor eigenvalues in mm²/s (default 1.7e-3,0.2e-3,0.2e-3; three per shell for "
+                   "multi-shell), or a response file from `dwirecon response ssst`")
+    p.add_argument("--gm-response", type=_diffusivity_or_none, default=0.8e-3, metavar="D|none",
+                   help="grey-matter mean diffusivity (default 0.8e-3), 'none' to leave GM out")
+    p.add_argument("--csf-response", type=_diffusivity_or_none, default=3.0e-3, metavar="D|none",
+                   help="CSF mean diffusivity (default 3.0e-3), 'none' to leave CSF out")
+    p.add_argument("--n-iter", type=int, default=600, help="iterations (default 600)")
+    p.add_argument("--recon-type", choices=("smf", "sos"), default="smf",
+                   help="smf: Rician noise (default); sos: noncentral chi, needs --n-coils")
+    p.add_argument("--n-coils", type=int, help="receiver coils (sos)")
+    p.add_argument("--R", type=int, default=1, help="acceleration factor (GRAPPA/SENSE/ASSET), default 1")
+    p.add_argument("--global", dest="global_fit", action="store_true",
+                   help="global fit of the whole volume (needs a 3D volume)")
+    p.add_argument("--tv", action="store_true", help="total-variation regularisation (with --global)")
+    p.add_argument("--sphere", default="repulsion724", help="fODF sphere (default repulsion724)")
+    p.add_argument("--sh-lmax", type=int, default=8, help="SH degree of the fODF output (default 8)")
+    p.add_argument("--precision", choices=("float32", "float64"), default="float32")
+    p.add_argument("--no-amplitudes", action="store_true", help="do not write the fODF amplitudes on the sphere")
+    p.add_argument("--nthreads", type=int, help="threads (default: all cores)")
+    p.set_defaults(func=_cmd_rumba)
 
     p = sub.add_parser("peaks", help="FOD peaks (local maxima), MRtrix3 sh2peaks layout",
                        description="Local maxima of the FOD on a dense sphere, refined to sub-degree accuracy.")
