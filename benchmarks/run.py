@@ -237,6 +237,97 @@ def bench_iterative_responses(n_voxels: int, tax_voxels: int, workdir: Path) -> 
     return rows
 
 
+def _rumba_scheme():
+    """160 volumes: 10 b=0 + 150 directions at b=2000 (the issue's benchmark acquisition)."""
+    from dwiflow.core.gradients import gradient_table
+    from dwiflow.core.sphere import repulsion_sphere
+
+    dirs = repulsion_sphere(150, seed=5).hemisphere
+    return gradient_table(np.r_[np.zeros(10), np.full(150, 2000.0)], np.r_[np.zeros((10, 3)), dirs].T)
+
+
+_MEMORY_SNIPPET = """
+import resource, sys, numpy as np
+from dwiflow.core.sims import make_phantom
+sys.path.insert(0, {bench_dir!r})
+from run import _rumba_scheme
+g = _rumba_scheme()
+ph = make_phantom(g, {shape!r}, n_fibres=(1, 2), snr=20, seed=3)
+data = ph.data.astype(np.float32)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if {tool!r} == "dwiflow":
+    from dwiflow.core.rumba import RumbaSDModel
+    RumbaSDModel(g, n_iter=3, voxelwise=False, use_tv=True).fit(data)
+else:
+    from dipy.core.gradients import gradient_table
+    from dipy.reconst.rumba import RumbaSDModel
+    RumbaSDModel(gradient_table(g.bvals, bvecs=g.bvecs), n_iter=3, voxelwise=False, use_tv=True).fit(data)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+def _peak_memory_mb(tool: str, shape: tuple[int, int, int]) -> float:
+    """Peak resident memory added by a global RUMBA-SD + TV fit (3 iterations: memory does not grow with them)."""
+    import sys
+
+    code = _MEMORY_SNIPPET.format(bench_dir=str(Path(__file__).parent), shape=shape, tool=tool)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def bench_rumba(n_voxels: int, dipy_voxels: int, global_shape: tuple[int, int, int], memory_voxels: int) -> list[dict]:
+    """RUMBA-SD, 600 iterations, 724-point sphere, 160 volumes: voxelwise and global + TV against DIPY."""
+    from dipy.core.gradients import gradient_table as dipy_gtab
+    from dipy.core.sphere import Sphere as DipySphere
+    from dipy.reconst.rumba import RumbaSDModel as DipyRumba
+
+    from dwiflow.core.rumba import RumbaSDModel, available_cores
+
+    g = _rumba_scheme()
+    side = int(round((n_voxels / 10) ** 0.5))
+    ph = make_phantom(g, (side, side, 10), n_fibres=(1, 2), snr=20, seed=3)
+    data = ph.data.reshape(-1, g.n_volumes)
+    nvox = data.shape[0]
+    dg = dipy_gtab(g.bvals, bvecs=g.bvecs)
+    rows = []
+    cores = available_cores()
+    fits = {}
+    for threads in sorted({1, cores}):
+        model = RumbaSDModel(g, n_threads=threads)
+        t, fits[threads] = _best_of(lambda: model.fit(data), 1)
+        fits[threads] = (t, fits[threads])
+    vertices = fits[1][1].model.vertices
+    subset = data[:dipy_voxels]
+    t_dipy, ref = _best_of(lambda: DipyRumba(dg, sphere=DipySphere(xyz=vertices)).fit(subset), 1)
+    per_voxel_dipy = t_dipy / subset.shape[0]
+    odf = fits[1][1].odf_rows[:dipy_voxels]
+    err = (np.abs(odf - ref.odf()).max(1) / ref.odf().max(1)).max()
+    for threads, (t, _) in fits.items():
+        rows.append({"step": "rumba voxel", "peer": f"DIPY RumbaSDModel voxelwise (timed on {subset.shape[0]} vox), "
+                     f"dwiflow {threads} thr", "voxels": nvox, "dwiflow_s": t, "peer_s": per_voxel_dipy * nvox,
+                     "accuracy": f"max|dODF|/max {err:.1e}; {nvox / t:.0f} vs {1 / per_voxel_dipy:.0f} vox/s"})
+    block = make_phantom(g, global_shape, n_fibres=(1, 2), snr=20, seed=4).data
+    nblock = int(np.prod(global_shape))
+    # load the compiled TV kernel once (numba's on-disk cache; the first use of a fresh install compiles it)
+    RumbaSDModel(g, voxelwise=False, use_tv=True, n_iter=1).fit(block[:3, :3, :3])
+    t_ref, ref = _best_of(lambda: DipyRumba(dg, sphere=DipySphere(xyz=vertices), voxelwise=False, use_tv=True).fit(block), 1)
+    for threads in sorted({1, cores}):
+        model = RumbaSDModel(g, voxelwise=False, use_tv=True, n_threads=threads)
+        t_ours, ours = _best_of(lambda: model.fit(block), 1)
+        err = (np.abs(ours.odf() - ref.odf()).max(-1) / ref.odf().max(-1)).max()
+        rows.append({"step": "rumba TV", "peer": f"DIPY RumbaSDModel global + TV, dwiflow {threads} thr", "voxels": nblock,
+                     "dwiflow_s": t_ours, "peer_s": t_ref,
+                     "accuracy": f"max|dODF|/max {err:.1e}; {nblock / t_ours:.0f} vs {nblock / t_ref:.0f} vox/s"})
+    if memory_voxels:
+        side = int(round((memory_voxels / 40) ** 0.5))
+        shape = (side, side, 40)
+        mem_ours, mem_dipy = _peak_memory_mb("dwiflow", shape), _peak_memory_mb("dipy", shape)
+        rows.append({"step": "rumba TV mem", "peer": "peak RSS added, global + TV fit, MB (ratio: DIPY/dwiflow)",
+                     "voxels": int(np.prod(shape)), "dwiflow_s": mem_ours, "peer_s": mem_dipy,
+                     "accuracy": f"dwiflow {mem_ours:.0f} MB, DIPY {mem_dipy:.0f} MB"})
+    return rows
+
+
 HEADER = f"{'step':<14} {'peer':<50} {'voxels':>8} {'dwiflow s':>10} {'peer s':>9} {'ratio':>7}  accuracy"
 
 
@@ -252,7 +343,13 @@ def main() -> int:
     parser.add_argument("--voxels", type=int, default=100_000, help="phantom size for the tensor step")
     parser.add_argument("--response-voxels", type=int, default=50_000, help="single-fibre voxels for amp2response")
     parser.add_argument("--tax-voxels", type=int, default=20_000, help="voxels for the recursive (Tax) response")
-    parser.add_argument("--steps", help="comma-separated subset of: tensor, amp2response, csd, iterative")
+    parser.add_argument("--rumba-voxels", type=int, default=4000, help="voxels of the voxelwise RUMBA-SD step")
+    parser.add_argument("--rumba-dipy-voxels", type=int, default=200, help="voxels DIPY's voxelwise RUMBA is timed on")
+    parser.add_argument("--rumba-global-shape", type=lambda t: tuple(int(v) for v in t.split(",")), default=(12, 12, 10),
+                        help="block of the global RUMBA-SD + TV step (default 12,12,10)")
+    parser.add_argument("--rumba-memory-voxels", type=int, default=100_000,
+                        help="volume size for the peak-memory row of global RUMBA-SD (0 skips it)")
+    parser.add_argument("--steps", help="comma-separated subset of: tensor, amp2response, csd, iterative, rumba")
     parser.add_argument("--repeats", type=int, default=3, help="best of N timings")
     args = parser.parse_args()
     steps = {
@@ -260,6 +357,8 @@ def main() -> int:
         "amp2response": lambda tmp: bench_amp2response(args.response_voxels, args.repeats, tmp),
         "csd": lambda tmp: bench_csd_peaks(args.voxels, 1, tmp),
         "iterative": lambda tmp: bench_iterative_responses(args.voxels, args.tax_voxels, tmp),
+        "rumba": lambda tmp: bench_rumba(args.rumba_voxels, args.rumba_dipy_voxels, args.rumba_global_shape,
+                                         args.rumba_memory_voxels),
     }
     chosen = args.steps.split(",") if args.steps else list(steps)
     unknown = set(chosen) - set(steps)

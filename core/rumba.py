@@ -271,92 +271,100 @@ def _noise_order(recon_type: str, n_coils: int | None) -> int:
 
 
 class _Iteration:
-    """Shared state of the multiplicative updates for a set of voxels (columns).
+    """State of the multiplicative updates for a set of voxels, one row per voxel.
 
-    ``f`` is (k, n) with components on rows and voxels on columns; ``signal`` is (N, n).
+    ``f`` is (n + extra_rows, k): fractions of the n voxels (rows; chunks of rows are
+    contiguous) and, for the TV neighbour tables, trailing all-zero rows that are never updated.
     """
 
-    def __init__(self, kernel: np.ndarray, signal: np.ndarray, order: int, dtype, n_components: int):
-        self.kernel = np.ascontiguousarray(kernel, dtype=dtype)
-        self.kernel_t = np.ascontiguousarray(self.kernel.T)
-        self.signal = np.ascontiguousarray(signal.T, dtype=dtype)  # (N, n)
+    def __init__(self, kernel: np.ndarray, signal: np.ndarray, order: int, dtype, n_components: int,
+                 extra_rows: int = 0):
+        self.kernel = np.ascontiguousarray(kernel, dtype=dtype)  # (N, k)
+        self.kernel_t = np.ascontiguousarray(self.kernel.T)  # (k, N)
+        self.signal = np.ascontiguousarray(signal, dtype=dtype)  # (n, N)
         self.order = order
         self.dtype = dtype
-        n_rows, n_comp = kernel.shape
-        n = signal.shape[0]
+        self.n = n = signal.shape[0]
         # iso-probable start over the full set of components (both vertices of each antipodal pair)
-        self.f = np.full((n_comp, n), 1.0 / n_components, dtype=dtype)
-        self.reblurred = self.kernel @ self.f
+        self.f = np.zeros((n + extra_rows, kernel.shape[1]), dtype=dtype)
+        self.f[:n] = 1.0 / n_components
+        self.reblurred = self.f[:n] @ self.kernel_t  # (n, N)
         self.sigma2 = np.full(n, SIGMA0**2, dtype=dtype)
-        self.scaled = self.signal * self.reblurred / self.sigma2
-        self.sum_s2 = (self.signal.astype(float) ** 2).sum(axis=0)
+        self.scaled = self.signal * self.reblurred / self.sigma2[:, None]
+        self.sum_s2 = (self.signal.astype(float) ** 2).sum(axis=1)
 
-    def step(self, extra_factor: np.ndarray | None = None, columns: slice | None = None) -> None:
-        """One update of f, the reblurred signal and the noise variance (optionally of some columns)."""
-        sl = slice(None) if columns is None else columns
-        s = self.signal[:, sl]
-        ratio = mbessel_ratio(self.order, self.scaled[:, sl])
-        n = s.shape[1]
-        stack = np.empty((s.shape[0], 2 * n), dtype=self.dtype)  # per call: chunks may run in parallel
-        np.multiply(s, ratio, out=stack[:, :n])
-        stack[:, n:] = self.reblurred[:, sl]
-        products = self.kernel_t @ stack
-        factor = products[:, :n]
-        factor /= products[:, n:] + _EPS
+    def step(self, extra_factor: np.ndarray | None = None, rows: slice | None = None) -> None:
+        """One update of f, the reblurred signal and the noise variance of ``rows`` (default: all voxels)."""
+        sl = slice(0, self.n) if rows is None else rows
+        s = self.signal[sl]
+        ratio = mbessel_ratio(self.order, self.scaled[sl])
+        n = s.shape[0]
+        stack = np.empty((2 * n, s.shape[1]), dtype=self.dtype)  # per call: chunks may run in parallel
+        np.multiply(s, ratio, out=stack[:n])
+        stack[n:] = self.reblurred[sl]
+        products = stack @ self.kernel  # (2n, k): Hᵀ(S∘ratio) and Hᵀ(H f) in one product
+        factor = products[:n]
+        factor /= products[n:] + _EPS
         if extra_factor is not None:
             factor *= extra_factor
-        f = self.f[:, sl]
+        f = self.f[sl]
         f *= factor
         np.maximum(f, 0, out=f)
-        reblurred = self.kernel @ f
-        self.reblurred[:, sl] = reblurred
-        self.scaled[:, sl] = s * reblurred / self.sigma2[sl]
-        cross = np.einsum("ij,ij->j", s * reblurred, ratio, dtype=float)
-        sigma2 = (0.5 * (self.sum_s2[sl] + np.einsum("ij,ij->j", reblurred, reblurred, dtype=float)) - cross)
-        sigma2 /= s.shape[0] * self.order
+        reblurred = f @ self.kernel_t
+        self.reblurred[sl] = reblurred
+        sigma2_old = self.sigma2[sl]
+        self.scaled[sl] = s * reblurred / sigma2_old[:, None]
+        cross = np.einsum("ij,ij->i", s * reblurred, ratio, dtype=float)
+        sigma2 = 0.5 * (self.sum_s2[sl] + np.einsum("ij,ij->i", reblurred, reblurred, dtype=float)) - cross
+        sigma2 /= s.shape[1] * self.order
         self.sigma2[sl] = np.clip(sigma2, SIGMA2_MIN, SIGMA2_MAX)
 
-    def fractions(self) -> np.ndarray:
-        """(n, k) fractions normalised to sum 1 per voxel (float64)."""
-        f = self.f.T.astype(float)
-        return f / (f.sum(axis=1, keepdims=True) + _EPS)
 
+@dataclass(frozen=True)
+class _TvTables:
+    """Neighbour tables of the TV term over the bounding box of the fitted voxels.
 
-def _tv_factor(f_block: np.ndarray, box_index: tuple, box_shape: tuple, weight, out: np.ndarray) -> None:
-    """``1 / |1 - λ div(∇f/|∇f|)|`` for a block of components (rows of ``f_block``) at the mask voxels.
-
-    Forward differences with a zero difference at the upper edge of the box, backward
-    differences for the divergence (its adjoint), as in the RUMBA-SD + TV reference code;
-    voxels of the box outside the mask hold 0.
+    The normalised gradient is needed at the mask voxels and at the box voxels just before
+    them on each axis (outside the mask, f = 0 there but the gradient is not): together the
+    "active" voxels. Rows index ``f``; ``zero_row`` is an all-zero row of ``f``.
     """
-    k = f_block.shape[0]
-    vol = np.zeros((k,) + box_shape, dtype=f_block.dtype)
-    vol[(slice(None),) + box_index] = f_block
-    norm2 = np.full_like(vol, TV_EPSILON**2)
-    grads = []
-    for axis in (1, 2, 3):
-        g = np.zeros_like(vol)
-        lo = [slice(None)] * 4
-        hi = [slice(None)] * 4
-        lo[axis] = slice(0, -1)
-        hi[axis] = slice(1, None)
-        np.subtract(vol[tuple(hi)], vol[tuple(lo)], out=g[tuple(lo)])
-        norm2 += g * g
-        grads.append((g, tuple(lo), tuple(hi)))
-    inv = 1.0 / np.sqrt(norm2)
-    div = np.zeros_like(vol)
-    for g, lo, hi in grads:
-        g *= inv
-        div += g
-        div[hi] -= g[lo]
-    if np.ndim(weight):
-        div *= weight[None]
-    else:
-        div *= weight
-    np.subtract(1.0, div, out=div)
-    np.abs(div, out=div)
-    div += _EPS
-    out[:] = 1.0 / div[(slice(None),) + box_index]
+
+    self_row: np.ndarray  # (n_active,) row of f of each active voxel (zero_row outside the mask)
+    forward: np.ndarray  # (n_active, 3) row of the +x/+y/+z neighbour; self_row at the box's upper edge
+    active_of_voxel: np.ndarray  # (n,) active index of each mask voxel
+    backward: np.ndarray  # (n, 3) active index of the -x/-y/-z neighbour; n_active (a zero row) at the lower edge
+    n_active: int
+
+    @classmethod
+    def build(cls, box_index: tuple, box_shape: tuple, zero_row: int) -> "_TvTables":
+        n = box_index[0].size
+        mask = np.zeros(box_shape, bool)
+        mask[box_index] = True
+        row = np.full(box_shape, zero_row, dtype=np.int64)
+        row[box_index] = np.arange(n)
+        active = mask.copy()
+        for axis in range(3):
+            before = [slice(None)] * 3
+            after = [slice(None)] * 3
+            before[axis], after[axis] = slice(0, -1), slice(1, None)
+            active[tuple(before)] |= mask[tuple(after)]
+        act = np.nonzero(active)
+        n_active = act[0].size
+        active_index = np.full(box_shape, n_active, dtype=np.int64)
+        active_index[act] = np.arange(n_active)
+        self_row = row[act]
+        forward = np.empty((n_active, 3), dtype=np.int64)
+        backward = np.empty((n, 3), dtype=np.int64)
+        for axis in range(3):
+            nxt = list(act)
+            at_edge = act[axis] + 1 >= box_shape[axis]
+            nxt[axis] = np.minimum(act[axis] + 1, box_shape[axis] - 1)
+            forward[:, axis] = np.where(at_edge, self_row, row[tuple(nxt)])
+            prev = list(box_index)
+            at_start = box_index[axis] == 0
+            prev[axis] = np.maximum(box_index[axis] - 1, 0)
+            backward[:, axis] = np.where(at_start, n_active, active_index[tuple(prev)])
+        return cls(self_row, forward, active_index[box_index], backward, n_active)
 
 
 @dataclass
@@ -565,7 +573,7 @@ class RumbaSDModel:
             it = _Iteration(self.reduced.matrix, signal[sl], self.order, self.dtype, self.kernel.shape[1])
             for _ in range(self.n_iter):
                 it.step()
-            out[sl] = it.f.T
+            out[sl] = it.f
             s2[sl] = it.sigma2
             return sl
 
@@ -586,25 +594,37 @@ class RumbaSDModel:
                                     "voxels (a single slice or line); use the voxelwise fit")
         box_index = tuple(i - l for i, l in zip(index, lo))
         chunk = max(self.chunk_size, 1)
-        it = _Iteration(self.reduced.matrix, signal, self.order, self.dtype, self.kernel.shape[1])
-        n_comp, n = it.f.shape
-        tv = np.empty((n_comp, n), dtype=self.dtype) if self.use_tv else None
-        tv_weight: float | np.ndarray = SIGMA0**2
-        block = max(1, int(4_000_000 // max(1, np.prod(box_shape))))
-        blocks = list(iter_chunks(n_comp, block))
+        n = signal.shape[0]
+        it = _Iteration(self.reduced.matrix, signal, self.order, self.dtype, self.kernel.shape[1], extra_rows=1)
+        n_comp = it.f.shape[1]
+        tv = np.empty((n, n_comp), dtype=self.dtype) if self.use_tv else None
+        real = self.dtype.type
+        tv_weight = np.full(n, SIGMA0**2, dtype=self.dtype)
+        blocks = list(iter_chunks(n_comp, -(-n_comp // (2 * self.n_threads))))
         chunks = list(iter_chunks(n, chunk))
+        if tv is not None:
+            from dwiflow.core._rumba_tv import tv_factor_rows
+
+            tables = _TvTables.build(box_index, box_shape, zero_row=n)
+            # scratch per block, allocated once; the last row stays zero (no neighbour before the box)
+            scratch = {b.start: np.zeros((tables.n_active + 1, 3, b.stop - b.start), dtype=self.dtype) for b in blocks}
+
+        def tv_block(b: slice) -> None:
+            normal = scratch[b.start]
+            tv_factor_rows(it.f, b.start, b.stop, tables.self_row, tables.forward, tables.active_of_voxel,
+                           tables.backward, tv_weight, real(TV_EPSILON**2), real(_EPS), real(1), normal, tv)
+
         with _parallel(self.n_threads) as pool:
             for iteration in range(self.n_iter):
                 if tv is not None:
-                    list(pool.map(lambda b: _tv_factor(it.f[b], box_index, box_shape, tv_weight, tv[b]), blocks))
-                list(pool.map(lambda sl: it.step(None if tv is None else tv[:, sl], sl), chunks))
+                    list(pool.map(tv_block, blocks))
+                list(pool.map(lambda sl: it.step(None if tv is None else tv[sl], sl), chunks))
                 if tv is not None:
                     if self.R == 1:
-                        tv_weight = max(float(np.mean(it.sigma2, dtype=float)), TV_LAMBDA_MIN)
-                    else:
-                        weight = np.zeros(box_shape, dtype=self.dtype)
-                        weight[box_index] = it.sigma2
-                        tv_weight = weight
+                        tv_weight = np.full(n, max(float(np.mean(it.sigma2, dtype=float)), TV_LAMBDA_MIN),
+                                            dtype=self.dtype)
+                    else:  # each voxel's own noise variance
+                        tv_weight = it.sigma2.copy()
                 if progress is not None and ((iteration + 1) % 50 == 0 or iteration + 1 == self.n_iter):
                     progress(iteration + 1, self.n_iter)
-        return it.f.T.astype(float), it.sigma2.astype(float)
+        return it.f[:n].astype(float), it.sigma2.astype(float)

@@ -90,15 +90,17 @@ def test_voxelwise_equals_dipy_on_sub01_b2000(sub01_b1kb2k_brain):
     assert 0.05 < np.median(ours.f_iso) < 0.95  # real brain voxels: mixed, not degenerate
 
 
-@pytest.mark.parametrize("acceleration,n_iter", [(1, 600), (2, 150)])
-def test_global_tv_equals_dipy_on_3d_block(multishell_phantom, acceleration, n_iter):
+# The global TV iteration amplifies rounding: DIPY's own float32 result moves by 3e-3 (R=1) and 8e-3 (R=2) of the
+# voxel maximum when its input is perturbed by 1e-6. Our float32 stays within 1e-2 at R=1; R>1 is compared in float64.
+@pytest.mark.parametrize("acceleration,n_iter,precision", [(1, 600, "float32"), (2, 150, "float64")])
+def test_global_tv_equals_dipy_on_3d_block(multishell_phantom, acceleration, n_iter, precision):
     g, _ = multishell_phantom
     ph = make_phantom(g, (5, 5, 4), snr=15, seed=4, csf_fraction=(0.0, 0.3))
     mask = np.ones(ph.data.shape[:3], bool)
     mask[0, 0, :] = False  # a mask that is not the whole box
     vertices = get_sphere("repulsion724").vertices
     options = dict(n_iter=n_iter, voxelwise=False, use_tv=True, R=acceleration)
-    ours = RumbaSDModel(g, **options).fit(ph.data, mask)
+    ours = RumbaSDModel(g, precision=precision, **options).fit(ph.data, mask)
     theirs = dipy_model(g, vertices, **options).fit(ph.data, mask=mask)
     assert relative_odf_error(ours.odf()[mask], theirs.odf()[mask]).max() < 1e-2
     assert np.abs(ours.f_iso[mask] - theirs.f_iso[mask]).max() < 1e-2
