@@ -33,6 +33,7 @@ Physica D 60 (1992) 259-268.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -374,7 +375,7 @@ class RumbaFit:
     Attributes
     ----------
     batch : VoxelBatch
-    fractions : ndarray (n_voxels, m + 2)
+    fractions : ndarray (n_voxels, m + 2), in the model's precision (float32 by default)
         fODF amplitudes on the model sphere, then GM and CSF fractions; each row sums to 1.
     sigma2 : ndarray (n_voxels,)
         Final noise variance estimate (S0 = 1 units); the SNR estimate is ``1/sqrt(sigma2)``.
@@ -539,7 +540,7 @@ class RumbaSDModel:
             raise DwiflowInputError(f"the global RUMBA-SD fit needs a 4D volume (x, y, z, volumes), got shape {np.shape(data)}")
         batch = VoxelBatch.from_volume(data, mask, self.gtab.n_volumes)
         n = batch.n_voxels
-        fractions = np.full((n, self.kernel.shape[1]), np.nan)
+        fractions = np.full((n, self.kernel.shape[1]), np.nan, dtype=self.dtype)
         sigma2 = np.full(n, np.nan)
         status = np.zeros(n, dtype=np.uint8)
         raw = batch.signal()
@@ -556,7 +557,8 @@ class RumbaSDModel:
             else:
                 reduced, s2 = self._fit_global(signal, tuple(i[good] for i in batch.index), batch.mask.shape, progress)
             full = self.reduced.expand(reduced)
-            full /= full.sum(axis=1, keepdims=True) + _EPS
+            del reduced
+            full /= full.sum(axis=1, keepdims=True, dtype=float).astype(self.dtype) + self.dtype.type(_EPS)
             fractions[good] = full
             sigma2[good] = s2
             dead = ~(np.isfinite(full).all(axis=1) & (full.sum(axis=1) > 0.5))
@@ -566,7 +568,7 @@ class RumbaSDModel:
 
     def _fit_voxelwise(self, signal: np.ndarray, progress) -> tuple[np.ndarray, np.ndarray]:
         n = signal.shape[0]
-        out = np.empty((n, self.reduced.matrix.shape[1]))
+        out = np.empty((n, self.reduced.matrix.shape[1]), dtype=self.dtype)
         s2 = np.empty(n)
 
         def run(sl: slice) -> slice:
@@ -600,17 +602,20 @@ class RumbaSDModel:
         tv = np.empty((n, n_comp), dtype=self.dtype) if self.use_tv else None
         real = self.dtype.type
         tv_weight = np.full(n, SIGMA0**2, dtype=self.dtype)
-        blocks = list(iter_chunks(n_comp, -(-n_comp // (2 * self.n_threads))))
+        width = -(-n_comp // (4 * self.n_threads))
+        blocks = list(iter_chunks(n_comp, width))
         chunks = list(iter_chunks(n, chunk))
         if tv is not None:
             from dwiflow.core._rumba_tv import tv_factor_rows
 
             tables = _TvTables.build(box_index, box_shape, zero_row=n)
-            # scratch per block, allocated once; the last row stays zero (no neighbour before the box)
-            scratch = {b.start: np.zeros((tables.n_active + 1, 3, b.stop - b.start), dtype=self.dtype) for b in blocks}
+            # scratch per thread, allocated once; its last row stays zero (no neighbour before the box)
+            local = threading.local()
 
         def tv_block(b: slice) -> None:
-            normal = scratch[b.start]
+            if not hasattr(local, "normal"):
+                local.normal = np.zeros((tables.n_active + 1, 3, width), dtype=self.dtype)
+            normal = local.normal[:, :, : b.stop - b.start]
             tv_factor_rows(it.f, b.start, b.stop, tables.self_row, tables.forward, tables.active_of_voxel,
                            tables.backward, tv_weight, real(TV_EPSILON**2), real(_EPS), real(1), normal, tv)
 
@@ -627,4 +632,4 @@ class RumbaSDModel:
                         tv_weight = it.sigma2.copy()
                 if progress is not None and ((iteration + 1) % 50 == 0 or iteration + 1 == self.n_iter):
                     progress(iteration + 1, self.n_iter)
-        return it.f[:n].astype(float), it.sigma2.astype(float)
+        return it.f[:n], it.sigma2.astype(float)
