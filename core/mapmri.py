@@ -146,6 +146,113 @@ def laplacian_matrix(radial_order: int, mu: np.ndarray) -> np.ndarray:
     return np.einsum("...k,kij->...ij", weights, _laplacian_parts(radial_order))
 
 
+@lru_cache(maxsize=8)
+def isotropic_index_matrix(radial_order: int) -> np.ndarray:
+    """(j, l, m) of every isotropic basis function: radial index j ≥ 1, degree l = n + 2 - 2j, order m."""
+    rows = []
+    for n in range(0, radial_order + 1, 2):
+        for j in range(1, 2 + n // 2):
+            l_value = n + 2 - 2 * j
+            rows.extend((j, l_value, m) for m in range(-l_value, l_value + 1))
+    return np.array(rows, dtype=int)
+
+
+def _genlaguerre(n: np.ndarray, alpha: np.ndarray, x: np.ndarray) -> np.ndarray:
+    from scipy.special import eval_genlaguerre
+
+    return eval_genlaguerre(n, alpha, x)
+
+
+@lru_cache(maxsize=8)
+def isotropic_q0_weights(radial_order: int) -> np.ndarray:
+    """Isotropic basis at q = 0: L_{j-1}^{1/2}(0) for l = 0 (the only functions not vanishing there)."""
+    ind = isotropic_index_matrix(radial_order)
+    return np.where(ind[:, 1] == 0, _genlaguerre(ind[:, 0] - 1, 0.5, np.zeros(ind.shape[0])), 0.0)
+
+
+def _sh_columns(radial_order: int, directions: np.ndarray) -> np.ndarray:
+    """Real SH (MRtrix3 basis) of each isotropic basis function's (l, m) at ``directions`` (…, 3)."""
+    from dwiflow.core.sh import real_sh_basis, sh_degree_order
+
+    d = np.asarray(directions, dtype=float)
+    flat = d.reshape(-1, 3)
+    norms = np.linalg.norm(flat, axis=1)
+    flat = np.where(norms[:, None] > 0, flat / np.where(norms > 0, norms, 1)[:, None], [0.0, 0.0, 1.0])
+    basis = real_sh_basis(radial_order, flat)
+    degrees, orders = sh_degree_order(radial_order)
+    lookup = {(int(l), int(m)): i for i, (l, m) in enumerate(zip(degrees, orders))}
+    ind = isotropic_index_matrix(radial_order)
+    cols = [lookup[(int(l), int(m))] for _, l, m in ind]
+    return basis[:, cols].reshape(d.shape[:-1] + (len(cols),))
+
+
+def isotropic_signal_basis(radial_order: int, u0: np.ndarray, q_vectors: np.ndarray) -> np.ndarray:
+    """Isotropic design matrices (v, n_q, n_coef) for scales ``u0`` (v,) and world-frame q-vectors (n_q, 3)."""
+    ind = isotropic_index_matrix(radial_order)
+    qval = np.linalg.norm(q_vectors, axis=1)
+    a = 2 * np.pi**2 * u0[:, None, None] ** 2 * qval[None, :, None] ** 2  # (v, g, 1)
+    j, ell = ind[:, 0], ind[:, 1]
+    radial = ((-1.0) ** (ell / 2) * np.sqrt(4 * np.pi) * a ** (ell / 2) * np.exp(-a)
+              * _genlaguerre(j - 1, ell + 0.5, 2 * a))
+    return radial * _sh_columns(radial_order, q_vectors)[None]
+
+
+@lru_cache(maxsize=8)
+def isotropic_laplacian_unit(radial_order: int) -> np.ndarray:
+    """Isotropic Laplacian regulariser for u0 = 1 (it scales linearly with u0)."""
+    ind = isotropic_index_matrix(radial_order)
+    n = ind.shape[0]
+    lap = np.zeros((n, n))
+    for i in range(n):
+        for k in range(i, n):
+            if ind[i, 1] != ind[k, 1] or ind[i, 2] != ind[k, 2]:
+                continue
+            ji, jk, ell = int(ind[i, 0]), int(ind[k, 0]), int(ind[i, 1])
+            if ji == jk + 2:
+                value = 2.0 ** (2 - ell) * pi**2 * gamma(2.5 + jk + ell) / gamma(jk)
+            elif ji == jk + 1:
+                value = 2.0 ** (2 - ell) * pi**2 * (-3 + 4 * ji + 2 * ell) * gamma(1.5 + jk + ell) / gamma(jk)
+            elif ji == jk:
+                value = (2.0 ** (-ell) * pi**2 * (3 + 24 * ji**2 + 4 * (ell - 2) * ell + 12 * ji * (2 * ell - 1))
+                         * gamma(0.5 + ji + ell) / gamma(ji))
+            elif ji == jk - 1:
+                value = 2.0 ** (2 - ell) * pi**2 * (-3 + 4 * jk + 2 * ell) * gamma(1.5 + ji + ell) / gamma(ji)
+            elif ji == jk - 2:
+                value = 2.0 ** (2 - ell) * pi**2 * gamma(2.5 + ji + ell) / gamma(ji)
+            else:
+                continue
+            lap[i, k] = lap[k, i] = value
+    return lap
+
+
+def isotropic_scale(mu_squared: np.ndarray) -> np.ndarray:
+    """Isotropic scale u0 (v,) from the anisotropic squared scales (v, 3): the positive real root of
+    3t³ + (X+Y+Z)t² - (XY+XZ+YZ)t - 3XYZ = 0 (Özarslan 2013, eq. 65), u0 = sqrt(t)."""
+    x, y, z = mu_squared.T
+    # monic t³ + p2 t² + p1 t + p0 with p2 = (X+Y+Z)/3, p1 = -(XY+XZ+YZ)/3, p0 = -XYZ; companion matrix roots
+    a = np.stack([(x + y + z) / 3.0, -(x * y + x * z + y * z) / 3.0, -x * y * z], axis=1)
+    companion = np.zeros((mu_squared.shape[0], 3, 3))
+    companion[:, 0, :] = -a
+    companion[:, 1, 0] = 1.0
+    companion[:, 2, 1] = 1.0
+    roots = np.linalg.eigvals(companion)
+    return np.sqrt(np.max(roots.real, axis=1))
+
+
+def _isotropic_radial_sums(radial_order: int, power: int) -> np.ndarray:
+    """Σ_k (-1)^k C(j+l-1/2, j-k-1) Γ((l+p)/2 + k) / (k! 0.5^((l+p)/2+k)) per basis function: radial
+    integrals of the isotropic basis (p = 1 for RTAP and RTPP, p = s + 3 for the ODF of radial moment s)."""
+    from scipy.special import binom
+
+    ind = isotropic_index_matrix(radial_order)
+    out = np.zeros(ind.shape[0])
+    for i, (j, ell, _) in enumerate(ind):
+        e = (ell + power) / 2.0
+        out[i] = sum((-1) ** k * binom(j + ell - 0.5, j - k - 1) * gamma(e + k) / (factorial(k) * 0.5 ** (e + k))
+                     for k in range(j))
+    return out
+
+
 def _gcv_scores(lambdas: np.ndarray, theta: np.ndarray, z2: np.ndarray, rss_floor: np.ndarray, n_obs: int) -> np.ndarray:
     """GCV ``||y - S y|| / (K - tr S)`` for weights (v, t) from each voxel's diagonalised problem.
 
@@ -214,22 +321,41 @@ class MapmriFit:
         c = self.coefficients if sel is None else self.coefficients[:, sel]
         return np.einsum("vc,vc->v", c, vector) if vector.ndim == 2 else c @ vector
 
+    def _principal_sh(self) -> np.ndarray:
+        return _sh_columns(self.model.radial_order, self.frames[:, :, 0])
+
     def rtop(self) -> np.ndarray:
         """Return-to-origin probability (1/mm³)."""
-        ind, bm = index_matrix(self.model.radial_order), q0_weights(self.model.radial_order)
+        order = self.model.radial_order
+        if not self.model.anisotropic:
+            ind, bm = isotropic_index_matrix(order), isotropic_q0_weights(order)
+            vec = (-1.0) ** (ind[:, 0] - 1) * bm / (2 * np.sqrt(2.0) * np.pi**1.5)
+            return self._dot(vec) / self.mu[:, 0] ** 3
+        ind, bm = index_matrix(order), q0_weights(order)
         vec = (-1.0) ** (ind.sum(axis=1) / 2) * bm
         return self._dot(vec) / (np.sqrt(8 * np.pi**3) * np.prod(self.mu, axis=1))
 
     def rtap(self) -> np.ndarray:
         """Return-to-axis probability (1/mm²), axis = the tensor's principal direction."""
-        ind, bm = index_matrix(self.model.radial_order), q0_weights(self.model.radial_order)
+        order = self.model.radial_order
+        if not self.model.anisotropic:
+            ind = isotropic_index_matrix(order)
+            j, ell = ind[:, 0], ind[:, 1]
+            vec = 2 * (-1.0) ** (j - 1) * 2.0 ** (-(ell + 3) / 2.0) / np.pi * _isotropic_radial_sums(order, 1)
+            return np.einsum("vc,vc->v", self.coefficients, vec * self._principal_sh()) / self.mu[:, 0] ** 2
+        ind, bm = index_matrix(order), q0_weights(order)
         sel = bm > 0
         vec = bm[sel] * (-1.0) ** (ind[sel, 1:].sum(axis=1) / 2)
         return self._dot(vec, sel) / (2 * np.pi * self.mu[:, 1] * self.mu[:, 2])
 
     def rtpp(self) -> np.ndarray:
         """Return-to-plane probability (1/mm), plane orthogonal to the principal direction."""
-        ind, bm = index_matrix(self.model.radial_order), q0_weights(self.model.radial_order)
+        order = self.model.radial_order
+        if not self.model.anisotropic:
+            ell = isotropic_index_matrix(order)[:, 1]
+            vec = (-0.5) ** (ell // 2) / np.sqrt(np.pi) * _isotropic_radial_sums(order, 1)
+            return np.einsum("vc,vc->v", self.coefficients, vec * self._principal_sh()) / self.mu[:, 0]
+        ind, bm = index_matrix(order), q0_weights(order)
         sel = bm > 0
         vec = bm[sel] * (-1.0) ** (ind[sel, 0] / 2)
         return self._dot(vec, sel) / (np.sqrt(2 * np.pi) * self.mu[:, 0])
@@ -244,6 +370,10 @@ class MapmriFit:
 
     def msd(self) -> np.ndarray:
         """Mean squared displacement (mm²)."""
+        if not self.model.anisotropic:
+            ind, bm = isotropic_index_matrix(self.model.radial_order), isotropic_q0_weights(self.model.radial_order)
+            sel = bm > 0
+            return self.mu[:, 0] ** 2 * self._dot((4 * ind[sel, 0] - 1) * bm[sel], sel)
         sel, n, fact, gam = self._even()
         total = n.sum(axis=1)
         mu2 = self.mu**2
@@ -254,6 +384,12 @@ class MapmriFit:
 
     def qiv(self) -> np.ndarray:
         """q-space inverse variance (1/mm⁵)."""
+        if not self.model.anisotropic:
+            ind, bm = isotropic_index_matrix(self.model.radial_order), isotropic_q0_weights(self.model.radial_order)
+            sel = bm > 0
+            j = ind[sel, 0]
+            vec = 8 * (-1.0) ** (1 - j) * np.sqrt(2) * np.pi**3.5 / ((4.0 * j - 1) * bm[sel])
+            return self.mu[:, 0] ** 5 * self._dot(vec, sel)
         sel, n, fact, gam = self._even()
         ux, uy, uz = (self.mu[:, i : i + 1] for i in range(3))
         numerator = 8 * np.pi**2 * (ux * uy * uz) ** 3 * fact * gam
@@ -261,12 +397,18 @@ class MapmriFit:
             (1 + 2 * n[:, 0]) * uy**2 * uz**2 + ux**2 * ((1 + 2 * n[:, 2]) * uy**2 + (1 + 2 * n[:, 1]) * uz**2))
         return np.einsum("vc,vc->v", self.coefficients[:, sel], numerator / denominator)
 
+    def _require_anisotropic(self, what: str) -> None:
+        if not self.model.anisotropic:
+            raise DwiflowInputError(f"{what} is defined for the anisotropic MAP-MRI basis only (Özarslan 2013)")
+
     def ng(self) -> np.ndarray:
         """Non-Gaussianity: sin of the angle between the propagator and its Gaussian part."""
+        self._require_anisotropic("non-Gaussianity")
         c = self.coefficients
         return np.sqrt(np.clip(1 - c[:, 0] ** 2 / np.sum(c**2, axis=1), 0, None))
 
     def _ng_axis(self, along_first: bool) -> np.ndarray:
+        self._require_anisotropic("non-Gaussianity")
         ind = index_matrix(self.model.radial_order)
         weights = np.zeros(ind.shape[0])
         base = np.zeros(ind.shape[0], bool)
@@ -291,25 +433,78 @@ class MapmriFit:
 
     def laplacian_norm(self) -> np.ndarray:
         """Integrated squared Laplacian of the fitted signal, ``cᵀ L c``."""
-        lap = laplacian_matrix(self.model.radial_order, self.mu)
+        lap = self.model.laplacian(self.mu)
         return np.einsum("vi,vij,vj->v", self.coefficients, lap, self.coefficients)
 
     def fitted_signal(self) -> np.ndarray:
         """The fitted, normalised signal (n, n_volumes) on the model's gradient table."""
-        m = self.model
-        q_local = np.einsum("gi,vij->vgj", m.q_vectors, self.frames)
-        return np.einsum("vgc,vc->vg", signal_basis(m.radial_order, self.mu, q_local), self.coefficients)
+        return np.einsum("vgc,vc->vg", self.model.design(self.mu, self.frames), self.coefficients)
+
+    def odf(self, vertices: np.ndarray, s: int = 2) -> np.ndarray:
+        """ODF with radial moment ``s`` (Özarslan 2013, eq. 32) at unit ``vertices`` (world frame), (v, n_vert)."""
+        order = self.model.radial_order
+        vertices = np.asarray(vertices, dtype=float)
+        if not self.model.anisotropic:
+            from dwiflow.core.sh import real_sh_basis
+
+            return self.odf_sh(s) @ real_sh_basis(order, vertices).T
+        out = np.zeros((self.coefficients.shape[0], vertices.shape[0]))
+        local = np.einsum("gi,vij->vgj", vertices, self.frames) / self.mu[:, None, :]
+        rho = 1.0 / np.linalg.norm(local, axis=2)
+        abc = 2 * rho[..., None] * local  # alpha, beta, gamma of eq. 35
+        const = rho ** (3 + s) / np.sqrt(2 ** (2 - s) * np.pi**3 * np.prod(self.mu**2, axis=1))[:, None]
+        powers = abc[..., None] ** np.arange(order + 1)  # (v, g, 3, order+1)
+        for c, (n1, n2, n3) in enumerate(index_matrix(order)):
+            total = np.zeros_like(rho)
+            for i in range(0, n1 + 1, 2):
+                for j in range(0, n2 + 1, 2):
+                    for k in range(0, n3 + 1, 2):
+                        nn = n1 + n2 + n3 - i - j - k
+                        weight = ((-1) ** ((i + j + k) // 2) * gamma((3 + s + nn) / 2.0)
+                                  / (factorial(n1 - i) * factorial(n2 - j) * factorial(n3 - k)
+                                     * _double_factorial(i) * _double_factorial(j) * _double_factorial(k)))
+                        total += weight * powers[..., 0, n1 - i] * powers[..., 1, n2 - j] * powers[..., 2, n3 - k]
+            out += (self.coefficients[:, c, None] * sqrt(factorial(n1) * factorial(n2) * factorial(n3))) * total
+        return const * out
+
+    def odf_sh(self, s: int = 2, lmax: int | None = None) -> np.ndarray:
+        """ODF as real SH (MRtrix3 basis, world frame), (v, n_sh).
+
+        Isotropic basis: exact, degree ``radial_order``. Anisotropic basis: least-squares SH fit
+        (degree ``lmax``, default ``radial_order``) of the ODF on 2562 directions.
+        """
+        from dwiflow.core.sh import amplitudes_to_sh, n_coefficients, sh_degree_order
+
+        order = self.model.radial_order
+        if self.model.anisotropic:
+            from dwiflow.core.sphere import get_sphere
+
+            vertices = get_sphere("ico2562").vertices
+            return amplitudes_to_sh(self.odf(vertices, s), vertices, lmax or order)
+        ind = isotropic_index_matrix(order)
+        j, ell = ind[:, 0], ind[:, 1]
+        weights = (-1.0) ** (j - 1) * 2.0 ** (-(ell + 3) / 2.0) / np.pi * _isotropic_radial_sums(order, s + 3)
+        degrees, orders = sh_degree_order(order)
+        lookup = {(int(l), int(m)): i for i, (l, m) in enumerate(zip(degrees, orders))}
+        cols = np.array([lookup[(int(l), int(m))] for _, l, m in ind])
+        out = np.zeros((self.coefficients.shape[0], n_coefficients(order)))
+        np.add.at(out.T, cols, (self.coefficients * weights).T)
+        return self.mu[:, :1] ** s * out
 
 
 class MapmriModel:
-    """MAP-MRI with Laplacian regularisation (MAPL), anisotropic scaling.
+    """MAP-MRI with Laplacian regularisation (MAPL), anisotropic or isotropic scaling.
 
     Parameters
     ----------
     gtab : GradientTable
         Several shells and b=0 volumes.
     radial_order : int
-        Even, ≥ 2 (default 6).
+        Even, ≥ 2 (default 6; 8 is recommended for isotropic ODFs).
+    anisotropic_scaling : bool
+        True: Hermite basis along each voxel's tensor axes (best for indices). False: the
+        isotropic basis (radial Laguerre functions × spherical harmonics, scale u0), which
+        does not bias crossing ODFs (Fick et al. 2016).
     laplacian_weighting : float, "gcv" or array
         Fixed weight (0.2), per-voxel GCV within [1e-5, 10], or GCV over the given weights.
     big_delta, small_delta : float, optional
@@ -326,6 +521,7 @@ class MapmriModel:
         gtab: GradientTable,
         *,
         radial_order: int = 6,
+        anisotropic_scaling: bool = True,
         laplacian_weighting: float | str | np.ndarray = 0.2,
         big_delta: float | None = None,
         small_delta: float | None = None,
@@ -334,6 +530,7 @@ class MapmriModel:
         chunk_size: int = 2000,
     ):
         self.radial_order = check_radial_order(radial_order)
+        self.anisotropic = bool(anisotropic_scaling)
         if not gtab.b0s_mask.any():
             raise DwiflowInputError("MAP-MRI needs b=0 volumes; none found")
         n_shells = len([s for s in gtab.shells if not s.is_b0])
@@ -373,12 +570,25 @@ class MapmriModel:
         self.eigenvalue_threshold = float(eigenvalue_threshold)
         qvals = np.sqrt(gtab.bvals / self.tau) / (2 * np.pi)
         self.q_vectors = gtab.bvecs * qvals[:, None]
-        self.q0 = q0_weights(self.radial_order)
+        self.q0 = q0_weights(self.radial_order) if self.anisotropic else isotropic_q0_weights(self.radial_order)
         self.chunk_size = int(chunk_size)
 
     @property
     def n_coefficients(self) -> int:
-        return index_matrix(self.radial_order).shape[0]
+        return (index_matrix if self.anisotropic else isotropic_index_matrix)(self.radial_order).shape[0]
+
+    def design(self, mu: np.ndarray, frames: np.ndarray, q_vectors: np.ndarray | None = None) -> np.ndarray:
+        """Design matrices (v, n_q, n_coef) of voxels with scales ``mu`` (v, 3) and tensor frames (v, 3, 3)."""
+        q = self.q_vectors if q_vectors is None else q_vectors
+        if self.anisotropic:
+            return signal_basis(self.radial_order, mu, np.einsum("gi,vij->vgj", q, frames))
+        return isotropic_signal_basis(self.radial_order, mu[:, 0], q)
+
+    def laplacian(self, mu: np.ndarray) -> np.ndarray:
+        """Laplacian regularisers (v, n_coef, n_coef)."""
+        if self.anisotropic:
+            return laplacian_matrix(self.radial_order, mu)
+        return mu[:, 0, None, None] * isotropic_laplacian_unit(self.radial_order)[None]
 
     def fit(self, data: np.ndarray, mask: np.ndarray | None = None) -> MapmriFit:
         batch = VoxelBatch.from_volume(data, mask, self.gtab.n_volumes)
@@ -410,11 +620,13 @@ class MapmriModel:
         if not ok.size:
             return
         evals = np.maximum(tensor.evals[fitted], self.eigenvalue_threshold)
-        vox_mu = np.sqrt(evals * 2 * self.tau)
         vox_frames = tensor.evecs[fitted]
-        q_local = np.einsum("gi,vij->vgj", self.q_vectors, vox_frames)
-        design = signal_basis(self.radial_order, vox_mu, q_local)  # (v, g, c)
-        lap = laplacian_matrix(self.radial_order, vox_mu)
+        if self.anisotropic:
+            vox_mu = np.sqrt(evals * 2 * self.tau)
+        else:
+            vox_mu = np.repeat(isotropic_scale(evals * 2 * self.tau)[:, None], 3, axis=1)
+        design = self.design(vox_mu, vox_frames)  # (v, g, c)
+        lap = self.laplacian(vox_mu)
         gram = np.einsum("vgi,vgj->vij", design, design)
         rhs = np.einsum("vgi,vg->vi", design, y)
         if isinstance(self.weighting, float):
