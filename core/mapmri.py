@@ -42,8 +42,13 @@ STATUS_OK = 0
 STATUS_NONFINITE = 1
 STATUS_NO_B0_SIGNAL = 2
 STATUS_SINGULAR = 3
+STATUS_SOLVER_FAILED = 4
 STATUS_LEVELS = {STATUS_OK: "ok", STATUS_NONFINITE: "non-finite input signal",
-                 STATUS_NO_B0_SIGNAL: "no positive b=0 signal", STATUS_SINGULAR: "singular least-squares system"}
+                 STATUS_NO_B0_SIGNAL: "no positive b=0 signal", STATUS_SINGULAR: "singular least-squares system",
+                 STATUS_SOLVER_FAILED: "the constrained (positivity) solver found no solution"}
+POSITIVITY_MODES = ("none", "grid", "global")
+GRID_MARGIN = -0.1  # propagator lower bound at the grid points (as the reference implementation)
+WORKING_SET = 48  # grid constraints handed to the solver at once (working-set rounds, see _positive_fit)
 
 
 def _double_factorial(n: int) -> int:
@@ -251,6 +256,101 @@ def _isotropic_radial_sums(radial_order: int, power: int) -> np.ndarray:
         out[i] = sum((-1) ** k * binom(j + ell - 0.5, j - k - 1) * gamma(e + k) / (factorial(k) * 0.5 ** (e + k))
                      for k in range(j))
     return out
+
+
+def constraint_grid(gridsize: int, radius: float) -> np.ndarray:
+    """Points (mm) of a cubic grid of ``gridsize`` points per side within a ball of ``radius``, z >= 0
+    (the propagator is antipodally symmetric), as in the MAP-MRI positivity literature (Özarslan 2013)."""
+    half = gridsize // 2
+    axis = np.arange(-half, half + 1)
+    pts = np.stack(np.meshgrid(axis, axis, np.arange(0, half + 1), indexing="ij"), axis=-1).reshape(-1, 3)
+    pts = pts[np.sqrt((pts.astype(float) ** 2).sum(axis=1)) <= half].astype(np.float32)
+    return (pts / half * radius).astype(float)  # float32 arithmetic, as the reference implementation
+
+
+def propagator_basis(radial_order: int, mu: np.ndarray, r_local: np.ndarray) -> np.ndarray:
+    """Anisotropic propagator basis (v, n_r, n_coef) at displacements ``r_local`` (n_r, 3) in each voxel's
+    tensor frame: products of ``h_n(r/μ) / (sqrt(2π) μ)`` (the Fourier pairs of the signal basis)."""
+    ind = index_matrix(radial_order)
+    t = r_local[None, :, :] / mu[:, None, :]
+    h = hermite_functions(radial_order, t) / (np.sqrt(2 * np.pi) * mu[:, None, :, None])
+    return h[..., 0, ind[:, 0]] * h[..., 1, ind[:, 1]] * h[..., 2, ind[:, 2]]
+
+
+def isotropic_propagator_basis(radial_order: int, u0: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Isotropic propagator basis (v, n_r, n_coef) at world-frame displacements ``r`` (n_r, 3)."""
+    ind = isotropic_index_matrix(radial_order)
+    j, ell = ind[:, 0], ind[:, 1]
+    rr = np.linalg.norm(r, axis=1)
+    a = rr[None, :, None] ** 2 / (2 * u0[:, None, None] ** 2)
+    radial = ((-1.0) ** (j - 1) / (np.sqrt(2) * np.pi * u0[:, None, None] ** 3) * a ** (ell / 2) * np.exp(-a)
+              * _genlaguerre(j - 1, ell + 0.5, 2 * a))
+    return radial * _sh_columns(radial_order, r)[None]
+
+
+@lru_cache(maxsize=8)
+def sos_constraint_matrices(radial_order: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Sum-of-squares certificate of a non-negative propagator (Dela Haije et al. 2020).
+
+    The anisotropic propagator is exp(-|t|²/2) times an even polynomial p_c(t) in the scaled
+    displacement t = r/μ, linear in the coefficients c. p_c is a sum of squares iff
+    p_c(t) = z(t)ᵀ Q z(t) for some Q ⪰ 0, with z the monomials of degree ≤ radial_order/2; as p_c
+    is even, Q can be taken block-diagonal (even- and odd-degree monomials). Returns, per block,
+    the matrices B (one per coefficient) and N (a basis of Gram matrices of the zero polynomial)
+    such that the certificate is Σ c_i B_i + Σ s_j N_j ⪰ 0 for some s.
+    """
+    from itertools import product
+
+    from numpy.polynomial import hermite as herm
+
+    half = radial_order // 2
+    monomials = [a for a in product(range(half + 1), repeat=3) if sum(a) <= half]
+    blocks = [[a for a in monomials if sum(a) % 2 == parity] for parity in (0, 1)]
+    targets = sorted({tuple(int(v) for v in np.add(a, b)) for blk in blocks for a in blk for b in blk})
+    target_index = {t: i for i, t in enumerate(targets)}
+    # monomial coefficients of each basis polynomial prod_a H_n(t_a) / sqrt(2^n n!)
+    one_d = []
+    for n in range(radial_order + 1):
+        e = np.zeros(n + 1)
+        e[n] = 1.0
+        one_d.append(herm.herm2poly(e) / sqrt(2.0**n * factorial(n)))
+    ind = index_matrix(radial_order)
+    poly = np.zeros((len(targets), ind.shape[0]))
+    for c, (n1, n2, n3) in enumerate(ind):
+        for i, a in enumerate(one_d[n1]):
+            for j, b in enumerate(one_d[n2]):
+                for k, g in enumerate(one_d[n3]):
+                    if a and b and g:
+                        poly[target_index[(i, j, k)], c] += a * b * g
+    # linear map from the stacked upper triangles of both blocks to monomial coefficients
+    entries = []
+    for bi, blk in enumerate(blocks):
+        for p in range(len(blk)):
+            for q in range(p, len(blk)):
+                entries.append((bi, p, q))
+    phi = np.zeros((len(targets), len(entries)))
+    for e, (bi, p, q) in enumerate(entries):
+        t = tuple(int(v) for v in np.add(blocks[bi][p], blocks[bi][q]))
+        phi[target_index[t], e] += 1.0 if p == q else 2.0
+    particular = np.linalg.pinv(phi) @ poly  # (entries, n_coef)
+    _, sv, vt = np.linalg.svd(phi)
+    null = vt[int((sv > 1e-10 * sv[0]).sum()):].T  # (entries, n_null)
+
+    def to_blocks(vec: np.ndarray) -> list[np.ndarray]:
+        mats = [np.zeros((len(b), len(b))) for b in blocks]
+        for value, (bi, p, q) in zip(vec, entries):
+            mats[bi][p, q] = mats[bi][q, p] = value
+        return mats
+
+    per_block: list[list[np.ndarray]] = [[], []]
+    for c in range(particular.shape[1]):
+        for bi, m in enumerate(to_blocks(particular[:, c])):
+            per_block[bi].append(m)
+    null_block: list[list[np.ndarray]] = [[], []]
+    for j in range(null.shape[1]):
+        for bi, m in enumerate(to_blocks(null[:, j])):
+            null_block[bi].append(m)
+    return [np.array(per_block[0]), np.array(per_block[1])], [np.array(null_block[0]), np.array(null_block[1])]
 
 
 def _gcv_scores(lambdas: np.ndarray, theta: np.ndarray, z2: np.ndarray, rss_floor: np.ndarray, n_obs: int) -> np.ndarray:
@@ -527,6 +627,10 @@ class MapmriModel:
         small_delta: float | None = None,
         bval_threshold: float = np.inf,
         eigenvalue_threshold: float = 1e-4,
+        positivity: str = "none",
+        pos_grid: int = 15,
+        pos_radius: float | str = "adaptive",
+        solver: str = "CLARABEL",
         chunk_size: int = 2000,
     ):
         self.radial_order = check_radial_order(radial_order)
@@ -572,6 +676,56 @@ class MapmriModel:
         self.q_vectors = gtab.bvecs * qvals[:, None]
         self.q0 = q0_weights(self.radial_order) if self.anisotropic else isotropic_q0_weights(self.radial_order)
         self.chunk_size = int(chunk_size)
+        if positivity not in POSITIVITY_MODES:
+            raise DwiflowInputError(f"positivity must be one of {POSITIVITY_MODES}, got {positivity!r}")
+        if positivity == "global" and not self.anisotropic:
+            raise DwiflowInputError("global positivity (sum-of-squares) is available for the anisotropic basis only")
+        if positivity != "none":
+            import cvxpy
+
+            if solver.upper() not in cvxpy.installed_solvers():
+                raise DwiflowInputError(f"solver {solver!r} is not available; installed CVXPY solvers: "
+                                        f"{cvxpy.installed_solvers()}")
+        if int(pos_grid) != pos_grid or pos_grid < 3:
+            raise DwiflowInputError(f"pos_grid must be an integer >= 3, got {pos_grid!r}")
+        if not (pos_radius == "adaptive" or (np.isscalar(pos_radius) and float(pos_radius) > 0)):
+            raise DwiflowInputError(f"pos_radius must be 'adaptive' or a positive radius in mm, got {pos_radius!r}")
+        self.positivity = positivity
+        self.pos_grid = int(pos_grid)
+        self.pos_radius = pos_radius
+        self.solver = solver.upper()
+        self._problem = None
+
+    def _grid_problem(self, n_grid: int):
+        """CVXPY problem of the grid-constrained fit, built once; per voxel only its parameters change.
+
+        In the variable x = R c (RᵀR = MᵀM + λL) the objective is ||x - t||² with only t varying,
+        and each grid row is scaled to unit norm, which keeps the solver's work small and well scaled.
+        """
+        import cvxpy as cp
+
+        n = self.n_coefficients
+        x = cp.Variable(n)
+        target, a0, rows, margin = cp.Parameter(n), cp.Parameter(n), cp.Parameter((n_grid, n)), cp.Parameter(n_grid)
+        rows.value, margin.value = np.zeros((n_grid, n)), np.full(n_grid, -1.0)
+        problem = cp.Problem(cp.Minimize(cp.sum_squares(x - target)), [a0 @ x == 1, rows @ x >= margin])
+        return problem, x, (target, a0, rows, margin)
+
+    def _global_problem(self):
+        """CVXPY problem of the sum-of-squares (global) positivity fit, built once."""
+        import cvxpy as cp
+
+        n = self.n_coefficients
+        blocks, nulls = sos_constraint_matrices(self.radial_order)
+        h, free = cp.Variable(n), cp.Variable(nulls[0].shape[0])
+        chol, target = cp.Parameter((n, n)), cp.Parameter(n)
+        constraints = []
+        for b, z in zip(blocks, nulls):
+            size = b.shape[1]
+            gram = cp.reshape(b.reshape(n, -1).T @ h + z.reshape(z.shape[0], -1).T @ free, (size, size), order="C")
+            constraints.append(0.5 * (gram + gram.T) >> 0)
+        problem = cp.Problem(cp.Minimize(cp.norm(chol @ h - target)), constraints)
+        return problem, h, (chol, target)
 
     @property
     def n_coefficients(self) -> int:
@@ -633,6 +787,14 @@ class MapmriModel:
             lam = np.full(ok.size, self.weighting)
         else:
             lam = self._gcv(design, gram, lap, y)
+        if self.positivity != "none":
+            c, bad = self._positive_fit(y, design, gram, lap, lam, vox_mu, evals)
+            c = c / (c @ self.q0)[:, None]
+            good = ~bad & np.all(np.isfinite(c), axis=1)
+            idx = ok[good]
+            coef[idx], mu[idx], frames[idx], lambdas[idx] = c[good], vox_mu[good], vox_frames[good], lam[good]
+            status[ok[~good]] = STATUS_SOLVER_FAILED
+            return
         system = gram + lam[:, None, None] * lap
         try:
             c = np.linalg.solve(system, rhs[..., None])[..., 0]
@@ -653,6 +815,121 @@ class MapmriModel:
         frames[idx] = vox_frames[good]
         lambdas[idx] = lam[good]
         status[ok[~good]] = STATUS_SINGULAR
+
+    def _positive_fit(self, y, design, gram, lap, lam, mu, evals) -> tuple[np.ndarray, np.ndarray]:
+        """Fits with a non-negative propagator: at grid points (CMAP/CMAPL) or globally (MAP+).
+
+        The data are normalised by the mean b=0. Each voxel's objective ||M c - y||² + λ cᵀLc is
+        handed to CVXPY as ||R c - t||² with RᵀR = MᵀM + λL (same minimiser, n_coef rows).
+        Grid mode first tries the equality-constrained least-squares solution: when it already
+        satisfies every grid constraint it is the constrained optimum (KKT), and no solver call
+        is needed.
+        """
+        import cvxpy as cp
+
+        y = y / y[:, self.gtab.b0s_mask].mean(axis=1, keepdims=True)
+        use_lap = lam > 0 if self.positivity == "grid" else lam > 0
+        system = gram + np.where(use_lap, lam, 0.0)[:, None, None] * lap
+        rhs = np.einsum("vgi,vg->vi", design, y)
+        n, n_coef = y.shape[0], self.n_coefficients
+        out = np.full((n, n_coef), np.nan)
+        bad = np.zeros(n, bool)
+        try:
+            chol_lower = np.linalg.cholesky(system)
+        except np.linalg.LinAlgError:
+            chol_lower = np.full_like(system, np.nan)
+            for i in range(n):
+                try:
+                    chol_lower[i] = np.linalg.cholesky(system[i])
+                except np.linalg.LinAlgError:
+                    bad[i] = True
+        target = np.linalg.solve(chol_lower, rhs[..., None])[..., 0]  # R^{-T} Mᵀy with R = Lᵀ
+        if self.positivity == "grid":
+            first_b0 = int(np.flatnonzero(self.gtab.b0s_mask)[0])
+            a0 = design[:, first_b0, :]
+            radius = (np.sqrt(5) * np.sqrt(evals * 2 * self.tau).max(axis=1) if self.pos_radius == "adaptive"
+                      else np.full(n, float(self.pos_radius)))
+            unit = constraint_grid(self.pos_grid, 1.0)
+            if self.anisotropic:
+                psi = np.stack([propagator_basis(self.radial_order, mu[i:i + 1], unit * radius[i])[0] for i in range(n)])
+            else:
+                psi = np.stack([isotropic_propagator_basis(self.radial_order, mu[i:i + 1, 0], unit * radius[i])[0]
+                                for i in range(n)])
+            # equality-constrained least squares (a0·c = 1) in closed form
+            free = np.linalg.solve(system, rhs[..., None])[..., 0]
+            w = np.linalg.solve(system, a0[..., None])[..., 0]
+            c_eq = free + w * ((1 - np.einsum("vi,vi->v", a0, free)) / np.einsum("vi,vi->v", a0, w))[:, None]
+            feasible = np.all(np.einsum("vri,vi->vr", psi, c_eq) >= GRID_MARGIN, axis=1) & ~bad
+            out[feasible] = c_eq[feasible]
+            for i in np.flatnonzero(~feasible & ~bad):
+                out[i], bad[i] = self._grid_working_set(chol_lower[i].T, target[i], a0[i], psi[i], c_eq[i])
+        else:
+            if self._problem is None or self._problem[0] != ("global",):
+                self._problem = (("global",), *self._global_problem())
+            _, problem, var, (p_chol, p_target) = self._problem
+            for i in np.flatnonzero(~bad):
+                p_chol.value, p_target.value = chol_lower[i].T, target[i]
+                out[i], bad[i] = self._solve(problem, var)
+        return out, bad
+
+    def _grid_working_set(self, chol, target, a0, psi, start) -> tuple[np.ndarray, bool]:
+        """Grid-constrained fit of one voxel by working sets: solve with the most violated grid points
+        only, add the points the solution still violates, repeat. A solution of the reduced problem
+        that satisfies every grid point is the optimum of the full problem; if the working set
+        would exceed its size, the full problem is solved."""
+        from scipy.linalg import solve_triangular
+
+        n_grid = psi.shape[0]
+        size = min(WORKING_SET, n_grid)
+        psi_x = solve_triangular(chol, psi.T, trans="T", lower=False).T  # psi R⁻¹
+        a0_x = solve_triangular(chol, a0, trans="T", lower=False)  # R⁻ᵀ a0
+        norms = np.linalg.norm(psi_x, axis=1)
+        norms[norms == 0] = 1.0
+        unit_rows, margins = psi_x / norms[:, None], GRID_MARGIN / norms
+
+        def solve(rows_idx: list[int] | None) -> tuple[np.ndarray, bool]:
+            count = n_grid if rows_idx is None else size
+            key = ("grid", count)
+            if self._problem is None or self._problem[0] != key:
+                self._problem = (key, *self._grid_problem(count))
+            _, problem, var, (p_target, p_a0, p_rows, p_margin) = self._problem
+            p_target.value, p_a0.value = target, a0_x
+            if rows_idx is None:
+                p_rows.value, p_margin.value = unit_rows, margins
+            else:
+                rows, marg = np.zeros((size, psi.shape[1])), np.full(size, -1.0)
+                rows[: len(rows_idx)], marg[: len(rows_idx)] = unit_rows[rows_idx], margins[rows_idx]
+                p_rows.value, p_margin.value = rows, marg
+            x, failed = self._solve(problem, var)
+            return (np.full(psi.shape[1], np.nan) if failed else solve_triangular(chol, x, lower=False)), failed
+
+        chosen: list[int] = []
+        candidate = start
+        for _ in range(6):
+            values = psi @ candidate
+            tolerance = 1e-6 * max(1.0, float(np.abs(values).max()))
+            violated = np.flatnonzero(values < GRID_MARGIN - tolerance)
+            violated = violated[~np.isin(violated, chosen)]
+            if not violated.size and chosen:
+                return candidate, False
+            if len(chosen) + violated.size > size:
+                break
+            chosen.extend(violated[np.argsort(values[violated])].tolist())
+            candidate, failed = solve(chosen)
+            if failed:
+                return candidate, True
+        return solve(None)
+
+    def _solve(self, problem, variable) -> tuple[np.ndarray, bool]:
+        import cvxpy as cp
+
+        try:
+            problem.solve(solver=self.solver)
+        except cp.error.SolverError:
+            return np.full(variable.shape, np.nan), True
+        if problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or variable.value is None:
+            return np.full(variable.shape, np.nan), True
+        return np.asarray(variable.value, dtype=float), False
 
     def _gcv(self, design, gram, lap, y) -> np.ndarray:
         """Per-voxel GCV weight (Craven & Wahba 1979) via the generalised eigenproblem L v = θ (MᵀM) v."""
