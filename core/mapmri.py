@@ -104,11 +104,15 @@ def signal_basis(radial_order: int, mu: np.ndarray, q_local: np.ndarray) -> np.n
 
     ``mu`` (…, 3) are the scales in mm, ``q_local`` (…, n_q, 3) in 1/mm.
     """
+    from dwiflow.core._mapmri_kernel import anisotropic_design
+
     ind = index_matrix(radial_order)
-    x = 2 * np.pi * mu[..., None, :] * q_local
-    h = hermite_functions(radial_order, x)  # (…, n_q, 3, order+1)
     sign = (-1.0) ** (ind.sum(axis=1) // 2)  # i^(-n) for even n1+n2+n3
-    return sign * h[..., 0, ind[:, 0]] * h[..., 1, ind[:, 1]] * h[..., 2, ind[:, 2]]
+    mu2 = np.ascontiguousarray(mu, dtype=float).reshape(-1, 3)
+    q2 = np.ascontiguousarray(q_local, dtype=float).reshape(mu2.shape[0], -1, 3)
+    out = np.empty(q2.shape[:2] + (ind.shape[0],))
+    anisotropic_design(mu2, q2, radial_order, *(np.ascontiguousarray(ind[:, a]) for a in range(3)), sign, out)
+    return out.reshape(q_local.shape[:-1] + (ind.shape[0],))
 
 
 @lru_cache(maxsize=8)
@@ -631,7 +635,7 @@ class MapmriModel:
         pos_grid: int = 15,
         pos_radius: float | str = "adaptive",
         solver: str = "CLARABEL",
-        chunk_size: int = 2000,
+        chunk_size: int = 128,
     ):
         self.radial_order = check_radial_order(radial_order)
         self.anisotropic = bool(anisotropic_scaling)
@@ -781,8 +785,9 @@ class MapmriModel:
             vox_mu = np.repeat(isotropic_scale(evals * 2 * self.tau)[:, None], 3, axis=1)
         design = self.design(vox_mu, vox_frames)  # (v, g, c)
         lap = self.laplacian(vox_mu)
-        gram = np.einsum("vgi,vgj->vij", design, design)
-        rhs = np.einsum("vgi,vg->vi", design, y)
+        design_t = np.swapaxes(design, 1, 2)
+        gram = design_t @ design
+        rhs = (design_t @ y[..., None])[..., 0]
         if isinstance(self.weighting, float):
             lam = np.full(ok.size, self.weighting)
         else:
