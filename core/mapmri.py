@@ -48,7 +48,8 @@ STATUS_LEVELS = {STATUS_OK: "ok", STATUS_NONFINITE: "non-finite input signal",
                  STATUS_SOLVER_FAILED: "the constrained (positivity) solver found no solution"}
 POSITIVITY_MODES = ("none", "grid", "global")
 GRID_MARGIN = -0.1  # propagator lower bound at the grid points (as the reference implementation)
-WORKING_SET = 48  # grid constraints handed to the solver at once (working-set rounds, see _positive_fit)
+WORKING_SET_TIERS = (16, 32, 64, 128, 256)  # sizes of the reduced grid problems (working sets, see _grid_working_set)
+WORKING_SET_STEP = 24  # most violated grid points added per round
 
 
 def _double_factorial(n: int) -> int:
@@ -699,6 +700,9 @@ class MapmriModel:
         self.pos_radius = pos_radius
         self.solver = solver.upper()
         self._problem = None
+        self._grid_problems: dict[int, tuple] = {}
+        self.solver_iterations = 0
+        self.full_grid_solves = 0
 
     def _grid_problem(self, n_grid: int):
         """CVXPY problem of the grid-constrained fit, built once; per voxel only its parameters change.
@@ -878,14 +882,14 @@ class MapmriModel:
         return out, bad
 
     def _grid_working_set(self, chol, target, a0, psi, start) -> tuple[np.ndarray, bool]:
-        """Grid-constrained fit of one voxel by working sets: solve with the most violated grid points
-        only, add the points the solution still violates, repeat. A solution of the reduced problem
-        that satisfies every grid point is the optimum of the full problem; if the working set
-        would exceed its size, the full problem is solved."""
+        """Grid-constrained fit of one voxel by working sets: solve with a few of the most violated grid
+        points, add the most violated points of that solution, repeat. A solution of a reduced problem
+        that satisfies every grid point is the optimum of the full problem (its constraints are a
+        superset); the reduced problems come in a few sizes, each built once, and the full problem is
+        the last resort."""
         from scipy.linalg import solve_triangular
 
         n_grid = psi.shape[0]
-        size = min(WORKING_SET, n_grid)
         psi_x = solve_triangular(chol, psi.T, trans="T", lower=False).T  # psi R⁻¹
         a0_x = solve_triangular(chol, a0, trans="T", lower=False)  # R⁻ᵀ a0
         norms = np.linalg.norm(psi_x, axis=1)
@@ -893,33 +897,36 @@ class MapmriModel:
         unit_rows, margins = psi_x / norms[:, None], GRID_MARGIN / norms
 
         def solve(rows_idx: list[int] | None) -> tuple[np.ndarray, bool]:
-            count = n_grid if rows_idx is None else size
-            key = ("grid", count)
-            if self._problem is None or self._problem[0] != key:
-                self._problem = (key, *self._grid_problem(count))
-            _, problem, var, (p_target, p_a0, p_rows, p_margin) = self._problem
+            count = n_grid if rows_idx is None else next(t for t in WORKING_SET_TIERS if t >= len(rows_idx))
+            if count not in self._grid_problems:
+                self._grid_problems[count] = self._grid_problem(count)
+            if rows_idx is None:
+                self.full_grid_solves += 1
+            problem, var, (p_target, p_a0, p_rows, p_margin) = self._grid_problems[count]
             p_target.value, p_a0.value = target, a0_x
             if rows_idx is None:
                 p_rows.value, p_margin.value = unit_rows, margins
             else:
-                rows, marg = np.zeros((size, psi.shape[1])), np.full(size, -1.0)
-                rows[: len(rows_idx)], marg[: len(rows_idx)] = unit_rows[rows_idx], margins[rows_idx]
-                p_rows.value, p_margin.value = rows, marg
+                # unused slots repeat the first chosen row: a redundant constraint keeps the sparsity pattern,
+                # so CVXPY updates the solver's data instead of setting it up again
+                padded = list(rows_idx) + [rows_idx[0]] * (count - len(rows_idx))
+                p_rows.value, p_margin.value = unit_rows[padded], margins[padded]
             x, failed = self._solve(problem, var)
             return (np.full(psi.shape[1], np.nan) if failed else solve_triangular(chol, x, lower=False)), failed
 
         chosen: list[int] = []
         candidate = start
-        for _ in range(6):
+        for _ in range(12):
             values = psi @ candidate
             tolerance = 1e-6 * max(1.0, float(np.abs(values).max()))
             violated = np.flatnonzero(values < GRID_MARGIN - tolerance)
             violated = violated[~np.isin(violated, chosen)]
             if not violated.size and chosen:
                 return candidate, False
-            if len(chosen) + violated.size > size:
+            worst = violated[np.argsort(values[violated])][:WORKING_SET_STEP]
+            if len(chosen) + worst.size > WORKING_SET_TIERS[-1]:
                 break
-            chosen.extend(violated[np.argsort(values[violated])].tolist())
+            chosen.extend(worst.tolist())
             candidate, failed = solve(chosen)
             if failed:
                 return candidate, True
@@ -930,6 +937,7 @@ class MapmriModel:
 
         try:
             problem.solve(solver=self.solver)
+            self.solver_iterations += int(getattr(problem.solver_stats, "num_iters", 0) or 0)
         except cp.error.SolverError:
             return np.full(variable.shape, np.nan), True
         if problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or variable.value is None:
