@@ -358,6 +358,29 @@ def sos_constraint_matrices(radial_order: int) -> tuple[list[np.ndarray], list[n
     return [np.array(per_block[0]), np.array(per_block[1])], [np.array(null_block[0]), np.array(null_block[1])]
 
 
+@lru_cache(maxsize=16)
+def _odf_polynomials(radial_order: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """The anisotropic ODF of each basis function as a polynomial in (α, β, γ) of Özarslan 2013, eq. 35:
+    monomial exponents (m, 3) and coefficients (n_coef, m), including sqrt(n1! n2! n3!)."""
+    from itertools import product
+
+    exponents = [e for e in product(range(radial_order + 1), repeat=3) if sum(e) <= radial_order]
+    position = {e: i for i, e in enumerate(exponents)}
+    ind = index_matrix(radial_order)
+    table = np.zeros((ind.shape[0], len(exponents)))
+    for c, (n1, n2, n3) in enumerate(ind):
+        scale = sqrt(factorial(n1) * factorial(n2) * factorial(n3))
+        for i in range(0, n1 + 1, 2):
+            for j in range(0, n2 + 1, 2):
+                for k in range(0, n3 + 1, 2):
+                    nn = n1 + n2 + n3 - i - j - k
+                    table[c, position[(n1 - i, n2 - j, n3 - k)]] += scale * (
+                        (-1) ** ((i + j + k) // 2) * gamma((3 + s + nn) / 2.0)
+                        / (factorial(n1 - i) * factorial(n2 - j) * factorial(n3 - k)
+                           * _double_factorial(i) * _double_factorial(j) * _double_factorial(k)))
+    return np.array(exponents), table
+
+
 def _gcv_scores(lambdas: np.ndarray, theta: np.ndarray, z2: np.ndarray, rss_floor: np.ndarray, n_obs: int) -> np.ndarray:
     """GCV ``||y - S y|| / (K - tr S)`` for weights (v, t) from each voxel's diagonalised problem.
 
@@ -553,30 +576,27 @@ class MapmriFit:
             from dwiflow.core.sh import real_sh_basis
 
             return self.odf_sh(s) @ real_sh_basis(order, vertices).T
-        out = np.zeros((self.coefficients.shape[0], vertices.shape[0]))
         local = np.einsum("gi,vij->vgj", vertices, self.frames) / self.mu[:, None, :]
         rho = 1.0 / np.linalg.norm(local, axis=2)
         abc = 2 * rho[..., None] * local  # alpha, beta, gamma of eq. 35
-        const = rho ** (3 + s) / np.sqrt(2 ** (2 - s) * np.pi**3 * np.prod(self.mu**2, axis=1))[:, None]
-        powers = abc[..., None] ** np.arange(order + 1)  # (v, g, 3, order+1)
-        for c, (n1, n2, n3) in enumerate(index_matrix(order)):
-            total = np.zeros_like(rho)
-            for i in range(0, n1 + 1, 2):
-                for j in range(0, n2 + 1, 2):
-                    for k in range(0, n3 + 1, 2):
-                        nn = n1 + n2 + n3 - i - j - k
-                        weight = ((-1) ** ((i + j + k) // 2) * gamma((3 + s + nn) / 2.0)
-                                  / (factorial(n1 - i) * factorial(n2 - j) * factorial(n3 - k)
-                                     * _double_factorial(i) * _double_factorial(j) * _double_factorial(k)))
-                        total += weight * powers[..., 0, n1 - i] * powers[..., 1, n2 - j] * powers[..., 2, n3 - k]
-            out += (self.coefficients[:, c, None] * sqrt(factorial(n1) * factorial(n2) * factorial(n3))) * total
-        return const * out
+        const = rho ** int(3 + s) / np.sqrt(2 ** (2 - s) * np.pi**3 * np.prod(self.mu**2, axis=1))[:, None]
+        exponents, table = _odf_polynomials(order, s)
+        k = order + 1
+        dense = np.zeros((self.coefficients.shape[0], k, k, k))  # polynomial coefficients by (a, b, c) exponents
+        dense[:, exponents[:, 0], exponents[:, 1], exponents[:, 2]] = self.coefficients @ table
+        powers = np.empty(abc.shape[:2] + (3, k))  # (v, g, 3, k) by repeated products (pow is slow)
+        powers[..., 0] = 1.0
+        for n in range(1, k):
+            np.multiply(powers[..., n - 1], abc, out=powers[..., n])
+        inner = powers[..., 2, :] @ np.swapaxes(dense.reshape(-1, k * k, k), 1, 2)  # Σ_c γ^c: (v, g, k·k)
+        inner = np.einsum("vgab,vgb->vga", inner.reshape(inner.shape[:2] + (k, k)), powers[..., 1, :])
+        return const * np.einsum("vga,vga->vg", inner, powers[..., 0, :])
 
     def odf_sh(self, s: int = 2, lmax: int | None = None) -> np.ndarray:
         """ODF as real SH (MRtrix3 basis, world frame), (v, n_sh).
 
         Isotropic basis: exact, degree ``radial_order``. Anisotropic basis: least-squares SH fit
-        (degree ``lmax``, default ``radial_order``) of the ODF on 2562 directions.
+        (degree ``lmax``, default ``radial_order``) of the ODF on 642 directions.
         """
         from dwiflow.core.sh import amplitudes_to_sh, n_coefficients, sh_degree_order
 
@@ -584,8 +604,13 @@ class MapmriFit:
         if self.model.anisotropic:
             from dwiflow.core.sphere import get_sphere
 
-            vertices = get_sphere("ico2562").vertices
-            return amplitudes_to_sh(self.odf(vertices, s), vertices, lmax or order)
+            vertices = get_sphere("ico642").vertices
+            out = np.empty((self.coefficients.shape[0], n_coefficients(lmax or order)))
+            for sl in iter_chunks(out.shape[0], 128):  # bounded memory: (voxels, vertices, monomials) per chunk
+                part = MapmriFit(self.model, self.batch, self.coefficients[sl], self.mu[sl], self.frames[sl],
+                                 self.lambdas[sl], self.status[sl])
+                out[sl] = amplitudes_to_sh(part.odf(vertices, s), vertices, lmax or order)
+            return out
         ind = isotropic_index_matrix(order)
         j, ell = ind[:, 0], ind[:, 1]
         weights = (-1.0) ** (j - 1) * 2.0 ** (-(ell + 3) / 2.0) / np.pi * _isotropic_radial_sums(order, s + 3)
@@ -752,7 +777,8 @@ class MapmriModel:
             return laplacian_matrix(self.radial_order, mu)
         return mu[:, 0, None, None] * isotropic_laplacian_unit(self.radial_order)[None]
 
-    def fit(self, data: np.ndarray, mask: np.ndarray | None = None) -> MapmriFit:
+    def fit(self, data: np.ndarray, mask: np.ndarray | None = None, progress=None) -> MapmriFit:
+        """Fit every voxel of ``mask``; ``progress(done, total)`` after each chunk of voxels."""
         batch = VoxelBatch.from_volume(data, mask, self.gtab.n_volumes)
         n, c = batch.n_voxels, self.n_coefficients
         coef = np.full((n, c), np.nan)
@@ -763,6 +789,8 @@ class MapmriModel:
         for sl in iter_chunks(n, self.chunk_size):
             y = batch.signal(sl)
             self._fit_chunk(y, coef[sl], mu[sl], frames[sl], lambdas[sl], status[sl])
+            if progress is not None:
+                progress(sl.stop, n)
         return MapmriFit(self, batch, coef, mu, frames, lambdas, status)
 
     def _fit_chunk(self, y, coef, mu, frames, lambdas, status) -> None:

@@ -481,6 +481,107 @@ def rumba_stage(
     return written
 
 
+MAPMRI_INDICES = ("rtop", "rtap", "rtpp", "msd", "qiv", "ng", "ngpar", "ngperp")
+MAPMRI_OUTPUTS = MAPMRI_INDICES + ("lapnorm", "lambda", "odf", "signal", "status")
+
+
+def diffusion_times(dwi: PathLike, big_delta: float | None, small_delta: float | None) -> tuple[float | None, float | None, str]:
+    """Δ and δ (s): the options if given, else ``LargeDelta``/``SmallDelta`` of the DWI's JSON sidecar."""
+    import json
+
+    if big_delta is not None or small_delta is not None:
+        if big_delta is None or small_delta is None:
+            raise DwiflowInputError("give both --big-delta and --small-delta (seconds), or neither")
+        return float(big_delta), float(small_delta), "options"
+    side = Path(str(dwi).removesuffix(".gz").removesuffix(".nii") + ".json")
+    if side.is_file():
+        try:
+            meta = json.loads(side.read_text())
+        except ValueError as exc:
+            raise DwiflowInputError(f"cannot read sidecar {side}: {exc}") from None
+        if "LargeDelta" in meta and "SmallDelta" in meta:
+            return float(meta["LargeDelta"]), float(meta["SmallDelta"]), side.name
+    return None, None, "none"
+
+
+def mapmri_stage(
+    dwi: PathLike,
+    bval: PathLike,
+    bvec: PathLike,
+    outputs: dict[str, PathLike],
+    *,
+    mask: PathLike | None = None,
+    radial_order: int = 6,
+    anisotropic: bool = True,
+    laplacian_weighting: float | str = 0.2,
+    positivity: str = "none",
+    pos_grid: int = 15,
+    pos_radius: float | str = "adaptive",
+    solver: str = "CLARABEL",
+    big_delta: float | None = None,
+    small_delta: float | None = None,
+    bval_threshold: float | None = None,
+    odf_moment: int = 2,
+    progress=None,
+) -> dict[str, Path]:
+    """MAP-MRI fit; writes the requested maps (keys of :data:`MAPMRI_OUTPUTS` → paths), all or nothing.
+
+    Δ/δ come from the options or the DWI's sidecar (``LargeDelta``/``SmallDelta``, seconds); the
+    q-space indices need them. Non-Gaussianities exist for the anisotropic basis only.
+    """
+    from dwiflow.core.mapmri import STATUS_LEVELS, MapmriModel
+
+    unknown = set(outputs) - set(MAPMRI_OUTPUTS)
+    if unknown:
+        raise DwiflowInputError(f"unknown MAP-MRI outputs {sorted(unknown)}; choose from {MAPMRI_OUTPUTS}")
+    if not outputs:
+        raise DwiflowInputError(f"no output requested; give at least one of {', '.join(MAPMRI_OUTPUTS)}")
+    if not anisotropic and {"ng", "ngpar", "ngperp"} & set(outputs):
+        raise DwiflowInputError("non-Gaussianity maps need the anisotropic basis (drop --isotropic)")
+    big, small, times_source = diffusion_times(dwi, big_delta, small_delta)
+    wants_indices = set(MAPMRI_INDICES) & set(outputs)
+    if wants_indices and big is None:
+        raise DwiflowInputError(f"q-space indices ({', '.join(sorted(wants_indices))}) need the diffusion times: no "
+                                f"LargeDelta/SmallDelta in the sidecar of {Path(dwi).name}; give --big-delta and --small-delta")
+    if isinstance(laplacian_weighting, str) and laplacian_weighting.lower() != "gcv":
+        try:
+            laplacian_weighting = float(laplacian_weighting)
+        except ValueError:
+            raise DwiflowInputError(f"laplacian weight must be a number or 'gcv', got {laplacian_weighting!r}") from None
+    run = load_dwi(dwi, bval, bvec)
+    model = MapmriModel(run.gtab, radial_order=radial_order, anisotropic_scaling=anisotropic,
+                        laplacian_weighting=laplacian_weighting, big_delta=big, small_delta=small,
+                        bval_threshold=np.inf if bval_threshold is None else bval_threshold, positivity=positivity,
+                        pos_grid=pos_grid, pos_radius=pos_radius, solver=solver)
+    voxels = load_mask(mask, run.data.shape[:3], run.affine) if mask is not None else _voxels_with_signal(run, dwi)
+    fit = model.fit(run.data, voxels, progress=progress)
+    getters = {"rtop": fit.rtop, "rtap": fit.rtap, "rtpp": fit.rtpp, "msd": fit.msd, "qiv": fit.qiv, "ng": fit.ng,
+               "ngpar": fit.ng_parallel, "ngperp": fit.ng_perpendicular, "lapnorm": fit.laplacian_norm,
+               "lambda": lambda: fit.lambdas, "odf": lambda: fit.odf_sh(odf_moment), "signal": fit.fitted_signal,
+               "status": lambda: fit.status}
+    params = {"RadialOrder": model.radial_order, "Basis": "anisotropic" if anisotropic else "isotropic",
+              "LaplacianWeighting": laplacian_weighting if isinstance(laplacian_weighting, str) else float(laplacian_weighting),
+              "Positivity": positivity, "PositivityGrid": pos_grid if positivity == "grid" else None,
+              "PositivityRadius": pos_radius if positivity == "grid" else None,
+              "Solver": solver if positivity != "none" else None, "BigDelta": big, "SmallDelta": small,
+              "DiffusionTimesFrom": times_source, "Tau": model.tau, "BvalThreshold": bval_threshold,
+              "OdfRadialMoment": odf_moment, "VoxelsFailed": int((fit.status != 0).sum())}
+    written: dict[str, Path] = {}
+    with atomic_outputs() as out:
+        for name, path in outputs.items():
+            values = np.asarray(getters[name]())
+            fill = 0 if name in ("odf", "status") else np.nan
+            if name != "status":
+                values = np.where(fit.status.reshape((-1,) + (1,) * (values.ndim - 1)) == 0, values, fill)
+            orientation = {"SphericalHarmonicDegree": int(model.radial_order)} if name == "odf" else None
+            content = sidecar(f"mapmri_{name}", params, orientation, **_provenance(dwi, bval, bvec, mask))
+            if name == "status":
+                content["Levels"] = {str(k): v for k, v in STATUS_LEVELS.items()}
+            dtype = np.uint8 if name == "status" else np.float32
+            written[name] = out.nifti(path, fit.volume(values, fill=fill), run.affine, content, dtype=dtype)
+    return written
+
+
 def peaks_stage(
     fod: PathLike,
     out_peaks: PathLike,

@@ -142,6 +142,39 @@ def _cmd_rumba(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mapmri(args: argparse.Namespace) -> int:
+    from dwiflow.bids_specs.outputs import output_filename
+    from dwiflow.tasks.stages import MAPMRI_OUTPUTS, describe_outputs, mapmri_stage
+
+    skip = {"ng", "ngpar", "ngperp"} if args.isotropic else set()
+    if not args.signal:
+        skip.add("signal")
+    entities = source_entities(args.dwi)
+    out_dir = Path(args.out_dir)
+    outputs = {name: out_dir / output_filename(f"mapmri_{name}", entities) for name in MAPMRI_OUTPUTS if name not in skip}
+
+    def progress(done: int, total: int) -> None:
+        print(f"mapmri: {done}/{total} voxels", file=sys.stderr, flush=True)
+
+    written = mapmri_stage(
+        args.dwi, args.bval, args.bvec, outputs, mask=args.mask, radial_order=args.radial_order,
+        anisotropic=not args.isotropic, laplacian_weighting=args.laplacian_weight, positivity=args.positivity,
+        pos_grid=args.pos_grid, pos_radius=args.pos_radius, solver=args.solver, big_delta=args.big_delta,
+        small_delta=args.small_delta, bval_threshold=args.bval_threshold, odf_moment=args.odf_moment, progress=progress,
+    )
+    print("MAP-MRI maps written:\n" + describe_outputs(written))
+    return 0
+
+
+def _radius(text: str):
+    if text == "adaptive":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'adaptive' or a radius in mm, got {text!r}") from None
+
+
 def _cmd_peaks(args: argparse.Namespace) -> int:
     from dwiflow.tasks.stages import peaks_stage
 
@@ -341,6 +374,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-amplitudes", action="store_true", help="do not write the fODF amplitudes on the sphere")
     p.add_argument("--nthreads", type=int, help="threads (default: all cores)")
     p.set_defaults(func=_cmd_rumba)
+
+    p = sub.add_parser("mapmri", help="MAP-MRI (Ozarslan 2013) with Laplacian regularisation and positivity",
+                       description="Mean apparent propagator MRI: q-space indices (RTOP, RTAP, RTPP, MSD, QIV, "
+                       "non-Gaussianities), the Laplacian norm, the ODF as SH and the per-voxel status, one NIfTI + "
+                       "sidecar each in OUT_DIR. Delta/delta come from the DWI's JSON sidecar (LargeDelta/SmallDelta, "
+                       "seconds) unless given.")
+    for name in ("dwi", "bval", "bvec", "out_dir"):
+        p.add_argument(name)
+    p.add_argument("--mask", help="voxels to fit (default: every voxel with signal)")
+    p.add_argument("--radial-order", type=int, default=6, help="even radial order (default 6; 8 for isotropic ODFs)")
+    p.add_argument("--isotropic", action="store_true", help="isotropic basis (no tensor frame; better crossing ODFs)")
+    p.add_argument("--laplacian-weight", default="0.2", metavar="W|gcv",
+                   help="Laplacian regularisation weight, 0 for none, or 'gcv' (default 0.2)")
+    p.add_argument("--positivity", choices=("none", "grid", "global"), default="none",
+                   help="non-negative propagator at grid points or globally (sum of squares)")
+    p.add_argument("--pos-grid", type=int, default=15, help="grid points per side for --positivity grid (default 15)")
+    p.add_argument("--pos-radius", type=_radius, default="adaptive", help="grid radius in mm or 'adaptive'")
+    p.add_argument("--solver", default="clarabel", help="CVXPY solver for positivity (clarabel, scs, osqp, mosek ...)")
+    p.add_argument("--big-delta", type=float, metavar="S", help="gradient separation Delta in seconds")
+    p.add_argument("--small-delta", type=float, metavar="S", help="gradient duration delta in seconds")
+    p.add_argument("--bval-threshold", type=float, help="only b below this for the tensor (scales; e.g. 2000 for NG)")
+    p.add_argument("--odf-moment", type=int, default=2, help="radial moment s of the ODF (default 2)")
+    p.add_argument("--signal", action="store_true", help="also write the fitted signal")
+    p.set_defaults(func=_cmd_mapmri)
 
     p = sub.add_parser("peaks", help="FOD peaks (local maxima), MRtrix3 sh2peaks layout",
                        description="Local maxima of the FOD on a dense sphere, refined to sub-degree accuracy.")
