@@ -18,11 +18,13 @@ STAGE_OPTIONS: dict[str, set[str]] = {
     "csd": {"lmax"},
     "rumba": {"use_response", "wm_response", "gm_response", "csf_response", "n_iter", "recon_type", "n_coils", "R",
               "global_fit", "use_tv", "sh_lmax", "amplitudes", "sphere", "precision"},
+    "mapmri": {"radial_order", "anisotropic", "laplacian_weighting", "positivity", "pos_grid", "pos_radius", "solver",
+               "big_delta", "small_delta", "bval_threshold"},
     "peaks": {"npeaks", "rel_threshold", "min_separation"},
     "fod_metrics": set(),
 }
 STAGE_REQUIRES = {"csd": "response", "fod_metrics": "peaks", "response": "mask"}
-FOD_STAGES = ("csd", "rumba")  # stages producing an FOD for peaks and FOD metrics
+FOD_STAGES = ("csd", "rumba", "mapmri")  # stages producing an FOD (MAP-MRI: its ODF) for peaks and FOD metrics
 RESPONSE_METHODS = ("fa", "ssst", "tournier", "tax")
 
 
@@ -70,8 +72,8 @@ def validate_recon_spec(spec: Any, source: str = "recon spec") -> dict[str, Any]
             raise BidsInputError(f"{source}: stage 'stages.{stage}' needs 'stages.{needed}'")
     if "peaks" in stages and not any(s in stages for s in FOD_STAGES):
         raise BidsInputError(f"{source}: stage 'stages.peaks' needs an FOD stage ({' or '.join(FOD_STAGES)})")
-    if all(s in stages for s in FOD_STAGES):
-        raise BidsInputError(f"{source}: give one FOD stage per recon spec, not both {' and '.join(FOD_STAGES)}")
+    if "csd" in stages and "rumba" in stages:
+        raise BidsInputError(f"{source}: give one deconvolution stage per recon spec (csd or rumba), not both")
     method = stages.get("response", {}).get("method", "fa")
     if "response" in stages and method not in RESPONSE_METHODS:
         raise BidsInputError(f"{source}: 'stages.response.method' must be one of {RESPONSE_METHODS}, got {method!r}")

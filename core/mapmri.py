@@ -974,7 +974,17 @@ class MapmriModel:
 
     def _gcv(self, design, gram, lap, y) -> np.ndarray:
         """Per-voxel GCV weight (Craven & Wahba 1979) via the generalised eigenproblem L v = θ (MᵀM) v."""
-        chol = np.linalg.cholesky(gram)
+        # a rank-deficient MᵀM (more coefficients than the shells resolve; DIPY uses a pseudo-inverse here)
+        # gets a ridge far below the data's scale, only for choosing the weight
+        scale = np.einsum("vii->v", gram)[:, None, None] / gram.shape[1]
+        for ridge in (0.0, 1e-12, 1e-9, 1e-6):
+            try:
+                chol = np.linalg.cholesky(gram + ridge * scale * np.eye(gram.shape[1]))
+                break
+            except np.linalg.LinAlgError:
+                continue
+        else:
+            raise np.linalg.LinAlgError("MAP-MRI design has no usable normal matrix for GCV")
         inv_chol = np.linalg.inv(chol)
         reduced = inv_chol @ lap @ np.swapaxes(inv_chol, 1, 2)
         theta, w = np.linalg.eigh(0.5 * (reduced + np.swapaxes(reduced, 1, 2)))

@@ -108,6 +108,23 @@ def Rumba(
     return tuple(File(written[n]) if n in written else None for n in RUMBA_TASK_OUTPUTS)
 
 
+MAPMRI_TASK_OUTPUTS = ("rtop", "rtap", "rtpp", "msd", "qiv", "ng", "ngpar", "ngperp", "lapnorm", "odf", "status")
+
+
+@python.define(outputs=list(MAPMRI_TASK_OUTPUTS))
+def Mapmri(
+    dwi: File, bval: File, bvec: File, mask: File, options: dict | None = None, code_version: str = "",
+) -> tuple[File | None, File | None, File | None, File | None, File | None, File | None, File | None, File | None,
+           File | None, File | None, File | None]:
+    """MAP-MRI; ``options``: radial_order, anisotropic, laplacian_weighting, positivity, pos_grid, pos_radius,
+    solver, big_delta, small_delta, bval_threshold. Δ/δ are read from the DWI's sidecar unless given."""
+    options = dict(options or {})
+    wanted = [n for n in MAPMRI_TASK_OUTPUTS if options.get("anisotropic", True) or n not in ("ng", "ngpar", "ngperp")]
+    written = stages.mapmri_stage(dwi, bval, bvec, {n: Path.cwd() / f"mapmri_{n}.nii.gz" for n in wanted}, mask=mask,
+                                  **options)
+    return tuple(File(written[n]) if n in written else None for n in MAPMRI_TASK_OUTPUTS)
+
+
 @python.define(outputs=["peaks"])
 def Peaks(
     fod: File, mask: File, npeaks: int = 3, rel_threshold: float = 0.2, min_separation: float = 25.0, code_version: str = ""
@@ -136,6 +153,7 @@ DERIVATIVE_KEYS: dict[str, tuple[str, dict[str, str]]] = {
     "afd_total": ("afd_total", {}), "peak_amplitude": ("peak_amplitude", {}),
     "nufo": ("nufo", {}), "gfa": ("gfa", {}),
     **{f"rumba_{n}": (f"rumba_{n}", {}) for n in RUMBA_TASK_OUTPUTS},
+    **{f"mapmri_{n}": (f"mapmri_{n}", {}) for n in MAPMRI_TASK_OUTPUTS},
 }
 MODEL_ENTITY = ("response", "peaks", "afd_total", "peak_amplitude", "nufo", "gfa")  # named after the FOD's model
 
@@ -152,6 +170,10 @@ def StageDerivatives(
     rumba_fod: File | None = None, rumba_fod_amplitudes: File | None = None, rumba_combined_odf: File | None = None,
     rumba_fwm: File | None = None, rumba_fiso: File | None = None, rumba_fgm: File | None = None,
     rumba_fcsf: File | None = None, rumba_snr: File | None = None, rumba_status: File | None = None,
+    mapmri_rtop: File | None = None, mapmri_rtap: File | None = None, mapmri_rtpp: File | None = None,
+    mapmri_msd: File | None = None, mapmri_qiv: File | None = None, mapmri_ng: File | None = None,
+    mapmri_ngpar: File | None = None, mapmri_ngperp: File | None = None, mapmri_lapnorm: File | None = None,
+    mapmri_odf: File | None = None, mapmri_status: File | None = None,
     code_version: str = "",
 ):
     """Copy a run's outputs (and their sidecars) under their BIDS derivative names into one folder."""
@@ -167,7 +189,11 @@ def StageDerivatives(
               "peak_amplitude": peak_amplitude, "nufo": nufo, "gfa": gfa,
               "rumba_fod": rumba_fod, "rumba_fod_amplitudes": rumba_fod_amplitudes, "rumba_combined_odf": rumba_combined_odf,
               "rumba_fwm": rumba_fwm, "rumba_fiso": rumba_fiso, "rumba_fgm": rumba_fgm, "rumba_fcsf": rumba_fcsf,
-              "rumba_snr": rumba_snr, "rumba_status": rumba_status}
+              "rumba_snr": rumba_snr, "rumba_status": rumba_status,
+              "mapmri_rtop": mapmri_rtop, "mapmri_rtap": mapmri_rtap, "mapmri_rtpp": mapmri_rtpp, "mapmri_msd": mapmri_msd,
+              "mapmri_qiv": mapmri_qiv, "mapmri_ng": mapmri_ng, "mapmri_ngpar": mapmri_ngpar,
+              "mapmri_ngperp": mapmri_ngperp, "mapmri_lapnorm": mapmri_lapnorm, "mapmri_odf": mapmri_odf,
+              "mapmri_status": mapmri_status}
     folder = Path.cwd() / "derivatives"
     folder.mkdir(exist_ok=True)
     for name, value in values.items():

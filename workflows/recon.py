@@ -29,6 +29,8 @@ from dwiflow.tasks.pydra_tasks import (
     Csd,
     FodMetrics,
     Peaks,
+    MAPMRI_TASK_OUTPUTS,
+    Mapmri,
     Response,
     Rumba,
     RUMBA_TASK_OUTPUTS,
@@ -95,6 +97,12 @@ def ReconRun(
                           options=options, code_version=cv), "rumba")
         outputs.update({f"rumba_{n}": getattr(rumba, n) for n in RUMBA_TASK_OUTPUTS})
         fod, fod_model = rumba.fod, "rumba"
+    if "mapmri" in stages:
+        mapmri = add(Mapmri(dwi=dwi, bval=bval, bvec=bvec, mask=mask, options=dict(stages["mapmri"]), code_version=cv),
+                     "mapmri")
+        outputs.update({f"mapmri_{n}": getattr(mapmri, n) for n in MAPMRI_TASK_OUTPUTS})
+        if fod is None:
+            fod, fod_model = mapmri.odf, "mapmri"
     if "peaks" in stages:
         opts = stages["peaks"]
         peaks = add(Peaks(fod=fod, mask=mask, npeaks=opts.get("npeaks", 3),

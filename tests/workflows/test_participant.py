@@ -241,3 +241,20 @@ def test_rumba_preset_runs_through_the_bids_app(tmp_path):
     assert np.all(np.isfinite(fcsf[tissue]))
     # the SSST response of this small mixed phantom is fat (lambda_perp ~5e-4 vs 3e-4), which blurs the split
     assert np.corrcoef(fcsf[tissue], truth[tissue])[0, 1] > 0.4
+
+
+def test_mapmri_stage_runs_through_the_bids_app(dataset, tmp_path):
+    """MAP-MRI as a recon-spec stage: its indices are staged as derivatives and its ODF feeds the peaks."""
+    spec = tmp_path / "mapmri_small.yaml"
+    spec.write_text("name: mapmri-small\nstages:\n  mask: {}\n  mapmri: {laplacian_weighting: 0.2, big_delta: 0.0265, "
+                    "small_delta: 0.0162}\n  peaks: {npeaks: 2}\n")
+    out = tmp_path / "out"
+    assert main([str(dataset["bids"]), str(out), "participant", "--participant-label", "phantom", "--recon-spec",
+                 str(spec), "--work-dir", str(tmp_path / "w"), "--worker", "debug"]) == 0
+    folder = out / "sub-phantom" / "dwi"
+    names = {p.name for p in folder.glob("*.nii.gz")}
+    for param in ("rtop", "rtap", "rtpp", "msd", "qiv", "ng", "ngpar", "ngperp", "lapnorm", "odf", "status", "peaks"):
+        assert f"sub-phantom_model-mapmri_param-{param}_dwimap.nii.gz" in names, param
+    rtop = nib.load(folder / "sub-phantom_model-mapmri_param-rtop_dwimap.nii.gz").get_fdata()
+    mask = nib.load(folder / "sub-phantom_desc-brain_mask.nii.gz").get_fdata() > 0
+    assert np.all(np.isfinite(rtop[mask])) and np.all(rtop[mask] > 0)
