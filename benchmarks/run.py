@@ -328,6 +328,61 @@ def bench_rumba(n_voxels: int, dipy_voxels: int, global_shape: tuple[int, int, i
     return rows
 
 
+def bench_mapmri(n_voxels: int, dipy_seconds: float) -> list[dict]:
+    """MAP-MRI on a 3-shell phantom (b=1000/2000/3000, 90 directions each + 10 b=0), one thread for both tools:
+    MAPL (fixed weight and GCV), CMAPL and CMAP (grid positivity), MAP+ (global positivity)."""
+    import warnings
+
+    from dipy.core.gradients import gradient_table as dipy_gtab
+    from dipy.reconst.mapmri import MapmriModel as DipyMapmri
+    from threadpoolctl import threadpool_limits
+
+    from dwiflow.core.gradients import gradient_table
+    from dwiflow.core.mapmri import MapmriModel
+    from dwiflow.core.sphere import repulsion_sphere
+
+    bvals, bvecs = [np.zeros(10)], [np.zeros((10, 3))]
+    for i, b in enumerate((1000.0, 2000.0, 3000.0)):
+        bvals.append(np.full(90, b))
+        bvecs.append(repulsion_sphere(90, seed=i + 1).hemisphere)
+    g = gradient_table(np.concatenate(bvals), np.concatenate(bvecs).T)
+    side = int(round((n_voxels / 10) ** 0.5))
+    data = make_phantom(g, (side, side, 10), n_fibres=(1, 2), snr=30, seed=5).data.reshape(-1, g.n_volumes)
+    delta = dict(big_delta=0.0265, small_delta=0.0162)
+    dg = dipy_gtab(g.bvals, bvecs=g.bvecs, **delta)
+    cases = [
+        ("MAPL 0.2", dict(laplacian_weighting=0.2), dict(laplacian_weighting=0.2), 1.0),
+        ("MAPL GCV", dict(laplacian_weighting="gcv"), dict(laplacian_weighting="GCV"), 1.0),
+        ("CMAPL grid", dict(laplacian_weighting=0.2, positivity="grid"),
+         dict(laplacian_weighting=0.2, positivity_constraint=True), 0.05),
+        ("CMAP grid", dict(laplacian_weighting=0.0, positivity="grid"),
+         dict(laplacian_regularization=False, positivity_constraint=True), 0.05),
+        ("MAP+ global", dict(laplacian_weighting=0.0, positivity="global"),
+         dict(laplacian_regularization=False, positivity_constraint=True, global_constraints=True), 0.02),
+    ]
+    rows = []
+    with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for label, ours_opts, dipy_opts, share in cases:
+            n_ours = max(20, int(data.shape[0] * share))
+            model = MapmriModel(g, **delta, **ours_opts)
+            model.fit(data[:2])  # builds the CVXPY problems / loads compiled kernels once
+            t_ours, fit = _best_of(lambda: model.fit(data[:n_ours]), 1)
+            dmodel = DipyMapmri(dg, **dipy_opts)
+            n_dipy, t_dipy, ref = 0, 0.0, []
+            while t_dipy < dipy_seconds and n_dipy < n_ours:  # DIPY timed on as many voxels as fit in the budget
+                t0 = time.perf_counter()
+                ref.append(dmodel.fit(data[n_dipy]).rtop())
+                t_dipy += time.perf_counter() - t0
+                n_dipy += 1
+            rel = np.abs(fit.rtop()[:n_dipy] - np.array(ref)) / np.abs(np.array(ref))
+            rows.append({"step": "mapmri", "peer": f"DIPY MapmriModel {label} (timed on {n_dipy} vox), 1 thr",
+                         "voxels": n_ours, "dwiflow_s": t_ours, "peer_s": t_dipy / n_dipy * n_ours,
+                         "accuracy": f"RTOP median rel {np.median(rel):.1e}; {n_ours / t_ours:.0f} vs "
+                                     f"{n_dipy / t_dipy:.1f} vox/s"})
+    return rows
+
+
 HEADER = f"{'step':<14} {'peer':<50} {'voxels':>8} {'dwiflow s':>10} {'peer s':>9} {'ratio':>7}  accuracy"
 
 
@@ -349,7 +404,9 @@ def main() -> int:
                         help="block of the global RUMBA-SD + TV step (default 12,12,10)")
     parser.add_argument("--rumba-memory-voxels", type=int, default=100_000,
                         help="volume size for the peak-memory row of global RUMBA-SD (0 skips it)")
-    parser.add_argument("--steps", help="comma-separated subset of: tensor, amp2response, csd, iterative, rumba")
+    parser.add_argument("--mapmri-voxels", type=int, default=4000, help="phantom size of the MAP-MRI steps")
+    parser.add_argument("--mapmri-dipy-seconds", type=float, default=20.0, help="time budget of each DIPY MAP-MRI run")
+    parser.add_argument("--steps", help="comma-separated subset of: tensor, amp2response, csd, iterative, rumba, mapmri")
     parser.add_argument("--repeats", type=int, default=3, help="best of N timings")
     args = parser.parse_args()
     steps = {
@@ -357,6 +414,7 @@ def main() -> int:
         "amp2response": lambda tmp: bench_amp2response(args.response_voxels, args.repeats, tmp),
         "csd": lambda tmp: bench_csd_peaks(args.voxels, 1, tmp),
         "iterative": lambda tmp: bench_iterative_responses(args.voxels, args.tax_voxels, tmp),
+        "mapmri": lambda tmp: bench_mapmri(args.mapmri_voxels, args.mapmri_dipy_seconds),
         "rumba": lambda tmp: bench_rumba(args.rumba_voxels, args.rumba_dipy_voxels, args.rumba_global_shape,
                                          args.rumba_memory_voxels),
     }
