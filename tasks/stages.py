@@ -582,6 +582,71 @@ def mapmri_stage(
     return written
 
 
+SMT_OUTPUTS = ("lpar", "lperp", "f", "fw", "mse", "r2", "status", "odi", "kappa", "mu", "fod", "fodmse")
+
+
+def smt_stage(
+    dwi: PathLike,
+    bval: PathLike,
+    bvec: PathLike,
+    outputs: dict[str, PathLike],
+    *,
+    mask: PathLike | None = None,
+    fod: str = "watson",
+    free_water: bool = False,
+    lambda_par_bounds: tuple[float, float] = (0.1e-3, 3.0e-3),
+    sh_lmax: int = 8,
+    progress=None,
+) -> dict[str, Path]:
+    """SMT kernel (and optionally a Watson FOD on it); writes the requested maps, all or nothing."""
+    from dwiflow.core.smt import STATUS_LEVELS, SmtModel, fit_watson
+
+    unknown = set(outputs) - set(SMT_OUTPUTS)
+    if unknown:
+        raise DwiflowInputError(f"unknown SMT outputs {sorted(unknown)}; choose from {SMT_OUTPUTS}")
+    if fod not in ("none", "watson"):
+        raise DwiflowInputError(f"fod must be 'none' or 'watson' (Bingham FODs are not implemented yet), got {fod!r}")
+    fod_outputs = {"odi", "kappa", "mu", "fod", "fodmse"} & set(outputs)
+    if fod == "none" and fod_outputs:
+        raise DwiflowInputError(f"FOD maps {sorted(fod_outputs)} need --fod watson")
+    if "fw" in outputs and not free_water:
+        raise DwiflowInputError("a free-water map needs the isotropic compartment (--isotropic-compartment)")
+    run = load_dwi(dwi, bval, bvec)
+    model = SmtModel(run.gtab, lambda_par_bounds=lambda_par_bounds, free_water=free_water)
+    voxels = load_mask(mask, run.data.shape[:3], run.affine) if mask is not None else _voxels_with_signal(run, dwi)
+    fit = model.fit(run.data, voxels, progress=progress)
+    maps = {"lpar": fit.lambda_par, "lperp": fit.lambda_perp, "f": fit.fraction, "fw": fit.free_water,
+            "mse": fit.mse, "r2": fit.r2, "status": fit.status}
+    if fod == "watson" and fod_outputs:
+        ok = np.flatnonzero(fit.status == 0)
+        signal = fit.batch.signal()[ok]
+        tensor = TensorModel(run.gtab).fit(signal)
+        v1 = np.nan_to_num(tensor.evecs[:, :, 0]) + np.isnan(tensor.evecs[:, :1, 0]) * [0, 0, 1.0]
+        watson = fit_watson(signal, run.gtab, fit.lambda_par[ok], fit.lambda_perp[ok], v1,
+                            free_water=None if fit.free_water is None else fit.free_water[ok])
+        n = fit.status.size
+        for name, values in (("odi", watson.odi), ("kappa", watson.kappa), ("fodmse", watson.mse),
+                             ("mu", watson.mu), ("fod", watson.sh(sh_lmax))):
+            full = np.full((n,) + values.shape[1:], 0.0 if name == "fod" else np.nan)
+            full[ok] = values
+            maps[name] = full
+    params = {"Kernel": "zeppelin, lambda_perp = f * lambda_par", "LambdaParBounds": list(lambda_par_bounds),
+              "FreeWater": free_water, "Fod": fod, "ShellBvalues": [float(b) for b in model.bvalues],
+              "VoxelsFailed": int((fit.status != 0).sum())}
+    written: dict[str, Path] = {}
+    with atomic_outputs() as out:
+        for name, path in outputs.items():
+            values = np.asarray(maps[name])
+            fill = 0 if name in ("fod", "status") else np.nan
+            orientation = {"SphericalHarmonicDegree": int(sh_lmax)} if name == "fod" else None
+            content = sidecar(f"smt_{name}", params, orientation, **_provenance(dwi, bval, bvec, mask))
+            if name == "status":
+                content["Levels"] = {str(k): v for k, v in STATUS_LEVELS.items()}
+            dtype = np.uint8 if name == "status" else np.float32
+            written[name] = out.nifti(path, fit.volume(values, fill=fill), run.affine, content, dtype=dtype)
+    return written
+
+
 def peaks_stage(
     fod: PathLike,
     out_peaks: PathLike,

@@ -166,6 +166,27 @@ def _cmd_mapmri(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_smt(args: argparse.Namespace) -> int:
+    from dwiflow.bids_specs.outputs import output_filename
+    from dwiflow.tasks.stages import SMT_OUTPUTS, describe_outputs, smt_stage
+
+    skip = set() if args.isotropic_compartment else {"fw"}
+    if args.fod == "none":
+        skip |= {"odi", "kappa", "mu", "fod", "fodmse"}
+    entities = source_entities(args.dwi)
+    out_dir = Path(args.out_dir)
+    outputs = {name: out_dir / output_filename(f"smt_{name}", entities) for name in SMT_OUTPUTS if name not in skip}
+
+    def progress(done: int, total: int) -> None:
+        print(f"smt: {done}/{total} voxels", file=sys.stderr, flush=True)
+
+    written = smt_stage(args.dwi, args.bval, args.bvec, outputs, mask=args.mask, fod=args.fod,
+                        free_water=args.isotropic_compartment, lambda_par_bounds=tuple(args.lambda_par_bounds),
+                        progress=progress)
+    print("SMT maps written:\n" + describe_outputs(written))
+    return 0
+
+
 def _radius(text: str):
     if text == "adaptive":
         return text
@@ -398,6 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--odf-moment", type=int, default=2, help="radial moment s of the ODF (default 2)")
     p.add_argument("--signal", action="store_true", help="also write the fitted signal")
     p.set_defaults(func=_cmd_mapmri)
+
+    p = sub.add_parser("smt", help="spherical mean technique (Kaden 2016) and a Watson FOD on its kernel",
+                       description="Per-shell spherical means fitted by a zeppelin with lambda_perp = f*lambda_par "
+                       "(optionally plus free water), then a Watson FOD on the fitted kernel from the full signal.")
+    for name in ("dwi", "bval", "bvec", "out_dir"):
+        p.add_argument(name)
+    p.add_argument("--mask", help="voxels to fit (default: every voxel with signal)")
+    p.add_argument("--fod", choices=("none", "watson"), default="watson",
+                   help="parametric FOD on the fitted kernel (Bingham not implemented yet)")
+    p.add_argument("--isotropic-compartment", action="store_true", help="add a free-water compartment")
+    p.add_argument("--lambda-par-bounds", type=_number_list(float, 2), default=[0.1e-3, 3.0e-3], metavar="LOW,HIGH",
+                   help="bounds of lambda_par in mm²/s (default 0.1e-3,3e-3)")
+    p.set_defaults(func=_cmd_smt)
 
     p = sub.add_parser("peaks", help="FOD peaks (local maxima), MRtrix3 sh2peaks layout",
                        description="Local maxima of the FOD on a dense sphere, refined to sub-degree accuracy.")

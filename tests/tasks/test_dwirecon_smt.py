@@ -1,0 +1,51 @@
+"""dwirecon smt: kernel and Watson FOD maps in the world frame, and errors."""
+
+import nibabel as nib
+import numpy as np
+
+from dwiflow.cli.dwirecon import main
+from dwiflow.core.gradients import world_to_fsl_bvecs
+from dwiflow.core.peaks import find_peaks
+from dwiflow.core.sims import acquisition_scheme, make_phantom
+from tests.conftest import write_gradients, write_nifti
+
+AFFINE = np.array([[-2.0, 0.3, 0.0, 10.0], [0.2, 1.9, 0.4, -5.0], [0.0, -0.4, 2.0, 3.0], [0, 0, 0, 1.0]])
+
+
+def test_smt_kernel_and_watson_maps(tmp_path, capsys):
+    g = acquisition_scheme("multi")
+    ph = make_phantom(g, (5, 5, 2), snr=50, seed=3, n_fibres=1)
+    base = tmp_path / "sub-01_dwi"
+    dwi = write_nifti(base.with_suffix(".nii.gz"), ph.data.astype(np.float32), AFFINE)
+    bval, bvec = write_gradients(base, g.bvals, world_to_fsl_bvecs(g.bvecs, AFFINE).T)
+    out = tmp_path / "out"
+    assert main(["smt", str(dwi), str(bval), str(bvec), str(out)]) == 0
+    assert "smt: 50/50 voxels" in capsys.readouterr().err
+    name = "sub-01_model-smt_param-{}_dwimap.nii.gz"
+    lpar, lperp = (nib.load(out / name.format(p)).get_fdata() for p in ("lpar", "lperp"))
+    assert abs(np.median(lpar) / ph.evals[0] - 1) < 0.05 and abs(np.median(lperp) / ph.evals[1] - 1) < 0.1
+    assert not (out / name.format("fw")).exists()  # no free-water compartment asked for
+    mu = nib.load(out / name.format("mu")).get_fdata()
+    truth = ph.directions[..., 0, :]
+    angle = np.degrees(np.arccos(np.clip(np.abs(np.sum(mu * truth, -1)), 0, 1)))
+    assert np.median(angle) < 2  # world frame despite the oblique LAS affine
+    fod = nib.load(out / name.format("fod")).get_fdata()
+    peaks = find_peaks(fod).vectors[..., 0, :]
+    peak_angle = np.degrees(np.arccos(np.clip(np.abs(np.sum(peaks / np.linalg.norm(peaks, axis=-1, keepdims=True)
+                                                            * truth, -1)), 0, 1)))
+    assert np.median(peak_angle) < 2
+    assert np.allclose(fod[..., 0], 1 / np.sqrt(4 * np.pi), atol=1e-6)  # the FOD integrates to 1
+    odi = nib.load(out / name.format("odi")).get_fdata()
+    assert np.all((odi >= 0.02 - 1e-6) & (odi <= 0.99 + 1e-6))  # dmipy's ODI bounds (stored as float32)
+
+
+def test_smt_errors(tmp_path, capsys):
+    g = acquisition_scheme("multi")
+    keep = g.bvals < 1500
+    ph = make_phantom(g, (2, 2, 2), snr=50, seed=3)
+    base = tmp_path / "single_dwi"
+    dwi = write_nifti(base.with_suffix(".nii.gz"), ph.data[..., keep].astype(np.float32), AFFINE)
+    bval, bvec = write_gradients(base, g.bvals[keep], world_to_fsl_bvecs(g.bvecs[keep], AFFINE).T)
+    assert main(["smt", str(dwi), str(bval), str(bvec), str(tmp_path / "o")]) == 2
+    assert "at least two diffusion-weighted shells" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
