@@ -383,6 +383,54 @@ def bench_mapmri(n_voxels: int, dipy_seconds: float) -> list[dict]:
     return rows
 
 
+def bench_smt(n_voxels: int, dipy_seconds: float) -> list[dict]:
+    """SMT kernel fit and Watson FOD on a 3-shell phantom (b=1000/2000/3000), against dmipy 2.1 (brute2fine)."""
+    import warnings
+
+    from dmipy_fit.core.acquisition_scheme import acquisition_scheme_from_bvalues
+    from dmipy_fit.core.modeling_framework import MultiCompartmentModel, MultiCompartmentSphericalMeanModel
+    from dmipy_fit.distributions.distribute_models import SD1WatsonDistributed
+    from dmipy_fit.signal_models import gaussian_models
+    from threadpoolctl import threadpool_limits
+
+    from dwiflow.core.smt import SmtModel, fit_watson
+    from dwiflow.core.tensor import TensorModel
+
+    g = acquisition_scheme("multi")
+    side = int(round((n_voxels / 20) ** 0.5))
+    ph = make_phantom(g, (side, side, 20), n_fibres=1, snr=30, seed=6)
+    data = ph.data.reshape(-1, g.n_volumes)
+    scheme = acquisition_scheme_from_bvalues(g.bvals * 1e6, g.bvecs, delta=0.0162, Delta=0.0265)
+    rows = []
+    with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = SmtModel(g)
+        t_ours, fit = _best_of(lambda: model.fit(data), 1)
+        smt = MultiCompartmentSphericalMeanModel(models=[gaussian_models.G2Zeppelin()])
+        smt.set_fractional_parameter("G2Zeppelin_1_lambda_perp", "G2Zeppelin_1_lambda_par")
+        n_dipy = max(50, int(dipy_seconds * 150))
+        t_dipy, ref = _best_of(lambda: smt.fit(scheme, data[:n_dipy]).fitted_parameters, 1)
+        lpar = ref["G2Zeppelin_1_lambda_par"] * 1e6
+        within = np.mean(np.abs(fit.lambda_par[:n_dipy] / lpar - 1) < 0.01)
+        rows.append({"step": "smt kernel", "peer": f"dmipy 2.1 SMT brute2fine (timed on {n_dipy} vox), 1 thr",
+                     "voxels": data.shape[0], "dwiflow_s": t_ours, "peer_s": t_dipy / n_dipy * data.shape[0],
+                     "accuracy": f"lambda_par within 1% in {within:.1%}; {data.shape[0] / t_ours:.0f} vs "
+                                 f"{n_dipy / t_dipy:.0f} vox/s"})
+        v1 = TensorModel(g).fit(data).evecs[:, :, 0]
+        t_ours, watson = _best_of(lambda: fit_watson(data, g, fit.lambda_par, fit.lambda_perp, v1), 1)
+        n_w = max(20, int(dipy_seconds * 4))
+        mc = MultiCompartmentModel(models=[SD1WatsonDistributed(models=[gaussian_models.G2Zeppelin()])])
+        mc.set_fixed_parameter("SD1WatsonDistributed_1_G2Zeppelin_1_lambda_par", fit.lambda_par[:n_w] * 1e-6)
+        mc.set_fixed_parameter("SD1WatsonDistributed_1_G2Zeppelin_1_lambda_perp", fit.lambda_perp[:n_w] * 1e-6)
+        t_dipy, wref = _best_of(lambda: mc.fit(scheme, data[:n_w]).fitted_parameters, 1)
+        odi = wref["SD1WatsonDistributed_1_SD1Watson_1_odi"]
+        rows.append({"step": "smt watson", "peer": f"dmipy 2.1 Watson-zeppelin, kernel fixed (timed on {n_w} vox), 1 thr",
+                     "voxels": data.shape[0], "dwiflow_s": t_ours, "peer_s": t_dipy / n_w * data.shape[0],
+                     "accuracy": f"|dODI| < 0.02 in {np.mean(np.abs(watson.odi[:n_w] - odi) < 0.02):.1%}; "
+                                 f"{data.shape[0] / t_ours:.0f} vs {n_w / t_dipy:.1f} vox/s"})
+    return rows
+
+
 HEADER = f"{'step':<14} {'peer':<50} {'voxels':>8} {'dwiflow s':>10} {'peer s':>9} {'ratio':>7}  accuracy"
 
 
@@ -406,7 +454,9 @@ def main() -> int:
                         help="volume size for the peak-memory row of global RUMBA-SD (0 skips it)")
     parser.add_argument("--mapmri-voxels", type=int, default=4000, help="phantom size of the MAP-MRI steps")
     parser.add_argument("--mapmri-dipy-seconds", type=float, default=20.0, help="time budget of each DIPY MAP-MRI run")
-    parser.add_argument("--steps", help="comma-separated subset of: tensor, amp2response, csd, iterative, rumba, mapmri")
+    parser.add_argument("--smt-voxels", type=int, default=20000, help="phantom size of the SMT steps")
+    parser.add_argument("--smt-dipy-seconds", type=float, default=15.0, help="rough time budget of each dmipy run")
+    parser.add_argument("--steps", help="comma-separated subset of: tensor, amp2response, csd, iterative, rumba, mapmri, smt")
     parser.add_argument("--repeats", type=int, default=3, help="best of N timings")
     args = parser.parse_args()
     steps = {
@@ -414,6 +464,7 @@ def main() -> int:
         "amp2response": lambda tmp: bench_amp2response(args.response_voxels, args.repeats, tmp),
         "csd": lambda tmp: bench_csd_peaks(args.voxels, 1, tmp),
         "iterative": lambda tmp: bench_iterative_responses(args.voxels, args.tax_voxels, tmp),
+        "smt": lambda tmp: bench_smt(args.smt_voxels, args.smt_dipy_seconds),
         "mapmri": lambda tmp: bench_mapmri(args.mapmri_voxels, args.mapmri_dipy_seconds),
         "rumba": lambda tmp: bench_rumba(args.rumba_voxels, args.rumba_dipy_voxels, args.rumba_global_shape,
                                          args.rumba_memory_voxels),

@@ -133,7 +133,7 @@ class SmtModel:
         lambda_par_bounds: tuple[float, float] = DEFAULT_LAMBDA_PAR_BOUNDS,
         free_water: bool = False,
         free_water_diffusivity: float = FREE_WATER_DIFFUSIVITY,
-        iterations: int = 40,
+        iterations: int = 80,
         starts: int = 3,
         chunk_size: int = 20000,
     ):
@@ -174,6 +174,30 @@ class SmtModel:
             return (1 - v) * kernel + v * np.exp(-self.bvalues[None] * self.free_water_diffusivity)
         return kernel
 
+    def predict_with_jacobian(self, params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Spherical means (n, s) and their derivatives (n, s, p) in closed form.
+
+        With x = b λ∥ (1-f) and g(x) = √π/2·erf(√x)/√x, Ē = exp(-b f λ∥)·g(x) and g'(x) = (e^{-x} - g)/(2x).
+        """
+        b = self.bvalues[None]
+        lam, f = params[:, :1], params[:, 1:2]
+        x = np.maximum(b * lam * (1 - f), 0.0)
+        small = x < 1e-6
+        safe = np.where(small, 1.0, x)
+        root = np.sqrt(safe)
+        g = np.where(small, 1.0 - x / 3.0, np.sqrt(np.pi) / 2 * erf(root) / root)
+        dg = np.where(small, -1.0 / 3.0 + x / 5.0, (np.exp(-safe) - g) / (2 * safe))
+        decay = np.exp(-b * f * lam)
+        kernel = decay * g
+        d_lam = decay * (-b * f * g + dg * b * (1 - f))
+        d_f = decay * (-b * lam * g - dg * b * lam)
+        if not self.free_water:
+            return kernel, np.stack([d_lam, d_f], axis=-1)
+        v = params[:, 2:3]
+        free = np.exp(-b * self.free_water_diffusivity)
+        means = (1 - v) * kernel + v * free
+        return means, np.stack([(1 - v) * d_lam, (1 - v) * d_f, free - kernel], axis=-1)
+
     def _lower_upper(self) -> tuple[np.ndarray, np.ndarray]:
         low = [self.bounds[0], 0.0] + ([0.0] if self.free_water else [])
         high = [self.bounds[1], 1.0] + ([1.0] if self.free_water else [])
@@ -191,7 +215,7 @@ class SmtModel:
         grid_means = self.predict(grid)  # (g, shells)
         cost = (means**2).sum(1)[:, None] - 2 * means @ grid_means.T + (grid_means**2).sum(1)[None]
         # several starts (the best grid points) guard against the shallow valleys of λ⊥ against free water
-        starts = np.argsort(cost, axis=1)[:, : self.starts]
+        starts = np.argpartition(cost, self.starts - 1, axis=1)[:, : self.starts]
         n_vox = means.shape[0]
         params = grid[starts.T.ravel()].copy()
         means = np.tile(means, (self.starts, 1))
@@ -199,27 +223,30 @@ class SmtModel:
         damping = np.full(means.shape[0], 1e-3)  # per start and voxel
         residual = self.predict(params) - means
         rss = (residual**2).sum(1)
+        active = np.arange(means.shape[0])
         for _ in range(self.iterations):
-            jac = np.empty(means.shape + (n_p,))
-            for k in range(n_p):
-                step = 1e-6 * scale[k]
-                up, down = params.copy(), params.copy()
-                up[:, k] = np.minimum(up[:, k] + step, high[k])
-                down[:, k] = np.maximum(down[:, k] - step, low[k])
-                jac[..., k] = (self.predict(up) - self.predict(down)) / (up[:, k] - down[:, k])[:, None]
+            if not active.size:
+                break
+            p_a, r_a, d_a = params[active], residual[active], damping[active]
+            _, jac = self.predict_with_jacobian(p_a)
             jac_scaled = jac * scale  # work in bound-normalised units
             normal = np.einsum("vsi,vsj->vij", jac_scaled, jac_scaled)
-            gradient = np.einsum("vsi,vs->vi", jac_scaled, residual)
+            gradient = np.einsum("vsi,vs->vi", jac_scaled, r_a)
             diag = np.einsum("vii->vi", normal)
-            system = normal + damping[:, None, None] * (np.eye(n_p) * (diag[:, None, :] + 1e-12))
+            system = normal + d_a[:, None, None] * (np.eye(n_p) * (diag[:, None, :] + 1e-12))
             delta = -np.linalg.solve(system, gradient[..., None])[..., 0] * scale
-            trial = np.clip(params + delta, low, high)
-            trial_residual = self.predict(trial) - means
+            trial = np.clip(p_a + delta, low, high)
+            trial_residual = self.predict(trial) - means[active]
             trial_rss = (trial_residual**2).sum(1)
-            better = trial_rss < rss
-            params[better], residual[better], rss[better] = trial[better], trial_residual[better], trial_rss[better]
-            damping = np.where(better, damping * 0.3, damping * 10.0)
-            damping = np.clip(damping, 1e-12, 1e12)
+            better = trial_rss < rss[active]
+            gain = np.where(better, rss[active] - trial_rss, 0.0)
+            idx = active[better]
+            params[idx], residual[idx], rss[idx] = trial[better], trial_residual[better], trial_rss[better]
+            damping[active] = np.clip(np.where(better, d_a * 0.3, d_a * 10.0), 1e-12, 1e12)
+            # converged: a successful step that no longer changes the residual, or no step left to try
+            done = (better & (gain <= 1e-12 * np.maximum(rss[active], 1e-30))) | (damping[active] >= 1e12)
+            done |= (~better) & (np.abs(delta) <= 1e-12 * scale).all(axis=1)
+            active = active[~done]
         rss = rss.reshape(self.starts, n_vox)
         best = np.argmin(rss, axis=0)
         params = params.reshape(self.starts, n_vox, n_p)[best, np.arange(n_vox)]
@@ -268,14 +295,16 @@ ODI_BOUNDS = (0.02, 0.99)  # as dmipy's SD1Watson
 
 
 def _legendre_table(lmax: int, t: np.ndarray) -> np.ndarray:
-    """Legendre polynomials P_0..P_lmax at t (last axis added)."""
-    out = np.empty(t.shape + (lmax + 1,))
-    out[..., 0] = 1.0
+    """Legendre polynomials P_0..P_lmax at t (last axis added; computed degree-major, contiguous)."""
+    out = np.empty((lmax + 1,) + np.shape(t))
+    out[0] = 1.0
     if lmax >= 1:
-        out[..., 1] = t
+        out[1] = t
     for l in range(1, lmax):
-        out[..., l + 1] = ((2 * l + 1) * t * out[..., l] - l * out[..., l - 1]) / (l + 1)
-    return out
+        np.multiply(t, out[l], out=out[l + 1])
+        out[l + 1] *= (2 * l + 1) / (l + 1)
+        out[l + 1] -= (l / (l + 1)) * out[l - 1]
+    return np.moveaxis(out, 0, -1)
 
 
 def zonal_coefficients(profile: np.ndarray, lmax: int) -> np.ndarray:
@@ -365,19 +394,19 @@ def _fit_watson_chunk(
         iso = free_water[:, None] * np.exp(-b[None] * free_water_diffusivity)
         kernel = kernel * (1 - free_water)[:, None, None]
 
-    def predict(theta, phi, log_kappa):
+    def predict(theta, phi, log_kappa, rows=slice(None)):
         mu = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], axis=-1)
         t = np.clip(np.einsum("vi,gi->vg", mu, gtab.bvecs), -1, 1)
         legendre = _legendre_table(lmax, t)[..., ::2]
         w = watson_coefficients(np.exp(log_kappa), lmax)
-        e = np.einsum("vgl,vgl->vg", kernel * w[:, None, :], legendre)
-        return e + iso if iso is not None else e
+        e = np.einsum("vgl,vgl->vg", kernel[rows] * w[:, None, :], legendre, optimize=False)
+        return e + iso[rows] if iso is not None else e
 
     d = np.asarray(initial_direction, dtype=float)
     d = d / np.linalg.norm(d, axis=1, keepdims=True)
     theta = np.arccos(np.clip(d[:, 2], -1, 1))
     phi = np.arctan2(d[:, 1], d[:, 0])
-    grid = np.log(odi_to_kappa(np.linspace(ODI_BOUNDS[0], 0.95, 16)))
+    grid = np.log(odi_to_kappa(np.linspace(ODI_BOUNDS[0], 0.95, 10)))
     rss_grid = np.stack([((predict(theta, phi, np.full(n, g)) - y) ** 2).sum(1) for g in grid], axis=1)
     log_kappa = grid[np.argmin(rss_grid, axis=1)]
     params = np.stack([theta, phi, log_kappa], axis=1)
@@ -386,28 +415,36 @@ def _fit_watson_chunk(
     rss = (residual**2).sum(1)
     damping = np.full(n, 1e-3)
     steps = np.array([1e-5, 1e-5, 1e-5])
+    active = np.arange(n)
     for _ in range(iterations):
-        jac = np.empty(y.shape + (3,))
+        if not active.size:
+            break
+        p_a, r_a, d_a = params[active], residual[active], damping[active]
+        jac = np.empty(r_a.shape + (3,))
         for k in range(3):
-            up, down = params.copy(), params.copy()
+            up, down = p_a.copy(), p_a.copy()
             up[:, k] += steps[k]
             down[:, k] -= steps[k]
-            jac[..., k] = (predict(*up.T) - predict(*down.T)) / (2 * steps[k])
+            jac[..., k] = (predict(*up.T, rows=active) - predict(*down.T, rows=active)) / (2 * steps[k])
         normal = np.einsum("vgi,vgj->vij", jac, jac)
-        gradient = np.einsum("vgi,vg->vi", jac, residual)
+        gradient = np.einsum("vgi,vg->vi", jac, r_a)
         diag = np.einsum("vii->vi", normal)
-        system = normal + damping[:, None, None] * (np.eye(3) * (diag[:, None, :] + 1e-12))
+        system = normal + d_a[:, None, None] * (np.eye(3) * (diag[:, None, :] + 1e-12))
         try:
             delta = -np.linalg.solve(system, gradient[..., None])[..., 0]
         except np.linalg.LinAlgError:
             break
-        trial = params + delta
+        trial = p_a + delta
         trial[:, 2] = np.clip(trial[:, 2], low, high)
-        trial_residual = predict(*trial.T) - y
+        trial_residual = predict(*trial.T, rows=active) - y[active]
         trial_rss = (trial_residual**2).sum(1)
-        better = trial_rss < rss
-        params[better], residual[better], rss[better] = trial[better], trial_residual[better], trial_rss[better]
-        damping = np.clip(np.where(better, damping * 0.3, damping * 10.0), 1e-12, 1e12)
+        better = trial_rss < rss[active]
+        gain = np.where(better, rss[active] - trial_rss, 0.0)
+        idx = active[better]
+        params[idx], residual[idx], rss[idx] = trial[better], trial_residual[better], trial_rss[better]
+        damping[active] = np.clip(np.where(better, d_a * 0.3, d_a * 10.0), 1e-12, 1e12)
+        done = (better & (gain <= 1e-10 * np.maximum(rss[active], 1e-30))) | (damping[active] >= 1e12)
+        active = active[~done]
     theta, phi, log_kappa = params.T
     mu = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], axis=-1)
     kappa = np.exp(log_kappa)
