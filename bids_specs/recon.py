@@ -18,13 +18,14 @@ STAGE_OPTIONS: dict[str, set[str]] = {
     "csd": {"lmax"},
     "rumba": {"use_response", "wm_response", "gm_response", "csf_response", "n_iter", "recon_type", "n_coils", "R",
               "global_fit", "use_tv", "sh_lmax", "amplitudes", "sphere", "precision"},
+    "smt": {"fod", "free_water", "lambda_par_bounds"},
     "mapmri": {"radial_order", "anisotropic", "laplacian_weighting", "positivity", "pos_grid", "pos_radius", "solver",
                "big_delta", "small_delta", "bval_threshold"},
     "peaks": {"npeaks", "rel_threshold", "min_separation"},
     "fod_metrics": set(),
 }
 STAGE_REQUIRES = {"csd": "response", "fod_metrics": "peaks", "response": "mask"}
-FOD_STAGES = ("csd", "rumba", "mapmri")  # stages producing an FOD (MAP-MRI: its ODF) for peaks and FOD metrics
+FOD_STAGES = ("csd", "rumba", "mapmri", "smt")  # stages producing an FOD (MAP-MRI: its ODF; SMT: Watson)
 RESPONSE_METHODS = ("fa", "ssst", "tournier", "tax")
 
 

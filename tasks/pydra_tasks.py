@@ -125,6 +125,26 @@ def Mapmri(
     return tuple(File(written[n]) if n in written else None for n in MAPMRI_TASK_OUTPUTS)
 
 
+SMT_TASK_OUTPUTS = ("lpar", "lperp", "f", "fw", "mse", "r2", "status", "odi", "kappa", "mu", "fod", "fodmse")
+
+
+@python.define(outputs=list(SMT_TASK_OUTPUTS))
+def Smt(
+    dwi: File, bval: File, bvec: File, mask: File, options: dict | None = None, code_version: str = "",
+) -> tuple[File | None, File | None, File | None, File | None, File | None, File | None, File | None, File | None,
+           File | None, File | None, File | None, File | None]:
+    """SMT kernel and Watson FOD; ``options``: fod (none|watson), free_water, lambda_par_bounds."""
+    options = dict(options or {})
+    skip = set() if options.get("free_water") else {"fw"}
+    if options.get("fod", "watson") == "none":
+        skip |= {"odi", "kappa", "mu", "fod", "fodmse"}
+    if "lambda_par_bounds" in options:
+        options["lambda_par_bounds"] = tuple(options["lambda_par_bounds"])
+    written = stages.smt_stage(dwi, bval, bvec, {n: Path.cwd() / f"smt_{n}.nii.gz" for n in SMT_TASK_OUTPUTS
+                                                 if n not in skip}, mask=mask, **options)
+    return tuple(File(written[n]) if n in written else None for n in SMT_TASK_OUTPUTS)
+
+
 @python.define(outputs=["peaks"])
 def Peaks(
     fod: File, mask: File, npeaks: int = 3, rel_threshold: float = 0.2, min_separation: float = 25.0, code_version: str = ""
@@ -154,6 +174,7 @@ DERIVATIVE_KEYS: dict[str, tuple[str, dict[str, str]]] = {
     "nufo": ("nufo", {}), "gfa": ("gfa", {}),
     **{f"rumba_{n}": (f"rumba_{n}", {}) for n in RUMBA_TASK_OUTPUTS},
     **{f"mapmri_{n}": (f"mapmri_{n}", {}) for n in MAPMRI_TASK_OUTPUTS},
+    **{f"smt_{n}": (f"smt_{n}", {}) for n in SMT_TASK_OUTPUTS},
 }
 MODEL_ENTITY = ("response", "peaks", "afd_total", "peak_amplitude", "nufo", "gfa")  # named after the FOD's model
 
@@ -174,6 +195,10 @@ def StageDerivatives(
     mapmri_msd: File | None = None, mapmri_qiv: File | None = None, mapmri_ng: File | None = None,
     mapmri_ngpar: File | None = None, mapmri_ngperp: File | None = None, mapmri_lapnorm: File | None = None,
     mapmri_odf: File | None = None, mapmri_status: File | None = None,
+    smt_lpar: File | None = None, smt_lperp: File | None = None, smt_f: File | None = None, smt_fw: File | None = None,
+    smt_mse: File | None = None, smt_r2: File | None = None, smt_status: File | None = None, smt_odi: File | None = None,
+    smt_kappa: File | None = None, smt_mu: File | None = None, smt_fod: File | None = None,
+    smt_fodmse: File | None = None,
     code_version: str = "",
 ):
     """Copy a run's outputs (and their sidecars) under their BIDS derivative names into one folder."""
@@ -193,7 +218,10 @@ def StageDerivatives(
               "mapmri_rtop": mapmri_rtop, "mapmri_rtap": mapmri_rtap, "mapmri_rtpp": mapmri_rtpp, "mapmri_msd": mapmri_msd,
               "mapmri_qiv": mapmri_qiv, "mapmri_ng": mapmri_ng, "mapmri_ngpar": mapmri_ngpar,
               "mapmri_ngperp": mapmri_ngperp, "mapmri_lapnorm": mapmri_lapnorm, "mapmri_odf": mapmri_odf,
-              "mapmri_status": mapmri_status}
+              "mapmri_status": mapmri_status,
+              "smt_lpar": smt_lpar, "smt_lperp": smt_lperp, "smt_f": smt_f, "smt_fw": smt_fw, "smt_mse": smt_mse,
+              "smt_r2": smt_r2, "smt_status": smt_status, "smt_odi": smt_odi, "smt_kappa": smt_kappa, "smt_mu": smt_mu,
+              "smt_fod": smt_fod, "smt_fodmse": smt_fodmse}
     folder = Path.cwd() / "derivatives"
     folder.mkdir(exist_ok=True)
     for name, value in values.items():

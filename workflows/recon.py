@@ -33,6 +33,8 @@ from dwiflow.tasks.pydra_tasks import (
     Mapmri,
     Response,
     Rumba,
+    SMT_TASK_OUTPUTS,
+    Smt,
     RUMBA_TASK_OUTPUTS,
     StageDerivatives,
     Tensor,
@@ -103,6 +105,11 @@ def ReconRun(
         outputs.update({f"mapmri_{n}": getattr(mapmri, n) for n in MAPMRI_TASK_OUTPUTS})
         if fod is None:
             fod, fod_model = mapmri.odf, "mapmri"
+    if "smt" in stages:
+        smt = add(Smt(dwi=dwi, bval=bval, bvec=bvec, mask=mask, options=dict(stages["smt"]), code_version=cv), "smt")
+        outputs.update({f"smt_{n}": getattr(smt, n) for n in SMT_TASK_OUTPUTS})
+        if fod is None and stages["smt"].get("fod", "watson") != "none":
+            fod, fod_model = smt.fod, "smt"
     if "peaks" in stages:
         opts = stages["peaks"]
         peaks = add(Peaks(fod=fod, mask=mask, npeaks=opts.get("npeaks", 3),
