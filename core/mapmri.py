@@ -871,15 +871,20 @@ class MapmriModel:
         n, n_coef = y.shape[0], self.n_coefficients
         out = np.full((n, n_coef), np.nan)
         bad = np.zeros(n, bool)
-        try:
-            chol_lower = np.linalg.cholesky(system)
-        except np.linalg.LinAlgError:
-            chol_lower = np.full_like(system, np.nan)
-            for i in range(n):
+        # Without a Laplacian term, MᵀM is singular when the shells do not determine every coefficient (two
+        # shells at radial order 6): then a ridge far below the data's scale picks the minimum-norm optimum
+        scale = np.einsum("vii->v", system)[:, None, None] / n_coef
+        chol_lower = np.full_like(system, np.nan)
+        for i in range(n):
+            for ridge in (0.0, 1e-12, 1e-10, 1e-8, 1e-6):
                 try:
-                    chol_lower[i] = np.linalg.cholesky(system[i])
+                    chol_lower[i] = np.linalg.cholesky(system[i] + ridge * scale[i] * np.eye(n_coef))
+                    system[i] += ridge * scale[i] * np.eye(n_coef)
+                    break
                 except np.linalg.LinAlgError:
-                    bad[i] = True
+                    continue
+            else:
+                bad[i] = True
         target = np.linalg.solve(chol_lower, rhs[..., None])[..., 0]  # R^{-T} Mᵀy with R = Lᵀ
         if self.positivity == "grid":
             first_b0 = int(np.flatnonzero(self.gtab.b0s_mask)[0])
