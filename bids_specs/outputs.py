@@ -40,6 +40,19 @@ def output_filename(key: str, source_entities: dict[str, str]) -> str:
     return "_".join(parts + [spec["suffix"]]) + spec["extension"]
 
 
+def entities_from_filename(path: str) -> dict[str, str]:
+    """BIDS entities of a file name (``sub-01_acq-x_dwi.nii.gz`` → {sub: 01, acq: x}); empty for other names."""
+    from pathlib import Path
+
+    name = Path(path).name.split(".")[0]
+    entities = {}
+    for part in name.split("_")[:-1]:
+        if "-" in part:
+            key, value = part.split("-", 1)
+            entities[key] = value
+    return entities
+
+
 _SIDECAR_KEYS = ("Description", "Units", "OrientationEncoding", "Levels", "Type")
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import GradientTable
 from dwiflow.core.tensor import TensorModel
-from dwiflow.core.voxels import VoxelBatch, iter_chunks
+from dwiflow.core.voxels import VoxelBatch, iter_chunks, scatter
 
 DEFAULT_TAU = 1.0 / (4.0 * np.pi**2)  # without Δ/δ: q = sqrt(b)/(2π·sqrt(τ)) with this τ gives q = sqrt(b)
 GCV_BOUNDS = (1e-5, 10.0)
@@ -274,23 +274,24 @@ def constraint_grid(gridsize: int, radius: float) -> np.ndarray:
 
 
 def propagator_basis(radial_order: int, mu: np.ndarray, r_local: np.ndarray) -> np.ndarray:
-    """Anisotropic propagator basis (v, n_r, n_coef) at displacements ``r_local`` (n_r, 3) in each voxel's
-    tensor frame: products of ``h_n(r/μ) / (sqrt(2π) μ)`` (the Fourier pairs of the signal basis)."""
+    """Anisotropic propagator basis (v, n_r, n_coef) at displacements ``r_local`` ((n_r, 3), or (v, n_r, 3) per
+    voxel) in each voxel's tensor frame: products of ``h_n(r/μ) / (sqrt(2π) μ)`` (Fourier pairs of the signal basis)."""
     ind = index_matrix(radial_order)
-    t = r_local[None, :, :] / mu[:, None, :]
+    t = np.broadcast_to(r_local, (mu.shape[0],) + r_local.shape[-2:]) / mu[:, None, :]
     h = hermite_functions(radial_order, t) / (np.sqrt(2 * np.pi) * mu[:, None, :, None])
     return h[..., 0, ind[:, 0]] * h[..., 1, ind[:, 1]] * h[..., 2, ind[:, 2]]
 
 
 def isotropic_propagator_basis(radial_order: int, u0: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """Isotropic propagator basis (v, n_r, n_coef) at world-frame displacements ``r`` (n_r, 3)."""
+    """Isotropic propagator basis (v, n_r, n_coef) at world-frame displacements ``r`` (n_r, 3), or per voxel
+    (v, n_r, 3) when all voxels share the directions (a scaled grid): the SH part is computed once."""
     ind = isotropic_index_matrix(radial_order)
     j, ell = ind[:, 0], ind[:, 1]
-    rr = np.linalg.norm(r, axis=1)
-    a = rr[None, :, None] ** 2 / (2 * u0[:, None, None] ** 2)
+    rr = np.broadcast_to(np.linalg.norm(r, axis=-1), (u0.shape[0], r.shape[-2]))
+    a = rr[..., None] ** 2 / (2 * u0[:, None, None] ** 2)
     radial = ((-1.0) ** (j - 1) / (np.sqrt(2) * np.pi * u0[:, None, None] ** 3) * a ** (ell / 2) * np.exp(-a)
               * _genlaguerre(j - 1, ell + 0.5, 2 * a))
-    return radial * _sh_columns(radial_order, r)[None]
+    return radial * _sh_columns(radial_order, r.reshape(-1, r.shape[-2], 3)[0])[None]
 
 
 @lru_cache(maxsize=8)
@@ -441,9 +442,8 @@ class MapmriFit:
     status: np.ndarray
 
     def volume(self, values: np.ndarray, fill=np.nan) -> np.ndarray:
-        out = np.full(self.batch.mask.shape + values.shape[1:], fill, dtype=values.dtype)
-        out[self.batch.index] = values
-        return out
+        """Per-voxel ``values`` placed back into the image grid."""
+        return scatter(values, self.batch, fill)
 
     def _dot(self, vector: np.ndarray, sel: np.ndarray | None = None) -> np.ndarray:
         c = self.coefficients if sel is None else self.coefficients[:, sel]
@@ -726,8 +726,6 @@ class MapmriModel:
         self.solver = solver.upper()
         self._problem = None
         self._grid_problems: dict[int, tuple] = {}
-        self.solver_iterations = 0
-        self.full_grid_solves = 0
 
     def _grid_problem(self, n_grid: int):
         """CVXPY problem of the grid-constrained fit, built once; per voxel only its parameters change.
@@ -862,11 +860,9 @@ class MapmriModel:
         satisfies every grid constraint it is the constrained optimum (KKT), and no solver call
         is needed.
         """
-        import cvxpy as cp
 
         y = y / y[:, self.gtab.b0s_mask].mean(axis=1, keepdims=True)
-        use_lap = lam > 0 if self.positivity == "grid" else lam > 0
-        system = gram + np.where(use_lap, lam, 0.0)[:, None, None] * lap
+        system = gram + lam[:, None, None] * lap
         rhs = np.einsum("vgi,vg->vi", design, y)
         n, n_coef = y.shape[0], self.n_coefficients
         out = np.full((n, n_coef), np.nan)
@@ -892,11 +888,11 @@ class MapmriModel:
             radius = (np.sqrt(5) * np.sqrt(evals * 2 * self.tau).max(axis=1) if self.pos_radius == "adaptive"
                       else np.full(n, float(self.pos_radius)))
             unit = constraint_grid(self.pos_grid, 1.0)
+            grids = unit[None] * radius[:, None, None]  # each voxel's grid (same directions, its own radius)
             if self.anisotropic:
-                psi = np.stack([propagator_basis(self.radial_order, mu[i:i + 1], unit * radius[i])[0] for i in range(n)])
+                psi = propagator_basis(self.radial_order, mu, grids)
             else:
-                psi = np.stack([isotropic_propagator_basis(self.radial_order, mu[i:i + 1, 0], unit * radius[i])[0]
-                                for i in range(n)])
+                psi = isotropic_propagator_basis(self.radial_order, mu[:, 0], grids)
             # equality-constrained least squares (a0·c = 1) in closed form
             free = np.linalg.solve(system, rhs[..., None])[..., 0]
             w = np.linalg.solve(system, a0[..., None])[..., 0]
@@ -933,8 +929,6 @@ class MapmriModel:
             count = n_grid if rows_idx is None else next(t for t in WORKING_SET_TIERS if t >= len(rows_idx))
             if count not in self._grid_problems:
                 self._grid_problems[count] = self._grid_problem(count)
-            if rows_idx is None:
-                self.full_grid_solves += 1
             problem, var, (p_target, p_a0, p_rows, p_margin) = self._grid_problems[count]
             p_target.value, p_a0.value = target, a0_x
             if rows_idx is None:
@@ -970,7 +964,6 @@ class MapmriModel:
 
         try:
             problem.solve(solver=self.solver)
-            self.solver_iterations += int(getattr(problem.solver_stats, "num_iters", 0) or 0)
         except cp.error.SolverError:
             return np.full(variable.shape, np.nan), True
         if problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or variable.value is None:
@@ -1004,16 +997,10 @@ class MapmriModel:
         return gcv_weights(theta, z**2, rss_floor, n_obs)
 
     def _first_local_minimum(self, scores: np.ndarray) -> np.ndarray:
-        """DIPY's scan of a weight array: walk up the array while GCV decreases, keep the last weight before
-        it rises (the weight before the last one evaluated)."""
+        """DIPY's scan of a weight array: walk up the array while GCV does not increase (at most to its
+        second-to-last weight), keep the weight before the last one evaluated."""
         w = self.weighting
         n_w = w.size
-        out = np.empty(scores.shape[0])
-        for v in range(scores.shape[0]):
-            i, old, new = -1, 1e11, 1e11
-            while old >= new and i < n_w - 2:
-                old = new
-                i += 1
-                new = scores[v, i]
-            out[v] = w[i - 1]
-        return out
+        rises = scores[:, 1 : n_w - 1] > scores[:, : n_w - 2]  # a rise at weight i (1 ≤ i ≤ n_w - 2) stops the walk
+        stop = np.where(rises.any(axis=1), np.argmax(rises, axis=1) + 1, n_w - 2)
+        return w[stop - 1]

@@ -37,14 +37,14 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import GradientTable
 from dwiflow.core.sphere import Sphere, get_sphere
-from dwiflow.core.voxels import VoxelBatch, iter_chunks
+from dwiflow.core.voxels import VoxelBatch, iter_chunks, scatter
 
 DEFAULT_WM_RESPONSE = (1.7e-3, 0.2e-3, 0.2e-3)
 DEFAULT_GM_DIFFUSIVITY = 0.8e-3
@@ -387,12 +387,10 @@ class RumbaFit:
     fractions: np.ndarray
     sigma2: np.ndarray
     status: np.ndarray
-    _volumes: dict = field(default_factory=dict, repr=False)
 
-    def _volume(self, values: np.ndarray, fill=np.nan) -> np.ndarray:
-        out = np.full(self.batch.mask.shape + values.shape[1:], fill, dtype=values.dtype)
-        out[self.batch.index] = values
-        return out
+    def volume(self, values: np.ndarray, fill=np.nan) -> np.ndarray:
+        """Per-voxel ``values`` placed back into the image grid."""
+        return scatter(values, self.batch, fill)
 
     @property
     def odf_rows(self) -> np.ndarray:
@@ -400,34 +398,47 @@ class RumbaFit:
 
     def odf(self) -> np.ndarray:
         """fODF amplitudes on the model sphere (…, m); NaN outside the mask and for failed voxels."""
-        return self._volume(self.odf_rows)
+        return self.volume(self.odf_rows)
 
     @property
     def f_gm(self) -> np.ndarray:
-        return self._volume(self.fractions[:, -2])
+        return self.volume(self.fractions[:, -2])
 
     @property
     def f_csf(self) -> np.ndarray:
-        return self._volume(self.fractions[:, -1])
+        return self.volume(self.fractions[:, -1])
 
     @property
     def f_wm(self) -> np.ndarray:
-        return self._volume(self.fractions[:, :-2].sum(axis=1))
+        return self.volume(self.fractions[:, :-2].sum(axis=1))
 
     @property
     def f_iso(self) -> np.ndarray:
-        return self._volume(self.fractions[:, -2:].sum(axis=1))
+        return self.volume(self.fractions[:, -2:].sum(axis=1))
 
     def combined_odf_rows(self) -> np.ndarray:
         """fODF plus the isotropic fraction spread evenly over the sphere (rows sum to 1)."""
         odf = self.odf_rows
         return odf + self.fractions[:, -2:].sum(axis=1, keepdims=True) / odf.shape[1]
 
+    def odf_sh(self, lmax: int = 8) -> np.ndarray:
+        """fODF rows as real SH (MRtrix3 basis, frame of the gradients), least squares on the model sphere."""
+        from dwiflow.core.sh import amplitudes_to_sh
+
+        return amplitudes_to_sh(self.odf_rows, self.model.vertices, lmax)
+
+    def combined_odf_sh(self, lmax: int = 8, odf_sh: np.ndarray | None = None) -> np.ndarray:
+        """SH of :meth:`combined_odf_rows`: the fODF's plus the isotropic fraction's share of the l=0 term
+        (a constant c on the sphere has l=0 coefficient c·√(4π))."""
+        out = np.array(self.odf_sh(lmax) if odf_sh is None else odf_sh, copy=True)
+        out[:, 0] += self.fractions[:, -2:].sum(axis=1) / self.odf_rows.shape[1] * np.sqrt(4 * np.pi)
+        return out
+
     def snr(self) -> np.ndarray:
-        return self._volume(1.0 / np.sqrt(self.sigma2))
+        return self.volume(1.0 / np.sqrt(self.sigma2))
 
     def status_volume(self) -> np.ndarray:
-        return self._volume(self.status, fill=np.uint8(0))
+        return self.volume(self.status, fill=np.uint8(0))
 
 
 class RumbaSDModel:

@@ -27,7 +27,7 @@ from scipy.special import erf
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import GradientTable
 from dwiflow.core.sh import real_sh_basis
-from dwiflow.core.voxels import VoxelBatch, iter_chunks
+from dwiflow.core.voxels import VoxelBatch, iter_chunks, scatter
 
 # SH degree needed to represent a shell's signal by b-value (s/mm²): thresholds of dmipy's
 # get_sh_order_from_bval, so that spherical means agree with dmipy's on the same data
@@ -78,6 +78,19 @@ def zeppelin_spherical_mean(bvalues: np.ndarray, lambda_par: np.ndarray, lambda_
     return np.exp(-b * lambda_perp) * ratio
 
 
+def damped_gauss_newton_step(jac: np.ndarray, residual: np.ndarray, damping: np.ndarray) -> np.ndarray:
+    """Levenberg–Marquardt steps for many small problems at once: (JᵀJ + λ diag(JᵀJ)) δ = -Jᵀr.
+
+    ``jac`` (v, m, p), ``residual`` (v, m), ``damping`` (v,) → δ (v, p).
+    """
+    n_p = jac.shape[-1]
+    normal = np.einsum("vsi,vsj->vij", jac, jac)
+    gradient = np.einsum("vsi,vs->vi", jac, residual)
+    diag = np.einsum("vii->vi", normal)
+    system = normal + damping[:, None, None] * (np.eye(n_p) * (diag[:, None, :] + 1e-12))
+    return -np.linalg.solve(system, gradient[..., None])[..., 0]
+
+
 @dataclass
 class SmtFit:
     """SMT parameters of the masked voxels.
@@ -107,9 +120,8 @@ class SmtFit:
     status: np.ndarray
 
     def volume(self, values: np.ndarray, fill=np.nan) -> np.ndarray:
-        out = np.full(self.batch.mask.shape + values.shape[1:], fill, dtype=values.dtype)
-        out[self.batch.index] = values
-        return out
+        """Per-voxel ``values`` placed back into the image grid."""
+        return scatter(values, self.batch, fill)
 
 
 class SmtModel:
@@ -229,12 +241,7 @@ class SmtModel:
                 break
             p_a, r_a, d_a = params[active], residual[active], damping[active]
             _, jac = self.predict_with_jacobian(p_a)
-            jac_scaled = jac * scale  # work in bound-normalised units
-            normal = np.einsum("vsi,vsj->vij", jac_scaled, jac_scaled)
-            gradient = np.einsum("vsi,vs->vi", jac_scaled, r_a)
-            diag = np.einsum("vii->vi", normal)
-            system = normal + d_a[:, None, None] * (np.eye(n_p) * (diag[:, None, :] + 1e-12))
-            delta = -np.linalg.solve(system, gradient[..., None])[..., 0] * scale
+            delta = damped_gauss_newton_step(jac * scale, r_a, d_a) * scale  # in bound-normalised units
             trial = np.clip(p_a + delta, low, high)
             trial_residual = self.predict(trial) - means[active]
             trial_rss = (trial_residual**2).sum(1)
@@ -353,9 +360,17 @@ class WatsonFit:
 
 
 def fit_watson(signal: np.ndarray, gtab: GradientTable, lambda_par: np.ndarray, lambda_perp: np.ndarray,
-               initial_direction: np.ndarray, *, free_water: np.ndarray | None = None, chunk_size: int = 512,
-               **options) -> WatsonFit:
-    """Watson FOD fits in chunks of voxels (bounded memory); see :func:`_fit_watson_chunk`."""
+               initial_direction: np.ndarray | None = None, *, free_water: np.ndarray | None = None,
+               chunk_size: int = 512, **options) -> WatsonFit:
+    """Watson FOD fits in chunks of voxels (bounded memory); see :func:`_fit_watson_chunk`.
+
+    Without ``initial_direction`` the fits start from each voxel's tensor principal eigenvector.
+    """
+    if initial_direction is None:
+        from dwiflow.core.tensor import TensorModel
+
+        evecs = TensorModel(gtab).fit(signal).evecs[:, :, 0]
+        initial_direction = np.where(np.isfinite(evecs).all(axis=1, keepdims=True), evecs, [0.0, 0.0, 1.0])
     parts = []
     for sl in iter_chunks(signal.shape[0], chunk_size):
         parts.append(_fit_watson_chunk(signal[sl], gtab, lambda_par[sl], lambda_perp[sl], initial_direction[sl],
@@ -426,12 +441,8 @@ def _fit_watson_chunk(
             up[:, k] += steps[k]
             down[:, k] -= steps[k]
             jac[..., k] = (predict(*up.T, rows=active) - predict(*down.T, rows=active)) / (2 * steps[k])
-        normal = np.einsum("vgi,vgj->vij", jac, jac)
-        gradient = np.einsum("vgi,vg->vi", jac, r_a)
-        diag = np.einsum("vii->vi", normal)
-        system = normal + d_a[:, None, None] * (np.eye(3) * (diag[:, None, :] + 1e-12))
         try:
-            delta = -np.linalg.solve(system, gradient[..., None])[..., 0]
+            delta = damped_gauss_newton_step(jac, r_a, d_a)
         except np.linalg.LinAlgError:
             break
         trial = p_a + delta

@@ -81,11 +81,7 @@ def tensor_stage(
     mask : path, optional
         Brain mask; without one every voxel with a finite, positive signal is fitted.
     """
-    unknown = set(outputs) - set(TENSOR_OUTPUTS)
-    if unknown:
-        raise DwiflowInputError(f"unknown tensor outputs {sorted(unknown)}; choose from {TENSOR_OUTPUTS}")
-    if not outputs:
-        raise DwiflowInputError(f"no output requested; give at least one of {', '.join(TENSOR_OUTPUTS)}")
+    _check_outputs("tensor", outputs, TENSOR_OUTPUTS)
     run = load_dwi(dwi, bval, bvec)
     voxels = load_mask(mask, run.data.shape[:3], run.affine) if mask is not None else _voxels_with_signal(run, dwi)
     fit = TensorModel(run.gtab, fit_method=fit_method).fit(run.data, voxels)
@@ -365,6 +361,39 @@ def csd_stage(
     return Path(out_fod)
 
 
+def _check_outputs(model: str, outputs: dict[str, PathLike], allowed: tuple[str, ...]) -> None:
+    unknown = set(outputs) - set(allowed)
+    if unknown:
+        raise DwiflowInputError(f"unknown {model} outputs {sorted(unknown)}; choose from {allowed}")
+    if not outputs:
+        raise DwiflowInputError(f"no output requested; give at least one of {', '.join(allowed)}")
+
+
+def _write_model_maps(
+    prefix: str,
+    outputs: dict[str, PathLike],
+    volume_of,
+    affine: np.ndarray,
+    params: dict[str, Any],
+    sources: dict[str, Any],
+    status_levels: dict[int, str],
+    orientation: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Path]:
+    """One NIfTI + sidecar per requested map of a model (``<prefix>_<name>`` in outputs.yaml), all or nothing.
+
+    ``volume_of(name)`` gives the map's image; ``status`` is written as uint8 with the model's levels.
+    """
+    written: dict[str, Path] = {}
+    with atomic_outputs() as out:
+        for name, path in outputs.items():
+            content = sidecar(f"{prefix}_{name}", params, (orientation or {}).get(name), **sources)
+            if name == "status":
+                content["Levels"] = {str(k): v for k, v in status_levels.items()}
+            dtype = np.uint8 if name == "status" else np.float32
+            written[name] = out.nifti(path, volume_of(name), affine, content, dtype=dtype)
+    return written
+
+
 RUMBA_OUTPUTS = ("fod", "fod_amplitudes", "combined_odf", "fwm", "fiso", "fgm", "fcsf", "snr", "status")
 
 
@@ -419,13 +448,8 @@ def rumba_stage(
     amplitudes on the model sphere; fractions, the SNR estimate and a status map alongside.
     """
     from dwiflow.core.rumba import STATUS_LEVELS, RumbaSDModel
-    from dwiflow.core.sh import amplitudes_to_sh
 
-    unknown = set(outputs) - set(RUMBA_OUTPUTS)
-    if unknown:
-        raise DwiflowInputError(f"unknown RUMBA-SD outputs {sorted(unknown)}; choose from {RUMBA_OUTPUTS}")
-    if not outputs:
-        raise DwiflowInputError(f"no output requested; give at least one of {', '.join(RUMBA_OUTPUTS)}")
+    _check_outputs("RUMBA-SD", outputs, RUMBA_OUTPUTS)
     if global_fit is False and use_tv:
         raise DwiflowInputError("total variation (--tv) needs the global fit (--global)")
     if "fgm" in outputs and gm_response is None:
@@ -443,15 +467,11 @@ def rumba_stage(
                          voxelwise=not global_fit, use_tv=use_tv, precision=precision, n_threads=n_threads)
     voxels = load_mask(mask, run.data.shape[:3], run.affine) if mask is not None else _voxels_with_signal(run, dwi)
     fit = model.fit(run.data, voxels, progress=progress)
-    sh = amplitudes_to_sh(fit.odf_rows, model.vertices, sh_lmax) if {"fod", "combined_odf"} & set(outputs) else None
-    rows = fit.fractions
+    sh = fit.odf_sh(sh_lmax) if {"fod", "combined_odf"} & set(outputs) else None
     maps = {
-        "fod": lambda: fit._volume(np.nan_to_num(sh), fill=0.0),
+        "fod": lambda: fit.volume(np.nan_to_num(sh), fill=0.0),
         "fod_amplitudes": fit.odf,
-        "combined_odf": lambda: fit._volume(np.nan_to_num(
-            sh + (rows[:, -2:].sum(axis=1, keepdims=True) * amplitudes_to_sh(np.ones((1, model.vertices.shape[0])),
-                                                                             model.vertices, sh_lmax)
-                  / model.vertices.shape[0])), fill=0.0),
+        "combined_odf": lambda: fit.volume(np.nan_to_num(fit.combined_odf_sh(sh_lmax, sh)), fill=0.0),
         "fwm": lambda: fit.f_wm, "fiso": lambda: fit.f_iso, "fgm": lambda: fit.f_gm, "fcsf": lambda: fit.f_csf,
         "snr": fit.snr, "status": fit.status_volume,
     }
@@ -464,21 +484,11 @@ def rumba_stage(
         "VoxelsFailed": int((fit.status != 0).sum()),
     }
     sources = _provenance(dwi, bval, bvec, mask, wm_response if isinstance(wm_response, (str, os.PathLike)) else None)
-    written: dict[str, Path] = {}
-    with atomic_outputs() as out:
-        for name, path in outputs.items():
-            key = f"rumba_{name}"
-            orientation = None
-            if name in ("fod", "combined_odf"):
-                orientation = {"SphericalHarmonicDegree": int(sh_lmax)}
-            elif name == "fod_amplitudes":
-                orientation = {"Directions": np.round(model.vertices, 8).tolist()}
-            content = sidecar(key, params, orientation, **sources)
-            if name == "status":
-                content["Levels"] = {str(k): v for k, v in STATUS_LEVELS.items()}
-            dtype = np.uint8 if name == "status" else np.float32
-            written[name] = out.nifti(path, maps[name](), run.affine, content, dtype=dtype)
-    return written
+    orientation = {"fod": {"SphericalHarmonicDegree": int(sh_lmax)},
+                   "combined_odf": {"SphericalHarmonicDegree": int(sh_lmax)},
+                   "fod_amplitudes": {"Directions": np.round(model.vertices, 8).tolist()}}
+    return _write_model_maps("rumba", outputs, lambda name: maps[name](), run.affine, params, sources, STATUS_LEVELS,
+                             orientation)
 
 
 MAPMRI_INDICES = ("rtop", "rtap", "rtpp", "msd", "qiv", "ng", "ngpar", "ngperp")
@@ -531,11 +541,7 @@ def mapmri_stage(
     """
     from dwiflow.core.mapmri import STATUS_LEVELS, MapmriModel
 
-    unknown = set(outputs) - set(MAPMRI_OUTPUTS)
-    if unknown:
-        raise DwiflowInputError(f"unknown MAP-MRI outputs {sorted(unknown)}; choose from {MAPMRI_OUTPUTS}")
-    if not outputs:
-        raise DwiflowInputError(f"no output requested; give at least one of {', '.join(MAPMRI_OUTPUTS)}")
+    _check_outputs("MAP-MRI", outputs, MAPMRI_OUTPUTS)
     if not anisotropic and {"ng", "ngpar", "ngperp"} & set(outputs):
         raise DwiflowInputError("non-Gaussianity maps need the anisotropic basis (drop --isotropic)")
     big, small, times_source = diffusion_times(dwi, big_delta, small_delta)
@@ -566,20 +572,16 @@ def mapmri_stage(
               "Solver": solver if positivity != "none" else None, "BigDelta": big, "SmallDelta": small,
               "DiffusionTimesFrom": times_source, "Tau": model.tau, "BvalThreshold": bval_threshold,
               "OdfRadialMoment": odf_moment, "VoxelsFailed": int((fit.status != 0).sum())}
-    written: dict[str, Path] = {}
-    with atomic_outputs() as out:
-        for name, path in outputs.items():
-            values = np.asarray(getters[name]())
-            fill = 0 if name in ("odf", "status") else np.nan
-            if name != "status":
-                values = np.where(fit.status.reshape((-1,) + (1,) * (values.ndim - 1)) == 0, values, fill)
-            orientation = {"SphericalHarmonicDegree": int(model.radial_order)} if name == "odf" else None
-            content = sidecar(f"mapmri_{name}", params, orientation, **_provenance(dwi, bval, bvec, mask))
-            if name == "status":
-                content["Levels"] = {str(k): v for k, v in STATUS_LEVELS.items()}
-            dtype = np.uint8 if name == "status" else np.float32
-            written[name] = out.nifti(path, fit.volume(values, fill=fill), run.affine, content, dtype=dtype)
-    return written
+
+    def volume_of(name: str) -> np.ndarray:
+        values = np.asarray(getters[name]())
+        fill = 0 if name in ("odf", "status") else np.nan
+        if name != "status":  # failed voxels get the fill value
+            values = np.where(fit.status.reshape((-1,) + (1,) * (values.ndim - 1)) == 0, values, fill)
+        return fit.volume(values, fill=fill)
+
+    return _write_model_maps("mapmri", outputs, volume_of, run.affine, params, _provenance(dwi, bval, bvec, mask),
+                             STATUS_LEVELS, {"odf": {"SphericalHarmonicDegree": int(model.radial_order)}})
 
 
 SMT_OUTPUTS = ("lpar", "lperp", "f", "fw", "mse", "r2", "status", "odi", "kappa", "mu", "fod", "fodmse")
@@ -601,9 +603,7 @@ def smt_stage(
     """SMT kernel (and optionally a Watson FOD on it); writes the requested maps, all or nothing."""
     from dwiflow.core.smt import STATUS_LEVELS, SmtModel, fit_watson
 
-    unknown = set(outputs) - set(SMT_OUTPUTS)
-    if unknown:
-        raise DwiflowInputError(f"unknown SMT outputs {sorted(unknown)}; choose from {SMT_OUTPUTS}")
+    _check_outputs("SMT", outputs, SMT_OUTPUTS)
     if fod not in ("none", "watson"):
         raise DwiflowInputError(f"fod must be 'none' or 'watson' (Bingham FODs are not implemented yet), got {fod!r}")
     fod_outputs = {"odi", "kappa", "mu", "fod", "fodmse"} & set(outputs)
@@ -619,10 +619,7 @@ def smt_stage(
             "mse": fit.mse, "r2": fit.r2, "status": fit.status}
     if fod == "watson" and fod_outputs:
         ok = np.flatnonzero(fit.status == 0)
-        signal = fit.batch.signal()[ok]
-        tensor = TensorModel(run.gtab).fit(signal)
-        v1 = np.nan_to_num(tensor.evecs[:, :, 0]) + np.isnan(tensor.evecs[:, :1, 0]) * [0, 0, 1.0]
-        watson = fit_watson(signal, run.gtab, fit.lambda_par[ok], fit.lambda_perp[ok], v1,
+        watson = fit_watson(fit.batch.signal()[ok], run.gtab, fit.lambda_par[ok], fit.lambda_perp[ok],
                             free_water=None if fit.free_water is None else fit.free_water[ok])
         n = fit.status.size
         for name, values in (("odi", watson.odi), ("kappa", watson.kappa), ("fodmse", watson.mse),
@@ -633,18 +630,10 @@ def smt_stage(
     params = {"Kernel": "zeppelin, lambda_perp = f * lambda_par", "LambdaParBounds": list(lambda_par_bounds),
               "FreeWater": free_water, "Fod": fod, "ShellBvalues": [float(b) for b in model.bvalues],
               "VoxelsFailed": int((fit.status != 0).sum())}
-    written: dict[str, Path] = {}
-    with atomic_outputs() as out:
-        for name, path in outputs.items():
-            values = np.asarray(maps[name])
-            fill = 0 if name in ("fod", "status") else np.nan
-            orientation = {"SphericalHarmonicDegree": int(sh_lmax)} if name == "fod" else None
-            content = sidecar(f"smt_{name}", params, orientation, **_provenance(dwi, bval, bvec, mask))
-            if name == "status":
-                content["Levels"] = {str(k): v for k, v in STATUS_LEVELS.items()}
-            dtype = np.uint8 if name == "status" else np.float32
-            written[name] = out.nifti(path, fit.volume(values, fill=fill), run.affine, content, dtype=dtype)
-    return written
+    return _write_model_maps(
+        "smt", outputs, lambda name: fit.volume(np.asarray(maps[name]), fill=0 if name in ("fod", "status") else np.nan),
+        run.affine, params, _provenance(dwi, bval, bvec, mask), STATUS_LEVELS,
+        {"fod": {"SphericalHarmonicDegree": int(sh_lmax)}})
 
 
 def peaks_stage(

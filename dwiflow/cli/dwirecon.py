@@ -102,19 +102,22 @@ def _wm_response(text: str):
     return text
 
 
-def source_entities(dwi: str) -> dict[str, str]:
-    """BIDS entities of a DWI file name (``sub-01_acq-x_dwi.nii.gz`` → sub, acq); empty for other names."""
-    name = Path(dwi).name.split(".")[0]
-    entities = {}
-    for part in name.split("_")[:-1]:
-        if "-" in part:
-            key, value = part.split("-", 1)
-            entities[key] = value
-    return entities
+def _model_outputs(prefix: str, names: tuple[str, ...], dwi: str, out_dir: str, skip: set[str]) -> dict[str, Path]:
+    """Output paths of a model's maps in OUT_DIR, named by bids_specs from the DWI's entities."""
+    from dwiflow.bids_specs.outputs import entities_from_filename, output_filename
+
+    entities = entities_from_filename(dwi)
+    return {n: Path(out_dir) / output_filename(f"{prefix}_{n}", entities) for n in names if n not in skip}
+
+
+def _progress(command: str, unit: str = "voxels"):
+    def report(done: int, total: int) -> None:
+        print(f"{command}: {done}/{total} {unit}", file=sys.stderr, flush=True)
+
+    return report
 
 
 def _cmd_rumba(args: argparse.Namespace) -> int:
-    from dwiflow.bids_specs.outputs import output_filename
     from dwiflow.tasks.stages import RUMBA_OUTPUTS, describe_outputs, rumba_stage
 
     skip = set()
@@ -124,14 +127,8 @@ def _cmd_rumba(args: argparse.Namespace) -> int:
         skip.add("fcsf")
     if args.no_amplitudes:
         skip.add("fod_amplitudes")
-    entities = source_entities(args.dwi)
-    out_dir = Path(args.out_dir)
-    outputs = {name: out_dir / output_filename(f"rumba_{name}", entities) for name in RUMBA_OUTPUTS if name not in skip}
-
-    def progress(done: int, total: int) -> None:
-        unit = "iterations" if args.global_fit else "voxels"
-        print(f"rumba: {done}/{total} {unit}", file=sys.stderr, flush=True)
-
+    outputs = _model_outputs("rumba", RUMBA_OUTPUTS, args.dwi, args.out_dir, skip)
+    progress = _progress("rumba", "iterations" if args.global_fit else "voxels")
     written = rumba_stage(
         args.dwi, args.bval, args.bvec, outputs, mask=args.mask, wm_response=args.wm_response,
         gm_response=args.gm_response, csf_response=args.csf_response, n_iter=args.n_iter, recon_type=args.recon_type,
@@ -143,19 +140,13 @@ def _cmd_rumba(args: argparse.Namespace) -> int:
 
 
 def _cmd_mapmri(args: argparse.Namespace) -> int:
-    from dwiflow.bids_specs.outputs import output_filename
     from dwiflow.tasks.stages import MAPMRI_OUTPUTS, describe_outputs, mapmri_stage
 
     skip = {"ng", "ngpar", "ngperp"} if args.isotropic else set()
     if not args.signal:
         skip.add("signal")
-    entities = source_entities(args.dwi)
-    out_dir = Path(args.out_dir)
-    outputs = {name: out_dir / output_filename(f"mapmri_{name}", entities) for name in MAPMRI_OUTPUTS if name not in skip}
-
-    def progress(done: int, total: int) -> None:
-        print(f"mapmri: {done}/{total} voxels", file=sys.stderr, flush=True)
-
+    outputs = _model_outputs("mapmri", MAPMRI_OUTPUTS, args.dwi, args.out_dir, skip)
+    progress = _progress("mapmri")
     written = mapmri_stage(
         args.dwi, args.bval, args.bvec, outputs, mask=args.mask, radial_order=args.radial_order,
         anisotropic=not args.isotropic, laplacian_weighting=args.laplacian_weight, positivity=args.positivity,
@@ -167,19 +158,13 @@ def _cmd_mapmri(args: argparse.Namespace) -> int:
 
 
 def _cmd_smt(args: argparse.Namespace) -> int:
-    from dwiflow.bids_specs.outputs import output_filename
     from dwiflow.tasks.stages import SMT_OUTPUTS, describe_outputs, smt_stage
 
     skip = set() if args.isotropic_compartment else {"fw"}
     if args.fod == "none":
         skip |= {"odi", "kappa", "mu", "fod", "fodmse"}
-    entities = source_entities(args.dwi)
-    out_dir = Path(args.out_dir)
-    outputs = {name: out_dir / output_filename(f"smt_{name}", entities) for name in SMT_OUTPUTS if name not in skip}
-
-    def progress(done: int, total: int) -> None:
-        print(f"smt: {done}/{total} voxels", file=sys.stderr, flush=True)
-
+    outputs = _model_outputs("smt", SMT_OUTPUTS, args.dwi, args.out_dir, skip)
+    progress = _progress("smt")
     written = smt_stage(args.dwi, args.bval, args.bvec, outputs, mask=args.mask, fod=args.fod,
                         free_water=args.isotropic_compartment, lambda_par_bounds=tuple(args.lambda_par_bounds),
                         progress=progress)
@@ -264,6 +249,15 @@ def _response_method(methods, name: str, help_text: str, description: str, mask_
     m.add_argument("--mask", help=mask_help)
     m.add_argument("--voxels", metavar="OUT_MASK", help="write the selected voxels")
     return m
+
+
+def _model_parser(sub, name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+    """A model command taking DWI BVAL BVEC OUT_DIR [--mask] and writing every map into OUT_DIR."""
+    p = sub.add_parser(name, help=help_text, description=description)
+    for arg in ("dwi", "bval", "bvec", "out_dir"):
+        p.add_argument(arg)
+    p.add_argument("--mask", help="voxels to fit (default: every voxel with signal)")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,14 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nthreads", type=int, help="threads for the per-voxel solver (default: all cores)")
     p.set_defaults(func=_cmd_csd)
 
-    p = sub.add_parser("rumba", help="RUMBA-SD deconvolution (Canales-Rodriguez 2015), voxelwise or global + TV",
-                       description="Robust and unbiased model-based spherical deconvolution: fODF on a dense sphere plus "
+    p = _model_parser(sub, "rumba", "RUMBA-SD deconvolution (Canales-Rodriguez 2015), voxelwise or global + TV",
+                       "Robust and unbiased model-based spherical deconvolution: fODF on a dense sphere plus "
                        "GM/CSF isotropic fractions under Rician (smf) or noncentral-chi (sos) noise. Writes every map "
                        "(fODF as SH and amplitudes, combined ODF, fractions, SNR, status) into OUT_DIR, named from the "
                        "DWI's BIDS entities.")
-    for name in ("dwi", "bval", "bvec", "out_dir"):
-        p.add_argument(name)
-    p.add_argument("--mask", help="voxels to fit (default: every voxel with signal)")
     p.add_argument("--wm-response", type=_wm_response, metavar="L1,L2,L3|FILE",
                    help="white-matter tensor eigenvalues in mm²/s (default 1.7e-3,0.2e-3,0.2e-3; three per shell for "
                    "multi-shell), or a response file from `dwirecon response ssst`")
@@ -396,14 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nthreads", type=int, help="threads (default: all cores)")
     p.set_defaults(func=_cmd_rumba)
 
-    p = sub.add_parser("mapmri", help="MAP-MRI (Ozarslan 2013) with Laplacian regularisation and positivity",
-                       description="Mean apparent propagator MRI: q-space indices (RTOP, RTAP, RTPP, MSD, QIV, "
+    p = _model_parser(sub, "mapmri", "MAP-MRI (Ozarslan 2013) with Laplacian regularisation and positivity",
+                       "Mean apparent propagator MRI: q-space indices (RTOP, RTAP, RTPP, MSD, QIV, "
                        "non-Gaussianities), the Laplacian norm, the ODF as SH and the per-voxel status, one NIfTI + "
                        "sidecar each in OUT_DIR. Delta/delta come from the DWI's JSON sidecar (LargeDelta/SmallDelta, "
                        "seconds) unless given.")
-    for name in ("dwi", "bval", "bvec", "out_dir"):
-        p.add_argument(name)
-    p.add_argument("--mask", help="voxels to fit (default: every voxel with signal)")
     p.add_argument("--radial-order", type=int, default=6, help="even radial order (default 6; 8 for isotropic ODFs)")
     p.add_argument("--isotropic", action="store_true", help="isotropic basis (no tensor frame; better crossing ODFs)")
     p.add_argument("--laplacian-weight", default="0.2", metavar="W|gcv",
@@ -420,12 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signal", action="store_true", help="also write the fitted signal")
     p.set_defaults(func=_cmd_mapmri)
 
-    p = sub.add_parser("smt", help="spherical mean technique (Kaden 2016) and a Watson FOD on its kernel",
-                       description="Per-shell spherical means fitted by a zeppelin with lambda_perp = f*lambda_par "
+    p = _model_parser(sub, "smt", "spherical mean technique (Kaden 2016) and a Watson FOD on its kernel",
+                       "Per-shell spherical means fitted by a zeppelin with lambda_perp = f*lambda_par "
                        "(optionally plus free water), then a Watson FOD on the fitted kernel from the full signal.")
-    for name in ("dwi", "bval", "bvec", "out_dir"):
-        p.add_argument(name)
-    p.add_argument("--mask", help="voxels to fit (default: every voxel with signal)")
     p.add_argument("--fod", choices=("none", "watson"), default="watson",
                    help="parametric FOD on the fitted kernel (Bingham not implemented yet)")
     p.add_argument("--isotropic-compartment", action="store_true", help="add a free-water compartment")
