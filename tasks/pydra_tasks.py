@@ -13,7 +13,7 @@ import hashlib
 from functools import lru_cache
 from pathlib import Path
 
-from fileformats.generic import File
+from fileformats.generic import Directory, File
 from pydra.compose import python
 
 from dwiflow._version import __version__
@@ -55,20 +55,20 @@ def Tensor(dwi: File, bval: File, bvec: File, mask: File, code_version: str = ""
     return tuple(File(written[n]) for n in names)
 
 
-@python.define(outputs=["response"])
+@python.define(outputs=["response", "voxels"])
 def Response(
     dwi: File, bval: File, bvec: File, mask: File, method: str = "fa", options: dict | None = None, code_version: str = ""
-) -> File:
-    """Response function by ``method``: fa, ssst, tournier or tax."""
-    out = Path.cwd() / "response.txt"
+) -> tuple[File, File]:
+    """Response function by ``method``: fa, ssst, tournier or tax; and the mask of the voxels it used."""
+    out, voxels = Path.cwd() / "response.txt", Path.cwd() / "response_voxels.nii.gz"
     options = dict(options or {})
     if method == "fa":
-        stages.fa_response_stage(dwi, bval, bvec, out, mask=mask, **options)
+        stages.fa_response_stage(dwi, bval, bvec, out, mask=mask, voxels_out=voxels, **options)
     elif method == "ssst":
-        stages.ssst_response_stage(dwi, bval, bvec, out, mask=mask, **options)
+        stages.ssst_response_stage(dwi, bval, bvec, out, mask=mask, voxels_out=voxels, **options)
     else:
-        stages.iterative_response_stage(method, dwi, bval, bvec, out, mask=mask, options=options)
-    return File(out)
+        stages.iterative_response_stage(method, dwi, bval, bvec, out, mask=mask, voxels_out=voxels, options=options)
+    return File(out), File(voxels)
 
 
 @python.define(outputs=["fod", "status"])
@@ -167,7 +167,7 @@ DERIVATIVE_KEYS: dict[str, tuple[str, dict[str, str]]] = {
     "mask": ("brain_mask", {}),
     "fa": ("tensor_fa", {}), "md": ("tensor_md", {}), "ad": ("tensor_ad", {}), "rd": ("tensor_rd", {}),
     "v1": ("tensor_v1", {}), "s0": ("tensor_s0", {}), "tensor_status": ("tensor_status", {}),
-    "response": ("response", {"model": "csd"}),
+    "response": ("response", {"model": "csd"}), "response_voxels": ("response_voxels", {}),
     "fod": ("csd_fod", {}), "csd_status": ("csd_status", {}),
     "peaks": ("peaks", {}),
     "afd_total": ("afd_total", {}), "peak_amplitude": ("peak_amplitude", {}),
@@ -179,6 +179,21 @@ DERIVATIVE_KEYS: dict[str, tuple[str, dict[str, str]]] = {
 MODEL_ENTITY = ("response", "peaks", "afd_total", "peak_amplitude", "nufo", "gfa")  # named after the FOD's model
 
 
+def derivative_name(input_name: str, entities: dict, fod_model: str, response_method: str) -> tuple[str, str]:
+    """(output key, BIDS file name) of a staged derivative, from its StageDerivatives input name."""
+    from dwiflow.bids_specs.outputs import output_filename
+
+    key, extra = DERIVATIVE_KEYS[input_name]
+    ents = {**entities, **extra}
+    if input_name in MODEL_ENTITY:
+        ents["model"] = fod_model
+    if input_name == "response":
+        ents["desc"] = response_method
+    if input_name == "response_voxels":
+        ents["desc"] = f"{response_method}voxels"
+    return key, output_filename(key, ents)
+
+
 @python.define(outputs=["staged"])
 def StageDerivatives(
     entities: dict,
@@ -186,7 +201,7 @@ def StageDerivatives(
     fod_model: str = "csd",
     mask: File | None = None, fa: File | None = None, md: File | None = None, ad: File | None = None,
     rd: File | None = None, v1: File | None = None, s0: File | None = None, tensor_status: File | None = None,
-    response: File | None = None, fod: File | None = None, csd_status: File | None = None, peaks: File | None = None,
+    response: File | None = None, response_voxels: File | None = None, fod: File | None = None, csd_status: File | None = None, peaks: File | None = None,
     afd_total: File | None = None, peak_amplitude: File | None = None, nufo: File | None = None, gfa: File | None = None,
     rumba_fod: File | None = None, rumba_fod_amplitudes: File | None = None, rumba_combined_odf: File | None = None,
     rumba_fwm: File | None = None, rumba_fiso: File | None = None, rumba_fgm: File | None = None,
@@ -204,13 +219,10 @@ def StageDerivatives(
     """Copy a run's outputs (and their sidecars) under their BIDS derivative names into one folder."""
     import shutil
 
-    from fileformats.generic import Directory
-
-    from dwiflow.bids_specs.outputs import output_filename
     from dwiflow.tasks.io import sidecar_path
 
     values = {"mask": mask, "fa": fa, "md": md, "ad": ad, "rd": rd, "v1": v1, "s0": s0, "tensor_status": tensor_status,
-              "response": response, "fod": fod, "csd_status": csd_status, "peaks": peaks, "afd_total": afd_total,
+              "response": response, "response_voxels": response_voxels, "fod": fod, "csd_status": csd_status, "peaks": peaks, "afd_total": afd_total,
               "peak_amplitude": peak_amplitude, "nufo": nufo, "gfa": gfa,
               "rumba_fod": rumba_fod, "rumba_fod_amplitudes": rumba_fod_amplitudes, "rumba_combined_odf": rumba_combined_odf,
               "rumba_fwm": rumba_fwm, "rumba_fiso": rumba_fiso, "rumba_fgm": rumba_fgm, "rumba_fcsf": rumba_fcsf,
@@ -227,15 +239,41 @@ def StageDerivatives(
     for name, value in values.items():
         if value is None:
             continue
-        key, extra = DERIVATIVE_KEYS[name]
-        ents = {**entities, **extra}
-        if name in MODEL_ENTITY:
-            ents["model"] = fod_model
-        if name == "response":
-            ents["desc"] = response_method
-        target = folder / output_filename(key, ents)
+        target = folder / derivative_name(name, entities, fod_model, response_method)[1]
         shutil.copyfile(value, target)
         side = sidecar_path(value)
         if side.is_file():
             shutil.copyfile(side, sidecar_path(target))
+    return Directory(folder)
+
+
+@lru_cache(maxsize=1)
+def figures_version() -> str:
+    """Hash of the drawing code: the figures task reruns when it changes (and only it)."""
+    return hashlib.sha256((Path(__file__).resolve().parent / "figures.py").read_bytes()).hexdigest()[:12]
+
+
+@python.define(outputs=["figures"])
+def Figures(staged: Directory, entities: dict, fod_model: str = "csd", response_method: str = "",
+            code_version: str = ""):
+    """QC figures of a run's staged derivatives, with a manifest; never fails (a failure becomes a note)."""
+    import json
+    import traceback
+
+    from dwiflow.tasks.figures import figures_stage
+
+    folder = Path.cwd() / "figures"
+    folder.mkdir(exist_ok=True)
+    files = {}
+    for name in DERIVATIVE_KEYS:
+        key, filename = derivative_name(name, entities, fod_model, response_method)
+        files[key] = filename
+    try:
+        figures_stage(staged, folder, files, entities, fod_model, response_method)
+    except Exception as exc:  # the report must never fail the run
+        prefix = "_".join(f"{k}-{v}" for k, v in entities.items())
+        note = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        (folder / f"{prefix}_desc-figures_dwi.json").write_text(json.dumps(
+            {"figures": [{"section": "tensor", "title": "Figures", "file": "", "caption": "",
+                          "note": f"no figures could be drawn: {note}"}], "warnings": []}, indent=2) + "\n")
     return Directory(folder)

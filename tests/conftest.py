@@ -73,3 +73,52 @@ def sub01_b1kb2k_brain():
     run = load_dwi(paths["dwi"], paths["bval"], paths["bvec"])
     mask = load_mask(paths["mask"], run.data.shape[:3], run.affine)
     return run.gtab, np.asarray(run.data[mask], dtype=float)
+
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of headless Chromium; required under CI=true, skipped elsewhere when absent."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        if IN_CI:
+            pytest.fail("Chromium is required under CI=true (apt-get install -y chromium)")
+        pytest.skip("Chromium not installed (apt-get install -y chromium)")
+    return path
+
+
+def browser_images(chromium: str, page: Path, screenshot: Path | None = None) -> list[dict]:
+    """Every <img> of ``page`` as the browser loaded it: src, naturalWidth, naturalHeight.
+
+    A copy of the page with a probe script appended is opened beside it (so relative image paths
+    resolve the same way); the script writes the images' natural sizes into the DOM, which Chromium
+    dumps once the page has loaded. ``screenshot``: also save a full-page PNG of the real page.
+    """
+    import html
+    import json
+    import re
+    import tempfile
+
+    probe = page.with_name(f".probe_{page.name}")
+    script = ("<script>window.addEventListener('load', () => { const found = [...document.images].map(i => "
+              "({src: i.getAttribute('src'), width: i.naturalWidth, height: i.naturalHeight})); "
+              "const pre = document.createElement('pre'); pre.id = 'dwiflow-probe'; "
+              "pre.textContent = JSON.stringify(found); document.body.appendChild(pre); });</script>")
+    probe.write_text(page.read_text().replace("</body>", script + "</body>"))
+    try:
+        with tempfile.TemporaryDirectory() as profile:
+            dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=20000",
+                                  "--dump-dom", probe.resolve().as_uri()], capture_output=True, text=True, timeout=180).stdout
+        if screenshot is not None:
+            with tempfile.TemporaryDirectory() as profile:
+                subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1400,2400",
+                                "--hide-scrollbars", f"--screenshot={screenshot}", page.resolve().as_uri()],
+                               capture_output=True, timeout=180)
+    finally:
+        probe.unlink(missing_ok=True)
+    match = re.search(r'<pre id="dwiflow-probe">(.*?)</pre>', dom, re.S)
+    assert match, f"the probe did not run in Chromium; DOM dump starts: {dom[:300]!r}"
+    return json.loads(html.unescape(match.group(1)))

@@ -27,6 +27,7 @@ from dwiflow.bids_specs.inputs import DwiRunSpec
 from dwiflow.tasks.pydra_tasks import (
     BrainMask,
     Csd,
+    Figures,
     FodMetrics,
     Peaks,
     MAPMRI_TASK_OUTPUTS,
@@ -39,23 +40,43 @@ from dwiflow.tasks.pydra_tasks import (
     StageDerivatives,
     Tensor,
     code_version,
+    figures_version,
 )
 
 
+TIMING_LOG_ENV = "DWIFLOW_TIMING_LOG"  # a JSON-lines file the stages append their timing to (set by the participant level)
+_STARTED: dict[str, float] = {}
+
+
 def _progress(label: str, stage: str) -> TaskHooks:
-    """Hooks printing one line when a stage starts computing and when it is done."""
+    """Hooks printing one line when a stage starts computing and when it is done, and recording its duration.
+
+    Pydra calls both hooks in the process that runs the job (a cf worker or a cluster job), only
+    when the job computes (not on a cache hit), so the timing log keeps each stage's last real run.
+    """
 
     def started(job) -> None:
+        _STARTED[str(job.cache_dir)] = time.time()
         print(f"[dwiflow]   {label}: {stage} ...", flush=True)
 
     def finished(job, result) -> None:
-        state = "FAILED" if getattr(result, "errored", False) else "done"
-        print(f"[dwiflow]   {label}: {stage} {state}", flush=True)
+        errored = bool(getattr(result, "errored", False))
+        print(f"[dwiflow]   {label}: {stage} {'FAILED' if errored else 'done'}", flush=True)
+        t0 = _STARTED.pop(str(job.cache_dir), None)
+        log = os.environ.get(TIMING_LOG_ENV)
+        if log and t0 is not None:
+            record = {"run": label, "stage": stage, "seconds": round(time.time() - t0, 3), "errored": errored,
+                      "finished": time.time()}
+            try:
+                with open(log, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            except OSError:  # timing is informative only
+                pass
 
     return TaskHooks(pre_run_task=started, post_run_task=finished)
 
 
-@workflow.define(outputs=["staged"])
+@workflow.define(outputs=["staged", "figures"])
 def ReconRun(
     dwi: File,
     bval: File,
@@ -65,7 +86,8 @@ def ReconRun(
     mask: File | None = None,
     code_version: str = "",
 ):
-    """One diffusion run through the stages of a recon spec; outputs a folder of staged derivatives."""
+    """One diffusion run through the stages of a recon spec; outputs a folder of staged derivatives and one of
+    QC figures (drawn from the staged derivatives; the figures task never fails the run)."""
     cv = code_version
     label = "_".join(f"{k}-{v}" for k, v in entities.items())
 
@@ -83,9 +105,10 @@ def ReconRun(
     method = ""
     if "response" in stages:
         method = stages["response"].get("method", "fa")
-        response = add(Response(dwi=dwi, bval=bval, bvec=bvec, mask=mask, method=method,
-                                options=stages["response"].get("options") or {}, code_version=cv), "response").response
-        outputs["response"] = response
+        response_task = add(Response(dwi=dwi, bval=bval, bvec=bvec, mask=mask, method=method,
+                                     options=stages["response"].get("options") or {}, code_version=cv), "response")
+        response = response_task.response
+        outputs.update(response=response, response_voxels=response_task.voxels)
     if "csd" in stages:
         csd = add(Csd(dwi=dwi, bval=bval, bvec=bvec, response=response, mask=mask,
                       lmax=stages["csd"].get("lmax"), code_version=cv), "csd")
@@ -123,10 +146,13 @@ def ReconRun(
     staged = workflow.add(StageDerivatives(entities=entities, response_method=method, fod_model=fod_model or "csd",
                                            code_version=cv, **outputs),
                           name="stage_derivatives")
-    return staged.staged
+    figures = add(Figures(staged=staged.staged, entities=entities, fod_model=fod_model or "csd",
+                          response_method=method, code_version=f"{cv}+{figures_version()}"), "figures")
+    return staged.staged, figures.figures
 
 
-BIDSIGNORE_PATTERNS = ("*_dwimap.nii.gz", "*_dwimap.json", "*_response.txt", "*_response.json", "*_summary.tsv")
+BIDSIGNORE_PATTERNS = ("*_dwimap.nii.gz", "*_dwimap.json", "*_response.txt", "*_response.json", "*_summary.tsv",
+                       "*.html", "figures", "sub-*/figures")
 
 
 @dataclass
@@ -139,6 +165,7 @@ class RunOutcome:
     error: str = ""
     log: Path | None = None
     seconds: float = 0.0
+    figures: list[Path] = field(default_factory=list)
 
 
 def output_folder(output_dir: Path, run: DwiRunSpec) -> Path:
@@ -147,6 +174,11 @@ def output_folder(output_dir: Path, run: DwiRunSpec) -> Path:
     if "ses" in ents:
         folder = folder / f"ses-{ents['ses']}"
     return folder / "dwi"
+
+
+def figures_folder(output_dir: Path, run: DwiRunSpec) -> Path:
+    """``OUTPUT_DIR/sub-<label>/figures`` (fMRIPrep's place for report figures, sessions included)."""
+    return output_dir / f"sub-{run.short_entities['sub']}" / "figures"
 
 
 def publish(staged: Path, target: Path) -> list[Path]:
@@ -219,6 +251,9 @@ def run_participant(
     from pydra.engine.submitter import Submitter
 
     write_dataset_description(output_dir, bids_dir, recon_spec)
+    timing_log = work_dir / "logs" / "timings.jsonl"
+    timing_log.parent.mkdir(parents=True, exist_ok=True)
+    os.environ[TIMING_LOG_ENV] = str(timing_log)  # read by the stage hooks in the worker processes / cluster jobs
     cv = code_version()
     outcomes = []
     stages = recon_spec["stages"]
@@ -248,7 +283,8 @@ def run_participant(
             if result.errored:
                 raise RuntimeError(f"workflow errored; see {result.cache_dir}")
             files = publish(Path(result.outputs.staged), output_folder(output_dir, run))
-            outcome = RunOutcome(run, True, files, seconds=time.perf_counter() - t0)
+            figures = publish(Path(result.outputs.figures), figures_folder(output_dir, run))
+            outcome = RunOutcome(run, True, files, seconds=time.perf_counter() - t0, figures=figures)
             progress(f"[dwiflow]   done in {outcome.seconds:.1f} s: {len(files)} files in {output_folder(output_dir, run)}")
         except Exception as exc:  # a failed run must not stop the others
             details = task_errors(work_dir / "cache", since=started)
@@ -257,7 +293,29 @@ def run_participant(
             outcome = RunOutcome(run, False, error=message, log=log, seconds=time.perf_counter() - t0)
             progress(f"[dwiflow]   FAILED {run.label}: {message} (log: {log})")
         outcomes.append(outcome)
+    write_reports(outcomes, output_dir, recon_spec, timing_log, progress)
     return outcomes
+
+
+def write_reports(outcomes: list[RunOutcome], output_dir: Path, recon_spec: dict[str, Any], timing_log: Path | None,
+                  progress=print) -> list[Path]:
+    """One HTML report per subject of ``outcomes``; a report that cannot be written is reported, never fatal."""
+    from dwiflow.tasks.report import RunReport, subject_report
+
+    by_subject: dict[str, list[RunOutcome]] = {}
+    for outcome in outcomes:
+        by_subject.setdefault(outcome.run.short_entities["sub"], []).append(outcome)
+    written = []
+    for subject, runs in by_subject.items():
+        reports = [RunReport(o.run.label, o.ok, o.error, str(o.log or ""), o.seconds,
+                             figures_folder(output_dir, o.run), output_folder(output_dir, o.run), o.files)
+                   for o in runs]
+        try:
+            written.append(subject_report(output_dir, subject, reports, recon_spec, timing_log))
+            progress(f"[dwiflow] report: {written[-1]}")
+        except Exception as exc:  # a report never fails the run
+            progress(f"[dwiflow] WARNING: the report of sub-{subject} could not be written: {exc}")
+    return written
 
 
 def _last_line(text: str) -> str:
@@ -338,4 +396,46 @@ def run_group(output_dir: Path, progress=print) -> Path:
     tmp.write_text("\t".join(SUMMARY_COLUMNS) + "\n" + "".join("\t".join(r[c] for c in SUMMARY_COLUMNS) + "\n" for r in rows))
     os.replace(tmp, path)
     progress(f"[dwiflow] group summary of {len(rows)} run(s): {path}")
+    try:
+        page = _dataset_summary(output_dir, path)
+        progress(f"[dwiflow] dataset summary page: {page}")
+    except Exception as exc:  # the page is a view of the table; it never fails the group level
+        progress(f"[dwiflow] WARNING: the dataset summary page could not be written: {exc}")
     return path
+
+
+# (metric label, output key, entities to fill) drawn as distributions on the dataset summary page
+DISTRIBUTION_METRICS = (("FA", "tensor_fa", {}), ("MD", "tensor_md", {}), ("AFD total", "afd_total", {"model": "*"}),
+                        ("RUMBA-SD f_wm", "rumba_fwm", {}), ("MAP-MRI RTOP", "mapmri_rtop", {}),
+                        ("SMT lambda_par", "smt_lpar", {}), ("SMT ODI", "smt_odi", {}))
+
+
+def _dataset_summary(output_dir: Path, summary_tsv: Path) -> Path:
+    """The group-level HTML page: the summary table and each metric's distribution per run."""
+    import nibabel as nib
+    import numpy as np
+
+    from dwiflow.bids_specs.outputs import output_filename, output_spec
+    from dwiflow.tasks.figures import distribution_figure
+    from dwiflow.tasks.report import dataset_summary_page
+
+    mask_name = output_filename("brain_mask", {})
+    masks = {p.name[: -len(mask_name) - 1]: p for p in sorted(output_dir.glob(f"sub-*/**/*_{mask_name}"))}
+    distributions = []
+    for label, key, entities in DISTRIBUTION_METRICS:
+        name = output_filename(key, entities)
+        values = {}
+        for run, mask_path in masks.items():
+            hits = sorted(mask_path.parent.glob(f"{run}_{name}"))
+            if hits:
+                mask = nib.load(mask_path).get_fdata() > 0
+                values[run] = np.asarray(nib.load(hits[0]).dataobj, dtype=np.float32)[mask]
+        if not values:
+            continue  # no run has this metric: no panel
+        figure = output_dir / "figures" / f"desc-{key.replace('_', '')}_distribution.png"
+        try:
+            distributions.append((label, distribution_figure(figure, label, values, output_spec(key).get("Units", "")), ""))
+        except Exception as exc:  # a figure that cannot be drawn becomes a note
+            distributions.append((label, None, f"not drawn: {exc}"))
+    subjects = sorted({run.split("_")[0].removeprefix("sub-") for run in masks})
+    return dataset_summary_page(output_dir, summary_tsv, distributions, subjects)

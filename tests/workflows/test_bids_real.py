@@ -6,10 +6,10 @@ import nibabel as nib
 import numpy as np
 
 from dwiflow.cli.bidsapp import main
-from tests.conftest import BIDS_REAL, real_run
+from tests.conftest import BIDS_REAL, browser_images, real_run
 
 
-def test_every_real_run_with_the_csd_preset(tmp_path):
+def test_every_real_run_with_the_csd_preset(tmp_path, chromium):
     real_run("sub-03")  # fails clearly when the shared data are missing
     out = tmp_path / "derivatives" / "dwiflow"
     code = main([str(BIDS_REAL), str(out), "participant", "--mask-dir", str(BIDS_REAL / "derivatives" / "masks"),
@@ -31,3 +31,13 @@ def test_every_real_run_with_the_csd_preset(tmp_path):
     assert sub03.shape[3] == 28
     assert main([str(BIDS_REAL), str(out), "group"]) == 0
     assert len((out / "desc-group_summary.tsv").read_text().splitlines()) == 6
+    # one report per subject with every run's figures, none broken; the dataset page lists all subjects
+    runs_of = {"01": 2, "02": 2, "03": 1}
+    for subject, n_runs in runs_of.items():
+        page = out / f"sub-{subject}.html"
+        images = browser_images(chromium, page, tmp_path / f"sub-{subject}.png")
+        assert len(images) == 7 * n_runs and all(i["width"] > 0 and i["height"] > 0 for i in images), images
+        assert "FAILED" not in page.read_text()
+    summary = out / "dataset_summary.html"
+    assert all(i["width"] > 0 for i in browser_images(chromium, summary))
+    assert all(f'href="sub-{s}.html"' in summary.read_text() for s in runs_of)

@@ -86,6 +86,9 @@ def test_rerun_is_a_cache_hit_and_workers_agree(dataset, tmp_path):
     out_cf = tmp_path / "cf"
     assert _run(dataset, out_cf, "--participant-label", "phantom", worker="cf") == 0
     assert {p.name: p.read_bytes() for p in (out_cf / "sub-phantom" / "dwi").iterdir()} == before
+    figures = {p.name: p.read_bytes() for p in (out / "sub-phantom" / "figures").iterdir()}
+    assert len(figures) == 8  # 7 figures and their manifest, drawn identically by both workers
+    assert {p.name: p.read_bytes() for p in (out_cf / "sub-phantom" / "figures").iterdir()} == figures
 
 
 def test_option_change_reruns_only_downstream_and_code_change_invalidates(dataset, tmp_path, monkeypatch):
@@ -98,8 +101,8 @@ def test_option_change_reruns_only_downstream_and_code_change_invalidates(datase
     assert main([str(dataset["bids"]), str(out), "participant", "--recon-spec", str(spec), "--work-dir", str(work),
                  "--worker", "debug", "--participant-label", "phantom"]) == 0
     new = {Path(p).parent.name for p in set(_result_files(work)) - first}
-    # new results: peaks, fod_metrics, the staging task and the enclosing workflow, nothing upstream
-    assert len(new) == 4
+    # new results: peaks, fod_metrics, the staging task, the figures and the enclosing workflow, nothing upstream
+    assert len(new) == 5
     assert nib.load(out / "sub-phantom" / "dwi" / "sub-phantom_model-csd_param-peaks_dwimap.nii.gz").shape[3] == 9
     import dwiflow.tasks.pydra_tasks as tasks
 

@@ -1,0 +1,659 @@
+"""Visual QC figures: every drawing dwiflow makes, in one module (matplotlib, Agg canvas, no display).
+
+What is drawn follows what users check in the MRtrix3 / DIPY tutorials and in QSIRecon's reports:
+the response function's shape per shell and its voxel selection, FOD glyphs with their peaks on a
+slice patch, scalar mosaics with colour bars, and per-voxel status maps.
+
+Orientation: images are reoriented to the closest RAS voxel order (no resampling) and axial slices
+are drawn seen from above with the subject's left on the image left (neurological convention);
+every figure says so. Orientation-encoding images (SH, peaks) are in the world (xyz) frame, so
+after a reorientation that only permutes/flips voxel axes their lobes are drawn along the world
+x (image right = subject's right) and y (image up = anterior) axes.
+
+The stage :func:`figures_stage` draws everything a run's staged derivatives allow; a figure that
+cannot be drawn becomes a note in the manifest (``figures.json``) instead of failing the run.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+ORIENTATION_NOTE = "Neurological convention: axial slices seen from above, subject's left (L) on the image left."
+DIRECTION_COLOUR_NOTE = "Glyph colour: direction (red = left-right, green = anterior-posterior, blue = inferior-superior)."
+
+
+# --------------------------------------------------------------------------------------------- images
+@dataclass
+class CanonicalImage:
+    """An image in the closest RAS voxel order: ``data[i, j, k, ...]`` with i → right, j → anterior, k → superior."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    zooms: tuple[float, float, float]
+
+
+def load_canonical(path: str | Path, dtype: Any = np.float32) -> CanonicalImage:
+    """Load a NIfTI image and reorient its voxel axes to RAS (permutations and flips only, no resampling).
+
+    Vector and SH contents are not changed: they are in the world frame already.
+    """
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(nib.load(str(path)))
+    data = np.asarray(img.dataobj, dtype=dtype)
+    return CanonicalImage(data, img.affine, tuple(float(z) for z in img.header.get_zooms()[:3]))
+
+
+def axial_slices(mask: np.ndarray, count: int) -> list[int]:
+    """Up to ``count`` axial slice indices spread over the mask's extent (all of them when fewer)."""
+    occupied = np.flatnonzero(mask.any(axis=(0, 1)))
+    if occupied.size == 0:
+        return []
+    if occupied.size <= count:
+        return [int(k) for k in occupied]
+    picks = np.linspace(occupied[0], occupied[-1], count + 2)[1:-1]
+    return sorted({int(round(k)) for k in picks})
+
+
+def _bounding_box(mask: np.ndarray, margin: int = 2) -> tuple[slice, slice]:
+    xy = mask.any(axis=2) if mask.ndim == 3 else mask
+    if not xy.any():
+        return slice(None), slice(None)
+    xs, ys = np.flatnonzero(xy.any(axis=1)), np.flatnonzero(xy.any(axis=0))
+    return (slice(max(xs[0] - margin, 0), xs[-1] + margin + 1), slice(max(ys[0] - margin, 0), ys[-1] + margin + 1))
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, facecolor="white")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, out: Path, dpi: int = 110) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial.png")
+    fig.savefig(tmp, dpi=dpi, format="png")
+    tmp.replace(out)
+    return out
+
+
+def _label_orientation(ax) -> None:
+    kw = dict(transform=ax.transAxes, color="white", fontsize=8, fontweight="bold", va="center",
+              bbox=dict(boxstyle="round,pad=0.15", facecolor="black", alpha=0.5, linewidth=0))
+    ax.text(0.02, 0.5, "L", ha="left", **kw)
+    ax.text(0.98, 0.5, "R", ha="right", **kw)
+
+
+def _show_slice(ax, image: np.ndarray, box: tuple[slice, slice], **imshow) -> Any:
+    """Draw ``image[box]`` (x right, y up) with equal aspect, axes hidden."""
+    handle = ax.imshow(image[box].T, origin="lower", interpolation="nearest", **imshow)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return handle
+
+
+# --------------------------------------------------------------------------------------------- mosaics
+@dataclass
+class MapPanel:
+    """One row of a mosaic: a 3D map with its colour scale."""
+
+    title: str
+    data: np.ndarray
+    units: str = ""
+    cmap: str = "gray"
+    vmin: float | None = None
+    vmax: float | None = None
+
+
+def _robust_limits(values: np.ndarray) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(finite, [1, 99])
+    if high <= low:
+        high = low + (abs(low) or 1.0) * 1e-3
+    return float(low), float(high)
+
+
+def mosaic_figure(out: Path, panels: Sequence[MapPanel], mask: np.ndarray, title: str, n_slices: int = 6) -> Path:
+    """Rows of axial slices (one row per map) over the mask, each row with its colour bar.
+
+    Voxels outside the mask and NaN voxels are drawn dark grey.
+    """
+    slices = axial_slices(mask, n_slices)
+    if not slices:
+        raise ValueError("the brain mask is empty")
+    box = _bounding_box(mask)
+    nx, ny = mask[box].shape[:2]
+    cell = 1.9
+    aspect = ny / max(nx, 1)
+    fig = _new_figure(cell * len(slices) + 1.4, cell * aspect * len(panels) + 1.2)
+    grid = fig.add_gridspec(len(panels), len(slices) + 1, width_ratios=[1] * len(slices) + [0.06],
+                            left=0.02, right=0.9, top=1 - 0.8 / fig.get_figheight(), bottom=0.3 / fig.get_figheight(),
+                            wspace=0.03, hspace=0.12)
+    for row, panel in enumerate(panels):
+        values = np.where(mask, panel.data, np.nan)
+        vmin, vmax = _robust_limits(values)
+        vmin = panel.vmin if panel.vmin is not None else vmin
+        vmax = panel.vmax if panel.vmax is not None else vmax
+        handle = None
+        for col, k in enumerate(slices):
+            ax = fig.add_subplot(grid[row, col])
+            ax.set_facecolor("#303030")
+            handle = _show_slice(ax, values[..., k], box, cmap=panel.cmap, vmin=vmin, vmax=vmax)
+            if col == 0:
+                ax.set_ylabel(panel.title, fontsize=9)
+                _label_orientation(ax)
+            if row == 0:
+                ax.set_title(f"z = {k}", fontsize=8)
+        bar = fig.colorbar(handle, cax=fig.add_subplot(grid[row, -1]))
+        bar.ax.tick_params(labelsize=7)
+        if panel.units and panel.units != "arbitrary":
+            bar.set_label(panel.units, fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    fig.text(0.01, 0.005, ORIENTATION_NOTE, fontsize=7, color="#444444")
+    return _save(fig, out)
+
+
+STATUS_COLOURS = ("#2b8a3e", "#e8590c", "#c92a2a", "#5f3dc4", "#1971c2", "#e64980", "#868e96", "#f08c00")
+
+
+def status_figure(out: Path, status: np.ndarray, levels: dict[str, str], mask: np.ndarray, title: str,
+                  n_slices: int = 6) -> Path:
+    """Per-voxel fit status as categories (legend with voxel counts); voxels outside the mask dark."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    codes = np.where(mask, np.nan_to_num(status, nan=-1), -1).astype(int)
+    known = sorted({int(k) for k in levels} | {int(c) for c in np.unique(codes[mask])})
+    known = [c for c in known if c >= 0]
+    index = {code: i for i, code in enumerate(known)}
+    indexed = np.full(codes.shape, np.nan)
+    for code, i in index.items():
+        indexed[codes == code] = i
+    cmap = ListedColormap([STATUS_COLOURS[i % len(STATUS_COLOURS)] for i in range(len(known))])
+    slices = axial_slices(mask, n_slices)
+    if not slices:
+        raise ValueError("the brain mask is empty")
+    box = _bounding_box(mask)
+    nx, ny = mask[box].shape[:2]
+    fig = _new_figure(1.9 * len(slices) + 2.6, 1.9 * ny / max(nx, 1) + 0.9)
+    for col, k in enumerate(slices):
+        ax = fig.add_axes([0.01 + col * 0.72 / len(slices), 0.12, 0.72 / len(slices) - 0.005, 0.72])
+        ax.set_facecolor("#303030")
+        _show_slice(ax, indexed[..., k], box, cmap=cmap, vmin=-0.5, vmax=len(known) - 0.5)
+        ax.set_title(f"z = {k}", fontsize=8)
+        if col == 0:
+            _label_orientation(ax)
+    counts = {code: int(np.sum(codes[mask] == code)) for code in known}
+    handles = [Patch(color=STATUS_COLOURS[index[c] % len(STATUS_COLOURS)],
+                     label=f"{c}: {levels.get(str(c), 'unknown')} ({counts[c]} voxels)") for c in known]
+    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=11)
+    fig.text(0.01, 0.01, ORIENTATION_NOTE, fontsize=7, color="#444444")
+    return _save(fig, out)
+
+
+# --------------------------------------------------------------------------------------------- responses
+def response_figure(out: Path, bvalues: np.ndarray, coefficients: np.ndarray, title: str) -> Path:
+    """Response amplitude against the angle from the fibre axis per shell, and its glyph (axis vertical).
+
+    The glyph is the response's surface of revolution cut through the fibre axis, each shell
+    scaled to its own maximum so that the shapes compare.
+    """
+    from dwiflow.core.sh import zonal_sh_basis
+
+    angles = np.linspace(0.0, np.pi, 361)
+    fig = _new_figure(9.0, 3.8)
+    curve_ax = fig.add_axes([0.08, 0.15, 0.5, 0.72])
+    glyph_ax = fig.add_axes([0.64, 0.1, 0.34, 0.8])
+    colours = ["#1971c2", "#e8590c", "#2b8a3e", "#c92a2a", "#5f3dc4", "#f08c00", "#0b7285"]
+    for i, (b, row) in enumerate(zip(bvalues, coefficients)):
+        lmax = 2 * (len(row) - 1)
+        amplitude = zonal_sh_basis(lmax, np.cos(angles)) @ row
+        colour = colours[i % len(colours)]
+        label = "b = ?" if not np.isfinite(b) else f"b = {b:.0f} s/mm²"
+        half = angles <= np.pi / 2
+        curve_ax.plot(np.degrees(angles[half]), amplitude[half], color=colour, label=label)
+        scale = np.max(np.abs(amplitude)) or 1.0
+        radius = np.clip(amplitude, 0, None) / scale
+        for sign in (1, -1):
+            glyph_ax.plot(sign * radius * np.sin(angles), radius * np.cos(angles), color=colour, lw=1.5)
+    curve_ax.set_xlabel("angle from the fibre axis (degrees)")
+    curve_ax.set_ylabel("response amplitude")
+    curve_ax.set_xlim(0, 90)
+    curve_ax.legend(fontsize=8)
+    curve_ax.grid(alpha=0.3)
+    glyph_ax.axvline(0, color="#999999", lw=0.8, ls="--")
+    glyph_ax.set_aspect("equal")
+    glyph_ax.set_xlim(-1.1, 1.1)
+    glyph_ax.set_ylim(-1.1, 1.1)
+    glyph_ax.set_xticks([])
+    glyph_ax.set_yticks([])
+    glyph_ax.set_title("glyph (fibre axis vertical, per-shell scale)", fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, out)
+
+
+def response_voxels_figure(out: Path, background: np.ndarray, voxels: np.ndarray, mask: np.ndarray, title: str,
+                           annotation: str = "", roi: tuple[Sequence[int], Sequence[int]] | None = None,
+                           n_slices: int = 4) -> Path:
+    """The voxels selected for the response (red) over a background slice, on the slices holding most of them.
+
+    ``roi``: (centre, radii) of DIPY's SSST box, drawn as a rectangle; ``annotation`` (e.g. the SSST
+    eigenvalues) is printed under the figure.
+    """
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Rectangle
+
+    per_slice = voxels.sum(axis=(0, 1))
+    if per_slice.sum() == 0:
+        raise ValueError("no voxels were selected for the response")
+    slices = sorted(int(k) for k in np.argsort(per_slice)[::-1][:n_slices] if per_slice[k] > 0)
+    box = _bounding_box(mask)
+    nx, ny = mask[box].shape[:2]
+    low, high = _robust_limits(np.where(mask, background, np.nan))
+    fig = _new_figure(2.6 * len(slices) + 0.4, 2.6 * ny / max(nx, 1) + 1.2)
+    overlay = ListedColormap(["#ff2020"])
+    for col, k in enumerate(slices):
+        ax = fig.add_axes([0.01 + col / len(slices), 0.2, 1 / len(slices) - 0.02, 0.68])
+        _show_slice(ax, background[..., k], box, cmap="gray", vmin=low, vmax=high)
+        _show_slice(ax, np.where(voxels[..., k], 1.0, np.nan), box, cmap=overlay, vmin=0, vmax=1)
+        ax.set_title(f"z = {k}: {int(per_slice[k])} voxels", fontsize=8)
+        if col == 0:
+            _label_orientation(ax)
+        if roi is not None:
+            centre, radii = roi
+            if abs(k - centre[2]) <= radii[2]:
+                x0, y0 = centre[0] - radii[0] - box[0].indices(mask.shape[0])[0], centre[1] - radii[1] - box[1].indices(mask.shape[1])[0]
+                ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), 2 * radii[0] + 1, 2 * radii[1] + 1, fill=False,
+                                       edgecolor="#ffd43b", lw=1.2))
+    fig.suptitle(title, fontsize=11)
+    fig.text(0.01, 0.1, annotation, fontsize=8)
+    fig.text(0.01, 0.02, ORIENTATION_NOTE, fontsize=7, color="#444444")
+    return _save(fig, out)
+
+
+# --------------------------------------------------------------------------------------------- glyphs
+def glyph_sphere(frequency: int = 6):
+    """The triangulated unit sphere glyphs are drawn on (icosahedral, 10ν²+2 vertices; ν=6: 362, edges ≤ 12.4°)."""
+    from dwiflow.core.sphere import geodesic_sphere
+
+    return geodesic_sphere(frequency)
+
+
+def glyph_radii(sh: np.ndarray, vertices: np.ndarray) -> np.ndarray:
+    """Glyph radius per vertex: the SH amplitude (MRtrix3 basis, world frame), negative lobes clipped to 0.
+
+    ``sh``: (n_voxels, n_coefficients); returns (n_voxels, n_vertices).
+    """
+    from dwiflow.core.sh import lmax_from_n_coefficients, real_sh_basis
+
+    basis = real_sh_basis(lmax_from_n_coefficients(sh.shape[-1]), vertices)
+    return np.clip(sh @ basis.T, 0.0, None)
+
+
+@dataclass
+class GlyphPatch:
+    """Geometry of the glyphs of an axial patch, in display units (one voxel = 1, x right, y up).
+
+    ``vertices``: (n_voxels, n_vertices, 3) world-frame glyph points (direction × radius × scale)
+    translated to each voxel's centre (i, j, 0); ``voxels``: (n_voxels, 2) the voxel indices in the
+    patch; ``scale``: display units per FOD amplitude unit.
+    """
+
+    vertices: np.ndarray
+    faces: np.ndarray
+    colours: np.ndarray
+    voxels: np.ndarray
+    scale: float
+
+
+def glyph_patch(sh_slice: np.ndarray, mask_slice: np.ndarray, sphere=None, normalise: str = "patch",
+                size: float = 0.48) -> GlyphPatch:
+    """Glyph geometry for every masked voxel of a 2D patch of SH coefficients (RAS voxel order).
+
+    ``normalise``: "patch" gives all glyphs one scale (relative sizes kept, as MRtrix3's viewer does; the
+    95th percentile of the glyph maxima reaches ``size``), "voxel" scales each glyph to its own maximum
+    (DIPY's ``norm=True``).
+    """
+    sphere = sphere or glyph_sphere()
+    ij = np.argwhere(mask_slice & np.all(np.isfinite(sh_slice), axis=-1) & np.any(sh_slice != 0, axis=-1))
+    radii = glyph_radii(sh_slice[ij[:, 0], ij[:, 1]], sphere.vertices) if len(ij) else np.zeros((0, sphere.n_vertices))
+    if normalise == "voxel":
+        peak = radii.max(axis=1, keepdims=True)
+        radii = np.divide(radii, peak, out=np.zeros_like(radii), where=peak > 0)
+        scale = size
+    else:
+        # one scale for the patch, set by the 95th percentile of the glyph maxima so that a few outlying
+        # voxels do not shrink every other glyph; the largest reaches at most 1.6 × size
+        maxima = radii.max(axis=1) if radii.size else np.zeros(1)
+        top = max(float(np.percentile(maxima, 95)), float(maxima.max()) / 1.6)
+        scale = size / top if top > 0 else 0.0
+    points = sphere.vertices[None] * (radii * scale)[..., None]
+    points[..., 0] += ij[:, 0, None]
+    points[..., 1] += ij[:, 1, None]
+    face_directions = np.abs(sphere.vertices[sphere.faces].mean(axis=1))
+    colours = face_directions / face_directions.max(axis=1, keepdims=True)
+    return GlyphPatch(points, sphere.faces, colours, ij, scale)
+
+
+def choose_glyph_patch(mask: np.ndarray, score: np.ndarray | None = None, size: int = 14) -> tuple[int, slice, slice]:
+    """An axial slice and a size×size voxel window on it: the mask's central slice, the window centred
+    on the highest-scoring part (e.g. the number of peaks) of that slice, inside the mask."""
+    slices = np.flatnonzero(mask.any(axis=(0, 1)))
+    if slices.size == 0:
+        raise ValueError("the brain mask is empty")
+    if score is not None:
+        per_slice = np.where(mask, np.nan_to_num(score), 0).sum(axis=(0, 1))
+        k = int(slices[np.argmax(per_slice[slices])]) if per_slice[slices].max() > 0 else int(slices[len(slices) // 2])
+    else:
+        k = int(slices[len(slices) // 2])
+    plane = mask[..., k].astype(float)
+    weight = plane * (1.0 + (np.nan_to_num(score[..., k]) if score is not None else 0.0))
+    from scipy.ndimage import uniform_filter
+
+    smoothed = uniform_filter(weight, size=size, mode="constant")
+    ci, cj = np.unravel_index(np.argmax(smoothed), smoothed.shape)
+    # the window stays inside the mask's bounding box on this slice (no empty border of background)
+    xs, ys = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    windows = []
+    for centre, occupied in ((ci, xs), (cj, ys)):
+        low, high = int(occupied[0]), int(occupied[-1]) + 1
+        width = min(size, high - low)
+        start = int(np.clip(centre - width // 2, low, high - width))
+        windows.append(slice(start, start + width))
+    return k, windows[0], windows[1]
+
+
+def fod_glyph_figure(out: Path, sh: np.ndarray, mask: np.ndarray, background: np.ndarray, title: str,
+                     peaks: np.ndarray | None = None, patch: tuple[int, slice, slice] | None = None,
+                     normalise: str = "patch", note: str = "", score: np.ndarray | None = None) -> Path:
+    """FOD/ODF glyphs on an axial patch, coloured by direction, with the peaks drawn as lines.
+
+    Left: the whole slice with the patch outlined; right: the patch (saved at high resolution:
+    open the image to zoom). Glyphs are the 3D surfaces seen from above (painter's order by height).
+    """
+    from matplotlib.collections import LineCollection, PolyCollection
+    from matplotlib.patches import Rectangle
+
+    if patch is None:
+        if peaks is not None:  # favour crossings: the number of peaks, times the given score (e.g. FA)
+            count = np.sum(np.isfinite(peaks.reshape(peaks.shape[:3] + (-1, 3))[..., 0]), axis=-1).astype(float)
+            score = count if score is None else count * score
+        patch = choose_glyph_patch(mask, score)
+    k, rows, cols = patch
+    geometry = glyph_patch(sh[rows, cols, k], mask[rows, cols, k], normalise=normalise)
+    fig = _new_figure(11.0, 6.4)
+    overview = fig.add_axes([0.01, 0.1, 0.3, 0.78])
+    box = _bounding_box(mask)
+    low, high = _robust_limits(np.where(mask, background, np.nan))
+    _show_slice(overview, background[..., k], box, cmap="gray", vmin=low, vmax=high)
+    offset = (box[0].indices(mask.shape[0])[0], box[1].indices(mask.shape[1])[0])
+    overview.add_patch(Rectangle((rows.start - offset[0] - 0.5, cols.start - offset[1] - 0.5), rows.stop - rows.start,
+                                 cols.stop - cols.start, fill=False, edgecolor="#ffd43b", lw=1.5))
+    overview.set_title(f"axial slice z = {k}", fontsize=9)
+    _label_orientation(overview)
+    ax = fig.add_axes([0.34, 0.06, 0.62, 0.84])
+    ax.set_facecolor("black")
+    ax.imshow(background[rows, cols, k].T, origin="lower", cmap="gray", vmin=low, vmax=high * 2.5,
+              interpolation="nearest", extent=(-0.5, rows.stop - rows.start - 0.5, -0.5, cols.stop - cols.start - 0.5))
+    if len(geometry.voxels):
+        triangles = geometry.vertices[:, geometry.faces]  # (voxels, faces, 3 corners, xyz)
+        depth = triangles[..., 2].mean(axis=2)
+        order = np.argsort(depth, axis=None, kind="stable")
+        flat = triangles.reshape(-1, 3, 3)[order]
+        colours = np.tile(geometry.colours, (len(geometry.voxels), 1))[order]
+        ax.add_collection(PolyCollection(flat[..., :2], facecolors=colours, edgecolors="none", antialiased=False))
+    if peaks is not None:
+        vectors = peaks[rows, cols, k].reshape(rows.stop - rows.start, cols.stop - cols.start, -1, 3)
+        segments = []
+        for (i, j) in np.argwhere(mask[rows, cols, k]):
+            for v in vectors[i, j]:
+                if np.all(np.isfinite(v)):
+                    tip = v[:2] * (geometry.scale if normalise == "patch" else 0.48 / max(np.linalg.norm(vectors[i, j][0]), 1e-12))
+                    segments.append([(i - tip[0], j - tip[1]), (i + tip[0], j + tip[1])])
+        if segments:
+            ax.add_collection(LineCollection(segments, colors="white", linewidths=0.6, alpha=0.6))
+    ax.set_xlim(-0.5, rows.stop - rows.start - 0.5)
+    ax.set_ylim(-0.5, cols.stop - cols.start - 0.5)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"voxels x {rows.start}-{rows.stop - 1}, y {cols.start}-{cols.stop - 1} (RAS order), z = {k}"
+                 + (" - white lines: peaks" if peaks is not None else ""), fontsize=9)
+    _label_orientation(ax)
+    fig.suptitle(title, fontsize=11)
+    fig.text(0.01, 0.035, ORIENTATION_NOTE + " " + DIRECTION_COLOUR_NOTE, fontsize=7, color="#444444")
+    if note:
+        fig.text(0.01, 0.005, note, fontsize=7, color="#444444")
+    return _save(fig, out, dpi=160)
+
+
+# --------------------------------------------------------------------------------------------- group
+def distribution_figure(out: Path, metric: str, values_per_run: dict[str, np.ndarray], units: str = "") -> Path:
+    """Histograms (step lines) of one metric within each run's brain mask, all runs on one axis."""
+    fig = _new_figure(7.0, 3.4)
+    ax = fig.add_axes([0.1, 0.16, 0.62, 0.74])
+    pooled = np.concatenate([v[np.isfinite(v)] for v in values_per_run.values()]) if values_per_run else np.zeros(0)
+    if pooled.size == 0:
+        raise ValueError(f"no finite {metric} values")
+    low, high = np.percentile(pooled, [0.5, 99.5])
+    bins = np.linspace(low, high if high > low else low + 1, 60)
+    for label, values in values_per_run.items():
+        finite = values[np.isfinite(values)]
+        ax.hist(finite, bins=bins, histtype="step", density=True, label=label, lw=1.2)
+    ax.set_xlabel(f"{metric}" + (f" ({units})" if units and units != "arbitrary" else ""))
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(f"{metric} within each run's brain mask", fontsize=10)
+    return _save(fig, out)
+
+
+# --------------------------------------------------------------------------------------------- the stage
+@dataclass
+class FigureEntry:
+    """One item of a run's figure manifest: a drawn figure or a note saying why it is missing."""
+
+    section: str
+    title: str
+    file: str = ""
+    caption: str = ""
+    note: str = ""
+
+
+class _Manifest:
+    def __init__(self, out_dir: Path, prefix: str):
+        self.out_dir, self.prefix = out_dir, prefix
+        self.entries: list[FigureEntry] = []
+        self.warnings: list[str] = []
+
+    def draw(self, section: str, title: str, name: str, caption: str, draw: Callable[[Path], Any]) -> None:
+        """Draw one figure; an error becomes a note (and the half-written file is removed)."""
+        path = self.out_dir / f"{self.prefix}_desc-{name}_dwi.png"
+        try:
+            draw(path)
+            self.entries.append(FigureEntry(section, title, path.name, caption))
+        except Exception as exc:  # a figure must never fail the run
+            path.unlink(missing_ok=True)
+            last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+            self.entries.append(FigureEntry(section, title, note=f"not drawn: {last}"))
+
+    def write(self) -> Path:
+        path = self.out_dir / f"{self.prefix}_desc-figures_dwi.json"
+        content = {"figures": [entry.__dict__ for entry in self.entries], "warnings": self.warnings}
+        path.write_text(json.dumps(content, indent=2) + "\n")
+        return path
+
+
+UNIT_INTERVAL_MAPS = ("tensor_fa", "gfa", "rumba_fwm", "rumba_fiso", "rumba_fgm", "rumba_fcsf", "smt_f", "smt_fw",
+                      "smt_odi")
+SECTION_TITLES = {"tensor": "Brain mask and tensor", "response": "Response function", "csd": "CSD",
+                  "rumba": "RUMBA-SD", "mapmri": "MAP-MRI", "smt": "Spherical mean technique"}
+
+
+def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, str], entities: dict[str, str],
+                  fod_model: str = "csd", response_method: str = "") -> Path:
+    """Draw every figure a run's staged derivatives allow; returns the manifest (JSON) path.
+
+    ``files`` maps derivative keys (``tensor_fa``, ``csd_fod``, ``rumba_fwm``, ``response``,
+    ``response_voxels``, ``peaks`` …) to file names inside ``staged_dir``. Models absent from
+    ``files`` get no figures; a figure that cannot be drawn becomes a note in the manifest.
+    """
+    staged, out = Path(staged_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = "_".join(f"{k}-{v}" for k, v in entities.items())
+    manifest = _Manifest(out, prefix)
+    path_of = {key: staged / name for key, name in files.items() if (staged / name).is_file()}
+    cache: dict[str, CanonicalImage] = {}
+
+    def image(key: str) -> np.ndarray:
+        if key not in cache:
+            cache[key] = load_canonical(path_of[key])
+        return cache[key].data
+
+    def sidecar_of(key: str) -> dict[str, Any]:
+        side = path_of[key].with_name(path_of[key].name.split(".")[0] + ".json")
+        return json.loads(side.read_text()) if side.is_file() else {}
+
+    try:
+        mask = image("brain_mask") > 0
+    except Exception as exc:
+        manifest.entries.append(FigureEntry("tensor", "Brain mask", note=f"no figures: the brain mask cannot be read ({exc})"))
+        return manifest.write()
+    if not mask.any():
+        manifest.warnings.append("the brain mask is empty")
+    background_key = next((k for k in ("tensor_s0", "tensor_fa") if k in path_of), None)
+
+    def background() -> np.ndarray:
+        return image(background_key) if background_key else mask.astype(np.float32)
+
+    def mosaic(section: str, title: str, name: str, keys: Sequence[tuple[str, str, str]], caption: str) -> None:
+        present = [(k, label, cmap) for k, label, cmap in keys if k in path_of]
+        if not present:
+            return
+
+        def draw(path: Path) -> None:
+            panels = []
+            for key, label, cmap in present:
+                data = image(key)
+                units = sidecar_of(key).get("Units", "")
+                for v in range(data.shape[3] if data.ndim == 4 else 1):
+                    volume = data[..., v] if data.ndim == 4 else data
+                    limits = (0.0, 1.0) if key in UNIT_INTERVAL_MAPS else (None, None)
+                    panels.append(MapPanel(label if data.ndim == 3 else f"{label} [{v}]", volume, units, cmap, *limits))
+            mosaic_figure(path, panels, mask, title)
+
+        manifest.draw(section, title, name, caption, draw)
+
+    def status(section: str, key: str, label: str) -> None:
+        if key not in path_of:
+            return
+        levels = {str(k): str(v) for k, v in sidecar_of(key).get("Levels", {}).items()}
+        codes = image(key)
+        failed = int(np.sum((np.nan_to_num(codes) != 0) & mask))
+        if failed:
+            manifest.warnings.append(f"{label}: {failed} of {int(mask.sum())} mask voxels did not fit cleanly "
+                                     "(see the status map)")
+        manifest.draw(section, f"{label} status", f"{key.replace('_', '')}",
+                      "Per-voxel fit status: where fits failed, and why.",
+                      lambda path: status_figure(path, codes, levels, mask, f"{label}: per-voxel status"))
+
+    def glyphs(section: str, key: str, label: str, name: str, caption: str, with_peaks: bool, **options) -> None:
+        if key not in path_of:
+            return
+        peaks = image("peaks") if with_peaks and "peaks" in path_of else None
+        score = image("tensor_fa") if "tensor_fa" in path_of else None
+        manifest.draw(section, label, name, caption,
+                      lambda path: fod_glyph_figure(path, image(key), mask, background(), label, peaks=peaks,
+                                                    score=score, **options))
+
+    # tensor
+    mosaic("tensor", "Tensor: FA and MD", "tensor", [("tensor_fa", "FA", "gray"), ("tensor_md", "MD", "viridis")],
+           "Fractional anisotropy and mean diffusivity of the weighted least-squares tensor fit, inside the brain mask.")
+    status("tensor", "tensor_status", "Tensor")
+
+    # response
+    if "response" in path_of:
+        from dwiflow.core.response import ResponseFunction
+
+        response = ResponseFunction.from_text(path_of["response"].read_text(), str(path_of["response"]))
+        meta = sidecar_of("response")
+        manifest.draw("response", "Response function", "response",
+                      f"Response ({meta.get('Method', response_method)}): amplitude against the angle from the fibre "
+                      "axis for each shell, and the glyph (fibre axis vertical).",
+                      lambda path: response_figure(path, response.bvalues, response.coefficients,
+                                                   f"Response function ({response_method or 'response'})"))
+        if "response_voxels" in path_of:
+            voxels = image("response_voxels") > 0
+            annotation = ""
+            roi = None
+            if "Eigenvalues" in meta:
+                ev = meta["Eigenvalues"]
+                annotation = (f"SSST: eigenvalues {ev[0]:.3g}, {ev[1]:.3g}, {ev[2]:.3g} mm²/s; S0 {meta.get('S0', float('nan')):.4g}; "
+                              f"{meta.get('VoxelCount', int(voxels.sum()))} voxels with FA > "
+                              f"{meta.get('Parameters', {}).get('FaThreshold', '?')} in the central box (yellow)")
+                params = meta.get("Parameters", {})
+                radii = params.get("RoiRadii", 10)
+                radii = [int(radii)] * 3 if np.isscalar(radii) else [int(r) for r in radii]
+                centre = params.get("RoiCenter") or [s // 2 for s in mask.shape]
+                roi = (list(centre), radii)
+                # the centre and radii are in the source voxel order; drawn only when it is RAS already
+                if not np.allclose(np.sign(np.diag(cache["brain_mask"].affine)[:3]), 1):
+                    roi = None
+            else:
+                annotation = f"{int(voxels.sum())} voxels selected by {response_method}"
+            manifest.draw("response", "Response voxels", "responsevoxels",
+                          "Voxels selected for the response (red) over the b=0 image (fitted S0), on the slices that "
+                          "hold most of them.",
+                          lambda path: response_voxels_figure(path, background(), voxels, mask,
+                                                              f"Voxels selected for the {response_method} response",
+                                                              annotation, roi))
+
+    # the model that produced the peaks gets the peaks overlay and the FOD-metric mosaic
+    metrics = [("afd_total", "AFD (total)", "magma"), ("nufo", "NuFO", "viridis"), ("gfa", "GFA", "gray")]
+    model_sections = {
+        "csd": ("csd_fod", "CSD fibre ODF", "Fibre orientation distributions (CSD), global scale, peaks in white."),
+        "rumba": ("rumba_fod", "RUMBA-SD fibre ODF", "RUMBA-SD white-matter fODF (SH fit), global scale, peaks in white."),
+        "mapmri": ("mapmri_odf", "MAP-MRI ODF", "MAP-MRI ODFs, each glyph scaled to its own maximum (min-max "
+                                                "contrast is low for diffusion ODFs), peaks in white."),
+        "smt": ("smt_fod", "SMT Watson FOD", "Watson FOD fitted on the SMT kernel (SH), global scale, peaks in white."),
+    }
+    for model, (key, label, caption) in model_sections.items():
+        glyphs(model, key, label, f"{model}fod", caption, with_peaks=fod_model == model,
+               normalise="voxel" if model == "mapmri" else "patch")
+        if model == "rumba":
+            glyphs(model, "rumba_combined_odf", "RUMBA-SD combined ODF (fODF + isotropic)", "rumbacombined",
+                   "White-matter fODF plus the GM and CSF isotropic parts as a sphere, on one scale: isotropic "
+                   "voxels show as balls.", with_peaks=False)
+            mosaic(model, "RUMBA-SD volume fractions", "rumbafractions",
+                   [("rumba_fwm", "f_wm", "viridis"), ("rumba_fiso", "f_iso", "viridis"), ("rumba_fgm", "f_gm", "viridis"),
+                    ("rumba_fcsf", "f_csf", "viridis")], "White-matter and isotropic volume fractions side by side.")
+        if model == "mapmri":
+            mosaic(model, "MAP-MRI indices", "mapmriindices",
+                   [("mapmri_rtop", "RTOP", "magma"), ("mapmri_rtap", "RTAP", "magma"), ("mapmri_rtpp", "RTPP", "magma"),
+                    ("mapmri_msd", "MSD", "viridis"), ("mapmri_qiv", "QIV", "viridis"), ("mapmri_ng", "NG", "gray"),
+                    ("mapmri_ngpar", "NG∥", "gray"), ("mapmri_ngperp", "NG⊥", "gray"),
+                    ("mapmri_lapnorm", "Laplacian norm", "gray")],
+                   "Return-to-origin/axis/plane probabilities, mean squared displacement, q-space inverse variance, "
+                   "non-Gaussianities and the Laplacian norm of the fitted signal.")
+        if model == "smt":
+            mosaic(model, "SMT kernel", "smtkernel",
+                   [("smt_lpar", "λ∥", "viridis"), ("smt_lperp", "λ⊥", "viridis"), ("smt_f", "f = λ⊥/λ∥", "gray"),
+                    ("smt_fw", "free water", "viridis"), ("smt_mse", "MSE", "magma"), ("smt_r2", "R²", "gray"),
+                    ("smt_odi", "ODI", "viridis")],
+                   "Zeppelin kernel diffusivities and their ratio, fit quality (MSE, R²) and the Watson ODI.")
+        if fod_model == model:
+            mosaic(model, f"FOD metrics ({label})", f"{model}metrics", metrics,
+                   "Total apparent fibre density, number of fibre orientations (peaks passing the thresholds) and GFA.")
+        status(model, f"{model}_status", SECTION_TITLES[model])
+    return manifest.write()

@@ -1,0 +1,241 @@
+"""Per-subject HTML reports and the dataset summary page (HTML assembly only; drawing is in figures.py).
+
+``OUTPUT_DIR/sub-<label>.html`` holds every run of the subject that was processed: its status, the
+recon spec's parameters and the parameters each model recorded, software versions, time per stage,
+warnings and the QC figures (``sub-<label>/figures/``, linked relatively). A model that did not run
+has no section; a figure that could not be drawn shows the note saying why.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+SECTION_ORDER = ("tensor", "response", "csd", "rumba", "mapmri", "smt")
+SECTION_TITLES = {"tensor": "Brain mask and tensor", "response": "Response function", "csd": "CSD (Tournier 2007)",
+                  "rumba": "RUMBA-SD (Canales-Rodriguez 2015)", "mapmri": "MAP-MRI (Ozarslan 2013, Fick 2016)",
+                  "smt": "Spherical mean technique (Kaden 2016)"}
+VERSIONED_PACKAGES = ("dwiflow", "numpy", "scipy", "nibabel", "pydra", "numba", "cvxpy", "clarabel", "matplotlib",
+                      "pybids")
+
+STYLE = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 0; color: #222; }
+header { background: #1c3d5a; color: white; padding: 14px 24px; }
+header h1 { margin: 0; font-size: 22px; }
+header p { margin: 4px 0 0; font-size: 13px; opacity: 0.85; }
+nav { background: #eef2f6; padding: 8px 24px; font-size: 13px; }
+nav a { margin-right: 14px; }
+main { padding: 8px 24px 40px; max-width: 1400px; }
+h2 { border-bottom: 2px solid #1c3d5a; padding-bottom: 4px; margin-top: 32px; }
+h3 { margin-top: 24px; color: #1c3d5a; }
+figure { margin: 12px 0 20px; }
+figure img { max-width: 100%; border: 1px solid #ccc; }
+figcaption { font-size: 13px; color: #444; margin-top: 4px; }
+.note { background: #fff4e6; border-left: 4px solid #f08c00; padding: 6px 10px; font-size: 13px; }
+.failed { background: #ffe3e3; border-left: 4px solid #c92a2a; padding: 6px 10px; }
+.ok { color: #2b8a3e; font-weight: bold; }
+table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
+td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }
+th { background: #eef2f6; }
+pre { background: #f6f8fa; padding: 8px; font-size: 12px; overflow-x: auto; }
+details { margin: 8px 0; }
+"""
+
+
+@dataclass
+class RunReport:
+    """What the report says about one run."""
+
+    label: str
+    ok: bool
+    error: str = ""
+    log: str = ""
+    seconds: float = 0.0
+    figures_dir: Path | None = None
+    derivative_dir: Path | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of Python and of the packages dwiflow runs on (missing ones are left out)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def read_timings(log: Path | None) -> dict[tuple[str, str], dict[str, Any]]:
+    """The last timing record of each (run, stage) in the JSON-lines timing log."""
+    timings: dict[tuple[str, str], dict[str, Any]] = {}
+    if log is None or not Path(log).is_file():
+        return timings
+    for line in Path(log).read_text().splitlines():
+        try:
+            record = json.loads(line)
+            timings[(record["run"], record["stage"])] = record
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a killed job
+    return timings
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _table(rows: Iterable[Iterable[Any]], header: Iterable[str] | None = None) -> str:
+    head = "<tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def _model_parameters(run: RunReport) -> list[tuple[str, str]]:
+    """(model or output, parameters) recorded in the run's derivative sidecars, one row per distinct set."""
+    from dwiflow.bids_specs.outputs import entities_from_filename
+
+    rows: dict[tuple[str, str], None] = {}
+    for path in sorted(run.files):
+        if path.suffix != ".json":
+            continue
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(content, dict):
+            continue
+        model = content.get("Model") if isinstance(content.get("Model"), dict) else {}
+        params = model.get("Parameters") or content.get("Parameters")
+        if not params:
+            continue
+        entities = entities_from_filename(path.name)
+        what = f"response ({entities.get('desc', '')})" if "_response" in path.name else entities.get("model", path.name)
+        rows[(what, json.dumps(params, sort_keys=True))] = None
+    return list(rows)
+
+
+def _figures_html(run: RunReport, report_dir: Path) -> tuple[str, list[str]]:
+    manifest_files = sorted(run.figures_dir.glob(f"{run.label}_desc-figures_dwi.json")) if run.figures_dir else []
+    if not manifest_files:
+        return '<p class="note">No figures were drawn for this run.</p>', ["no figures for this run"]
+    manifest = json.loads(manifest_files[0].read_text())
+    warnings = list(manifest.get("warnings", []))
+    by_section: dict[str, list[dict[str, Any]]] = {}
+    for entry in manifest.get("figures", []):
+        by_section.setdefault(entry.get("section", "other"), []).append(entry)
+    parts = []
+    for section in [s for s in SECTION_ORDER if s in by_section] + [s for s in by_section if s not in SECTION_ORDER]:
+        parts.append(f"<h3>{_esc(SECTION_TITLES.get(section, section))}</h3>")
+        for entry in by_section[section]:
+            if entry.get("file"):
+                rel = os.path.relpath(run.figures_dir / entry["file"], report_dir)
+                parts.append(f'<figure><a href="{_esc(rel)}"><img src="{_esc(rel)}" alt="{_esc(entry["title"])}"></a>'
+                             f'<figcaption><b>{_esc(entry["title"])}.</b> {_esc(entry.get("caption", ""))} '
+                             f'(click to open at full resolution)</figcaption></figure>')
+            else:
+                parts.append(f'<p class="note"><b>{_esc(entry["title"])}</b>: {_esc(entry.get("note", "not drawn"))}</p>')
+                warnings.append(f"{entry['title']}: {entry.get('note', 'not drawn')}")
+    return "\n".join(parts), warnings
+
+
+def subject_report(output_dir: Path, subject: str, runs: list[RunReport], recon_spec: dict[str, Any],
+                   timing_log: Path | None = None) -> Path:
+    """Write ``OUTPUT_DIR/sub-<subject>.html`` (atomically) and return its path."""
+    timings = read_timings(timing_log)
+    versions = software_versions()
+    nav = " ".join(f'<a href="#{_esc(r.label)}">{_esc(r.label)}</a>' for r in runs)
+    body = []
+    for run in runs:
+        body.append(f'<h2 id="{_esc(run.label)}">{_esc(run.label)}</h2>')
+        records = sorted((rec for (label, _), rec in timings.items() if label == run.label),
+                         key=lambda rec: rec.get("finished", 0))
+        stage_rows = [(rec["stage"], f"{rec['seconds']:.2f}", "failed" if rec.get("errored") else "ok",
+                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("finished", 0)))) for rec in records]
+        if run.ok:
+            compute = sum(rec["seconds"] for rec in records)
+            body.append(f'<p><span class="ok">completed</span>: {compute:.1f} s of stage computation (see the time per '
+                        f'stage; stages reused from the cache take no time). Derivatives: '
+                        f'{_esc(run.derivative_dir or "")}</p>')
+        else:
+            body.append(f'<p class="failed"><b>FAILED</b>: {_esc(run.error)}<br>log: {_esc(run.log)}</p>')
+        figures, warnings = _figures_html(run, output_dir) if run.ok else ("", [])
+        if not run.ok:
+            warnings.append(f"the run failed: {run.error}")
+        body.append("<details open><summary><b>Warnings</b> "
+                    f"({len(warnings)})</summary>" + ("<ul>" + "".join(f"<li>{_esc(w)}</li>" for w in warnings) + "</ul>"
+                                                      if warnings else "<p>none</p>") + "</details>")
+        body.append("<details><summary><b>Time per stage</b></summary>"
+                    + (_table(stage_rows, ("stage", "seconds", "state", "finished")) if stage_rows
+                       else "<p>no timing recorded (all stages came from the cache of an earlier version)</p>")
+                    + "</details>")
+        params = _model_parameters(run) if run.ok else []
+        if params:
+            body.append("<details><summary><b>Parameters recorded by the models</b></summary>"
+                        + _table(params, ("output", "parameters")) + "</details>")
+        body.append(figures)
+    spec_text = json.dumps(recon_spec.get("stages", {}), indent=2)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>dwiflow: sub-{_esc(subject)}</title>
+<style>{STYLE}</style></head>
+<body>
+<header><h1>dwiflow report: sub-{_esc(subject)}</h1>
+<p>recon spec <b>{_esc(recon_spec.get('name', ''))}</b>: {_esc(recon_spec.get('description', ''))}</p>
+<p>written {time.strftime('%Y-%m-%d %H:%M:%S')} by dwiflow {_esc(versions.get('dwiflow', ''))}</p></header>
+<nav>runs: {nav} <a href="#about">parameters and software</a></nav>
+<main>
+{''.join(body)}
+<h2 id="about">Parameters and software</h2>
+<h3>Recon spec stages</h3><pre>{_esc(spec_text)}</pre>
+<h3>Software versions</h3>{_table(sorted(versions.items()), ('software', 'version'))}
+<p>Figures: axial slices in the neurological convention (subject's left on the image left), reoriented to the
+closest RAS voxel order without resampling.</p>
+</main></body></html>
+"""
+    path = output_dir / f"sub-{subject}.html"
+    tmp = output_dir / f".{path.name}.partial"
+    tmp.write_text(page)
+    os.replace(tmp, path)
+    return path
+
+
+def dataset_summary_page(output_dir: Path, summary_tsv: Path, distributions: list[tuple[str, Path | None, str]],
+                         subjects: list[str]) -> Path:
+    """Write ``OUTPUT_DIR/dataset_summary.html``: the group summary table and one distribution figure per metric.
+
+    ``distributions``: (metric, figure path or None, note when the figure is missing).
+    """
+    lines = summary_tsv.read_text().splitlines()
+    header, rows = lines[0].split("\t"), [line.split("\t") for line in lines[1:]]
+    parts = []
+    for metric, figure, note in distributions:
+        if figure is not None:
+            rel = os.path.relpath(figure, output_dir)
+            parts.append(f'<figure><img src="{_esc(rel)}" alt="{_esc(metric)}"><figcaption>{_esc(metric)} '
+                         f'distribution per run</figcaption></figure>')
+        else:
+            parts.append(f'<p class="note">{_esc(metric)}: {_esc(note)}</p>')
+    links = " ".join(f'<a href="sub-{_esc(s)}.html">sub-{_esc(s)}</a>' for s in subjects
+                     if (output_dir / f"sub-{s}.html").is_file())
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>dwiflow: dataset summary</title><style>{STYLE}</style></head>
+<body><header><h1>dwiflow dataset summary</h1><p>{len(rows)} runs; written {time.strftime('%Y-%m-%d %H:%M:%S')}</p>
+</header><nav>subject reports: {links}</nav><main>
+<h2>Summary table</h2><p>{_esc(summary_tsv.name)}</p>{_table(rows, header)}
+<h2>Distributions per metric</h2>{''.join(parts)}
+</main></body></html>
+"""
+    path = output_dir / "dataset_summary.html"
+    tmp = output_dir / f".{path.name}.partial"
+    tmp.write_text(page)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,128 @@
+"""QC figures: glyph geometry in the display frame, mosaics, notes instead of failures."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+
+from dwiflow.core.sh import real_sh_basis
+from dwiflow.tasks.figures import figures_stage, glyph_patch, glyph_sphere, load_canonical
+
+
+def _unit(v):
+    v = np.asarray(v, dtype=float)
+    return v / np.linalg.norm(v)
+
+
+def _lobe_tips(geometry, voxel_index, sphere, min_fraction=0.3):
+    """Directions (display/world frame) of the local maxima of one drawn glyph's radius."""
+    centre = np.array([*geometry.voxels[voxel_index], 0.0])
+    offsets = geometry.vertices[voxel_index] - centre
+    radius = np.linalg.norm(offsets, axis=1)
+    neighbour_max = np.zeros_like(radius)
+    for a, b in sphere.edges:
+        neighbour_max[a] = max(neighbour_max[a], radius[b])
+        neighbour_max[b] = max(neighbour_max[b], radius[a])
+    tips = np.flatnonzero((radius >= neighbour_max) & (radius > min_fraction * radius.max()))
+    return offsets[tips] / radius[tips, None]
+
+
+def _mesh_spacing(sphere):
+    """The largest angle (degrees) between neighbouring vertices: how far a drawn tip can sit from a true peak."""
+    v, e = sphere.vertices, sphere.edges
+    return float(np.degrees(np.arccos(np.clip(np.sum(v[e[:, 0]] * v[e[:, 1]], axis=1), -1, 1))).max())
+
+
+def _angle_to(tips, direction):
+    return float(np.degrees(np.arccos(np.clip(np.max(np.abs(tips @ direction)), 0, 1))))
+
+
+def test_glyph_lobes_point_along_the_fibres_in_a_flipped_image(tmp_path):
+    """An LAS image (x flipped): the crossing on the subject's right is drawn on the right, lobes along the fibres."""
+    fibre_a, fibre_b, fibre_c = _unit([1.0, 0.35, 0.2]), _unit([-0.25, 1.0, 0.15]), _unit([0.6, -0.5, 0.62])
+    sharp = lambda u: real_sh_basis(8, u[None])[0]  # truncated delta: lobes along u
+    sh = np.zeros((4, 3, 2, 45))
+    sh[0, 1, 1] = sharp(fibre_a) + sharp(fibre_b)  # voxel i=0: largest world x in LAS = subject's right
+    sh[3, 1, 1] = sharp(fibre_c)
+    affine = np.diag([-2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [3.0, -2.0, -2.0]
+    path = tmp_path / "fod.nii.gz"
+    nib.save(nib.Nifti1Image(sh.astype(np.float32), affine), str(path))
+
+    view = load_canonical(path)
+    assert view.affine[0, 0] > 0  # reoriented to RAS
+    mask = np.any(view.data != 0, axis=-1)
+    sphere = glyph_sphere()
+    geometry = glyph_patch(view.data[:, :, 1], mask[:, :, 1], sphere)
+    drawn = {tuple(v) for v in geometry.voxels}
+    assert drawn == {(3, 1), (0, 1)}  # the crossing is drawn at the right edge (display x = 3)
+    crossing = next(i for i, v in enumerate(geometry.voxels) if v[0] == 3)
+    single = next(i for i, v in enumerate(geometry.voxels) if v[0] == 0)
+    tips = _lobe_tips(geometry, crossing, sphere)
+    # a tip is a mesh vertex: within ~0.6 of the mesh spacing of the true direction; a flipped axis would put
+    # these fibres 40 degrees or more away
+    tolerance = 0.7 * _mesh_spacing(sphere)
+    assert _angle_to(tips, fibre_a) < tolerance and _angle_to(tips, fibre_b) < tolerance
+    assert len(tips) == 4  # two lobes, each with its antipode, nothing else
+    tips_c = _lobe_tips(geometry, single, sphere)
+    assert len(tips_c) == 2 and _angle_to(tips_c, fibre_c) < tolerance
+    # one scale for the patch: the glyphs keep their relative size, the largest stays within 1.6 × 0.48 voxel
+    offsets = geometry.vertices - np.concatenate([geometry.voxels, np.zeros((2, 1))], axis=1)[:, None]
+    reach = np.linalg.norm(offsets, axis=-1).max(axis=1)
+    amplitude = [np.abs(view.data[3, 1, 1] @ real_sh_basis(8, sphere.vertices).T).max(),
+                 np.abs(view.data[0, 1, 1] @ real_sh_basis(8, sphere.vertices).T).max()]
+    assert 0.48 <= reach.max() <= 0.77 and np.isclose(reach[crossing] / reach[single], amplitude[0] / amplitude[1])
+
+
+def test_glyphs_of_a_csd_phantom_follow_the_true_crossings(tmp_path):
+    """CSD on the two-fibre phantom: every drawn crossing glyph has lobes along both true fibres."""
+    from dwiflow.cli.dwirecon import main as dwirecon
+
+    bids = tmp_path / "bids"
+    assert dwirecon(["phantom", str(bids), "--shape", "8,8,3", "--scheme", "multi", "--snr", "50", "--seed", "4"]) == 0
+    dwi = bids / "sub-phantom" / "dwi" / "sub-phantom_dwi"
+    truth_dir = bids / "derivatives" / "truth" / "sub-phantom" / "dwi"
+    fod, response = tmp_path / "fod.nii.gz", tmp_path / "response.txt"
+    mask = bids / "derivatives" / "masks" / "sub-phantom" / "dwi" / "sub-phantom_desc-brain_mask.nii.gz"
+    inputs = [f"{dwi}.nii.gz", f"{dwi}.bval", f"{dwi}.bvec"]
+    assert dwirecon(["response", "fa", *inputs, str(response), "--mask", str(mask), "--number", "40", "--erode", "0"]) == 0
+    assert dwirecon(["csd", *inputs, str(response), str(fod), "--mask", str(mask)]) == 0
+    view = load_canonical(fod)
+    n_true = load_canonical(truth_dir / "sub-phantom_desc-nfibres_truth.nii.gz").data.astype(int)
+    truth = load_canonical(truth_dir / "sub-phantom_desc-directions_truth.nii.gz").data
+    truth = truth.reshape(truth.shape[:3] + (-1, 3))
+    sphere = glyph_sphere()
+    errors = []
+    for k in range(view.data.shape[2]):
+        mask = n_true[..., k] == 2
+        if not mask.any():
+            continue
+        geometry = glyph_patch(view.data[:, :, k], mask, sphere)
+        for index, (i, j) in enumerate(geometry.voxels):
+            tips = _lobe_tips(geometry, index, sphere, min_fraction=0.25)
+            errors.append(max(_angle_to(tips, _unit(truth[i, j, k, f])) for f in range(2)))
+    errors = np.array(errors)
+    assert errors.size > 20
+    # CSD resolves most crossings of this phantom; the drawn lobes must sit on both fibres there
+    spacing = _mesh_spacing(sphere)
+    assert np.median(errors) < 0.7 * spacing and np.mean(errors < 1.2 * spacing) > 0.8
+
+
+def test_a_figure_that_cannot_be_drawn_becomes_a_note(tmp_path):
+    """A broken map gives a note in the manifest; the other figures are drawn and the stage does not raise."""
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    mask = np.zeros((10, 10, 4), dtype=np.uint8)
+    mask[2:8, 2:8, 1:3] = 1
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), str(staged / "m.nii.gz"))
+    fa = np.where(mask, 0.5, 0).astype(np.float32) + np.linspace(0, 0.2, 10)[:, None, None].astype(np.float32)
+    nib.save(nib.Nifti1Image(fa, np.eye(4)), str(staged / "fa.nii.gz"))
+    (staged / "fwm.nii.gz").write_bytes(b"not a nifti")
+    files = {"brain_mask": "m.nii.gz", "tensor_fa": "fa.nii.gz", "rumba_fwm": "fwm.nii.gz", "smt_lpar": "absent.nii.gz"}
+    manifest = json.loads(figures_stage(staged, tmp_path / "fig", files, {"sub": "x"}).read_text())
+    entries = {e["title"]: e for e in manifest["figures"]}
+    assert entries["Tensor: FA and MD"]["file"] and (tmp_path / "fig" / entries["Tensor: FA and MD"]["file"]).is_file()
+    assert not entries["RUMBA-SD volume fractions"]["file"]
+    assert entries["RUMBA-SD volume fractions"]["note"].startswith("not drawn:")
+    assert not any(e["section"] == "smt" for e in manifest["figures"])  # SMT did not run: no panel at all
+    assert not list((tmp_path / "fig").glob("*.partial*"))

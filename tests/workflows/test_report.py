@@ -1,0 +1,79 @@
+"""Per-subject HTML reports and the dataset summary page, opened in headless Chromium."""
+
+import json
+
+import pytest
+
+from dwiflow.cli.bidsapp import main
+from dwiflow.cli.dwirecon import main as dwirecon
+from tests.conftest import browser_images
+
+ALL_MODELS = """
+name: all-models
+stages:
+  mask: {}
+  tensor: {}
+  response: {method: ssst, options: {roi_radii: 4, fa_threshold: 0.5}}
+  rumba: {n_iter: 50}
+  mapmri: {laplacian_weighting: 0.2, big_delta: 0.0265, small_delta: 0.0162}
+  smt: {fod: watson}
+  peaks: {npeaks: 2}
+  fod_metrics: {}
+"""
+
+
+def _assert_images_load(chromium, page, tmp_path):
+    images = browser_images(chromium, page, tmp_path / f"{page.stem}.png")
+    assert images, f"{page} has no images"
+    broken = [i["src"] for i in images if i["width"] == 0 or i["height"] == 0]
+    assert not broken, f"broken images in {page.name}: {broken}"
+    assert (tmp_path / f"{page.stem}.png").stat().st_size > 10_000  # the screenshot rendered
+    return images
+
+
+def test_demo_reports_open_in_chromium(chromium, tmp_path):
+    """The demo job (csd preset on the built-in phantom): subject report and dataset summary, no broken images."""
+    from dwiflow.demo import run_demo
+
+    files = run_demo(tmp_path / "demo")
+    out = files["derivatives"]
+    page = out / "sub-phantom.html"
+    images = _assert_images_load(chromium, page, tmp_path)
+    text = page.read_text()
+    for title in ("Tensor: FA and MD", "Response function", "Response voxels", "CSD fibre ODF", "CSD status"):
+        assert f"<b>{title}.</b>" in text, title
+    for absent in ("RUMBA-SD", "MAP-MRI", "Spherical mean"):  # models that did not run have no section
+        assert absent not in text
+    assert len(images) == 7  # tensor, tensor status, response, its voxels, CSD glyphs, FOD metrics, CSD status
+    summary = out / "dataset_summary.html"
+    assert len(_assert_images_load(chromium, summary, tmp_path)) == 3  # FA, MD and AFD distributions
+    assert "sub-phantom" in summary.read_text()
+
+
+def test_every_model_has_its_panels_and_a_failed_report_never_fails_the_run(chromium, tmp_path, monkeypatch):
+    bids = tmp_path / "bids"
+    assert dwirecon(["phantom", str(bids), "--shape", "10,10,4", "--scheme", "multi", "--seed", "5"]) == 0
+    spec = tmp_path / "all.yaml"
+    spec.write_text(ALL_MODELS)
+    out = tmp_path / "out"
+    args = [str(bids), str(out), "participant", "--recon-spec", str(spec), "--work-dir", str(tmp_path / "w"),
+            "--mask-dir", str(bids / "derivatives" / "masks")]
+    assert main(args) == 0
+    page = out / "sub-phantom.html"
+    _assert_images_load(chromium, page, tmp_path)
+    manifest = json.loads((out / "sub-phantom" / "figures" / "sub-phantom_desc-figures_dwi.json").read_text())
+    drawn = {e["title"] for e in manifest["figures"] if e["file"]}
+    assert not [e for e in manifest["figures"] if e["note"]], manifest
+    assert {"RUMBA-SD fibre ODF", "RUMBA-SD combined ODF (fODF + isotropic)", "RUMBA-SD volume fractions",
+            "MAP-MRI ODF", "MAP-MRI indices", "SMT Watson FOD", "SMT kernel", "Response voxels"} <= drawn
+    assert {"RUMBA-SD status", "MAP-MRI status", "Spherical mean technique status"} <= drawn
+    text = page.read_text()
+    assert "Time per stage" in text and "<td>rumba</td>" in text and "<td>numpy</td>" in text
+    # the report is rewritten on a rerun; if it cannot be written the run still succeeds
+    import dwiflow.tasks.report as report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report, "subject_report", broken)
+    assert main(args) == 0
