@@ -78,4 +78,41 @@ def validate_recon_spec(spec: Any, source: str = "recon spec") -> dict[str, Any]
     method = stages.get("response", {}).get("method", "fa")
     if "response" in stages and method not in RESPONSE_METHODS:
         raise BidsInputError(f"{source}: 'stages.response.method' must be one of {RESPONSE_METHODS}, got {method!r}")
-    return {"name": spec.get("name", "custom"), "description": spec.get("description", ""), "stages": stages}
+    resources = check_resources(spec.get("resources"), list(stages), source)
+    unknown = set(spec) - {"name", "description", "stages", "resources"}
+    if unknown:
+        raise BidsInputError(f"{source}: unknown key(s) {sorted(unknown)}; allowed: name, description, stages, resources")
+    return {"name": spec.get("name", "custom"), "description": spec.get("description", ""), "stages": stages,
+            "resources": resources}
+
+
+RESOURCE_KEYS = ("cpus", "mem_gb", "time", "sbatch_args")
+ALWAYS_PRESENT_TASKS = ("default", "mask", "stage_derivatives", "figures")
+
+
+def check_resources(resources: Any, stages: list[str], source: str = "recon spec") -> dict[str, dict[str, Any]]:
+    """A recon spec's ``resources`` section, validated: ``{default|<stage>: {cpus, mem_gb, time, sbatch_args}}``.
+
+    Cluster workers turn each stage's entry (or ``default``'s) into its job's scheduler arguments.
+    """
+    if resources is None:
+        return {}
+    if not isinstance(resources, dict):
+        raise BidsInputError(f"{source}: 'resources' must be a mapping of stage -> {{{', '.join(RESOURCE_KEYS)}}}")
+    known = set(stages) | set(ALWAYS_PRESENT_TASKS)
+    for stage, values in resources.items():
+        where = f"{source}: 'resources.{stage}'"
+        if stage not in known:
+            raise BidsInputError(f"{where} is not a stage of this recon spec (known: {sorted(known)})")
+        if not isinstance(values, dict):
+            raise BidsInputError(f"{where} must be a mapping of {', '.join(RESOURCE_KEYS)}")
+        unknown = set(values) - set(RESOURCE_KEYS)
+        if unknown:
+            raise BidsInputError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(RESOURCE_KEYS)}")
+        cpus = values.get("cpus", 1)
+        if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
+            raise BidsInputError(f"{where}.cpus must be a positive integer, got {cpus!r}")
+        mem = values.get("mem_gb")
+        if mem is not None and (isinstance(mem, bool) or not isinstance(mem, (int, float)) or mem <= 0):
+            raise BidsInputError(f"{where}.mem_gb must be a positive number, got {mem!r}")
+    return {k: dict(v) for k, v in resources.items()}

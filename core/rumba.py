@@ -243,11 +243,14 @@ class _ReducedKernel:
 
 
 def available_cores() -> int:
-    """CPU cores this process may use."""
+    """CPU cores this process may use: its CPU affinity, capped by ``OMP_NUM_THREADS`` when set
+    (``dwiflow --omp-nthreads`` and the per-stage CPUs of a cluster job set it)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, min(cores, int(limit))) if limit.isdigit() and int(limit) > 0 else cores
 
 
 @contextmanager

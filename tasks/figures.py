@@ -245,12 +245,11 @@ def response_figure(out: Path, bvalues: np.ndarray, coefficients: np.ndarray, ti
 
 
 def response_voxels_figure(out: Path, background: np.ndarray, voxels: np.ndarray, mask: np.ndarray, title: str,
-                           annotation: str = "", roi: tuple[Sequence[int], Sequence[int]] | None = None,
-                           n_slices: int = 4) -> Path:
+                           annotation: str = "", roi: np.ndarray | None = None, n_slices: int = 4) -> Path:
     """The voxels selected for the response (red) over a background slice, on the slices holding most of them.
 
-    ``roi``: (centre, radii) of DIPY's SSST box, drawn as a rectangle; ``annotation`` (e.g. the SSST
-    eigenvalues) is printed under the figure.
+    ``roi``: DIPY's SSST box as a boolean volume (same voxel order as the images), outlined in yellow;
+    ``annotation`` (e.g. the SSST eigenvalues) is printed under the figure.
     """
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Rectangle
@@ -271,16 +270,29 @@ def response_voxels_figure(out: Path, background: np.ndarray, voxels: np.ndarray
         ax.set_title(f"z = {k}: {int(per_slice[k])} voxels", fontsize=8)
         if col == 0:
             _label_orientation(ax)
-        if roi is not None:
-            centre, radii = roi
-            if abs(k - centre[2]) <= radii[2]:
-                x0, y0 = centre[0] - radii[0] - box[0].indices(mask.shape[0])[0], centre[1] - radii[1] - box[1].indices(mask.shape[1])[0]
-                ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), 2 * radii[0] + 1, 2 * radii[1] + 1, fill=False,
-                                       edgecolor="#ffd43b", lw=1.2))
+        if roi is not None and roi[..., k].any():
+            xs, ys = np.flatnonzero(roi[..., k].any(axis=1)), np.flatnonzero(roi[..., k].any(axis=0))
+            x0, y0 = xs[0] - box[0].indices(mask.shape[0])[0], ys[0] - box[1].indices(mask.shape[1])[0]
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), xs[-1] - xs[0] + 1, ys[-1] - ys[0] + 1, fill=False,
+                                   edgecolor="#ffd43b", lw=1.2))
     fig.suptitle(title, fontsize=11)
     fig.text(0.01, 0.1, annotation, fontsize=8)
     fig.text(0.01, 0.02, ORIENTATION_NOTE, fontsize=7, color="#444444")
     return _save(fig, out)
+
+
+def ssst_roi(reference: Path, parameters: dict[str, Any]) -> np.ndarray | None:
+    """DIPY's SSST box (centre and radii in the source voxel order) as a volume in the RAS voxel order of the figures."""
+    import nibabel as nib
+
+    from dwiflow.core.response import roi_mask
+
+    source = nib.load(str(reference))
+    try:
+        box = roi_mask(source.shape[:3], parameters.get("RoiCenter"), parameters.get("RoiRadii", 10))
+    except Exception:  # parameters from another source: no box drawn
+        return None
+    return np.asarray(nib.as_closest_canonical(nib.Nifti1Image(box.astype(np.uint8), source.affine)).dataobj) > 0
 
 
 # --------------------------------------------------------------------------------------------- glyphs
@@ -602,14 +614,7 @@ def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, 
                 annotation = (f"SSST: eigenvalues {ev[0]:.3g}, {ev[1]:.3g}, {ev[2]:.3g} mm²/s; S0 {meta.get('S0', float('nan')):.4g}; "
                               f"{meta.get('VoxelCount', int(voxels.sum()))} voxels with FA > "
                               f"{meta.get('Parameters', {}).get('FaThreshold', '?')} in the central box (yellow)")
-                params = meta.get("Parameters", {})
-                radii = params.get("RoiRadii", 10)
-                radii = [int(radii)] * 3 if np.isscalar(radii) else [int(r) for r in radii]
-                centre = params.get("RoiCenter") or [s // 2 for s in mask.shape]
-                roi = (list(centre), radii)
-                # the centre and radii are in the source voxel order; drawn only when it is RAS already
-                if not np.allclose(np.sign(np.diag(cache["brain_mask"].affine)[:3]), 1):
-                    roi = None
+                roi = ssst_roi(path_of["brain_mask"], meta.get("Parameters", {}))
             else:
                 annotation = f"{int(voxels.sum())} voxels selected by {response_method}"
             manifest.draw("response", "Response voxels", "responsevoxels",

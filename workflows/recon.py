@@ -243,11 +243,15 @@ def run_participant(
     output_dir: Path,
     recon_spec: dict[str, Any],
     work_dir: Path,
-    worker: str = "cf",
+    worker: Any = "cf",
     worker_options: dict[str, Any] | None = None,
     progress=print,
 ) -> list[RunOutcome]:
-    """Run every run's workflow (one Submitter); a failed run is reported and the others go on."""
+    """Run every run's workflow; a failed run is reported (naming its stage) and the others go on.
+
+    ``worker``: a Pydra worker name (debug, cf, slurm, sge) or a worker object (e.g.
+    :class:`dwiflow.workflows.cluster.StageSlurmWorker`).
+    """
     from pydra.engine.submitter import Submitter
 
     write_dataset_description(output_dir, bids_dir, recon_spec)
@@ -257,17 +261,22 @@ def run_participant(
     cv = code_version()
     outcomes = []
     stages = recon_spec["stages"]
-    if worker != "debug" and len(runs) > 1:
+    worker_name = worker if isinstance(worker, str) else worker.plugin_name()
+    if worker_name != "debug" and len(runs) > 1:
         # Phase 1: every run in one graph, so the worker runs independent runs concurrently (cf) or queues all of
         # their jobs at once (slurm/sge). Failures are collected per run in phase 2, where finished runs are
         # cache hits and a failed run fails again with its own error.
-        progress(f"[dwiflow] {len(runs)} runs submitted together ({worker} worker)")
+        progress(f"[dwiflow] {len(runs)} runs submitted together ({worker_name} worker)")
         try:
             with Submitter(cache_root=work_dir / "cache", worker=worker, clean_stale_locks=True,
                            **(worker_options or {})) as submitter:
                 submitter(_all_runs_workflow(runs, stages, cv), raise_errors=False)
         except Exception as exc:  # reported per run below
             progress(f"[dwiflow]   some runs failed ({_last_line(str(exc)) or type(exc).__name__}); details per run follow")
+    if hasattr(worker, "submit_jobs") and len(runs) > 1:
+        # a cluster worker reports each run from the shared cache and the failures of phase 1; it does not
+        # resubmit (a resubmission of the command recomputes what is missing)
+        worker.submit_jobs = False
     for index, run in enumerate(runs, 1):
         t0 = time.perf_counter()
         started = time.time()
@@ -289,7 +298,8 @@ def run_participant(
         except Exception as exc:  # a failed run must not stop the others
             details = task_errors(work_dir / "cache", since=started)
             log.write_text("".join(traceback.format_exception(exc)) + "".join(f"\n--- {where}\n{text}" for where, text in details))
-            message = _last_line(details[-1][1]) if details else (_last_line(str(exc)) or type(exc).__name__)
+            message = (f"{details[-1][0]}: {_last_line(details[-1][1])}" if details
+                       else (_last_line(str(exc)) or type(exc).__name__))
             outcome = RunOutcome(run, False, error=message, log=log, seconds=time.perf_counter() - t0)
             progress(f"[dwiflow]   FAILED {run.label}: {message} (log: {log})")
         outcomes.append(outcome)
@@ -323,6 +333,17 @@ def _last_line(text: str) -> str:
     return lines[-1].strip() if lines else ""
 
 
+def _stage_of(task_dir: Path) -> str:
+    """The stage (Pydra node name) whose cache directory this is, from its saved job; else the directory name."""
+    import cloudpickle
+
+    try:
+        with open(task_dir / "_job.pklz", "rb") as handle:
+            return f"stage {cloudpickle.load(handle).name}"
+    except Exception:
+        return task_dir.name
+
+
 def task_errors(cache: Path, since: float) -> list[tuple[str, str]]:
     """Tracebacks Pydra saved for failed tasks (``_error.pklz``) since ``since``, innermost last.
 
@@ -341,9 +362,9 @@ def task_errors(cache: Path, since: float) -> list[tuple[str, str]]:
             text = "".join(content.get("error message", [])) if isinstance(content, dict) else str(content)
         except Exception as exc:  # an unreadable error file must not hide the others
             text = f"(could not read {path}: {exc})"
-        found.append((path.parent.name, text))
-    # python tasks' own errors are the most specific: put them last
-    return sorted(found, key=lambda item: (item[0].startswith("python-"), item[0]))
+        found.append((_stage_of(path.parent), text))
+    # python tasks' own errors (named by their stage) are the most specific: put them last
+    return sorted(found, key=lambda item: (item[0].startswith("stage "), item[0]))
 
 
 SUMMARY_COLUMNS = ("run", "voxels_in_mask", "mean_fa", "mean_md", "mean_afd_total", "response_l0")

@@ -13,6 +13,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from dwiflow._version import __version__
 
@@ -83,10 +84,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     options: dict = {}
     if args.worker == "cf" and args.nprocs:
         options["n_procs"] = args.nprocs
-    if args.worker == "slurm" and args.sbatch_args:
-        options["sbatch_args"] = " ".join(shlex.split(args.sbatch_args))
+    worker: Any = args.worker
+    if args.worker == "slurm":
+        from dwiflow.workflows.cluster import StageSlurmWorker
+
+        # Pydra's SLURM worker with the recon spec's per-stage resources and jobs that fail visibly
+        worker = StageSlurmWorker(sbatch_args=" ".join(shlex.split(args.sbatch_args)),
+                                  resources=spec.get("resources", {}), omp_nthreads=args.omp_nthreads)
     print(f"[dwiflow] {len(runs)} run(s); recon spec {spec['name']}; worker {args.worker}; cache {work_dir}")
-    outcomes = run_participant(runs, bids_dir, output_dir, spec, work_dir, args.worker, options)
+    outcomes = run_participant(runs, bids_dir, output_dir, spec, work_dir, worker, options)
     failed = [o for o in outcomes if not o.ok]
     if failed:
         for o in failed:

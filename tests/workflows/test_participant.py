@@ -144,7 +144,7 @@ def test_failed_run_is_named_and_others_complete(dataset, tmp_path, capsys, work
     err = capsys.readouterr().err
     assert code == 1
     assert "run sub-two_dir-AP failed" in err and "log:" in err
-    assert "b=0 volumes are all zero" in err  # the task's own error, not "see output directory"
+    assert "stage mask: " in err and "b=0 volumes are all zero" in err  # the stage and its own error, not "see output directory"
     assert (out / "sub-two" / "dwi" / "sub-two_dir-PA_model-tensor_param-fa_dwimap.nii.gz").is_file()
     assert (out / "sub-phantom" / "dwi" / "sub-phantom_model-csd_param-fod_dwimap.nii.gz").is_file()
     assert not list((out / "sub-two" / "dwi").glob("sub-two_dir-AP_*"))

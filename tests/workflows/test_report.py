@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from dwiflow.cli.bidsapp import main
@@ -67,6 +68,14 @@ def test_every_model_has_its_panels_and_a_failed_report_never_fails_the_run(chro
     assert {"RUMBA-SD fibre ODF", "RUMBA-SD combined ODF (fODF + isotropic)", "RUMBA-SD volume fractions",
             "MAP-MRI ODF", "MAP-MRI indices", "SMT Watson FOD", "SMT kernel", "Response voxels"} <= drawn
     assert {"RUMBA-SD status", "MAP-MRI status", "Spherical mean technique status"} <= drawn
+    # the SSST box drawn over the selection holds every selected voxel (the phantom is stored LAS, drawn RAS)
+    from dwiflow.tasks.figures import load_canonical, ssst_roi
+
+    folder = out / "sub-phantom" / "dwi"
+    voxels = load_canonical(folder / "sub-phantom_desc-ssstvoxels_mask.nii.gz").data > 0
+    params = json.loads((folder / "sub-phantom_model-rumba_desc-ssst_response.json").read_text())["Parameters"]
+    roi = ssst_roi(folder / "sub-phantom_desc-brain_mask.nii.gz", params)
+    assert voxels.sum() > 50 and not np.any(voxels & ~roi)
     text = page.read_text()
     assert "Time per stage" in text and "<td>rumba</td>" in text and "<td>numpy</td>" in text
     # the report is rewritten on a rerun; if it cannot be written the run still succeeds
