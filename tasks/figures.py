@@ -508,7 +508,7 @@ class _Manifest:
 
 
 UNIT_INTERVAL_MAPS = ("tensor_fa", "gfa", "rumba_fwm", "rumba_fiso", "rumba_fgm", "rumba_fcsf", "smt_f", "smt_fw",
-                      "smt_odi")
+                      "smt_odi", "smt_beta")
 SECTION_TITLES = {"tensor": "Brain mask and tensor", "response": "Response function", "csd": "CSD",
                   "rumba": "RUMBA-SD", "mapmri": "MAP-MRI", "smt": "Spherical mean technique"}
 
@@ -631,7 +631,8 @@ def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, 
         "rumba": ("rumba_fod", "RUMBA-SD fibre ODF", "RUMBA-SD white-matter fODF (SH fit), global scale, peaks in white."),
         "mapmri": ("mapmri_odf", "MAP-MRI ODF", "MAP-MRI ODFs, each glyph scaled to its own maximum (min-max "
                                                 "contrast is low for diffusion ODFs), peaks in white."),
-        "smt": ("smt_fod", "SMT Watson FOD", "Watson FOD fitted on the SMT kernel (SH), global scale, peaks in white."),
+        "smt": ("smt_fod", "SMT FOD", "Watson or Bingham FOD fitted on the SMT kernel (SH), global scale, peaks in "
+                                     "white."),
     }
     for model, (key, label, caption) in model_sections.items():
         glyphs(model, key, label, f"{model}fod", caption, with_peaks=fod_model == model,
@@ -655,7 +656,7 @@ def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, 
             mosaic(model, "SMT kernel", "smtkernel",
                    [("smt_lpar", "λ∥", "viridis"), ("smt_lperp", "λ⊥", "viridis"), ("smt_f", "f = λ⊥/λ∥", "gray"),
                     ("smt_fw", "free water", "viridis"), ("smt_mse", "MSE", "magma"), ("smt_r2", "R²", "gray"),
-                    ("smt_odi", "ODI", "viridis")],
+                    ("smt_odi", "ODI", "viridis"), ("smt_beta", "β/κ (Bingham)", "viridis")],
                    "Zeppelin kernel diffusivities and their ratio, fit quality (MSE, R²) and the Watson ODI.")
         if fod_model == model:
             mosaic(model, f"FOD metrics ({label})", f"{model}metrics", metrics,

@@ -125,19 +125,22 @@ def Mapmri(
     return tuple(File(written[n]) if n in written else None for n in MAPMRI_TASK_OUTPUTS)
 
 
-SMT_TASK_OUTPUTS = ("lpar", "lperp", "f", "fw", "mse", "r2", "status", "odi", "kappa", "mu", "fod", "fodmse")
+SMT_TASK_OUTPUTS = ("lpar", "lperp", "f", "fw", "mse", "r2", "status", "odi", "kappa", "mu", "fod", "fodmse", "beta",
+                    "nu")
 
 
 @python.define(outputs=list(SMT_TASK_OUTPUTS))
 def Smt(
     dwi: File, bval: File, bvec: File, mask: File, options: dict | None = None, code_version: str = "",
 ) -> tuple[File | None, File | None, File | None, File | None, File | None, File | None, File | None, File | None,
-           File | None, File | None, File | None, File | None]:
-    """SMT kernel and Watson FOD; ``options``: fod (none|watson), free_water, lambda_par_bounds."""
+           File | None, File | None, File | None, File | None, File | None, File | None]:
+    """SMT kernel and its FOD; ``options``: fod (none|watson|bingham), free_water, lambda_par_bounds."""
     options = dict(options or {})
     skip = set() if options.get("free_water") else {"fw"}
+    if options.get("fod", "watson") != "bingham":
+        skip |= set(stages.SMT_BINGHAM_OUTPUTS)
     if options.get("fod", "watson") == "none":
-        skip |= {"odi", "kappa", "mu", "fod", "fodmse"}
+        skip |= set(stages.SMT_FOD_OUTPUTS)
     if "lambda_par_bounds" in options:
         options["lambda_par_bounds"] = tuple(options["lambda_par_bounds"])
     written = stages.smt_stage(dwi, bval, bvec, {n: Path.cwd() / f"smt_{n}.nii.gz" for n in SMT_TASK_OUTPUTS
@@ -213,7 +216,7 @@ def StageDerivatives(
     smt_lpar: File | None = None, smt_lperp: File | None = None, smt_f: File | None = None, smt_fw: File | None = None,
     smt_mse: File | None = None, smt_r2: File | None = None, smt_status: File | None = None, smt_odi: File | None = None,
     smt_kappa: File | None = None, smt_mu: File | None = None, smt_fod: File | None = None,
-    smt_fodmse: File | None = None,
+    smt_fodmse: File | None = None, smt_beta: File | None = None, smt_nu: File | None = None,
     code_version: str = "",
 ):
     """Copy a run's outputs (and their sidecars) under their BIDS derivative names into one folder."""
@@ -233,7 +236,7 @@ def StageDerivatives(
               "mapmri_status": mapmri_status,
               "smt_lpar": smt_lpar, "smt_lperp": smt_lperp, "smt_f": smt_f, "smt_fw": smt_fw, "smt_mse": smt_mse,
               "smt_r2": smt_r2, "smt_status": smt_status, "smt_odi": smt_odi, "smt_kappa": smt_kappa, "smt_mu": smt_mu,
-              "smt_fod": smt_fod, "smt_fodmse": smt_fodmse}
+              "smt_fod": smt_fod, "smt_fodmse": smt_fodmse, "smt_beta": smt_beta, "smt_nu": smt_nu}
     folder = Path.cwd() / "derivatives"
     folder.mkdir(exist_ok=True)
     for name, value in values.items():

@@ -584,7 +584,9 @@ def mapmri_stage(
                              STATUS_LEVELS, {"odf": {"SphericalHarmonicDegree": int(model.radial_order)}})
 
 
-SMT_OUTPUTS = ("lpar", "lperp", "f", "fw", "mse", "r2", "status", "odi", "kappa", "mu", "fod", "fodmse")
+SMT_OUTPUTS = ("lpar", "lperp", "f", "fw", "mse", "r2", "status", "odi", "kappa", "mu", "fod", "fodmse", "beta", "nu")
+SMT_FOD_OUTPUTS = ("odi", "kappa", "mu", "fod", "fodmse")  # Watson and Bingham
+SMT_BINGHAM_OUTPUTS = ("beta", "nu")
 
 
 def smt_stage(
@@ -600,15 +602,17 @@ def smt_stage(
     sh_lmax: int = 8,
     progress=None,
 ) -> dict[str, Path]:
-    """SMT kernel (and optionally a Watson FOD on it); writes the requested maps, all or nothing."""
-    from dwiflow.core.smt import STATUS_LEVELS, SmtModel, fit_watson
+    """SMT kernel (and optionally a Watson or Bingham FOD on it); writes the requested maps, all or nothing."""
+    from dwiflow.core.smt import STATUS_LEVELS, SmtModel, fit_bingham, fit_watson
 
     _check_outputs("SMT", outputs, SMT_OUTPUTS)
-    if fod not in ("none", "watson"):
-        raise DwiflowInputError(f"fod must be 'none' or 'watson' (Bingham FODs are not implemented yet), got {fod!r}")
-    fod_outputs = {"odi", "kappa", "mu", "fod", "fodmse"} & set(outputs)
+    if fod not in ("none", "watson", "bingham"):
+        raise DwiflowInputError(f"fod must be 'none', 'watson' or 'bingham', got {fod!r}")
+    fod_outputs = set(SMT_FOD_OUTPUTS + SMT_BINGHAM_OUTPUTS) & set(outputs)
     if fod == "none" and fod_outputs:
-        raise DwiflowInputError(f"FOD maps {sorted(fod_outputs)} need --fod watson")
+        raise DwiflowInputError(f"FOD maps {sorted(fod_outputs)} need --fod watson or bingham")
+    if fod == "watson" and set(SMT_BINGHAM_OUTPUTS) & set(outputs):
+        raise DwiflowInputError(f"maps {sorted(set(SMT_BINGHAM_OUTPUTS) & set(outputs))} need --fod bingham")
     if "fw" in outputs and not free_water:
         raise DwiflowInputError("a free-water map needs the isotropic compartment (--isotropic-compartment)")
     run = load_dwi(dwi, bval, bvec)
@@ -617,13 +621,18 @@ def smt_stage(
     fit = model.fit(run.data, voxels, progress=progress)
     maps = {"lpar": fit.lambda_par, "lperp": fit.lambda_perp, "f": fit.fraction, "fw": fit.free_water,
             "mse": fit.mse, "r2": fit.r2, "status": fit.status}
-    if fod == "watson" and fod_outputs:
+    if fod != "none" and fod_outputs:
         ok = np.flatnonzero(fit.status == 0)
-        watson = fit_watson(fit.batch.signal()[ok], run.gtab, fit.lambda_par[ok], fit.lambda_perp[ok],
-                            free_water=None if fit.free_water is None else fit.free_water[ok])
+        args = (fit.batch.signal()[ok], run.gtab, fit.lambda_par[ok], fit.lambda_perp[ok])
+        water = None if fit.free_water is None else fit.free_water[ok]
+        orientation = fit_watson(*args, free_water=water)
+        extra: tuple = ()
+        if fod == "bingham":
+            orientation = fit_bingham(*args, initial=orientation, free_water=water)
+            extra = (("beta", orientation.beta_fraction), ("nu", orientation.nu))
         n = fit.status.size
-        for name, values in (("odi", watson.odi), ("kappa", watson.kappa), ("fodmse", watson.mse),
-                             ("mu", watson.mu), ("fod", watson.sh(sh_lmax))):
+        for name, values in (("odi", orientation.odi), ("kappa", orientation.kappa), ("fodmse", orientation.mse),
+                             ("mu", orientation.mu), ("fod", orientation.sh(sh_lmax))) + extra:
             full = np.full((n,) + values.shape[1:], 0.0 if name == "fod" else np.nan)
             full[ok] = values
             maps[name] = full

@@ -158,11 +158,13 @@ def _cmd_mapmri(args: argparse.Namespace) -> int:
 
 
 def _cmd_smt(args: argparse.Namespace) -> int:
-    from dwiflow.tasks.stages import SMT_OUTPUTS, describe_outputs, smt_stage
+    from dwiflow.tasks.stages import SMT_BINGHAM_OUTPUTS, SMT_FOD_OUTPUTS, SMT_OUTPUTS, describe_outputs, smt_stage
 
     skip = set() if args.isotropic_compartment else {"fw"}
+    if args.fod != "bingham":
+        skip |= set(SMT_BINGHAM_OUTPUTS)
     if args.fod == "none":
-        skip |= {"odi", "kappa", "mu", "fod", "fodmse"}
+        skip |= set(SMT_FOD_OUTPUTS)
     outputs = _model_outputs("smt", SMT_OUTPUTS, args.dwi, args.out_dir, skip)
     progress = _progress("smt")
     written = smt_stage(args.dwi, args.bval, args.bvec, outputs, mask=args.mask, fod=args.fod,
@@ -408,11 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signal", action="store_true", help="also write the fitted signal")
     p.set_defaults(func=_cmd_mapmri)
 
-    p = _model_parser(sub, "smt", "spherical mean technique (Kaden 2016) and a Watson FOD on its kernel",
+    p = _model_parser(sub, "smt", "spherical mean technique (Kaden 2016) and a Watson or Bingham FOD on its kernel",
                        "Per-shell spherical means fitted by a zeppelin with lambda_perp = f*lambda_par "
                        "(optionally plus free water), then a Watson FOD on the fitted kernel from the full signal.")
-    p.add_argument("--fod", choices=("none", "watson"), default="watson",
-                   help="parametric FOD on the fitted kernel (Bingham not implemented yet)")
+    p.add_argument("--fod", choices=("none", "watson", "bingham"), default="watson",
+                   help="parametric FOD on the fitted kernel: Watson (mu, kappa/ODI) or Bingham (also beta, nu)")
     p.add_argument("--isotropic-compartment", action="store_true", help="add a free-water compartment")
     p.add_argument("--lambda-par-bounds", type=_number_list(float, 2), default=[0.1e-3, 3.0e-3], metavar="LOW,HIGH",
                    help="bounds of lambda_par in mm²/s (default 0.1e-3,3e-3)")

@@ -2,11 +2,14 @@
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from dwiflow.cli.dwirecon import main
+from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import world_to_fsl_bvecs
 from dwiflow.core.peaks import find_peaks
 from dwiflow.core.sims import acquisition_scheme, make_phantom
+from dwiflow.tasks.stages import smt_stage
 from tests.conftest import write_gradients, write_nifti
 
 AFFINE = np.array([[-2.0, 0.3, 0.0, 10.0], [0.2, 1.9, 0.4, -5.0], [0.0, -0.4, 2.0, 3.0], [0, 0, 0, 1.0]])
@@ -49,3 +52,28 @@ def test_smt_errors(tmp_path, capsys):
     assert main(["smt", str(dwi), str(bval), str(bvec), str(tmp_path / "o")]) == 2
     assert "at least two diffusion-weighted shells" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_smt_bingham_maps_in_the_world_frame(tmp_path):
+    """--fod bingham on single-fibre voxels (no dispersion): mu along the fibre, beta and nu written, SH peaks agree."""
+    g = acquisition_scheme("multi")
+    ph = make_phantom(g, (4, 4, 2), snr=50, seed=5, n_fibres=1)
+    base = tmp_path / "sub-01_dwi"
+    dwi = write_nifti(base.with_suffix(".nii.gz"), ph.data.astype(np.float32), AFFINE)
+    bval, bvec = write_gradients(base, g.bvals, world_to_fsl_bvecs(g.bvecs, AFFINE).T)
+    out = tmp_path / "out"
+    assert main(["smt", str(dwi), str(bval), str(bvec), str(out), "--fod", "bingham"]) == 0
+    name = "sub-01_model-smt_param-{}_dwimap.nii.gz"
+    mu, nu = (nib.load(out / name.format(p)).get_fdata() for p in ("mu", "nu"))
+    beta = nib.load(out / name.format("beta")).get_fdata()
+    truth = ph.directions[..., 0, :]
+    angle = np.degrees(np.arccos(np.clip(np.abs(np.sum(mu * truth, -1)), 0, 1)))
+    assert np.median(angle) < 2 and np.allclose(np.sum(mu * nu, -1), 0, atol=1e-5)
+    assert np.all((beta >= 0) & (beta <= 1))
+    fod = nib.load(out / name.format("fod")).get_fdata()
+    peaks = find_peaks(fod).vectors[..., 0, :]
+    peaks /= np.linalg.norm(peaks, axis=-1, keepdims=True)
+    assert np.median(np.degrees(np.arccos(np.clip(np.abs(np.sum(peaks * mu, -1)), 0, 1)))) < 2
+    # Bingham maps need --fod bingham
+    with pytest.raises(DwiflowInputError, match="need --fod bingham"):
+        smt_stage(dwi, bval, bvec, {"beta": tmp_path / "b.nii.gz"}, fod="watson")
