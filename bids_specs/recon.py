@@ -20,6 +20,7 @@ STAGE_OPTIONS: dict[str, set[str]] = {
               "global_fit", "use_tv", "sh_lmax", "amplitudes", "sphere", "precision"},
     "smt": {"fod", "free_water", "lambda_par_bounds"},
     "mapmri": {"radial_order", "anisotropic", "laplacian_weighting", "positivity", "pos_grid", "pos_radius", "solver",
+               "compare",
                "big_delta", "small_delta", "bval_threshold"},
     "peaks": {"npeaks", "rel_threshold", "min_separation"},
     "fod_metrics": set(),

@@ -164,6 +164,42 @@ def mosaic_figure(out: Path, panels: Sequence[MapPanel], mask: np.ndarray, title
     return _save(fig, out)
 
 
+def comparison_figure(out: Path, maps: np.ndarray, fits: Sequence[str], indices: Sequence[str], mask: np.ndarray,
+                      title: str) -> Path:
+    """Fits side by side (columns) for each index (rows) on one axial slice, one colour scale per row set by the
+    first fit (as DIPY's MAP-MRI tutorial ``compare_maps``). ``maps``: (x, y, z, fits × indices), fit-major."""
+    slices = axial_slices(mask, 1)
+    if not slices:
+        raise ValueError("the brain mask is empty")
+    k = slices[0]
+    box = _bounding_box(mask)
+    nx, ny = mask[box].shape[:2]
+    cell = 2.0
+    fig = _new_figure(cell * len(fits) + 1.6, cell * ny / max(nx, 1) * len(indices) + 1.0)
+    grid = fig.add_gridspec(len(indices), len(fits) + 1, width_ratios=[1] * len(fits) + [0.06], left=0.08, right=0.9,
+                            top=1 - 0.7 / fig.get_figheight(), bottom=0.3 / fig.get_figheight(), wspace=0.04,
+                            hspace=0.1)
+    for row, index in enumerate(indices):
+        first = np.where(mask, maps[..., row], np.nan)
+        vmin, vmax = _robust_limits(first)
+        handle = None
+        for col, fit in enumerate(fits):
+            ax = fig.add_subplot(grid[row, col])
+            ax.set_facecolor("#303030")
+            values = np.where(mask, maps[..., col * len(indices) + row], np.nan)
+            handle = _show_slice(ax, values[..., k], box, cmap="magma", vmin=vmin, vmax=vmax)
+            if row == 0:
+                ax.set_title(fit, fontsize=8)
+            if col == 0:
+                ax.set_ylabel(index, fontsize=9)
+                _label_orientation(ax)
+        bar = fig.colorbar(handle, cax=fig.add_subplot(grid[row, -1]))
+        bar.ax.tick_params(labelsize=6)
+    fig.suptitle(f"{title} (axial slice z = {k})", fontsize=11)
+    fig.text(0.01, 0.005, ORIENTATION_NOTE, fontsize=7, color="#444444")
+    return _save(fig, out)
+
+
 STATUS_COLOURS = ("#2b8a3e", "#e8590c", "#c92a2a", "#5f3dc4", "#1971c2", "#e64980", "#868e96", "#f08c00")
 
 
@@ -652,6 +688,14 @@ def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, 
                     ("mapmri_lapnorm", "Laplacian norm", "gray")],
                    "Return-to-origin/axis/plane probabilities, mean squared displacement, q-space inverse variance, "
                    "non-Gaussianities and the Laplacian norm of the fitted signal.")
+        if model == "mapmri" and "mapmri_compare" in path_of:
+            compare = (sidecar_of("mapmri_compare").get("Model", {}).get("Parameters", {}) or {}).get("Compare", {})
+            manifest.draw(model, "MAP-MRI fits compared", "mapmricompare",
+                          "The indices of this run's fit and of the compared MAP-MRI variants side by side (one colour "
+                          "scale per index, set by this run's fit), as DIPY's MAP-MRI tutorial compares MAPL, CMAP, "
+                          "CMAPL and MAP+.",
+                          lambda path: comparison_figure(path, image("mapmri_compare"), compare["Fits"],
+                                                         compare["Indices"], mask, "MAP-MRI fits compared"))
         if model == "smt":
             mosaic(model, "SMT kernel", "smtkernel",
                    [("smt_lpar", "λ∥", "viridis"), ("smt_lperp", "λ⊥", "viridis"), ("smt_f", "f = λ⊥/λ∥", "gray"),

@@ -108,18 +108,21 @@ def Rumba(
     return tuple(File(written[n]) if n in written else None for n in RUMBA_TASK_OUTPUTS)
 
 
-MAPMRI_TASK_OUTPUTS = ("rtop", "rtap", "rtpp", "msd", "qiv", "ng", "ngpar", "ngperp", "lapnorm", "odf", "status")
+MAPMRI_TASK_OUTPUTS = ("rtop", "rtap", "rtpp", "msd", "qiv", "ng", "ngpar", "ngperp", "lapnorm", "odf", "status",
+                       "compare")
 
 
 @python.define(outputs=list(MAPMRI_TASK_OUTPUTS))
 def Mapmri(
     dwi: File, bval: File, bvec: File, mask: File, options: dict | None = None, code_version: str = "",
 ) -> tuple[File | None, File | None, File | None, File | None, File | None, File | None, File | None, File | None,
-           File | None, File | None, File | None]:
+           File | None, File | None, File | None, File | None]:
     """MAP-MRI; ``options``: radial_order, anisotropic, laplacian_weighting, positivity, pos_grid, pos_radius,
-    solver, big_delta, small_delta, bval_threshold. Δ/δ are read from the DWI's sidecar unless given."""
+    solver, big_delta, small_delta, bval_threshold, compare (variants: MAP, MAPL, CMAP, CMAPL, MAP+). Δ/δ are
+    read from the DWI's sidecar unless given."""
     options = dict(options or {})
-    wanted = [n for n in MAPMRI_TASK_OUTPUTS if options.get("anisotropic", True) or n not in ("ng", "ngpar", "ngperp")]
+    wanted = [n for n in MAPMRI_TASK_OUTPUTS if (options.get("anisotropic", True) or n not in ("ng", "ngpar", "ngperp"))
+              and (n != "compare" or options.get("compare"))]
     written = stages.mapmri_stage(dwi, bval, bvec, {n: Path.cwd() / f"mapmri_{n}.nii.gz" for n in wanted}, mask=mask,
                                   **options)
     return tuple(File(written[n]) if n in written else None for n in MAPMRI_TASK_OUTPUTS)
@@ -212,7 +215,7 @@ def StageDerivatives(
     mapmri_rtop: File | None = None, mapmri_rtap: File | None = None, mapmri_rtpp: File | None = None,
     mapmri_msd: File | None = None, mapmri_qiv: File | None = None, mapmri_ng: File | None = None,
     mapmri_ngpar: File | None = None, mapmri_ngperp: File | None = None, mapmri_lapnorm: File | None = None,
-    mapmri_odf: File | None = None, mapmri_status: File | None = None,
+    mapmri_odf: File | None = None, mapmri_status: File | None = None, mapmri_compare: File | None = None,
     smt_lpar: File | None = None, smt_lperp: File | None = None, smt_f: File | None = None, smt_fw: File | None = None,
     smt_mse: File | None = None, smt_r2: File | None = None, smt_status: File | None = None, smt_odi: File | None = None,
     smt_kappa: File | None = None, smt_mu: File | None = None, smt_fod: File | None = None,
@@ -233,7 +236,7 @@ def StageDerivatives(
               "mapmri_rtop": mapmri_rtop, "mapmri_rtap": mapmri_rtap, "mapmri_rtpp": mapmri_rtpp, "mapmri_msd": mapmri_msd,
               "mapmri_qiv": mapmri_qiv, "mapmri_ng": mapmri_ng, "mapmri_ngpar": mapmri_ngpar,
               "mapmri_ngperp": mapmri_ngperp, "mapmri_lapnorm": mapmri_lapnorm, "mapmri_odf": mapmri_odf,
-              "mapmri_status": mapmri_status,
+              "mapmri_status": mapmri_status, "mapmri_compare": mapmri_compare,
               "smt_lpar": smt_lpar, "smt_lperp": smt_lperp, "smt_f": smt_f, "smt_fw": smt_fw, "smt_mse": smt_mse,
               "smt_r2": smt_r2, "smt_status": smt_status, "smt_odi": smt_odi, "smt_kappa": smt_kappa, "smt_mu": smt_mu,
               "smt_fod": smt_fod, "smt_fodmse": smt_fodmse, "smt_beta": smt_beta, "smt_nu": smt_nu}

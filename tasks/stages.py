@@ -492,7 +492,15 @@ def rumba_stage(
 
 
 MAPMRI_INDICES = ("rtop", "rtap", "rtpp", "msd", "qiv", "ng", "ngpar", "ngperp")
-MAPMRI_OUTPUTS = MAPMRI_INDICES + ("lapnorm", "lambda", "odf", "signal", "status")
+MAPMRI_OUTPUTS = MAPMRI_INDICES + ("lapnorm", "lambda", "odf", "signal", "status", "compare")
+# the standard MAP-MRI variants (Fick 2016; DIPY's tutorial) a run can compare with its own fit, as option overrides
+MAPMRI_VARIANTS: dict[str, dict[str, Any]] = {
+    "MAP": {"laplacian_weighting": 0.0, "positivity": "none"},
+    "MAPL": {"laplacian_weighting": "gcv", "positivity": "none"},
+    "CMAP": {"laplacian_weighting": 0.0, "positivity": "grid"},
+    "CMAPL": {"laplacian_weighting": "gcv", "positivity": "grid"},
+    "MAP+": {"laplacian_weighting": 0.0, "positivity": "global"},
+}
 
 
 def diffusion_times(dwi: PathLike, big_delta: float | None, small_delta: float | None) -> tuple[float | None, float | None, str]:
@@ -532,12 +540,15 @@ def mapmri_stage(
     small_delta: float | None = None,
     bval_threshold: float | None = None,
     odf_moment: int = 2,
+    compare: list[str] | None = None,
     progress=None,
 ) -> dict[str, Path]:
     """MAP-MRI fit; writes the requested maps (keys of :data:`MAPMRI_OUTPUTS` → paths), all or nothing.
 
     Δ/δ come from the options or the DWI's sidecar (``LargeDelta``/``SmallDelta``, seconds); the
     q-space indices need them. Non-Gaussianities exist for the anisotropic basis only.
+    ``compare``: names of :data:`MAPMRI_VARIANTS` fitted as well (same basis and grid); the
+    ``compare`` output holds the indices of this fit and of each variant, one volume per (fit, index).
     """
     from dwiflow.core.mapmri import STATUS_LEVELS, MapmriModel
 
@@ -559,12 +570,37 @@ def mapmri_stage(
                         laplacian_weighting=laplacian_weighting, big_delta=big, small_delta=small,
                         bval_threshold=np.inf if bval_threshold is None else bval_threshold, positivity=positivity,
                         pos_grid=pos_grid, pos_radius=pos_radius, solver=solver)
+    compare = list(compare or [])
+    unknown = [name for name in compare if name not in MAPMRI_VARIANTS]
+    if unknown:
+        raise DwiflowInputError(f"compare: unknown MAP-MRI variant(s) {unknown}; known: {list(MAPMRI_VARIANTS)}")
+    if not anisotropic and "MAP+" in compare:
+        raise DwiflowInputError("compare: MAP+ (global positivity) needs the anisotropic basis")
+    if ("compare" in outputs) != bool(compare):
+        raise DwiflowInputError("the compare map needs compare=[variant, ...] and compare needs the compare map")
+    if compare and big is None:
+        raise DwiflowInputError("comparing MAP-MRI variants needs the diffusion times (LargeDelta/SmallDelta)")
     voxels = load_mask(mask, run.data.shape[:3], run.affine) if mask is not None else _voxels_with_signal(run, dwi)
     fit = model.fit(run.data, voxels, progress=progress)
-    getters = {"rtop": fit.rtop, "rtap": fit.rtap, "rtpp": fit.rtpp, "msd": fit.msd, "qiv": fit.qiv, "ng": fit.ng,
-               "ngpar": fit.ng_parallel, "ngperp": fit.ng_perpendicular, "lapnorm": fit.laplacian_norm,
+    compared = []
+    for name in compare:  # the same model with the variant's regularisation and positivity
+        variant = MapmriModel(run.gtab, radial_order=radial_order, anisotropic_scaling=anisotropic, big_delta=big,
+                              small_delta=small, bval_threshold=np.inf if bval_threshold is None else bval_threshold,
+                              pos_grid=pos_grid, pos_radius=pos_radius, solver=solver, **MAPMRI_VARIANTS[name])
+        compared.append((name, variant.fit(run.data, voxels, progress=progress)))
+    compare_indices = [i for i in MAPMRI_INDICES if anisotropic or i not in ("ng", "ngpar", "ngperp")] + ["lapnorm"]
+
+    def comparison() -> np.ndarray:
+        columns = []
+        for this in [fit] + [f for _, f in compared]:
+            for index in compare_indices:
+                values = np.asarray(_mapmri_index(this, index)())
+                columns.append(np.where(this.status == 0, values, np.nan))
+        return np.stack(columns, axis=-1)
+
+    getters = {**{index: _mapmri_index(fit, index) for index in MAPMRI_INDICES + ("lapnorm",)},
                "lambda": lambda: fit.lambdas, "odf": lambda: fit.odf_sh(odf_moment), "signal": fit.fitted_signal,
-               "status": lambda: fit.status}
+               "status": lambda: fit.status, "compare": comparison}
     params = {"RadialOrder": model.radial_order, "Basis": "anisotropic" if anisotropic else "isotropic",
               "LaplacianWeighting": laplacian_weighting if isinstance(laplacian_weighting, str) else float(laplacian_weighting),
               "Positivity": positivity, "PositivityGrid": pos_grid if positivity == "grid" else None,
@@ -572,16 +608,27 @@ def mapmri_stage(
               "Solver": solver if positivity != "none" else None, "BigDelta": big, "SmallDelta": small,
               "DiffusionTimesFrom": times_source, "Tau": model.tau, "BvalThreshold": bval_threshold,
               "OdfRadialMoment": odf_moment, "VoxelsFailed": int((fit.status != 0).sum())}
+    if compare:
+        label = f"this run ({'MAPL' if laplacian_weighting != 0 else 'MAP'}{', ' + positivity if positivity != 'none' else ''})"
+        params["Compare"] = {"Fits": [label] + compare, "Indices": compare_indices,
+                             "Volumes": "fit-major: volume = fit * n_indices + index",
+                             "VoxelsFailed": {name: int((f.status != 0).sum()) for name, f in compared}}
 
     def volume_of(name: str) -> np.ndarray:
         values = np.asarray(getters[name]())
         fill = 0 if name in ("odf", "status") else np.nan
-        if name != "status":  # failed voxels get the fill value
+        if name not in ("status", "compare"):  # failed voxels get the fill value (compare: per fit, above)
             values = np.where(fit.status.reshape((-1,) + (1,) * (values.ndim - 1)) == 0, values, fill)
         return fit.volume(values, fill=fill)
 
     return _write_model_maps("mapmri", outputs, volume_of, run.affine, params, _provenance(dwi, bval, bvec, mask),
                              STATUS_LEVELS, {"odf": {"SphericalHarmonicDegree": int(model.radial_order)}})
+
+
+def _mapmri_index(fit, name: str):
+    """The method of a MAP-MRI fit computing index ``name`` (stage output names)."""
+    return {"rtop": fit.rtop, "rtap": fit.rtap, "rtpp": fit.rtpp, "msd": fit.msd, "qiv": fit.qiv, "ng": fit.ng,
+            "ngpar": fit.ng_parallel, "ngperp": fit.ng_perpendicular, "lapnorm": fit.laplacian_norm}[name]
 
 
 SMT_OUTPUTS = ("lpar", "lperp", "f", "fw", "mse", "r2", "status", "odi", "kappa", "mu", "fod", "fodmse", "beta", "nu")

@@ -145,13 +145,17 @@ def _cmd_mapmri(args: argparse.Namespace) -> int:
     skip = {"ng", "ngpar", "ngperp"} if args.isotropic else set()
     if not args.signal:
         skip.add("signal")
+    compare = [name for name in (args.compare or "").split(",") if name]
+    if not compare:
+        skip.add("compare")
     outputs = _model_outputs("mapmri", MAPMRI_OUTPUTS, args.dwi, args.out_dir, skip)
     progress = _progress("mapmri")
     written = mapmri_stage(
         args.dwi, args.bval, args.bvec, outputs, mask=args.mask, radial_order=args.radial_order,
         anisotropic=not args.isotropic, laplacian_weighting=args.laplacian_weight, positivity=args.positivity,
         pos_grid=args.pos_grid, pos_radius=args.pos_radius, solver=args.solver, big_delta=args.big_delta,
-        small_delta=args.small_delta, bval_threshold=args.bval_threshold, odf_moment=args.odf_moment, progress=progress,
+        small_delta=args.small_delta, bval_threshold=args.bval_threshold, odf_moment=args.odf_moment, compare=compare,
+        progress=progress,
     )
     print("MAP-MRI maps written:\n" + describe_outputs(written))
     return 0
@@ -408,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bval-threshold", type=float, help="only b below this for the tensor (scales; e.g. 2000 for NG)")
     p.add_argument("--odf-moment", type=int, default=2, help="radial moment s of the ODF (default 2)")
     p.add_argument("--signal", action="store_true", help="also write the fitted signal")
+    p.add_argument("--compare", metavar="V1,V2", help="also fit these variants (MAP, MAPL, CMAP, CMAPL, MAP+) and write "
+                   "their indices beside this fit's (param-compare)")
     p.set_defaults(func=_cmd_mapmri)
 
     p = _model_parser(sub, "smt", "spherical mean technique (Kaden 2016) and a Watson or Bingham FOD on its kernel",

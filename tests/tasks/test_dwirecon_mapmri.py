@@ -82,3 +82,23 @@ def test_mapmri_errors_leave_no_outputs(case, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err, (argv, err)
         assert not (tmp_path / argv[4]).exists() or not any((tmp_path / argv[4]).iterdir())
+
+
+def test_compare_holds_this_fit_and_each_variant(case, tmp_path, capsys):
+    """--compare MAP: the comparison map's first fit is this run's indices, the second equals a MAP fit of its own."""
+    out, plain = tmp_path / "out", tmp_path / "plain"
+    args = [case["dwi"], case["bval"], case["bvec"]]
+    assert main(["mapmri", *args, str(out), "--compare", "MAP"]) == 0
+    assert main(["mapmri", *args, str(plain), "--laplacian-weight", "0"]) == 0
+    name = "sub-01_acq-multi_model-mapmri_param-{}_dwimap.{}"
+    compare = nib.load(out / name.format("compare", "nii.gz")).get_fdata()
+    params = json.loads((out / name.format("compare", "json")).read_text())["Model"]["Parameters"]["Compare"]
+    indices = params["Indices"]
+    assert params["Fits"][1:] == ["MAP"] and compare.shape[3] == 2 * len(indices) == 18
+    for i, index in enumerate(indices):
+        this = nib.load(out / name.format(index, "nii.gz")).get_fdata()
+        variant = nib.load(plain / name.format(index, "nii.gz")).get_fdata()
+        assert np.allclose(compare[..., i], this, rtol=1e-6, equal_nan=True), index
+        assert np.allclose(compare[..., len(indices) + i], variant, rtol=1e-5, equal_nan=True), index
+    assert main(["mapmri", *args, str(tmp_path / "bad"), "--compare", "MAPX"]) == 2
+    assert "unknown MAP-MRI variant(s) ['MAPX']" in capsys.readouterr().err

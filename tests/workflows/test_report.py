@@ -16,7 +16,7 @@ stages:
   tensor: {}
   response: {method: ssst, options: {roi_radii: 4, fa_threshold: 0.5}}
   rumba: {n_iter: 50}
-  mapmri: {laplacian_weighting: 0.2, big_delta: 0.0265, small_delta: 0.0162}
+  mapmri: {laplacian_weighting: 0.2, big_delta: 0.0265, small_delta: 0.0162, compare: [MAP, MAPL]}
   smt: {fod: bingham}
   peaks: {npeaks: 2}
   fod_metrics: {}
@@ -66,7 +66,7 @@ def test_every_model_has_its_panels_and_a_failed_report_never_fails_the_run(chro
     drawn = {e["title"] for e in manifest["figures"] if e["file"]}
     assert not [e for e in manifest["figures"] if e["note"]], manifest
     assert {"RUMBA-SD fibre ODF", "RUMBA-SD combined ODF (fODF + isotropic)", "RUMBA-SD volume fractions",
-            "MAP-MRI ODF", "MAP-MRI indices", "SMT FOD", "SMT kernel", "Response voxels"} <= drawn
+            "MAP-MRI ODF", "MAP-MRI indices", "MAP-MRI fits compared", "SMT FOD", "SMT kernel", "Response voxels"} <= drawn
     assert {"RUMBA-SD status", "MAP-MRI status", "Spherical mean technique status"} <= drawn
     # the SSST box drawn over the selection holds every selected voxel (the phantom is stored LAS, drawn RAS)
     from dwiflow.tasks.figures import load_canonical, ssst_roi
