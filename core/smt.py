@@ -467,7 +467,7 @@ BETA_FRACTION_BOUNDS = (0.0, 1.0)  # beta = beta_fraction * kappa, as dmipy's SD
 
 
 @lru_cache(maxsize=4)
-def _sphere_quadrature(n_polar: int = 40, n_azimuth: int = 80) -> tuple[np.ndarray, np.ndarray]:
+def _sphere_quadrature(n_polar: int = 28, n_azimuth: int = 56) -> tuple[np.ndarray, np.ndarray]:
     """Product quadrature on the unit sphere: Gauss–Legendre in cos θ × uniform φ; exact for SH to high degree."""
     nodes, weights = np.polynomial.legendre.leggauss(n_polar)
     phi = 2 * np.pi * np.arange(n_azimuth) / n_azimuth
