@@ -18,7 +18,7 @@ STAGE_OPTIONS: dict[str, set[str]] = {
     "csd": {"lmax"},
     "rumba": {"use_response", "wm_response", "gm_response", "csf_response", "n_iter", "recon_type", "n_coils", "R",
               "global_fit", "use_tv", "sh_lmax", "amplitudes", "sphere", "precision"},
-    "smt": {"fod", "free_water", "lambda_par_bounds"},
+    "smt": {"fod", "n_fod", "free_water", "lambda_par_bounds"},
     "mapmri": {"radial_order", "anisotropic", "laplacian_weighting", "positivity", "pos_grid", "pos_radius", "solver",
                "compare",
                "big_delta", "small_delta", "bval_threshold"},

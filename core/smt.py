@@ -378,6 +378,31 @@ def fit_watson(signal: np.ndarray, gtab: GradientTable, lambda_par: np.ndarray, 
     return WatsonFit(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("mu", "kappa", "odi", "mse")))
 
 
+def _normalised_signal_and_kernel(signal, gtab, lambda_par, lambda_perp, lmax, free_water, free_water_diffusivity):
+    """Signal / mean b=0, the zeppelin's Legendre coefficients (2l+1)/(4π)·K̂_l per voxel and volume (n, g, n_even),
+    scaled by 1 - free water, and the free-water signal (or None)."""
+    s0 = signal[:, gtab.b0s_mask].mean(axis=1)
+    y = signal / np.where(s0 > 0, s0, 1.0)[:, None]
+    b = gtab.bvals
+    profile = np.exp(-b[None, :, None] * (lambda_perp[:, None, None]
+                                         + (lambda_par - lambda_perp)[:, None, None] * _GL_NODES**2))
+    kernel = zonal_coefficients(profile, lmax) * ((2 * np.arange(0, lmax + 1, 2) + 1) / (4 * np.pi))
+    iso = None
+    if free_water is not None:
+        iso = free_water[:, None] * np.exp(-b[None] * free_water_diffusivity)
+        kernel = kernel * (1 - free_water)[:, None, None]
+    return y, kernel, iso
+
+
+def _watson_signal(kernel, bvecs, theta, phi, log_kappa, lmax):
+    """Σ_l (2l+1)/(4π)·K̂_l·Ŵ_l(κ)·P_l(g·μ): a Watson-dispersed kernel's signal (Funk–Hecke), per voxel."""
+    mu = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], axis=-1)
+    t = np.clip(np.einsum("vi,gi->vg", mu, bvecs), -1, 1)
+    legendre = _legendre_table(lmax, t)[..., ::2]
+    w = watson_coefficients(np.exp(log_kappa), lmax)
+    return np.einsum("vgl,vgl->vg", kernel * w[:, None, :], legendre, optimize=False)
+
+
 def _fit_watson_chunk(
     signal: np.ndarray,
     gtab: GradientTable,
@@ -396,25 +421,12 @@ def _fit_watson_chunk(
     voxel's free-water fraction. Starts: ``initial_direction`` (e.g. the tensor's principal
     eigenvector) and a κ scan; then bounded Levenberg–Marquardt on (θ, φ, log κ) for all voxels.
     """
-    s0 = signal[:, gtab.b0s_mask].mean(axis=1)
-    y = signal / np.where(s0 > 0, s0, 1.0)[:, None]
-    b = gtab.bvals
+    y, kernel, iso = _normalised_signal_and_kernel(signal, gtab, lambda_par, lambda_perp, lmax, free_water,
+                                                   free_water_diffusivity)
     n = y.shape[0]
-    # kernel zonal coefficients per voxel and volume: (n, g, n_even)
-    profile = np.exp(-b[None, :, None] * (lambda_perp[:, None, None]
-                                         + (lambda_par - lambda_perp)[:, None, None] * _GL_NODES**2))
-    kernel = zonal_coefficients(profile, lmax) * ((2 * np.arange(0, lmax + 1, 2) + 1) / (4 * np.pi))
-    iso = None
-    if free_water is not None:
-        iso = free_water[:, None] * np.exp(-b[None] * free_water_diffusivity)
-        kernel = kernel * (1 - free_water)[:, None, None]
 
     def predict(theta, phi, log_kappa, rows=slice(None)):
-        mu = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], axis=-1)
-        t = np.clip(np.einsum("vi,gi->vg", mu, gtab.bvecs), -1, 1)
-        legendre = _legendre_table(lmax, t)[..., ::2]
-        w = watson_coefficients(np.exp(log_kappa), lmax)
-        e = np.einsum("vgl,vgl->vg", kernel[rows] * w[:, None, :], legendre, optimize=False)
+        e = _watson_signal(kernel[rows], gtab.bvecs, theta, phi, log_kappa, lmax)
         return e + iso[rows] if iso is not None else e
 
     d = np.asarray(initial_direction, dtype=float)
@@ -631,3 +643,146 @@ def _fit_bingham_chunk(
     psi = np.mod(params[:, 2], np.pi)
     return BinghamFit(mu=mu, nu=nu, kappa=kappa, beta_fraction=params[:, 4], psi=psi, odi=kappa_to_odi(kappa),
                       mse=rss / y.shape[1])
+
+
+# ------------------------------------------------------------------------------------------------ several Watsons
+@dataclass
+class MultiWatsonFit:
+    """k Watson FODs on one SMT kernel (crossing populations): axes μ (n, k, 3), κ and ODI (n, k), volume
+    fractions (n, k) summing to 1, and the fit's MSE; compartments ordered by decreasing fraction."""
+
+    mu: np.ndarray
+    kappa: np.ndarray
+    odi: np.ndarray
+    fractions: np.ndarray
+    mse: np.ndarray
+
+    def sh(self, lmax: int = 8) -> np.ndarray:
+        """The fraction-weighted sum of the Watson FODs as real SH (MRtrix3 basis, world frame), integrating to 1."""
+        total = 0.0
+        for j in range(self.kappa.shape[1]):
+            part = WatsonFit(self.mu[:, j], self.kappa[:, j], self.odi[:, j], self.mse).sh(lmax)
+            total = total + np.nan_to_num(self.fractions[:, j])[:, None] * part
+        return total
+
+
+def kernel_deconvolution_peaks(signal: np.ndarray, gtab: GradientTable, lambda_par: np.ndarray,
+                               lambda_perp: np.ndarray, n_peaks: int, lmax: int = 8) -> np.ndarray:
+    """Directions (n, n_peaks, 3; NaN where absent) of the largest FOD peaks from a ridge-regularised SH
+    deconvolution of each voxel's normalised signal by its own SMT kernel: starts for multi-Watson fits."""
+    from dwiflow.core.peaks import find_peaks
+    from dwiflow.core.sh import sh_degree_order
+
+    y, kernel, _ = _normalised_signal_and_kernel(signal, gtab, lambda_par, lambda_perp, lmax, None, 0.0)
+    degrees, _ = sh_degree_order(lmax)
+    directions = np.where(np.linalg.norm(gtab.bvecs, axis=1, keepdims=True) > 0, gtab.bvecs, [0.0, 0.0, 1.0])
+    # E = Σ_c 4π/(2l+1)·kernel_l·f_c·Y_c(g)
+    design = (kernel[:, :, degrees // 2] * (4 * np.pi / (2 * degrees + 1))) * real_sh_basis(lmax, directions)[None]
+    gram = np.einsum("vgc,vgd->vcd", design, design)
+    ridge = 1e-3 * np.trace(gram, axis1=1, axis2=2)[:, None, None] / gram.shape[1] * np.eye(gram.shape[1])
+    sh = np.linalg.solve(gram + ridge, np.einsum("vgc,vg->vc", design, y)[..., None])[..., 0]
+    vectors = find_peaks(sh, npeaks=n_peaks, rel_threshold=0.1, min_separation_deg=30.0).vectors
+    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+
+
+def fit_multi_watson(signal: np.ndarray, gtab: GradientTable, lambda_par: np.ndarray, lambda_perp: np.ndarray,
+                     n_fod: int = 2, *, free_water: np.ndarray | None = None, chunk_size: int = 256,
+                     **options) -> MultiWatsonFit:
+    """``n_fod`` Watson compartments sharing the voxel's SMT kernel, fitted to the full signal, in chunks.
+
+    Starts: the peaks of a kernel deconvolution (:func:`kernel_deconvolution_peaks`) and a single
+    Watson's κ, equal fractions; then batched Levenberg–Marquardt on (θ_j, φ_j, log κ_j) and the
+    fraction logits. A missing peak starts perpendicular to the first.
+    """
+    if int(n_fod) != n_fod or n_fod < 1:
+        raise DwiflowInputError(f"n_fod must be a positive integer, got {n_fod!r}")
+    if n_fod == 1:
+        w = fit_watson(signal, gtab, lambda_par, lambda_perp, free_water=free_water, chunk_size=chunk_size, **options)
+        return MultiWatsonFit(w.mu[:, None], w.kappa[:, None], w.odi[:, None], np.ones((w.kappa.size, 1)), w.mse)
+    single = fit_watson(signal, gtab, lambda_par, lambda_perp, free_water=free_water, chunk_size=chunk_size)
+    peaks = kernel_deconvolution_peaks(signal, gtab, lambda_par, lambda_perp, n_fod)
+    parts = []
+    for sl in iter_chunks(signal.shape[0], chunk_size):
+        parts.append(_fit_multi_watson_chunk(signal[sl], gtab, lambda_par[sl], lambda_perp[sl], peaks[sl],
+                                             single.mu[sl], single.kappa[sl],
+                                             free_water=None if free_water is None else free_water[sl], **options))
+    return MultiWatsonFit(*(np.concatenate([getattr(p, f) for p in parts])
+                            for f in ("mu", "kappa", "odi", "fractions", "mse")))
+
+
+def _fit_multi_watson_chunk(signal, gtab, lambda_par, lambda_perp, peaks, mu_single, kappa_single, *,
+                            free_water=None, free_water_diffusivity: float = FREE_WATER_DIFFUSIVITY, lmax: int = 16,
+                            iterations: int = 40) -> MultiWatsonFit:
+    y, kernel, iso = _normalised_signal_and_kernel(signal, gtab, lambda_par, lambda_perp, lmax, free_water,
+                                                   free_water_diffusivity)
+    n, k = y.shape[0], peaks.shape[1]
+    n_params = 4 * k - 1  # (θ, φ, log κ) per compartment + k-1 fraction logits
+
+    def unpack(p):
+        angles = p[:, : 3 * k].reshape(-1, k, 3)
+        logits = np.concatenate([np.zeros((p.shape[0], 1)), p[:, 3 * k:]], axis=1)
+        fractions = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return angles, fractions / fractions.sum(axis=1, keepdims=True)
+
+    def predict(p, rows=slice(None)):
+        angles, fractions = unpack(p)
+        e = sum(fractions[:, j, None] * _watson_signal(kernel[rows], gtab.bvecs, angles[:, j, 0], angles[:, j, 1],
+                                                       angles[:, j, 2], lmax) for j in range(k))
+        return e + iso[rows] if iso is not None else e
+
+    first = np.where(np.isfinite(peaks[:, 0]), peaks[:, 0], np.nan_to_num(mu_single, nan=0.0) + [0, 0, 1e-9])
+    starts = [first]
+    for j in range(1, k):
+        fallback = np.cross(first, [[0.0, 0.0, 1.0]])
+        fallback = np.where(np.linalg.norm(fallback, axis=1, keepdims=True) > 1e-6, fallback, [1.0, 0.0, 0.0])
+        starts.append(np.where(np.isfinite(peaks[:, j]), peaks[:, j], fallback))
+    log_kappa = np.log(np.clip(np.nan_to_num(kappa_single, nan=1.0), odi_to_kappa(ODI_BOUNDS[1]),
+                               odi_to_kappa(ODI_BOUNDS[0])))
+    params = np.zeros((n, n_params))
+    for j, d in enumerate(starts):
+        d = d / np.linalg.norm(d, axis=1, keepdims=True)
+        params[:, 3 * j] = np.arccos(np.clip(d[:, 2], -1, 1))
+        params[:, 3 * j + 1] = np.arctan2(d[:, 1], d[:, 0])
+        params[:, 3 * j + 2] = log_kappa
+    low = np.full(n_params, -np.inf)
+    high = np.full(n_params, np.inf)
+    low[2: 3 * k: 3], high[2: 3 * k: 3] = np.log(odi_to_kappa(ODI_BOUNDS[1])), np.log(odi_to_kappa(ODI_BOUNDS[0]))
+    low[3 * k:], high[3 * k:] = -8.0, 8.0
+    residual = predict(params) - y
+    rss = (residual**2).sum(1)
+    damping = np.full(n, 1e-3)
+    step = 1e-5
+    active = np.arange(n)
+    for _ in range(iterations):
+        if not active.size:
+            break
+        p_a, r_a, d_a = params[active], residual[active], damping[active]
+        jac = np.empty(r_a.shape + (n_params,))
+        for q in range(n_params):
+            up, down = p_a.copy(), p_a.copy()
+            up[:, q] += step
+            down[:, q] -= step
+            jac[..., q] = (predict(up, rows=active) - predict(down, rows=active)) / (2 * step)
+        try:
+            delta = damped_gauss_newton_step(jac, r_a, d_a)
+        except np.linalg.LinAlgError:
+            break
+        trial = np.clip(p_a + delta, low, high)
+        trial_residual = predict(trial, rows=active) - y[active]
+        trial_rss = (trial_residual**2).sum(1)
+        better = trial_rss < rss[active]
+        gain = np.where(better, rss[active] - trial_rss, 0.0)
+        idx = active[better]
+        params[idx], residual[idx], rss[idx] = trial[better], trial_residual[better], trial_rss[better]
+        damping[active] = np.clip(np.where(better, d_a * 0.3, d_a * 10.0), 1e-12, 1e12)
+        done = (better & (gain <= 1e-10 * np.maximum(rss[active], 1e-30))) | (damping[active] >= 1e12)
+        active = active[~done]
+    angles, fractions = unpack(params)
+    theta, phi = angles[..., 0], angles[..., 1]
+    mu = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], axis=-1)
+    kappa = np.exp(angles[..., 2])
+    order = np.argsort(-fractions, axis=1)
+    pick = lambda a: np.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
+    kappa = pick(kappa)
+    return MultiWatsonFit(mu=pick(mu), kappa=kappa, odi=kappa_to_odi(kappa), fractions=pick(fractions),
+                          mse=rss / y.shape[1])

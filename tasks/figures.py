@@ -544,7 +544,7 @@ class _Manifest:
 
 
 UNIT_INTERVAL_MAPS = ("tensor_fa", "gfa", "rumba_fwm", "rumba_fiso", "rumba_fgm", "rumba_fcsf", "smt_f", "smt_fw",
-                      "smt_odi", "smt_beta")
+                      "smt_odi", "smt_beta", "smt_fodfrac")
 SECTION_TITLES = {"tensor": "Brain mask and tensor", "response": "Response function", "csd": "CSD",
                   "rumba": "RUMBA-SD", "mapmri": "MAP-MRI", "smt": "Spherical mean technique"}
 
@@ -700,7 +700,8 @@ def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, 
             mosaic(model, "SMT kernel", "smtkernel",
                    [("smt_lpar", "λ∥", "viridis"), ("smt_lperp", "λ⊥", "viridis"), ("smt_f", "f = λ⊥/λ∥", "gray"),
                     ("smt_fw", "free water", "viridis"), ("smt_mse", "MSE", "magma"), ("smt_r2", "R²", "gray"),
-                    ("smt_odi", "ODI", "viridis"), ("smt_beta", "β/κ (Bingham)", "viridis")],
+                    ("smt_odi", "ODI", "viridis"), ("smt_beta", "β/κ (Bingham)", "viridis"),
+                    ("smt_fodfrac", "FOD fraction", "viridis")],
                    "Zeppelin kernel diffusivities and their ratio, fit quality (MSE, R²) and the Watson ODI.")
         if fod_model == model:
             mosaic(model, f"FOD metrics ({label})", f"{model}metrics", metrics,

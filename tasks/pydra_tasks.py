@@ -129,21 +129,23 @@ def Mapmri(
 
 
 SMT_TASK_OUTPUTS = ("lpar", "lperp", "f", "fw", "mse", "r2", "status", "odi", "kappa", "mu", "fod", "fodmse", "beta",
-                    "nu")
+                    "nu", "fodfrac")
 
 
 @python.define(outputs=list(SMT_TASK_OUTPUTS))
 def Smt(
     dwi: File, bval: File, bvec: File, mask: File, options: dict | None = None, code_version: str = "",
 ) -> tuple[File | None, File | None, File | None, File | None, File | None, File | None, File | None, File | None,
-           File | None, File | None, File | None, File | None, File | None, File | None]:
-    """SMT kernel and its FOD; ``options``: fod (none|watson|bingham), free_water, lambda_par_bounds."""
+           File | None, File | None, File | None, File | None, File | None, File | None, File | None]:
+    """SMT kernel and its FOD; ``options``: fod (none|watson|bingham), n_fod, free_water, lambda_par_bounds."""
     options = dict(options or {})
     skip = set() if options.get("free_water") else {"fw"}
     if options.get("fod", "watson") != "bingham":
         skip |= set(stages.SMT_BINGHAM_OUTPUTS)
     if options.get("fod", "watson") == "none":
         skip |= set(stages.SMT_FOD_OUTPUTS)
+    if options.get("n_fod", 1) == 1 or options.get("fod", "watson") == "none":
+        skip |= set(stages.SMT_MULTI_OUTPUTS)
     if "lambda_par_bounds" in options:
         options["lambda_par_bounds"] = tuple(options["lambda_par_bounds"])
     written = stages.smt_stage(dwi, bval, bvec, {n: Path.cwd() / f"smt_{n}.nii.gz" for n in SMT_TASK_OUTPUTS
@@ -220,6 +222,7 @@ def StageDerivatives(
     smt_mse: File | None = None, smt_r2: File | None = None, smt_status: File | None = None, smt_odi: File | None = None,
     smt_kappa: File | None = None, smt_mu: File | None = None, smt_fod: File | None = None,
     smt_fodmse: File | None = None, smt_beta: File | None = None, smt_nu: File | None = None,
+    smt_fodfrac: File | None = None,
     code_version: str = "",
 ):
     """Copy a run's outputs (and their sidecars) under their BIDS derivative names into one folder."""
@@ -239,7 +242,8 @@ def StageDerivatives(
               "mapmri_status": mapmri_status, "mapmri_compare": mapmri_compare,
               "smt_lpar": smt_lpar, "smt_lperp": smt_lperp, "smt_f": smt_f, "smt_fw": smt_fw, "smt_mse": smt_mse,
               "smt_r2": smt_r2, "smt_status": smt_status, "smt_odi": smt_odi, "smt_kappa": smt_kappa, "smt_mu": smt_mu,
-              "smt_fod": smt_fod, "smt_fodmse": smt_fodmse, "smt_beta": smt_beta, "smt_nu": smt_nu}
+              "smt_fod": smt_fod, "smt_fodmse": smt_fodmse, "smt_beta": smt_beta, "smt_nu": smt_nu,
+              "smt_fodfrac": smt_fodfrac}
     folder = Path.cwd() / "derivatives"
     folder.mkdir(exist_ok=True)
     for name, value in values.items():

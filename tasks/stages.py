@@ -631,9 +631,11 @@ def _mapmri_index(fit, name: str):
             "ngpar": fit.ng_parallel, "ngperp": fit.ng_perpendicular, "lapnorm": fit.laplacian_norm}[name]
 
 
-SMT_OUTPUTS = ("lpar", "lperp", "f", "fw", "mse", "r2", "status", "odi", "kappa", "mu", "fod", "fodmse", "beta", "nu")
+SMT_OUTPUTS = ("lpar", "lperp", "f", "fw", "mse", "r2", "status", "odi", "kappa", "mu", "fod", "fodmse", "beta", "nu",
+               "fodfrac")
 SMT_FOD_OUTPUTS = ("odi", "kappa", "mu", "fod", "fodmse")  # Watson and Bingham
 SMT_BINGHAM_OUTPUTS = ("beta", "nu")
+SMT_MULTI_OUTPUTS = ("fodfrac",)  # with n_fod > 1
 
 
 def smt_stage(
@@ -644,13 +646,14 @@ def smt_stage(
     *,
     mask: PathLike | None = None,
     fod: str = "watson",
+    n_fod: int = 1,
     free_water: bool = False,
     lambda_par_bounds: tuple[float, float] = (0.1e-3, 3.0e-3),
     sh_lmax: int = 8,
     progress=None,
 ) -> dict[str, Path]:
     """SMT kernel (and optionally a Watson or Bingham FOD on it); writes the requested maps, all or nothing."""
-    from dwiflow.core.smt import STATUS_LEVELS, SmtModel, fit_bingham, fit_watson
+    from dwiflow.core.smt import STATUS_LEVELS, SmtModel, fit_bingham, fit_multi_watson, fit_watson
 
     _check_outputs("SMT", outputs, SMT_OUTPUTS)
     if fod not in ("none", "watson", "bingham"):
@@ -660,6 +663,12 @@ def smt_stage(
         raise DwiflowInputError(f"FOD maps {sorted(fod_outputs)} need --fod watson or bingham")
     if fod == "watson" and set(SMT_BINGHAM_OUTPUTS) & set(outputs):
         raise DwiflowInputError(f"maps {sorted(set(SMT_BINGHAM_OUTPUTS) & set(outputs))} need --fod bingham")
+    if isinstance(n_fod, bool) or not isinstance(n_fod, int) or not 1 <= n_fod <= 3:
+        raise DwiflowInputError(f"n_fod must be 1, 2 or 3, got {n_fod!r}")
+    if n_fod > 1 and fod != "watson":
+        raise DwiflowInputError("several FOD compartments (n_fod > 1) are fitted as Watsons: use --fod watson")
+    if ("fodfrac" in outputs) != (n_fod > 1):
+        raise DwiflowInputError("the FOD fraction map (fodfrac) goes with n_fod > 1, and n_fod > 1 with it")
     if "fw" in outputs and not free_water:
         raise DwiflowInputError("a free-water map needs the isotropic compartment (--isotropic-compartment)")
     run = load_dwi(dwi, bval, bvec)
@@ -672,19 +681,25 @@ def smt_stage(
         ok = np.flatnonzero(fit.status == 0)
         args = (fit.batch.signal()[ok], run.gtab, fit.lambda_par[ok], fit.lambda_perp[ok])
         water = None if fit.free_water is None else fit.free_water[ok]
-        orientation = fit_watson(*args, free_water=water)
         extra: tuple = ()
+        if n_fod > 1:
+            orientation = fit_multi_watson(*args, n_fod, free_water=water)
+            extra = (("fodfrac", orientation.fractions),)
+        else:
+            orientation = fit_watson(*args, free_water=water)
         if fod == "bingham":
             orientation = fit_bingham(*args, initial=orientation, free_water=water)
             extra = (("beta", orientation.beta_fraction), ("nu", orientation.nu))
         n = fit.status.size
+        mu = orientation.mu.reshape(len(ok), -1)  # (n, 3·n_fod): one unit vector per compartment
         for name, values in (("odi", orientation.odi), ("kappa", orientation.kappa), ("fodmse", orientation.mse),
-                             ("mu", orientation.mu), ("fod", orientation.sh(sh_lmax))) + extra:
+                             ("mu", mu), ("fod", orientation.sh(sh_lmax))) + extra:
             full = np.full((n,) + values.shape[1:], 0.0 if name == "fod" else np.nan)
             full[ok] = values
             maps[name] = full
     params = {"Kernel": "zeppelin, lambda_perp = f * lambda_par", "LambdaParBounds": list(lambda_par_bounds),
-              "FreeWater": free_water, "Fod": fod, "ShellBvalues": [float(b) for b in model.bvalues],
+              "FreeWater": free_water, "Fod": fod, "FodCompartments": n_fod if fod != "none" else 0,
+              "ShellBvalues": [float(b) for b in model.bvalues],
               "VoxelsFailed": int((fit.status != 0).sum())}
     return _write_model_maps(
         "smt", outputs, lambda name: fit.volume(np.asarray(maps[name]), fill=0 if name in ("fod", "status") else np.nan),

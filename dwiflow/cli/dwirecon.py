@@ -162,16 +162,19 @@ def _cmd_mapmri(args: argparse.Namespace) -> int:
 
 
 def _cmd_smt(args: argparse.Namespace) -> int:
-    from dwiflow.tasks.stages import SMT_BINGHAM_OUTPUTS, SMT_FOD_OUTPUTS, SMT_OUTPUTS, describe_outputs, smt_stage
+    from dwiflow.tasks.stages import (SMT_BINGHAM_OUTPUTS, SMT_FOD_OUTPUTS, SMT_MULTI_OUTPUTS, SMT_OUTPUTS,
+                                      describe_outputs, smt_stage)
 
     skip = set() if args.isotropic_compartment else {"fw"}
     if args.fod != "bingham":
         skip |= set(SMT_BINGHAM_OUTPUTS)
     if args.fod == "none":
         skip |= set(SMT_FOD_OUTPUTS)
+    if args.n_fod == 1 or args.fod == "none":
+        skip |= set(SMT_MULTI_OUTPUTS)
     outputs = _model_outputs("smt", SMT_OUTPUTS, args.dwi, args.out_dir, skip)
     progress = _progress("smt")
-    written = smt_stage(args.dwi, args.bval, args.bvec, outputs, mask=args.mask, fod=args.fod,
+    written = smt_stage(args.dwi, args.bval, args.bvec, outputs, mask=args.mask, fod=args.fod, n_fod=args.n_fod,
                         free_water=args.isotropic_compartment, lambda_par_bounds=tuple(args.lambda_par_bounds),
                         progress=progress)
     print("SMT maps written:\n" + describe_outputs(written))
@@ -421,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(optionally plus free water), then a Watson FOD on the fitted kernel from the full signal.")
     p.add_argument("--fod", choices=("none", "watson", "bingham"), default="watson",
                    help="parametric FOD on the fitted kernel: Watson (mu, kappa/ODI) or Bingham (also beta, nu)")
+    p.add_argument("--n-fod", type=int, default=1, choices=(1, 2, 3),
+                   help="Watson FOD compartments (crossings; each with its mu, kappa/ODI and volume fraction)")
     p.add_argument("--isotropic-compartment", action="store_true", help="add a free-water compartment")
     p.add_argument("--lambda-par-bounds", type=_number_list(float, 2), default=[0.1e-3, 3.0e-3], metavar="LOW,HIGH",
                    help="bounds of lambda_par in mm²/s (default 0.1e-3,3e-3)")
