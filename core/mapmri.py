@@ -50,6 +50,7 @@ POSITIVITY_MODES = ("none", "grid", "global")
 GRID_MARGIN = -0.1  # propagator lower bound at the grid points (as the reference implementation)
 WORKING_SET_TIERS = (16, 32, 64, 128, 256)  # sizes of the reduced grid problems (working sets, see _grid_working_set)
 WORKING_SET_STEP = 24  # most violated grid points added per round
+ACTIVE_SET_ROUNDS = 400  # rounds of the exact active-set projection before falling back to CVXPY
 
 
 def _double_factorial(n: int) -> int:
@@ -900,7 +901,9 @@ class MapmriModel:
             feasible = np.all(np.einsum("vri,vi->vr", psi, c_eq) >= GRID_MARGIN, axis=1) & ~bad
             out[feasible] = c_eq[feasible]
             for i in np.flatnonzero(~feasible & ~bad):
-                out[i], bad[i] = self._grid_working_set(chol_lower[i].T, target[i], a0[i], psi[i], c_eq[i])
+                out[i], converged = self._grid_active_set(chol_lower[i].T, target[i], a0[i], psi[i])
+                if not converged:  # the convex program through CVXPY (Clarabel) as the fallback
+                    out[i], bad[i] = self._grid_working_set(chol_lower[i].T, target[i], a0[i], psi[i], c_eq[i])
         else:
             if self._problem is None or self._problem[0] != ("global",):
                 self._problem = (("global",), *self._global_problem())
@@ -909,6 +912,46 @@ class MapmriModel:
                 p_chol.value, p_target.value = chol_lower[i].T, target[i]
                 out[i], bad[i] = self._solve(problem, var)
         return out, bad
+
+    def _grid_active_set(self, chol, target, a0, psi) -> tuple[np.ndarray, bool]:
+        """Grid-constrained fit of one voxel, exactly, by an active-set method (no solver call).
+
+        In x = R c the problem is the projection of t onto {a0·x = 1, U x ≥ m} (U: unit grid rows).
+        With an active set A the projection onto the affine set {a0·x = 1, U_A x = m_A} is
+        x = t − Bᵀν, (B Bᵀ) ν = B t − d; the constrained optimum is reached when every active
+        multiplier −ν_A is ≥ 0 (KKT) and no grid point is violated. Each round drops the most negative
+        multiplier, or else adds the most violated point. Returns (c, converged); when the rounds run
+        out (degenerate cycling) the caller falls back to the CVXPY working sets.
+        """
+        from scipy.linalg import solve_triangular
+
+        psi_x = solve_triangular(chol, psi.T, trans="T", lower=False).T  # psi R⁻¹
+        a0_x = solve_triangular(chol, a0, trans="T", lower=False)  # R⁻ᵀ a0
+        norms = np.linalg.norm(psi_x, axis=1)
+        norms[norms == 0] = 1.0
+        unit_rows, margins = psi_x / norms[:, None], GRID_MARGIN / norms
+        active: list[int] = []
+        for _ in range(ACTIVE_SET_ROUNDS):
+            rows = np.vstack([a0_x[None], unit_rows[active]]) if active else a0_x[None]
+            rhs = np.concatenate([[1.0], margins[active]])
+            gram = rows @ rows.T
+            try:
+                nu = np.linalg.solve(gram, rows @ target - rhs)
+            except np.linalg.LinAlgError:
+                return np.full(psi.shape[1], np.nan), False
+            x = target - rows.T @ nu
+            multipliers = -nu[1:]
+            if active and multipliers.min() < -1e-12 * max(1.0, np.abs(multipliers).max()):
+                active.pop(int(np.argmin(multipliers)))
+                continue
+            slack = unit_rows @ x - margins
+            worst = int(np.argmin(slack))
+            if slack[worst] >= -1e-10 * max(1.0, float(np.abs(x).max())):
+                return solve_triangular(chol, x, lower=False), True
+            if worst in active:  # numerically stuck
+                break
+            active.append(worst)
+        return np.full(psi.shape[1], np.nan), False
 
     def _grid_working_set(self, chol, target, a0, psi, start) -> tuple[np.ndarray, bool]:
         """Grid-constrained fit of one voxel by working sets: solve with a few of the most violated grid
