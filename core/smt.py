@@ -92,6 +92,47 @@ def damped_gauss_newton_step(jac: np.ndarray, residual: np.ndarray, damping: np.
     return -np.linalg.solve(system, gradient[..., None])[..., 0]
 
 
+def bounded_levenberg_marquardt(predict, params: np.ndarray, y: np.ndarray, low: np.ndarray, high: np.ndarray,
+                                iterations: int, step: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+    """Levenberg–Marquardt for many small least-squares problems at once (one per row of ``params``).
+
+    ``predict(params, rows)`` gives the model for those rows; the Jacobian is by central differences
+    (``step``); trial points are clipped to [low, high]; a row stops when its step is accepted with
+    a relative gain ≤ 1e-10 or its damping saturates. Returns (params, residual sum of squares).
+    """
+    params = params.copy()
+    n, n_params = params.shape
+    residual = predict(params, slice(None)) - y
+    rss = (residual**2).sum(1)
+    damping = np.full(n, 1e-3)
+    active = np.arange(n)
+    for _ in range(iterations):
+        if not active.size:
+            break
+        p_a, r_a, d_a = params[active], residual[active], damping[active]
+        jac = np.empty(r_a.shape + (n_params,))
+        for q in range(n_params):
+            up, down = p_a.copy(), p_a.copy()
+            up[:, q] += step
+            down[:, q] -= step
+            jac[..., q] = (predict(up, active) - predict(down, active)) / (2 * step)
+        try:
+            delta = damped_gauss_newton_step(jac, r_a, d_a)
+        except np.linalg.LinAlgError:
+            break
+        trial = np.clip(p_a + delta, low, high)
+        trial_residual = predict(trial, active) - y[active]
+        trial_rss = (trial_residual**2).sum(1)
+        better = trial_rss < rss[active]
+        gain = np.where(better, rss[active] - trial_rss, 0.0)
+        idx = active[better]
+        params[idx], residual[idx], rss[idx] = trial[better], trial_residual[better], trial_rss[better]
+        damping[active] = np.clip(np.where(better, d_a * 0.3, d_a * 10.0), 1e-12, 1e12)
+        done = (better & (gain <= 1e-10 * np.maximum(rss[active], 1e-30))) | (damping[active] >= 1e12)
+        active = active[~done]
+    return params, rss
+
+
 @dataclass
 class SmtFit:
     """SMT parameters of the masked voxels.
@@ -437,37 +478,10 @@ def _fit_watson_chunk(
     rss_grid = np.stack([((predict(theta, phi, np.full(n, g)) - y) ** 2).sum(1) for g in grid], axis=1)
     log_kappa = grid[np.argmin(rss_grid, axis=1)]
     params = np.stack([theta, phi, log_kappa], axis=1)
-    low, high = np.log(odi_to_kappa(ODI_BOUNDS[1])), np.log(odi_to_kappa(ODI_BOUNDS[0]))
-    residual = predict(*params.T) - y
-    rss = (residual**2).sum(1)
-    damping = np.full(n, 1e-3)
-    steps = np.array([1e-5, 1e-5, 1e-5])
-    active = np.arange(n)
-    for _ in range(iterations):
-        if not active.size:
-            break
-        p_a, r_a, d_a = params[active], residual[active], damping[active]
-        jac = np.empty(r_a.shape + (3,))
-        for k in range(3):
-            up, down = p_a.copy(), p_a.copy()
-            up[:, k] += steps[k]
-            down[:, k] -= steps[k]
-            jac[..., k] = (predict(*up.T, rows=active) - predict(*down.T, rows=active)) / (2 * steps[k])
-        try:
-            delta = damped_gauss_newton_step(jac, r_a, d_a)
-        except np.linalg.LinAlgError:
-            break
-        trial = p_a + delta
-        trial[:, 2] = np.clip(trial[:, 2], low, high)
-        trial_residual = predict(*trial.T, rows=active) - y[active]
-        trial_rss = (trial_residual**2).sum(1)
-        better = trial_rss < rss[active]
-        gain = np.where(better, rss[active] - trial_rss, 0.0)
-        idx = active[better]
-        params[idx], residual[idx], rss[idx] = trial[better], trial_residual[better], trial_rss[better]
-        damping[active] = np.clip(np.where(better, d_a * 0.3, d_a * 10.0), 1e-12, 1e12)
-        done = (better & (gain <= 1e-10 * np.maximum(rss[active], 1e-30))) | (damping[active] >= 1e12)
-        active = active[~done]
+    low = np.array([-np.inf, -np.inf, np.log(odi_to_kappa(ODI_BOUNDS[1]))])
+    high = np.array([np.inf, np.inf, np.log(odi_to_kappa(ODI_BOUNDS[0]))])
+    params, rss = bounded_levenberg_marquardt(lambda p, rows: predict(*p.T, rows=rows), params, y, low, high,
+                                              iterations)
     theta, phi, log_kappa = params.T
     mu = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], axis=-1)
     kappa = np.exp(log_kappa)
@@ -609,35 +623,7 @@ def _fit_bingham_chunk(
               for psi in np.pi * np.arange(4) / 4]
     rss_starts = np.stack([((predict(p) - y) ** 2).sum(1) for p in starts], axis=1)
     params = np.stack(starts, axis=1)[np.arange(n), np.argmin(rss_starts, axis=1)]
-    residual = predict(params) - y
-    rss = (residual**2).sum(1)
-    damping = np.full(n, 1e-3)
-    step = 1e-5
-    active = np.arange(n)
-    for _ in range(iterations):
-        if not active.size:
-            break
-        p_a, r_a, d_a = params[active], residual[active], damping[active]
-        jac = np.empty(r_a.shape + (5,))
-        for k in range(5):
-            up, down = p_a.copy(), p_a.copy()
-            up[:, k] += step
-            down[:, k] -= step
-            jac[..., k] = (predict(up, rows=active) - predict(down, rows=active)) / (2 * step)
-        try:
-            delta = damped_gauss_newton_step(jac, r_a, d_a)
-        except np.linalg.LinAlgError:
-            break
-        trial = np.clip(p_a + delta, low, high)
-        trial_residual = predict(trial, rows=active) - y[active]
-        trial_rss = (trial_residual**2).sum(1)
-        better = trial_rss < rss[active]
-        gain = np.where(better, rss[active] - trial_rss, 0.0)
-        idx = active[better]
-        params[idx], residual[idx], rss[idx] = trial[better], trial_residual[better], trial_rss[better]
-        damping[active] = np.clip(np.where(better, d_a * 0.3, d_a * 10.0), 1e-12, 1e12)
-        done = (better & (gain <= 1e-10 * np.maximum(rss[active], 1e-30))) | (damping[active] >= 1e12)
-        active = active[~done]
+    params, rss = bounded_levenberg_marquardt(lambda p, rows: predict(p, rows=rows), params, y, low, high, iterations)
     mu, nu = bingham_axes(params[:, 0], params[:, 1], params[:, 2])
     kappa = np.exp(params[:, 3])
     psi = np.mod(params[:, 2], np.pi)
@@ -748,35 +734,7 @@ def _fit_multi_watson_chunk(signal, gtab, lambda_par, lambda_perp, peaks, mu_sin
     high = np.full(n_params, np.inf)
     low[2: 3 * k: 3], high[2: 3 * k: 3] = np.log(odi_to_kappa(ODI_BOUNDS[1])), np.log(odi_to_kappa(ODI_BOUNDS[0]))
     low[3 * k:], high[3 * k:] = -8.0, 8.0
-    residual = predict(params) - y
-    rss = (residual**2).sum(1)
-    damping = np.full(n, 1e-3)
-    step = 1e-5
-    active = np.arange(n)
-    for _ in range(iterations):
-        if not active.size:
-            break
-        p_a, r_a, d_a = params[active], residual[active], damping[active]
-        jac = np.empty(r_a.shape + (n_params,))
-        for q in range(n_params):
-            up, down = p_a.copy(), p_a.copy()
-            up[:, q] += step
-            down[:, q] -= step
-            jac[..., q] = (predict(up, rows=active) - predict(down, rows=active)) / (2 * step)
-        try:
-            delta = damped_gauss_newton_step(jac, r_a, d_a)
-        except np.linalg.LinAlgError:
-            break
-        trial = np.clip(p_a + delta, low, high)
-        trial_residual = predict(trial, rows=active) - y[active]
-        trial_rss = (trial_residual**2).sum(1)
-        better = trial_rss < rss[active]
-        gain = np.where(better, rss[active] - trial_rss, 0.0)
-        idx = active[better]
-        params[idx], residual[idx], rss[idx] = trial[better], trial_residual[better], trial_rss[better]
-        damping[active] = np.clip(np.where(better, d_a * 0.3, d_a * 10.0), 1e-12, 1e12)
-        done = (better & (gain <= 1e-10 * np.maximum(rss[active], 1e-30))) | (damping[active] >= 1e12)
-        active = active[~done]
+    params, rss = bounded_levenberg_marquardt(lambda p, rows: predict(p, rows=rows), params, y, low, high, iterations)
     angles, fractions = unpack(params)
     theta, phi = angles[..., 0], angles[..., 1]
     mu = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], axis=-1)
