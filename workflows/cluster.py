@@ -58,7 +58,7 @@ class StageSlurmWorker(SlurmWorker):
     omp_nthreads: int | None = None
     sacct_retries: int = 30
     submit_jobs: bool = True  # False: only report (cached results pass, anything else fails with its recorded error)
-    failures: dict = attrs.field(factory=dict)  # job uid -> why its job failed
+    failures: dict = attrs.field(factory=dict)  # job checksum (stable across submissions) -> why its job failed
 
     # attrs would generate these for a slotted subclass (pickling the event loop); keep Pydra's
     def __getstate__(self) -> dict[str, Any]:
@@ -82,12 +82,12 @@ class StageSlurmWorker(SlurmWorker):
         if cached is not None and not cached.errored:
             return True  # already in the shared cache: no job to submit
         if not self.submit_jobs:
-            raise RuntimeError(self.failures.get(job.uid, f"stage {stage} was not computed in this submission (an "
+            raise RuntimeError(self.failures.get(job.checksum, f"stage {stage} was not computed in this submission (an "
                                                           "earlier stage failed or the submission was interrupted)"))
         try:
             return await self._submit_and_wait(job, stage, rerun)
         except Exception as exc:
-            self.failures[job.uid] = str(exc)
+            self.failures[job.checksum] = str(exc)
             raise
 
     async def _submit_and_wait(self, job, stage: str, rerun: bool):

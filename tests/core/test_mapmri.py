@@ -181,25 +181,30 @@ def test_nan_voxels_get_status(phantom):
     assert np.isnan(rtop[[1, 2]]).all() and np.isfinite(rtop[[0, 3]]).all()
 
 
-@pytest.mark.parametrize("name, options, dipy_options", [
-    ("CMAPL", dict(laplacian_weighting=0.2, positivity="grid"),
-     dict(laplacian_weighting=0.2, positivity_constraint=True)),
-    ("CMAP", dict(laplacian_weighting=0.0, positivity="grid"),
+CMAPL = (dict(laplacian_weighting=0.2, positivity="grid"), dict(laplacian_weighting=0.2, positivity_constraint=True))
+CMAPL_ISO = (dict(laplacian_weighting=0.2, positivity="grid", anisotropic_scaling=False),
+             dict(laplacian_weighting=0.2, positivity_constraint=True, anisotropic_scaling=False))
+
+
+@pytest.mark.parametrize("acquisition, name, options, dipy_options", [
+    ("b6kmax", "CMAPL", *CMAPL),
+    ("b6kmax", "CMAP", dict(laplacian_weighting=0.0, positivity="grid"),
      dict(laplacian_regularization=False, positivity_constraint=True)),
-    ("MAP+", dict(laplacian_weighting=0.0, positivity="global"),
+    ("b6kmax", "MAP+", dict(laplacian_weighting=0.0, positivity="global"),
      dict(laplacian_regularization=False, positivity_constraint=True, global_constraints=True)),
-    ("CMAPL isotropic", dict(laplacian_weighting=0.2, positivity="grid", anisotropic_scaling=False),
-     dict(laplacian_weighting=0.2, positivity_constraint=True, anisotropic_scaling=False)),
+    ("b6kmax", "CMAPL isotropic", *CMAPL_ISO),
+    ("b1kb2k", "CMAPL", *CMAPL),
+    ("b1kb2k", "CMAPL isotropic", *CMAPL_ISO),
 ])
-def test_positivity_fits_equal_dipy_on_real_data(name, options, dipy_options):
-    """sub-01 acq-b6kmax (Delta/delta from its sidecar), brain voxels spread over the mask. acq-b1kb2k is not
-    compared for CMAP/MAP+: two shells leave MaᵀM singular without the Laplacian (no unique optimum), and DIPY's
-    MAP+ fails there."""
+def test_positivity_fits_equal_dipy_on_real_data(acquisition, name, options, dipy_options):
+    """sub-01 (Delta/delta from the sidecars), brain voxels spread over the mask. acq-b1kb2k is not compared for
+    CMAP/MAP+: two shells leave MᵀM singular without the Laplacian (no unique optimum), and DIPY's MAP+ fails
+    there."""
     from tests.conftest import real_run
     from dwiflow.tasks.io import load_dwi, load_mask
     from dwiflow.tasks.stages import diffusion_times
 
-    paths = real_run("sub-01_acq-b6kmax")
+    paths = real_run(f"sub-01_acq-{acquisition}")
     run = load_dwi(paths["dwi"], paths["bval"], paths["bvec"])
     mask = load_mask(paths["mask"], run.data.shape[:3], run.affine)
     big, small, _ = diffusion_times(paths["dwi"], None, None)
@@ -208,3 +213,4 @@ def test_positivity_fits_equal_dipy_on_real_data(name, options, dipy_options):
     theirs = dipy_fit(run.gtab, data, big_delta=big, small_delta=small, **dipy_options)
     assert np.all(ours.status == 0) and data.shape[0] >= 10
     assert_indices_agree(ours, theirs, INDICES + (NG if options.get("anisotropic_scaling", True) else ()))
+    assert np.median(odf_correlation(ours, theirs, get_sphere("repulsion300").vertices)) > 0.99
