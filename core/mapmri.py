@@ -668,7 +668,7 @@ class MapmriModel:
         self.anisotropic = bool(anisotropic_scaling)
         if not gtab.b0s_mask.any():
             raise DwiflowInputError("MAP-MRI needs b=0 volumes; none found")
-        n_shells = len([s for s in gtab.shells if not s.is_b0])
+        n_shells = len(gtab.dw_shells)
         if n_shells < 2:
             raise DwiflowInputError(f"MAP-MRI needs several diffusion-weighted shells (it models the radial signal "
                                     f"decay); this gradient table has {n_shells}")

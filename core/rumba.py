@@ -524,7 +524,7 @@ class RumbaSDModel:
         self.gm_response = gm_response
         self.csf_response = csf_response
         self.kernel = rumba_kernel(gtab, vertices, wm_response, gm_response, csf_response)
-        self.wm_response = check_wm_response(wm_response, len([s for s in gtab.shells if not s.is_b0]))
+        self.wm_response = check_wm_response(wm_response, len(gtab.dw_shells))
         self.reduced = _ReducedKernel.build(self.kernel, vertices)
         self.n_iter = int(n_iter)
         self.recon_type = recon_type

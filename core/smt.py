@@ -21,13 +21,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from scipy.special import erf
 
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import GradientTable
-from dwiflow.core.sh import real_sh_basis
+from dwiflow.core.sh import cart_to_sphere, real_sh_basis, sphere_to_cart
 from dwiflow.core.voxels import VoxelBatch, iter_chunks, scatter
 
 # SH degree needed to represent a shell's signal by b-value (s/mm²): thresholds of dmipy's
@@ -133,6 +134,21 @@ def bounded_levenberg_marquardt(predict, params: np.ndarray, y: np.ndarray, low:
     return params, rss
 
 
+def _fit_in_chunks(fit_chunk, n_voxels: int, chunk_size: int, result_type, per_voxel: dict[str, Any | None], **options):
+    """Run ``fit_chunk`` on consecutive chunks of voxels (bounded memory) and join the results.
+
+    ``per_voxel``: arguments sliced per chunk (None passes through); ``result_type``: a dataclass whose
+    fields are all per-voxel arrays.
+    """
+    from dataclasses import fields
+
+    parts = []
+    for sl in iter_chunks(n_voxels, chunk_size):
+        sliced = {k: (None if v is None else v[sl]) for k, v in per_voxel.items()}
+        parts.append(fit_chunk(**sliced, **options))
+    return result_type(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(result_type)))
+
+
 @dataclass
 class SmtFit:
     """SMT parameters of the masked voxels.
@@ -193,7 +209,7 @@ class SmtModel:
     ):
         if not gtab.b0s_mask.any():
             raise DwiflowInputError("SMT needs b=0 volumes (spherical means are normalised by the mean b=0); none found")
-        n_shells = len([s for s in gtab.shells if not s.is_b0])
+        n_shells = len(gtab.dw_shells)
         if n_shells < 2:
             raise DwiflowInputError(f"SMT needs at least two diffusion-weighted shells (the spherical mean's decay over b "
                                     f"separates λ∥ from λ⊥); this gradient table has {n_shells}")
@@ -412,11 +428,9 @@ def fit_watson(signal: np.ndarray, gtab: GradientTable, lambda_par: np.ndarray, 
 
         evecs = TensorModel(gtab).fit(signal).evecs[:, :, 0]
         initial_direction = np.where(np.isfinite(evecs).all(axis=1, keepdims=True), evecs, [0.0, 0.0, 1.0])
-    parts = []
-    for sl in iter_chunks(signal.shape[0], chunk_size):
-        parts.append(_fit_watson_chunk(signal[sl], gtab, lambda_par[sl], lambda_perp[sl], initial_direction[sl],
-                                       free_water=None if free_water is None else free_water[sl], **options))
-    return WatsonFit(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("mu", "kappa", "odi", "mse")))
+    per_voxel = dict(signal=signal, lambda_par=lambda_par, lambda_perp=lambda_perp,
+                     initial_direction=initial_direction, free_water=free_water)
+    return _fit_in_chunks(_fit_watson_chunk, signal.shape[0], chunk_size, WatsonFit, per_voxel, gtab=gtab, **options)
 
 
 def _normalised_signal_and_kernel(signal, gtab, lambda_par, lambda_perp, lmax, free_water, free_water_diffusivity):
@@ -437,7 +451,7 @@ def _normalised_signal_and_kernel(signal, gtab, lambda_par, lambda_perp, lmax, f
 
 def _watson_signal(kernel, bvecs, theta, phi, log_kappa, lmax):
     """Σ_l (2l+1)/(4π)·K̂_l·Ŵ_l(κ)·P_l(g·μ): a Watson-dispersed kernel's signal (Funk–Hecke), per voxel."""
-    mu = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], axis=-1)
+    mu = sphere_to_cart(theta, phi)
     t = np.clip(np.einsum("vi,gi->vg", mu, bvecs), -1, 1)
     legendre = _legendre_table(lmax, t)[..., ::2]
     w = watson_coefficients(np.exp(log_kappa), lmax)
@@ -470,10 +484,7 @@ def _fit_watson_chunk(
         e = _watson_signal(kernel[rows], gtab.bvecs, theta, phi, log_kappa, lmax)
         return e + iso[rows] if iso is not None else e
 
-    d = np.asarray(initial_direction, dtype=float)
-    d = d / np.linalg.norm(d, axis=1, keepdims=True)
-    theta = np.arccos(np.clip(d[:, 2], -1, 1))
-    phi = np.arctan2(d[:, 1], d[:, 0])
+    theta, phi = cart_to_sphere(np.asarray(initial_direction, dtype=float))
     grid = np.log(odi_to_kappa(np.linspace(ODI_BOUNDS[0], 0.95, 10)))
     rss_grid = np.stack([((predict(theta, phi, np.full(n, g)) - y) ** 2).sum(1) for g in grid], axis=1)
     log_kappa = grid[np.argmin(rss_grid, axis=1)]
@@ -483,7 +494,7 @@ def _fit_watson_chunk(
     params, rss = bounded_levenberg_marquardt(lambda p, rows: predict(*p.T, rows=rows), params, y, low, high,
                                               iterations)
     theta, phi, log_kappa = params.T
-    mu = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], axis=-1)
+    mu = sphere_to_cart(theta, phi)
     kappa = np.exp(log_kappa)
     return WatsonFit(mu=mu, kappa=kappa, odi=kappa_to_odi(kappa), mse=rss / y.shape[1])
 
@@ -512,7 +523,7 @@ def _quadrature_basis(lmax: int) -> np.ndarray:
 
 def bingham_axes(theta: np.ndarray, phi: np.ndarray, psi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The Bingham's main axis μ (polar θ, azimuth φ) and its second axis ν, at angle ψ around μ from ∂μ/∂θ."""
-    mu = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], axis=-1)
+    mu = sphere_to_cart(theta, phi)
     e_theta = np.stack([np.cos(theta) * np.cos(phi), np.cos(theta) * np.sin(phi), -np.sin(theta)], axis=-1)
     e_phi = np.stack([-np.sin(phi), np.cos(phi), np.zeros_like(phi)], axis=-1)
     nu = np.cos(psi)[..., None] * e_theta + np.sin(psi)[..., None] * e_phi
@@ -563,13 +574,9 @@ def fit_bingham(signal: np.ndarray, gtab: GradientTable, lambda_par: np.ndarray,
     """
     if initial is None:
         initial = fit_watson(signal, gtab, lambda_par, lambda_perp, free_water=free_water)
-    parts = []
-    for sl in iter_chunks(signal.shape[0], chunk_size):
-        parts.append(_fit_bingham_chunk(signal[sl], gtab, lambda_par[sl], lambda_perp[sl], initial.mu[sl],
-                                        initial.kappa[sl], free_water=None if free_water is None else free_water[sl],
-                                        **options))
-    return BinghamFit(*(np.concatenate([getattr(p, f) for p in parts])
-                        for f in ("mu", "nu", "kappa", "beta_fraction", "psi", "odi", "mse")))
+    per_voxel = dict(signal=signal, lambda_par=lambda_par, lambda_perp=lambda_perp, mu0=initial.mu,
+                     kappa0=initial.kappa, free_water=free_water)
+    return _fit_in_chunks(_fit_bingham_chunk, signal.shape[0], chunk_size, BinghamFit, per_voxel, gtab=gtab, **options)
 
 
 def _fit_bingham_chunk(
@@ -617,7 +624,7 @@ def _fit_bingham_chunk(
         return e + iso[rows] if iso is not None else e
 
     mu0 = np.where(np.isfinite(mu0).all(axis=1, keepdims=True), mu0, [0.0, 0.0, 1.0])
-    theta0, phi0 = np.arccos(np.clip(mu0[:, 2], -1, 1)), np.arctan2(mu0[:, 1], mu0[:, 0])
+    theta0, phi0 = cart_to_sphere(mu0)
     log_kappa0 = np.clip(np.log(np.nan_to_num(kappa0, nan=1.0)), low[3], high[3])
     starts = [np.stack([theta0, phi0, np.full(n, psi), log_kappa0, np.full(n, 0.25)], axis=1)
               for psi in np.pi * np.arange(4) / 4]
@@ -687,13 +694,10 @@ def fit_multi_watson(signal: np.ndarray, gtab: GradientTable, lambda_par: np.nda
         return MultiWatsonFit(w.mu[:, None], w.kappa[:, None], w.odi[:, None], np.ones((w.kappa.size, 1)), w.mse)
     single = fit_watson(signal, gtab, lambda_par, lambda_perp, free_water=free_water, chunk_size=chunk_size)
     peaks = kernel_deconvolution_peaks(signal, gtab, lambda_par, lambda_perp, n_fod)
-    parts = []
-    for sl in iter_chunks(signal.shape[0], chunk_size):
-        parts.append(_fit_multi_watson_chunk(signal[sl], gtab, lambda_par[sl], lambda_perp[sl], peaks[sl],
-                                             single.mu[sl], single.kappa[sl],
-                                             free_water=None if free_water is None else free_water[sl], **options))
-    return MultiWatsonFit(*(np.concatenate([getattr(p, f) for p in parts])
-                            for f in ("mu", "kappa", "odi", "fractions", "mse")))
+    per_voxel = dict(signal=signal, lambda_par=lambda_par, lambda_perp=lambda_perp, peaks=peaks, mu_single=single.mu,
+                     kappa_single=single.kappa, free_water=free_water)
+    return _fit_in_chunks(_fit_multi_watson_chunk, signal.shape[0], chunk_size, MultiWatsonFit, per_voxel, gtab=gtab,
+                          **options)
 
 
 def _fit_multi_watson_chunk(signal, gtab, lambda_par, lambda_perp, peaks, mu_single, kappa_single, *,
@@ -726,9 +730,7 @@ def _fit_multi_watson_chunk(signal, gtab, lambda_par, lambda_perp, peaks, mu_sin
                                odi_to_kappa(ODI_BOUNDS[0])))
     params = np.zeros((n, n_params))
     for j, d in enumerate(starts):
-        d = d / np.linalg.norm(d, axis=1, keepdims=True)
-        params[:, 3 * j] = np.arccos(np.clip(d[:, 2], -1, 1))
-        params[:, 3 * j + 1] = np.arctan2(d[:, 1], d[:, 0])
+        params[:, 3 * j], params[:, 3 * j + 1] = cart_to_sphere(d)
         params[:, 3 * j + 2] = log_kappa
     low = np.full(n_params, -np.inf)
     high = np.full(n_params, np.inf)
@@ -737,7 +739,7 @@ def _fit_multi_watson_chunk(signal, gtab, lambda_par, lambda_perp, peaks, mu_sin
     params, rss = bounded_levenberg_marquardt(lambda p, rows: predict(p, rows=rows), params, y, low, high, iterations)
     angles, fractions = unpack(params)
     theta, phi = angles[..., 0], angles[..., 1]
-    mu = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], axis=-1)
+    mu = sphere_to_cart(theta, phi)
     kappa = np.exp(angles[..., 2])
     order = np.argsort(-fractions, axis=1)
     pick = lambda a: np.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)

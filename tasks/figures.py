@@ -24,6 +24,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from dwiflow.bids_specs.outputs import output_filename
+
 ORIENTATION_NOTE = "Neurological convention: axial slices seen from above, subject's left (L) on the image left."
 DIRECTION_COLOUR_NOTE = "Glyph colour: direction (red = left-right, green = anterior-posterior, blue = inferior-superior)."
 
@@ -520,14 +522,14 @@ class FigureEntry:
 
 
 class _Manifest:
-    def __init__(self, out_dir: Path, prefix: str):
-        self.out_dir, self.prefix = out_dir, prefix
+    def __init__(self, out_dir: Path, entities: dict[str, str]):
+        self.out_dir, self.entities = out_dir, entities
         self.entries: list[FigureEntry] = []
         self.warnings: list[str] = []
 
     def draw(self, section: str, title: str, name: str, caption: str, draw: Callable[[Path], Any]) -> None:
         """Draw one figure; an error becomes a note (and the half-written file is removed)."""
-        path = self.out_dir / f"{self.prefix}_desc-{name}_dwi.png"
+        path = self.out_dir / output_filename("qc_figure", {**self.entities, "desc": name})
         try:
             draw(path)
             self.entries.append(FigureEntry(section, title, path.name, caption))
@@ -537,10 +539,14 @@ class _Manifest:
             self.entries.append(FigureEntry(section, title, note=f"not drawn: {last}"))
 
     def write(self) -> Path:
-        path = self.out_dir / f"{self.prefix}_desc-figures_dwi.json"
-        content = {"figures": [entry.__dict__ for entry in self.entries], "warnings": self.warnings}
-        path.write_text(json.dumps(content, indent=2) + "\n")
-        return path
+        return write_manifest(self.out_dir, self.entities, [entry.__dict__ for entry in self.entries], self.warnings)
+
+
+def write_manifest(out_dir: Path, entities: dict[str, str], figures: list[dict[str, str]], warnings: list[str]) -> Path:
+    """A run's figure manifest (figures with titles and captions, or notes; warnings), named by bids_specs."""
+    path = Path(out_dir) / output_filename("qc_figure_manifest", entities)
+    path.write_text(json.dumps({"figures": figures, "warnings": warnings}, indent=2) + "\n")
+    return path
 
 
 UNIT_INTERVAL_MAPS = ("tensor_fa", "gfa", "rumba_fwm", "rumba_fiso", "rumba_fgm", "rumba_fcsf", "smt_f", "smt_fw",
@@ -559,8 +565,7 @@ def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, 
     """
     staged, out = Path(staged_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prefix = "_".join(f"{k}-{v}" for k, v in entities.items())
-    manifest = _Manifest(out, prefix)
+    manifest = _Manifest(out, entities)
     path_of = {key: staged / name for key, name in files.items() if (staged / name).is_file()}
     cache: dict[str, CanonicalImage] = {}
 

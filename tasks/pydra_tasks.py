@@ -267,10 +267,9 @@ def figures_version() -> str:
 def Figures(staged: Directory, entities: dict, fod_model: str = "csd", response_method: str = "",
             code_version: str = ""):
     """QC figures of a run's staged derivatives, with a manifest; never fails (a failure becomes a note)."""
-    import json
     import traceback
 
-    from dwiflow.tasks.figures import figures_stage
+    from dwiflow.tasks.figures import figures_stage, write_manifest
 
     folder = Path.cwd() / "figures"
     folder.mkdir(exist_ok=True)
@@ -281,9 +280,7 @@ def Figures(staged: Directory, entities: dict, fod_model: str = "csd", response_
     try:
         figures_stage(staged, folder, files, entities, fod_model, response_method)
     except Exception as exc:  # the report must never fail the run
-        prefix = "_".join(f"{k}-{v}" for k, v in entities.items())
         note = traceback.format_exception_only(type(exc), exc)[-1].strip()
-        (folder / f"{prefix}_desc-figures_dwi.json").write_text(json.dumps(
-            {"figures": [{"section": "tensor", "title": "Figures", "file": "", "caption": "",
-                          "note": f"no figures could be drawn: {note}"}], "warnings": []}, indent=2) + "\n")
+        write_manifest(folder, entities, [{"section": "tensor", "title": "Figures", "file": "", "caption": "",
+                                           "note": f"no figures could be drawn: {note}"}], [])
     return Directory(folder)

@@ -54,6 +54,7 @@ class RunReport:
     """What the report says about one run."""
 
     label: str
+    entities: dict[str, str]
     ok: bool
     error: str = ""
     log: str = ""
@@ -125,7 +126,10 @@ def _model_parameters(run: RunReport) -> list[tuple[str, str]]:
 
 
 def _figures_html(run: RunReport, report_dir: Path) -> tuple[str, list[str]]:
-    manifest_files = sorted(run.figures_dir.glob(f"{run.label}_desc-figures_dwi.json")) if run.figures_dir else []
+    from dwiflow.bids_specs.outputs import output_filename
+
+    manifest_path = run.figures_dir / output_filename("qc_figure_manifest", run.entities) if run.figures_dir else None
+    manifest_files = [manifest_path] if manifest_path is not None and manifest_path.is_file() else []
     if not manifest_files:
         return '<p class="note">No figures were drawn for this run.</p>', ["no figures for this run"]
     manifest = json.loads(manifest_files[0].read_text())

@@ -317,7 +317,7 @@ def write_reports(outcomes: list[RunOutcome], output_dir: Path, recon_spec: dict
         by_subject.setdefault(outcome.run.short_entities["sub"], []).append(outcome)
     written = []
     for subject, runs in by_subject.items():
-        reports = [RunReport(o.run.label, o.ok, o.error, str(o.log or ""), o.seconds,
+        reports = [RunReport(o.run.label, o.run.short_entities, o.ok, o.error, str(o.log or ""), o.seconds,
                              figures_folder(output_dir, o.run), output_folder(output_dir, o.run), o.files)
                    for o in runs]
         try:
@@ -441,22 +441,24 @@ def _dataset_summary(output_dir: Path, summary_tsv: Path) -> Path:
     from dwiflow.tasks.report import dataset_summary_page
 
     mask_name = output_filename("brain_mask", {})
-    masks = {p.name[: -len(mask_name) - 1]: p for p in sorted(output_dir.glob(f"sub-*/**/*_{mask_name}"))}
+    mask_paths = {p.name[: -len(mask_name) - 1]: p for p in sorted(output_dir.glob(f"sub-*/**/*_{mask_name}"))}
+    masks: dict[str, np.ndarray] = {}  # each run's mask, read once
     distributions = []
     for label, key, entities in DISTRIBUTION_METRICS:
         name = output_filename(key, entities)
         values = {}
-        for run, mask_path in masks.items():
+        for run, mask_path in mask_paths.items():
             hits = sorted(mask_path.parent.glob(f"{run}_{name}"))
             if hits:
-                mask = nib.load(mask_path).get_fdata() > 0
-                values[run] = np.asarray(nib.load(hits[0]).dataobj, dtype=np.float32)[mask]
+                if run not in masks:
+                    masks[run] = nib.load(mask_path).get_fdata() > 0
+                values[run] = np.asarray(nib.load(hits[0]).dataobj, dtype=np.float32)[masks[run]]
         if not values:
             continue  # no run has this metric: no panel
-        figure = output_dir / "figures" / f"desc-{key.replace('_', '')}_distribution.png"
+        figure = output_dir / "figures" / output_filename("qc_distribution", {"desc": key.replace("_", "")})
         try:
             distributions.append((label, distribution_figure(figure, label, values, output_spec(key).get("Units", "")), ""))
         except Exception as exc:  # a figure that cannot be drawn becomes a note
             distributions.append((label, None, f"not drawn: {exc}"))
-    subjects = sorted({run.split("_")[0].removeprefix("sub-") for run in masks})
+    subjects = sorted({run.split("_")[0].removeprefix("sub-") for run in mask_paths})
     return dataset_summary_page(output_dir, summary_tsv, distributions, subjects)

@@ -15,12 +15,18 @@ from tests.conftest import write_gradients, write_nifti
 AFFINE = np.array([[-2.0, 0.3, 0.0, 10.0], [0.2, 1.9, 0.4, -5.0], [0.0, -0.4, 2.0, 3.0], [0, 0, 0, 1.0]])
 
 
-def test_smt_kernel_and_watson_maps(tmp_path, capsys):
+def _multishell_phantom(tmp_path, shape, **options):
+    """A 3-shell phantom written as sub-01_dwi (oblique LAS affine, FSL bvecs): (phantom, dwi, bval, bvec)."""
     g = acquisition_scheme("multi")
-    ph = make_phantom(g, (5, 5, 2), snr=50, seed=3, n_fibres=1)
+    ph = make_phantom(g, shape, **options)
     base = tmp_path / "sub-01_dwi"
     dwi = write_nifti(base.with_suffix(".nii.gz"), ph.data.astype(np.float32), AFFINE)
     bval, bvec = write_gradients(base, g.bvals, world_to_fsl_bvecs(g.bvecs, AFFINE).T)
+    return ph, dwi, bval, bvec
+
+
+def test_smt_kernel_and_watson_maps(tmp_path, capsys):
+    ph, dwi, bval, bvec = _multishell_phantom(tmp_path, (5, 5, 2), snr=50, seed=3, n_fibres=1)
     out = tmp_path / "out"
     assert main(["smt", str(dwi), str(bval), str(bvec), str(out)]) == 0
     assert "smt: 50/50 voxels" in capsys.readouterr().err
@@ -56,11 +62,7 @@ def test_smt_errors(tmp_path, capsys):
 
 def test_smt_bingham_maps_in_the_world_frame(tmp_path):
     """--fod bingham on single-fibre voxels (no dispersion): mu along the fibre, beta and nu written, SH peaks agree."""
-    g = acquisition_scheme("multi")
-    ph = make_phantom(g, (4, 4, 2), snr=50, seed=5, n_fibres=1)
-    base = tmp_path / "sub-01_dwi"
-    dwi = write_nifti(base.with_suffix(".nii.gz"), ph.data.astype(np.float32), AFFINE)
-    bval, bvec = write_gradients(base, g.bvals, world_to_fsl_bvecs(g.bvecs, AFFINE).T)
+    ph, dwi, bval, bvec = _multishell_phantom(tmp_path, (4, 4, 2), snr=50, seed=5, n_fibres=1)
     out = tmp_path / "out"
     assert main(["smt", str(dwi), str(bval), str(bvec), str(out), "--fod", "bingham"]) == 0
     name = "sub-01_model-smt_param-{}_dwimap.nii.gz"
@@ -81,11 +83,7 @@ def test_smt_bingham_maps_in_the_world_frame(tmp_path):
 
 def test_smt_two_watson_compartments_resolve_crossings(tmp_path, capsys):
     """--n-fod 2 on two-fibre voxels (at least 50 degrees apart): both fibres and their fractions recovered."""
-    g = acquisition_scheme("multi")
-    ph = make_phantom(g, (6, 6, 2), snr=50, seed=4, n_fibres=2, min_separation_deg=50)
-    base = tmp_path / "sub-01_dwi"
-    dwi = write_nifti(base.with_suffix(".nii.gz"), ph.data.astype(np.float32), AFFINE)
-    bval, bvec = write_gradients(base, g.bvals, world_to_fsl_bvecs(g.bvecs, AFFINE).T)
+    ph, dwi, bval, bvec = _multishell_phantom(tmp_path, (6, 6, 2), snr=50, seed=4, n_fibres=2, min_separation_deg=50)
     out = tmp_path / "out"
     assert main(["smt", str(dwi), str(bval), str(bvec), str(out), "--n-fod", "2"]) == 0
     name = "sub-01_model-smt_param-{}_dwimap.nii.gz"
