@@ -114,6 +114,7 @@ def bench_csd_peaks(n_voxels: int, repeats: int, workdir: Path) -> list[dict]:
     import numba
     from dipy.core.gradients import gradient_table as dipy_gtab
     from dipy.core.sphere import Sphere as DipySphere
+    from threadpoolctl import threadpool_limits
     from dipy.reconst.csdeconv import ConstrainedSphericalDeconvModel
 
     from dwiflow.core.csd import CsdModel
@@ -132,9 +133,10 @@ def bench_csd_peaks(n_voxels: int, repeats: int, workdir: Path) -> list[dict]:
     model.fit(ph.data[:2, :2, :2])  # compile the kernel once (cached on disk afterwards)
     rows = []
     fits = {}
-    for threads in (1, 2):
+    for threads in (1, 2):  # numba and BLAS get the same thread count as MRtrix3's -nthreads
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        fits[threads] = _best_of(lambda: model.fit(ph.data), repeats)
+        with threadpool_limits(limits=threads, user_api="blas"):
+            fits[threads] = _best_of(lambda: model.fit(ph.data), repeats)
     sphere = get_sphere("ico642").hemisphere
     basis = real_sh_basis(8, sphere)
 
@@ -146,8 +148,9 @@ def bench_csd_peaks(n_voxels: int, repeats: int, workdir: Path) -> list[dict]:
     ours_sh = fits[2][1].sh.reshape(-1, 45)
     sub = slice(0, min(nvox, 20000))  # DIPY is timed on a subset and scaled (voxels are independent)
     dg = dipy_gtab(gtab.bvals, bvecs=gtab.bvecs)
-    t_dipy, dfit = _best_of(lambda: ConstrainedSphericalDeconvModel(dg, (np.array(ph.evals), ph.s0), sh_order_max=8)
-                            .fit(ph.data.reshape(-1, gtab.n_volumes)[sub]), 1)
+    with threadpool_limits(limits=1, user_api="blas"):
+        t_dipy, dfit = _best_of(lambda: ConstrainedSphericalDeconvModel(dg, (np.array(ph.evals), ph.s0), sh_order_max=8)
+                                .fit(ph.data.reshape(-1, gtab.n_volumes)[sub]), 1)
     t_dipy *= nvox / (sub.stop - sub.start)
     dipy_amps = dfit.odf(DipySphere(xyz=sphere))
     rows.append({"step": "CSD lmax 8", "peer": "DIPY 1.12 (1 thread; timed on 20k, scaled)", "voxels": nvox,
@@ -164,7 +167,7 @@ def bench_csd_peaks(n_voxels: int, repeats: int, workdir: Path) -> list[dict]:
         for threads in (1, 2):
             cmd = ["dwi2fod", "-quiet", "-force", "-nthreads", str(threads), "csd", str(workdir / "csd.mif"),
                    str(workdir / "resp.txt"), str(workdir / "fod.nii")]
-            t_m, _ = _best_of(lambda: subprocess.run(cmd, check=True), 1)
+            t_m, _ = _best_of(lambda: subprocess.run(cmd, check=True), repeats)
             mrtrix_sh = nib.load(workdir / "fod.nii").get_fdata().reshape(-1, 45)
             rows.append({"step": "CSD lmax 8", "peer": f"MRtrix3 dwi2fod csd ({threads} thread{'s' * (threads > 1)})",
                          "voxels": nvox, "dwiflow_s": fits[threads][0], "peer_s": t_m,
@@ -180,7 +183,7 @@ def bench_csd_peaks(n_voxels: int, repeats: int, workdir: Path) -> list[dict]:
             mine = pk.vectors.reshape(-1, 3, 3)[:, 0]
             cosang = np.abs(np.sum(first * mine, 1)) / np.linalg.norm(first, axis=1) / np.linalg.norm(mine, axis=1)
             angle = np.degrees(np.arccos(np.clip(cosang, 0, 1)))
-            rows.append({"step": "peaks", "peer": f"MRtrix3 sh2peaks ({threads} thread{'s' * (threads > 1)}; ours numpy, 2)",
+            rows.append({"step": "peaks", "peer": f"MRtrix3 sh2peaks ({threads} thread{'s' * (threads > 1)}; ours 2)",
                          "voxels": nvox, "dwiflow_s": t_pk, "peer_s": t_m,
                          "accuracy": f"1st peak within 2deg of MRtrix3's: {np.mean(angle < 2):.3f}"})
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
@@ -191,8 +194,10 @@ def bench_iterative_responses(n_voxels: int, tax_voxels: int, workdir: Path) -> 
     """Tournier (vs MRtrix3 dwi2response tournier) and Tax (vs DIPY recursive_response) on one phantom."""
     import warnings
 
+    import numba
     from dipy.core.gradients import gradient_table as dipy_gtab
     from dipy.reconst.csdeconv import recursive_response
+    from threadpoolctl import threadpool_limits
 
     from dwiflow.core.gradients import gradient_table
     from dwiflow.core.response_iterative import tax_response, tournier_response
@@ -226,13 +231,16 @@ def bench_iterative_responses(n_voxels: int, tax_voxels: int, workdir: Path) -> 
                                  f"{abs(ours.response.coefficients[0, 0] / truth.coefficients[0, 0] - 1):.1e}"})
     sub = ph.data.reshape(-1, gtab.n_volumes)[:tax_voxels][:, None, None, :]
     tax_response(sub[:3000], gtab)  # compile the kernels before timing
-    t_tax, tax = _best_of(lambda: tax_response(sub, gtab), 1)
+    numba.set_num_threads(1)  # DIPY runs on one thread: so do we here
+    with threadpool_limits(limits=1, user_api="blas"):
+        t_tax, tax = _best_of(lambda: tax_response(sub, gtab), 1)
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t_d, ref = _best_of(lambda: recursive_response(dipy_gtab(gtab.bvals, bvecs=gtab.bvecs), sub[:, 0, 0],
                                                          sh_order_max=8), 1)
     l0 = abs(tax.response.coefficients[1, 0] - ref.dwi_response[0]) / ref.dwi_response[0]
-    rows.append({"step": "tax", "peer": "DIPY 1.12 recursive_response (1 thread)", "voxels": sub.shape[0],
+    rows.append({"step": "tax", "peer": "DIPY 1.12 recursive_response (1 thread; ours 1)", "voxels": sub.shape[0],
                  "dwiflow_s": t_tax, "peer_s": t_d, "accuracy": f"l=0 vs DIPY {l0:.1e}"})
     return rows
 
@@ -462,7 +470,7 @@ def main() -> int:
     steps = {
         "tensor": lambda tmp: bench_tensor(args.voxels, args.repeats, tmp),
         "amp2response": lambda tmp: bench_amp2response(args.response_voxels, args.repeats, tmp),
-        "csd": lambda tmp: bench_csd_peaks(args.voxels, 1, tmp),
+        "csd": lambda tmp: bench_csd_peaks(args.voxels, args.repeats, tmp),
         "iterative": lambda tmp: bench_iterative_responses(args.voxels, args.tax_voxels, tmp),
         "smt": lambda tmp: bench_smt(args.smt_voxels, args.smt_dipy_seconds),
         "mapmri": lambda tmp: bench_mapmri(args.mapmri_voxels, args.mapmri_dipy_seconds),

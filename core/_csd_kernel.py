@@ -16,10 +16,23 @@ from numba import config, njit, prange
 if "NUMBA_THREADING_LAYER" not in os.environ:
     config.THREADING_LAYER = "workqueue"
 
+# Up to this many sign changes in one iteration are applied to the Cholesky factor as rank-one
+# updates/downdates (about n² operations each); more refactor the updated normal matrix (n³/6).
+MAX_RANK_ONE_CHANGES = 3
+# Voxels iterated together while many directions change sign (the voxel is the SIMD lane);
+# the fit pads the voxel count to a multiple of this.
+BLOCK = 16
+# Lockstep iterations of a block at most, before each voxel continues on its own.
+MAX_BLOCK_ROUNDS = 3
+
 
 @njit(cache=True, fastmath=True, inline="always")
-def _cholesky_solve(work: np.ndarray, chol: np.ndarray, rhs: np.ndarray, out: np.ndarray, n: int) -> bool:
-    """Solve work·x = rhs for symmetric positive-definite ``work`` (lower triangle used)."""
+def _cholesky(work, chol, n) -> bool:
+    """Lower Cholesky factor of the symmetric positive-definite ``work`` (lower triangle used).
+
+    Crout order, four rows of a column at a time so that each load of row j serves four
+    dot products.
+    """
     for j in range(n):
         s = work[j, j]
         for k in range(j):
@@ -28,74 +41,336 @@ def _cholesky_solve(work: np.ndarray, chol: np.ndarray, rhs: np.ndarray, out: np
             return False
         d = np.sqrt(s)
         chol[j, j] = d
-        for i in range(j + 1, n):
+        inv = 1.0 / d
+        i = j + 1
+        while i + 3 < n:
+            t0 = work[i, j]
+            t1 = work[i + 1, j]
+            t2 = work[i + 2, j]
+            t3 = work[i + 3, j]
+            for k in range(j):
+                cjk = chol[j, k]
+                t0 -= chol[i, k] * cjk
+                t1 -= chol[i + 1, k] * cjk
+                t2 -= chol[i + 2, k] * cjk
+                t3 -= chol[i + 3, k] * cjk
+            chol[i, j] = t0 * inv
+            chol[i + 1, j] = t1 * inv
+            chol[i + 2, j] = t2 * inv
+            chol[i + 3, j] = t3 * inv
+            i += 4
+        while i < n:
             t = work[i, j]
             for k in range(j):
                 t -= chol[i, k] * chol[j, k]
-            chol[i, j] = t / d
+            chol[i, j] = t * inv
+            i += 1
+    return True
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _cholesky_lane(packed, lane, chol, n) -> bool:
+    """As :func:`_cholesky`, reading the matrix from column ``lane`` of ``packed`` (lower triangle, row-major).
+    """
+    for j in range(n):
+        s = packed[j * (j + 1) // 2 + j, lane]
+        for k in range(j):
+            s -= chol[j, k] * chol[j, k]
+        if s <= 0.0:
+            return False
+        d = np.sqrt(s)
+        chol[j, j] = d
+        inv = 1.0 / d
+        i = j + 1
+        while i + 3 < n:
+            t0 = packed[i * (i + 1) // 2 + j, lane]
+            t1 = packed[(i + 1) * (i + 2) // 2 + j, lane]
+            t2 = packed[(i + 2) * (i + 3) // 2 + j, lane]
+            t3 = packed[(i + 3) * (i + 4) // 2 + j, lane]
+            for k in range(j):
+                cjk = chol[j, k]
+                t0 -= chol[i, k] * cjk
+                t1 -= chol[i + 1, k] * cjk
+                t2 -= chol[i + 2, k] * cjk
+                t3 -= chol[i + 3, k] * cjk
+            chol[i, j] = t0 * inv
+            chol[i + 1, j] = t1 * inv
+            chol[i + 2, j] = t2 * inv
+            chol[i + 3, j] = t3 * inv
+            i += 4
+        while i < n:
+            t = packed[i * (i + 1) // 2 + j, lane]
+            for k in range(j):
+                t -= chol[i, k] * chol[j, k]
+            chol[i, j] = t * inv
+            i += 1
+    return True
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _rank_one(chol, x, sign, n) -> bool:
+    """Turn L into the factor of L·Lᵀ + sign·x·xᵀ in place (x is overwritten); False if not PD."""
+    for k in range(n):
+        lkk = chol[k, k]
+        r2 = lkk * lkk + sign * x[k] * x[k]
+        if r2 <= 1e-12 * lkk * lkk:
+            return False
+        r = np.sqrt(r2)
+        c = r / lkk
+        s = x[k] / lkk
+        inv_c = 1.0 / c
+        chol[k, k] = r
+        for i in range(k + 1, n):
+            lik = (chol[i, k] + sign * s * x[i]) * inv_c
+            x[i] = c * x[i] - s * lik
+            chol[i, k] = lik
+    return True
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _triangular_solve(chol, rhs, out, n) -> None:
+    """out = (L·Lᵀ)⁻¹ rhs."""
     for i in range(n):  # forward: L y = rhs
         t = rhs[i]
         for k in range(i):
             t -= chol[i, k] * out[k]
         out[i] = t / chol[i, i]
-    for i in range(n - 1, -1, -1):  # backward: Lᵀ x = y
-        t = out[i]
-        for k in range(i + 1, n):
-            t -= chol[k, i] * out[k]
-        out[i] = t / chol[i, i]
+    for i in range(n - 1, -1, -1):  # backward: Lᵀ x = y, by rows of L (contiguous)
+        xi = out[i] / chol[i, i]
+        out[i] = xi
+        for k in range(i):
+            out[k] -= chol[i, k] * xi
+
+
+@njit(cache=True, fastmath=True)
+def _block_round(mom_lane, negative_lane, rhs, threshold_lane, constraints, direction_moments, gaunt_indptr,
+                 gaunt_indices, gaunt_data, normal_lower, mom_t, packed, chols, f, f_lane, amplitude, n):
+    """One iteration for a block of voxels (lane b = voxel b of the block).
+
+    Assembles the normal matrices of the current negative sets from their SH moments with
+    the voxel as the SIMD lane (``packed``: lower triangle row-major × lane), factors and
+    solves each (``chols``: lane × n × n; ``f_lane``: n × lane), evaluates the
+    constraint amplitudes of the whole block by one matrix product and updates the negative
+    sets and their moments in place. Returns the number of sign changes per lane and a flag
+    per lane whose matrix was not positive definite.
+    """
+    n_high, lanes = mom_t.shape
+    n_c = constraints.shape[0]
+    for q in range(n_high):
+        for b in range(lanes):
+            mom_t[q, b] = mom_lane[b, q]
+    for p in range(normal_lower.shape[0]):
+        base = normal_lower[p]
+        for b in range(lanes):
+            packed[p, b] = base
+        for r in range(gaunt_indptr[p], gaunt_indptr[p + 1]):
+            g = gaunt_data[r]
+            q = gaunt_indices[r]
+            for b in range(lanes):
+                packed[p, b] += g * mom_t[q, b]
+    singular = np.zeros(lanes, dtype=np.bool_)
+    for b in range(lanes):
+        if not _cholesky_lane(packed, b, chols[b], n):
+            singular[b] = True
+            for i in range(n):
+                f_lane[i, b] = 0.0
+            continue
+        _triangular_solve(chols[b], rhs[b], f, n)
+        for i in range(n):
+            f_lane[i, b] = f[i]
+    np.dot(constraints, f_lane, amplitude)  # (n_c, n) · (n, lanes): BLAS
+    changed = np.zeros(lanes, dtype=np.int64)
+    for b in range(lanes):
+        for c in range(n_c):
+            now = amplitude[c, b] < threshold_lane[b]
+            if now != negative_lane[b, c]:
+                negative_lane[b, c] = now
+                changed[b] += 1
+                sign = 1.0 if now else -1.0
+                for q in range(n_high):
+                    mom_lane[b, q] += sign * direction_moments[c, q]
+    return changed, singular
+
+
+@njit(cache=True, fastmath=True)
+def _finish_voxel(work, chol, f, x, amplitude, changes, n_changed, neg, rhs, threshold, constraints, constraints_t,
+                  solves, niter, n):
+    """Continue one voxel from its last solve (whose sign changes are ``changes[:n_changed]``,
+    already recorded in ``neg`` but not yet in ``work``/``chol``) to its fixed point.
+
+    Returns (status, number of solves); ``f`` holds the last solution.
+    """
+    n_c = constraints.shape[0]
+    while True:
+        for t in range(n_changed):  # the normal matrix follows every change
+            c = changes[t]
+            sign = 1.0 if neg[c] else -1.0
+            for i in range(n):
+                hi = sign * constraints[c, i]
+                for j in range(i + 1):
+                    work[i, j] += hi * constraints[c, j]
+        factor_stale = n_changed > MAX_RANK_ONE_CHANGES
+        if not factor_stale:
+            # rank-one updates of the factor, additions first so that it stays positive definite
+            for order in range(2):
+                for t in range(n_changed):
+                    c = changes[t]
+                    if neg[c] != (order == 0):
+                        continue
+                    for k in range(n):
+                        x[k] = constraints[c, k]
+                    if not _rank_one(chol, x, 1.0 if order == 0 else -1.0, n):
+                        factor_stale = True
+                        break
+                if factor_stale:
+                    break
+        if solves >= niter:
+            return 2, solves
+        if factor_stale and not _cholesky(work, chol, n):
+            return 3, solves
+        _triangular_solve(chol, rhs, f, n)
+        solves += 1
+        for c in range(n_c):
+            amplitude[c] = 0.0
+        for k in range(n):
+            fk = f[k]
+            for c in range(n_c):
+                amplitude[c] += constraints_t[k, c] * fk
+        n_changed = 0
+        for c in range(n_c):
+            now = amplitude[c] < threshold
+            if now != neg[c]:
+                changes[n_changed] = c
+                n_changed += 1
+                neg[c] = now
+        if n_changed == 0:
+            return 0, solves
+
+
+@njit(cache=True, inline="always")
+def _finite_row(bits, v, columns) -> bool:
+    """Whether row ``v`` of a float64 array, given as its uint64 bit patterns, is finite at
+    ``columns`` (exponent not all ones). Integer tests, because fastmath, which numba passes
+    on to callees, lets the compiler assume that floats are finite."""
+    for d in range(columns.shape[0]):
+        if (bits[v, columns[d]] >> np.uint64(52)) & np.uint64(0x7FF) == np.uint64(0x7FF):
+            return False
     return True
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def solve_csd(packed_work, negative, rhs, constraints, threshold, niter, n):
-    """Iterate every voxel to the fixed point of its negative set.
+def solve_csd(rows, columns, forward, start_t, start_constraints_t, threshold_row, threshold_const, start_fraction, constraints,
+              direction_moments, gaunt_indptr, gaunt_indices, gaunt_data, normal_lower, niter):
+    """Deconvolve every voxel: start, then iterate to the fixed point of its negative set.
 
-    packed_work : (v, n(n+1)/2) normal matrices (lower triangle, row-major) for the
-        negative sets in ``negative`` (v, n_c); rhs : (v, n) Mᵀs; constraints : (n_c, n);
-        threshold : (v,) amplitude below which a constraint direction counts as negative.
-    Returns the FOD coefficients (v, n), a status (0 ok, 2 not converged, 3 singular) and
-    the number of solves per voxel.
+    rows : (v, n_volumes) signals; columns : (n_dirs,) the deconvolved volumes (a voxel with a
+    non-finite value there gets status 1 and zeros); forward : (n_dirs, n) M; start_t : (n_dirs, n_start) signal → the low-order start's
+    coefficients; start_constraints_t : (n_start, n_c) their amplitudes at the constraint
+    directions; threshold_row, threshold_const : per-voxel threshold = const + row·s (amplitude
+    below which a direction counts as negative); start_fraction : the start's negative set
+    also takes amplitudes below this fraction of their maximum (< 0: not);
+    constraints : (n_c, n) rows h; direction_moments : (n_c, n_high) each direction's SH
+    moments (degree ≤ 2·lmax); gaunt_* : CSR (n_pairs, n_high) from moments to the packed
+    lower triangle (row-major) of Σ_negative h hᵀ (about 5% of the Gaunt coefficients are
+    non-zero); normal_lower : (n_pairs,) packed MᵀM + νI; niter ≥ 1.
+
+    The first iterations, where tens of directions change sign, run for ``BLOCK`` voxels in
+    lockstep (start, moments and amplitudes as matrix products, assembly from moments
+    vectorised across the block); each voxel then continues alone with rank-one updates of
+    its factor. Returns the FOD coefficients (v, n), a status (0 ok, 1 non-finite signal,
+    2 not converged, 3 singular) and the number of solves per voxel.
     """
-    nvox = rhs.shape[0]
+    nvox = rows.shape[0]
+    n_dirs = columns.shape[0]
+    n = forward.shape[1]
     n_c = constraints.shape[0]
+    n_high = direction_moments.shape[1]
+    n_pairs = normal_lower.shape[0]
+    constraints_t = np.ascontiguousarray(constraints.T)
     sh = np.zeros((nvox, n))
     status = np.zeros(nvox, dtype=np.uint8)
     iterations = np.zeros(nvox, dtype=np.int32)
-    for v in prange(nvox):
-        work = np.empty((n, n))
-        chol = np.empty((n, n))
-        f = np.empty(n)
-        neg = negative[v].copy()
-        p = 0
-        for i in range(n):
-            for j in range(i + 1):
-                work[i, j] = packed_work[v, p]
-                p += 1
-        converged = False
-        for it in range(niter):
-            if not _cholesky_solve(work, chol, rhs[v], f, n):
-                status[v] = 3
-                break
-            iterations[v] = it + 1
-            changed = False
+    for blk in prange((nvox + BLOCK - 1) // BLOCK):
+        v0 = blk * BLOCK
+        block_signal = np.zeros((BLOCK, n_dirs))  # lanes past the last voxel stay zero (and idle)
+        finite = np.zeros(BLOCK, dtype=np.bool_)
+        for b in range(min(BLOCK, nvox - v0)):
+            finite[b] = _finite_row(rows.view(np.uint64), v0 + b, columns)
+            if finite[b]:
+                for d in range(n_dirs):
+                    block_signal[b, d] = rows[v0 + b, columns[d]]
+        rhs = np.dot(block_signal, forward)  # Mᵀs
+        start_amplitude = np.dot(np.dot(block_signal, start_t), start_constraints_t)
+        threshold_lane = threshold_const + np.dot(block_signal, threshold_row)
+        neg_lane = np.empty((BLOCK, n_c), dtype=np.bool_)
+        neg_float = np.empty((BLOCK, n_c))
+        for b in range(BLOCK):
+            cut = threshold_lane[b]
+            if start_fraction >= 0:
+                cut = max(cut, start_fraction * start_amplitude[b].max())
             for c in range(n_c):
-                a = 0.0
-                for k in range(n):
-                    a += constraints[c, k] * f[k]
-                now = a < threshold[v]
-                if now != neg[c]:
-                    changed = True
-                    sign = 1.0 if now else -1.0
+                neg_lane[b, c] = start_amplitude[b, c] < cut
+                neg_float[b, c] = 1.0 if neg_lane[b, c] else 0.0
+        mom_lane = np.dot(neg_float, direction_moments)  # SH moments of the negative sets
+        previous = np.empty_like(neg_lane)
+        mom_t = np.empty((n_high, BLOCK))
+        packed = np.empty((n_pairs, BLOCK))
+        chols = np.empty((BLOCK, n, n))
+        f = np.empty(n)
+        f_lane = np.empty((n, BLOCK))
+        amplitude_lane = np.empty((n_c, BLOCK))
+        active = finite.copy()
+        for b in range(min(BLOCK, nvox - v0)):
+            if not finite[b]:
+                status[v0 + b] = 1
+        changed = np.zeros(BLOCK, dtype=np.int64)
+        rounds = 0
+        while True:
+            previous[:] = neg_lane
+            changed, singular = _block_round(mom_lane, neg_lane, rhs, threshold_lane, constraints,
+                                             direction_moments, gaunt_indptr, gaunt_indices, gaunt_data, normal_lower,
+                                             mom_t, packed, chols, f, f_lane, amplitude_lane, n)
+            rounds += 1
+            most = 0
+            for b in range(BLOCK):
+                if not active[b]:
+                    continue
+                v = v0 + b
+                iterations[v] = rounds
+                if singular[b] or changed[b] == 0:
+                    status[v] = 3 if singular[b] else 0
+                    active[b] = False
                     for i in range(n):
-                        hi = sign * constraints[c, i]
-                        for j in range(i + 1):
-                            work[i, j] += hi * constraints[c, j]
-                    neg[c] = now
-            if not changed:
-                converged = True
+                        sh[v, i] = f_lane[i, b]
+                else:
+                    most = max(most, changed[b])
+            if most == 0 or most <= MAX_RANK_ONE_CHANGES or rounds >= MAX_BLOCK_ROUNDS or rounds >= niter:
                 break
-        if status[v] == 0 and not converged:
-            status[v] = 2
-        for i in range(n):
-            sh[v, i] = f[i]
+        work = np.empty((n, n))
+        x = np.empty(n)
+        amplitude = np.empty(n_c)
+        changes = np.empty(n_c, dtype=np.int64)
+        for b in range(BLOCK):
+            if not active[b]:
+                continue
+            v = v0 + b
+            p = 0
+            for i in range(n):
+                for j in range(i + 1):
+                    work[i, j] = packed[p, b]
+                    p += 1
+            for i in range(n):
+                f[i] = f_lane[i, b]
+            n_changed = 0
+            for c in range(n_c):
+                if neg_lane[b, c] != previous[b, c]:
+                    changes[n_changed] = c
+                    n_changed += 1
+            neg = neg_lane[b].copy()
+            st, solves = _finish_voxel(work, chols[b], f, x, amplitude, changes, n_changed, neg, rhs[b], threshold_lane[b],
+                                       constraints, constraints_t, rounds, niter, n)
+            status[v] = st
+            iterations[v] = solves
+            for i in range(n):
+                sh[v, i] = f[i]
     return sh, status, iterations

@@ -115,40 +115,27 @@ def find_peaks_batch(
     frequency: int = 32,
 ) -> np.ndarray:
     """Peaks of (v, n_coeffs) FODs (MRtrix3 basis); returns (v, npeaks, 3), NaN-padded."""
+    from dwiflow.core._peaks_kernel import hill_climb, largest_local_maxima  # compiled lazily (numba)
+
     lmax = lmax_from_n_coefficients(sh.shape[1])
     coarse_f, fine_f = frequency // 2, frequency
     coarse = _grid(coarse_f)
-    # amplitudes as (vertices, voxels): neighbour gathers then copy contiguous rows
-    amps_t = _grid_basis(coarse_f, lmax).astype(np.float32) @ np.asarray(sh, dtype=np.float32).T  # (h, v)
-    # local maxima on the coarse grid (cost independent of the thresholds)
-    floor = np.maximum(abs_threshold, rel_threshold * amps_t.max(axis=0, keepdims=True))
-    is_max_t = amps_t > floor
-    for c in range(coarse.neighbours.shape[1]):
-        is_max_t &= amps_t >= amps_t[coarse.neighbours[:, c]]
-    vert, vox = np.nonzero(is_max_t)
-    amps_at = amps_t[vert, vox]
-    # only the largest few maxima of each voxel can become peaks: climb those
-    order = np.lexsort((-amps_at, vox))
-    vox, vert = vox[order], vert[order]
-    rank = np.arange(vox.size) - np.searchsorted(vox, vox)
-    keep = rank < 2 * npeaks + 2
-    vox, vert = vox[keep], vert[keep]
+    amps = np.asarray(sh, dtype=np.float32) @ _grid_basis(coarse_f, lmax).astype(np.float32).T  # (v, h)
+    # local maxima on the coarse grid above the thresholds; only the largest few of each voxel
+    # can become peaks: climb those
+    per_voxel = 2 * npeaks + 2
+    cand_vert, _ = largest_local_maxima(amps, coarse.neighbours, coarse.vertices.shape[0], float(abs_threshold),
+                                        float(rel_threshold), True, per_voxel)
+    vox, rank = np.nonzero(cand_vert >= 0)
+    vert = cand_vert[vox, rank]
     out = np.full((sh.shape[0], npeaks, 3), np.nan)
     if vox.size == 0:
         return out
     # hill-climb on the fine grid with exact amplitudes, then a quadratic fit around the summit
     fine = _grid(fine_f)
     fine_basis = _grid_basis(fine_f, lmax)
-    node = _coarse_to_fine(coarse_f, fine_f)[vert]
-    coeffs = sh[vox]
-    for _ in range(6):
-        ring = np.concatenate([node[:, None], fine.neighbours[node]], axis=1)  # (c, 7)
-        values = np.einsum("cj,ckj->ck", coeffs, fine_basis[ring])
-        best = np.argmax(values, axis=1)
-        moved = best > 0
-        if not moved.any():
-            break
-        node = np.where(moved, ring[np.arange(node.size), best], node)
+    node, values = hill_climb(np.ascontiguousarray(sh[vox], dtype=np.float64),
+                              _coarse_to_fine(coarse_f, fine_f)[vert], fine_basis, fine.neighbours, 6)
     coef = np.einsum("cij,cj->ci", fine.refine[node], values)
     c0, gx, gy, hxx, hxy, hyy = coef.T
     det = 4 * hxx * hyy - hxy**2
@@ -176,15 +163,16 @@ def find_peaks_batch(
     cand_dirs[vox[keep], rank[keep]] = dirs[keep]
     cand_amp[vox[keep], rank[keep]] = peak_amp[keep]
     top = cand_amp[:, :1]
-    cos_sep = np.cos(np.radians(min_separation_deg))
+    # two maxima that climbed to the same summit are one peak, whatever the minimum separation
+    cos_sep = min(np.cos(np.radians(min_separation_deg)), np.cos(np.radians(1.0)))
     n_kept = np.zeros(sh.shape[0], dtype=int)
     rows = np.arange(sh.shape[0])
     for c in range(n_cand):
         d, a = cand_dirs[:, c], cand_amp[:, c]
         accept = np.isfinite(a) & (a > abs_threshold) & (a >= rel_threshold * top[:, 0]) & (n_kept < npeaks)
         for k in range(npeaks):
-            kept = out[:, k]
-            close = np.abs(np.einsum("vi,vi->v", np.nan_to_num(kept), np.nan_to_num(d))) > cos_sep
+            kept = np.nan_to_num(out[:, k])  # amplitude-scaled: compare directions, not vectors
+            close = np.abs(np.einsum("vi,vi->v", kept, np.nan_to_num(d))) > cos_sep * np.linalg.norm(kept, axis=1)
             accept &= ~(close & (k < n_kept))
         out[rows[accept], n_kept[accept]] = d[accept] * a[accept, None]
         n_kept += accept
@@ -218,19 +206,15 @@ def vertex_peaks(
     ``rel_threshold`` of the largest and ``min_separation_deg`` away from those kept.
     Returns (v, npeaks, 3) amplitude-scaled vectors, NaN-padded.
     """
+    from dwiflow.core._peaks_kernel import largest_local_maxima  # compiled lazily (numba)
+
     sphere = get_sphere(sphere_name)
     v = sphere.vertices
     amps = np.asarray(sh, dtype=float) @ real_sh_basis(lmax_from_n_coefficients(sh.shape[1]), v).T
     half = v.shape[0] // 2
-    table = _neighbour_table(sphere_name)[:half]  # only the first hemisphere is reported
-    centre = amps[:, :half]
-    is_max = np.ones(centre.shape, dtype=bool)
-    for c in range(table.shape[1]):
-        is_max &= centre >= amps[:, table[:, c]]
-    is_max = np.concatenate([is_max, np.zeros((amps.shape[0], v.shape[0] - half), dtype=bool)], axis=1)
-    order = np.argsort(-np.where(is_max, amps, -np.inf), axis=1)[:, : 4 * npeaks + 4]
-    cand_amp = np.take_along_axis(np.where(is_max, amps, -np.inf), order, axis=1)
-    cand_dir = v[order]
+    table = np.ascontiguousarray(_neighbour_table(sphere_name)[:half])  # only the first hemisphere is reported
+    order, cand_amp = largest_local_maxima(np.ascontiguousarray(amps), table, half, 0.0, 0.0, False, 4 * npeaks + 4)
+    cand_dir = v[np.maximum(order, 0)]  # padding (amplitude -inf) is never accepted
     out = np.full((sh.shape[0], npeaks, 3), np.nan)
     n_kept = np.zeros(sh.shape[0], dtype=int)
     rows = np.arange(sh.shape[0])
