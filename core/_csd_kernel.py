@@ -22,8 +22,11 @@ MAX_RANK_ONE_CHANGES = 3
 # Voxels iterated together while many directions change sign (the voxel is the SIMD lane);
 # the fit pads the voxel count to a multiple of this.
 BLOCK = 16
-# Lockstep iterations of a block at most, before each voxel continues on its own.
-MAX_BLOCK_ROUNDS = 3
+# A block keeps iterating in lockstep while at least this many of its voxels changed more than
+# MAX_RANK_ONE_CHANGES signs (a lockstep round costs every lane as much as a refactorisation),
+# for at most MAX_BLOCK_ROUNDS rounds; then each voxel continues on its own.
+MIN_BUSY_LANES = 12
+MAX_BLOCK_ROUNDS = 8
 
 
 @njit(cache=True, fastmath=True, inline="always")
@@ -331,7 +334,7 @@ def solve_csd(rows, columns, forward, start_t, start_constraints_t, threshold_ro
                                              direction_moments, gaunt_indptr, gaunt_indices, gaunt_data, normal_lower,
                                              mom_t, packed, chols, f, f_lane, amplitude_lane, n)
             rounds += 1
-            most = 0
+            busy = 0
             for b in range(BLOCK):
                 if not active[b]:
                     continue
@@ -342,9 +345,9 @@ def solve_csd(rows, columns, forward, start_t, start_constraints_t, threshold_ro
                     active[b] = False
                     for i in range(n):
                         sh[v, i] = f_lane[i, b]
-                else:
-                    most = max(most, changed[b])
-            if most == 0 or most <= MAX_RANK_ONE_CHANGES or rounds >= MAX_BLOCK_ROUNDS or rounds >= niter:
+                elif changed[b] > MAX_RANK_ONE_CHANGES:
+                    busy += 1
+            if busy < MIN_BUSY_LANES or rounds >= MAX_BLOCK_ROUNDS or rounds >= niter:
                 break
         work = np.empty((n, n))
         x = np.empty(n)

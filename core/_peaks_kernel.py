@@ -91,3 +91,42 @@ def hill_climb(coefficients, start, basis, neighbours, max_steps):
             current = neighbours[current, best - 1]
         node[i] = current
     return node, values
+
+
+@njit(cache=True, parallel=True)
+def select_peaks(directions, amplitudes, npeaks, rel_threshold, abs_threshold, cos_separation):
+    """Keep candidates in the given (decreasing-amplitude) order as MRtrix3/DIPY do.
+
+    directions : (v, k, 3) unit vectors; amplitudes : (v, k), −inf where there is no candidate.
+    A candidate is kept when its amplitude exceeds ``abs_threshold``, is at least
+    ``rel_threshold`` times the voxel's first candidate, fewer than ``npeaks`` are kept and
+    it is not within the separation (|cos| > ``cos_separation``) of one kept before.
+    Returns (v, npeaks, 3) amplitude-scaled vectors, NaN where fewer.
+    """
+    n_vox, n_cand = amplitudes.shape
+    out = np.full((n_vox, npeaks, 3), np.nan)
+    for v in prange(n_vox):
+        top = amplitudes[v, 0]
+        kept = 0
+        for c in range(n_cand):
+            if kept == npeaks:
+                break
+            a = amplitudes[v, c]
+            if not np.isfinite(a) or not a > abs_threshold or not a >= rel_threshold * top:
+                continue
+            d0, d1, d2 = directions[v, c, 0], directions[v, c, 1], directions[v, c, 2]
+            close = False
+            for k in range(kept):
+                # kept vectors are amplitude-scaled: compare directions
+                dot = out[v, k, 0] * d0 + out[v, k, 1] * d1 + out[v, k, 2] * d2
+                norm = np.sqrt(out[v, k, 0] ** 2 + out[v, k, 1] ** 2 + out[v, k, 2] ** 2)
+                if abs(dot) > cos_separation * norm:
+                    close = True
+                    break
+            if close:
+                continue
+            out[v, kept, 0] = d0 * a
+            out[v, kept, 1] = d1 * a
+            out[v, kept, 2] = d2 * a
+            kept += 1
+    return out

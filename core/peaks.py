@@ -115,7 +115,7 @@ def find_peaks_batch(
     frequency: int = 32,
 ) -> np.ndarray:
     """Peaks of (v, n_coeffs) FODs (MRtrix3 basis); returns (v, npeaks, 3), NaN-padded."""
-    from dwiflow.core._peaks_kernel import hill_climb, largest_local_maxima  # compiled lazily (numba)
+    from dwiflow.core._peaks_kernel import hill_climb, largest_local_maxima, select_peaks  # compiled lazily (numba)
 
     lmax = lmax_from_n_coefficients(sh.shape[1])
     coarse_f, fine_f = frequency // 2, frequency
@@ -158,25 +158,13 @@ def find_peaks_batch(
     rank = np.arange(vox.size) - starts[vox]
     n_cand = min(int(rank.max()) + 1, 4 * npeaks + 8)
     keep = rank < n_cand
-    cand_dirs = np.full((sh.shape[0], n_cand, 3), np.nan)
+    cand_dirs = np.zeros((sh.shape[0], n_cand, 3))
     cand_amp = np.full((sh.shape[0], n_cand), -np.inf)
     cand_dirs[vox[keep], rank[keep]] = dirs[keep]
     cand_amp[vox[keep], rank[keep]] = peak_amp[keep]
-    top = cand_amp[:, :1]
     # two maxima that climbed to the same summit are one peak, whatever the minimum separation
     cos_sep = min(np.cos(np.radians(min_separation_deg)), np.cos(np.radians(1.0)))
-    n_kept = np.zeros(sh.shape[0], dtype=int)
-    rows = np.arange(sh.shape[0])
-    for c in range(n_cand):
-        d, a = cand_dirs[:, c], cand_amp[:, c]
-        accept = np.isfinite(a) & (a > abs_threshold) & (a >= rel_threshold * top[:, 0]) & (n_kept < npeaks)
-        for k in range(npeaks):
-            kept = np.nan_to_num(out[:, k])  # amplitude-scaled: compare directions, not vectors
-            close = np.abs(np.einsum("vi,vi->v", kept, np.nan_to_num(d))) > cos_sep * np.linalg.norm(kept, axis=1)
-            accept &= ~(close & (k < n_kept))
-        out[rows[accept], n_kept[accept]] = d[accept] * a[accept, None]
-        n_kept += accept
-    return out
+    return select_peaks(cand_dirs, cand_amp, npeaks, float(rel_threshold), float(abs_threshold), float(cos_sep))
 
 
 @lru_cache(maxsize=8)
@@ -206,7 +194,7 @@ def vertex_peaks(
     ``rel_threshold`` of the largest and ``min_separation_deg`` away from those kept.
     Returns (v, npeaks, 3) amplitude-scaled vectors, NaN-padded.
     """
-    from dwiflow.core._peaks_kernel import largest_local_maxima  # compiled lazily (numba)
+    from dwiflow.core._peaks_kernel import largest_local_maxima, select_peaks  # compiled lazily (numba)
 
     sphere = get_sphere(sphere_name)
     v = sphere.vertices
@@ -214,20 +202,9 @@ def vertex_peaks(
     half = v.shape[0] // 2
     table = np.ascontiguousarray(_neighbour_table(sphere_name)[:half])  # only the first hemisphere is reported
     order, cand_amp = largest_local_maxima(np.ascontiguousarray(amps), table, half, 0.0, 0.0, False, 4 * npeaks + 4)
-    cand_dir = v[np.maximum(order, 0)]  # padding (amplitude -inf) is never accepted
-    out = np.full((sh.shape[0], npeaks, 3), np.nan)
-    n_kept = np.zeros(sh.shape[0], dtype=int)
-    rows = np.arange(sh.shape[0])
+    cand_dir = np.ascontiguousarray(v[np.maximum(order, 0)])  # padding (amplitude -inf) is never accepted
     cos_sep = np.cos(np.radians(min_separation_deg))
-    for c in range(order.shape[1]):
-        d, amp = cand_dir[:, c], cand_amp[:, c]
-        accept = np.isfinite(amp) & (amp >= rel_threshold * cand_amp[:, 0]) & (n_kept < npeaks)
-        for k in range(npeaks):
-            close = np.abs(np.einsum("vi,vi->v", np.nan_to_num(out[:, k]), d)) > cos_sep * np.linalg.norm(np.nan_to_num(out[:, k]), axis=1)
-            accept &= ~(close & (k < n_kept))
-        out[rows[accept], n_kept[accept]] = d[accept] * amp[accept, None]
-        n_kept += accept
-    return out
+    return select_peaks(cand_dir, cand_amp, npeaks, float(rel_threshold), -np.inf, float(cos_sep))
 
 
 def find_peaks_rows(sh: np.ndarray, chunk_size: int = 4000, **options) -> np.ndarray:
