@@ -196,8 +196,7 @@ def _block_round(mom_lane, negative_lane, rhs, threshold_lane, constraints, dire
 
 
 @njit(cache=True, fastmath=True)
-def _finish_voxel(work, chol, f, x, amplitude, changes, n_changed, neg, rhs, threshold, constraints, constraints_t,
-                  solves, niter, n):
+def _finish_voxel(work, chol, f, x, amplitude, changes, n_changed, neg, rhs, threshold, constraints, solves, niter, n):
     """Continue one voxel from its last solve (whose sign changes are ``changes[:n_changed]``,
     already recorded in ``neg`` but not yet in ``work``/``chol``) to its fixed point.
 
@@ -233,12 +232,7 @@ def _finish_voxel(work, chol, f, x, amplitude, changes, n_changed, neg, rhs, thr
             return 3, solves
         _triangular_solve(chol, rhs, f, n)
         solves += 1
-        for c in range(n_c):
-            amplitude[c] = 0.0
-        for k in range(n):
-            fk = f[k]
-            for c in range(n_c):
-                amplitude[c] += constraints_t[k, c] * fk
+        np.dot(constraints, f, amplitude)  # BLAS gemv
         n_changed = 0
         for c in range(n_c):
             now = amplitude[c] < threshold
@@ -289,7 +283,6 @@ def solve_csd(rows, columns, forward, start_t, start_constraints_t, threshold_ro
     n_c = constraints.shape[0]
     n_high = direction_moments.shape[1]
     n_pairs = normal_lower.shape[0]
-    constraints_t = np.ascontiguousarray(constraints.T)
     sh = np.zeros((nvox, n))
     status = np.zeros(nvox, dtype=np.uint8)
     iterations = np.zeros(nvox, dtype=np.int32)
@@ -371,7 +364,7 @@ def solve_csd(rows, columns, forward, start_t, start_constraints_t, threshold_ro
                     n_changed += 1
             neg = neg_lane[b].copy()
             st, solves = _finish_voxel(work, chols[b], f, x, amplitude, changes, n_changed, neg, rhs[b], threshold_lane[b],
-                                       constraints, constraints_t, rounds, niter, n)
+                                       constraints, rounds, niter, n)
             status[v] = st
             iterations[v] = solves
             for i in range(n):
