@@ -30,50 +30,12 @@ MAX_BLOCK_ROUNDS = 8
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _cholesky(work, chol, n) -> bool:
-    """Lower Cholesky factor of the symmetric positive-definite ``work`` (lower triangle used).
+def _cholesky(packed, lane, chol, n) -> bool:
+    """Lower Cholesky factor of the symmetric positive-definite matrix in column ``lane`` of
+    ``packed`` (its lower triangle, row-major).
 
     Crout order, four rows of a column at a time so that each load of row j serves four
     dot products.
-    """
-    for j in range(n):
-        s = work[j, j]
-        for k in range(j):
-            s -= chol[j, k] * chol[j, k]
-        if s <= 0.0:
-            return False
-        d = np.sqrt(s)
-        chol[j, j] = d
-        inv = 1.0 / d
-        i = j + 1
-        while i + 3 < n:
-            t0 = work[i, j]
-            t1 = work[i + 1, j]
-            t2 = work[i + 2, j]
-            t3 = work[i + 3, j]
-            for k in range(j):
-                cjk = chol[j, k]
-                t0 -= chol[i, k] * cjk
-                t1 -= chol[i + 1, k] * cjk
-                t2 -= chol[i + 2, k] * cjk
-                t3 -= chol[i + 3, k] * cjk
-            chol[i, j] = t0 * inv
-            chol[i + 1, j] = t1 * inv
-            chol[i + 2, j] = t2 * inv
-            chol[i + 3, j] = t3 * inv
-            i += 4
-        while i < n:
-            t = work[i, j]
-            for k in range(j):
-                t -= chol[i, k] * chol[j, k]
-            chol[i, j] = t * inv
-            i += 1
-    return True
-
-
-@njit(cache=True, fastmath=True, inline="always")
-def _cholesky_lane(packed, lane, chol, n) -> bool:
-    """As :func:`_cholesky`, reading the matrix from column ``lane`` of ``packed`` (lower triangle, row-major).
     """
     for j in range(n):
         s = packed[j * (j + 1) // 2 + j, lane]
@@ -173,7 +135,7 @@ def _block_round(mom_lane, negative_lane, rhs, threshold_lane, constraints, dire
                 packed[p, b] += g * mom_t[q, b]
     singular = np.zeros(lanes, dtype=np.bool_)
     for b in range(lanes):
-        if not _cholesky_lane(packed, b, chols[b], n):
+        if not _cholesky(packed, b, chols[b], n):
             singular[b] = True
             for i in range(n):
                 f_lane[i, b] = 0.0
@@ -198,7 +160,8 @@ def _block_round(mom_lane, negative_lane, rhs, threshold_lane, constraints, dire
 @njit(cache=True, fastmath=True)
 def _finish_voxel(work, chol, f, x, amplitude, changes, n_changed, neg, rhs, threshold, constraints, solves, niter, n):
     """Continue one voxel from its last solve (whose sign changes are ``changes[:n_changed]``,
-    already recorded in ``neg`` but not yet in ``work``/``chol``) to its fixed point.
+    already recorded in ``neg`` but not yet in ``work`` (packed lower triangle, one lane) or
+    ``chol``) to its fixed point.
 
     Returns (status, number of solves); ``f`` holds the last solution.
     """
@@ -207,10 +170,12 @@ def _finish_voxel(work, chol, f, x, amplitude, changes, n_changed, neg, rhs, thr
         for t in range(n_changed):  # the normal matrix follows every change
             c = changes[t]
             sign = 1.0 if neg[c] else -1.0
+            p = 0
             for i in range(n):
                 hi = sign * constraints[c, i]
                 for j in range(i + 1):
-                    work[i, j] += hi * constraints[c, j]
+                    work[p, 0] += hi * constraints[c, j]
+                    p += 1
         factor_stale = n_changed > MAX_RANK_ONE_CHANGES
         if not factor_stale:
             # rank-one updates of the factor, additions first so that it stays positive definite
@@ -228,7 +193,7 @@ def _finish_voxel(work, chol, f, x, amplitude, changes, n_changed, neg, rhs, thr
                     break
         if solves >= niter:
             return 2, solves
-        if factor_stale and not _cholesky(work, chol, n):
+        if factor_stale and not _cholesky(work, 0, chol, n):
             return 3, solves
         _triangular_solve(chol, rhs, f, n)
         solves += 1
@@ -342,7 +307,7 @@ def solve_csd(rows, columns, forward, start_t, start_constraints_t, threshold_ro
                     busy += 1
             if busy < MIN_BUSY_LANES or rounds >= MAX_BLOCK_ROUNDS or rounds >= niter:
                 break
-        work = np.empty((n, n))
+        work = np.empty((n_pairs, 1))  # the voxel's normal matrix, packed like a lane
         x = np.empty(n)
         amplitude = np.empty(n_c)
         changes = np.empty(n_c, dtype=np.int64)
@@ -350,11 +315,8 @@ def solve_csd(rows, columns, forward, start_t, start_constraints_t, threshold_ro
             if not active[b]:
                 continue
             v = v0 + b
-            p = 0
-            for i in range(n):
-                for j in range(i + 1):
-                    work[i, j] = packed[p, b]
-                    p += 1
+            for p in range(n_pairs):
+                work[p, 0] = packed[p, b]
             for i in range(n):
                 f[i] = f_lane[i, b]
             n_changed = 0
