@@ -74,8 +74,9 @@ def test_phantom_accuracy(acceptance_phantom):
     assert np.mean(np.isfinite(v[..., 1, 0])[one]) <= 0.01  # spurious second peaks
     found = [np.degrees(np.arccos(np.clip(np.abs(np.einsum("...pi,...i->...p", np.nan_to_num(u), truth[..., k, :])).max(-1), 0, 1))) < 15
              for k in (0, 1)]
-    # MRtrix3's sh2peaks on the same FOD with the same relative threshold finds 79.0% (see the MRtrix3 test)
-    assert np.mean((found[0] & found[1])[two]) >= 0.78
+    # MRtrix3's sh2peaks on the same FOD with the same relative threshold finds 79.0% (see the MRtrix3 test); we find
+    # 79.0% too (78.6% while the separation test compared amplitude-scaled vectors instead of directions)
+    assert np.mean((found[0] & found[1])[two]) >= 0.785
 
 
 def test_agrees_with_dipy_csd(acceptance_phantom):
