@@ -114,8 +114,8 @@ def bench_csd_peaks(n_voxels: int, repeats: int, workdir: Path) -> list[dict]:
     import numba
     from dipy.core.gradients import gradient_table as dipy_gtab
     from dipy.core.sphere import Sphere as DipySphere
-    from threadpoolctl import threadpool_limits
     from dipy.reconst.csdeconv import ConstrainedSphericalDeconvModel
+    from threadpoolctl import threadpool_limits
 
     from dwiflow.core.csd import CsdModel
     from dwiflow.core.gradients import gradient_table

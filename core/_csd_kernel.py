@@ -6,21 +6,16 @@ compiled on first use and cached on disk.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
-from numba import config, njit, prange
+from numba import njit, prange
 
-# GNU OpenMP cannot survive a fork, and Pydra's cf worker forks: use numba's own thread pool
-# unless the user chose a threading layer.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    config.THREADING_LAYER = "workqueue"
+import dwiflow.core._numba_setup  # noqa: F401  (fork-safe threading layer)
 
 # Up to this many sign changes in one iteration are applied to the Cholesky factor as rank-one
 # updates/downdates (about n² operations each); more refactor the updated normal matrix (n³/6).
 MAX_RANK_ONE_CHANGES = 3
 # Voxels iterated together while many directions change sign (the voxel is the SIMD lane);
-# the fit pads the voxel count to a multiple of this.
+# the last block of a call may be partly empty.
 BLOCK = 16
 # A block keeps iterating in lockstep while at least this many of its voxels changed more than
 # MAX_RANK_ONE_CHANGES signs (a lockstep round costs every lane as much as a refactorisation),
@@ -284,7 +279,6 @@ def solve_csd(rows, columns, forward, start_t, start_constraints_t, threshold_ro
         for b in range(min(BLOCK, nvox - v0)):
             if not finite[b]:
                 status[v0 + b] = 1
-        changed = np.zeros(BLOCK, dtype=np.int64)
         rounds = 0
         while True:
             previous[:] = neg_lane

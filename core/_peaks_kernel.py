@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-import dwiflow.core._csd_kernel  # noqa: F401  (sets numba's fork-safe threading layer)
+import dwiflow.core._numba_setup  # noqa: F401  (fork-safe threading layer)
 
 
 @njit(cache=True, parallel=True)

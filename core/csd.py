@@ -214,6 +214,26 @@ class CsdModel:
         rows, cols = np.nonzero(nonzero)
         self._gaunt_indices = cols.astype(np.int64)
         self._gaunt_data = np.ascontiguousarray(scaled[rows, cols])
+        # the kernel's start: signal -> low-order coefficients -> amplitudes, and the per-voxel
+        # threshold const + row·signal
+        nsh = self._forward.shape[1]
+        if flavour == "dipy":
+            # DIPY: threshold τ·mean amplitude of the unconstrained fit; start from its lmax-4 part
+            unconstrained = np.linalg.solve(self._normal, self._forward.T)  # (n_sh, n_dirs)
+            start_t = unconstrained[: min(15, nsh)].T
+            self._threshold_row = self._constraints[0, 0] * self.tau * unconstrained[0]
+            self._threshold_const = 0.0
+            self._start_fraction = -1.0
+        else:
+            # Starting negative set: amplitudes of the low-order fit below a tenth of their
+            # maximum. The fixed point (the unique minimiser) does not depend on this guess;
+            # this one starts closer to it than MRtrix3's (< threshold) and saves iterations.
+            start_t = self._init.T
+            self._threshold_row = np.zeros(self._forward.shape[0])
+            self._threshold_const = float(self.threshold)
+            self._start_fraction = INIT_NEGATIVE_FRACTION
+        self._start_t = np.ascontiguousarray(start_t)
+        self._start_constraints_t = np.ascontiguousarray(self._constraints[:, : start_t.shape[1]].T)
 
     @staticmethod
     def _max_supported_lmax(n_dirs: int) -> int:
@@ -243,22 +263,6 @@ class CsdModel:
         iterations = np.zeros(nvox, dtype=np.int32)
         lower = np.tril_indices(nsh)
         normal_lower = self._normal[lower]
-        if self.flavour == "dipy":
-            # DIPY: threshold τ·mean amplitude of the unconstrained fit; start from its lmax-4 part
-            unconstrained = np.linalg.solve(self._normal, self._forward.T)  # (n_sh, n_dirs)
-            start_t = unconstrained[: min(15, nsh)].T
-            threshold_row = self._constraints[0, 0] * self.tau * unconstrained[0]
-            start_fraction = -1.0
-        else:
-            # Starting negative set: amplitudes of the low-order fit below a tenth of their
-            # maximum. The fixed point (the unique minimiser) does not depend on this guess;
-            # this one starts closer to it than MRtrix3's (< threshold) and saves iterations.
-            start_t = self._init.T
-            threshold_row = np.zeros(self._forward.shape[0])
-            start_fraction = INIT_NEGATIVE_FRACTION
-        start_t = np.ascontiguousarray(start_t)
-        start_constraints_t = np.ascontiguousarray(self._constraints[:, : start_t.shape[1]].T)
-        threshold_const = 0.0 if self.flavour == "dipy" else float(self.threshold)
         columns = np.asarray(self.shell.indices, dtype=np.int64)
         for sl in iter_chunks(nvox, self.chunk_size):
             if self.niter == 0:
@@ -269,9 +273,10 @@ class CsdModel:
                 status[sl] = np.where(finite, 0, 1)
                 continue
             out, st, it = solve_csd(
-                np.ascontiguousarray(batch.signal(sl)), columns, self._forward, start_t, start_constraints_t,
-                threshold_row, threshold_const, start_fraction, self._constraints, self._mask_moments,
-                self._gaunt_indptr, self._gaunt_indices, self._gaunt_data, normal_lower, self.niter,
+                np.ascontiguousarray(batch.signal(sl)), columns, self._forward, self._start_t,
+                self._start_constraints_t, self._threshold_row, self._threshold_const, self._start_fraction,
+                self._constraints, self._mask_moments, self._gaunt_indptr, self._gaunt_indices, self._gaunt_data,
+                normal_lower, self.niter,
             )
             out[st != 0] = np.nan
             sh[sl], status[sl], iterations[sl] = out, st, it
