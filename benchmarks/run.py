@@ -413,7 +413,7 @@ def bench_smt(n_voxels: int, dipy_seconds: float) -> list[dict]:
     with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = SmtModel(g)
-        t_ours, fit = _best_of(lambda: model.fit(data), 1)
+        t_ours, fit = _best_of(lambda: model.fit(data), 3)  # ours best of 3 (the first call pays page faults)
         smt = MultiCompartmentSphericalMeanModel(models=[gaussian_models.G2Zeppelin()])
         smt.set_fractional_parameter("G2Zeppelin_1_lambda_perp", "G2Zeppelin_1_lambda_par")
         n_dipy = max(50, int(dipy_seconds * 150))
@@ -425,7 +425,7 @@ def bench_smt(n_voxels: int, dipy_seconds: float) -> list[dict]:
                      "accuracy": f"lambda_par within 1% in {within:.1%}; {data.shape[0] / t_ours:.0f} vs "
                                  f"{n_dipy / t_dipy:.0f} vox/s"})
         v1 = TensorModel(g).fit(data).evecs[:, :, 0]
-        t_ours, watson = _best_of(lambda: fit_watson(data, g, fit.lambda_par, fit.lambda_perp, v1), 1)
+        t_ours, watson = _best_of(lambda: fit_watson(data, g, fit.lambda_par, fit.lambda_perp, v1), 2)
         n_w = max(20, int(dipy_seconds * 4))
         mc = MultiCompartmentModel(models=[SD1WatsonDistributed(models=[gaussian_models.G2Zeppelin()])])
         mc.set_fixed_parameter("SD1WatsonDistributed_1_G2Zeppelin_1_lambda_par", fit.lambda_par[:n_w] * 1e-6)
