@@ -181,6 +181,22 @@ def _neighbour_table(sphere_name: str) -> np.ndarray:
     return table
 
 
+@lru_cache(maxsize=8)
+def _vertex_search_tables(sphere_name: str, lmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """SH basis (n_coeffs, m) at the vertices searched and the first hemisphere's neighbour table.
+
+    When vertex i + n/2 is the antipode of vertex i (DIPY's symmetric spheres), an even-degree
+    FOD has the same amplitude at both, so only the first half is evaluated (m = n/2) and
+    neighbours in the second half are read at their antipodes.
+    """
+    v = get_sphere(sphere_name).vertices
+    half = v.shape[0] // 2
+    table = _neighbour_table(sphere_name)[:half]
+    if v.shape[0] % 2 == 0 and np.array_equal(v[half:], -v[:half]):
+        return np.ascontiguousarray(real_sh_basis(lmax, v[:half]).T), np.ascontiguousarray(table % half)
+    return np.ascontiguousarray(real_sh_basis(lmax, v).T), np.ascontiguousarray(table)
+
+
 def vertex_peaks(
     sh: np.ndarray,
     sphere_name: str = "repulsion724",
@@ -196,12 +212,11 @@ def vertex_peaks(
     """
     from dwiflow.core._peaks_kernel import largest_local_maxima, select_peaks  # compiled lazily (numba)
 
-    sphere = get_sphere(sphere_name)
-    v = sphere.vertices
-    amps = np.asarray(sh, dtype=float) @ real_sh_basis(lmax_from_n_coefficients(sh.shape[1]), v).T
-    half = v.shape[0] // 2
-    table = np.ascontiguousarray(_neighbour_table(sphere_name)[:half])  # only the first hemisphere is reported
-    order, cand_amp = largest_local_maxima(np.ascontiguousarray(amps), table, half, 0.0, 0.0, False, 4 * npeaks + 4)
+    v = get_sphere(sphere_name).vertices
+    half = v.shape[0] // 2  # only the first hemisphere is reported
+    basis, table = _vertex_search_tables(sphere_name, lmax_from_n_coefficients(sh.shape[1]))
+    amps = np.asarray(sh, dtype=float) @ basis
+    order, cand_amp = largest_local_maxima(amps, table, half, 0.0, 0.0, False, 4 * npeaks + 4)
     cand_dir = np.ascontiguousarray(v[np.maximum(order, 0)])  # padding (amplitude -inf) is never accepted
     cos_sep = np.cos(np.radians(min_separation_deg))
     return select_peaks(cand_dir, cand_amp, npeaks, float(rel_threshold), -np.inf, float(cos_sep))

@@ -36,7 +36,7 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import GradientTable
 from dwiflow.core.peaks import find_peaks_rows, vertex_peaks
 from dwiflow.core.response import ResponseFunction, amp2response, top_voxels
-from dwiflow.core.sh import real_sh_basis, zonal_sh_basis
+from dwiflow.core.sh import real_sh_basis
 
 
 @dataclass
@@ -149,6 +149,8 @@ def tax_response(
     Every b>0 volume is used (single-shell data, as in DIPY). The returned response has a
     b=0 row (the mean b=0 signal of the final voxels, as DIPY's S0) and the shell's row.
     """
+    from dwiflow.core._response_kernel import per_voxel_zonal_fits  # compiled lazily (numba)
+
     if not 0 < peak_thr < 1:
         raise DwiflowInputError(f"peak_thr must be in (0, 1), got {peak_thr}")
     if not gtab.b0s_mask.any():
@@ -183,10 +185,8 @@ def tax_response(
         keep[rows] = True
         fibres = peaks[single, 0] / amps[single, 0, None]
         # DIPY's per-iteration estimate: average of per-voxel least-squares zonal fits
-        cos = np.abs(fibres @ gtab.bvecs[dw].T)
-        design = zonal_sh_basis(lmax, cos.ravel()).reshape(cos.shape + (-1,))
-        per_voxel = np.linalg.solve(np.einsum("vnl,vnk->vlk", design, design),
-                                    np.einsum("vnl,vn->vl", design, signals[rows][:, dw])[..., None])[..., 0]
+        per_voxel = per_voxel_zonal_fits(np.ascontiguousarray(fibres), np.ascontiguousarray(gtab.bvecs[dw]),
+                                         np.ascontiguousarray(signals[rows][:, dw]), lmax)
         zonal = per_voxel.mean(axis=0)
         selected_fibres = fibres
         if np.all(np.abs((previous - zonal) / previous) < convergence):
