@@ -73,5 +73,7 @@ def sidecar(
         if parameters:
             model["Parameters"] = parameters
         content = {"Model": model, **content}
+    elif parameters:
+        content["Parameters"] = parameters
     content.update(extra)
     return content

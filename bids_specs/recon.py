@@ -22,7 +22,7 @@ STAGE_OPTIONS: dict[str, set[str]] = {
     "mapmri": {"radial_order", "anisotropic", "laplacian_weighting", "positivity", "pos_grid", "pos_radius", "solver",
                "compare",
                "big_delta", "small_delta", "bval_threshold"},
-    "peaks": {"npeaks", "rel_threshold", "min_separation"},
+    "peaks": {"npeaks", "rel_threshold", "min_separation", "subtract_psf"},
     "fod_metrics": set(),
 }
 STAGE_REQUIRES = {"csd": "response", "fod_metrics": "peaks", "response": "mask"}
@@ -79,6 +79,9 @@ def validate_recon_spec(spec: Any, source: str = "recon spec") -> dict[str, Any]
     method = stages.get("response", {}).get("method", "fa")
     if "response" in stages and method not in RESPONSE_METHODS:
         raise BidsInputError(f"{source}: 'stages.response.method' must be one of {RESPONSE_METHODS}, got {method!r}")
+    subtract_psf = stages.get("peaks", {}).get("subtract_psf", False)
+    if not isinstance(subtract_psf, bool):
+        raise BidsInputError(f"{source}: 'stages.peaks.subtract_psf' must be true or false, got {subtract_psf!r}")
     resources = check_resources(spec.get("resources"), list(stages), source)
     unknown = set(spec) - {"name", "description", "stages", "resources"}
     if unknown:

@@ -45,6 +45,7 @@ from dwiflow.core.sh import (
     max_lmax_for_directions,
     n_coefficients,
     real_sh_basis,
+    sh_degree_order,
     zonal_to_rotational_harmonics,
 )
 from dwiflow.core.sphere import repulsion_sphere
@@ -232,8 +233,28 @@ class CsdModel:
             self._threshold_row = np.zeros(self._forward.shape[0])
             self._threshold_const = float(self.threshold)
             self._start_fraction = INIT_NEGATIVE_FRACTION
+        self._psf: np.ndarray | None = None
         self._start_t = np.ascontiguousarray(start_t)
         self._start_constraints_t = np.ascontiguousarray(self._constraints[:, : start_t.shape[1]].T)
+
+    def point_spread_function(self) -> np.ndarray:
+        """Zonal SH coefficients (lmax/2+1,) of the FOD this model returns for one noiseless fibre along z.
+
+        The response's own signal, deconvolved: the band-limited, regularised image of a single
+        fibre (its lobe width and ring). CSD is positively homogeneous, so a single-fibre voxel's
+        FOD is this function scaled and rotated; :func:`dwiflow.core.peaks.find_peaks` subtracts it
+        at each peak found to look for the next fibre (as CLEAN does with a beam; Högbom 1974).
+        """
+        if self._psf is None:
+            degrees, orders = sh_degree_order(self.lmax)
+            delta = real_sh_basis(self.lmax, np.array([[0.0, 0.0, 1.0]]))[0]
+            row = np.zeros(self.gtab.n_volumes)
+            row[self.shell.indices] = self._forward @ delta
+            fit = self.fit(row[None, None, None, :])
+            if fit.status.ravel()[0] != 0:
+                raise DwiflowInputError("the response's own signal could not be deconvolved (point-spread function)")
+            self._psf = fit.sh.reshape(-1)[orders == 0].copy()
+        return self._psf
 
     @staticmethod
     def _max_supported_lmax(n_dirs: int) -> int:

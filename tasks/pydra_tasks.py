@@ -155,11 +155,13 @@ def Smt(
 
 @python.define(outputs=["peaks"])
 def Peaks(
-    fod: File, mask: File, npeaks: int = 3, rel_threshold: float = 0.2, min_separation: float = 25.0, code_version: str = ""
+    fod: File, mask: File, npeaks: int = 3, rel_threshold: float = 0.2, min_separation: float = 25.0,
+    subtract_psf: bool = False, code_version: str = ""
 ) -> File:
     """FOD peaks."""
     out = Path.cwd() / "peaks.nii.gz"
-    stages.peaks_stage(fod, out, mask=mask, npeaks=npeaks, rel_threshold=rel_threshold, min_separation=min_separation)
+    stages.peaks_stage(fod, out, mask=mask, npeaks=npeaks, rel_threshold=rel_threshold, min_separation=min_separation,
+                       subtract_psf=subtract_psf)
     return File(out)
 
 

@@ -353,7 +353,11 @@ def csd_stage(
               "VoxelsNotConverged": int((fit.status == 2).sum()), "VoxelsFailed": int((fit.status != 0).sum())}
     content = sidecar("csd_fod", params, {"SphericalHarmonicDegree": model.lmax}, **_provenance(dwi, bval, bvec, response, mask),
                       ResponseFunction={"Coefficients": [float(c) for c in zonal], "Type": "zonal",
-                                        "Shell": model.shell.bvalue})
+                                        "Shell": model.shell.bvalue},
+                      PointSpreadFunction={"Coefficients": [float(c) for c in model.point_spread_function()],
+                                           "Type": "zonal",
+                                           "Description": "the FOD of one noiseless fibre along z (the response "
+                                                          "deconvolved); the peaks stage subtracts it at each peak"})
     with atomic_outputs() as out:
         out.nifti(out_fod, fit.sh, run.affine, content)
         if status_out is not None:
@@ -707,6 +711,26 @@ def smt_stage(
         {"fod": {"SphericalHarmonicDegree": int(sh_lmax)}})
 
 
+def fod_point_spread_function(fod: PathLike, lmax: int) -> np.ndarray | None:
+    """The point-spread function (zonal coefficients) in an FOD's sidecar, or None when it has none."""
+    import json
+
+    side = sidecar_path(fod)
+    if not side.is_file():
+        return None
+    try:
+        entry = json.loads(side.read_text()).get("PointSpreadFunction")
+    except ValueError as err:
+        raise DwiflowInputError(f"the FOD's sidecar {side} is not valid JSON: {err}") from None
+    if entry is None:
+        return None
+    coefficients = np.asarray(entry.get("Coefficients", []) if isinstance(entry, dict) else [], dtype=float)
+    if coefficients.shape != (lmax // 2 + 1,) or not np.all(np.isfinite(coefficients)):
+        raise DwiflowInputError(f"the FOD's sidecar {side} has a PointSpreadFunction that is not {lmax // 2 + 1} "
+                                f"finite zonal coefficients (the FOD's degree is {lmax})")
+    return coefficients
+
+
 def peaks_stage(
     fod: PathLike,
     out_peaks: PathLike,
@@ -716,16 +740,27 @@ def peaks_stage(
     rel_threshold: float = 0.2,
     threshold: float = 0.0,
     min_separation: float = 25.0,
+    subtract_psf: bool = False,
 ) -> Path:
-    """FOD peaks: 4D NIfTI of 3×npeaks volumes, amplitude-scaled vectors, NaN where absent."""
+    """FOD peaks: 4D NIfTI of 3×npeaks volumes, amplitude-scaled vectors, NaN where absent.
+
+    Local maxima, as MRtrix3's ``sh2peaks``; with ``subtract_psf``, peaks after the first are found
+    by subtracting the FOD's point-spread function from its sidecar (CSD writes it; see
+    :func:`dwiflow.core.peaks.find_peaks`), which must then be there.
+    """
     from dwiflow.core.peaks import find_peaks
 
-    sh, affine, _ = load_sh_image(fod)
+    sh, affine, lmax = load_sh_image(fod)
+    psf = fod_point_spread_function(fod, lmax) if subtract_psf else None
+    if subtract_psf and psf is None:
+        raise DwiflowInputError(f"--subtract-psf needs the FOD's point-spread function in its sidecar "
+                                f"{sidecar_path(fod).name} (dwirecon csd writes it); {fod} has none")
     voxels = load_mask(mask, sh.shape[:3], affine) if mask is not None else None
     peaks = find_peaks(sh, voxels, npeaks=npeaks, rel_threshold=rel_threshold, abs_threshold=threshold,
-                       min_separation_deg=min_separation)
+                       min_separation_deg=min_separation, psf=psf)
     params = {"NumberOfPeaks": npeaks, "RelativeThreshold": rel_threshold, "AbsoluteThreshold": threshold,
-              "MinSeparationDegrees": min_separation}
+              "MinSeparationDegrees": min_separation,
+              "Method": "point-spread-function subtraction" if psf is not None else "local maxima"}
     with atomic_outputs() as out:
         out.nifti(out_peaks, peaks.vectors.reshape(sh.shape[:3] + (3 * npeaks,)), affine,
                   sidecar("peaks", params, **_provenance(fod, mask)))

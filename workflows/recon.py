@@ -137,7 +137,8 @@ def ReconRun(
         opts = stages["peaks"]
         peaks = add(Peaks(fod=fod, mask=mask, npeaks=opts.get("npeaks", 3),
                           rel_threshold=opts.get("rel_threshold", 0.2),
-                          min_separation=opts.get("min_separation", 25.0), code_version=cv), "peaks").peaks
+                          min_separation=opts.get("min_separation", 25.0),
+                          subtract_psf=bool(opts.get("subtract_psf", False)), code_version=cv), "peaks").peaks
         outputs["peaks"] = peaks
     if "fod_metrics" in stages:
         metrics = add(FodMetrics(fod=fod, peaks=peaks, code_version=cv), "fod_metrics")

@@ -1,6 +1,8 @@
 """dwirecon csd / peaks / fod-metrics: outputs, sidecars and errors."""
 
 import json
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -31,7 +33,13 @@ def case(tmp_path_factory):
 def test_csd_peaks_metrics_chain(case, tmp_path, capsys):
     fod, peaks = tmp_path / "fod.nii.gz", tmp_path / "peaks.nii.gz"
     assert main(["csd", case["dwi"], case["bval"], case["bvec"], case["resp"], str(fod), "--status",
-                 str(tmp_path / "st.nii.gz"), "--nthreads", "1"]) == 0
+                 str(tmp_path / "st.nii.gz")]) == 0
+    # --nthreads in a process of its own: numba.set_num_threads in this process would break the forked
+    # workers of the workflow tests that run after it (numba's pool does not survive the fork then)
+    one_thread = tmp_path / "fod1.nii.gz"
+    subprocess.run([sys.executable, "-m", "dwiflow.cli.dwirecon", "csd", case["dwi"], case["bval"], case["bvec"],
+                    case["resp"], str(one_thread), "--nthreads", "1"], check=True, capture_output=True)
+    assert np.allclose(nib.load(one_thread).get_fdata(), nib.load(fod).get_fdata(), rtol=0, atol=1e-10)
     img = nib.load(fod)
     assert img.shape == (8, 8, 3, 45)
     side = json.loads((tmp_path / "fod.json").read_text())
@@ -71,3 +79,44 @@ def test_peaks_rejects_a_non_sh_image(case, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "is not an even-degree SH coefficient count" in err
     assert not (tmp_path / "p.nii.gz").exists()
+
+
+def test_peaks_use_the_point_spread_function_in_the_fod_sidecar(tmp_path, capsys):
+    """Two fibres 40 deg apart merge into one FOD lobe: local maxima (the default) find one peak; --subtract-psf,
+    with the point-spread function the CSD sidecar carries, finds both; a missing or bad PSF entry is an error."""
+    g = scheme(150)
+    fibres = np.array([[1.0, 0.0, 0.0], [np.cos(np.radians(40)), np.sin(np.radians(40)), 0.0]])
+    ph = make_phantom(g, (4, 4, 2), directions=fibres, fractions=np.array([0.6, 0.4]), snr=50, seed=2)
+    dwi = write_nifti(tmp_path / "dwi.nii.gz", ph.data.astype(np.float32), AFFINE)
+    bval, bvec = write_gradients(tmp_path / "dwi", g.bvals, world_to_fsl_bvecs(g.bvecs, AFFINE).T)
+    resp = tmp_path / "resp.txt"
+    resp.write_text(tensor_response_zonal(np.array(EVALS), 100.0, np.array([2000.0]), [8]).to_text())
+    fod = tmp_path / "fod.nii.gz"
+    assert main(["csd", str(dwi), str(bval), str(bvec), str(resp), str(fod)]) == 0
+    assert len(json.loads((tmp_path / "fod.json").read_text())["PointSpreadFunction"]["Coefficients"]) == 5
+
+    def peaks(*extra):
+        out = tmp_path / "peaks.nii.gz"
+        assert main(["peaks", str(fod), str(out), "--npeaks", "3", *extra]) == 0
+        return nib.load(out).get_fdata().reshape(-1, 3, 3), json.loads((tmp_path / "peaks.json").read_text())
+
+    def angles(v, k):  # angle of every peak to fibre k, per voxel (NaN where no peak)
+        u = v / np.linalg.norm(v, axis=-1, keepdims=True)
+        return np.degrees(np.arccos(np.clip(np.abs(u @ fibres[k]), 0, 1)))
+
+    subtracted, side = peaks("--subtract-psf")
+    assert side["Parameters"]["Method"] == "point-spread-function subtraction"
+    both = (np.nanmin(angles(subtracted, 0), axis=1) < 10) & (np.nanmin(angles(subtracted, 1), axis=1) < 10)
+    assert both.all() and np.all(np.isnan(subtracted[:, 2]))  # both fibres, within 10 deg, and nothing more
+    maxima, side = peaks()
+    assert side["Parameters"]["Method"] == "local maxima"
+    assert np.mean(np.isfinite(maxima[:, 1, 0])) < 0.2  # one merged lobe: mostly a single maximum
+    sidecar = json.loads((tmp_path / "fod.json").read_text())
+    sidecar["PointSpreadFunction"]["Coefficients"] = [1.0, 2.0]
+    (tmp_path / "fod.json").write_text(json.dumps(sidecar))
+    assert main(["peaks", str(fod), str(tmp_path / "p2.nii.gz"), "--subtract-psf"]) == 2
+    assert "PointSpreadFunction that is not 5 finite zonal coefficients" in capsys.readouterr().err
+    (tmp_path / "fod.json").unlink()
+    assert main(["peaks", str(fod), str(tmp_path / "p2.nii.gz"), "--subtract-psf"]) == 2
+    assert "needs the FOD's point-spread function in its sidecar fod.json" in capsys.readouterr().err
+    assert not (tmp_path / "p2.nii.gz").exists()
