@@ -129,7 +129,7 @@ def rotated_zonal_sh(zonal: np.ndarray, directions: np.ndarray) -> np.ndarray:
     return (zonal[degrees // 2] * np.sqrt(4 * np.pi / (2 * degrees + 1))) * real_sh_basis(2 * (zonal.size - 1), directions)
 
 
-def _fit_images(sh, psf, units, iterations=6, step=1e-3):
+def _fit_images(sh, psf, units, iterations=3, step=1e-3):
     """Least-squares fit of Σ_j a_j·PSF(u_j) to FODs (r, n): directions (r, k, 3) and amplitudes (r, k).
 
     Damped Gauss–Newton from the given directions, two tangent angles and one amplitude per image
