@@ -147,6 +147,7 @@ def _fit_images(sh, psf, units, iterations=3, step=1e-3):
         if weights is None:  # linear least squares for the amplitudes at the start
             cosines = np.clip(np.einsum("rki,rji->rkj", units, units), -1.0, 1.0)
             gram = np.polynomial.legendre.legvander(cosines, 2 * (psf.size - 1))[..., ::2] @ psf**2
+            gram += 1e-9 * float(psf @ psf) * np.eye(k)  # images 1 degree apart are nearly collinear
             weights = np.maximum(np.linalg.solve(gram, np.einsum("rkn,rn->rk", images, sh)[..., None])[..., 0], 0.0)
             continue
         residual = sh - np.einsum("rk,rkn->rn", weights, images)
