@@ -44,7 +44,7 @@ from functools import lru_cache
 import numpy as np
 
 from dwiflow.core.errors import DwiflowInputError
-from dwiflow.core.sh import lmax_from_n_coefficients, real_sh_basis, sh_degree_order
+from dwiflow.core.sh import expand_per_degree, lmax_from_n_coefficients, real_sh_basis, zonal_to_rotational_harmonics
 from dwiflow.core.sphere import Sphere, geodesic_sphere, get_sphere
 from dwiflow.core.voxels import VoxelBatch, iter_chunks, scatter
 
@@ -124,37 +124,37 @@ class Peaks:
 def rotated_zonal_sh(zonal: np.ndarray, directions: np.ndarray) -> np.ndarray:
     """SH coefficients (n, n_coeffs) of the axially symmetric function with zonal coefficients
     ``zonal`` (about z) turned onto each of ``directions`` (n, 3): c_lm = z_l·sqrt(4π/(2l+1))·Y_lm(u)."""
-    zonal = np.asarray(zonal, dtype=float)
-    degrees, _ = sh_degree_order(2 * (zonal.size - 1))
-    return (zonal[degrees // 2] * np.sqrt(4 * np.pi / (2 * degrees + 1))) * real_sh_basis(2 * (zonal.size - 1), directions)
+    lmax = 2 * (np.size(zonal) - 1)
+    return expand_per_degree(zonal_to_rotational_harmonics(zonal), lmax) * real_sh_basis(lmax, directions)
 
 
 def _fit_images(sh, psf, units, iterations=3, step=1e-3):
-    """Least-squares fit of Σ_j a_j·PSF(u_j) to FODs (r, n): directions (r, k, 3) and amplitudes (r, k).
+    """Least-squares fit of Σ_j a_j·PSF(u_j) to FODs (r, n): directions (r, k, 3), amplitudes (r, k)
+    and the images (r, k, n) at the fitted directions.
 
-    Damped Gauss–Newton from the given directions, two tangent angles and one amplitude per image
-    (Jacobian by central differences); amplitudes are kept ≥ 0.
+    Amplitudes by linear least squares at the given directions (Gram matrix Σ_l psf_l² P_l(u_i·u_j)),
+    then damped Gauss–Newton on two tangent angles and one amplitude per image (Jacobian by central
+    differences); amplitudes are kept ≥ 0.
     """
     r, k = units.shape[:2]
+
+    def images_at(directions):
+        return rotated_zonal_sh(psf, directions.reshape(-1, 3)).reshape(r, k, -1)
+
+    images = images_at(units)
+    cosines = np.clip(np.einsum("rki,rji->rkj", units, units), -1.0, 1.0)
+    gram = np.polynomial.legendre.legvander(cosines, 2 * (psf.size - 1))[..., ::2] @ psf**2
+    gram += 1e-9 * float(psf @ psf) * np.eye(k)  # images 1 degree apart are nearly collinear
+    weights = np.maximum(np.linalg.solve(gram, np.einsum("rkn,rn->rk", images, sh)[..., None])[..., 0], 0.0)
     helper = np.where(np.abs(units[..., 2:3]) < 0.9, [0.0, 0.0, 1.0], [1.0, 0.0, 0.0])
-    weights = None
-    for _ in range(iterations + 1):
+    for _ in range(iterations):
         e1 = np.cross(units, helper)
         e1 /= np.linalg.norm(e1, axis=-1, keepdims=True)
         e2 = np.cross(units, e1)
-        flat = units.reshape(-1, 3)
-        images = rotated_zonal_sh(psf, flat).reshape(r, k, -1)
-        if weights is None:  # linear least squares for the amplitudes at the start
-            cosines = np.clip(np.einsum("rki,rji->rkj", units, units), -1.0, 1.0)
-            gram = np.polynomial.legendre.legvander(cosines, 2 * (psf.size - 1))[..., ::2] @ psf**2
-            gram += 1e-9 * float(psf @ psf) * np.eye(k)  # images 1 degree apart are nearly collinear
-            weights = np.maximum(np.linalg.solve(gram, np.einsum("rkn,rn->rk", images, sh)[..., None])[..., 0], 0.0)
-            continue
         residual = sh - np.einsum("rk,rkn->rn", weights, images)
         columns = [images]
         for e in (e1, e2):
-            plus = rotated_zonal_sh(psf, (units + step * e).reshape(-1, 3) / np.sqrt(1 + step**2)).reshape(r, k, -1)
-            minus = rotated_zonal_sh(psf, (units - step * e).reshape(-1, 3) / np.sqrt(1 + step**2)).reshape(r, k, -1)
+            plus, minus = (images_at((units + sign * step * e) / np.sqrt(1 + step**2)) for sign in (1, -1))
             columns.append(weights[..., None] * (plus - minus) / (2 * step))
         jac = np.concatenate(columns, axis=1)  # (r, 3k, n): amplitudes, then angles along e1, e2
         normal = jac @ jac.transpose(0, 2, 1)
@@ -163,7 +163,8 @@ def _fit_images(sh, psf, units, iterations=3, step=1e-3):
         weights = np.maximum(weights + delta[:, :k], 0.0)
         moved = units + delta[:, k:2 * k, None] * e1 + delta[:, 2 * k:, None] * e2
         units = moved / np.linalg.norm(moved, axis=-1, keepdims=True)
-    return units, weights
+        images = images_at(units)
+    return units, weights, images
 
 
 def _find_peaks_subtracting(sh, psf, npeaks, rel_threshold, abs_threshold, min_separation_deg, frequency):
@@ -191,8 +192,7 @@ def _find_peaks_subtracting(sh, psf, npeaks, rel_threshold, abs_threshold, min_s
         rows = np.flatnonzero(np.isfinite(out[:, k - 1, 0]))
         if rows.size == 0:
             break
-        units, weights = _fit_images(sh[rows], psf, fitted[rows, :k])
-        images = np.stack([rotated_zonal_sh(psf, units[:, j]) for j in range(k)], axis=1)  # (r, k, n)
+        units, weights, images = _fit_images(sh[rows], psf, fitted[rows, :k])
         residual = sh[rows] - np.einsum("rk,rkn->rn", weights, images)
         candidates = find_peaks_batch(residual, npeaks, 0.0, 0.0, min_separation_deg, frequency)
         cand_amp = np.linalg.norm(candidates, axis=-1)
@@ -204,7 +204,7 @@ def _find_peaks_subtracting(sh, psf, npeaks, rel_threshold, abs_threshold, min_s
         if has.size == 0:
             break
         trial = np.concatenate([units[has], cand_unit[has, np.argmax(ok[has], axis=1)][:, None]], axis=1)
-        trial_units, trial_weights = _fit_images(sh[rows[has]], psf, trial)
+        trial_units, trial_weights, _ = _fit_images(sh[rows[has]], psf, trial)
         amplitude = trial_weights[:, k] * psf_peak
         keep = (amplitude >= floor[rows[has]]) & separated(trial_units[:, k], trial_units[:, :k])
         kept_rows = rows[has[keep]]

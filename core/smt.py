@@ -442,23 +442,6 @@ def fit_watson(signal: np.ndarray, gtab: GradientTable, lambda_par: np.ndarray, 
     return _fit_in_chunks(_fit_watson_chunk, signal.shape[0], chunk_size, WatsonFit, per_voxel, gtab=gtab, **options)
 
 
-def watson_signal_mse(signal: np.ndarray, gtab: GradientTable, lambda_par: np.ndarray, lambda_perp: np.ndarray,
-                      mu: np.ndarray, kappa: np.ndarray, *, free_water: np.ndarray | None = None,
-                      free_water_diffusivity: float = FREE_WATER_DIFFUSIVITY, lmax: int = 16) -> np.ndarray:
-    """Mean squared error (n,) of a Watson-dispersed zeppelin with the given μ (n, 3) and κ (n,) against the signal.
-
-    The objective :func:`fit_watson` minimises (signal / mean b=0, every volume), so fits from other
-    software can be scored on the same footing (Kaden et al. 2016; Zhang et al. 2012 for the Watson).
-    """
-    y, kernel, iso = _normalised_signal_and_kernel(signal, gtab, lambda_par, lambda_perp, lmax, free_water,
-                                                   free_water_diffusivity)
-    theta, phi = cart_to_sphere(np.asarray(mu, dtype=float))
-    prediction = _watson_signal(kernel, gtab.bvecs, theta, phi, np.log(np.asarray(kappa, dtype=float)), lmax)
-    if iso is not None:
-        prediction = prediction + iso
-    return ((prediction - y) ** 2).mean(axis=1)
-
-
 def _normalised_signal_and_kernel(signal, gtab, lambda_par, lambda_perp, lmax, free_water, free_water_diffusivity):
     """Signal / mean b=0, the zeppelin's Legendre coefficients (2l+1)/(4π)·K̂_l per voxel and volume (n, g, n_even),
     scaled by 1 - free water, and the free-water signal (or None)."""

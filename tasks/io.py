@@ -241,6 +241,17 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return p.with_name(name + ".json")
 
 
+def read_sidecar(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON sidecar of an image or text file (``x.nii.gz`` → ``x.json``), or None when there is none."""
+    side = sidecar_path(path)
+    if not side.is_file():
+        return None
+    try:
+        return json.loads(side.read_text())
+    except ValueError as exc:
+        raise DwiflowInputError(f"cannot read sidecar {side}: {exc}") from None
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()

@@ -28,7 +28,16 @@ from dwiflow.core.response import (
     response_from_mask_ssst,
     tensor_response_zonal,
 )
-from dwiflow.tasks.io import atomic_outputs, existing_file, load_dwi, load_image, load_mask, read_bvals, sidecar_path
+from dwiflow.tasks.io import (
+    atomic_outputs,
+    existing_file,
+    load_dwi,
+    load_image,
+    load_mask,
+    read_bvals,
+    read_sidecar,
+    sidecar_path,
+)
 
 PathLike = str | os.PathLike
 
@@ -509,20 +518,13 @@ MAPMRI_VARIANTS: dict[str, dict[str, Any]] = {
 
 def diffusion_times(dwi: PathLike, big_delta: float | None, small_delta: float | None) -> tuple[float | None, float | None, str]:
     """Δ and δ (s): the options if given, else ``LargeDelta``/``SmallDelta`` of the DWI's JSON sidecar."""
-    import json
-
     if big_delta is not None or small_delta is not None:
         if big_delta is None or small_delta is None:
             raise DwiflowInputError("give both --big-delta and --small-delta (seconds), or neither")
         return float(big_delta), float(small_delta), "options"
-    side = Path(str(dwi).removesuffix(".gz").removesuffix(".nii") + ".json")
-    if side.is_file():
-        try:
-            meta = json.loads(side.read_text())
-        except ValueError as exc:
-            raise DwiflowInputError(f"cannot read sidecar {side}: {exc}") from None
-        if "LargeDelta" in meta and "SmallDelta" in meta:
-            return float(meta["LargeDelta"]), float(meta["SmallDelta"]), side.name
+    meta = read_sidecar(dwi)
+    if meta is not None and "LargeDelta" in meta and "SmallDelta" in meta:
+        return float(meta["LargeDelta"]), float(meta["SmallDelta"]), sidecar_path(dwi).name
     return None, None, "none"
 
 
@@ -711,19 +713,13 @@ def smt_stage(
         {"fod": {"SphericalHarmonicDegree": int(sh_lmax)}})
 
 
-def fod_point_spread_function(fod: PathLike, lmax: int) -> np.ndarray | None:
-    """The point-spread function (zonal coefficients) in an FOD's sidecar, or None when it has none."""
-    import json
-
+def fod_point_spread_function(fod: PathLike, lmax: int) -> np.ndarray:
+    """The point-spread function (zonal coefficients) that CSD wrote into an FOD's sidecar."""
     side = sidecar_path(fod)
-    if not side.is_file():
-        return None
-    try:
-        entry = json.loads(side.read_text()).get("PointSpreadFunction")
-    except ValueError as err:
-        raise DwiflowInputError(f"the FOD's sidecar {side} is not valid JSON: {err}") from None
+    entry = (read_sidecar(fod) or {}).get("PointSpreadFunction")
     if entry is None:
-        return None
+        raise DwiflowInputError(f"--subtract-psf needs the FOD's point-spread function in its sidecar "
+                                f"{side.name} (dwirecon csd writes it); {fod} has none")
     coefficients = np.asarray(entry.get("Coefficients", []) if isinstance(entry, dict) else [], dtype=float)
     if coefficients.shape != (lmax // 2 + 1,) or not np.all(np.isfinite(coefficients)):
         raise DwiflowInputError(f"the FOD's sidecar {side} has a PointSpreadFunction that is not {lmax // 2 + 1} "
@@ -752,9 +748,6 @@ def peaks_stage(
 
     sh, affine, lmax = load_sh_image(fod)
     psf = fod_point_spread_function(fod, lmax) if subtract_psf else None
-    if subtract_psf and psf is None:
-        raise DwiflowInputError(f"--subtract-psf needs the FOD's point-spread function in its sidecar "
-                                f"{sidecar_path(fod).name} (dwirecon csd writes it); {fod} has none")
     voxels = load_mask(mask, sh.shape[:3], affine) if mask is not None else None
     peaks = find_peaks(sh, voxels, npeaks=npeaks, rel_threshold=rel_threshold, abs_threshold=threshold,
                        min_separation_deg=min_separation, psf=psf)

@@ -33,6 +33,29 @@ def _dmipy_scheme(gtab):
     return acquisition_scheme_from_bvalues(gtab.bvals * 1e6, gtab.bvecs, delta=0.0162, Delta=0.0265)
 
 
+def _watson_model():
+    from dmipy_fit.core.modeling_framework import MultiCompartmentModel
+    from dmipy_fit.distributions.distribute_models import SD1WatsonDistributed
+    from dmipy_fit.signal_models import gaussian_models
+
+    return MultiCompartmentModel(models=[SD1WatsonDistributed(models=[gaussian_models.G2Zeppelin()])])
+
+
+def _dmipy_watson(bvals, bvecs, kernel, data):
+    """dmipy's Watson-dispersed zeppelin with our kernel fixed per voxel: (its fitted model, mu as unit vectors)."""
+    from dmipy_fit.core.acquisition_scheme import acquisition_scheme_from_bvalues
+
+    scheme = acquisition_scheme_from_bvalues(bvals * 1e6, bvecs, delta=0.0162, Delta=0.0265)
+    mc = _watson_model()
+    mc.set_fixed_parameter(KERNEL + "lambda_par", kernel.lambda_par * 1e-6)
+    mc.set_fixed_parameter(KERNEL + "lambda_perp", kernel.lambda_perp * 1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fitted = mc.fit(scheme, data)
+    theta, phi = fitted.fitted_parameters[WATSON + "mu"].T
+    return fitted, np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], axis=1)
+
+
 def _angle(a, b):
     return np.degrees(np.arccos(np.clip(np.abs(np.sum(a * b, -1)), 0, 1)))
 
@@ -98,29 +121,14 @@ def _watson_case(name: str):
 def test_watson_equals_dmipy_or_fits_its_objective_better(name):
     """mu within 2 deg and ODI within 0.02 of dmipy's, or, where not, our parameters score lower on dmipy's own
     objective (its forward model, its normalisation) than dmipy's fit does."""
-    from dmipy_fit.core.modeling_framework import MultiCompartmentModel
-    from dmipy_fit.distributions.distribute_models import SD1WatsonDistributed
-    from dmipy_fit.signal_models import gaussian_models
-
     gtab, data, truth = _watson_case(name)
     kernel = SmtModel(gtab).fit(data)
     ours = fit_watson(data, gtab, kernel.lambda_par, kernel.lambda_perp)
     scheme = _dmipy_scheme(gtab)
-
-    def watson_model():
-        return MultiCompartmentModel(models=[SD1WatsonDistributed(models=[gaussian_models.G2Zeppelin()])])
-
-    mc = watson_model()
-    mc.set_fixed_parameter(KERNEL + "lambda_par", kernel.lambda_par * 1e-6)
-    mc.set_fixed_parameter(KERNEL + "lambda_perp", kernel.lambda_perp * 1e-6)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fitted = mc.fit(scheme, data)
+    fitted, their_mu = _dmipy_watson(gtab.bvals, gtab.bvecs, kernel, data)
     theirs = fitted.fitted_parameters
-    theta, phi = theirs[WATSON + "mu"].T
-    their_mu = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], axis=1)
 
-    reference = watson_model()
+    reference = _watson_model()
     normalised = data / data[:, gtab.b0s_mask].mean(axis=1, keepdims=True)
 
     def dmipy_objective(mu_angles, odi):
@@ -165,10 +173,6 @@ def test_watson_equals_dmipy_given_its_best_coordinate_frame(name):
     rotated is the same model; of three frames, each voxel keeps dmipy's fit with the lowest objective. Then mu is
     within 2 deg and ODI within 0.02 of ours in >= 95% of voxels (sub-01: white matter, tensor FA > 0.4, where mu
     is defined)."""
-    from dmipy_fit.core.acquisition_scheme import acquisition_scheme_from_bvalues
-    from dmipy_fit.core.modeling_framework import MultiCompartmentModel
-    from dmipy_fit.distributions.distribute_models import SD1WatsonDistributed
-    from dmipy_fit.signal_models import gaussian_models
     from scipy.spatial.transform import Rotation
 
     if name == "phantom":
@@ -182,15 +186,7 @@ def test_watson_equals_dmipy_given_its_best_coordinate_frame(name):
                             for angles in ([40, 70, 25], [-60, 30, 80])]
     mus, odis, objectives = [], [], []
     for rotation in frames:
-        scheme = acquisition_scheme_from_bvalues(gtab.bvals * 1e6, gtab.bvecs @ rotation.T, delta=0.0162, Delta=0.0265)
-        mc = MultiCompartmentModel(models=[SD1WatsonDistributed(models=[gaussian_models.G2Zeppelin()])])
-        mc.set_fixed_parameter(KERNEL + "lambda_par", kernel.lambda_par * 1e-6)
-        mc.set_fixed_parameter(KERNEL + "lambda_perp", kernel.lambda_perp * 1e-6)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fitted = mc.fit(scheme, data)
-        theta, phi = fitted.fitted_parameters[WATSON + "mu"].T
-        mu = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], axis=1)
+        fitted, mu = _dmipy_watson(gtab.bvals, gtab.bvecs @ rotation.T, kernel, data)
         mus.append(mu @ rotation)  # back to the data's frame
         odis.append(fitted.fitted_parameters[WATSON + "odi"])
         objectives.append(fitted.mean_squared_error(data))
