@@ -10,6 +10,13 @@ import numpy as np
 from numba import njit, prange
 
 import dwiflow.core._numba_setup  # noqa: F401  (fork-safe threading layer)
+from dwiflow.core.status import FitStatus
+
+# status codes as plain integers (compile-time constants for numba)
+OK = int(FitStatus.OK)
+NONFINITE_INPUT = int(FitStatus.NONFINITE_INPUT)
+NOT_CONVERGED = int(FitStatus.NOT_CONVERGED)
+SINGULAR = int(FitStatus.SINGULAR)
 
 # Up to this many sign changes in one iteration are applied to the Cholesky factor as rank-one
 # updates/downdates (about n² operations each); more refactor the updated normal matrix (n³/6).
@@ -187,9 +194,9 @@ def _finish_voxel(work, chol, f, x, amplitude, changes, n_changed, neg, rhs, thr
                 if factor_stale:
                     break
         if solves >= niter:
-            return 2, solves
+            return NOT_CONVERGED, solves
         if factor_stale and not _cholesky(work, 0, chol, n):
-            return 3, solves
+            return SINGULAR, solves
         _triangular_solve(chol, rhs, f, n)
         solves += 1
         np.dot(constraints, f, amplitude)  # BLAS gemv
@@ -201,7 +208,7 @@ def _finish_voxel(work, chol, f, x, amplitude, changes, n_changed, neg, rhs, thr
                 n_changed += 1
                 neg[c] = now
         if n_changed == 0:
-            return 0, solves
+            return OK, solves
 
 
 @njit(cache=True, inline="always")
@@ -234,8 +241,8 @@ def solve_csd(rows, columns, forward, start_t, start_constraints_t, threshold_ro
     The first iterations, where tens of directions change sign, run for ``BLOCK`` voxels in
     lockstep (start, moments and amplitudes as matrix products, assembly from moments
     vectorised across the block); each voxel then continues alone with rank-one updates of
-    its factor. Returns the FOD coefficients (v, n), a status (0 ok, 1 non-finite signal,
-    2 not converged, 3 singular) and the number of solves per voxel.
+    its factor. Returns the FOD coefficients (v, n), a :class:`~dwiflow.core.status.FitStatus` code
+    per voxel (OK, NONFINITE_INPUT, NOT_CONVERGED, SINGULAR) and the number of solves per voxel.
     """
     nvox = rows.shape[0]
     n_dirs = columns.shape[0]
@@ -278,7 +285,7 @@ def solve_csd(rows, columns, forward, start_t, start_constraints_t, threshold_ro
         active = finite.copy()
         for b in range(min(BLOCK, nvox - v0)):
             if not finite[b]:
-                status[v0 + b] = 1
+                status[v0 + b] = NONFINITE_INPUT
         rounds = 0
         while True:
             previous[:] = neg_lane
@@ -293,7 +300,7 @@ def solve_csd(rows, columns, forward, start_t, start_constraints_t, threshold_ro
                 v = v0 + b
                 iterations[v] = rounds
                 if singular[b] or changed[b] == 0:
-                    status[v] = 3 if singular[b] else 0
+                    status[v] = SINGULAR if singular[b] else OK
                     active[b] = False
                     for i in range(n):
                         sh[v, i] = f_lane[i, b]

@@ -48,14 +48,15 @@ from dwiflow.core.sh import (
     sh_degree_order,
     zonal_to_rotational_harmonics,
 )
-from dwiflow.core.sphere import repulsion_sphere
+from dwiflow.core.sphere import Sphere, repulsion_sphere, sphere_vertices
+from dwiflow.core.status import FitStatus
 from dwiflow.core.voxels import VoxelBatch, iter_chunks, scatter
 
 NORM_LAMBDA_MULTIPLIER = 2e-4
 SUPER_RESOLUTION_FACTOR = 3
 INIT_NEGATIVE_FRACTION = 0.1  # at most this many SH coefficients per measured direction
 
-CSD_STATUS = {0: "ok", 1: "non-finite input signal", 2: "did not converge", 3: "singular system"}
+STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NOT_CONVERGED, FitStatus.SINGULAR)
 
 
 @lru_cache(maxsize=4)
@@ -88,13 +89,45 @@ def _gaunt_lower(lmax: int) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class CsdFit:
-    """FOD coefficients (MRtrix3 basis, world frame) and per-voxel status/iterations."""
+    """Result of :meth:`CsdModel.fit`, shaped like the input volume.
+
+    Attributes
+    ----------
+    sh : ndarray (..., n_coefficients)
+        FOD coefficients (MRtrix3 basis, world frame); 0 outside the mask, NaN where the fit failed.
+    status : ndarray (...) of uint8
+        :class:`~dwiflow.core.status.FitStatus` codes (see :data:`STATUS_CODES`).
+    iterations : ndarray (...) of int32
+        Solves of the constrained system per voxel.
+    mask : ndarray (...) of bool
+        The voxels that were fitted.
+    """
 
     sh: np.ndarray
     status: np.ndarray
     iterations: np.ndarray
     mask: np.ndarray
     lmax: int
+    model: "CsdModel | None" = None
+
+    @property
+    def shm_coeff(self) -> np.ndarray:
+        """The FOD's SH coefficients (DIPY's name for :attr:`sh`)."""
+        return self.sh
+
+    def odf(self, sphere: str | Sphere | np.ndarray) -> np.ndarray:
+        """FOD amplitudes (..., m) on the vertices of ``sphere`` (a name such as ``repulsion724``, a
+        :class:`Sphere` or (m, 3) unit vectors in the world frame)."""
+        return self.sh @ real_sh_basis(self.lmax, sphere_vertices(sphere)).T
+
+    def predict(self) -> np.ndarray:
+        """The signal (..., n_volumes) the FOD predicts: the response convolved with the FOD on the
+        deconvolved shell's volumes; NaN on the other volumes (single-shell CSD models one shell)."""
+        if self.model is None:
+            raise DwiflowInputError("this fit holds no model to predict with")
+        out = np.full(self.sh.shape[:-1] + (self.model.gtab.n_volumes,), np.nan)
+        out[..., self.model.shell.indices] = self.sh @ self.model._forward.T
+        return out
 
 
 class CsdModel:
@@ -163,18 +196,18 @@ class CsdModel:
         default_lmax = min(lmax_response, 8, self._max_supported_lmax(n_dirs))
         self.lmax = check_lmax(lmax if lmax is not None else default_lmax, "lmax")
         if self.lmax < 2:
-            raise DwiflowInputError("lmax must be a positive even integer")
+            raise DwiflowInputError("lmax must be a positive even integer", parameters=("lmax",))
         if n_coefficients(self.lmax) > SUPER_RESOLUTION_FACTOR * n_dirs:
             raise DwiflowInputError(
                 f"lmax {self.lmax} ({n_coefficients(self.lmax)} coefficients) is more than the {n_dirs} directions of "
                 f"shell b={self.shell.bvalue:.0f} support (at most {SUPER_RESOLUTION_FACTOR} coefficients per direction); "
-                f"use --lmax {self._max_supported_lmax(n_dirs)} or lower"
+                f"use lmax {self._max_supported_lmax(n_dirs)} or lower", parameters=("lmax",)
             )
         for name, value in (("neg_lambda", neg_lambda), ("norm_lambda", norm_lambda)):
             if not value >= 0:
-                raise DwiflowInputError(f"{name} must be >= 0, got {value}")
+                raise DwiflowInputError(f"{name} must be >= 0, got {value}", parameters=(name,))
         if int(niter) != niter or niter < 0:
-            raise DwiflowInputError(f"niter must be a non-negative integer, got {niter}")
+            raise DwiflowInputError(f"niter must be a non-negative integer, got {niter}", parameters=("niter",))
         self.niter, self.chunk_size = int(niter), int(chunk_size)
         if flavour == "dipy":  # every b>0 volume, as DIPY's model
             self.shell = Shell(self.shell.bvalue, np.flatnonzero(~gtab.b0s_mask), False)
@@ -251,7 +284,7 @@ class CsdModel:
             row = np.zeros(self.gtab.n_volumes)
             row[self.shell.indices] = self._forward @ delta
             fit = self.fit(row[None, None, None, :])
-            if fit.status.ravel()[0] != 0:
+            if fit.status.ravel()[0] != FitStatus.OK:
                 raise DwiflowInputError("the response's own signal could not be deconvolved (point-spread function)")
             self._psf = fit.sh.reshape(-1)[orders == 0].copy()
         return self._psf
@@ -291,7 +324,7 @@ class CsdModel:
                 finite = np.all(np.isfinite(signal), axis=1)
                 sh[sl] = np.linalg.solve(self._normal, (np.where(finite[:, None], signal, 0.0) @ self._forward).T).T
                 sh[sl][~finite] = np.nan
-                status[sl] = np.where(finite, 0, 1)
+                status[sl] = np.where(finite, FitStatus.OK, FitStatus.NONFINITE_INPUT)
                 continue
             out, st, it = solve_csd(
                 np.ascontiguousarray(batch.signal(sl)), columns, self._forward, self._start_t,
@@ -299,9 +332,9 @@ class CsdModel:
                 self._constraints, self._mask_moments, self._gaunt_indptr, self._gaunt_indices, self._gaunt_data,
                 normal_lower, self.niter,
             )
-            out[st != 0] = np.nan
+            out[st != FitStatus.OK] = np.nan
             sh[sl], status[sl], iterations[sl] = out, st, it
         return CsdFit(
             sh=scatter(sh, batch, fill=0.0), status=scatter(status, batch), iterations=scatter(iterations, batch),
-            mask=batch.mask, lmax=self.lmax,
+            mask=batch.mask, lmax=self.lmax, model=self,
         )

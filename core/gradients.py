@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dwiflow.core.defaults import B0_THRESHOLD
 from dwiflow.core.errors import DwiflowInputError
 
-DEFAULT_B0_THRESHOLD = 50.0
+DEFAULT_B0_THRESHOLD = B0_THRESHOLD
 DEFAULT_SHELL_TOLERANCE = 80.0
 
 

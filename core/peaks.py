@@ -43,6 +43,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from dwiflow.core.defaults import PEAKS_MIN_SEPARATION, PEAKS_NUMBER, PEAKS_REL_THRESHOLD
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.sh import expand_per_degree, lmax_from_n_coefficients, real_sh_basis, zonal_to_rotational_harmonics
 from dwiflow.core.sphere import Sphere, geodesic_sphere, get_sphere
@@ -215,10 +216,10 @@ def _find_peaks_subtracting(sh, psf, npeaks, rel_threshold, abs_threshold, min_s
 
 def find_peaks_batch(
     sh: np.ndarray,
-    npeaks: int = 3,
-    rel_threshold: float = 0.2,
+    npeaks: int = PEAKS_NUMBER,
+    rel_threshold: float = PEAKS_REL_THRESHOLD,
     abs_threshold: float = 0.0,
-    min_separation_deg: float = 25.0,
+    min_separation_deg: float = PEAKS_MIN_SEPARATION,
     frequency: int = 32,
     psf: np.ndarray | None = None,
 ) -> np.ndarray:
@@ -351,10 +352,10 @@ def find_peaks_rows(sh: np.ndarray, chunk_size: int = 4000, **options) -> np.nda
 def find_peaks(
     sh: np.ndarray,
     mask: np.ndarray | None = None,
-    npeaks: int = 3,
-    rel_threshold: float = 0.2,
+    npeaks: int = PEAKS_NUMBER,
+    rel_threshold: float = PEAKS_REL_THRESHOLD,
     abs_threshold: float = 0.0,
-    min_separation_deg: float = 25.0,
+    min_separation_deg: float = PEAKS_MIN_SEPARATION,
     chunk_size: int = 4000,
     psf: np.ndarray | None = None,
 ) -> Peaks:

@@ -342,19 +342,21 @@ def mask_for_response_ssst(
     if data.ndim != 4:
         raise DwiflowInputError(f"data must be 4D (x, y, z, volumes), got {data.ndim}D")
     if not 0 <= fa_threshold < 1:
-        raise DwiflowInputError(f"fa threshold must be in [0, 1), got {fa_threshold}")
+        raise DwiflowInputError(f"fa_threshold must be in [0, 1), got {fa_threshold}", parameters=("fa_threshold",))
     roi = roi_mask(data.shape[:3], roi_center, roi_radii)
     if mask is not None:
         roi &= np.asarray(mask, dtype=bool)
     if not roi.any():
-        raise DwiflowInputError("the response ROI does not overlap the mask; move --roi-center or enlarge --roi-radii")
+        raise DwiflowInputError("the response ROI does not overlap the mask; move roi_center or enlarge roi_radii",
+                                parameters=("roi_center", "roi_radii"))
     fit = TensorModel(gtab).fit(data, roi)
     fa = np.nan_to_num(fit.fa, nan=0.0)
     selected = fa > fa_threshold
     if not selected.any():
         raise DwiflowInputError(
             f"no voxel with FA > {fa_threshold:g} among the {int(roi.sum())} voxels of the ROI "
-            f"(highest FA {fa[roi].max():.2f}); lower --fa-thr or enlarge --roi-radii"
+            f"(highest FA {fa[roi].max():.2f}); lower fa_threshold or enlarge roi_radii",
+            parameters=("fa_threshold", "roi_radii"),
         )
     return selected
 
@@ -426,7 +428,7 @@ def fa_response_voxels(
         raise DwiflowInputError(f"erode must be >= 0, got {erode}")
     eroded = ndimage.binary_erosion(brain_mask, iterations=erode, border_value=1) if erode else brain_mask
     if not eroded.any():
-        raise DwiflowInputError(f"the brain mask is empty after {erode} erosions; use fewer (--erode)")
+        raise DwiflowInputError(f"the brain mask is empty after {erode} erosions; use fewer", parameters=("erode",))
     fit = TensorModel(gtab).fit(data, eroded)
     fa = np.where(fit.status == 0, fit.fa, np.nan)
     voxels = top_voxels(fa, eroded, number)

@@ -178,7 +178,7 @@ def tax_response(
         if not single.any():
             raise DwiflowInputError(
                 f"recursive calibration found no single-fibre voxel at iteration {iteration} "
-                f"(peak_thr {peak_thr}); give a white-matter mask or raise --peak-thr"
+                f"(peak_thr {peak_thr}); give a white-matter mask or raise peak_thr", parameters=("peak_thr",)
             )
         rows = np.flatnonzero(keep)[single]
         keep = np.zeros_like(keep)

@@ -41,14 +41,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dwiflow.core.defaults import RUMBA_CSF_DIFFUSIVITY, RUMBA_GM_DIFFUSIVITY, RUMBA_WM_RESPONSE
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import GradientTable
-from dwiflow.core.sphere import Sphere, get_sphere
-from dwiflow.core.voxels import VoxelBatch, iter_chunks, scatter
+from dwiflow.core.sphere import Sphere, sphere_vertices
+from dwiflow.core.status import FitStatus, input_status
+from dwiflow.core.voxels import VoxelBatch, VoxelFit, iter_chunks
 
-DEFAULT_WM_RESPONSE = (1.7e-3, 0.2e-3, 0.2e-3)
-DEFAULT_GM_DIFFUSIVITY = 0.8e-3
-DEFAULT_CSF_DIFFUSIVITY = 3.0e-3
 SIGMA0 = 1.0 / 15.0  # initial noise level (S0 = 1): SNR 15
 SIGMA2_MIN = (1.0 / 80.0) ** 2  # the noise variance is kept within SNR 8..80
 SIGMA2_MAX = (1.0 / 8.0) ** 2
@@ -56,12 +55,7 @@ TV_LAMBDA_MIN = (1.0 / 30.0) ** 2  # floor of the global TV weight (R = 1)
 TV_EPSILON = 1e-7  # smoothing of |grad f| in the TV term
 _EPS = float(np.finfo(float).eps)  # guards divisions, as the reference implementation
 
-STATUS_OK = 0
-STATUS_NONFINITE = 1
-STATUS_NO_B0_SIGNAL = 2
-STATUS_FAILED = 3
-STATUS_LEVELS = {STATUS_OK: "ok", STATUS_NONFINITE: "non-finite input signal",
-                 STATUS_NO_B0_SIGNAL: "no positive b=0 signal", STATUS_FAILED: "no non-negative solution (all zero)"}
+STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NO_SIGNAL, FitStatus.NO_SOLUTION)
 
 
 def mbessel_ratio(order: int, x: np.ndarray) -> np.ndarray:
@@ -133,9 +127,9 @@ def _check_isotropic(value: float | None, name: str) -> float | None:
 def rumba_kernel(
     gtab: GradientTable,
     directions: np.ndarray,
-    wm_response=DEFAULT_WM_RESPONSE,
-    gm_diffusivity: float | None = DEFAULT_GM_DIFFUSIVITY,
-    csf_diffusivity: float | None = DEFAULT_CSF_DIFFUSIVITY,
+    wm_response=RUMBA_WM_RESPONSE,
+    gm_diffusivity: float | None = RUMBA_GM_DIFFUSIVITY,
+    csf_diffusivity: float | None = RUMBA_CSF_DIFFUSIVITY,
 ) -> np.ndarray:
     """The RUMBA-SD kernel: signal (one b=0 row, then every diffusion-weighted volume) of unit
     fractions of each compartment.
@@ -372,76 +366,97 @@ class _TvTables:
 
 
 @dataclass
-class RumbaFit:
-    """Result of :meth:`RumbaSDModel.fit` for the masked voxels (scatter into volumes on demand).
+class RumbaFit(VoxelFit):
+    """Result of :meth:`RumbaSDModel.fit`; every public array is shaped like the input volume.
 
     Attributes
     ----------
-    batch : VoxelBatch
-    fractions : ndarray (n_voxels, m + 2), in the model's precision (float32 by default)
-        fODF amplitudes on the model sphere, then GM and CSF fractions; each row sums to 1.
-    sigma2 : ndarray (n_voxels,)
-        Final noise variance estimate (S0 = 1 units); the SNR estimate is ``1/sqrt(sigma2)``.
-    status : ndarray (n_voxels,) of uint8
+    fractions : ndarray (..., m + 2), in the model's precision (float32 by default)
+        fODF amplitudes on the model sphere, then GM and CSF fractions; each voxel sums to 1.
+    mask, status : ndarray (...)
+        The fitted voxels and their :class:`~dwiflow.core.status.FitStatus` codes.
+    fractions_rows, sigma2_rows, status_rows : ndarray (n_voxels, ...)
+        The same per masked voxel; ``sigma2`` is the final noise variance (S0 = 1 units).
     """
 
     model: "RumbaSDModel"
     batch: VoxelBatch
-    fractions: np.ndarray
-    sigma2: np.ndarray
-    status: np.ndarray
+    fractions_rows: np.ndarray
+    sigma2_rows: np.ndarray
+    status_rows: np.ndarray
 
-    def volume(self, values: np.ndarray, fill=np.nan) -> np.ndarray:
-        """Per-voxel ``values`` placed back into the image grid."""
-        return scatter(values, self.batch, fill)
+    @property
+    def fractions(self) -> np.ndarray:
+        return self.volume(self.fractions_rows)
 
     @property
     def odf_rows(self) -> np.ndarray:
-        return self.fractions[:, :-2]
+        return self.fractions_rows[:, :-2]
 
-    def odf(self) -> np.ndarray:
-        """fODF amplitudes on the model sphere (…, m); NaN outside the mask and for failed voxels."""
-        return self.volume(self.odf_rows)
+    def odf(self, sphere=None) -> np.ndarray:
+        """fODF (…, m): volume fractions on the model sphere (``sphere=None``), or the SH fit of degree 8
+        evaluated on another sphere (a name, a Sphere or (m, 3) unit vectors); NaN outside the mask."""
+        if sphere is None:
+            return self.volume(self.odf_rows)
+        from dwiflow.core.sh import real_sh_basis
+
+        return self.volume(self.odf_sh_rows(8) @ real_sh_basis(8, sphere_vertices(sphere)).T)
 
     @property
     def f_gm(self) -> np.ndarray:
-        return self.volume(self.fractions[:, -2])
+        return self.volume(self.fractions_rows[:, -2])
 
     @property
     def f_csf(self) -> np.ndarray:
-        return self.volume(self.fractions[:, -1])
+        return self.volume(self.fractions_rows[:, -1])
 
     @property
     def f_wm(self) -> np.ndarray:
-        return self.volume(self.fractions[:, :-2].sum(axis=1))
+        return self.volume(self.fractions_rows[:, :-2].sum(axis=1))
 
     @property
     def f_iso(self) -> np.ndarray:
-        return self.volume(self.fractions[:, -2:].sum(axis=1))
+        return self.volume(self.fractions_rows[:, -2:].sum(axis=1))
 
     def combined_odf_rows(self) -> np.ndarray:
         """fODF plus the isotropic fraction spread evenly over the sphere (rows sum to 1)."""
         odf = self.odf_rows
-        return odf + self.fractions[:, -2:].sum(axis=1, keepdims=True) / odf.shape[1]
+        return odf + self.fractions_rows[:, -2:].sum(axis=1, keepdims=True) / odf.shape[1]
 
-    def odf_sh(self, lmax: int = 8) -> np.ndarray:
+    def odf_sh_rows(self, lmax: int = 8) -> np.ndarray:
         """fODF rows as real SH (MRtrix3 basis, frame of the gradients), least squares on the model sphere."""
         from dwiflow.core.sh import amplitudes_to_sh
 
         return amplitudes_to_sh(self.odf_rows, self.model.vertices, lmax)
 
-    def combined_odf_sh(self, lmax: int = 8, odf_sh: np.ndarray | None = None) -> np.ndarray:
-        """SH of :meth:`combined_odf_rows`: the fODF's plus the isotropic fraction's share of the l=0 term
-        (a constant c on the sphere has l=0 coefficient c·√(4π))."""
-        out = np.array(self.odf_sh(lmax) if odf_sh is None else odf_sh, copy=True)
-        out[:, 0] += self.fractions[:, -2:].sum(axis=1) / self.odf_rows.shape[1] * np.sqrt(4 * np.pi)
-        return out
+    def odf_sh(self, lmax: int = 8) -> np.ndarray:
+        """The fODF as SH (…, n_coefficients): 0 outside the mask, NaN where the fit failed."""
+        return self.volume(self.odf_sh_rows(lmax), fill=0.0)
+
+    @property
+    def shm_coeff(self) -> np.ndarray:
+        """The fODF's SH coefficients of degree 8 (DIPY's name)."""
+        return self.odf_sh(8)
+
+    def combined_odf_sh(self, lmax: int = 8, odf_sh_rows: np.ndarray | None = None) -> np.ndarray:
+        """SH (…, n_coefficients) of :meth:`combined_odf_rows`: the fODF's plus the isotropic fraction's share of
+        the l=0 term (a constant c on the sphere has l=0 coefficient c·√(4π)); 0 outside the mask."""
+        out = np.array(self.odf_sh_rows(lmax) if odf_sh_rows is None else odf_sh_rows, copy=True)
+        out[:, 0] += self.fractions_rows[:, -2:].sum(axis=1) / self.odf_rows.shape[1] * np.sqrt(4 * np.pi)
+        return self.volume(out, fill=0.0)
 
     def snr(self) -> np.ndarray:
-        return self.volume(1.0 / np.sqrt(self.sigma2))
+        """Estimated S0/sigma per voxel."""
+        return self.volume(1.0 / np.sqrt(self.sigma2_rows))
 
-    def status_volume(self) -> np.ndarray:
-        return self.volume(self.status, fill=np.uint8(0))
+    def predict(self) -> np.ndarray:
+        """The normalised signal (…, n_volumes) the fitted fractions predict (S0 = 1, every b=0 volume 1)."""
+        kernel = self.model.kernel
+        b0 = self.model.gtab.b0s_mask
+        columns = np.zeros((kernel.shape[1], b0.size))
+        columns[:, b0] = kernel[0][:, None]
+        columns[:, ~b0] = kernel[1:].T
+        return self.volume(self.fractions_rows.astype(float) @ columns)
 
 
 class RumbaSDModel:
@@ -482,9 +497,9 @@ class RumbaSDModel:
         self,
         gtab: GradientTable,
         *,
-        wm_response=DEFAULT_WM_RESPONSE,
-        gm_response: float | None = DEFAULT_GM_DIFFUSIVITY,
-        csf_response: float | None = DEFAULT_CSF_DIFFUSIVITY,
+        wm_response=RUMBA_WM_RESPONSE,
+        gm_response: float | None = RUMBA_GM_DIFFUSIVITY,
+        csf_response: float | None = RUMBA_CSF_DIFFUSIVITY,
         n_iter: int = 600,
         recon_type: str = "smf",
         n_coils: int | None = None,
@@ -510,15 +525,7 @@ class RumbaSDModel:
             raise DwiflowInputError("total variation (use_tv) needs the global fit (voxelwise=False)")
         if precision not in ("float32", "float64"):
             raise DwiflowInputError(f"precision must be 'float32' or 'float64', got {precision!r}")
-        if isinstance(sphere, str):
-            vertices = get_sphere(sphere).vertices
-        elif isinstance(sphere, Sphere):
-            vertices = sphere.vertices
-        else:
-            vertices = np.asarray(sphere, dtype=float)
-            if vertices.ndim != 2 or vertices.shape[1] != 3 or vertices.shape[0] < 3:
-                raise DwiflowInputError(f"sphere must be a name, a Sphere or (m, 3) unit vectors, got shape {vertices.shape}")
-            vertices = vertices / np.linalg.norm(vertices, axis=1, keepdims=True)
+        vertices = sphere_vertices(sphere)
         self.gtab = gtab
         self.vertices = vertices
         self.gm_response = gm_response
@@ -556,14 +563,9 @@ class RumbaSDModel:
         n = batch.n_voxels
         fractions = np.full((n, self.kernel.shape[1]), np.nan, dtype=self.dtype)
         sigma2 = np.full(n, np.nan)
-        status = np.zeros(n, dtype=np.uint8)
         raw = batch.signal()
-        finite = np.all(np.isfinite(raw), axis=1)
-        status[~finite] = STATUS_NONFINITE
-        b0_ok = np.zeros(n, bool)
-        b0_ok[finite] = np.nanmean(raw[finite][:, self.gtab.b0s_mask], axis=1) > 0
-        status[finite & ~b0_ok] = STATUS_NO_B0_SIGNAL
-        good = np.flatnonzero(finite & b0_ok)
+        status = input_status(raw, self.gtab.b0s_mask)
+        good = np.flatnonzero(status == FitStatus.OK)
         if good.size:
             signal, _ = normalise_signal(raw[good], self.gtab)
             if self.voxelwise:
@@ -577,7 +579,7 @@ class RumbaSDModel:
             sigma2[good] = s2
             dead = ~(np.isfinite(full).all(axis=1) & (full.sum(axis=1) > 0.5))
             fractions[good[dead]] = np.nan
-            status[good[dead]] = STATUS_FAILED
+            status[good[dead]] = FitStatus.NO_SOLUTION
         return RumbaFit(self, batch, fractions, sigma2, status)
 
     def _fit_voxelwise(self, signal: np.ndarray, progress) -> tuple[np.ndarray, np.ndarray]:

@@ -24,20 +24,12 @@ import numpy as np
 
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import GradientTable
+from dwiflow.core.status import FitStatus
 from dwiflow.core.voxels import VoxelBatch, iter_chunks, scatter
 
 MIN_POSITIVE_SIGNAL = 1e-4
 
-STATUS_OK = 0
-STATUS_NONFINITE_INPUT = 1
-STATUS_NO_SIGNAL = 2
-STATUS_SINGULAR = 3
-TENSOR_STATUS = {
-    STATUS_OK: "ok",
-    STATUS_NONFINITE_INPUT: "non-finite input signal",
-    STATUS_NO_SIGNAL: "no positive signal",
-    STATUS_SINGULAR: "singular least-squares system",
-}
+STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NO_SIGNAL, FitStatus.SINGULAR)
 
 
 def tensor_design_matrix(gtab: GradientTable) -> np.ndarray:
@@ -106,7 +98,7 @@ class TensorFit:
     s0 : ndarray (...)
         Fitted non-diffusion-weighted signal.
     status : ndarray (...) of uint8
-        0 ok, otherwise a key of :data:`TENSOR_STATUS`; failed voxels hold NaN.
+        :class:`~dwiflow.core.status.FitStatus` codes (:data:`STATUS_CODES`); failed voxels hold NaN.
     mask : ndarray (...) of bool
         The voxels that were fitted.
     """
@@ -151,7 +143,7 @@ class TensorFit:
 
 
 def _solve_stacked(normal: np.ndarray, rhs: np.ndarray, status: np.ndarray) -> np.ndarray:
-    """Solve stacked systems; a singular one gets NaN and STATUS_SINGULAR (others unaffected)."""
+    """Solve stacked systems; a singular one gets NaN and FitStatus.SINGULAR (others unaffected)."""
     try:
         return np.linalg.solve(normal, rhs[..., None])[..., 0]
     except np.linalg.LinAlgError:
@@ -161,7 +153,7 @@ def _solve_stacked(normal: np.ndarray, rhs: np.ndarray, status: np.ndarray) -> n
         out = np.full_like(rhs, np.nan)
         if np.any(~singular):
             out[~singular] = np.linalg.solve(normal[~singular], rhs[~singular][..., None])[..., 0]
-        status[singular & (status == STATUS_OK)] = STATUS_SINGULAR
+        status[singular & (status == FitStatus.OK)] = FitStatus.SINGULAR
         return out
 
 
@@ -216,9 +208,9 @@ class TensorModel:
         """Fit (v, n) signals; returns (v, 7) parameters in original units and status."""
         status = np.zeros(signal.shape[0], dtype=np.uint8)
         finite = np.all(np.isfinite(signal), axis=1)
-        status[~finite] = STATUS_NONFINITE_INPUT
+        status[~finite] = FitStatus.NONFINITE_INPUT
         positive = np.any(signal > 0, axis=1)
-        status[finite & ~positive] = STATUS_NO_SIGNAL
+        status[finite & ~positive] = FitStatus.NO_SIGNAL
         sig = np.where(finite[:, None], signal, 1.0)
         log_s = np.log(np.maximum(sig, self.min_signal))
         beta = log_s @ self._ols_pinv.T
@@ -228,8 +220,8 @@ class TensorModel:
             rhs = (w2 * log_s) @ self._x
             beta = _solve_stacked(normal, rhs, status)
         beta = beta / self._scale
-        bad = (status != STATUS_OK) | ~np.all(np.isfinite(beta), axis=1)
-        status[bad & (status == STATUS_OK)] = STATUS_SINGULAR
+        bad = (status != FitStatus.OK) | ~np.all(np.isfinite(beta), axis=1)
+        status[bad & (status == FitStatus.OK)] = FitStatus.SINGULAR
         beta[bad] = np.nan
         return beta, status
 
@@ -246,7 +238,7 @@ class TensorModel:
         for sl in iter_chunks(nvox, self.chunk_size):
             params[sl], status[sl] = self._fit_batch(batch.signal(sl))
         tensors = lower_triangular_to_matrix(params[:, :6])
-        ok = status == STATUS_OK
+        ok = status == FitStatus.OK
         evals = np.full((nvox, 3), np.nan)
         evecs = np.full((nvox, 3, 3), np.nan)
         if np.any(ok):

@@ -77,3 +77,32 @@ def scatter(values: np.ndarray, batch: VoxelBatch, fill: float = 0) -> np.ndarra
     out = np.full(batch.mask.shape + values.shape[1:], fill, dtype=values.dtype)
     out[batch.index] = values
     return out
+
+
+class VoxelFit:
+    """Base of the fits that compute on the masked voxels as rows and expose volumes.
+
+    Every fit in dwiflow follows one convention: its public arrays are shaped like the input
+    volume (``data.shape[:-1]`` plus any trailing axes), with ``mask`` (the voxels fitted) and
+    ``status`` (:class:`~dwiflow.core.status.FitStatus` codes, 0 outside the mask). Estimates
+    outside the mask hold the fill value (NaN, or 0 for SH coefficients); estimates of voxels
+    whose status is not OK are NaN. Subclasses keep their per-voxel rows (``status_rows`` and
+    their own) and place them into the image grid with :meth:`volume`.
+    """
+
+    batch: VoxelBatch
+    status_rows: np.ndarray
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The voxels that were fitted (bool, the input's spatial shape)."""
+        return self.batch.mask
+
+    @property
+    def status(self) -> np.ndarray:
+        """Per-voxel status (uint8, the input's spatial shape; 0 outside the mask)."""
+        return scatter(self.status_rows, self.batch, fill=np.uint8(0))
+
+    def volume(self, values: np.ndarray, fill=np.nan) -> np.ndarray:
+        """Per-voxel ``values`` (n_voxels, …) placed back into the image grid."""
+        return scatter(values, self.batch, fill)

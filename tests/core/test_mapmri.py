@@ -68,7 +68,7 @@ def test_mapl_equals_dipy_on_phantom(phantom, anisotropic, weighting):
     assert np.median(odf_correlation(ours, theirs, get_sphere("repulsion300").vertices)) > 0.999
     # the fit reproduces the (noisy) signal it was given
     normalised = data / data[:, g.b0s_mask].mean(axis=1, keepdims=True)
-    assert np.median(np.abs(ours.fitted_signal() - normalised)) < 0.05
+    assert np.median(np.abs(ours.predict() - normalised)) < 0.05
 
 
 def test_weight_array_scan_equals_dipy(phantom):
@@ -128,7 +128,7 @@ def test_isotropic_grid_positivity_equals_dipy(phantom):
 def test_real_data_equals_dipy(acquisition):
     from tests.conftest import real_run
     from dwiflow.tasks.io import load_dwi, load_mask
-    from dwiflow.tasks.stages import diffusion_times
+    from dwiflow.tasks.stagelib import diffusion_times
 
     paths = real_run(f"sub-01_acq-{acquisition}")
     run = load_dwi(paths["dwi"], paths["bval"], paths["bvec"])
@@ -202,7 +202,7 @@ def test_positivity_fits_equal_dipy_on_real_data(acquisition, name, options, dip
     there."""
     from tests.conftest import real_run
     from dwiflow.tasks.io import load_dwi, load_mask
-    from dwiflow.tasks.stages import diffusion_times
+    from dwiflow.tasks.stagelib import diffusion_times
 
     paths = real_run(f"sub-01_acq-{acquisition}")
     run = load_dwi(paths["dwi"], paths["bval"], paths["bvec"])

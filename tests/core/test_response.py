@@ -136,7 +136,7 @@ def test_ssst_equals_dipy_and_truth_on_a_phantom():
 def test_ssst_no_voxel_names_the_count_and_option():
     gtab = acquisition_scheme("single")
     ph = make_phantom(gtab, (8, 8, 4), n_fibres=1, snr=None, evals=(0.9e-3, 0.8e-3, 0.8e-3))
-    with pytest.raises(DwiflowInputError, match=r"no voxel with FA > 0.7 among the \d+ voxels of the ROI.*--fa-thr"):
+    with pytest.raises(DwiflowInputError, match=r"no voxel with FA > 0.7 among the \d+ voxels of the ROI.*lower fa_threshold"):
         mask_for_response_ssst(ph.data, gtab)
 
 

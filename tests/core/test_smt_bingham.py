@@ -3,7 +3,7 @@
 import numpy as np
 
 from dwiflow.core.sims import acquisition_scheme
-from dwiflow.core.smt import WatsonFit, bingham_axes, bingham_sh, fit_bingham
+from dwiflow.core.smt_fod import WatsonFit, bingham_axes, bingham_sh, fit_bingham
 from dwiflow.core.sphere import geodesic_sphere
 
 
@@ -17,7 +17,8 @@ def test_bingham_without_beta_is_the_watson_and_its_lobes_follow_the_axes():
     mu, nu = bingham_axes(theta, phi, psi)
     kappa = np.array([0.5, 2.0, 8.0, 20.0, 31.8])  # up to the largest kappa the fit allows (ODI 0.02)
     # quadrature SH of the Bingham vs the Watson's Funk-Hecke (Legendre) coefficients: two independent routes
-    watson = WatsonFit(mu=mu, kappa=kappa, odi=np.zeros(5), mse=np.zeros(5)).sh(8)
+    watson = WatsonFit(mu=mu, kappa=kappa, odi=np.zeros(5), mse=np.zeros(5), status=np.zeros(5, np.uint8),
+                       converged=np.ones(5, bool)).sh(8)
     assert np.allclose(bingham_sh(mu, nu, kappa, np.zeros(5), 8), watson, atol=1e-6)
     assert np.allclose(np.abs(np.sum(mu * nu, axis=1)), 0, atol=1e-12)
     # with beta > 0 the density is highest along mu, then nu, lowest along mu x nu (kappa <= 8: lmax 12 truncates

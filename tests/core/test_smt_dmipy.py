@@ -10,7 +10,8 @@ import pytest
 
 from dwiflow.core.sh import cart_to_sphere
 from dwiflow.core.sims import acquisition_scheme, make_phantom
-from dwiflow.core.smt import SmtModel, fit_watson
+from dwiflow.core.smt import SmtModel
+from dwiflow.core.smt_fod import fit_watson
 from tests.conftest import real_run
 
 WATSON = "SD1WatsonDistributed_1_SD1Watson_1_"

@@ -6,9 +6,8 @@ from dipy.reconst.dti import TensorModel as DipyTensorModel
 
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.sims import acquisition_scheme, make_phantom
+from dwiflow.core.status import FitStatus
 from dwiflow.core.tensor import (
-    STATUS_NO_SIGNAL,
-    STATUS_NONFINITE_INPUT,
     TensorModel,
     fractional_anisotropy,
 )
@@ -58,8 +57,8 @@ def test_failed_voxels_get_nan_and_a_status_code():
     data[0, 0, 0, 5] = np.nan
     data[1, 1, 0, :] = 0.0
     fit = TensorModel(gtab).fit(data)
-    assert fit.status[0, 0, 0] == STATUS_NONFINITE_INPUT and np.isnan(fit.fa[0, 0, 0])
-    assert fit.status[1, 1, 0] == STATUS_NO_SIGNAL and np.isnan(fit.md[1, 1, 0])
+    assert fit.status[0, 0, 0] == FitStatus.NONFINITE_INPUT and np.isnan(fit.fa[0, 0, 0])
+    assert fit.status[1, 1, 0] == FitStatus.NO_SIGNAL and np.isnan(fit.md[1, 1, 0])
     good = fit.status == 0
     assert good.sum() == 14 and np.all(np.isfinite(fit.fa[good]))
 

@@ -1,0 +1,61 @@
+"""Per-voxel fit status: the one enum every model reports with, and the input checks they share.
+
+Every fit holds a ``status`` array (uint8, shaped like the input volume): 0 where the voxel's
+estimate is usable, otherwise the code of the first thing that went wrong. Estimates of a voxel
+with a non-zero status are NaN. The texts below are what the JSON sidecars of status maps list
+under ``Levels``; each model declares which codes it can produce (its ``STATUS_CODES``).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Iterable
+
+import numpy as np
+
+
+class FitStatus(IntEnum):
+    """Why a voxel has no usable estimate (0: it has one)."""
+
+    OK = 0
+    NONFINITE_INPUT = 1
+    NO_SIGNAL = 2
+    SINGULAR = 3
+    SOLVER_FAILED = 4
+    NOT_CONVERGED = 5
+    NO_SOLUTION = 6
+
+    @property
+    def description(self) -> str:
+        return _DESCRIPTIONS[self]
+
+
+_DESCRIPTIONS = {
+    FitStatus.OK: "ok",
+    FitStatus.NONFINITE_INPUT: "non-finite input signal",
+    FitStatus.NO_SIGNAL: "no positive signal (b=0 mean, or every sample, not above 0)",
+    FitStatus.SINGULAR: "singular least-squares system",
+    FitStatus.SOLVER_FAILED: "the constrained solver found no solution",
+    FitStatus.NOT_CONVERGED: "did not converge within the iteration limit",
+    FitStatus.NO_SOLUTION: "no non-negative solution (every fraction zero)",
+}
+
+
+def status_levels(codes: Iterable[FitStatus]) -> dict[str, str]:
+    """Sidecar ``Levels`` of a status map: ``{"0": "ok", "1": ...}`` for the given codes, in code order."""
+    return {str(int(code)): FitStatus(code).description for code in sorted(set(codes) | {FitStatus.OK})}
+
+
+def input_status(signal: np.ndarray, b0s_mask: np.ndarray) -> np.ndarray:
+    """Status of signals (n, n_volumes) before fitting: non-finite input, or no positive mean b=0 signal.
+
+    The check shared by the models that normalise by the mean b=0 signal (MAP-MRI, RUMBA-SD, SMT);
+    usable voxels get ``FitStatus.OK``.
+    """
+    status = np.zeros(signal.shape[0], dtype=np.uint8)
+    finite = np.all(np.isfinite(signal), axis=1)
+    status[~finite] = FitStatus.NONFINITE_INPUT
+    positive = np.zeros_like(finite)
+    positive[finite] = signal[finite][:, b0s_mask].mean(axis=1) > 0
+    status[finite & ~positive] = FitStatus.NO_SIGNAL
+    return status
