@@ -23,7 +23,7 @@ from dwiflow.core.gradients import world_to_fsl_bvecs
 from dwiflow.core.response import ResponseFunction, amp2response, tensor_response_zonal
 from dwiflow.core.sims import acquisition_scheme, make_phantom
 from dwiflow.core.tensor import TensorModel
-from dwiflow.tasks.stages import amp2response_stage, tensor_stage
+from dwiflow.tasks.registry import get as stage
 
 
 def _best_of(fn, repeats: int) -> tuple[float, object]:
@@ -61,8 +61,8 @@ def bench_tensor(n_voxels: int, repeats: int, workdir: Path) -> list[dict]:
         t_mrtrix, _ = _best_of(lambda: subprocess.run(cmd, check=True), repeats)
         # file to file on our side too: read NIfTI + gradients, fit, write the maps
         outputs = {"fa": workdir / "fa_ours.nii", "evals": workdir / "evals_ours.nii", "v1": workdir / "v1_ours.nii"}
-        t_stage, _ = _best_of(lambda: tensor_stage(workdir / "dwi.nii", workdir / "dwi.bval", workdir / "dwi.bvec",
-                                                   outputs), repeats)
+        t_stage, _ = _best_of(lambda: stage("tensor")(outputs, dwi=workdir / "dwi.nii", bval=workdir / "dwi.bval",
+                                                      bvec=workdir / "dwi.bvec", maps=list(outputs)), repeats)
         subprocess.run(["tensor2metric", "-quiet", "-force", str(workdir / "t.nii"), "-fa", str(workdir / "fa.nii")], check=True)
         fa_mrtrix = nib.load(workdir / "fa.nii").get_fdata()
         rows.append({"step": "tensor files", "peer": f"MRtrix3 dwi2tensor ({nthreads} threads), both incl. I/O", "voxels": nvox,
@@ -99,9 +99,9 @@ def bench_amp2response(n_voxels: int, repeats: int, workdir: Path) -> list[dict]
                str(workdir / "mask.nii"), str(workdir / "dirs.nii"), str(workdir / "mrtrix.txt")]
         t_mrtrix, _ = _best_of(lambda: subprocess.run(cmd, check=True), repeats)
         ref = ResponseFunction.from_text((workdir / "mrtrix.txt").read_text())
-        t_stage, _ = _best_of(lambda: amp2response_stage(workdir / "ph.nii", workdir / "ph.bval", workdir / "ph.bvec",
-                                                         workdir / "mask.nii", workdir / "dirs.nii", workdir / "ours.txt"),
-                              repeats)
+        t_stage, _ = _best_of(lambda: stage("response", "amp2response")(
+            {"response": workdir / "ours.txt"}, dwi=workdir / "ph.nii", bval=workdir / "ph.bval", bvec=workdir / "ph.bvec",
+            mask=workdir / "mask.nii", directions_image=workdir / "dirs.nii"), repeats)
         diff = np.abs(ours.coefficients - ref.coefficients).max() / np.abs(ref.coefficients[:, :1]).min()
         rows.append({"step": "amp2response", "peer": f"MRtrix3 amp2response ({nthreads} threads), both incl. I/O",
                      "voxels": nvox, "dwiflow_s": t_stage, "peer_s": t_mrtrix,
@@ -415,7 +415,8 @@ def bench_smt(n_voxels: int, dipy_seconds: float) -> list[dict]:
     from dmipy_fit.signal_models import gaussian_models
     from threadpoolctl import threadpool_limits
 
-    from dwiflow.core.smt import SmtModel, fit_watson
+    from dwiflow.core.smt import SmtModel
+    from dwiflow.core.smt_fod import fit_watson
     from dwiflow.core.tensor import TensorModel
 
     g = acquisition_scheme("multi")

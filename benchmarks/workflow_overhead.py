@@ -15,7 +15,8 @@ from pathlib import Path
 
 from dwiflow.bids_specs.inputs import find_dwi_runs
 from dwiflow.cli.bidsapp import main as bidsapp
-from dwiflow.tasks import stages
+from dwiflow.tasks.registry import get as stage
+from dwiflow.tasks.stages.phantom import write_phantom_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,14 +25,15 @@ def stage_chain(run, mask, folder: Path) -> float:
     t0 = time.perf_counter()
     if mask is None:
         mask = folder / "mask.nii.gz"
-        stages.mask_stage(run.dwi, run.bval, run.bvec, mask)
-    stages.tensor_stage(run.dwi, run.bval, run.bvec, {k: folder / f"{k}.nii.gz" for k in
-                        ("fa", "md", "ad", "rd", "v1", "s0", "status")}, mask=mask)
-    stages.fa_response_stage(run.dwi, run.bval, run.bvec, folder / "resp.txt", mask=mask)
-    stages.csd_stage(run.dwi, run.bval, run.bvec, folder / "resp.txt", folder / "fod.nii.gz", mask=mask,
-                     status_out=folder / "st.nii.gz")
-    stages.peaks_stage(folder / "fod.nii.gz", folder / "peaks.nii.gz", mask=mask)
-    stages.fod_metrics_stage(folder / "fod.nii.gz", folder / "peaks.nii.gz", folder)
+        stage("mask")({"mask": mask}, dwi=run.dwi, bval=run.bval, bvec=run.bvec)
+    gradients = dict(dwi=run.dwi, bval=run.bval, bvec=run.bvec, mask=mask)
+    stage("tensor")({k: folder / f"{k}.nii.gz" for k in ("fa", "md", "ad", "rd", "v1", "s0", "status")}, **gradients)
+    stage("response", "fa")({"response": folder / "resp.txt"}, **gradients)
+    stage("csd")({"fod": folder / "fod.nii.gz", "status": folder / "st.nii.gz"}, response=folder / "resp.txt",
+                 **gradients)
+    stage("peaks")({"peaks": folder / "peaks.nii.gz"}, fod=folder / "fod.nii.gz", mask=mask)
+    stage("fod_metrics")({k: folder / f"{k}.nii.gz" for k in ("afd_total", "peak_amplitude", "nufo", "gfa")},
+                         fod=folder / "fod.nii.gz", peaks=folder / "peaks.nii.gz")
     return time.perf_counter() - t0
 
 
@@ -57,7 +59,7 @@ def main() -> int:
     real = REPO.parent / "shared" / "data" / "bids_real"
     with tempfile.TemporaryDirectory() as tmp:
         phantom = Path(tmp) / "phantom"
-        stages.phantom_stage(phantom, scheme="single", shape=(100, 100, 10), snr=20, seed=1)  # 100,000 tissue voxels
+        write_phantom_dataset(phantom, scheme="single", shape=(100, 100, 10), snr=20, seed=1)  # 100,000 tissue voxels
         # warm-up (numba compilation is cached on disk after the first process)
         measure("warm-up (sub-01 b1kb2k)", real, real / "derivatives" / "masks", ["01"], args.worker)
         measure("sub-01 (2 runs, real)", real, real / "derivatives" / "masks", ["01"], args.worker)

@@ -25,16 +25,33 @@ def output_spec(key: str) -> dict[str, Any]:
     return outputs[key]
 
 
-def output_filename(key: str, source_entities: dict[str, str]) -> str:
+def output_entities(key: str, naming: dict[str, str] | None = None) -> dict[str, str]:
+    """The output's own entities, with ``{placeholders}`` filled from ``naming`` (an entity whose placeholder
+    ``naming`` does not give is left out)."""
+    out = {}
+    for name, value in output_spec(key).get("entities", {}).items():
+        value = str(value)
+        if "{" in value:
+            try:
+                value = value.format(**(naming or {}))
+            except KeyError:
+                continue
+        out[name] = value
+    return out
+
+
+def output_filename(key: str, source_entities: dict[str, str], naming: dict[str, str] | None = None) -> str:
     """BIDS derivative file name of output ``key`` for a source run's entities.
 
     ``source_entities`` holds the run's entities (``sub``, ``ses``, ``acq``, ``dir``,
     ``run`` …); the output's own entities (``model``, ``param``, ``desc``) are added and
-    everything is written in the spec's entity order.
+    everything is written in the spec's entity order. ``naming`` fills the entities that depend
+    on the configuration (``{fod_model}``: the model whose FOD feeds the peaks; ``{method}``: the
+    response method).
     """
     spec = output_spec(key)
     entities = {k: v for k, v in source_entities.items() if v not in (None, "")}
-    entities.update(spec.get("entities", {}))
+    entities.update(output_entities(key, naming))
     order = output_specs()["entity_order"]
     parts = [f"{name}-{entities[name]}" for name in order if name in entities]
     return "_".join(parts + [spec["suffix"]]) + spec["extension"]
@@ -56,14 +73,22 @@ def entities_from_filename(path: str) -> dict[str, str]:
 _SIDECAR_KEYS = ("Description", "Units", "OrientationEncoding", "Levels", "Type")
 
 
+def figure_panels() -> dict[str, Any]:
+    """The QC mosaic panels (title, caption, report section) that outputs' figure hints fill."""
+    return output_specs().get("figure_panels", {})
+
+
 def sidecar(
-    key: str, parameters: dict[str, Any] | None = None, orientation: dict[str, Any] | None = None, **extra: Any
+    key: str, parameters: dict[str, Any] | None = None, orientation: dict[str, Any] | None = None,
+    levels: dict[str, str] | None = None, **extra: Any
 ) -> dict[str, Any]:
     """JSON sidecar content for output ``key``: its description, units, the model and parameters.
 
-    ``orientation`` adds run-specific ``OrientationEncoding`` fields (e.g. the SH degree).
+    ``orientation`` adds run-specific ``OrientationEncoding`` fields (e.g. the SH degree); ``levels``
+    the ``Levels`` of a status map (generated from the fit status enum by the stage).
     """
     spec = output_spec(key)
+    spec = {**spec, "Levels": levels} if levels is not None else spec
     content: dict[str, Any] = {k: deepcopy(spec[k]) for k in _SIDECAR_KEYS if k in spec}
     if orientation:
         content.setdefault("OrientationEncoding", {}).update(orientation)

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from dwiflow.bids_specs.outputs import output_filename
-from dwiflow.tasks.stages import phantom_stage
+from dwiflow.tasks.stages.phantom import write_phantom_dataset
 
 
 def run_demo(out_dir: Path) -> dict[str, Path]:
@@ -26,7 +26,7 @@ def run_demo(out_dir: Path) -> dict[str, Path]:
     raw = out_dir / "phantom"
     print(f"[demo] 1/3 phantom BIDS dataset (multi-shell, 20x20x10 tissue in a 26x26x14 image, 1-3 fibres, CSF, "
           f"SNR 30) -> {raw}", flush=True)
-    files = phantom_stage(raw, scheme="multi", shape=(20, 20, 10), snr=30.0, seed=42)
+    files = write_phantom_dataset(raw, scheme="multi", shape=(20, 20, 10), snr=30.0, seed=42)
     deriv = out_dir / "derivatives" / "dwiflow"
     print(f"[demo] 2/3 dwiflow {raw} {deriv} participant --mask-dir {raw / 'derivatives' / 'masks'}  (recon spec csd: "
           "tensor, response, CSD, peaks, FOD metrics)", flush=True)
@@ -35,7 +35,7 @@ def run_demo(out_dir: Path) -> dict[str, Path]:
         raise SystemExit("[demo] the participant level failed")
     print(f"[demo] 3/3 dwiflow {raw} {deriv} group", flush=True)
     bidsapp([str(raw), str(deriv), "group"])
-    peaks = deriv / "sub-phantom" / "dwi" / output_filename("peaks", {"sub": "phantom", "model": "csd"})
+    peaks = deriv / "sub-phantom" / "dwi" / output_filename("peaks", {"sub": "phantom"}, {"fod_model": "csd"})
     _report_accuracy(peaks, files)
     print(f"[demo] done in {time.perf_counter() - t0:.1f} s. Derivatives: {deriv.resolve()}")
     return {**files, "derivatives": deriv, "peaks": peaks}

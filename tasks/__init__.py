@@ -1,5 +1,7 @@
-"""File-level stages: load → core → save (+ JSON sidecar).
+"""File-level stages and everything derived from their declarations.
 
-``stages`` holds plain functions (files in, files out) that both the ``dwirecon``
-command and the Pydra tasks call, so the two run the same code path.
+``registry`` collects the stage declarations of ``stages/`` (one module per stage: typed options, the
+function that runs it, its inputs and outputs); the ``dwirecon`` command, the Pydra tasks
+(``pydra_tasks``), recon-spec validation (``recon_spec``), the workflow wiring, figures and reports
+all derive from it, so the command line and a run call the same code path.
 """

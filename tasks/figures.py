@@ -529,7 +529,7 @@ class _Manifest:
 
     def draw(self, section: str, title: str, name: str, caption: str, draw: Callable[[Path], Any]) -> None:
         """Draw one figure; an error becomes a note (and the half-written file is removed)."""
-        path = self.out_dir / output_filename("qc_figure", {**self.entities, "desc": name})
+        path = self.out_dir / output_filename("figures_figure", {**self.entities, "desc": name})
         try:
             draw(path)
             self.entries.append(FigureEntry(section, title, path.name, caption))
@@ -544,25 +544,28 @@ class _Manifest:
 
 def write_manifest(out_dir: Path, entities: dict[str, str], figures: list[dict[str, str]], warnings: list[str]) -> Path:
     """A run's figure manifest (figures with titles and captions, or notes; warnings), named by bids_specs."""
-    path = Path(out_dir) / output_filename("qc_figure_manifest", entities)
+    path = Path(out_dir) / output_filename("figures_manifest", entities)
     path.write_text(json.dumps({"figures": figures, "warnings": warnings}, indent=2) + "\n")
     return path
 
 
-UNIT_INTERVAL_MAPS = ("tensor_fa", "gfa", "rumba_fwm", "rumba_fiso", "rumba_fgm", "rumba_fcsf", "smt_f", "smt_fw",
-                      "smt_odi", "smt_beta", "smt_fodfrac")
-SECTION_TITLES = {"tensor": "Brain mask and tensor", "response": "Response function", "csd": "CSD",
-                  "rumba": "RUMBA-SD", "mapmri": "MAP-MRI", "smt": "Spherical mean technique"}
-
-
 def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, str], entities: dict[str, str],
-                  fod_model: str = "csd", response_method: str = "") -> Path:
+                  naming: dict[str, str] | None = None) -> Path:
     """Draw every figure a run's staged derivatives allow; returns the manifest (JSON) path.
 
-    ``files`` maps derivative keys (``tensor_fa``, ``csd_fod``, ``rumba_fwm``, ``response``,
-    ``response_voxels``, ``peaks`` …) to file names inside ``staged_dir``. Models absent from
-    ``files`` get no figures; a figure that cannot be drawn becomes a note in the manifest.
+    ``files`` maps output keys (``tensor_fa``, ``csd_fod``, ``response``, ``peaks`` …) to file names
+    inside ``staged_dir``; ``naming`` holds the run's ``fod_model`` (whose section gets the peaks and
+    the FOD metrics) and response ``method``. What is drawn comes from data: each output's
+    ``figure`` hint in ``bids_specs/outputs.yaml`` (a mosaic panel, FOD glyphs or a named drawing)
+    and ``figure_panels``; sections follow the stage registry's order, and every ``status`` output
+    gets a status map. Outputs absent from ``files`` get no figures; a figure that cannot be drawn
+    becomes a note in the manifest.
     """
+    from dwiflow.bids_specs.outputs import figure_panels, output_spec
+    from dwiflow.tasks.registry import stage_titles
+
+    naming = dict(naming or {})
+    fod_model = naming.get("fod_model", "csd")
     staged, out = Path(staged_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = _Manifest(out, entities)
@@ -579,7 +582,7 @@ def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, 
         return json.loads(side.read_text()) if side.is_file() else {}
 
     try:
-        mask = image("brain_mask") > 0
+        mask = image("mask") > 0
     except Exception as exc:
         manifest.entries.append(FigureEntry("tensor", "Brain mask", note=f"no figures: the brain mask cannot be read ({exc})"))
         return manifest.write()
@@ -590,126 +593,113 @@ def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, 
     def background() -> np.ndarray:
         return image(background_key) if background_key else mask.astype(np.float32)
 
-    def mosaic(section: str, title: str, name: str, keys: Sequence[tuple[str, str, str]], caption: str) -> None:
-        present = [(k, label, cmap) for k, label, cmap in keys if k in path_of]
-        if not present:
+    hints = {key: output_spec(key).get("figure") or {} for key in path_of}
+    titles = stage_titles()
+    section_of = {key: next((s for s in sorted(titles, key=len, reverse=True) if key == s or key.startswith(s + "_")),
+                            key) for key in path_of}
+    glyph_label = {section_of[k]: h["glyphs"] for k, h in hints.items() if "glyphs" in h and h.get("peaks", True)}
+
+    def mosaic(panel: str, spec: dict[str, Any]) -> None:
+        keys = [k for k, h in hints.items() if h.get("panel") == panel]
+        if not keys:
             return
+        title = spec["title"].format(fod_label=glyph_label.get(fod_model, fod_model))
 
         def draw(path: Path) -> None:
             panels = []
-            for key, label, cmap in present:
-                data = image(key)
+            for key in keys:
+                data, hint = image(key), hints[key]
                 units = sidecar_of(key).get("Units", "")
+                limits = tuple(hint["range"]) if "range" in hint else (None, None)
                 for v in range(data.shape[3] if data.ndim == 4 else 1):
                     volume = data[..., v] if data.ndim == 4 else data
-                    limits = (0.0, 1.0) if key in UNIT_INTERVAL_MAPS else (None, None)
-                    panels.append(MapPanel(label if data.ndim == 3 else f"{label} [{v}]", volume, units, cmap, *limits))
+                    label = hint["label"] if data.ndim == 3 else f"{hint['label']} [{v}]"
+                    panels.append(MapPanel(label, volume, units, hint.get("cmap", "gray"), *limits))
             mosaic_figure(path, panels, mask, title)
 
-        manifest.draw(section, title, name, caption, draw)
+        name = spec.get("name", panel).format(**{**naming, "fod_model": fod_model})
+        manifest.draw(spec["section"].format(fod_model=fod_model), title, name, spec["caption"], draw)
 
-    def status(section: str, key: str, label: str) -> None:
-        if key not in path_of:
-            return
+    def status(key: str, label: str) -> None:
         levels = {str(k): str(v) for k, v in sidecar_of(key).get("Levels", {}).items()}
         codes = image(key)
         failed = int(np.sum((np.nan_to_num(codes) != 0) & mask))
         if failed:
             manifest.warnings.append(f"{label}: {failed} of {int(mask.sum())} mask voxels did not fit cleanly "
                                      "(see the status map)")
-        manifest.draw(section, f"{label} status", f"{key.replace('_', '')}",
+        manifest.draw(section_of[key], f"{label} status", key.replace("_", ""),
                       "Per-voxel fit status: where fits failed, and why.",
                       lambda path: status_figure(path, codes, levels, mask, f"{label}: per-voxel status"))
 
-    def glyphs(section: str, key: str, label: str, name: str, caption: str, with_peaks: bool, **options) -> None:
-        if key not in path_of:
-            return
-        peaks = image("peaks") if with_peaks and "peaks" in path_of else None
+    def glyphs(key: str, hint: dict[str, Any]) -> None:
+        section = section_of[key]
+        with_peaks = hint.get("peaks", True) and section == fod_model and "peaks" in path_of
+        peaks = image("peaks") if with_peaks else None
         score = image("tensor_fa") if "tensor_fa" in path_of else None
-        manifest.draw(section, label, name, caption,
-                      lambda path: fod_glyph_figure(path, image(key), mask, background(), label, peaks=peaks,
-                                                    score=score, **options))
+        manifest.draw(section, hint["glyphs"], hint["name"], hint.get("caption", ""),
+                      lambda path: fod_glyph_figure(path, image(key), mask, background(), hint["glyphs"], peaks=peaks,
+                                                    score=score, normalise=hint.get("normalise", "patch")))
 
-    # tensor
-    mosaic("tensor", "Tensor: FA and MD", "tensor", [("tensor_fa", "FA", "gray"), ("tensor_md", "MD", "viridis")],
-           "Fractional anisotropy and mean diffusivity of the weighted least-squares tensor fit, inside the brain mask.")
-    status("tensor", "tensor_status", "Tensor")
+    def drawing(key: str, kind: str) -> None:
+        if kind == "response":
+            from dwiflow.core.response import ResponseFunction
 
-    # response
-    if "response" in path_of:
-        from dwiflow.core.response import ResponseFunction
-
-        response = ResponseFunction.from_text(path_of["response"].read_text(), str(path_of["response"]))
-        meta = sidecar_of("response")
-        manifest.draw("response", "Response function", "response",
-                      f"Response ({meta.get('Method', response_method)}): amplitude against the angle from the fibre "
-                      "axis for each shell, and the glyph (fibre axis vertical).",
-                      lambda path: response_figure(path, response.bvalues, response.coefficients,
-                                                   f"Response function ({response_method or 'response'})"))
-        if "response_voxels" in path_of:
-            voxels = image("response_voxels") > 0
-            annotation = ""
+            response = ResponseFunction.from_text(path_of[key].read_text(), str(path_of[key]))
+            meta = sidecar_of(key)
+            method = naming.get("method") or "response"
+            manifest.draw("response", "Response function", "response",
+                          f"Response ({meta.get('Method', method)}): amplitude against the angle from the fibre "
+                          "axis for each shell, and the glyph (fibre axis vertical).",
+                          lambda path: response_figure(path, response.bvalues, response.coefficients,
+                                                       f"Response function ({method})"))
+        elif kind == "response_voxels":
+            voxels = image(key) > 0
+            method = naming.get("method", "")
+            meta = sidecar_of("response") if "response" in path_of else {}
             roi = None
             if "Eigenvalues" in meta:
                 ev = meta["Eigenvalues"]
-                annotation = (f"SSST: eigenvalues {ev[0]:.3g}, {ev[1]:.3g}, {ev[2]:.3g} mm²/s; S0 {meta.get('S0', float('nan')):.4g}; "
-                              f"{meta.get('VoxelCount', int(voxels.sum()))} voxels with FA > "
-                              f"{meta.get('Parameters', {}).get('FaThreshold', '?')} in the central box (yellow)")
-                roi = ssst_roi(path_of["brain_mask"], meta.get("Parameters", {}))
+                annotation = (f"SSST: eigenvalues {ev[0]:.3g}, {ev[1]:.3g}, {ev[2]:.3g} mm²/s; S0 "
+                              f"{meta.get('S0', float('nan')):.4g}; {meta.get('VoxelCount', int(voxels.sum()))} voxels "
+                              f"with FA > {meta.get('Parameters', {}).get('FaThreshold', '?')} in the central box "
+                              "(yellow)")
+                roi = ssst_roi(path_of["mask"], meta.get("Parameters", {}))
             else:
-                annotation = f"{int(voxels.sum())} voxels selected by {response_method}"
+                annotation = f"{int(voxels.sum())} voxels selected by {method}"
             manifest.draw("response", "Response voxels", "responsevoxels",
                           "Voxels selected for the response (red) over the b=0 image (fitted S0), on the slices that "
                           "hold most of them.",
                           lambda path: response_voxels_figure(path, background(), voxels, mask,
-                                                              f"Voxels selected for the {response_method} response",
+                                                              f"Voxels selected for the {method} response",
                                                               annotation, roi))
-
-    # the model that produced the peaks gets the peaks overlay and the FOD-metric mosaic
-    metrics = [("afd_total", "AFD (total)", "magma"), ("nufo", "NuFO", "viridis"), ("gfa", "GFA", "gray")]
-    model_sections = {
-        "csd": ("csd_fod", "CSD fibre ODF", "Fibre orientation distributions (CSD), global scale, peaks in white."),
-        "rumba": ("rumba_fod", "RUMBA-SD fibre ODF", "RUMBA-SD white-matter fODF (SH fit), global scale, peaks in white."),
-        "mapmri": ("mapmri_odf", "MAP-MRI ODF", "MAP-MRI ODFs, each glyph scaled to its own maximum (min-max "
-                                                "contrast is low for diffusion ODFs), peaks in white."),
-        "smt": ("smt_fod", "SMT FOD", "Watson or Bingham FOD fitted on the SMT kernel (SH), global scale, peaks in "
-                                     "white."),
-    }
-    for model, (key, label, caption) in model_sections.items():
-        glyphs(model, key, label, f"{model}fod", caption, with_peaks=fod_model == model,
-               normalise="voxel" if model == "mapmri" else "patch")
-        if model == "rumba":
-            glyphs(model, "rumba_combined_odf", "RUMBA-SD combined ODF (fODF + isotropic)", "rumbacombined",
-                   "White-matter fODF plus the GM and CSF isotropic parts as a sphere, on one scale: isotropic "
-                   "voxels show as balls.", with_peaks=False)
-            mosaic(model, "RUMBA-SD volume fractions", "rumbafractions",
-                   [("rumba_fwm", "f_wm", "viridis"), ("rumba_fiso", "f_iso", "viridis"), ("rumba_fgm", "f_gm", "viridis"),
-                    ("rumba_fcsf", "f_csf", "viridis")], "White-matter and isotropic volume fractions side by side.")
-        if model == "mapmri":
-            mosaic(model, "MAP-MRI indices", "mapmriindices",
-                   [("mapmri_rtop", "RTOP", "magma"), ("mapmri_rtap", "RTAP", "magma"), ("mapmri_rtpp", "RTPP", "magma"),
-                    ("mapmri_msd", "MSD", "viridis"), ("mapmri_qiv", "QIV", "viridis"), ("mapmri_ng", "NG", "gray"),
-                    ("mapmri_ngpar", "NG∥", "gray"), ("mapmri_ngperp", "NG⊥", "gray"),
-                    ("mapmri_lapnorm", "Laplacian norm", "gray")],
-                   "Return-to-origin/axis/plane probabilities, mean squared displacement, q-space inverse variance, "
-                   "non-Gaussianities and the Laplacian norm of the fitted signal.")
-        if model == "mapmri" and "mapmri_compare" in path_of:
-            compare = (sidecar_of("mapmri_compare").get("Model", {}).get("Parameters", {}) or {}).get("Compare", {})
-            manifest.draw(model, "MAP-MRI fits compared", "mapmricompare",
+        elif kind == "mapmri_compare":
+            compare = (sidecar_of(key).get("Model", {}).get("Parameters", {}) or {}).get("Compare", {})
+            manifest.draw(section_of[key], "MAP-MRI fits compared", "mapmricompare",
                           "The indices of this run's fit and of the compared MAP-MRI variants side by side (one colour "
                           "scale per index, set by this run's fit), as DIPY's MAP-MRI tutorial compares MAPL, CMAP, "
                           "CMAPL and MAP+.",
-                          lambda path: comparison_figure(path, image("mapmri_compare"), compare["Fits"],
-                                                         compare["Indices"], mask, "MAP-MRI fits compared"))
-        if model == "smt":
-            mosaic(model, "SMT kernel", "smtkernel",
-                   [("smt_lpar", "λ∥", "viridis"), ("smt_lperp", "λ⊥", "viridis"), ("smt_f", "f = λ⊥/λ∥", "gray"),
-                    ("smt_fw", "free water", "viridis"), ("smt_mse", "MSE", "magma"), ("smt_r2", "R²", "gray"),
-                    ("smt_odi", "ODI", "viridis"), ("smt_beta", "β/κ (Bingham)", "viridis"),
-                    ("smt_fodfrac", "FOD fraction", "viridis")],
-                   "Zeppelin kernel diffusivities and their ratio, fit quality (MSE, R²) and the Watson ODI.")
-        if fod_model == model:
-            mosaic(model, f"FOD metrics ({label})", f"{model}metrics", metrics,
-                   "Total apparent fibre density, number of fibre orientations (peaks passing the thresholds) and GFA.")
-        status(model, f"{model}_status", SECTION_TITLES[model])
+                          lambda path: comparison_figure(path, image(key), compare["Fits"], compare["Indices"], mask,
+                                                         "MAP-MRI fits compared"))
+        else:
+            raise ValueError(f"unknown figure drawing {kind!r} for {key}")
+
+    panels = figure_panels()
+    for section in titles:  # in run order: glyphs, mosaics, drawings, the FOD metrics, the status map
+        keys = [k for k in path_of if section_of[k] == section]
+        for key in keys:
+            if "glyphs" in hints[key]:
+                glyphs(key, hints[key])
+        for panel, spec in panels.items():
+            if spec["section"] == section and panel in {hints[k].get("panel") for k in keys}:
+                mosaic(panel, spec)
+        for key in keys:
+            if "draw" in hints[key]:
+                drawing(key, hints[key]["draw"])
+        if section == fod_model:
+            for panel, spec in panels.items():
+                if spec["section"] == "{fod_model}":
+                    mosaic(panel, spec)
+        for key in keys:
+            if key.endswith("_status"):
+                status(key, titles[section].split(" (")[0])
     return manifest.write()

@@ -18,10 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-SECTION_ORDER = ("tensor", "response", "csd", "rumba", "mapmri", "smt")
-SECTION_TITLES = {"tensor": "Brain mask and tensor", "response": "Response function", "csd": "CSD (Tournier 2007)",
-                  "rumba": "RUMBA-SD (Canales-Rodriguez 2015)", "mapmri": "MAP-MRI (Ozarslan 2013, Fick 2016)",
-                  "smt": "Spherical mean technique (Kaden 2016)"}
 VERSIONED_PACKAGES = ("dwiflow", "numpy", "scipy", "nibabel", "pydra", "numba", "cvxpy", "clarabel", "matplotlib",
                       "pybids")
 
@@ -128,7 +124,7 @@ def _model_parameters(run: RunReport) -> list[tuple[str, str]]:
 def _figures_html(run: RunReport, report_dir: Path) -> tuple[str, list[str]]:
     from dwiflow.bids_specs.outputs import output_filename
 
-    manifest_path = run.figures_dir / output_filename("qc_figure_manifest", run.entities) if run.figures_dir else None
+    manifest_path = run.figures_dir / output_filename("figures_manifest", run.entities) if run.figures_dir else None
     manifest_files = [manifest_path] if manifest_path is not None and manifest_path.is_file() else []
     if not manifest_files:
         return '<p class="note">No figures were drawn for this run.</p>', ["no figures for this run"]
@@ -138,8 +134,11 @@ def _figures_html(run: RunReport, report_dir: Path) -> tuple[str, list[str]]:
     for entry in manifest.get("figures", []):
         by_section.setdefault(entry.get("section", "other"), []).append(entry)
     parts = []
-    for section in [s for s in SECTION_ORDER if s in by_section] + [s for s in by_section if s not in SECTION_ORDER]:
-        parts.append(f"<h3>{_esc(SECTION_TITLES.get(section, section))}</h3>")
+    from dwiflow.tasks.registry import stage_titles
+
+    titles = stage_titles()  # sections in the order a run goes through the stages
+    for section in [s for s in titles if s in by_section] + [s for s in by_section if s not in titles]:
+        parts.append(f"<h3>{_esc(titles.get(section, section))}</h3>")
         for entry in by_section[section]:
             if entry.get("file"):
                 rel = os.path.relpath(run.figures_dir / entry["file"], report_dir)

@@ -26,3 +26,22 @@ def test_subpackages_live_in_their_folders():
                            (dwiflow.bids_specs, "bids_specs")):
         assert module.__file__.replace("\\", "/").endswith(f"/{folder}/__init__.py")
     assert dwiflow.__version__.count(".") == 2
+
+
+def test_readme_stage_table_is_generated_from_the_registry():
+    """README.md's stage-options table equals what the registry generates (tools/update_readme.py rewrites it)."""
+    import importlib.util
+    from pathlib import Path
+
+    from dwiflow.tasks.registry import all_stages
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "update_readme.py"
+    spec = importlib.util.spec_from_file_location("update_readme", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = module.README.read_text()
+    assert module.updated(text) == text, "README.md is stale: run .venv/bin/python tools/update_readme.py"
+    for stage in all_stages():  # every stage and every option appears
+        assert f"`dwirecon {stage.command}" in text
+        for field, info, _ in stage.options.option_fields():
+            assert f"`{field.name}`" in text or f"`--{field.name.replace('_', '-')}`" in text

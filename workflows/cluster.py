@@ -34,7 +34,7 @@ SUBMITTED_PREFIX = "[dwiflow]   slurm job"
 def stage_sbatch_arguments(resources: dict[str, dict[str, Any]], stage: str, omp_nthreads: int | None = None) -> list[str]:
     """sbatch arguments of one stage: its resources (or ``default``'s) and its thread count exported to the job.
 
-    ``resources``: a recon spec's validated ``resources`` section (see :func:`dwiflow.bids_specs.recon.check_resources`).
+    ``resources``: a recon spec's validated ``resources`` section (see :func:`dwiflow.tasks.recon_spec.check_resources`).
     """
     values = {**resources.get("default", {}), **resources.get(stage, {})}
     cpus = int(values.get("cpus", 1))

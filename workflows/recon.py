@@ -24,24 +24,8 @@ from pydra.engine.hooks import TaskHooks
 
 from dwiflow._version import __version__
 from dwiflow.bids_specs.inputs import DwiRunSpec
-from dwiflow.tasks.pydra_tasks import (
-    BrainMask,
-    Csd,
-    Figures,
-    FodMetrics,
-    Peaks,
-    MAPMRI_TASK_OUTPUTS,
-    Mapmri,
-    Response,
-    Rumba,
-    SMT_TASK_OUTPUTS,
-    Smt,
-    RUMBA_TASK_OUTPUTS,
-    StageDerivatives,
-    Tensor,
-    code_version,
-    figures_version,
-)
+from dwiflow.tasks.pydra_tasks import Figures, StageDerivatives, code_version, figures_version, stage_task
+from dwiflow.tasks.recon_spec import ReconSpec
 
 
 TIMING_LOG_ENV = "DWIFLOW_TIMING_LOG"  # a JSON-lines file the stages append their timing to (set by the participant level)
@@ -76,6 +60,20 @@ def _progress(label: str, stage: str) -> TaskHooks:
     return TaskHooks(pre_run_task=started, post_run_task=finished)
 
 
+def derivative_names(spec: ReconSpec, entities: dict[str, str]) -> dict[str, str]:
+    """Output key → BIDS file name of everything a run of ``spec`` stages (from the registry and bids_specs)."""
+    from dwiflow.bids_specs.outputs import output_filename
+
+    naming = spec.naming()
+    names = {}
+    for name, configured in spec.stages.items():
+        stage = configured.stage
+        for output in stage.writes(configured.options):
+            key = stage.output_key(output)
+            names[key] = output_filename(key, entities, naming)
+    return names
+
+
 @workflow.define(outputs=["staged", "figures"])
 def ReconRun(
     dwi: File,
@@ -86,70 +84,41 @@ def ReconRun(
     mask: File | None = None,
     code_version: str = "",
 ):
-    """One diffusion run through the stages of a recon spec; outputs a folder of staged derivatives and one of
-    QC figures (drawn from the staged derivatives; the figures task never fails the run)."""
-    cv = code_version
+    """One diffusion run through the stages of a recon spec, wired from the stage registry: each stage's inputs
+    come from the run or from the stage that provides them (the FOD from the stage of highest FOD priority);
+    outputs a folder of staged derivatives and one of QC figures (the figures task never fails the run)."""
+    spec = ReconSpec.from_plain(stages)
+    naming = spec.naming()
+    fod_source = spec.fod_source()
     label = "_".join(f"{k}-{v}" for k, v in entities.items())
 
     def add(task, name: str):
         return workflow.add(task, name=name, hooks=_progress(label, name))
 
-    outputs: dict[str, Any] = {}
-    if mask is None:
-        mask = add(BrainMask(dwi=dwi, bval=bval, bvec=bvec, code_version=cv), "mask").mask
-    outputs["mask"] = mask  # given or computed, the mask used is part of the derivatives
-    if "tensor" in stages:
-        tensor = add(Tensor(dwi=dwi, bval=bval, bvec=bvec, mask=mask, code_version=cv), "tensor")
-        outputs.update(fa=tensor.fa, md=tensor.md, ad=tensor.ad, rd=tensor.rd, v1=tensor.v1, s0=tensor.s0,
-                       tensor_status=tensor.status)
-    method = ""
-    if "response" in stages:
-        method = stages["response"].get("method", "fa")
-        response_task = add(Response(dwi=dwi, bval=bval, bvec=bvec, mask=mask, method=method,
-                                     options=stages["response"].get("options") or {}, code_version=cv), "response")
-        response = response_task.response
-        outputs.update(response=response, response_voxels=response_task.voxels)
-    if "csd" in stages:
-        csd = add(Csd(dwi=dwi, bval=bval, bvec=bvec, response=response, mask=mask,
-                      lmax=stages["csd"].get("lmax"), code_version=cv), "csd")
-        outputs.update(fod=csd.fod, csd_status=csd.status)
-    fod, fod_model = (csd.fod, "csd") if "csd" in stages else (None, "")
-    if "rumba" in stages:
-        options = dict(stages["rumba"])
-        # an SSST response (tensor eigenvalues) replaces RUMBA-SD's default white-matter response
-        use_response = options.pop("use_response", True) and method == "ssst"
-        rumba = add(Rumba(dwi=dwi, bval=bval, bvec=bvec, mask=mask, response=response if use_response else None,
-                          options=options, code_version=cv), "rumba")
-        outputs.update({f"rumba_{n}": getattr(rumba, n) for n in RUMBA_TASK_OUTPUTS})
-        fod, fod_model = rumba.fod, "rumba"
-    if "mapmri" in stages:
-        mapmri = add(Mapmri(dwi=dwi, bval=bval, bvec=bvec, mask=mask, options=dict(stages["mapmri"]), code_version=cv),
-                     "mapmri")
-        outputs.update({f"mapmri_{n}": getattr(mapmri, n) for n in MAPMRI_TASK_OUTPUTS})
-        if fod is None:
-            fod, fod_model = mapmri.odf, "mapmri"
-    if "smt" in stages:
-        smt = add(Smt(dwi=dwi, bval=bval, bvec=bvec, mask=mask, options=dict(stages["smt"]), code_version=cv), "smt")
-        outputs.update({f"smt_{n}": getattr(smt, n) for n in SMT_TASK_OUTPUTS})
-        if fod is None and stages["smt"].get("fod", "watson") != "none":
-            fod, fod_model = smt.fod, "smt"
-    if "peaks" in stages:
-        opts = stages["peaks"]
-        peaks = add(Peaks(fod=fod, mask=mask, npeaks=opts.get("npeaks", 3),
-                          rel_threshold=opts.get("rel_threshold", 0.2),
-                          min_separation=opts.get("min_separation", 25.0),
-                          subtract_psf=bool(opts.get("subtract_psf", False)), code_version=cv), "peaks").peaks
-        outputs["peaks"] = peaks
-    if "fod_metrics" in stages:
-        metrics = add(FodMetrics(fod=fod, peaks=peaks, code_version=cv), "fod_metrics")
-        outputs.update(afd_total=metrics.afd_total, peak_amplitude=metrics.peak_amplitude, nufo=metrics.nufo,
-                       gfa=metrics.gfa)
-    staged = workflow.add(StageDerivatives(entities=entities, response_method=method, fod_model=fod_model or "csd",
-                                           code_version=cv, **outputs),
-                          name="stage_derivatives")
-    figures = add(Figures(staged=staged.staged, entities=entities, fod_model=fod_model or "csd",
-                          response_method=method, code_version=f"{cv}+{figures_version()}"), "figures")
-    return staged.staged, figures.figures
+    available: dict[str, Any] = {"dwi": dwi, "bval": bval, "bvec": bvec}
+    staged: dict[str, Any] = {}
+    if mask is not None:  # a given mask replaces the mask stage and is staged as its output
+        available["mask"] = mask
+        staged["mask"] = mask
+    for name, configured in spec.stages.items():
+        stage, options = configured.stage, configured.options
+        if "mask" in stage.provides and mask is not None:
+            continue
+        connected = {given.kind: available[given.kind] for given in stage.inputs
+                     if given.kind in available and (given.when is None or given.when(spec))}
+        node = add(stage_task(stage)(options=options.to_dict(), naming=naming, code_version=code_version,
+                                     **connected), name)
+        for output in stage.writes(options):
+            staged[stage.output_key(output)] = getattr(node, output)
+        for kind, output in stage.provided(options).items():
+            if kind != "fod" or name == fod_source:
+                available[kind] = getattr(node, output)
+    names = derivative_names(spec, entities)
+    staging = workflow.add(StageDerivatives(names=names, code_version=code_version, **staged),
+                           name="stage_derivatives")
+    figures = add(Figures(staged=staging.staged, files=names, entities=entities, naming=naming,
+                          code_version=f"{code_version}+{figures_version()}"), "figures")
+    return staging.staged, figures.figures
 
 
 BIDSIGNORE_PATTERNS = ("*_dwimap.nii.gz", "*_dwimap.json", "*_response.txt", "*_response.json", "*_summary.tsv",
@@ -197,14 +166,14 @@ def publish(staged: Path, target: Path) -> list[Path]:
     return written
 
 
-def write_dataset_description(output_dir: Path, bids_dir: Path, recon_spec: dict[str, Any]) -> None:
+def write_dataset_description(output_dir: Path, bids_dir: Path, recon_spec: ReconSpec) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     description = {
-        "Name": f"dwiflow derivatives ({recon_spec['name']})",
+        "Name": f"dwiflow derivatives ({recon_spec.name})",
         "BIDSVersion": "1.9.0",
         "DatasetType": "derivative",
         "GeneratedBy": [{"Name": "dwiflow", "Version": __version__, "CodeURL": "https://github.com/dwiflow/dwiflow",
-                         "Description": f"recon spec {recon_spec['name']}: {recon_spec['description']}"}],
+                         "Description": f"recon spec {recon_spec.name}: {recon_spec.description}"}],
         "SourceDatasets": [{"URL": f"file://{bids_dir.resolve()}"}],
     }
     path = output_dir / "dataset_description.json"
@@ -217,7 +186,7 @@ def write_dataset_description(output_dir: Path, bids_dir: Path, recon_spec: dict
     ignore.write_text("\n".join(BIDSIGNORE_PATTERNS) + "\n")
     readme = output_dir / "README"
     if not readme.exists():
-        readme.write_text(f"Diffusion MRI derivatives written by dwiflow {__version__} (recon spec {recon_spec['name']}).\n"
+        readme.write_text(f"Diffusion MRI derivatives written by dwiflow {__version__} (recon spec {recon_spec.name}).\n"
                           "Maps follow BEP016 (model-<label>_param-<label>_dwimap); every map has a JSON sidecar with "
                           "its model, parameters, units and orientation encoding.\n")
 
@@ -242,7 +211,7 @@ def run_participant(
     runs: list[DwiRunSpec],
     bids_dir: Path,
     output_dir: Path,
-    recon_spec: dict[str, Any],
+    recon_spec: ReconSpec,
     work_dir: Path,
     worker: Any = "cf",
     worker_options: dict[str, Any] | None = None,
@@ -261,7 +230,7 @@ def run_participant(
     os.environ[TIMING_LOG_ENV] = str(timing_log)  # read by the stage hooks in the worker processes / cluster jobs
     cv = code_version()
     outcomes = []
-    stages = recon_spec["stages"]
+    stages = recon_spec.to_plain()
     worker_name = worker if isinstance(worker, str) else worker.plugin_name()
     if worker_name != "debug" and len(runs) > 1:
         # Phase 1: every run in one graph, so the worker runs independent runs concurrently (cf) or queues all of
@@ -308,7 +277,7 @@ def run_participant(
     return outcomes
 
 
-def write_reports(outcomes: list[RunOutcome], output_dir: Path, recon_spec: dict[str, Any], timing_log: Path | None,
+def write_reports(outcomes: list[RunOutcome], output_dir: Path, recon_spec: ReconSpec, timing_log: Path | None,
                   progress=print) -> list[Path]:
     """One HTML report per subject of ``outcomes``; a report that cannot be written is reported, never fatal."""
     from dwiflow.tasks.report import RunReport, subject_report
@@ -322,7 +291,7 @@ def write_reports(outcomes: list[RunOutcome], output_dir: Path, recon_spec: dict
                              figures_folder(output_dir, o.run), output_folder(output_dir, o.run), o.files)
                    for o in runs]
         try:
-            written.append(subject_report(output_dir, subject, reports, recon_spec, timing_log))
+            written.append(subject_report(output_dir, subject, reports, recon_spec.summary(), timing_log))
             progress(f"[dwiflow] report: {written[-1]}")
         except Exception as exc:  # a report never fails the run
             progress(f"[dwiflow] WARNING: the report of sub-{subject} could not be written: {exc}")
@@ -368,98 +337,9 @@ def task_errors(cache: Path, since: float) -> list[tuple[str, str]]:
     return sorted(found, key=lambda item: (item[0].startswith("stage "), item[0]))
 
 
-SUMMARY_COLUMNS = ("run", "voxels_in_mask", "mean_fa", "mean_md", "mean_afd_total", "response_l0")
-
-
 def run_group(output_dir: Path, progress=print) -> Path:
-    """One TSV of per-run summary statistics over the whole derivative dataset."""
-    import nibabel as nib
-    import numpy as np
+    """The group level: one TSV of per-run summary statistics and the dataset summary page
+    (:func:`dwiflow.tasks.group.group_summary`)."""
+    from dwiflow.tasks.group import group_summary
 
-    from dwiflow.core.response import ResponseFunction
-
-    from dwiflow.bids_specs.outputs import output_filename
-
-    fa_name = output_filename("tensor_fa", {})  # names relative to a run: <run entities>_<name>
-    mask_name = output_filename("brain_mask", {})
-    rows = []
-    for fa_path in sorted(output_dir.rglob(f"*_{fa_name}")):
-        label = fa_path.name[: -len(fa_name) - 1]
-        folder = fa_path.parent
-
-        def find(pattern: str) -> Path | None:
-            hits = sorted(folder.glob(f"{label}_{pattern}"))
-            return hits[0] if hits else None
-
-        mask_path = find(mask_name)
-        mask = nib.load(mask_path).get_fdata() > 0 if mask_path else None
-        values: dict[str, Any] = {"run": label}
-
-        def mean_of(pattern: str) -> str:
-            path = find(pattern)
-            if path is None:
-                return "n/a"
-            data = nib.load(path).get_fdata()
-            sel = mask if mask is not None else np.isfinite(data)
-            return f"{np.nanmean(data[sel]):.6g}"
-
-        values["voxels_in_mask"] = str(int(mask.sum())) if mask is not None else "n/a"
-        values["mean_fa"] = mean_of(fa_name)
-        values["mean_md"] = mean_of(output_filename("tensor_md", {}))
-        values["mean_afd_total"] = mean_of(output_filename("afd_total", {"model": "*"}))
-        response = find(output_filename("response", {"model": "*", "desc": "*"}))
-        values["response_l0"] = (",".join(f"{c:.6g}" for c in ResponseFunction.from_text(response.read_text()).coefficients[:, 0])
-                                 if response else "n/a")
-        rows.append(values)
-    if not rows:
-        raise FileNotFoundError(f"no participant-level outputs found in {output_dir}; run the participant level first")
-    path = output_dir / output_filename("group_summary", {})
-    tmp = output_dir / f".{path.name}.partial"
-    tmp.write_text("\t".join(SUMMARY_COLUMNS) + "\n" + "".join("\t".join(r[c] for c in SUMMARY_COLUMNS) + "\n" for r in rows))
-    os.replace(tmp, path)
-    progress(f"[dwiflow] group summary of {len(rows)} run(s): {path}")
-    try:
-        page = _dataset_summary(output_dir, path)
-        progress(f"[dwiflow] dataset summary page: {page}")
-    except Exception as exc:  # the page is a view of the table; it never fails the group level
-        progress(f"[dwiflow] WARNING: the dataset summary page could not be written: {exc}")
-    return path
-
-
-# (metric label, output key, entities to fill) drawn as distributions on the dataset summary page
-DISTRIBUTION_METRICS = (("FA", "tensor_fa", {}), ("MD", "tensor_md", {}), ("AFD total", "afd_total", {"model": "*"}),
-                        ("RUMBA-SD f_wm", "rumba_fwm", {}), ("MAP-MRI RTOP", "mapmri_rtop", {}),
-                        ("SMT lambda_par", "smt_lpar", {}), ("SMT ODI", "smt_odi", {}))
-
-
-def _dataset_summary(output_dir: Path, summary_tsv: Path) -> Path:
-    """The group-level HTML page: the summary table and each metric's distribution per run."""
-    import nibabel as nib
-    import numpy as np
-
-    from dwiflow.bids_specs.outputs import output_filename, output_spec
-    from dwiflow.tasks.figures import distribution_figure
-    from dwiflow.tasks.report import dataset_summary_page
-
-    mask_name = output_filename("brain_mask", {})
-    mask_paths = {p.name[: -len(mask_name) - 1]: p for p in sorted(output_dir.glob(f"sub-*/**/*_{mask_name}"))}
-    masks: dict[str, np.ndarray] = {}  # each run's mask, read once
-    distributions = []
-    for label, key, entities in DISTRIBUTION_METRICS:
-        name = output_filename(key, entities)
-        values = {}
-        for run, mask_path in mask_paths.items():
-            hits = sorted(mask_path.parent.glob(f"{run}_{name}"))
-            if hits:
-                if run not in masks:
-                    masks[run] = nib.load(mask_path).get_fdata() > 0
-                values[run] = np.asarray(nib.load(hits[0]).dataobj, dtype=np.float32)[masks[run]]
-        if not values:
-            continue  # no run has this metric: no panel
-        figure = output_dir / "figures" / output_filename("qc_distribution", {"desc": key.replace("_", "")})
-        try:
-            distributions.append((label, distribution_figure(figure, label, values, output_spec(key).get("Units", "")), ""))
-        except Exception as exc:  # a figure that cannot be drawn becomes a note
-            distributions.append((label, None, f"not drawn: {exc}"))
-    subjects = sorted({run.split("_")[0].removeprefix("sub-") for run in mask_paths})
-    return dataset_summary_page(output_dir, summary_tsv, distributions, subjects)
+    return group_summary(output_dir, progress)

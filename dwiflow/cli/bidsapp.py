@@ -50,7 +50,7 @@ def _error(message: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dwiflow.bids_specs.inputs import BidsInputError, find_dwi_runs, load_filter_file
-    from dwiflow.bids_specs.recon import load_recon_spec
+    from dwiflow.tasks.recon_spec import ReconSpecError, load_recon_spec
 
     bids_dir, output_dir = args.bids_dir.resolve(), args.output_dir.resolve()
     if not bids_dir.is_dir():
@@ -76,8 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # pybids' own validation is not run (it rejects derivative-style inputs users commonly have);
         # --skip-bids-validation is accepted for BIDS-Apps compatibility
         runs = find_dwi_runs(bids_dir, args.participant_label, args.session_label, filters, args.mask_dir, validate=False)
-    except BidsInputError as exc:
+    except (BidsInputError, ReconSpecError) as exc:
         return _error(str(exc))
+    for note in spec.warnings:
+        print(f"dwiflow: warning: {note}", file=sys.stderr)
     from dwiflow.workflows.recon import run_participant
 
     work_dir = (args.work_dir or output_dir.parent / "dwiflow_work").resolve()
@@ -90,8 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # Pydra's SLURM worker with the recon spec's per-stage resources and jobs that fail visibly
         worker = StageSlurmWorker(sbatch_args=" ".join(shlex.split(args.sbatch_args)),
-                                  resources=spec.get("resources", {}), omp_nthreads=args.omp_nthreads)
-    print(f"[dwiflow] {len(runs)} run(s); recon spec {spec['name']}; worker {args.worker}; cache {work_dir}")
+                                  resources=spec.resources, omp_nthreads=args.omp_nthreads)
+    print(f"[dwiflow] {len(runs)} run(s); recon spec {spec.name}; worker {args.worker}; cache {work_dir}")
     outcomes = run_participant(runs, bids_dir, output_dir, spec, work_dir, worker, options)
     failed = [o for o in outcomes if not o.ok]
     if failed:

@@ -11,7 +11,7 @@ from dwiflow.core.sims import make_phantom
 from dwiflow.core.sphere import get_sphere
 from dwiflow.core.tensor import TensorModel
 from dwiflow.tasks.io import load_dwi
-from dwiflow.tasks.stages import csd_stage, fa_response_stage, peaks_stage
+from dwiflow.tasks.registry import get as stage
 from tests.conftest import real_run, run_mrtrix, write_gradients, write_nifti
 from tests.core.test_csd import EVALS, scheme
 
@@ -33,14 +33,15 @@ def _first_peak(peaks):
 
 
 def _compare(tmp_path, dwi, bval, bvec, response, mask, fa):
-    ours = csd_stage(dwi, bval, bvec, response, tmp_path / "fod_ours.nii.gz", mask=mask)
+    ours = stage("csd")({"fod": tmp_path / "fod_ours.nii.gz"}, dwi=dwi, bval=bval, bvec=bvec, response=response,
+                        mask=mask)["fod"]
     run_mrtrix("mrconvert", dwi, "-fslgrad", bvec, bval, tmp_path / "dwi.mif")
     run_mrtrix("dwi2fod", "csd", tmp_path / "dwi.mif", response, tmp_path / "fod_mrtrix.nii", "-mask", mask)
     a = nib.load(ours).get_fdata()
     b = nib.load(tmp_path / "fod_mrtrix.nii").get_fdata()
     inside = nib.load(mask).get_fdata() > 0
     corr = _amplitude_correlation(a[inside], b[inside])
-    peaks_stage(ours, tmp_path / "pk_ours.nii.gz")
+    stage("peaks")({"peaks": tmp_path / "pk_ours.nii.gz"}, fod=ours)
     run_mrtrix("sh2peaks", tmp_path / "fod_mrtrix.nii", tmp_path / "pk_mrtrix.nii", "-mask", mask)
     p1 = _first_peak(nib.load(tmp_path / "pk_ours.nii.gz").get_fdata())
     p2 = _first_peak(nib.load(tmp_path / "pk_mrtrix.nii").get_fdata())
@@ -58,7 +59,8 @@ def test_csd_matches_mrtrix_on_sub01_b2000(tmp_path, mrtrix):
     dwi = write_nifti(tmp_path / "b2000.nii.gz", np.asarray(img.dataobj)[..., keep], img.affine)
     raw_vecs = np.loadtxt(paths["bvec"])[:, keep]
     bval, bvec = write_gradients(tmp_path / "b2000", run.gtab.bvals[keep], raw_vecs)
-    response = fa_response_stage(dwi, bval, bvec, tmp_path / "response.txt", mask=paths["mask"])
+    response = stage("response", "fa")({"response": tmp_path / "response.txt"}, dwi=dwi, bval=bval, bvec=bvec,
+                                       mask=paths["mask"])["response"]
     fa = TensorModel(run.gtab).fit(run.data, nib.load(paths["mask"]).get_fdata() > 0).fa
     median_corr, within_2deg, n = _compare(tmp_path, dwi, bval, bvec, response, paths["mask"], fa)
     assert n > 300

@@ -170,9 +170,9 @@ def test_no_output_requested_and_bad_option(tmp_path, capsys):
     dwi, bval, bvec, _ = _small_case(tmp_path)
     code, _, err = _run(["tensor", dwi, bval, bvec], capsys)
     assert code == 2 and "no output requested" in err
-    with pytest.raises(SystemExit) as exc:
-        main(["phantom", str(tmp_path / "x"), "--shape", "0,1,1"])
-    assert exc.value.code == 2
+    code, _, err = _run(["phantom", str(tmp_path / "x"), "--shape", "0,1,1"], capsys)
+    assert code == 2 and err.strip() == "dwirecon phantom: error: --shape: every value must be >= 1, got 0"
+    assert not (tmp_path / "x").exists()
 
 
 def test_installed_entry_point_exits_non_zero(tmp_path):

@@ -74,8 +74,15 @@ def test_mapmri_errors_leave_no_outputs(case, tmp_path, capsys):
          "need the diffusion times"),
         (["mapmri", *base, str(tmp_path / "o3"), "--radial-order", "5"], "even integer"),
         (["mapmri", *base, str(tmp_path / "o4"), "--positivity", "grid", "--solver", "gurobi"], "not available"),
-        (["mapmri", *base, str(tmp_path / "o5"), "--laplacian-weight", "lots"], "laplacian weight"),
-        (["mapmri", *base, str(tmp_path / "o6"), "--isotropic", "--positivity", "global"], "anisotropic basis only"),
+        (["mapmri", *base, str(tmp_path / "o5"), "--laplacian-weighting", "lots"],
+         "--laplacian-weighting: must be float or one of gcv, got 'lots'"),
+        # the old spelling still works and warns
+        (["mapmri", *base, str(tmp_path / "o7"), "--laplacian-weight", "-1"],
+         "--laplacian-weight is deprecated; use --laplacian-weighting"),
+        (["mapmri", *base, str(tmp_path / "o6"), "--no-anisotropic-scaling", "--positivity", "global"],
+         "--positivity global (sum of squares) needs --anisotropic-scaling"),
+        (["mapmri", *base, str(tmp_path / "o8"), "--isotropic", "--positivity", "global"],
+         "--isotropic is deprecated; use --no-anisotropic-scaling"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
@@ -89,7 +96,7 @@ def test_compare_holds_this_fit_and_each_variant(case, tmp_path, capsys):
     out, plain = tmp_path / "out", tmp_path / "plain"
     args = [case["dwi"], case["bval"], case["bvec"]]
     assert main(["mapmri", *args, str(out), "--compare", "MAP"]) == 0
-    assert main(["mapmri", *args, str(plain), "--laplacian-weight", "0"]) == 0
+    assert main(["mapmri", *args, str(plain), "--laplacian-weighting", "0"]) == 0
     name = "sub-01_acq-multi_model-mapmri_param-{}_dwimap.{}"
     compare = nib.load(out / name.format("compare", "nii.gz")).get_fdata()
     params = json.loads((out / name.format("compare", "json")).read_text())["Model"]["Parameters"]["Compare"]
@@ -101,4 +108,4 @@ def test_compare_holds_this_fit_and_each_variant(case, tmp_path, capsys):
         assert np.allclose(compare[..., i], this, rtol=1e-6, equal_nan=True), index
         assert np.allclose(compare[..., len(indices) + i], variant, rtol=1e-5, equal_nan=True), index
     assert main(["mapmri", *args, str(tmp_path / "bad"), "--compare", "MAPX"]) == 2
-    assert "unknown MAP-MRI variant(s) ['MAPX']" in capsys.readouterr().err
+    assert "--compare: every value must be one of MAP, MAPL, CMAP, CMAPL, MAP+, got 'MAPX'" in capsys.readouterr().err

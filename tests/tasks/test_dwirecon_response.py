@@ -59,7 +59,7 @@ def test_fa_command_writes_voxels_and_uses_the_largest_shell(case, tmp_path, cap
 def test_ssst_command_sidecar_records_eigenvalues(case, tmp_path, capsys):
     out = tmp_path / "ssst.txt"
     code = main(["response", "ssst", str(case["dwi"]), str(case["bval"]), str(case["bvec"]), str(out),
-                 "--roi-radii", "5", "--fa-thr", "0.7", "--voxels", str(tmp_path / "v.nii.gz")])
+                 "--roi-radii", "5", "--fa-threshold", "0.7", "--voxels", str(tmp_path / "v.nii.gz")])
     assert code == 0, capsys.readouterr().err
     side = json.loads((tmp_path / "ssst.json").read_text())
     # a few crossing voxels with a dominant fibre pass FA > 0.7 in this mixed phantom
@@ -70,7 +70,7 @@ def test_ssst_command_sidecar_records_eigenvalues(case, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--fa-thr", "0.99"], "no voxel with FA > 0.99"),
+        (["--fa-threshold", "0.99"], "--fa-threshold, --roi-radii: no voxel with FA > 0.99"),
         (["--roi-center", "40,0,0"], "outside the volume"),
     ],
 )
@@ -91,7 +91,7 @@ def test_amp2response_errors(case, tmp_path, capsys):
         ([str(wrong), str(case["dirs"]), str(tmp_path / "o.txt")], "has shape (16, 16, 5)"),
         ([str(case["mask"]), str(bad_dirs), str(tmp_path / "o.txt")], "have a NaN or zero fibre direction"),
         ([str(case["mask"]), str(case["dirs"]), str(tmp_path / "o.txt"), "--shells", "0,5000"], "no shell at b=5000"),
-        ([str(case["mask"]), str(case["dirs"]), str(tmp_path / "o.txt"), "--lmax", "0,7,8,8"], "non-negative even integer"),
+        ([str(case["mask"]), str(case["dirs"]), str(tmp_path / "o.txt"), "--lmax", "0,7,8,8"], "--lmax: every value must be an even integer, got 7"),
         ([str(case["mask"]), str(d / "missing.nii.gz"), str(tmp_path / "o.txt")], "directions image file not found"),
     ]
     for extra, message in cases:

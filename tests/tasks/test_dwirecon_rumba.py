@@ -31,7 +31,7 @@ def case(tmp_path_factory):
 
 def test_rumba_writes_every_map_in_the_world_frame(case, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["rumba", case["dwi"], case["bval"], case["bvec"], str(out), "--n-iter", "300"]) == 0
+    assert main(["rumba", case["dwi"], case["bval"], case["bvec"], str(out), "--n-iter", "300", "--amplitudes"]) == 0
     assert "rumba: 108/108 voxels" in capsys.readouterr().err
     name = "sub-01_acq-test_model-rumba_param-{}_dwimap.nii.gz"
     fod = nib.load(out / name.format("fod")).get_fdata()
@@ -70,7 +70,7 @@ def test_rumba_writes_every_map_in_the_world_frame(case, tmp_path, capsys):
 def test_rumba_takes_ssst_eigenvalues_and_switches_compartments_off(case, tmp_path):
     response = tmp_path / "ssst.txt"
     assert main(["response", "ssst", case["dwi"], case["bval"], case["bvec"], str(response), "--roi-radii", "3",
-                 "--fa-thr", "0.5"]) == 0
+                 "--fa-threshold", "0.5"]) == 0
     evals = json.loads(response.with_suffix(".json").read_text())["Eigenvalues"]
     out = tmp_path / "out"
     assert main(["rumba", case["dwi"], case["bval"], case["bvec"], str(out), "--n-iter", "50", "--wm-response",
@@ -86,10 +86,11 @@ def test_rumba_errors_leave_no_outputs(case, tmp_path, capsys):
     single_slice = write_nifti(tmp_path / "slice.nii.gz", case["ph"].data[:, :, :1].astype(np.float32), AFFINE)
     base = [case["dwi"], case["bval"], case["bvec"]]
     cases = [
-        (["rumba", *base, str(tmp_path / "o1"), "--recon-type", "sos"], "needs n_coils"),
+        (["rumba", *base, str(tmp_path / "o1"), "--recon-type", "sos"], "--recon-type sos (noncentral chi noise) needs --n-coils"),
         (["rumba", *base, str(tmp_path / "o2"), "--wm-response", "0.2e-3,0.2e-3,1.7e-3"], "decreasing order"),
-        (["rumba", *base, str(tmp_path / "o3"), "--wm-response", "1.7e-3,-2e-4,-2e-4"], "positive diffusivities"),
-        (["rumba", *base, str(tmp_path / "o4"), "--csf-response=-3e-3"], "csf_response"),
+        (["rumba", *base, str(tmp_path / "o3"), "--wm-response", "1.7e-3,-2e-4,-2e-4"],
+             "--wm-response: every value must be >= 0, got -0.0002"),
+        (["rumba", *base, str(tmp_path / "o4"), "--csf-response=-3e-3"], "--csf-response: must be > 0, got -0.003"),
         (["rumba", *base, str(tmp_path / "o5"), "--tv"], "needs the global fit"),
         (["rumba", str(single_slice), case["bval"], case["bvec"], str(tmp_path / "o6"), "--global", "--tv"],
          "single slice"),

@@ -9,7 +9,7 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import world_to_fsl_bvecs
 from dwiflow.core.peaks import find_peaks
 from dwiflow.core.sims import acquisition_scheme, make_phantom
-from dwiflow.tasks.stages import smt_stage
+from dwiflow.tasks.registry import get as stage
 from tests.conftest import write_gradients, write_nifti
 
 AFFINE = np.array([[-2.0, 0.3, 0.0, 10.0], [0.2, 1.9, 0.4, -5.0], [0.0, -0.4, 2.0, 3.0], [0, 0, 0, 1.0]])
@@ -76,9 +76,9 @@ def test_smt_bingham_maps_in_the_world_frame(tmp_path):
     peaks = find_peaks(fod).vectors[..., 0, :]
     peaks /= np.linalg.norm(peaks, axis=-1, keepdims=True)
     assert np.median(np.degrees(np.arccos(np.clip(np.abs(np.sum(peaks * mu, -1)), 0, 1)))) < 2
-    # Bingham maps need --fod bingham
-    with pytest.raises(DwiflowInputError, match="need --fod bingham"):
-        smt_stage(dwi, bval, bvec, {"beta": tmp_path / "b.nii.gz"}, fod="watson")
+    # Bingham maps need fod: bingham
+    with pytest.raises(DwiflowInputError, match="does not write .'beta'"):
+        stage("smt")({"beta": tmp_path / "b.nii.gz"}, dwi=dwi, bval=bval, bvec=bvec, fod="watson")
 
 
 def test_smt_two_watson_compartments_resolve_crossings(tmp_path, capsys):
@@ -112,4 +112,4 @@ def test_smt_two_watson_compartments_resolve_crossings(tmp_path, capsys):
                        np.maximum(angle(peaks[:, 0], truth[:, 1]), angle(peaks[:, 1], truth[:, 0])))
     assert np.nanmedian(found) < 5
     with pytest.raises(DwiflowInputError, match="fitted as Watsons"):
-        smt_stage(dwi, bval, bvec, {"fodfrac": tmp_path / "f.nii.gz"}, fod="bingham", n_fod=2)
+        stage("smt")({"fodfrac": tmp_path / "f.nii.gz"}, dwi=dwi, bval=bval, bvec=bvec, fod="bingham", n_fod=2)

@@ -118,7 +118,7 @@ def test_a_figure_that_cannot_be_drawn_becomes_a_note(tmp_path):
     fa = np.where(mask, 0.5, 0).astype(np.float32) + np.linspace(0, 0.2, 10)[:, None, None].astype(np.float32)
     nib.save(nib.Nifti1Image(fa, np.eye(4)), str(staged / "fa.nii.gz"))
     (staged / "fwm.nii.gz").write_bytes(b"not a nifti")
-    files = {"brain_mask": "m.nii.gz", "tensor_fa": "fa.nii.gz", "rumba_fwm": "fwm.nii.gz", "smt_lpar": "absent.nii.gz"}
+    files = {"mask": "m.nii.gz", "tensor_fa": "fa.nii.gz", "rumba_fwm": "fwm.nii.gz", "smt_lpar": "absent.nii.gz"}
     manifest = json.loads(figures_stage(staged, tmp_path / "fig", files, {"sub": "x"}).read_text())
     entries = {e["title"]: e for e in manifest["figures"]}
     assert entries["Tensor: FA and MD"]["file"] and (tmp_path / "fig" / entries["Tensor: FA and MD"]["file"]).is_file()

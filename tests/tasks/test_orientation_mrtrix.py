@@ -8,7 +8,7 @@ from dwiflow.core.gradients import world_to_fsl_bvecs
 from dwiflow.core.mask import median_otsu_mask
 from dwiflow.core.sims import acquisition_scheme, make_phantom
 from dwiflow.tasks.io import load_dwi
-from dwiflow.tasks.stages import tensor_stage
+from dwiflow.tasks.registry import get as stage
 from tests.conftest import REAL_RUNS, real_run, run_mrtrix, write_gradients, write_nifti
 
 
@@ -22,8 +22,8 @@ def _mrtrix_v1(tmp_path, dwi, bval, bvec):
 @pytest.mark.parametrize("run", sorted(REAL_RUNS))
 def test_v1_agrees_with_mrtrix_on_every_real_run(run, tmp_path, mrtrix):
     paths = real_run(run)
-    written = tensor_stage(paths["dwi"], paths["bval"], paths["bvec"],
-                           {"v1": tmp_path / "v1_ours.nii.gz", "fa": tmp_path / "fa_ours.nii.gz"})
+    written = stage("tensor")({"v1": tmp_path / "v1_ours.nii.gz", "fa": tmp_path / "fa_ours.nii.gz"}, dwi=paths["dwi"],
+                              bval=paths["bval"], bvec=paths["bvec"])
     ours = nib.load(written["v1"]).get_fdata()
     fa = nib.load(written["fa"]).get_fdata()
     if "mask" in paths:
@@ -54,7 +54,7 @@ def test_oblique_positive_determinant_image_matches_truth_and_mrtrix(tmp_path, m
     bval, bvec = write_gradients(tmp_path / "dwi", gtab.bvals, world_to_fsl_bvecs(gtab.bvecs, affine).T)
     dwi = write_nifti(tmp_path / "dwi.nii.gz", ph.data.astype(np.float32), affine)
     assert (np.linalg.det(affine[:3, :3]) > 0) != flip_storage
-    written = tensor_stage(dwi, bval, bvec, {"v1": tmp_path / "v1_ours.nii.gz"})
+    written = stage("tensor")({"v1": tmp_path / "v1_ours.nii.gz"}, dwi=dwi, bval=bval, bvec=bvec)
     ours = nib.load(written["v1"]).get_fdata()
     theirs = _mrtrix_v1(tmp_path, dwi, bval, bvec)
     unit = direction / np.linalg.norm(direction)

@@ -11,12 +11,12 @@ from dwiflow.core.response import ResponseFunction, top_voxels
 from dwiflow.core.sims import acquisition_scheme, make_phantom
 from dwiflow.core.tensor import TensorModel
 from dwiflow.tasks.io import load_dwi
-from dwiflow.tasks.stages import amp2response_stage
+from dwiflow.tasks.registry import get as stage
 from tests.conftest import real_run, run_mrtrix, write_gradients, write_nifti
 
 OPTION_SETS = [
     ([], {}),
-    (["-noconstraint"], {"constrained": False}),
+    (["-noconstraint"], {"noconstraint": True}),
     (["-isotropic"], {"isotropic": True}),
 ]
 
@@ -34,7 +34,8 @@ def _selection(tmp_path, dwi, bval, bvec, brain, number):
 def _compare(tmp_path, dwi, bval, bvec, mask, dirs, mrtrix_opts, our_opts):
     run_mrtrix("amp2response", tmp_path / "dwi.mif", mask, dirs, tmp_path / "mrtrix.txt", *mrtrix_opts)
     ref = ResponseFunction.from_text((tmp_path / "mrtrix.txt").read_text())
-    ours_path = amp2response_stage(dwi, bval, bvec, mask, dirs, tmp_path / "ours.txt", **our_opts)
+    ours_path = stage("response", "amp2response")({"response": tmp_path / "ours.txt"}, dwi=dwi, bval=bval, bvec=bvec,
+                                                  mask=mask, directions_image=dirs, **our_opts)["response"]
     ours = ResponseFunction.from_text(ours_path.read_text())
     assert ours.coefficients.shape == ref.coefficients.shape
     assert np.allclose(ours.bvalues, ref.bvalues, atol=2)

@@ -2,13 +2,12 @@
 
 import pytest
 
-from dwiflow.bids_specs.inputs import BidsInputError
-from dwiflow.bids_specs.recon import load_recon_spec, validate_recon_spec
+from dwiflow.tasks.recon_spec import ReconSpecError, load_recon_spec, validate_recon_spec
 from dwiflow.workflows.cluster import stage_sbatch_arguments
 
 
 def test_builtin_csd_spec_gives_csd_more_than_the_other_stages():
-    resources = load_recon_spec("csd")["resources"]
+    resources = load_recon_spec("csd").resources
     csd = stage_sbatch_arguments(resources, "csd")
     mask = stage_sbatch_arguments(resources, "mask")
     assert csd[:2] == ["--cpus-per-task=2", "--mem=4096M"] and mask[:2] == ["--cpus-per-task=1", "--mem=2048M"]
@@ -20,14 +19,14 @@ def test_builtin_csd_spec_gives_csd_more_than_the_other_stages():
 
 
 @pytest.mark.parametrize("resources, message", [
-    ({"dti": {"cpus": 2}}, "'resources.dti' is not a stage"),
-    ({"csd": {"cpus": 0}}, "'resources.csd'.cpus must be a positive integer"),
-    ({"csd": {"gpus": 1}}, "unknown key(s) ['gpus']"),
-    ({"csd": {"mem_gb": -1}}, "mem_gb must be a positive number"),
-    ([1, 2], "'resources' must be a mapping"),
+    ({"dti": {"cpus": 2}}, "resources.dti: not a stage"),
+    ({"csd": {"cpus": 0}}, "resources.csd.cpus: must be a positive integer"),
+    ({"csd": {"gpus": 1}}, "resources.csd.gpus: unknown key"),
+    ({"csd": {"mem_gb": -1}}, "resources.csd.mem_gb: must be a positive number"),
+    ([1, 2], "resources: must be a mapping"),
 ])
 def test_impossible_resources_are_named(resources, message):
     spec = {"stages": {"mask": {}, "tensor": {}, "response": {}, "csd": {}}, "resources": resources}
-    with pytest.raises(BidsInputError) as raised:
+    with pytest.raises(ReconSpecError) as raised:
         validate_recon_spec(spec, "my.yaml")
     assert message in str(raised.value) and "my.yaml" in str(raised.value)

@@ -171,7 +171,7 @@ def test_invalid_recon_spec_names_the_key_and_missing_bvec(dataset, tmp_path, ca
     bad = tmp_path / "bad.yaml"
     bad.write_text(SPEC.replace("peaks: {npeaks: 2}", "peaks: {npeaks: 2, colour: red}"))
     assert main([str(dataset["bids"]), str(tmp_path / "out"), "participant", "--recon-spec", str(bad)]) == 2
-    assert "unknown option(s) ['colour'] in 'stages.peaks'" in capsys.readouterr().err
+    assert "bad.yaml: stages.peaks.colour: unknown option (allowed: " in capsys.readouterr().err
     bids = tmp_path / "bids"
     shutil.copytree(dataset["bids"], bids)
     (bids / "sub-two" / "dwi" / "sub-two_dir-PA_dwi.bvec").unlink()
@@ -207,18 +207,31 @@ def test_killed_run_resumes_with_identical_outputs(dataset, tmp_path):
         assert not list(out.rglob("*.partial"))
 
 
-def test_code_version_follows_the_core_sources(tmp_path):
-    from dwiflow.tasks.pydra_tasks import code_version
+def test_code_version_covers_everything_that_shapes_an_output(tmp_path):
+    """Editing an estimator, a stage, the I/O or the output naming/sidecar text changes every task's hash."""
+    from dwiflow.tasks.pydra_tasks import code_version, code_version_of
+    from dwiflow.tasks.registry import source_hash_files
 
-    repo = Path(__file__).resolve().parents[2]
-    copy = tmp_path / "src"
-    shutil.copytree(repo / "core", copy / "core")
-    shutil.copytree(repo / "tasks", copy / "tasks")
-    assert code_version(copy) == code_version()
-    tensor = copy / "core" / "tensor.py"
-    tensor.write_text(tensor.read_text().replace("MIN_POSITIVE_SIGNAL = 1e-4", "MIN_POSITIVE_SIGNAL = 2e-4"))
     code_version.cache_clear()  # computed once per process in normal use
-    assert code_version(copy) != code_version()
+    files = source_hash_files()
+    names = {f"{p.parent.name}/{p.name}" for p in files}
+    for needed in ("core/tensor.py", "core/csd.py", "stages/csd.py", "tasks/io.py", "tasks/registry.py",
+                   "bids_specs/outputs.yaml", "bids_specs/outputs.py"):
+        assert needed in names, needed
+    copies = []
+    for i, path in enumerate(files):
+        copy = tmp_path / str(i) / path.name
+        copy.parent.mkdir()
+        shutil.copyfile(path, copy)
+        copies.append(copy)
+    assert code_version_of(copies) == code_version()
+    for edited in ("tensor.py", "outputs.yaml", "csd.py"):
+        target = next(c for c in copies if c.name == edited)
+        original = target.read_text()
+        target.write_text(original + "\n# edited\n")
+        assert code_version_of(copies) != code_version(), edited
+        target.write_text(original)
+    assert code_version_of(copies) == code_version()
 
 
 def test_rumba_preset_runs_through_the_bids_app(tmp_path):

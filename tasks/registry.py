@@ -1,0 +1,277 @@
+"""The stage registry: one declaration per stage, from which everything else is derived.
+
+A :class:`Stage` says what a stage is: its name (the recon-spec key, the ``dwirecon`` subcommand,
+the Pydra node name and the prefix of its keys in ``bids_specs/outputs.yaml``), its typed options
+(:mod:`dwiflow.tasks.options`), the function that runs it (files in → files out), the inputs it
+reads and the outputs it can write, what it provides to later stages (and its priority when it
+provides the FOD that peaks and FOD metrics read), and its place in the order of a run. A stage
+with several methods (``response``: fa, ssst, tournier, tax, amp2response) is a
+:class:`StageGroup` of stages sharing one name.
+
+Every module of :mod:`dwiflow.tasks.stages` declares its stages in a module-level ``STAGES``
+tuple; :func:`stages` collects them in dependency order. The ``dwirecon`` parsers
+(:mod:`dwiflow.cli.dwirecon`), the Pydra tasks and derivative staging
+(:mod:`dwiflow.tasks.pydra_tasks`), recon-spec validation (:mod:`dwiflow.tasks.recon_spec`), the
+workflow wiring (:mod:`dwiflow.workflows.recon`), the figures and the report sections all read it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from dwiflow.core.errors import DwiflowInputError
+from dwiflow.tasks.options import StageOptions
+
+PathLike = str | os.PathLike
+
+# the kinds of file a run starts with; every other input kind is provided by an earlier stage
+RUN_INPUTS = ("dwi", "bval", "bvec")
+
+
+@dataclass(frozen=True)
+class Input:
+    """A file a stage reads.
+
+    ``kind`` names what it is (``dwi``, ``mask``, ``response``, ``fod``, ``peaks`` …): in a run it
+    comes from the run itself or from the stage that ``provides`` that kind. On the command line it
+    is a positional argument ``metavar``, or the option ``--<kind>`` when ``flag`` is set.
+    ``when(spec)`` (optional) says whether a recon spec connects an optional input.
+    """
+
+    kind: str
+    metavar: str
+    help: str
+    required: bool = True
+    flag: bool = False
+    cli: bool = True
+    when: Callable[[Any], bool] | None = None
+
+
+@dataclass(frozen=True)
+class Output:
+    """A file a stage can write; ``bids_specs/outputs.yaml`` names and describes it under :meth:`Stage.output_key`.
+
+    On the command line: ``positional`` (a required path), ``flag`` (``--<name> FILE``, optional), or
+    ``dir`` (written into the command's OUT_DIR, named from the input's BIDS entities).
+    """
+
+    name: str
+    help: str
+    cli: str = "dir"
+    metavar: str | None = None
+
+
+@dataclass
+class RunContext:
+    """What a stage's run function gets besides files and options."""
+
+    progress: Callable[[int, int], None] | None = None
+    n_threads: int | None = None
+    naming: dict[str, str] = field(default_factory=dict)  # e.g. {"fod_model": "csd"} for output names
+
+
+RunFunction = Callable[[dict[str, Path | None], dict[str, Path], StageOptions, RunContext], dict[str, Path]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: its declaration (see the module docstring)."""
+
+    name: str
+    order: int
+    title: str
+    summary: str
+    description: str
+    options: type[StageOptions]
+    run: RunFunction
+    inputs: tuple[Input, ...] = ()
+    outputs: tuple[Output, ...] = ()
+    method: str | None = None
+    provides: Mapping[str, str] = field(default_factory=dict)
+    fod_priority: int | None = None
+    conflicts: tuple[str, ...] = ()
+    pipeline: bool = True
+    always: bool = False
+    threads: bool = False
+    progress: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.method is None else f"{self.name} {self.method}"
+
+    @property
+    def command(self) -> str:
+        """The ``dwirecon`` subcommand."""
+        return self.name.replace("_", "-")
+
+    def output_key(self, output: str) -> str:
+        """The output's key in ``bids_specs/outputs.yaml``: ``<stage>_<output>`` (``<stage>`` when they are equal)."""
+        return self.name if output == self.name else f"{self.name}_{output}"
+
+    def output(self, name: str) -> Output:
+        for out in self.outputs:
+            if out.name == name:
+                return out
+        raise KeyError(f"stage {self.label} has no output {name!r}")
+
+    def provided(self, options: StageOptions) -> dict[str, str]:
+        """What this configuration provides to later stages: {kind: output} for outputs it writes."""
+        written = self.writes(options)
+        return {kind: out for kind, out in self.provides.items() if out in written}
+
+    def writes(self, options: StageOptions) -> tuple[str, ...]:
+        """The outputs a configuration writes, in declaration order."""
+        chosen = options.writes()
+        names = [o.name for o in self.outputs]
+        if chosen is None:
+            return tuple(names)
+        chosen = set(chosen)
+        unknown = chosen - set(names)
+        if unknown:
+            raise AssertionError(f"{self.label}: writes() names unknown outputs {sorted(unknown)}")
+        return tuple(n for n in names if n in chosen)
+
+    def __call__(self, outputs: Mapping[str, PathLike], *, progress=None, n_threads: int | None = None,
+                 naming: Mapping[str, str] | None = None, **arguments: Any) -> dict[str, Path]:
+        """Run the stage from Python: input files by kind, options by name, ``outputs`` by output name.
+
+        >>> registry.get("csd")({"fod": "fod.nii.gz"}, dwi="dwi.nii.gz", bval="dwi.bval", bvec="dwi.bvec",
+        ...                     response="wm.txt", mask="mask.nii.gz", lmax=8)  # doctest: +SKIP
+        """
+        kinds = {i.kind for i in self.inputs}
+        files = {k: (None if v is None else Path(v)) for k, v in arguments.items() if k in kinds}
+        options = self.options(**{k: v for k, v in arguments.items() if k not in kinds})
+        return self.execute(files, {k: Path(v) for k, v in outputs.items()}, options,
+                            RunContext(progress, n_threads, dict(naming or {})))
+
+    def execute(self, files: Mapping[str, Path | None], outputs: Mapping[str, Path], options: StageOptions,
+                context: RunContext | None = None) -> dict[str, Path]:
+        """Check the requested outputs against the configuration, then run."""
+        allowed = self.writes(options)
+        unknown = set(outputs) - {o.name for o in self.outputs}
+        if unknown:
+            raise DwiflowInputError(f"{self.label}: unknown outputs {sorted(unknown)}; choose from "
+                                    f"{[o.name for o in self.outputs]}")
+        refused = set(outputs) - set(allowed)
+        if refused:
+            raise DwiflowInputError(f"{self.label}: this configuration does not write {sorted(refused)} "
+                                    f"(it writes {', '.join(allowed)})")
+        if not outputs and self.outputs:
+            raise DwiflowInputError(f"{self.label}: no output requested; give at least one of {', '.join(allowed)}")
+        for given in self.inputs:
+            if given.required and files.get(given.kind) is None:
+                raise DwiflowInputError(f"{self.label} needs its {given.kind} input ({given.metavar})")
+        return self.run(dict(files), dict(outputs), options, context or RunContext())
+
+
+@dataclass(frozen=True)
+class StageGroup:
+    """Stages sharing one name, chosen by ``method`` (the recon spec's ``<name>.method``)."""
+
+    name: str
+    order: int
+    title: str
+    summary: str
+    methods: Mapping[str, Stage]
+    default: str
+
+    @property
+    def command(self) -> str:
+        return self.name.replace("_", "-")
+
+    def method(self, name: str | None) -> Stage:
+        name = self.default if name is None else name
+        if name not in self.methods:
+            raise DwiflowInputError(f"unknown {self.name} method {name!r}; choose from {', '.join(self.methods)}")
+        return self.methods[name]
+
+    @property
+    def pipeline(self) -> bool:
+        return any(s.pipeline for s in self.methods.values())
+
+
+Entry = Stage | StageGroup
+
+
+@lru_cache(maxsize=1)
+def stages() -> dict[str, Entry]:
+    """Every declared stage and stage group by name, in the order a run goes through them.
+
+    Collected from the ``STAGES`` tuples of the modules of :mod:`dwiflow.tasks.stages`, so adding a
+    stage is adding its module.
+    """
+    import dwiflow.tasks.stages as package
+
+    found: dict[str, Entry] = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for entry in getattr(module, "STAGES", ()):
+            if entry.name in found:
+                raise AssertionError(f"stage {entry.name!r} is declared twice")
+            found[entry.name] = entry
+    return dict(sorted(found.items(), key=lambda item: item[1].order))
+
+
+def get(name: str, method: str | None = None) -> Stage:
+    """The stage ``name`` (with ``method`` for a stage group)."""
+    entry = stages().get(name)
+    if entry is None:
+        raise DwiflowInputError(f"unknown stage {name!r}; known stages: {', '.join(stages())}")
+    if isinstance(entry, StageGroup):
+        return entry.method(method)
+    if method is not None:
+        raise DwiflowInputError(f"stage {name!r} has no methods")
+    return entry
+
+
+def all_stages() -> list[Stage]:
+    """Every stage, the methods of a group one by one."""
+    out: list[Stage] = []
+    for entry in stages().values():
+        out.extend(entry.methods.values() if isinstance(entry, StageGroup) else [entry])
+    return out
+
+
+def stage_titles() -> dict[str, str]:
+    """Report/figure section titles by stage name, in run order."""
+    return {name: entry.title for name, entry in stages().items()}
+
+
+def source_hash_files() -> list[Path]:
+    """The files whose content shapes a stage's outputs: core, the stage code, I/O, output naming and sidecar
+    text (the cache key covers them; see :func:`dwiflow.tasks.pydra_tasks.code_version`)."""
+    tasks = Path(__file__).resolve().parent
+    core = Path(importlib.import_module("dwiflow.core").__file__).resolve().parent
+    specs = Path(importlib.import_module("dwiflow.bids_specs").__file__).resolve().parent
+    files = sorted(core.glob("*.py")) + sorted((tasks / "stages").glob("*.py"))
+    files += [tasks / name for name in ("registry.py", "options.py", "stagelib.py", "io.py", "recon_spec.py")]
+    files += [specs / "outputs.py", specs / "outputs.yaml"]
+    return files
+
+
+def options_markdown() -> str:
+    """The README's table of every stage's options, generated from the registry (``tools/update_readme.py``)."""
+    from dwiflow.tasks.options import markdown_rows
+
+    lines = []
+    for entry in stages().values():
+        for stage in entry.methods.values() if isinstance(entry, StageGroup) else [entry]:
+            where = "" if stage.pipeline else " (command line only)"
+            command = f"dwirecon {stage.command}" + (f" {stage.method}" if stage.method else "")
+            key = f"`{stage.name}`" + (f" with `method: {stage.method}`" if stage.method else "")
+            lines.append(f"**{key}** — `{command}`{where}: {stage.summary}.")
+            lines.append("")
+            rows = markdown_rows(stage.options)
+            if rows:
+                lines += ["| option (recon spec / command line) | type | default | meaning |", "|---|---|---|---|", *rows]
+            else:
+                lines.append("No options.")
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,133 @@
+"""Helpers the stage modules share: provenance, loading inputs, writing a model's maps with sidecars.
+
+Outputs are written atomically (all or nothing, :func:`dwiflow.tasks.io.atomic_outputs`) with
+sidecars whose text comes from ``bids_specs/outputs.yaml`` under the stage's output keys.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from dwiflow._version import __version__
+from dwiflow.bids_specs.outputs import entities_from_filename, output_filename, output_spec, sidecar
+from dwiflow.core.errors import DwiflowInputError
+from dwiflow.core.status import status_levels
+from dwiflow.tasks.io import atomic_outputs, existing_file, load_image, load_mask, read_sidecar, sidecar_path
+
+PathLike = str | os.PathLike
+
+
+def provenance(*sources: PathLike | None) -> dict[str, Any]:
+    """``Sources`` (file names only: outputs must not depend on where inputs or the cache live) and ``GeneratedBy``."""
+    return {
+        "Sources": [Path(s).name for s in sources if s is not None],
+        "GeneratedBy": [{"Name": "dwiflow", "Version": __version__}],
+    }
+
+
+def voxels_to_fit(run, mask: PathLike | None, dwi: PathLike) -> np.ndarray:
+    """The mask's voxels, or without a mask every voxel with some positive signal (as MRtrix3 does)."""
+    if mask is not None:
+        return load_mask(mask, run.data.shape[:3], run.affine)
+    voxels = np.any(np.nan_to_num(run.data) > 0, axis=-1)
+    if not voxels.any():
+        raise DwiflowInputError(f"DWI {dwi} has no voxel with a positive signal")
+    return voxels
+
+
+def brain_mask(run, mask: PathLike | None) -> np.ndarray:
+    """The given mask, or median-Otsu on the b=0 volumes."""
+    from dwiflow.core.mask import median_otsu_mask
+
+    if mask is not None:
+        return load_mask(mask, run.data.shape[:3], run.affine)
+    return median_otsu_mask(run.data, run.gtab)
+
+
+def load_sh_image(path: PathLike, what: str = "FOD"):
+    """A 4D SH image (data, affine, lmax); the volume count must be an even-degree SH coefficient count."""
+    from dwiflow.core.sh import lmax_from_n_coefficients
+
+    img = load_image(path, what)
+    if len(img.shape) != 4:
+        raise DwiflowInputError(f"{what} {path} must be a 4D SH image, got shape {img.shape}")
+    try:
+        lmax = lmax_from_n_coefficients(img.shape[3])
+    except DwiflowInputError:
+        raise DwiflowInputError(
+            f"{what} {path} has {img.shape[3]} volumes, which is not an even-degree SH coefficient count "
+            "(1, 6, 15, 28, 45, 66, ...): is it an SH image?"
+        ) from None
+    return np.asarray(img.dataobj, dtype=float), img.affine, lmax
+
+
+def load_response(path: PathLike):
+    """A response in MRtrix3's text format."""
+    from dwiflow.core.response import ResponseFunction
+
+    p = existing_file(path, "response")
+    return ResponseFunction.from_text(p.read_text(), str(p))
+
+
+def write_maps(
+    stage,
+    outputs: dict[str, Path],
+    volume_of: Callable[[str], np.ndarray],
+    affine: np.ndarray,
+    parameters: dict[str, Any],
+    sources: dict[str, Any],
+    status_codes: Iterable[int] = (),
+    orientation: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Path]:
+    """One NIfTI + sidecar per requested output of ``stage``, all or nothing.
+
+    ``volume_of(name)`` gives the output's image; a ``status`` output is written as uint8 with
+    ``Levels`` generated from ``status_codes`` (:class:`~dwiflow.core.status.FitStatus`).
+    """
+    written: dict[str, Path] = {}
+    with atomic_outputs() as out:
+        for name, path in outputs.items():
+            levels = status_levels(status_codes) if name == "status" else None
+            content = sidecar(stage.output_key(name), parameters, (orientation or {}).get(name), levels, **sources)
+            dtype = np.uint8 if output_spec(stage.output_key(name)).get("dtype") == "uint8" else np.float32
+            written[name] = out.nifti(path, volume_of(name), affine, content, dtype=dtype)
+    return written
+
+
+def names_in_dir(stage, outputs: Iterable[str], out_dir: PathLike, source: PathLike,
+                 naming: dict[str, str] | None = None) -> dict[str, Path]:
+    """Paths in ``out_dir`` of a stage's outputs, named by bids_specs from the BIDS entities of ``source``."""
+    entities = entities_from_filename(str(source))
+    return {name: Path(out_dir) / output_filename(stage.output_key(name), entities, naming) for name in outputs}
+
+
+def diffusion_times(dwi: PathLike, big_delta: float | None, small_delta: float | None) -> tuple[float | None, float | None, str]:
+    """Δ and δ (s): the options if given, else ``LargeDelta``/``SmallDelta`` of the DWI's JSON sidecar."""
+    if big_delta is not None:
+        return float(big_delta), float(small_delta), "options"
+    meta = read_sidecar(dwi)
+    if meta is not None and "LargeDelta" in meta and "SmallDelta" in meta:
+        return float(meta["LargeDelta"]), float(meta["SmallDelta"]), sidecar_path(dwi).name
+    return None, None, "none"
+
+
+def describe_outputs(paths: dict[str, Path]) -> str:
+    """One line per written file (for command-line reports)."""
+    return "\n".join(f"  {k:10s} {v}" for k, v in paths.items())
+
+
+def _inputs():
+    from dwiflow.tasks.registry import Input
+
+    return (
+        Input("dwi", "DWI", "4D diffusion-weighted image (NIfTI)"),
+        Input("bval", "BVAL", "b-values (BIDS/FSL .bval, s/mm²)"),
+        Input("bvec", "BVEC", "gradient directions (BIDS/FSL .bvec, image axes; converted to world coordinates)"),
+    )
+
+
+DWI_INPUTS = _inputs()

@@ -1,0 +1,77 @@
+"""Stage ``csd``: single-shell constrained spherical deconvolution (MRtrix3 ``dwi2fod csd``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dwiflow.bids_specs.outputs import sidecar
+from dwiflow.tasks.io import atomic_outputs, load_dwi
+from dwiflow.tasks.options import StageOptions, option
+from dwiflow.tasks.registry import Input, Output, Stage
+from dwiflow.tasks.stagelib import DWI_INPUTS, load_response, provenance, voxels_to_fit
+
+
+@dataclass(frozen=True)
+class CsdOptions(StageOptions):
+    """MRtrix3 ``dwi2fod csd`` parameters (same names and defaults)."""
+
+    lmax: int | None = option(None, help="FOD lmax (default 8, or lower when the response or the directions support "
+                                         "less)", minimum=2, even=True)
+    shell: float | None = option(None, help="b-value of the shell to deconvolve (default: the largest)",
+                                 exclusive_minimum=True, minimum=0)
+    neg_lambda: float = option(1.0, help="weight of the non-negativity constraint", minimum=0)
+    norm_lambda: float = option(1.0, help="weight of the norm regulariser", minimum=0)
+    threshold: float = option(0.0, help="FOD amplitude below which a constraint direction counts as negative")
+    niter: int = option(50, help="iteration limit (0: the unconstrained linear deconvolution)", minimum=0)
+
+
+def run_csd(files, outputs, options: CsdOptions, context):
+    """Constrained spherical deconvolution (Tournier 2007): FOD as SH (MRtrix3 basis, world frame) + sidecar."""
+    from dwiflow.core.csd import STATUS_CODES, CsdModel
+    from dwiflow.core.status import FitStatus, status_levels
+
+    dwi = files["dwi"]
+    run = load_dwi(dwi, files["bval"], files["bvec"])
+    model = CsdModel(run.gtab, load_response(files["response"]), lmax=options.lmax, shell=options.shell,
+                     neg_lambda=options.neg_lambda, norm_lambda=options.norm_lambda, threshold=options.threshold,
+                     niter=options.niter)
+    voxels = voxels_to_fit(run, files.get("mask"), dwi)
+    fit = model.fit(run.data, voxels)
+    params = {"Lmax": model.lmax, "Shell": model.shell.bvalue, "NegLambda": options.neg_lambda,
+              "NormLambda": options.norm_lambda, "Threshold": options.threshold, "MaxIterations": options.niter,
+              "ConstraintDirections": int(model.constraint_dirs.shape[0]),
+              "VoxelsNotConverged": int((fit.status == FitStatus.NOT_CONVERGED).sum()),
+              "VoxelsFailed": int((fit.status != FitStatus.OK).sum())}
+    sources = provenance(dwi, files["bval"], files["bvec"], files["response"], files.get("mask"))
+    content = sidecar("csd_fod", params, {"SphericalHarmonicDegree": model.lmax}, **sources,
+                      ResponseFunction={"Coefficients": [float(c) for c in model.zonal], "Type": "zonal",
+                                        "Shell": model.shell.bvalue},
+                      PointSpreadFunction={"Coefficients": [float(c) for c in model.point_spread_function()],
+                                           "Type": "zonal",
+                                           "Description": "the FOD of one noiseless fibre along z (the response "
+                                                          "deconvolved); the peaks stage subtracts it at each peak"})
+    written = {}
+    with atomic_outputs() as out:
+        written["fod"] = out.nifti(outputs["fod"], fit.sh, run.affine, content)
+        if "status" in outputs:
+            status_content = sidecar("csd_status", params, levels=status_levels(STATUS_CODES))
+            written["status"] = out.nifti(outputs["status"], fit.status, run.affine, status_content, dtype=np.uint8)
+    return written
+
+
+STAGES = (
+    Stage(
+        name="csd", order=40, title="CSD (Tournier 2007)",
+        summary="constrained spherical deconvolution (Tournier 2007)",
+        description="Single-shell CSD with MRtrix3's dwi2fod csd formulation; FOD as SH (MRtrix3 basis, world frame).",
+        options=CsdOptions, run=run_csd,
+        inputs=DWI_INPUTS + (Input("response", "RESPONSE", "response function (MRtrix3 text format)"),
+                             Input("mask", "MASK", "voxels to fit (default: every voxel with signal, as MRtrix3)",
+                                   required=False, flag=True)),
+        outputs=(Output("fod", "the FOD (SH coefficients)", cli="positional", metavar="OUT_FOD"),
+                 Output("status", "the per-voxel status map", cli="flag")),
+        provides={"fod": "fod"}, fod_priority=30, threads=True,
+    ),
+)
