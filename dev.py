@@ -57,6 +57,9 @@ def main(argv: list[str]) -> int:
         return subprocess.call([str(python), "-m", "dwiflow.demo", *rest], cwd=ROOT, env=env)
     if command == "bench":
         return subprocess.call([str(python), str(ROOT / "benchmarks" / "run.py"), *rest], env=env)
+    if not any(arg == "-n" or arg.startswith("-n") or arg.startswith("--numprocesses") for arg in rest):
+        # two pytest-xdist workers, one test file each at a time: the cluster and interruption tests mostly wait
+        rest = ["-n", str(min(2, os.cpu_count() or 1)), "--dist", "loadfile", *rest]
     return subprocess.call([str(python), "-m", "pytest", *rest], cwd=ROOT, env=env)
 
 

@@ -45,7 +45,29 @@ class DwiRunSpec:
 def _layout(bids_dir: Path, validate: bool):
     from bids import BIDSLayout
 
-    return BIDSLayout(str(bids_dir), validate=validate, derivatives=False)
+    try:
+        return BIDSLayout(str(bids_dir), validate=validate, derivatives=False)
+    except Exception as exc:  # pybids raises many types; name the file when it is a sidecar we can parse
+        broken = _unreadable_json(bids_dir)
+        if broken is not None:
+            raise BidsInputError(f"cannot read the JSON sidecar {broken[0]}: {broken[1]}") from None
+        raise BidsInputError(f"pybids cannot index {bids_dir}: {' '.join(str(exc).split())[:200]}") from None
+
+
+def _unreadable_json(root: Path) -> tuple[Path, str] | None:
+    """The first JSON file under ``root`` that does not parse (skipping derivatives and hidden folders)."""
+    for path in sorted(root.rglob("*.json")):
+        if any(part.startswith(".") or part == "derivatives" for part in path.relative_to(root).parts[:-1]):
+            continue
+        try:
+            json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            return path, str(exc).split(":")[0]
+    return None
+
+
+# the DWI query's own entities: a filter may narrow the selection, not change what a DWI run is
+FIXED_QUERY = {"suffix": "dwi", "extension": [".nii.gz", ".nii"], "datatype": "dwi"}
 
 
 def find_dwi_runs(
@@ -67,8 +89,20 @@ def find_dwi_runs(
     if not (root / "dataset_description.json").is_file():
         raise BidsInputError(f"{root} is not a BIDS dataset (no dataset_description.json)")
     layout = _layout(root, validate)
-    query: dict[str, Any] = {"suffix": "dwi", "extension": [".nii.gz", ".nii"], "datatype": "dwi"}
-    query.update(bids_filters or {})
+    query: dict[str, Any] = dict(FIXED_QUERY)
+    filters = dict(bids_filters or {})
+    known = set(layout.get_entities())
+    for key, value in filters.items():
+        if key in FIXED_QUERY:
+            raise BidsInputError(f"BIDS filter {key!r}: dwiflow selects DWI images itself ({key} "
+                                 f"{FIXED_QUERY[key]}); a filter may only narrow the runs (e.g. acquisition, run)")
+        if key not in known:
+            raise BidsInputError(f"BIDS filter {key!r}: not an entity of {root} (known: {', '.join(sorted(known))})")
+        values = value if isinstance(value, list) else [value]
+        if not all(v is None or isinstance(v, (str, int)) and not isinstance(v, bool) for v in values):
+            raise BidsInputError(f"BIDS filter {key!r}: expected a label, a number, null or a list of them, got "
+                                 f"{value!r}")
+    query.update(filters)
     available = set(layout.get_subjects())
     if participant_labels:
         labels = [p.removeprefix("sub-") for p in participant_labels]
@@ -100,7 +134,11 @@ def find_dwi_runs(
             if not p.is_file():
                 raise BidsInputError(f"DWI run {path} has no .{kind} file (expected {p})")
         entities = {k: str(f.entities[k]) for k in RUN_ENTITIES if k in f.entities}
-        spec = DwiRunSpec(path, bval, bvec, entities, layout.get_metadata(f.path))
+        try:
+            metadata = layout.get_metadata(f.path)
+        except Exception as exc:
+            raise BidsInputError(f"cannot read the JSON metadata of {path}: {' '.join(str(exc).split())[:200]}") from None
+        spec = DwiRunSpec(path, bval, bvec, entities, metadata)
         spec.mask = masks.get(spec.label)
         runs.append(spec)
     return runs
@@ -131,8 +169,12 @@ def load_filter_file(path: str | Path) -> dict[str, Any]:
         raise BidsInputError(f"BIDS filter file not found: {p}")
     try:
         content = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise BidsInputError(f"BIDS filter file {p} is not valid JSON: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BidsInputError(f"BIDS filter file {p} is not valid JSON: {str(exc)[:120]}") from None
     if not isinstance(content, dict):
         raise BidsInputError(f"BIDS filter file {p} must hold a JSON object")
-    return content.get("dwi", content)
+    selection = content.get("dwi", content)
+    if not isinstance(selection, dict):
+        raise BidsInputError(f"BIDS filter file {p}: the 'dwi' entry must be a JSON object of entities, got "
+                             f"{type(selection).__name__}")
+    return selection

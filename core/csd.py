@@ -6,10 +6,11 @@ response's rotational harmonics), the FOD coefficients F minimise
 
     ||M F − s||² + ν ||F||² + Σ_n [min(h_nᵀF, 0)]²,
 
-where h_n are SH basis rows at 300 constraint directions scaled by λ·50·r₀/300 (r₀: the
+where h_n are SH basis rows at MRtrix3's 300 constraint directions scaled by λ·50·r₀/300 (r₀: the
 response's l=0 zonal coefficient) and ν = 0.0002·(MᵀM)₀₀. The minimiser is unique; like
 MRtrix3 it is found by re-solving the normal equations with the current negative set until
-that set repeats, starting from an lmax-4 unconstrained fit.
+that set repeats, starting from an lmax-4 unconstrained fit. As in ``dwi2fod``, negative
+samples count as 0.
 
 Speed: everything shared is precomputed once. A compiled kernel (numba, parallel over blocks
 of 16 voxels) takes each block's signals, computes Mᵀs, the start and its negative set by
@@ -48,7 +49,7 @@ from dwiflow.core.sh import (
     sh_degree_order,
     zonal_to_rotational_harmonics,
 )
-from dwiflow.core.sphere import Sphere, repulsion_sphere, sphere_vertices
+from dwiflow.core.sphere import Sphere, sphere_vertices
 from dwiflow.core.status import FitStatus
 from dwiflow.core.voxels import VoxelBatch, iter_chunks, scatter
 
@@ -59,10 +60,33 @@ INIT_NEGATIVE_FRACTION = 0.1  # at most this many SH coefficients per measured d
 STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NOT_CONVERGED, FitStatus.SINGULAR)
 
 
-@lru_cache(maxsize=4)
-def constraint_directions(n: int = 300) -> np.ndarray:
-    """``n`` electrostatic-repulsion directions on a hemisphere (MRtrix3 uses 300)."""
-    return repulsion_sphere(n).hemisphere.copy()
+@lru_cache(maxsize=1)
+def mrtrix3_constraint_directions() -> np.ndarray:
+    """MRtrix3's built-in 300 constraint directions (unit vectors), the default of ``dwi2fod csd`` and ``msmt_csd``
+    (data from MRtrix3 3.0.3; see :mod:`dwiflow.core._mrtrix3_directions`)."""
+    from dwiflow.core._mrtrix3_directions import ELECTROSTATIC_REPULSION_300
+    from dwiflow.core.sh import sphere_to_cart
+
+    az_el = np.array(ELECTROSTATIC_REPULSION_300)
+    return sphere_to_cart(az_el[:, 1], az_el[:, 0])
+
+
+def check_constraint_directions(directions: np.ndarray | None) -> np.ndarray:
+    """Constraint directions: MRtrix3's 300 by default, or (n, 3) vectors (normalised), or (n, 2) azimuth/elevation."""
+    if directions is None:
+        return mrtrix3_constraint_directions()
+    from dwiflow.core.sh import sphere_to_cart
+
+    values = np.asarray(directions, dtype=float)
+    if values.ndim == 2 and values.shape[1] == 2:
+        values = sphere_to_cart(values[:, 1], values[:, 0])
+    if values.ndim != 2 or values.shape[1] != 3 or values.shape[0] < 6:
+        raise DwiflowInputError(f"constraint directions must be (n >= 6, 3) vectors or (n, 2) azimuth/elevation pairs, "
+                                f"got shape {values.shape}", parameters=("directions",))
+    norms = np.linalg.norm(values, axis=1, keepdims=True)
+    if not np.all(np.isfinite(values)) or np.any(norms < 1e-6):
+        raise DwiflowInputError("constraint directions must be finite and non-zero", parameters=("directions",))
+    return values / norms
 
 
 @lru_cache(maxsize=8)
@@ -148,8 +172,10 @@ class CsdModel:
         MRtrix3's ``-neg_lambda`` (1), ``-norm_lambda`` (1) and ``-threshold`` (0).
     niter : int
         Maximum iterations (50). 0 gives the linear unconstrained deconvolution.
-    n_constraints : int
-        Constraint directions on the hemisphere (300).
+    directions : ndarray (n, 3) or (n, 2), optional
+        Constraint directions (unit vectors, or azimuth/elevation in radians as MRtrix3's ``-directions``);
+        default MRtrix3's built-in 300 (:func:`mrtrix3_constraint_directions`), so that results equal
+        ``dwi2fod csd``'s.
     chunk_size : int
         Voxels assembled together (memory ~ chunk_size × 10 kB).
     flavour : {"mrtrix3", "dipy"}
@@ -171,7 +197,7 @@ class CsdModel:
         norm_lambda: float = 1.0,
         threshold: float = 0.0,
         niter: int = 50,
-        n_constraints: int = 300,
+        directions: np.ndarray | None = None,
         chunk_size: int = 20_000,
         flavour: str = "mrtrix3",
         tau: float = 0.1,
@@ -229,8 +255,8 @@ class CsdModel:
             multiplier = neg_lambda * rh.size * rh[0] / np.sqrt(181.0 * 362.0)  # DIPY's λ scaling
             norm_lambda = 0.0
         else:
-            self.constraint_dirs = constraint_directions(n_constraints)
-            multiplier = neg_lambda * 50.0 * zonal[0] / n_constraints
+            self.constraint_dirs = check_constraint_directions(directions)
+            multiplier = neg_lambda * 50.0 * zonal[0] / self.constraint_dirs.shape[0]
         self._constraints = np.ascontiguousarray(real_sh_basis(self.lmax, self.constraint_dirs) * multiplier)  # H
         self.threshold = threshold * multiplier
         normal = self._forward.T @ self._forward
@@ -321,13 +347,18 @@ class CsdModel:
         for sl in iter_chunks(nvox, self.chunk_size):
             if self.niter == 0:
                 signal = batch.signal(sl)[:, columns]
+                if self.flavour == "mrtrix3":
+                    np.maximum(signal, 0.0, out=signal)
                 finite = np.all(np.isfinite(signal), axis=1)
                 sh[sl] = np.linalg.solve(self._normal, (np.where(finite[:, None], signal, 0.0) @ self._forward).T).T
                 sh[sl][~finite] = np.nan
                 status[sl] = np.where(finite, FitStatus.OK, FitStatus.NONFINITE_INPUT)
                 continue
+            signal = batch.signal(sl)
+            if self.flavour == "mrtrix3":  # as dwi2fod: negative samples count as 0 (NaN stays NaN: status)
+                np.maximum(signal, 0.0, out=signal)
             out, st, it = solve_csd(
-                np.ascontiguousarray(batch.signal(sl)), columns, self._forward, self._start_t,
+                np.ascontiguousarray(signal), columns, self._forward, self._start_t,
                 self._start_constraints_t, self._threshold_row, self._threshold_const, self._start_fraction,
                 self._constraints, self._mask_moments, self._gaunt_indptr, self._gaunt_indices, self._gaunt_data,
                 normal_lower, self.niter,

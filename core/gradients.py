@@ -25,6 +25,9 @@ from dwiflow.core.errors import DwiflowInputError
 
 DEFAULT_B0_THRESHOLD = B0_THRESHOLD
 DEFAULT_SHELL_TOLERANCE = 80.0
+# a diffusion-weighted acquisition whose largest b-value is at most this was written in ms/µm² (b = 1, 2, 3 for
+# 1000, 2000, 3000 s/mm²); no diffusion MRI protocol has its largest b below 20 s/mm²
+MAX_BVALUE_IN_MS_PER_UM2 = 20.0
 
 
 @dataclass(frozen=True)
@@ -278,6 +281,11 @@ def gradient_table(
         raise DwiflowInputError(f"{bval_name}: contains non-finite b-values")
     if np.any(bvals_arr < 0):
         raise DwiflowInputError(f"{bval_name}: contains negative b-values")
+    largest = float(bvals_arr.max())
+    if 0.05 < largest <= MAX_BVALUE_IN_MS_PER_UM2:
+        raise DwiflowInputError(
+            f"{bval_name}: the largest b-value is {largest:g}: these look like ms/µm² (b=1 means 1000 s/mm²); "
+            "dwiflow reads b-values in s/mm² as BIDS does: multiply them by 1000", parameters=("bvals",))
     if b0_threshold < 0:
         raise DwiflowInputError(f"b0_threshold must be >= 0, got {b0_threshold}")
     vecs = as_rows_of_vectors(bvecs, bvals_arr.size, bvec_name)

@@ -58,8 +58,8 @@ from dwiflow.core.voxels import VoxelBatch, VoxelFit, iter_chunks
 DEFAULT_TAU = 1.0 / (4.0 * np.pi**2)  # without Δ/δ: q = sqrt(b)/(2π·sqrt(τ)) with this τ gives q = sqrt(b)
 GCV_BOUNDS = (1e-5, 10.0)
 
-STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NO_SIGNAL, FitStatus.SINGULAR,
-                FitStatus.SOLVER_FAILED)
+STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NO_SIGNAL, FitStatus.SIGNAL_ABOVE_B0,
+                FitStatus.SINGULAR, FitStatus.SOLVER_FAILED)
 POSITIVITY_MODES = ("none", "grid", "global")
 GRID_MARGIN = -0.1  # propagator lower bound at the grid points (as the reference implementation)
 WORKING_SET_TIERS = (16, 32, 64, 128, 256)  # sizes of the reduced grid problems (working sets, see _grid_working_set)

@@ -99,12 +99,17 @@ class ResponseFunction:
             if stripped.startswith("#"):
                 key, _, value = stripped[1:].partition(":")
                 if key.strip().lower() == "shells":
-                    shells = [float(v) for v in value.replace(",", " ").split()]
+                    try:
+                        shells = [float(v) for v in value.replace(",", " ").split()]
+                    except ValueError:
+                        raise DwiflowInputError(f"{source}: the '# Shells:' line holds something that is not a "
+                                                "b-value") from None
                 continue
             try:
                 rows.append([float(v) for v in stripped.replace(",", " ").split()])
             except ValueError:
-                raise DwiflowInputError(f"{source}: cannot parse response row {stripped!r}") from None
+                shown = "".join(c if c.isprintable() else "?" for c in stripped[:16])
+                raise DwiflowInputError(f"{source}: cannot parse a response row starting {shown!r}") from None
         if not rows:
             raise DwiflowInputError(f"{source}: no response coefficients found")
         width = max(len(r) for r in rows)

@@ -55,7 +55,8 @@ TV_LAMBDA_MIN = (1.0 / 30.0) ** 2  # floor of the global TV weight (R = 1)
 TV_EPSILON = 1e-7  # smoothing of |grad f| in the TV term
 _EPS = float(np.finfo(float).eps)  # guards divisions, as the reference implementation
 
-STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NO_SIGNAL, FitStatus.NO_SOLUTION)
+STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NO_SIGNAL, FitStatus.SIGNAL_ABOVE_B0,
+                FitStatus.NO_SOLUTION)
 
 
 def mbessel_ratio(order: int, x: np.ndarray) -> np.ndarray:

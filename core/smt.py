@@ -37,7 +37,7 @@ from dwiflow.core.voxels import VoxelBatch, VoxelFit, iter_chunks
 _SH_ORDER_THRESHOLDS = np.array([202.020202, 707.070707, 1212.12121, 2525.25253, 3131.31313, 5353.53535, np.inf])
 _SH_ORDERS = np.arange(2, 15, 2)
 
-STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NO_SIGNAL)
+STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NO_SIGNAL, FitStatus.SIGNAL_ABOVE_B0)
 
 
 def sh_order_for_bvalue(bvalue: float) -> int:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
-from scipy.spatial import ConvexHull
 
 from dwiflow.core.errors import DwiflowInputError
 
@@ -64,6 +63,8 @@ def sphere_from_vertices(vertices: np.ndarray) -> Sphere:
     if np.any(norms < 1e-9):
         raise DwiflowInputError("sphere vertices contain a zero vector")
     v = v / norms[:, None]
+    from scipy.spatial import ConvexHull  # imported here: it costs 0.4 s, and most commands never triangulate
+
     faces = ConvexHull(v).simplices.astype(np.intp)
     pairs = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [0, 2]]])
     pairs.sort(axis=1)
@@ -85,6 +86,8 @@ def _icosahedron() -> tuple[np.ndarray, np.ndarray]:
         dtype=float,
     )
     v /= np.linalg.norm(v, axis=1, keepdims=True)
+    from scipy.spatial import ConvexHull
+
     f = ConvexHull(v).simplices
     return v, f
 

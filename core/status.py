@@ -24,6 +24,7 @@ class FitStatus(IntEnum):
     SOLVER_FAILED = 4
     NOT_CONVERGED = 5
     NO_SOLUTION = 6
+    SIGNAL_ABOVE_B0 = 7
 
     @property
     def description(self) -> str:
@@ -38,6 +39,7 @@ _DESCRIPTIONS = {
     FitStatus.SOLVER_FAILED: "the constrained solver found no solution",
     FitStatus.NOT_CONVERGED: "did not converge within the iteration limit",
     FitStatus.NO_SOLUTION: "no non-negative solution (every fraction zero)",
+    FitStatus.SIGNAL_ABOVE_B0: "diffusion-weighted signal above the b=0 signal on average (non-physical)",
 }
 
 
@@ -47,10 +49,11 @@ def status_levels(codes: Iterable[FitStatus]) -> dict[str, str]:
 
 
 def input_status(signal: np.ndarray, b0s_mask: np.ndarray) -> np.ndarray:
-    """Status of signals (n, n_volumes) before fitting: non-finite input, or no positive mean b=0 signal.
+    """Status of signals (n, n_volumes) before fitting: non-finite input, no positive mean b=0 signal, or a
+    mean diffusion-weighted signal above the mean b=0 (non-physical: diffusion only attenuates).
 
-    The check shared by the models that normalise by the mean b=0 signal (MAP-MRI, RUMBA-SD, SMT);
-    usable voxels get ``FitStatus.OK``.
+    The check shared by the models that normalise by the mean b=0 signal (MAP-MRI, RUMBA-SD, SMT; the
+    tensor applies the last rule too); usable voxels get ``FitStatus.OK``.
     """
     status = np.zeros(signal.shape[0], dtype=np.uint8)
     finite = np.all(np.isfinite(signal), axis=1)
@@ -58,4 +61,13 @@ def input_status(signal: np.ndarray, b0s_mask: np.ndarray) -> np.ndarray:
     positive = np.zeros_like(finite)
     positive[finite] = signal[finite][:, b0s_mask].mean(axis=1) > 0
     status[finite & ~positive] = FitStatus.NO_SIGNAL
+    status[finite & positive & signal_above_b0(signal, b0s_mask)] = FitStatus.SIGNAL_ABOVE_B0
     return status
+
+
+def signal_above_b0(signal: np.ndarray, b0s_mask: np.ndarray) -> np.ndarray:
+    """Rows whose mean diffusion-weighted signal exceeds their mean b=0 signal (False without b=0 or DW volumes)."""
+    if not b0s_mask.any() or b0s_mask.all():
+        return np.zeros(signal.shape[0], dtype=bool)
+    with np.errstate(invalid="ignore"):
+        return signal[:, ~b0s_mask].mean(axis=1) > signal[:, b0s_mask].mean(axis=1)

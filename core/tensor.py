@@ -24,12 +24,13 @@ import numpy as np
 
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import GradientTable
-from dwiflow.core.status import FitStatus
+from dwiflow.core.status import FitStatus, signal_above_b0
 from dwiflow.core.voxels import VoxelBatch, iter_chunks, scatter
 
 MIN_POSITIVE_SIGNAL = 1e-4
 
-STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NO_SIGNAL, FitStatus.SINGULAR)
+STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NO_SIGNAL, FitStatus.SINGULAR,
+                FitStatus.SIGNAL_ABOVE_B0)
 
 
 def tensor_design_matrix(gtab: GradientTable) -> np.ndarray:
@@ -211,6 +212,7 @@ class TensorModel:
         status[~finite] = FitStatus.NONFINITE_INPUT
         positive = np.any(signal > 0, axis=1)
         status[finite & ~positive] = FitStatus.NO_SIGNAL
+        status[finite & positive & signal_above_b0(signal, self.gtab.b0s_mask)] = FitStatus.SIGNAL_ABOVE_B0
         sig = np.where(finite[:, None], signal, 1.0)
         log_s = np.log(np.maximum(sig, self.min_signal))
         beta = log_s @ self._ols_pinv.T

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import tempfile
+import zlib
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,40 +40,129 @@ def existing_file(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
+MAX_TEXT_BYTES = 4 * 1024 * 1024  # a .bval/.bvec/response/directions file larger than this is not one
+
+
+def excerpt(text: str, limit: int = 16) -> str:
+    """At most ``limit`` printable characters of ``text`` (errors quote input files this little)."""
+    clean = "".join(c if c.isprintable() else "?" for c in str(text)[:limit])
+    return clean + ("…" if len(str(text)) > limit else "")
+
+
+def _short(exc: BaseException) -> str:
+    """An exception's message on one line, without quoting more than a short excerpt of any file content."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _nifti_from_bytes(data: bytes, what: str, p: Path) -> nib.Nifti1Image:
+    for cls in (nib.Nifti1Image, nib.Nifti2Image):
+        try:
+            return cls.from_bytes(data)
+        except Exception:  # not this format
+            continue
+    raise DwiflowInputError(f"cannot read {what} {p}: not a NIfTI-1 or NIfTI-2 image")
+
+
+def _check_complete(img: nib.Nifti1Image, size: int, what: str, p: Path) -> None:
+    """The image holds every byte its header promises (a truncated file is an error, not zeros)."""
+    header = img.header
+    needed = int(header.get_data_offset()) + int(np.prod(img.shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+    if size < needed:
+        raise DwiflowInputError(f"{what} {p} is truncated: its header describes {needed} bytes, the file holds {size}")
+
+
 def load_image(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
-    """Load a NIfTI image, turning nibabel's errors into one-line input errors."""
+    """Load a NIfTI image whole and checked, turning every way it can be unreadable into a one-line input error.
+
+    A ``.gz`` file is decompressed completely, so a bad CRC or a truncated stream is an error (gzip readers
+    that stop at the data's end never look at the CRC); an uncompressed file must hold every byte its header
+    describes.
+    """
     p = existing_file(path, what)
     try:
-        img = nib.load(str(p))
-        img.header  # noqa: B018 - force header parsing
+        if p.name.endswith(".gz"):
+            try:
+                data = gzip.decompress(p.read_bytes())
+            except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
+                if "Not a gzipped file" in str(exc):
+                    raise DwiflowInputError(f"cannot read {what} {p}: not a gzip-compressed file, although its name "
+                                            "ends in .gz") from None
+                reason = "truncated" if isinstance(exc, EOFError) else "corrupt"
+                raise DwiflowInputError(f"{what} {p} is {reason}: its gzip stream cannot be read whole "
+                                        f"({_short(exc)})") from None
+            img = _nifti_from_bytes(data, what, p)
+            _check_complete(img, len(data), what, p)
+        else:
+            img = nib.load(str(p))
+            if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+                raise DwiflowInputError(f"cannot read {what} {p}: not a NIfTI image")
+            _check_complete(img, p.stat().st_size, what, p)
+    except DwiflowInputError:
+        raise
     except Exception as exc:  # nibabel raises many types for unreadable files
-        raise DwiflowInputError(f"cannot read {what} {p}: {exc}") from None
+        raise DwiflowInputError(f"cannot read {what} {p}: {_short(exc)}") from None
     return img
 
 
-def read_bvals(path: str | os.PathLike) -> np.ndarray:
-    """b-values from a BIDS/FSL ``.bval`` text file (whitespace separated)."""
-    p = existing_file(path, "bval")
+def read_text(path: str | os.PathLike, what: str) -> str:
+    """A small text file's content; a binary or huge file is a one-line input error."""
+    p = existing_file(path, what)
+    if p.stat().st_size > MAX_TEXT_BYTES:
+        raise DwiflowInputError(f"{what} file {p} is {p.stat().st_size} bytes: too large to be a {what} file")
     try:
-        values = np.loadtxt(p, dtype=float, ndmin=1)
-    except Exception as exc:
-        raise DwiflowInputError(f"cannot read b-values from {p}: {exc}") from None
-    if values.ndim != 1:
-        if 1 in values.shape:
-            values = values.ravel()
-        else:
-            raise DwiflowInputError(f"{p}: b-values must be one row, got shape {values.shape}")
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise DwiflowInputError(f"{what} file {p} is not a text file") from None
+
+
+def read_numbers(path: str | os.PathLike, what: str) -> np.ndarray:
+    """Rows of whitespace-separated numbers (BIDS/FSL .bval/.bvec); errors quote a short excerpt at most."""
+    p = Path(path)
+    rows = []
+    for number, line in enumerate(read_text(p, what).splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if "," in line:
+            raise DwiflowInputError(f"{what} file {p}: line {number} separates values with commas; BIDS/FSL {what} "
+                                    "files separate them with spaces")
+        try:
+            rows.append([float(token) for token in line.split()])
+        except ValueError:
+            bad = next(t for t in line.split() if not _is_number(t))
+            raise DwiflowInputError(f"{what} file {p}: line {number} holds {excerpt(bad)!r}, which is not a number") from None
+    if not rows:
+        raise DwiflowInputError(f"{what} file {p} is empty")
+    if len({len(r) for r in rows}) != 1:
+        raise DwiflowInputError(f"{what} file {p}: its lines hold different numbers of values "
+                                f"({', '.join(str(len(r)) for r in rows)})")
+    values = np.array(rows, dtype=float)
+    if not np.all(np.isfinite(values)):
+        raise DwiflowInputError(f"{what} file {p} holds a non-finite value (nan or inf)")
     return values
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def read_bvals(path: str | os.PathLike) -> np.ndarray:
+    """b-values from a BIDS/FSL ``.bval`` text file (whitespace separated, one row)."""
+    values = read_numbers(path, "bval")
+    if values.ndim != 1 and 1 not in values.shape:
+        raise DwiflowInputError(f"bval file {path}: b-values must be one row, got {values.shape[0]} rows of "
+                                f"{values.shape[1]}")
+    return values.ravel()
 
 
 def read_bvecs(path: str | os.PathLike) -> np.ndarray:
     """Raw b-vector array from a BIDS/FSL ``.bvec`` text file (3 rows expected)."""
-    p = existing_file(path, "bvec")
-    try:
-        values = np.loadtxt(p, dtype=float, ndmin=2)
-    except Exception as exc:
-        raise DwiflowInputError(f"cannot read b-vectors from {p}: {exc}") from None
-    return values
+    return read_numbers(path, "bvec")
 
 
 def load_gradients(
@@ -208,9 +299,29 @@ class OutputSet:
         return Path(path)
 
     def commit(self) -> None:
-        for tmp, final in self._pending:
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600 files
-            os.replace(tmp, final)
+        """Rename every temporary file into place; if a rename fails, the ones already done are undone (a file
+        they replaced is restored), so the outputs are published together or not at all."""
+        backups: list[tuple[Path, Path | None]] = []
+        try:
+            for tmp, final in self._pending:
+                os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600 files
+                backup = None
+                if final.exists():
+                    backup = _tmp_name(final)
+                    os.replace(final, backup)
+                backups.append((final, backup))
+                os.replace(tmp, final)
+        except BaseException:
+            for final, backup in reversed(backups):
+                if backup is not None:
+                    os.replace(backup, final)
+                elif final.exists():
+                    final.unlink()
+            self.discard()
+            raise
+        for _, backup in backups:
+            if backup is not None:
+                backup.unlink(missing_ok=True)
         self._pending.clear()
 
     def discard(self) -> None:
@@ -229,6 +340,46 @@ def atomic_outputs() -> Iterator[OutputSet]:
         outputs.discard()
         raise
     outputs.commit()
+
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def check_output_paths(outputs: dict[str, Path], inputs: dict[str, Path | None], extensions: dict[str, str]) -> None:
+    """Refuse, before anything is computed, outputs that would destroy an input or each other.
+
+    ``outputs``: output name → path; ``inputs``: input kind → path; ``extensions``: output name → the
+    extension its format needs (``.nii.gz`` also allows ``.nii``). An output (or its JSON sidecar) may not
+    be an input or an input's sidecar, two outputs may not share a path, a path may not be a directory, and
+    a NIfTI output's name must end in .nii.gz or .nii. Raises :class:`DwiflowInputError`.
+    """
+    protected: dict[str, str] = {}
+    for kind, path in inputs.items():
+        if path is None:
+            continue
+        protected[os.path.realpath(path)] = f"the input {kind} {path}"
+        protected.setdefault(os.path.realpath(sidecar_path(path)), f"the sidecar of the input {kind} {path}")
+    claimed: dict[str, str] = {}
+    for name, path in outputs.items():
+        path = Path(path)
+        extension = extensions.get(name, "")
+        if extension in NIFTI_SUFFIXES and not path.name.endswith(NIFTI_SUFFIXES):
+            raise DwiflowInputError(f"output {name} {path}: a NIfTI file name must end in .nii.gz or .nii")
+        if path.is_dir():
+            raise DwiflowInputError(f"output {name} {path} is a directory")
+        if path.parent.exists() and not path.parent.is_dir():
+            raise DwiflowInputError(f"output {name} {path}: {path.parent} is not a directory")
+        written = [path] + ([sidecar_path(path)] if path.name.endswith(NIFTI_SUFFIXES + (".txt",)) else [])
+        for target in written:
+            key = os.path.realpath(target)
+            if key in protected:
+                raise DwiflowInputError(f"output {name} {target} would overwrite {protected[key]}")
+            if key in claimed:
+                raise DwiflowInputError(f"outputs {claimed[key]} and {name} would both be written to {target}")
+            claimed[key] = name
+        folder = next((f for f in [path.parent, *path.parent.parents] if f.exists()), None)
+        if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+            raise DwiflowInputError(f"output {name} {path}: {folder} is not writable")
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -260,3 +411,17 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+HOLD_AT_ENV, HOLD_FILE_ENV = "DWIFLOW_HOLD_AT", "DWIFLOW_HOLD_FILE"
+
+
+def hold_point(name: str) -> None:
+    """Fault injection for the interruption tests: when ``DWIFLOW_HOLD_AT`` names this point (a stage, ``figures``
+    or ``publish``), write the process id to ``DWIFLOW_HOLD_FILE`` and wait there to be signalled."""
+    if os.environ.get(HOLD_AT_ENV) != name:
+        return
+    import time
+
+    Path(os.environ[HOLD_FILE_ENV]).write_text(str(os.getpid()))
+    time.sleep(600)

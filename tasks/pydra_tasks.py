@@ -22,8 +22,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from fileformats.core import FileSet
 from fileformats.generic import Directory, File
 from pydra.compose import python
+from pydra.utils.hash import CacheKey, register_serializer
+from pydra.utils.hash import bytes_repr_fileset as _pydra_fileset_bytes
 
 from dwiflow._version import __version__
 from dwiflow.tasks.registry import Stage, StageGroup, all_stages, source_hash_files, stages
@@ -49,6 +52,30 @@ class StageError(Exception):
     """A stage failed on its input or options inside a run; the message names the recon-spec key path."""
 
 
+class StageInterrupted(Exception):
+    """A stage was interrupted (SIGINT/SIGTERM). Raised as an ordinary exception so that Pydra records the task as
+    errored: an interrupted task never leaves a result that counts as a success."""
+
+
+def _hash_key_with_content_identity(fileset, cache):
+    """Pydra's file hash, looked up in its persistent cache under a key that changes whenever the content can have
+    changed: path, mtime, ctime, size and inode of each file (Pydra 1.0a12 keys on path and mtime only, so a file
+    rewritten with its mtime restored — ``cp -p``, ``rsync -a``, ``tar x``, ``touch -r`` — kept its old hash). The
+    ctime cannot be set back by a user."""
+    fspaths = sorted(fileset.fspaths)
+    identity = []
+    for path in fspaths:
+        st = path.stat()
+        identity.append((st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino, path.lstat().st_ctime_ns))
+    yield CacheKey(tuple(repr(p) for p in fspaths) + tuple(identity))
+    content = _pydra_fileset_bytes(fileset, cache)
+    next(content)  # Pydra's own (path, mtime) key
+    yield from content
+
+
+register_serializer(FileSet)(_hash_key_with_content_identity)
+
+
 def _run_stage(stage: str, method: str | None, options: dict, naming: dict, code_version: str, **files):
     """Run one registered stage in the task's working directory; returns its outputs (None for those not written)."""
     from pathlib import Path
@@ -58,11 +85,14 @@ def _run_stage(stage: str, method: str | None, options: dict, naming: dict, code
     from dwiflow.bids_specs.outputs import output_spec
     from dwiflow.core.errors import DwiflowInputError
     from dwiflow.tasks import registry
+    from dwiflow.tasks.io import hold_point
     from dwiflow.tasks.options import render_error
+    from dwiflow.tasks.pydra_tasks import StageError, StageInterrupted
 
     declared = registry.get(stage, method)
     prefix = f"stages.{stage}.options." if method is not None else f"stages.{stage}."
     try:
+        hold_point(stage)
         configured = declared.options(**options)
         targets = {name: Path.cwd() / f"{name}{output_spec(declared.output_key(name))['extension']}"
                    for name in declared.writes(configured)}
@@ -70,6 +100,8 @@ def _run_stage(stage: str, method: str | None, options: dict, naming: dict, code
         written = declared.execute(given, targets, configured, registry.RunContext(naming=dict(naming or {})))
     except DwiflowInputError as exc:
         raise StageError(render_error(exc, lambda name: prefix + name)) from None
+    except KeyboardInterrupt as exc:
+        raise StageInterrupted(f"stage {stage} was interrupted ({exc or 'SIGINT'})") from None
     returned = {out.name: (File(written[out.name]) if out.name in written else None) for out in declared.outputs}
     # Pydra gives a task with one output the whole return value
     return next(iter(returned.values())) if len(returned) == 1 else returned
@@ -178,11 +210,16 @@ def Figures(staged: Directory, files: dict, entities: dict, naming: dict, code_v
     from fileformats.generic import Directory
 
     from dwiflow.tasks.figures import figures_stage, write_manifest
+    from dwiflow.tasks.io import hold_point
+    from dwiflow.tasks.pydra_tasks import StageInterrupted
 
     folder = Path.cwd() / "figures"
     folder.mkdir(exist_ok=True)
     try:
+        hold_point("figures")
         figures_stage(staged, folder, files, entities, naming)
+    except KeyboardInterrupt as exc:
+        raise StageInterrupted(f"the figures were interrupted ({exc or 'SIGINT'})") from None
     except Exception as exc:  # the report must never fail the run
         note = traceback.format_exception_only(type(exc), exc)[-1].strip()
         write_manifest(folder, entities, [{"section": "tensor", "title": "Figures", "file": "", "caption": "",

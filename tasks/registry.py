@@ -26,7 +26,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from threadpoolctl import threadpool_limits
+
+from dwiflow.bids_specs.outputs import output_spec
 from dwiflow.core.errors import DwiflowInputError
+from dwiflow.tasks.io import check_output_paths
 from dwiflow.tasks.options import StageOptions
 
 PathLike = str | os.PathLike
@@ -66,6 +70,7 @@ class Output:
     help: str
     cli: str = "dir"
     metavar: str | None = None
+    folder: bool = False  # a folder the stage fills (the phantom's dataset), not one file
 
 
 @dataclass
@@ -97,6 +102,7 @@ class Stage:
     provides: Mapping[str, str] = field(default_factory=dict)
     fod_priority: int | None = None
     conflicts: tuple[str, ...] = ()
+    check_data: Callable[[Any, StageOptions], None] | None = None  # raises when a run's data cannot support it
     pipeline: bool = True
     always: bool = False
     threads: bool = False
@@ -168,7 +174,24 @@ class Stage:
         for given in self.inputs:
             if given.required and files.get(given.kind) is None:
                 raise DwiflowInputError(f"{self.label} needs its {given.kind} input ({given.metavar})")
-        return self.run(dict(files), dict(outputs), options, context or RunContext())
+        files_out = {name: path for name, path in outputs.items() if not self.output(name).folder}
+        check_output_paths(files_out, dict(files),
+                           {name: output_spec(self.output_key(name))["extension"] for name in files_out})
+        for name, path in outputs.items():
+            if self.output(name).folder and Path(path).exists() and not Path(path).is_dir():
+                raise DwiflowInputError(f"output {name} {path} is a file, not a folder")
+        with single_threaded_blas():  # the same bits whatever the thread count (see README)
+            return self.run(dict(files), dict(outputs), options, context or RunContext())
+
+
+def single_threaded_blas():
+    """A context in which every BLAS library runs on one thread: numpy's, and SciPy's (which numba's kernels call
+    through ``scipy.linalg.cython_blas``). SciPy's is loaded first, since a limit reaches only the libraries already
+    loaded; otherwise a multi-threaded gemv splits its sums differently with 1 and 2 threads and the last bits
+    depend on the machine's thread count."""
+    import scipy.linalg.cython_blas  # noqa: F401  (loads SciPy's BLAS so that the limit covers it)
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dwiflow._version import __version__
 from dwiflow.bids_specs.outputs import entities_from_filename, output_filename, output_spec, sidecar
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.status import status_levels
-from dwiflow.tasks.io import atomic_outputs, existing_file, load_image, load_mask, read_sidecar, sidecar_path
+from dwiflow.tasks.io import atomic_outputs, load_image, load_mask, read_sidecar, read_text, sidecar_path
 
 PathLike = str | os.PathLike
 
@@ -62,6 +62,15 @@ def load_sh_image(path: PathLike, what: str = "FOD"):
             f"{what} {path} has {img.shape[3]} volumes, which is not an even-degree SH coefficient count "
             "(1, 6, 15, 28, 45, 66, ...): is it an SH image?"
         ) from None
+    encoding = ((read_sidecar(path) or {}).get("OrientationEncoding") or {}).get("Type")
+    if encoding not in (None, "sh"):
+        raise DwiflowInputError(f"{what} {path}: its sidecar gives OrientationEncoding.Type {encoding!r}; expected an "
+                                "SH image (sh), e.g. from dwirecon csd or MRtrix3 dwi2fod")
+    name = Path(path).name
+    base = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+    if (Path(path).parent / f"{base}.bval").is_file():
+        raise DwiflowInputError(f"{what} {path} has {base}.bval beside it: it is a DWI, not an SH image (give the FOD "
+                                "from dwirecon csd or MRtrix3 dwi2fod)")
     return np.asarray(img.dataobj, dtype=float), img.affine, lmax
 
 
@@ -69,8 +78,7 @@ def load_response(path: PathLike):
     """A response in MRtrix3's text format."""
     from dwiflow.core.response import ResponseFunction
 
-    p = existing_file(path, "response")
-    return ResponseFunction.from_text(p.read_text(), str(p))
+    return ResponseFunction.from_text(read_text(path, "response"), str(path))
 
 
 def write_maps(

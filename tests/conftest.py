@@ -24,6 +24,16 @@ REAL_RUNS = {
 }
 
 
+# files whose tests mostly wait (cluster jobs, signalled subprocesses): run first, so that with pytest-xdist's
+# --dist loadfile they overlap with the compute-bound files instead of forming a tail
+RUN_FIRST = ("test_slurm.py", "test_reliability.py", "test_bids_real.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    order = {name: i for i, name in enumerate(RUN_FIRST)}
+    items.sort(key=lambda item: order.get(Path(str(item.fspath)).name, len(RUN_FIRST)))
+
+
 def real_run(name: str) -> dict[str, Path]:
     """Paths of one run of ../shared/data/bids_real (the data must be there)."""
     if not BIDS_REAL.is_dir():

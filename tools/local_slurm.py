@@ -176,10 +176,10 @@ def start(root: Path, timeout: float = 90.0) -> dict[str, object]:
         # munge: the key from the Debian package; its socket where the slurm tools look for it
         Path("/run/munge").mkdir(parents=True, exist_ok=True)
         shutil.chown("/run/munge", "munge", "munge")
-        socket_path = Path("/run/munge/munge.socket.2")
-        if not socket_path.exists():
-            _spawn("munged", ["runuser", "-u", "munge", "--", _which("munged"), "--foreground"], root, env)
-            _wait_for("munged", socket_path.exists, timeout, root / "logs" / "munged.out")
+        if not _munge_answers():
+            # a socket file left by a munged that died answers nothing: --force lets a new daemon replace it
+            _spawn("munged", ["runuser", "-u", "munge", "--", _which("munged"), "--foreground", "--force"], root, env)
+            _wait_for("munged", _munge_answers, timeout, root / "logs" / "munged.out")
         # MariaDB with its own data directory and port, then the accounting database and its user
         datadir, sock = root / "db" / "data", root / "run" / "mysqld.sock"
         if not (datadir / "mysql").exists():
@@ -215,6 +215,17 @@ def start(root: Path, timeout: float = 90.0) -> dict[str, object]:
         stop(root)
         raise
     return {"slurm_conf": str(conf), "pids": json.loads((root / "pids.json").read_text())}
+
+
+def _munge_answers() -> bool:
+    """Whether a munged is listening on the default socket (a credential can be encoded)."""
+    if not Path("/run/munge/munge.socket.2").exists():
+        return False
+    try:
+        return subprocess.run([shutil.which("munge") or "/usr/bin/munge", "-n"], capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def _port_open(port: int) -> bool:

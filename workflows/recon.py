@@ -152,18 +152,24 @@ def figures_folder(output_dir: Path, run: DwiRunSpec) -> Path:
 
 
 def publish(staged: Path, target: Path) -> list[Path]:
-    """Copy staged derivatives into ``target`` atomically (temporary name, then rename)."""
+    """Copy staged derivatives into ``target`` together: every file is copied under a temporary name first, then
+    all are renamed; on any failure (a full disk, a signal) the temporary copies are removed and none is renamed."""
+    from dwiflow.tasks.io import hold_point
+
     target.mkdir(parents=True, exist_ok=True)
-    written = []
-    pending = []
-    for src in sorted(Path(staged).iterdir()):
-        tmp = target / f".{src.name}.partial"
-        shutil.copyfile(src, tmp)
-        pending.append((tmp, target / src.name))
+    pending: list[tuple[Path, Path]] = []
+    try:
+        for src in sorted(Path(staged).iterdir()):
+            pending.append((target / f".{src.name}.partial", target / src.name))
+            shutil.copyfile(src, pending[-1][0])
+        hold_point("publish")
+    except BaseException:
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)
+        raise
     for tmp, final in pending:
         os.replace(tmp, final)
-        written.append(final)
-    return written
+    return [final for _, final in pending]
 
 
 def write_dataset_description(output_dir: Path, bids_dir: Path, recon_spec: ReconSpec) -> None:
@@ -224,6 +230,13 @@ def run_participant(
     """
     from pydra.engine.submitter import Submitter
 
+    from dwiflow.workflows.cache import repair_cache, sweep_partial_outputs
+    from dwiflow.workflows.workers import LocalProcessWorker, interrupted
+
+    removed = repair_cache(work_dir / "cache")
+    if removed:
+        progress(f"[dwiflow] {len(removed)} cached result(s) unusable (interrupted or damaged): they are recomputed")
+    sweep_partial_outputs(output_dir)
     write_dataset_description(output_dir, bids_dir, recon_spec)
     timing_log = work_dir / "logs" / "timings.jsonl"
     timing_log.parent.mkdir(parents=True, exist_ok=True)
@@ -232,16 +245,25 @@ def run_participant(
     outcomes = []
     stages = recon_spec.to_plain()
     worker_name = worker if isinstance(worker, str) else worker.plugin_name()
+
+    def fresh_worker():  # each Submitter closes its worker; local processes end with this one (LocalProcessWorker)
+        if worker == "cf":
+            return LocalProcessWorker(**(worker_options or {}))
+        return worker
+
+    pydra_options = {} if worker == "cf" else dict(worker_options or {})
     if worker_name != "debug" and len(runs) > 1:
         # Phase 1: every run in one graph, so the worker runs independent runs concurrently (cf) or queues all of
         # their jobs at once (slurm/sge). Failures are collected per run in phase 2, where finished runs are
         # cache hits and a failed run fails again with its own error.
         progress(f"[dwiflow] {len(runs)} runs submitted together ({worker_name} worker)")
         try:
-            with Submitter(cache_root=work_dir / "cache", worker=worker, clean_stale_locks=True,
-                           **(worker_options or {})) as submitter:
+            with Submitter(cache_root=work_dir / "cache", worker=fresh_worker(), clean_stale_locks=True,
+                           **pydra_options) as submitter:
                 submitter(_all_runs_workflow(runs, stages, cv), raise_errors=False)
         except Exception as exc:  # reported per run below
+            if interrupted():
+                raise KeyboardInterrupt from exc
             progress(f"[dwiflow]   some runs failed ({_last_line(str(exc)) or type(exc).__name__}); details per run follow")
     if hasattr(worker, "submit_jobs") and len(runs) > 1:
         # a cluster worker reports each run from the shared cache and the failures of phase 1; it does not
@@ -256,8 +278,8 @@ def run_participant(
         log.parent.mkdir(parents=True, exist_ok=True)
         try:
             # locks older than this run are stale (a killed earlier run): one dwiflow process per work dir
-            with Submitter(cache_root=work_dir / "cache", worker=worker, clean_stale_locks=True,
-                           **(worker_options or {})) as submitter:
+            with Submitter(cache_root=work_dir / "cache", worker=fresh_worker(), clean_stale_locks=True,
+                           **pydra_options) as submitter:
                 result = submitter(task, raise_errors=True)
             if result.errored:
                 raise RuntimeError(f"workflow errored; see {result.cache_dir}")
@@ -266,8 +288,14 @@ def run_participant(
             outcome = RunOutcome(run, True, files, seconds=time.perf_counter() - t0, figures=figures)
             progress(f"[dwiflow]   done in {outcome.seconds:.1f} s: {len(files)} files in {output_folder(output_dir, run)}")
         except Exception as exc:  # a failed run must not stop the others
+            if interrupted():
+                raise KeyboardInterrupt from exc
             details = task_errors(work_dir / "cache", since=started)
-            log.write_text("".join(traceback.format_exception(exc)) + "".join(f"\n--- {where}\n{text}" for where, text in details))
+            try:
+                log.write_text("".join(traceback.format_exception(exc))
+                               + "".join(f"\n--- {where}\n{text}" for where, text in details))
+            except OSError:  # a full disk must not hide the run's own error
+                pass
             message = (f"{details[-1][0]}: {_last_line(details[-1][1])}" if details
                        else (_last_line(str(exc)) or type(exc).__name__))
             outcome = RunOutcome(run, False, error=message, log=log, seconds=time.perf_counter() - t0)

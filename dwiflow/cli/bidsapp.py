@@ -21,6 +21,16 @@ EXIT_RUN_FAILED = 1
 EXIT_INPUT_ERROR = 2
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dwiflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bids_dir", type=Path, help="the BIDS dataset (preprocessed DWI)")
@@ -33,9 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-dir", type=Path, help="derivative dataset with *_desc-brain_mask images to use")
     p.add_argument("--work-dir", type=Path, help="Pydra cache (default OUTPUT_DIR/../dwiflow_work)")
     p.add_argument("--worker", choices=("debug", "cf", "slurm", "sge"), default="cf")
-    p.add_argument("--nprocs", type=int, help="processes for the cf worker")
-    p.add_argument("--omp-nthreads", type=int, help="threads per task (numba/BLAS)")
+    p.add_argument("--nprocs", type=_positive_int, help="processes for the cf worker")
+    p.add_argument("--omp-nthreads", type=_positive_int, help="threads per task (numba/BLAS)")
     p.add_argument("--sbatch-args", default="", help="extra sbatch arguments for the slurm worker")
+    p.add_argument("--skip-invalid-runs", action="store_true",
+                   help="run the runs that pass the pre-flight checks and report the others (default: any invalid "
+                        "run stops everything before anything is written)")
     p.add_argument("--skip-bids-validation", action="store_true",
                    help="accepted for BIDS-Apps compatibility; dwiflow checks its own inputs and does not run a validator")
     p.add_argument("--version", action="version", version=f"dwiflow {__version__}")
@@ -47,29 +60,41 @@ def _error(message: str) -> int:
     return EXIT_INPUT_ERROR
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from dwiflow.bids_specs.inputs import BidsInputError, find_dwi_runs, load_filter_file
-    from dwiflow.tasks.recon_spec import ReconSpecError, load_recon_spec
+def _writable(path: Path) -> str | None:
+    """Why ``path`` (created if missing) cannot be written, or None."""
+    import os
 
-    bids_dir, output_dir = args.bids_dir.resolve(), args.output_dir.resolve()
-    if not bids_dir.is_dir():
-        return _error(f"BIDS_DIR {bids_dir} does not exist")
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def _check_paths(bids_dir: Path, output_dir: Path, work_dir: Path) -> str | None:
+    """Problems with where things are written (one line), or None."""
     if output_dir == bids_dir:
-        return _error("OUTPUT_DIR must not be BIDS_DIR (use BIDS_DIR/derivatives/dwiflow)")
-    if args.omp_nthreads:
-        import os
+        return "OUTPUT_DIR must not be BIDS_DIR (use BIDS_DIR/derivatives/dwiflow)"
+    if work_dir in (output_dir, bids_dir):
+        return f"--work-dir {work_dir} must not be {'OUTPUT_DIR' if work_dir == output_dir else 'BIDS_DIR'}"
+    for what, path in (("OUTPUT_DIR", output_dir), ("--work-dir", work_dir)):
+        problem = _writable(path)
+        if problem:
+            return f"{what} {path}: {problem}"
+    return None
 
-        os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = str(args.omp_nthreads)
-        os.environ["NUMBA_NUM_THREADS"] = str(args.omp_nthreads)
-    if args.analysis_level == "group":
-        from dwiflow.workflows.recon import run_group
 
-        try:
-            run_group(output_dir)
-        except FileNotFoundError as exc:
-            return _error(str(exc))
-        return 0
+def _participant(args, bids_dir: Path, output_dir: Path) -> int:
+    from dwiflow.bids_specs.inputs import BidsInputError, find_dwi_runs, load_filter_file
+    from dwiflow.tasks.preflight import check_runs
+    from dwiflow.tasks.recon_spec import ReconSpecError, load_recon_spec
+    from dwiflow.workflows.cache import disk_free
+
+    work_dir = (args.work_dir or output_dir.parent / "dwiflow_work").resolve()
+    problem = _check_paths(bids_dir, output_dir, work_dir)
+    if problem:
+        return _error(problem)
     try:
         spec = load_recon_spec(args.recon_spec)
         filters = load_filter_file(args.bids_filter_file) if args.bids_filter_file else None
@@ -80,9 +105,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(str(exc))
     for note in spec.warnings:
         print(f"dwiflow: warning: {note}", file=sys.stderr)
+    print(f"[dwiflow] checking {len(runs)} run(s) before anything runs", flush=True)
+    invalid = check_runs(runs, spec)
+    if invalid:
+        lines = [line for problems in invalid.values() for line in problems]
+        if not args.skip_invalid_runs or len(invalid) == len(runs):
+            for line in lines:
+                print(f"dwiflow: error: {line}", file=sys.stderr)
+            if args.skip_invalid_runs:
+                print("dwiflow: error: no run passed the checks", file=sys.stderr)
+            return EXIT_INPUT_ERROR
+        for line in lines:
+            print(f"dwiflow: warning: skipped: {line}", file=sys.stderr)
+        runs = [run for run in runs if run.label not in invalid]
+    needed = 2 * sum(p.stat().st_size for run in runs for p in (run.dwi, run.bval, run.bvec)) + 64 * 2**20
+    if disk_free(work_dir) < needed:
+        return _error(f"--work-dir {work_dir}: {disk_free(work_dir) / 2**20:.0f} MB free, the runs need about "
+                      f"{needed / 2**20:.0f} MB")
     from dwiflow.workflows.recon import run_participant
 
-    work_dir = (args.work_dir or output_dir.parent / "dwiflow_work").resolve()
     options: dict = {}
     if args.worker == "cf" and args.nprocs:
         options["n_procs"] = args.nprocs
@@ -96,12 +137,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[dwiflow] {len(runs)} run(s); recon spec {spec.name}; worker {args.worker}; cache {work_dir}")
     outcomes = run_participant(runs, bids_dir, output_dir, spec, work_dir, worker, options)
     failed = [o for o in outcomes if not o.ok]
-    if failed:
+    if failed or invalid:
         for o in failed:
             print(f"dwiflow: run {o.run.label} failed: {o.error} (log: {o.log})", file=sys.stderr)
+        for label in invalid:
+            print(f"dwiflow: run {label} was skipped: it did not pass the checks", file=sys.stderr)
         return EXIT_RUN_FAILED
     print(f"[dwiflow] all {len(outcomes)} run(s) done; derivatives in {output_dir}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    bids_dir, output_dir = args.bids_dir.resolve(), args.output_dir.resolve()
+    if not bids_dir.is_dir():
+        return _error(f"BIDS_DIR {bids_dir} does not exist")
+    if args.omp_nthreads:
+        import os
+
+        os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = str(args.omp_nthreads)
+        os.environ["NUMBA_NUM_THREADS"] = str(args.omp_nthreads)
+    from dwiflow.workflows.workers import Interruption, install_signal_handlers
+
+    install_signal_handlers()
+    try:
+        if args.analysis_level == "group":
+            from dwiflow.workflows.recon import run_group
+
+            try:
+                run_group(output_dir)
+            except FileNotFoundError as exc:
+                return _error(str(exc))
+            return 0
+        return _participant(args, bids_dir, output_dir)
+    except KeyboardInterrupt:
+        import signal
+
+        signum = Interruption.signal or signal.SIGINT
+        print(f"dwiflow: interrupted by {signal.Signals(signum).name}: rerun the same command to resume (finished "
+              "stages are not recomputed)", file=sys.stderr)
+        return 128 + signum
+    except OSError as exc:  # a full disk, a vanished directory ...: one line, not a traceback
+        return _error(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(entry, StageGroup):
             p = sub.add_parser(entry.command, help=f"{entry.title.lower()}: {', '.join(entry.methods)}",
                                description=f"{entry.title}: one method per algorithm ({', '.join(entry.methods)}).")
-            methods = p.add_subparsers(dest="method", required=True, metavar="METHOD")
+            methods = p.add_subparsers(dest="stage_method", required=True, metavar="METHOD")
             for method, stage in entry.methods.items():
                 _stage_parser(methods, method, stage)
         else:
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    command = args.command + (f" {args.method}" if getattr(args, "method", None) else "")
+    command = args.command + (f" {args.stage_method}" if getattr(args, "stage_method", None) else "")
     notes: list[str] = []
     error, code = None, 0
     with warnings.catch_warnings(record=True) as caught:

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from dwiflow.bids_specs.outputs import sidecar
-from dwiflow.tasks.io import atomic_outputs, load_dwi
-from dwiflow.tasks.options import StageOptions, option
+from dwiflow.tasks.io import atomic_outputs, load_dwi, read_numbers
+from dwiflow.core.errors import DwiflowInputError
+from dwiflow.tasks.options import OptionError, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
 from dwiflow.tasks.stagelib import DWI_INPUTS, load_response, provenance, voxels_to_fit
 
@@ -24,7 +25,7 @@ class CsdOptions(StageOptions):
     neg_lambda: float = option(1.0, help="weight of the non-negativity constraint", minimum=0)
     norm_lambda: float = option(1.0, help="weight of the norm regulariser", minimum=0)
     threshold: float = option(0.0, help="FOD amplitude below which a constraint direction counts as negative")
-    niter: int = option(50, help="iteration limit (0: the unconstrained linear deconvolution)", minimum=0)
+    niter: int = option(50, help="iteration limit of the non-negativity iterations", minimum=1)
 
 
 def run_csd(files, outputs, options: CsdOptions, context):
@@ -34,9 +35,10 @@ def run_csd(files, outputs, options: CsdOptions, context):
 
     dwi = files["dwi"]
     run = load_dwi(dwi, files["bval"], files["bvec"])
+    directions = read_numbers(files["directions"], "directions") if files.get("directions") else None
     model = CsdModel(run.gtab, load_response(files["response"]), lmax=options.lmax, shell=options.shell,
                      neg_lambda=options.neg_lambda, norm_lambda=options.norm_lambda, threshold=options.threshold,
-                     niter=options.niter)
+                     niter=options.niter, directions=directions)
     voxels = voxels_to_fit(run, files.get("mask"), dwi)
     fit = model.fit(run.data, voxels)
     params = {"Lmax": model.lmax, "Shell": model.shell.bvalue, "NegLambda": options.neg_lambda,
@@ -44,7 +46,7 @@ def run_csd(files, outputs, options: CsdOptions, context):
               "ConstraintDirections": int(model.constraint_dirs.shape[0]),
               "VoxelsNotConverged": int((fit.status == FitStatus.NOT_CONVERGED).sum()),
               "VoxelsFailed": int((fit.status != FitStatus.OK).sum())}
-    sources = provenance(dwi, files["bval"], files["bvec"], files["response"], files.get("mask"))
+    sources = provenance(dwi, files["bval"], files["bvec"], files["response"], files.get("mask"), files.get("directions"))
     content = sidecar("csd_fod", params, {"SphericalHarmonicDegree": model.lmax}, **sources,
                       ResponseFunction={"Coefficients": [float(c) for c in model.zonal], "Type": "zonal",
                                         "Shell": model.shell.bvalue},
@@ -61,6 +63,17 @@ def run_csd(files, outputs, options: CsdOptions, context):
     return written
 
 
+def check_csd_data(data, options: CsdOptions) -> None:
+    if not data.shells:
+        raise DwiflowInputError("CSD needs a diffusion-weighted shell; this run has only b=0 volumes")
+    if options.shell is not None and not any(abs(b - options.shell) <= 80 for b, _ in data.shells):
+        raise OptionError(f"{{shell}}: this run has no shell at b={options.shell:g} (its shells: "
+                          f"{', '.join(f'{b:.0f}' for b, _ in data.shells)})", "shell")
+    largest = max(data.shells) if options.shell is None else min(data.shells, key=lambda s: abs(s[0] - options.shell))
+    if largest[1] < 6:
+        raise DwiflowInputError(f"CSD needs at least 6 directions on its shell; b={largest[0]:.0f} has {largest[1]}")
+
+
 STAGES = (
     Stage(
         name="csd", order=40, title="CSD (Tournier 2007)",
@@ -69,9 +82,12 @@ STAGES = (
         options=CsdOptions, run=run_csd,
         inputs=DWI_INPUTS + (Input("response", "RESPONSE", "response function (MRtrix3 text format)"),
                              Input("mask", "MASK", "voxels to fit (default: every voxel with signal, as MRtrix3)",
+                                   required=False, flag=True),
+                             Input("directions", "FILE", "constraint directions, one per line as azimuth elevation "
+                                   "(radians) or x y z (MRtrix3's -directions; default: MRtrix3's built-in 300)",
                                    required=False, flag=True)),
         outputs=(Output("fod", "the FOD (SH coefficients)", cli="positional", metavar="OUT_FOD"),
                  Output("status", "the per-voxel status map", cli="flag")),
-        provides={"fod": "fod"}, fod_priority=30, threads=True,
+        provides={"fod": "fod"}, fod_priority=30, threads=True, check_data=check_csd_data,
     ),
 )

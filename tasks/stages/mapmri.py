@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import load_dwi
 from dwiflow.tasks.options import Alias, OptionError, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
@@ -167,6 +168,17 @@ def run_mapmri(files, outputs, options: MapmriOptions, context):
                       {"odf": {"SphericalHarmonicDegree": int(model.radial_order)}})
 
 
+def check_mapmri_data(data, options: MapmriOptions) -> None:
+    if data.n_b0 == 0:
+        raise DwiflowInputError("MAP-MRI needs b=0 volumes; this run has none")
+    if data.n_dw_shells < 2:
+        raise DwiflowInputError(f"MAP-MRI models the radial signal decay and needs at least two diffusion-weighted "
+                                f"shells; this run has {data.n_dw_shells}")
+    if options.big_delta is None and not data.has_diffusion_times:
+        raise OptionError("q-space indices need the diffusion times: the DWI sidecar has no LargeDelta/SmallDelta; "
+                          "give {big_delta} and {small_delta} (seconds)", "big_delta", "small_delta")
+
+
 STAGES = (
     Stage(
         name="mapmri", order=60, title="MAP-MRI (Ozarslan 2013, Fick 2016)",
@@ -184,6 +196,6 @@ STAGES = (
             ("ngperp", "perpendicular non-Gaussianity"), ("lapnorm", "Laplacian norm"),
             ("weights", "Laplacian weight per voxel"), ("odf", "the ODF as SH"), ("signal", "the fitted signal"),
             ("status", "per-voxel status"), ("compare", "indices of the compared variants"))),
-        provides={"fod": "odf"}, fod_priority=20, progress="voxels",
+        provides={"fod": "odf"}, fod_priority=20, progress="voxels", check_data=check_mapmri_data,
     ),
 )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dwiflow.bids_specs.outputs import sidecar
+from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import atomic_outputs, load_dwi
 from dwiflow.tasks.options import StageOptions, option
 from dwiflow.tasks.registry import Output, Stage
@@ -35,6 +36,12 @@ def run_mask(files, outputs, options: MaskOptions, context):
     return {"mask": path}
 
 
+def check_mask_data(data, options) -> None:
+    if data.n_b0 == 0:
+        raise DwiflowInputError("the brain mask is computed from the b=0 volumes and this run has none; give a mask "
+                                "(--mask-dir)")
+
+
 STAGES = (
     Stage(
         name="mask", order=10, title="Brain mask", summary="brain mask from the b=0 volumes",
@@ -43,6 +50,6 @@ STAGES = (
                     "replaces it.",
         options=MaskOptions, run=run_mask, inputs=DWI_INPUTS,
         outputs=(Output("mask", "the brain mask", cli="positional", metavar="OUT"),),
-        provides={"mask": "mask"}, always=True,
+        provides={"mask": "mask"}, always=True, check_data=check_mask_data,
     ),
 )

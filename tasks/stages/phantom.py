@@ -119,6 +119,6 @@ STAGES = (
         description="Multi-tensor phantom (1-3 fibres per voxel, CSF, Rician noise) as a BIDS dataset with its ground "
                     "truth and a brain-mask derivative.",
         options=PhantomOptions, run=run_phantom,
-        outputs=(Output("dataset", "the dataset folder", cli="positional", metavar="OUT_DIR"),), pipeline=False,
+        outputs=(Output("dataset", "the dataset folder", cli="positional", metavar="OUT_DIR", folder=True),), pipeline=False,
     ),
 )

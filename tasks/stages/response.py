@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from dwiflow.core.errors import DwiflowInputError
-from dwiflow.tasks.io import atomic_outputs, existing_file, load_dwi, load_image, load_mask, sidecar_path
+from dwiflow.tasks.io import atomic_outputs, existing_file, load_dwi, load_image, load_mask, read_numbers, sidecar_path
 from dwiflow.tasks.options import Alias, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage, StageGroup
 from dwiflow.tasks.stagelib import DWI_INPUTS, brain_mask, provenance
@@ -199,10 +199,7 @@ def read_direction_file(path, n_volumes: int) -> np.ndarray:
     from dwiflow.core.sh import sphere_to_cart
 
     p = existing_file(path, "directions")
-    try:
-        values = np.loadtxt(p, ndmin=2, comments="#")
-    except Exception as exc:
-        raise DwiflowInputError(f"cannot read directions from {p}: {exc}") from None
+    values = read_numbers(p, "directions")
     if values.shape[1] == 2:
         values = sphere_to_cart(values[:, 1], values[:, 0])
     if values.shape != (n_volumes, 3):
@@ -236,12 +233,17 @@ def run_amp2response(files, outputs, options: Amp2responseOptions, context):
     return _write(outputs, response, _sidecar(response, "amp2response", params, dwi, mask, directions_image), affine)
 
 
+def check_response_data(data, options) -> None:
+    if not data.shells:
+        raise DwiflowInputError("a response function needs a diffusion-weighted shell; this run has only b=0 volumes")
+
+
 def _method(method: str, summary: str, description: str, options, run, inputs=None, outputs=_OUTPUTS,
             pipeline: bool = True) -> Stage:
     return Stage(name="response", method=method, order=30, title="Response function", summary=summary,
                  description=description, options=options, run=run,
                  inputs=inputs if inputs is not None else DWI_INPUTS + (_MASK,), outputs=outputs,
-                 provides={"response": "response"}, pipeline=pipeline)
+                 provides={"response": "response"}, pipeline=pipeline, check_data=check_response_data)
 
 
 RESPONSE = StageGroup(

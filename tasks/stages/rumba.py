@@ -131,6 +131,12 @@ def run_rumba(files, outputs, options: RumbaOptions, context):
                       orientation)
 
 
+def check_rumba_data(data, options: RumbaOptions) -> None:
+    if data.n_b0 == 0 or not data.shells:
+        raise DwiflowInputError("RUMBA-SD needs b=0 and diffusion-weighted volumes (the signal is normalised by the "
+                                "mean b=0)")
+
+
 def _uses_ssst_response(spec) -> bool:
     """A run's SSST response (tensor eigenvalues) replaces RUMBA-SD's default white-matter response."""
     return spec.options("rumba").use_response and spec.method("response") == "ssst"
@@ -155,5 +161,6 @@ STAGES = (
                  Output("fgm", "grey-matter fraction"), Output("fcsf", "CSF fraction"),
                  Output("snr", "estimated SNR"), Output("status", "per-voxel status")),
         provides={"fod": "fod"}, fod_priority=40, conflicts=("csd",), threads=True, progress="voxels",
+        check_data=check_rumba_data,
     ),
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dwiflow.core.defaults import SMT_LAMBDA_PAR_BOUNDS
+from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import load_dwi
 from dwiflow.tasks.options import Alias, OptionError, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
@@ -78,6 +79,14 @@ def run_smt(files, outputs, options: SmtOptions, context):
                       {"fod": {"SphericalHarmonicDegree": int(options.sh_lmax)}})
 
 
+def check_smt_data(data, options: SmtOptions) -> None:
+    if data.n_b0 == 0:
+        raise DwiflowInputError("SMT needs b=0 volumes (spherical means are normalised by the mean b=0); none found")
+    if data.n_dw_shells < 2:
+        raise DwiflowInputError(f"SMT needs at least two diffusion-weighted shells (the spherical mean's decay over b "
+                                f"separates λ∥ from λ⊥); this run has {data.n_dw_shells}")
+
+
 STAGES = (
     Stage(
         name="smt", order=70, title="Spherical mean technique (Kaden 2016)",
@@ -95,6 +104,6 @@ STAGES = (
             ("kappa", "Watson concentration"), ("mu", "FOD axis"), ("fod", "the FOD as SH"),
             ("fodmse", "FOD fit MSE"), ("beta", "Bingham beta/kappa"), ("nu", "Bingham second axis"),
             ("fodfrac", "FOD compartment fractions"))),
-        provides={"fod": "fod"}, fod_priority=10, progress="voxels",
+        provides={"fod": "fod"}, fod_priority=10, progress="voxels", check_data=check_smt_data,
     ),
 )

@@ -95,7 +95,7 @@ def test_iterative_response_errors_and_cli(mixed_phantom, tmp_path, capsys):
     bval, bvec = write_gradients(tmp_path / "dwi", g.bvals, world_to_fsl_bvecs(g.bvecs, affine).T)
     for method in ("tournier", "tax"):
         out = tmp_path / f"{method}.txt"
-        argv = ["response", method, str(dwi), str(bval), str(bvec), str(out), "--voxels", str(tmp_path / f"{method}.nii.gz")]
+        argv = ["response", method, str(dwi), str(bval), str(bvec), str(out), "--voxels", str(tmp_path / f"{method}_voxels.nii.gz")]
         if method == "tournier":
             argv += ["--sf-voxels", "100", "--iter-voxels", "600"]
         assert main(argv) == 0, capsys.readouterr().err

@@ -21,7 +21,10 @@ def test_every_real_run_with_the_csd_preset(tmp_path, chromium):
         fod = out / f"{prefix}_model-csd_param-fod_dwimap.nii.gz"
         side = json.loads(fod.with_name(fod.name.replace(".nii.gz", ".json")).read_text())
         assert side["OrientationEncoding"]["SphericalHarmonicBasis"] == "mrtrix3"
-        assert side["Model"]["Parameters"]["VoxelsFailed"] == 0
+        # a voxel whose negative set cycles past the iteration limit (as dwi2fod, which warns and keeps it) gets
+        # status NOT_CONVERGED and NaN: at most one per run here (sub-02, after negative samples count as 0)
+        params = side["Model"]["Parameters"]
+        assert params["VoxelsFailed"] == params["VoxelsNotConverged"] <= 1
         assert {"Description", "Units", "Model"} <= set(side)
         fa = nib.load(out / f"{prefix}_model-tensor_param-fa_dwimap.nii.gz").get_fdata()
         mask = nib.load(out / f"{prefix}_desc-brain_mask.nii.gz").get_fdata() > 0

@@ -137,14 +137,17 @@ def test_failed_run_is_named_and_others_complete(dataset, tmp_path, capsys, work
     shutil.copytree(dataset["bids"], bids)
     dwi = bids / "sub-two" / "dwi" / "sub-two_dir-AP_dwi.nii.gz"
     img = nib.load(dwi)
-    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), dwi)  # all-zero run: its mask fails
+    data = np.full(img.shape, np.nan, np.float32)
+    data[5, 5, 3] = np.asarray(img.dataobj)[5, 5, 3]  # passes the pre-flight (some signal), but no mask can be made
+    nib.save(nib.Nifti1Image(data, img.affine), dwi)
     out = tmp_path / "out"
     code = main([str(bids), str(out), "participant", "--recon-spec", str(dataset["spec"]), "--work-dir",
                  str(tmp_path / "work"), "--worker", worker])
     err = capsys.readouterr().err
     assert code == 1
     assert "run sub-two_dir-AP failed" in err and "log:" in err
-    assert "stage mask: " in err and "b=0 volumes are all zero" in err  # the stage and its own error, not "see output directory"
+    # the stage and its own error, not "see output directory"
+    assert "stage mask: " in err and "cannot threshold an image whose values are all equal" in err
     assert (out / "sub-two" / "dwi" / "sub-two_dir-PA_model-tensor_param-fa_dwimap.nii.gz").is_file()
     assert (out / "sub-phantom" / "dwi" / "sub-phantom_model-csd_param-fod_dwimap.nii.gz").is_file()
     assert not list((out / "sub-two" / "dwi").glob("sub-two_dir-AP_*"))
@@ -178,33 +181,6 @@ def test_invalid_recon_spec_names_the_key_and_missing_bvec(dataset, tmp_path, ca
     assert main([str(bids), str(tmp_path / "out"), "participant"]) == 2
     assert "has no .bvec file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-
-
-def test_killed_run_resumes_with_identical_outputs(dataset, tmp_path):
-    """SIGKILL part-way through a participant run, rerun, compare with an uninterrupted run."""
-    import signal
-    import time
-
-    def command(out: Path, work: Path) -> list[str]:
-        return [sys.executable, "-m", "dwiflow.cli.bidsapp", str(dataset["bids"]), str(out), "participant",
-                "--recon-spec", str(dataset["spec"]), "--work-dir", str(work), "--worker", "cf", "--participant-label", "phantom"]
-
-    t0 = time.perf_counter()
-    subprocess.run(command(tmp_path / "clean", tmp_path / "work_clean"), check=True, capture_output=True, timeout=600)
-    duration = time.perf_counter() - t0
-    reference = {p.name: p.read_bytes() for p in (tmp_path / "clean" / "sub-phantom" / "dwi").iterdir()}
-
-    for fraction in (0.3, 0.6, 0.85):  # kill at different stages; the rerun must neither hang nor differ
-        out, work = tmp_path / f"out{fraction}", tmp_path / f"work{fraction}"
-        proc = subprocess.Popen(command(out, work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        time.sleep(fraction * duration)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        rerun = subprocess.run(command(out, work), capture_output=True, text=True, timeout=600)
-        assert rerun.returncode == 0, rerun.stderr
-        assert {p.name: p.read_bytes() for p in (out / "sub-phantom" / "dwi").iterdir()} == reference
-        assert not list(out.rglob("*.partial"))
 
 
 def test_code_version_covers_everything_that_shapes_an_output(tmp_path):

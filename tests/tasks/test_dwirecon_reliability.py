@@ -1,0 +1,175 @@
+"""dwirecon never destroys an input, never half-writes, and refuses bad input in one line (issue: reliability)."""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dwiflow.cli.dwirecon import main
+from dwiflow.core.gradients import world_to_fsl_bvecs
+from dwiflow.core.sims import acquisition_scheme, make_phantom
+from tests.conftest import write_gradients, write_nifti
+
+AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+
+
+@pytest.fixture()
+def case(tmp_path):
+    g = acquisition_scheme("multi")
+    ph = make_phantom(g, (5, 5, 3), snr=30, seed=2)
+    dwi = write_nifti(tmp_path / "dwi.nii.gz", ph.data.astype(np.float32), AFFINE)
+    bval, bvec = write_gradients(tmp_path / "dwi", g.bvals, world_to_fsl_bvecs(g.bvecs, AFFINE).T)
+    return {"dir": tmp_path, "dwi": dwi, "bval": bval, "bvec": bvec, "g": g, "ph": ph}
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _refused(argv, capsys, folder: Path, message: str) -> None:
+    """Exit 2, one line naming the problem, and not one file created or changed (no temporaries either)."""
+    before = _files(folder)
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert _files(folder) == before
+
+
+def test_outputs_that_would_destroy_inputs_or_each_other_are_refused(case, capsys):
+    d = case["dir"]
+    base = ["tensor", case["dwi"], case["bval"], case["bvec"]]
+    _refused(base + ["--fa", case["dwi"]], capsys, d, f"output fa {case['dwi']} would overwrite the input dwi")
+    _refused(base + ["--fa", d / "dwi.nii"], capsys, d, "would overwrite the sidecar of the input dwi")  # dwi.json
+    _refused(base + ["--fa", d / "x.nii.gz", "--md", d / "x.nii.gz"], capsys, d,
+             "outputs fa and md would both be written to")
+    (d / "folder.nii.gz").mkdir()
+    _refused(base + ["--fa", d / "folder.nii.gz"], capsys, d, "is a directory")
+    _refused(base + ["--fa", d / "fa.img"], capsys, d, "a NIfTI file name must end in .nii.gz or .nii")
+    _refused(["response", "fa", case["dwi"], case["bval"], case["bvec"], d / "r.txt", "--voxels", d / "r.nii.gz"],
+             capsys, d, "outputs response and voxels would both be written to")
+    _refused(["mask", case["dwi"], case["bval"], case["bvec"], case["bval"]], capsys, d,
+             "a NIfTI file name must end in .nii.gz or .nii")
+
+
+def test_corrupt_and_truncated_gzip_are_errors(case, capsys):
+    raw = Path(case["dwi"]).read_bytes()
+    crc = bytearray(raw)
+    crc[-8] ^= 0xFF  # the gzip trailer's CRC: the data inflate, but not to what was written
+    bad = case["dir"] / "crc.nii.gz"
+    bad.write_bytes(bytes(crc))
+    argv = ["tensor", bad, case["bval"], case["bvec"], "--fa", case["dir"] / "fa.nii.gz"]
+    _refused(argv, capsys, case["dir"], f"DWI {bad} is corrupt: its gzip stream cannot be read whole (CRC check failed)")
+    bad.write_bytes(raw[: len(raw) // 2])
+    _refused(argv, capsys, case["dir"], f"DWI {bad} is truncated")
+    # a NIfTI whose data stop early: truncated, not silently zero-filled
+    short = case["dir"] / "short.nii.gz"
+    short.write_bytes(gzip.compress(gzip.decompress(raw)[:-400]))
+    _refused(argv[:1] + [short] + argv[2:], capsys, case["dir"], "is truncated: its header describes")
+
+
+def test_all_outputs_or_none_on_a_full_disk(case, capsys, monkeypatch):
+    """ENOSPC while writing the second map: nothing is published and no temporary file is left."""
+    import dwiflow.tasks.io as io
+
+    original, calls = io.nib.save, []
+
+    def save(img, name):
+        calls.append(name)
+        if len(calls) == 2:
+            with open(name, "wb") as handle:
+                handle.write(b"\0" * 16)  # a partly written file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", name)
+        return original(img, name)
+
+    monkeypatch.setattr(io.nib, "save", save)
+    d = case["dir"]
+    before = _files(d)
+    code = main([str(a) for a in ["tensor", case["dwi"], case["bval"], case["bvec"], "--fa", d / "fa.nii.gz",
+                                  "--md", d / "md.nii.gz"]])
+    err = capsys.readouterr().err
+    assert code == 1 and "No space left on device" in err and len(calls) == 2
+    assert _files(d) == before
+
+
+def test_a_failed_rename_undoes_the_outputs_already_published(tmp_path, monkeypatch):
+    """The commit of an output set is all or nothing even when a rename fails half-way: replaced files come back."""
+    import dwiflow.tasks.io as io
+
+    (tmp_path / "a.txt").write_text("old a")
+    original, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if str(dst).endswith("b.txt"):
+            raise OSError(errno.EIO, "I/O error", str(dst))
+        return original(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", replace)
+    with pytest.raises(OSError):
+        with io.atomic_outputs() as out:
+            out.text(tmp_path / "a.txt", "new a")
+            out.text(tmp_path / "b.txt", "new b")
+    monkeypatch.setattr(io.os, "replace", original)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "old a"
+
+
+def test_bvalues_in_ms_per_square_micrometre_are_refused_with_a_hint(case, capsys):
+    np.savetxt(case["bval"], np.atleast_2d(case["g"].bvals / 1000.0), fmt="%g")
+    _refused(["tensor", case["dwi"], case["bval"], case["bvec"], "--md", case["dir"] / "md.nii.gz"], capsys,
+             case["dir"], "the largest b-value is 3: these look like ms/µm² (b=1 means 1000 s/mm²)")
+
+
+def test_signal_above_b0_is_a_status_not_an_ok_fa_of_one(case, tmp_path):
+    data = np.asarray(nib.load(case["dwi"]).dataobj).copy()
+    g = case["g"]
+    data[1, 1, 1, ~g.b0s_mask] = data[1, 1, 1, g.b0s_mask].mean() * 1.5  # diffusion cannot raise the signal
+    dwi = write_nifti(tmp_path / "above.nii.gz", data, AFFINE)
+    argv = ["tensor", dwi, case["bval"], case["bvec"], "--fa", tmp_path / "fa.nii.gz", "--status", tmp_path / "st.nii.gz"]
+    assert main([str(a) for a in argv]) == 0
+    status = np.asarray(nib.load(tmp_path / "st.nii.gz").dataobj)
+    fa = nib.load(tmp_path / "fa.nii.gz").get_fdata()
+    assert status[1, 1, 1] == 7 and np.isnan(fa[1, 1, 1]) and (status == 0).sum() == status.size - 1
+    levels = __import__("json").loads((tmp_path / "st.json").read_text())["Levels"]
+    assert levels["7"].startswith("diffusion-weighted signal above the b=0 signal")
+
+
+def test_errors_quote_little_of_a_file(case, capsys, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:supersecretpassword:/root:/bin/bash\nmore lines\n")
+    link = tmp_path / "link.bval"
+    link.symlink_to(secret)
+    code = main(["tensor", str(case["dwi"]), str(link), str(case["bvec"]), "--fa", str(tmp_path / "fa.nii.gz")])
+    err = capsys.readouterr().err
+    assert code == 2 and "supersecret" not in err and "root:x:0:0:super" in err and len(err.splitlines()) == 1
+
+
+def test_small_refusals(case, capsys, tmp_path):
+    d = case["dir"]
+    empty = d / "empty.bval"
+    empty.write_text("\n")
+    _refused(["shells", empty], capsys, d, f"bval file {empty} is empty")
+    comma = d / "comma.bval"
+    comma.write_text("0,1000,2000\n")
+    _refused(["shells", comma], capsys, d, "separates values with commas")
+    sh_count = write_nifti(d / "dwi45.nii.gz", np.ones((4, 4, 2, 45), np.float32), AFFINE)
+    write_gradients(d / "dwi45", np.zeros(45), np.ones((3, 45)))
+    _refused(["peaks", sh_count, d / "p.nii.gz"], capsys, d, "has dwi45.bval beside it: it is a DWI, not an SH image")
+    fod = write_nifti(d / "fod.nii.gz", np.ones((4, 4, 2, 45), np.float32), AFFINE)
+    _refused(["peaks", fod, d / "p.nii.gz", "--npeaks", "100000"], capsys, d, "--npeaks: must be <= 10, got 100000")
+    _refused(["peaks", fod, d / "p.nii.gz", "--threshold", "nan"], capsys, d, "--threshold: must be a finite number")
+    _refused(["fod-metrics", fod, fod, d / "m", "--model", "../../x"], capsys, d,
+             "--model: a BIDS label is letters and digits only")
+    assert not (d / "m").exists() and not (d.parent.parent / "x").exists()
+    binary = d / "resp.txt"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    _refused(["csd", case["dwi"], case["bval"], case["bvec"], binary, d / "f.nii.gz"], capsys, d,
+             f"response file {binary} is not a text file")
+    (d / "ok.txt").write_text("100 -20 5\n")
+    _refused(["csd", case["dwi"], case["bval"], case["bvec"], d / "ok.txt", d / "f.nii.gz", "--niter", "0"], capsys, d,
+             "--niter: must be >= 1, got 0")

@@ -1,0 +1,396 @@
+"""Interruptions and damaged caches: whatever stops a run, the rerun finishes with byte-identical outputs.
+
+The kill matrix signals the BIDS App (SIGINT to its process group as Ctrl-C does, SIGTERM and SIGKILL
+to the dwiflow process alone, as a scheduler or the OOM killer do) while it is inside a chosen stage
+or while it publishes its outputs — held there by the ``DWIFLOW_HOLD_AT`` fault-injection point — with
+the debug and the cf worker, then reruns with the other worker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from itertools import product
+from pathlib import Path
+
+import pytest
+
+from dwiflow.cli.dwirecon import main as dwirecon
+
+SPEC = """
+name: kill
+stages:
+  mask: {}
+  tensor: {}
+  response: {method: fa, options: {number: 20, erode: 0}}
+  csd: {}
+  peaks: {}
+"""
+POINTS = ("tensor", "csd", "figures", "publish")
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
+WORKERS = ("debug", "cf")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kill")
+    assert dwirecon(["phantom", str(root / "bids"), "--shape", "5,5,3", "--scheme", "multi", "--seed", "3"]) == 0
+    (root / "spec.yaml").write_text(SPEC)
+    reference = root / "reference"
+    run = subprocess.run(_command(root, reference, root / "work_reference", "debug"), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    return {"root": root, "reference": _outputs(reference)}
+
+
+def _command(root: Path, out: Path, work: Path, worker: str) -> list[str]:
+    return [sys.executable, "-m", "dwiflow.cli.bidsapp", str(root / "bids"), str(out), "participant", "--recon-spec",
+            str(root / "spec.yaml"), "--work-dir", str(work), "--worker", worker, "--mask-dir",
+            str(root / "bids" / "derivatives" / "masks")]
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    """Every file of the subject's derivatives and figures (not the HTML report, which records times)."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "sub-phantom").rglob("*")) if p.is_file()}
+
+
+def _processes_mentioning(token: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if token in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _wait_gone(token: str, seconds: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while (left := _processes_mentioning(token)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def _temporaries(*folders: Path) -> list[Path]:
+    found = []
+    for folder in folders:
+        found += [p for p in folder.rglob("*") if ".partial" in p.name or ".tmp" in p.name]
+    return found
+
+
+CASES = list(product(SIGNALS, WORKERS, POINTS))
+
+
+def _interrupt_and_resume(root: Path, folder: Path, sig: signal.Signals, worker: str, point: str) -> dict:
+    """Run held at ``point``, signal it, rerun with the other worker; returns what the assertions look at."""
+    out, work, hold = folder / "out", folder / "work", folder / "hold"
+    folder.mkdir(parents=True)
+    env = dict(os.environ, DWIFLOW_HOLD_AT=point, DWIFLOW_HOLD_FILE=str(hold))
+    proc = subprocess.Popen(_command(root, out, work, worker), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not hold.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    case = {"held": hold.exists()}
+    if not case["held"]:
+        proc.kill()
+        case["log"] = proc.communicate(timeout=60)[0].decode()[-2000:]
+        return case
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)  # Ctrl-C reaches the whole foreground process group
+    else:
+        os.kill(proc.pid, sig)  # a scheduler's SIGTERM or the OOM killer's SIGKILL reach dwiflow alone
+    log = proc.communicate(timeout=120)[0].decode()
+    case.update(returncode=proc.returncode, log=log[-2000:], orphans=_wait_gone(str(out)),
+                temporaries_after_signal=_temporaries(out))
+    other = "cf" if worker == "debug" else "debug"
+    rerun = subprocess.run(_command(root, out, work, other), capture_output=True, text=True, timeout=300)
+    case.update(rerun_code=rerun.returncode, rerun_log=(rerun.stdout + rerun.stderr)[-2000:], outputs=_outputs(out),
+                temporaries=_temporaries(out), orphans_after_rerun=_wait_gone(str(out)))
+    return case
+
+
+@pytest.fixture(scope="module")
+def kill_matrix(small, tmp_path_factory):
+    """Every case of the matrix, three at a time (each is a few processes that mostly wait or import)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = tmp_path_factory.mktemp("matrix")
+    with ThreadPoolExecutor(3) as pool:
+        futures = {case: pool.submit(_interrupt_and_resume, small["root"], base / f"{case[0].name}-{case[1]}-{case[2]}",
+                                     *case) for case in CASES}
+        return {case: future.result() for case, future in futures.items()}
+
+
+@pytest.mark.parametrize("sig, worker, point", CASES, ids=[f"{s.name}-{w}-{p}" for s, w, p in CASES])
+def test_interrupted_run_resumes_with_identical_outputs(small, kill_matrix, sig, worker, point):
+    case = kill_matrix[(sig, worker, point)]
+    assert case["held"], case["log"]
+    expected = -signal.SIGKILL if sig == signal.SIGKILL else 128 + sig
+    assert case["returncode"] == expected, case["log"]
+    assert case["orphans"] == []  # no worker outlives the dwiflow process
+    if sig != signal.SIGKILL:
+        assert "interrupted by" in case["log"] and case["temporaries_after_signal"] == []  # nothing half-published
+    assert case["rerun_code"] == 0, case["rerun_log"]  # the rerun uses the other worker
+    assert case["outputs"] == small["reference"]
+    assert case["temporaries"] == [] and case["orphans_after_rerun"] == []
+
+
+# ------------------------------------------------------------------------------------------------ damaged cache, stale input
+def test_damaged_cache_results_are_recomputed(small, tmp_path):
+    """Garbage, truncated and interrupted-looking results, and a workflow result replaced by text: all are cache
+    misses; the rerun recomputes them and the outputs are the same."""
+    import cloudpickle
+    from pydra.engine.result import Result
+
+    root = small["root"]
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert subprocess.run(_command(root, out, work, "debug"), capture_output=True, timeout=300).returncode == 0
+    results = sorted((work / "cache").glob("*/_result.pklz"))
+    stages = [p for p in results if p.parent.name.startswith("python-")]
+    workflows = [p for p in results if p.parent.name.startswith("workflow-")]
+    assert len(stages) >= 4 and workflows
+    stages[0].write_text("garbage, not a pickle")
+    stages[1].write_bytes(stages[1].read_bytes()[:20])  # truncated
+    with open(stages[2], "rb") as handle:
+        result = cloudpickle.load(handle)
+    assert isinstance(result, Result)
+    result.outputs, result.errored = None, False  # what an interrupted task left before this fix
+    with open(stages[2], "wb") as handle:
+        cloudpickle.dump(result, handle)
+    workflows[0].write_text("12345 text in place of a workflow's result")
+    rerun = subprocess.run(_command(root, out, work, "cf"), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert "unusable (interrupted or damaged): they are recomputed" in rerun.stdout
+    assert _outputs(out) == small["reference"]
+
+
+def test_changed_input_with_restored_mtime_is_recomputed(small, tmp_path):
+    """cp -p / rsync -a / tar x restore the mtime of a changed file: the rerun still sees the new content."""
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(small["root"] / "bids", root / "bids")
+    shutil.copyfile(small["root"] / "spec.yaml", root / "spec.yaml")
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert subprocess.run(_command(root, out, work, "debug"), capture_output=True, timeout=300).returncode == 0
+    first = _outputs(out)
+    dwi = root / "bids" / "sub-phantom" / "dwi" / "sub-phantom_dwi.nii.gz"
+    stat = dwi.stat()
+    other = tmp_path / "other"
+    assert dwirecon(["phantom", str(other), "--shape", "5,5,3", "--scheme", "multi", "--seed", "4"]) == 0
+    shutil.copyfile(other / "sub-phantom" / "dwi" / "sub-phantom_dwi.nii.gz", dwi)
+    os.utime(dwi, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as touch -r, cp -p, rsync -a, tar x do
+    assert dwi.stat().st_mtime_ns == stat.st_mtime_ns
+    assert subprocess.run(_command(root, out, work, "debug"), capture_output=True, timeout=300).returncode == 0
+    fresh = tmp_path / "fresh"
+    assert subprocess.run(_command(root, fresh, tmp_path / "work_fresh", "debug"), capture_output=True,
+                          timeout=300).returncode == 0
+    assert _outputs(out) == _outputs(fresh) != first
+
+
+def test_one_and_two_threads_give_identical_files(small, tmp_path):
+    """Per-voxel results do not depend on how BLAS or numba split the work (fixed chunks, BLAS on one thread)."""
+    root = small["root"]
+    runs = {}
+    for threads in (1, 2):
+        out = tmp_path / f"out{threads}"
+        command = _command(root, out, tmp_path / f"work{threads}", "cf") + ["--omp-nthreads", str(threads)]
+        assert subprocess.run(command, capture_output=True, timeout=300).returncode == 0
+        runs[threads] = _outputs(out)
+    assert runs[1] == runs[2] == small["reference"]
+
+
+# ------------------------------------------------------------------------------------------------ pre-flight
+def _dataset(root: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    bids = tmp_path / "bids"
+    shutil.copytree(root / "bids", bids)
+    shutil.copyfile(root / "spec.yaml", tmp_path / "spec.yaml")
+    src = bids / "sub-phantom" / "dwi" / "sub-phantom_dwi"
+    for label in ("two", "three"):  # more runs to break one at a time
+        dst = bids / f"sub-{label}" / "dwi"
+        dst.mkdir(parents=True)
+        for ext in (".nii.gz", ".bval", ".bvec", ".json"):
+            shutil.copyfile(f"{src}{ext}", dst / f"sub-{label}_dwi{ext}")
+    return bids
+
+
+def _app(bids: Path, out: Path, *extra: str) -> int:
+    from dwiflow.cli.bidsapp import main
+
+    spec = bids.parent / "spec.yaml"  # the small chain of the kill matrix (no erosion: tiny masks)
+    return main([str(bids), str(out), "participant", "--work-dir", str(out.parent / "work"), "--worker", "debug",
+                 *(["--recon-spec", str(spec)] if spec.is_file() else []), *extra])
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("truncated", "sub-two: DWI"),
+    ("crc", "is corrupt: its gzip stream cannot be read whole"),
+    ("3d", "must be 4D (x, y, z, volumes), but it is 3D"),
+    ("commas", "separates values with commas"),
+    ("zeros", "holds no signal (every value is zero or not finite)"),
+    ("units", "these look like ms/µm²"),
+    ("sidecar", "cannot read the JSON sidecar"),
+])
+def test_bad_data_is_found_before_anything_runs(small, tmp_path, capsys, breakage, message):
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    bids = _dataset(small["root"], tmp_path)
+    base = bids / "sub-two" / "dwi" / "sub-two_dwi"
+    dwi = Path(f"{base}.nii.gz")
+    if breakage == "truncated":
+        dwi.write_bytes(dwi.read_bytes()[:4000])
+    elif breakage == "crc":
+        raw = bytearray(dwi.read_bytes())
+        raw[-8] ^= 0xFF
+        dwi.write_bytes(bytes(raw))
+    elif breakage == "3d":
+        img = nib.load(dwi)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., 0], img.affine), dwi)
+    elif breakage == "commas":
+        Path(f"{base}.bval").write_text(Path(f"{base}.bval").read_text().strip().replace(" ", ",") + "\n")
+    elif breakage == "zeros":
+        img = nib.load(dwi)
+        nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), dwi)
+    elif breakage == "units":
+        values = np.loadtxt(f"{base}.bval") / 1000
+        np.savetxt(f"{base}.bval", values[None], fmt="%g")
+    elif breakage == "sidecar":
+        Path(f"{base}.json").write_text('{"EchoTime": 0.08,')
+    out = tmp_path / "out"
+    code = _app(bids, out)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not (tmp_path / "work").exists()
+    if breakage not in ("sidecar",):  # a dataset pybids can index: the other runs can still go on, on request
+        code = _app(bids, out, "--skip-invalid-runs")
+        err = capsys.readouterr().err
+        assert code == 1 and "run sub-two was skipped" in err
+        assert (out / "sub-phantom" / "dwi").is_dir() and (out / "sub-three" / "dwi").is_dir()
+        assert not (out / "sub-two").exists()
+
+
+def test_each_bad_run_gets_its_line(small, tmp_path, capsys):
+    import numpy as np
+
+    bids = _dataset(small["root"], tmp_path)
+    for label in ("two", "three"):
+        base = bids / f"sub-{label}" / "dwi" / f"sub-{label}_dwi"
+        np.savetxt(f"{base}.bval", np.zeros((1, 5)))
+    code = _app(bids, tmp_path / "out")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 2 and {line.split(":")[2].strip() for line in lines} == {"sub-two", "sub-three"}
+
+
+def test_a_mask_of_another_grid_and_a_recon_spec_the_data_cannot_support(small, tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    bids = _dataset(small["root"], tmp_path)
+    masks = tmp_path / "masks"
+    (masks / "sub-two" / "dwi").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.ones((3, 3, 3), np.uint8), np.eye(4)), masks / "sub-two" / "dwi" /
+             "sub-two_desc-brain_mask.nii.gz")
+    code = _app(bids, tmp_path / "out", "--mask-dir", str(masks), "--participant-label", "two")
+    err = capsys.readouterr().err
+    assert code == 2 and "sub-two: mask" in err and "has shape (3, 3, 3)" in err
+    single = tmp_path / "single"
+    assert dwirecon(["phantom", str(single), "--shape", "4,4,2", "--scheme", "single", "--seed", "1"]) == 0
+    code = _app(single, tmp_path / "out", "--recon-spec", "smt")
+    err = capsys.readouterr().err
+    assert code == 2 and "sub-phantom: stage smt: SMT needs at least two diffusion-weighted shells" in err
+    code = _app(bids, tmp_path / "out", "--recon-spec", "mapmri", "--participant-label", "phantom")
+    err = capsys.readouterr().err
+    assert code == 2 and "give stages.mapmri.big_delta and stages.mapmri.small_delta" in err  # the spec's keys, no flags
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--nprocs", "0"], "argument --nprocs: expected a positive integer, got 0"),
+    (["--nprocs", "-3"], "argument --nprocs: expected a positive integer, got -3"),
+    (["--omp-nthreads", "-1"], "argument --omp-nthreads: expected a positive integer, got -1"),
+])
+def test_numbers_on_the_command_line_are_range_checked(small, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exc:
+        _app(small["root"] / "bids", tmp_path / "out", *extra)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_paths_and_filters_are_checked_first(small, tmp_path, capsys, monkeypatch):
+    import json
+
+    bids = small["root"] / "bids"
+    out = tmp_path / "out"
+    from dwiflow.cli.bidsapp import main
+
+    def run(*extra: str, output: Path = out, work: Path | None = None) -> tuple[int, str]:
+        code = main([str(bids), str(output), "participant", "--work-dir", str(work or tmp_path / "work"), *extra])
+        return code, capsys.readouterr().err
+
+    code, err = run(work=out)
+    assert code == 2 and "must not be OUTPUT_DIR" in err
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    if os.access(readonly, os.W_OK):  # root ignores permission bits: use a directory the kernel refuses instead
+        readonly = Path("/proc/sys")
+    assert not os.access(readonly, os.W_OK), "no read-only directory to test with"
+    code, err = run(output=readonly / "dwiflow_out")
+    assert code == 2 and f"OUTPUT_DIR {readonly / 'dwiflow_out'}: {readonly} is not writable" in err
+    for content, message in ((["acq-x"], "must hold a JSON object"), ({"dwi": "acq-x"}, "the 'dwi' entry must be"),
+                             ({"dwi": {"colour": "red"}}, "BIDS filter 'colour': not an entity of"),
+                             ({"dwi": {"extension": ".json"}}, "BIDS filter 'extension': dwiflow selects DWI images"),
+                             ({"dwi": {"subject": {"a": 1}}}, "expected a label, a number, null")):
+        filt = tmp_path / "filter.json"
+        filt.write_text(json.dumps(content))
+        code, err = run("--bids-filter-file", str(filt))
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    import dwiflow.workflows.cache as cache
+
+    monkeypatch.setattr(cache, "disk_free", lambda path: 1024)
+    code, err = run()
+    assert code == 2 and "MB free, the runs need about" in err
+    assert not out.exists() and not (tmp_path / "work").exists()
+
+
+def test_a_full_disk_while_publishing_leaves_no_partial_file(small, tmp_path, capsys, monkeypatch):
+    """ENOSPC while copying the third derivative into OUTPUT_DIR: the run fails with that error, nothing of it is
+    published, no temporary copy is left; the next run (disk free again) publishes everything."""
+    import errno
+    import shutil
+
+    import dwiflow.workflows.recon as recon
+
+    bids = _dataset(small["root"], tmp_path)
+    original, copies = shutil.copyfile, []
+
+    def copyfile(src, dst, *args, **kwargs):
+        if Path(dst).name.startswith(".") and Path(dst).name.endswith(".partial"):
+            copies.append(dst)
+            if len(copies) == 3:
+                Path(dst).write_bytes(b"")  # the copy had begun when the disk filled up
+                raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return original(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(recon.shutil, "copyfile", copyfile)
+    out = tmp_path / "out"
+    masks = str(bids / "derivatives" / "masks")
+    code = _app(bids, out, "--participant-label", "phantom", "--mask-dir", masks)
+    err = capsys.readouterr().err
+    assert code == 1 and "No space left on device" in err
+    assert _temporaries(out) == [] and not list((out / "sub-phantom").rglob("*.nii.gz"))
+    monkeypatch.setattr(recon.shutil, "copyfile", original)
+    assert _app(bids, out, "--participant-label", "phantom", "--mask-dir", masks) == 0
+    assert _outputs(out) == small["reference"]

@@ -1,0 +1,101 @@
+"""Local workers whose processes end with dwiflow, and the interruption state of a run.
+
+Pydra's ``cf`` worker runs tasks in a ``ProcessPoolExecutor``; when the dwiflow process is killed
+(SIGKILL leaves no chance to clean up) its worker processes are re-parented and go on computing.
+:class:`LocalProcessWorker` starts every worker process with the kernel's parent-death signal set
+(``PR_SET_PDEATHSIG``, Linux) and a watchdog thread (elsewhere, and as a second guard), so a worker
+ends when its parent does; on SIGINT/SIGTERM the pool is killed instead of drained.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+from typing import ClassVar
+
+import attrs
+import pydra.engine  # noqa: F401  (pydra.workers needs the engine imported first)
+from pydra.workers.cf import ConcurrentFuturesWorker
+
+PR_SET_PDEATHSIG = 1
+
+
+class Interruption:
+    """The signal that interrupted this process, if any (set by :func:`install_signal_handlers`)."""
+
+    signal: int | None = None
+
+
+def _interrupt(signum, frame) -> None:
+    Interruption.signal = signum
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def install_signal_handlers() -> None:
+    """SIGINT and SIGTERM raise :class:`KeyboardInterrupt` (recording the signal), so a run unwinds: no result
+    of an interrupted task counts, partial outputs are removed and the worker processes are killed."""
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def interrupted() -> bool:
+    return Interruption.signal is not None
+
+
+def die_with_parent() -> None:
+    """In a worker process: end when the parent process ends (also when it is SIGKILLed)."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="dwiflow-parent-watch", daemon=True).start()
+
+
+@attrs.define
+class LocalProcessWorker(ConcurrentFuturesWorker):
+    """Pydra's ``cf`` worker whose processes end with their parent and are killed, not drained, on interruption."""
+
+    _plugin_name: ClassVar[str] = "cf"
+    pool: cf.ProcessPoolExecutor = attrs.field(eq=False, init=False, hash=False, repr=False)
+
+    @pool.default
+    def _pool_default(self) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(self.n_procs, initializer=die_with_parent)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self.pool = self._pool_default()
+
+    def close(self) -> None:
+        if interrupted():
+            self.kill()
+        else:
+            self.pool.shutdown()
+
+    def kill(self) -> None:
+        """Kill the worker processes now (their running tasks leave no result that counts)."""
+        processes = list((getattr(self.pool, "_processes", None) or {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+        for process in processes:
+            process.join(timeout=5)
+
