@@ -171,6 +171,9 @@ class TensorModel:
         Signals below this are raised to it before taking logs (DIPY's default 1e-4).
     chunk_size : int
         Voxels solved together; bounds memory.
+    wls_iterations : int
+        Weighted passes after the OLS start (1, as DIPY; MRtrix3's ``dwi2tensor`` makes 2: ``-iter 2``), each
+        weighted by the signal the previous pass predicts, squared.
     """
 
     def __init__(
@@ -179,6 +182,7 @@ class TensorModel:
         fit_method: Literal["WLS", "OLS"] = "WLS",
         min_signal: float = MIN_POSITIVE_SIGNAL,
         chunk_size: int = 50_000,
+        wls_iterations: int = 1,
     ) -> None:
         if fit_method not in ("WLS", "OLS"):
             raise DwiflowInputError(f"fit_method must be 'WLS' or 'OLS', got {fit_method!r}")
@@ -186,6 +190,10 @@ class TensorModel:
             raise DwiflowInputError(f"min_signal must be > 0, got {min_signal!r}")
         if chunk_size < 1:
             raise DwiflowInputError(f"chunk_size must be >= 1, got {chunk_size!r}")
+        if int(wls_iterations) != wls_iterations or wls_iterations < 1:
+            raise DwiflowInputError(f"wls_iterations must be a positive integer, got {wls_iterations!r}",
+                                    parameters=("wls_iterations",))
+        self.wls_iterations = int(wls_iterations)
         self.gtab = gtab
         self.fit_method = fit_method
         self.min_signal = float(min_signal)
@@ -217,10 +225,11 @@ class TensorModel:
         log_s = np.log(np.maximum(sig, self.min_signal))
         beta = log_s @ self._ols_pinv.T
         if self.fit_method == "WLS":
-            w2 = np.exp(2.0 * (beta @ self._x.T))
-            normal = (w2 @ self._outer).reshape(-1, 7, 7)
-            rhs = (w2 * log_s) @ self._x
-            beta = _solve_stacked(normal, rhs, status)
+            for _ in range(self.wls_iterations):
+                w2 = np.exp(2.0 * (beta @ self._x.T))
+                normal = (w2 @ self._outer).reshape(-1, 7, 7)
+                rhs = (w2 * log_s) @ self._x
+                beta = _solve_stacked(normal, rhs, status)
         beta = beta / self._scale
         bad = (status != FitStatus.OK) | ~np.all(np.isfinite(beta), axis=1)
         status[bad & (status == FitStatus.OK)] = FitStatus.SINGULAR

@@ -206,7 +206,8 @@ def _check_wiring(spec: ReconSpec, source: str) -> None:
             if not needed.required or needed.kind in provided:
                 continue
             producers = [n for n, e in stages().items() if n != name and any(
-                needed.kind in s.provides for s in (e.methods.values() if isinstance(e, StageGroup) else [e]))]
+                needed.kind in s.provides and s.pipeline
+                for s in (e.methods.values() if isinstance(e, StageGroup) else [e]))]
             hint = f" (add {' or '.join(f'stages.{p}' for p in producers)})" if producers else ""
             if needed.kind == "fod" and "fod" in _all_provided(spec):
                 hint = " (the FOD stage in this spec writes no FOD with these options)"

@@ -233,6 +233,57 @@ def run_amp2response(files, outputs, options: Amp2responseOptions, context):
     return _write(outputs, response, _sidecar(response, "amp2response", params, dwi, mask, directions_image), affine)
 
 
+# ------------------------------------------------------------------------------------------------ dhollander
+@dataclass(frozen=True)
+class DhollanderOptions(StageOptions):
+    """MRtrix3 ``dwi2response dhollander`` parameters (same names and defaults)."""
+
+    erode: int = option(3, help="erosion passes of the brain mask (use 0 for data of a few slices)", minimum=0,
+                        maximum=50)
+    fa: float = option(0.2, help="FA threshold of the crude white-matter segmentation", minimum=0, maximum=1)
+    sfwm: float = option(0.5, help="percentage of the refined WM kept as single-fibre WM voxels",
+                         exclusive_minimum=True, minimum=0, maximum=100)
+    gm: float = option(2.0, help="percentage of the refined GM kept as GM voxels", exclusive_minimum=True, minimum=0,
+                       maximum=100)
+    csf: float = option(10.0, help="percentage of the refined CSF kept as CSF voxels", exclusive_minimum=True,
+                        minimum=0, maximum=100)
+    lmax: list[int] | None = option(None, help="the WM response's lmax per b-value, b=0 included (default 10, "
+                                               "0 at b=0)", minimum=0, even=True)
+
+
+def run_dhollander(files, outputs, options: DhollanderOptions, context):
+    """Dhollander et al. 2016/2019 WM, GM and CSF responses and the voxels selected for each."""
+    from dwiflow.core.dhollander import dhollander
+
+    dwi, mask = files["dwi"], files.get("mask")
+    run = load_dwi(dwi, files["bval"], files["bvec"])
+    if options.lmax is not None and len(options.lmax) != len(run.gtab.shells):
+        from dwiflow.tasks.options import OptionError
+
+        raise OptionError(f"{{lmax}}: {len(options.lmax)} values but {dwi} has {len(run.gtab.shells)} b-values "
+                          f"({', '.join(f'{s.bvalue:.0f}' for s in run.gtab.shells)})", "lmax")
+    result = dhollander(run.data, run.gtab, brain_mask(run, mask), erode=options.erode, fa=options.fa,
+                        sfwm=options.sfwm, gm=options.gm, csf=options.csf, lmax=options.lmax)
+    params = {"Erode": options.erode, "FA": options.fa, "SFWM": options.sfwm, "GM": options.gm, "CSF": options.csf,
+              "Lmax": options.lmax, "VoxelCounts": result.counts}
+    written = {}
+    with atomic_outputs() as out:
+        for tissue in ("wm", "gm", "csf"):
+            response = getattr(result, tissue)
+            label = {"wm": "single-fibre white matter", "gm": "grey matter", "csf": "CSF"}[tissue]
+            content = _sidecar(response, f"dhollander ({label})", params, dwi, mask)
+            written[tissue] = out.text(outputs[tissue], response.to_text())
+            out.json(sidecar_path(outputs[tissue]), content)
+        if "voxels" in outputs:
+            written["voxels"] = out.nifti(
+                outputs["voxels"], result.voxels.astype(np.uint8), run.affine,
+                {"Description": "Voxels selected for the dhollander responses: volumes CSF, GM, WM (MRtrix3's "
+                                "-voxels: red, green, blue)", "VoxelCount": {t.upper(): result.counts[f"voxels_{t}"]
+                                                                             for t in ("csf", "gm", "wm")}},
+                dtype=np.uint8)
+    return written
+
+
 def check_response_data(data, options) -> None:
     if not data.shells:
         raise DwiflowInputError("a response function needs a diffusion-weighted shell; this run has only b=0 volumes")
@@ -275,6 +326,20 @@ RESPONSE = StageGroup(
                 Input("directions", "FILE", "DWI volumes are amplitudes along these directions (N rows of x y z, or "
                       "azimuth elevation in radians); BVAL/BVEC are then not used", required=False, flag=True)),
             outputs=_OUTPUTS[:1], pipeline=False),
+        "dhollander": Stage(
+            name="response", method="dhollander", order=30, title="Response function",
+            summary="MRtrix3 dwi2response dhollander: WM, GM and CSF responses for multi-tissue CSD",
+            description="Dhollander et al. 2016/2019 as MRtrix3 3.0: eroded mask, signal decay metric, FA and "
+                        "automatic thresholds, single-fibre WM ranked by a flat-response 2-tissue CSD, then "
+                        "amp2response per tissue over every b-value (isotropic for GM and CSF).",
+            options=DhollanderOptions, run=run_dhollander, inputs=DWI_INPUTS + (_MASK,),
+            outputs=(Output("wm", "the single-fibre WM response", cli="positional", metavar="OUT_WM"),
+                     Output("gm", "the GM response", cli="positional", metavar="OUT_GM"),
+                     Output("csf", "the CSF response", cli="positional", metavar="OUT_CSF"),
+                     Output("voxels", "the voxels selected for each tissue (CSF, GM, WM volumes)", cli="flag",
+                            metavar="OUT_IMAGE")),
+            provides={"response_wm": "wm", "response_gm": "gm", "response_csf": "csf"}, pipeline=False,
+            check_data=check_response_data),
     },
 )
 

@@ -1,0 +1,236 @@
+"""Compiled kernel of :mod:`dwiflow.core.msmt_csd` (numba, parallel over blocks of voxels).
+
+Each voxel's problem, in the whitened coordinates y of :class:`~dwiflow.core.msmt_csd.MsmtCsdModel`, is the
+projection of the unconstrained solution y_u onto the cone {y : B y >= 0}. Its dual is a non-negative least-squares
+problem in the constraint multipliers λ >= 0: minimise ½ λᵀGλ + λᵀc_u with G = BBᵀ and c_u = B y_u; then
+y = y_u + Bᵀλ. It is solved by the Lawson–Hanson active-set method (Lawson & Hanson 1974, ch. 23), which like
+MRtrix3's ICLS solver adds the most violated constraint at each step, on the Gram matrix G (computed once), with
+the Cholesky factor of the active block grown by one row per added constraint and rebuilt when one leaves.
+Constraint values are updated as c = c_u + G[:, P] λ_P, which costs (number of constraints) × (active set size)
+rather than a product with B.
+
+Kept in its own module so that ``import dwiflow.core`` never imports numba; compiled on first use, cached on disk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+import dwiflow.core._numba_setup  # noqa: F401  (fork-safe threading layer)
+from dwiflow.core.status import FitStatus
+
+OK = int(FitStatus.OK)
+NONFINITE_INPUT = int(FitStatus.NONFINITE_INPUT)
+NOT_CONVERGED = int(FitStatus.NOT_CONVERGED)
+SINGULAR = int(FitStatus.SINGULAR)
+
+# voxels per block: one matrix product per block for the unconstrained solutions and their constraint values
+BLOCK = 32
+
+
+@njit(cache=True, inline="always")
+def _append(gram, active, k, ridge, chol) -> bool:
+    """Grow the factor of the first ``k`` active constraints by the one in ``active[k]``."""
+    ak = active[k]
+    s_diag = gram[ak, ak] + ridge
+    for j in range(k):
+        s = gram[ak, active[j]]
+        for p in range(j):
+            s -= chol[k, p] * chol[j, p]
+        s /= chol[j, j]
+        chol[k, j] = s
+        s_diag -= s * s
+    if s_diag <= 1e-14 * (gram[ak, ak] + ridge):
+        return False
+    chol[k, k] = np.sqrt(s_diag)
+    return True
+
+
+@njit(cache=True, fastmath=True)
+def _delete(chol, k, r) -> None:
+    """Remove row and column ``r`` from the factor of a k×k matrix: the rows below move up one and their
+    trailing block takes a rank-one update with the removed column (stable, O((k−r)²))."""
+    for i in range(r + 1, k):
+        for j in range(r):
+            chol[i - 1, j] = chol[i, j]
+    # w: the removed column below the diagonal; L22 ← chol(L22 L22ᵀ + w wᵀ)
+    n = k - r - 1
+    for i in range(n):
+        chol[r + i, r + n] = chol[r + 1 + i, r]  # keep w in a spare column (column r+n is unused afterwards)
+    for i in range(n):
+        for j in range(i + 1):
+            chol[r + i, r + j] = chol[r + 1 + i, r + 1 + j]
+    for j in range(n):
+        w_j = chol[r + j, r + n]
+        d = chol[r + j, r + j]
+        radius = np.sqrt(d * d + w_j * w_j)
+        cos = radius / d
+        sin = w_j / d
+        chol[r + j, r + j] = radius
+        for i in range(j + 1, n):
+            value = (chol[r + i, r + j] + sin * chol[r + i, r + n]) / cos
+            chol[r + i, r + n] = cos * chol[r + i, r + n] - sin * value
+            chol[r + i, r + j] = value
+
+
+@njit(cache=True, inline="always")
+def _solve(chol, k, rhs, out) -> None:
+    """out = (L Lᵀ)⁻¹ rhs for the first ``k`` entries."""
+    for i in range(k):
+        s = rhs[i]
+        for p in range(i):
+            s -= chol[i, p] * out[p]
+        out[i] = s / chol[i, i]
+    for i in range(k - 1, -1, -1):
+        s = out[i]
+        for p in range(i + 1, k):
+            s -= chol[p, i] * out[p]
+        out[i] = s / chol[i, i]
+
+
+@njit(cache=True, fastmath=True)
+def _constraint_values(c_u, gram, active, k, lam, c) -> None:
+    """c = c_u + Σ_j λ_j G[a_j, :] over the active set."""
+    m = c_u.size
+    for i in range(m):
+        c[i] = c_u[i]
+    for j in range(k):
+        a = active[j]
+        weight = lam[a]
+        row = gram[a]
+        for i in range(m):
+            c[i] += weight * row[i]
+
+
+@njit(cache=True)
+def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs, z, c, in_set):
+    """Lawson–Hanson on the dual of one voxel, from λ = 0. Fills ``lam`` (all constraints); returns (status,
+    iterations). Every voxel starts cold, so that its result does not depend on its neighbours."""
+    m = c_u.size
+    for i in range(m):
+        lam[i] = 0.0
+        in_set[i] = False
+        c[i] = c_u[i]
+    k = 0
+    iterations = 0
+    while True:
+        # the most violated constraint not yet active
+        worst = -1
+        worst_value = -tolerance
+        for i in range(m):
+            if not in_set[i] and c[i] < worst_value:
+                worst_value = c[i]
+                worst = i
+        if worst < 0:
+            return OK, iterations
+        if iterations >= max_iterations:
+            return NOT_CONVERGED, iterations
+        iterations += 1
+        active[k] = worst
+        if not _append(gram, active, k, ridge, chol):
+            # linearly dependent on the active set (within rounding): nothing more to gain
+            return OK, iterations
+        in_set[worst] = True
+        k += 1
+        while True:
+            for i in range(k):
+                rhs[i] = -c_u[active[i]]
+            _solve(chol, k, rhs, z)
+            feasible = True
+            for i in range(k):
+                if z[i] <= 0.0:
+                    feasible = False
+                    break
+            if feasible:
+                for i in range(k):
+                    lam[active[i]] = z[i]
+                break
+            # step from the current multipliers towards z until the first one reaches 0
+            alpha = 1.0
+            for i in range(k):
+                if z[i] <= 0.0:
+                    current = lam[active[i]]
+                    step = current / (current - z[i])
+                    if step < alpha:
+                        alpha = step
+            removed_new = False
+            i = 0
+            while i < k:
+                a = active[i]
+                value = lam[a] + alpha * (z[i] - lam[a])
+                if value <= 1e-15 * (1.0 + abs(lam[a])) or (z[i] <= 0.0 and value <= 0.0):
+                    lam[a] = 0.0
+                    in_set[a] = False
+                    if a == worst:
+                        removed_new = True
+                    _delete(chol, k, i)
+                    for p in range(i + 1, k):
+                        active[p - 1] = active[p]
+                        z[p - 1] = z[p]
+                    k -= 1
+                else:
+                    lam[a] = value
+                    i += 1
+            if removed_new:
+                # the constraint just added cannot become active (degenerate step): stop, as MRtrix3's
+                # solver does when its active set does not change
+                for i in range(k):
+                    rhs[i] = -c_u[active[i]]
+                return OK, iterations
+            if k == 0:
+                break
+        # constraint values at the new solution (G is symmetric: rows are read contiguously)
+        _constraint_values(c_u, gram, active, k, lam, c)
+
+
+@njit(cache=True, parallel=True)
+def solve_msmt(signals, whiten_data, constraints, gram, unwhiten, ridge, max_iterations, tolerance,
+               out, status, iterations):
+    """Solve every voxel (rows of ``signals``) into ``out`` (coefficients of all tissues, concatenated).
+
+    ``whiten_data`` maps a signal to y_u (y_u = s · whiten_data), ``constraints`` is B (rows normalised), ``gram``
+    is BBᵀ, ``unwhiten`` maps y back to coefficients (x = y · unwhiten).
+    """
+    nvox = signals.shape[0]
+    m, n = constraints.shape
+    nblocks = (nvox + BLOCK - 1) // BLOCK
+    for b in prange(nblocks):
+        start = b * BLOCK
+        stop = min(start + BLOCK, nvox)
+        block = signals[start:stop]
+        y_u = block @ whiten_data
+        c_u = y_u @ constraints.T
+        lam = np.zeros(m)
+        active = np.zeros(m, dtype=np.int64)
+        chol = np.empty((m, m))
+        rhs = np.zeros(m)
+        z = np.zeros(m)
+        c = np.zeros(m)
+        in_set = np.zeros(m, dtype=np.bool_)
+        y = np.zeros((stop - start, n))
+        for v in range(stop - start):
+            finite = True
+            for j in range(block.shape[1]):
+                if not np.isfinite(block[v, j]):
+                    finite = False
+                    break
+            if not finite:
+                status[start + v] = NONFINITE_INPUT
+                for p in range(n):
+                    y[v, p] = np.nan
+                continue
+            scale = 0.0
+            for p in range(n):
+                scale += y_u[v, p] * y_u[v, p]
+            st, it = _project(c_u[v], gram, ridge, max_iterations, tolerance * np.sqrt(scale), lam, active, chol,
+                              rhs, z, c, in_set)
+            status[start + v] = st
+            iterations[start + v] = it
+            for p in range(n):
+                y[v, p] = y_u[v, p]
+            for i in range(m):
+                if lam[i] != 0.0:
+                    for p in range(n):
+                        y[v, p] += lam[i] * constraints[i, p]
+        out[start:stop] = y @ unwhiten

@@ -1,0 +1,347 @@
+"""Unsupervised WM, GM and CSF response functions (Dhollander et al. 2016, 2019), as MRtrix3 3.0's
+``dwi2response dhollander``.
+
+The steps and their constants are MRtrix3's (``lib/mrtrix3/dwi2response/dhollander.py``, 3.0.3):
+
+1. Erode the brain mask (``erode`` passes, 6-neighbourhood; voxels on the image border go).
+2. Per b-value: the mean signal (negative samples as 0); the signal decay metric (SDM) is
+   Σ_b n_b·log(S̄_0 / S̄_b) / Σ_b n_b over the non-zero b-values. Voxels where a mean is not positive or the SDM
+   is not finite and positive leave the mask ("safe" mask); the SDM is capped at 10.
+3. Crude segmentation: tensor FA > ``fa`` is WM; the rest splits into CSF (SDM − median above an automatic
+   threshold) and GM.
+4. Refinement: WM loses its high-SDM outliers (above median + 2·1.4826·MAD); GM keeps the voxels whose SDM is
+   nearest its median on both sides (automatic thresholds); CSF gains WM outliers with an SDM above the crude
+   CSF's minimum and keeps those above an automatic threshold.
+5. Final voxels: the ``csf`` % of refined CSF with the highest SDM; the ``gm`` % of refined GM nearest its median
+   SDM; for WM, MRtrix3's 2019 algorithm: a multi-tissue CSD of the refined WM with a flat "WM" response
+   (lmax 2, then 6) and the CSF response, ranking voxels by their FOD's largest peak over the sum of the two
+   l=0 terms: the top 2·``sfwm`` %, then the top ``sfwm`` % of those.
+6. Responses by ``amp2response`` over every shell (isotropic for GM and CSF), along the tensor's principal
+   direction.
+
+The automatic threshold is MRtrix3's: the one that maximises the correlation between the image and its
+thresholded mask (Ridgway et al. 2009), by golden-section search in single precision.
+
+References
+----------
+Dhollander T., Raffelt D., Connelly A. Unsupervised 3-tissue response function estimation from single-shell or
+multi-shell diffusion MR data without a co-registered T1 image. ISMRM Workshop on Breaking the Barriers of
+Diffusion MRI (2016) 5.
+Dhollander T., Mito R., Raffelt D., Connelly A. Improved white matter response function estimation for 3-tissue
+constrained spherical deconvolution. Proc. ISMRM 27 (2019) 555.
+Ridgway G.R., Omar R., Ourselin S., et al. Issues with threshold masking in voxel-based morphometry of
+atrophied brains. NeuroImage 44 (2009) 99-111.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dwiflow.core.errors import DwiflowInputError
+from dwiflow.core.gradients import GradientTable
+from dwiflow.core.response import ResponseFunction, amp2response
+
+DEFAULT_ERODE = 3
+DEFAULT_FA = 0.2
+DEFAULT_SFWM = 0.5
+DEFAULT_GM = 2.0
+DEFAULT_CSF = 10.0
+SDM_CAP = 10.0
+B0_THRESHOLD = 10.0  # MRtrix3's BZeroThreshold: which shells the flat WM response treats as b=0
+
+
+@dataclass
+class DhollanderResult:
+    """Responses, voxel selections (bool volumes) and the voxel count after each step."""
+
+    wm: ResponseFunction
+    gm: ResponseFunction
+    csf: ResponseFunction
+    voxels_wm: np.ndarray
+    voxels_gm: np.ndarray
+    voxels_csf: np.ndarray
+    counts: dict = field(default_factory=dict)
+
+    @property
+    def voxels(self) -> np.ndarray:
+        """MRtrix3's ``-voxels`` image: (x, y, z, 3) with CSF, GM and WM as red, green and blue."""
+        return np.stack([self.voxels_csf, self.voxels_gm, self.voxels_wm], axis=-1).astype(np.float32)
+
+
+def erode_mask(mask: np.ndarray, passes: int) -> np.ndarray:
+    """MRtrix3 ``maskfilter erode``: a voxel stays when its 6 neighbours are in the mask and it is not on the
+    image border; ``passes`` times."""
+    out = np.asarray(mask, dtype=bool).copy()
+    for _ in range(passes):
+        inner = np.zeros_like(out)
+        core = out[1:-1, 1:-1, 1:-1].copy()
+        for axis in range(3):
+            for step in (-1, 1):
+                sl = [slice(1, -1)] * 3
+                sl[axis] = slice(1 + step, out.shape[axis] - 1 + step)
+                core &= out[tuple(sl)]
+        inner[1:-1, 1:-1, 1:-1] = core
+        out = inner
+    return out
+
+
+def optimal_threshold(values: np.ndarray) -> float:
+    """MRtrix3's automatic threshold (``mrthreshold`` without options) of finite ``values``: the threshold t that
+    maximises the correlation between the values and the indicator of values > t, by golden-section search between
+    min + 0.1% and max − 0.1% of the range, started at the midpoint, tolerance 1% (single precision as MRtrix3)."""
+    x = np.asarray(values, dtype=np.float32)
+    x = x[np.isfinite(x)].astype(np.float64)
+    if x.size < 2:
+        raise DwiflowInputError("too few voxels to determine an automatic threshold")
+    count = x.size
+    mean = x.sum() / count
+    stdev = np.sqrt((np.sum(x * x) - x.sum() * mean) / count)
+    ordered = np.sort(x)
+    suffix = np.concatenate([np.cumsum(ordered[::-1])[::-1], [0.0]])
+
+    def cost(threshold: np.float32) -> float:
+        first_above = np.searchsorted(ordered, float(threshold), side="right")
+        above = count - first_above
+        mean_xy = suffix[first_above] / count
+        covariance = mean_xy - (above / count) * mean
+        mask_stdev = np.sqrt((above - above * above / count) / count)
+        if mask_stdev == 0 or stdev == 0:
+            return np.inf
+        return -covariance / (stdev * mask_stdev)
+
+    f32 = np.float32
+    lo, hi = f32(ordered[0]), f32(ordered[-1])
+    g1 = f32(0.61803399)
+    g2 = f32(1) - g1
+    x0 = f32(lo + f32(0.001) * (hi - lo))
+    x3 = f32(hi - f32(0.001) * (hi - lo))
+    init = f32(f32(0.5) * (lo + hi))
+    if abs(x3 - init) > abs(init - x0):
+        x1, x2 = init, f32(init + g2 * (x3 - init))
+    else:
+        x2, x1 = init, f32(init - g2 * (init - x0))
+    f1, f2 = cost(x1), cost(x2)
+    while f32(0.01) * (abs(x1) + abs(x2)) < abs(x3 - x0):
+        if f2 < f1:
+            x0, x1 = x1, x2
+            x2 = f32(g1 * x1 + g2 * x3)
+            f1, f2 = f2, cost(x2)
+        else:
+            x3, x2 = x2, x1
+            x1 = f32(g1 * x2 + g2 * x0)
+            f2, f1 = f1, cost(x1)
+    return float(x1 if f1 < f2 else x2)
+
+
+def _top(values: np.ndarray, region: np.ndarray, number: int, bottom: bool = False) -> np.ndarray:
+    """MRtrix3 ``mrthreshold -top/-bottom N -ignorezero`` on ``region ? values : 0``, intersected with region."""
+    image = np.where(region, values, 0.0).astype(np.float32)
+    candidates = image[(image != 0) & np.isfinite(image)]
+    if number < 1 or candidates.size < number:
+        raise DwiflowInputError(f"{candidates.size} candidate voxels for {number} requested: the mask or the tissue "
+                                "is too small for this selection")
+    ordered = np.sort(candidates)
+    if bottom:
+        threshold = ordered[number - 1]
+        return region & (image <= threshold)
+    threshold = ordered[candidates.size - number]
+    return region & (image >= threshold)
+
+
+def _median(values: np.ndarray) -> float:
+    if values.size == 0:
+        raise DwiflowInputError("an intermediate tissue mask is empty: the brain mask or the data cannot support "
+                                "three tissues (try fewer erosions)")
+    return float(np.median(values.astype(np.float32)))
+
+
+def mrtrix_tensor_fa(data: np.ndarray, gtab: GradientTable, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FA and principal direction as MRtrix3's ``dwi2tensor | tensor2metric -fa -vector -modulate none``: signals
+    floored at 1e-6 of the voxel's largest, a first pass weighted by the measured signals, then two passes weighted
+    by the predicted ones; FA from the eigenvalues as they are (no clipping; it can exceed 1 in noisy voxels)."""
+    from dwiflow.core.tensor import lower_triangular_to_matrix, tensor_design_matrix
+
+    design = tensor_design_matrix(gtab)
+    signal = np.asarray(data[mask], dtype=float)
+    signal = np.maximum(signal, 1e-6 * signal.max(axis=1, keepdims=True))
+    log_signal = np.log(signal)
+    weights = signal
+    for _ in range(3):
+        w2 = weights * weights
+        normal = np.einsum("vn,ni,nj->vij", w2, design, design)
+        rhs = (w2 * log_signal) @ design
+        with np.errstate(all="ignore"):
+            try:
+                params = np.linalg.solve(normal, rhs[..., None])[..., 0]
+            except np.linalg.LinAlgError:
+                params = np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a, b in zip(normal, rhs)])
+            weights = np.exp(params @ design.T)
+    finite = np.all(np.isfinite(params), axis=1)
+    params[~finite] = 0.0
+    evals, evecs = np.linalg.eigh(lower_triangular_to_matrix(params[:, :6]))
+    with np.errstate(all="ignore"):
+        fa = np.sqrt(0.5 * ((evals[:, 0] - evals[:, 1]) ** 2 + (evals[:, 1] - evals[:, 2]) ** 2
+                            + (evals[:, 2] - evals[:, 0]) ** 2) / np.sum(evals ** 2, axis=1))
+    fa = np.where(finite, np.nan_to_num(fa), 0.0)
+    fa_map = np.zeros(mask.shape)
+    fa_map[mask] = fa
+    vectors = np.zeros(mask.shape + (3,))
+    vectors[mask] = evecs[:, :, 2]
+    return fa_map.astype(np.float32), vectors
+
+
+def signal_decay_metric(data: np.ndarray, gtab: GradientTable) -> tuple[np.ndarray, np.ndarray]:
+    """The SDM per voxel and the voxels where a shell's mean signal is not positive (MRtrix3's ``err_b``)."""
+    shells = list(gtab.shells)
+    means = []
+    for shell in shells:
+        mean = np.mean(np.maximum(data[..., shell.indices], 0), axis=-1, dtype=np.float64).astype(np.float32)
+        means.append(mean)
+    error = np.zeros(data.shape[:3], dtype=bool)
+    for mean in means:
+        error |= ~(np.isfinite(mean) & (mean > 0))
+    total = 0
+    sdm = np.zeros(data.shape[:3], dtype=np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for shell, mean in zip(shells[1:], means[1:]):
+            sdm += (np.log(means[0] / mean)).astype(np.float32) * np.float32(shell.count)
+            total += shell.count
+        sdm = sdm / np.float32(total)
+    return sdm, error
+
+
+def dhollander(
+    data: np.ndarray,
+    gtab: GradientTable,
+    mask: np.ndarray,
+    *,
+    erode: int = DEFAULT_ERODE,
+    fa: float = DEFAULT_FA,
+    sfwm: float = DEFAULT_SFWM,
+    gm: float = DEFAULT_GM,
+    csf: float = DEFAULT_CSF,
+    lmax: list[int] | None = None,
+) -> DhollanderResult:
+    """Estimate WM, GM and CSF responses from one run (see the module notes for the algorithm).
+
+    Parameters
+    ----------
+    data : ndarray (x, y, z, n_volumes)
+    gtab : GradientTable
+        At least two distinct b-values (b=0 and one more).
+    mask : ndarray (x, y, z) of bool
+        Brain mask.
+    erode : int
+        Erosion passes of the mask (3).
+    fa : float
+        FA threshold of the crude WM (0.2).
+    sfwm, gm, csf : float
+        Percentages of the refined WM, GM and CSF kept as final voxels (0.5, 2, 10).
+    lmax : list of int, optional
+        The WM response's lmax per shell (default: amp2response's, 10 and 0 at b=0).
+
+    Returns
+    -------
+    DhollanderResult
+    """
+    from dwiflow.core.msmt_csd import MsmtCsdModel
+    from dwiflow.core.peaks import find_peaks
+
+    shells = list(gtab.shells)
+    if len(shells) < 2 or not shells[0].is_b0:
+        raise DwiflowInputError("dhollander needs at least 2 distinct b-values, b=0 included "
+                                f"(this run has {', '.join(f'{s.bvalue:.0f}' for s in shells)})",
+                                parameters=("bvals",))
+    if lmax is not None and len(lmax) != len(shells):
+        raise DwiflowInputError(f"{len(lmax)} lmax values for {len(shells)} b-values", parameters=("lmax",))
+    for name, value in (("sfwm", sfwm), ("gm", gm), ("csf", csf)):
+        if not 0 < value <= 100:
+            raise DwiflowInputError(f"{name} must be a percentage in (0, 100], got {value}", parameters=(name,))
+    counts: dict[str, int] = {}
+    mask = np.asarray(mask, dtype=bool)
+    counts["mask"] = int(mask.sum())
+    eroded = erode_mask(mask, erode) if erode > 0 else mask.copy()
+    counts["eroded"] = int(eroded.sum())
+    sdm, error = signal_decay_metric(data, gtab)
+    error |= ~(np.isfinite(sdm) & (sdm > 0))
+    safe = eroded & ~error
+    counts["safe"] = int(safe.sum())
+    if not safe.any():
+        raise DwiflowInputError("no voxel of the brain mask survives erosion and the signal checks (with 2-slice "
+                                "data use erode 0)", parameters=("mask", "erode"))
+    safe_sdm = np.where(safe, np.minimum(np.nan_to_num(sdm), np.float32(SDM_CAP)), 0).astype(np.float32)
+
+    fa_map, vectors = mrtrix_tensor_fa(data, gtab, safe)
+    crude_wm = safe & (fa_map > fa)
+    crude_non_wm = safe & ~crude_wm
+    counts["crude_wm"], counts["crude_non_wm"] = int(crude_wm.sum()), int(crude_non_wm.sum())
+
+    # crude GM vs CSF
+    non_wm_median = _median(safe_sdm[crude_non_wm])
+    shifted = (safe_sdm - np.float32(non_wm_median)).astype(np.float32)
+    threshold = optimal_threshold(shifted[crude_non_wm])
+    crude_csf = crude_non_wm & (shifted >= threshold)
+    crude_gm = crude_non_wm & ~crude_csf
+    counts["crude_gm"], counts["crude_csf"] = int(crude_gm.sum()), int(crude_csf.sum())
+
+    # refine WM: drop high-SDM outliers
+    wm_median = _median(safe_sdm[crude_wm])
+    deviation = np.abs(safe_sdm - np.float32(wm_median)).astype(np.float32)
+    wm_mad = _median(deviation[crude_wm])
+    outlier_threshold = wm_median + 1.4826 * wm_mad * 2.0
+    wm_outliers = crude_wm & (safe_sdm > np.float32(outlier_threshold))
+    refined_wm = crude_wm & ~wm_outliers
+    counts["refined_wm"] = int(refined_wm.sum())
+
+    # refine GM: the voxels nearest the median on either side
+    gm_median = np.float32(_median(safe_sdm[crude_gm]))
+    gm_high = crude_gm & (safe_sdm > gm_median)
+    gm_low = crude_gm & ~gm_high
+    above = (safe_sdm - gm_median).astype(np.float32)
+    below = (-(safe_sdm - gm_median)).astype(np.float32)
+    high_select = gm_high & (above < optimal_threshold(above[gm_high])) if gm_high.any() else gm_high
+    low_select = gm_low & (below < optimal_threshold(below[gm_low])) if gm_low.sum() > 1 else gm_low
+    refined_gm = high_select | low_select
+    counts["refined_gm"] = int(refined_gm.sum())
+
+    # refine CSF: recover WM outliers with CSF-like decay, then keep the high-SDM part
+    csf_min = np.float32(np.min(safe_sdm[crude_csf])) if crude_csf.any() else np.float32(np.inf)
+    csf_extra = crude_csf | (wm_outliers & (safe_sdm > csf_min))
+    csf_shifted = (safe_sdm - csf_min).astype(np.float32)
+    refined_csf = csf_extra & (csf_shifted >= optimal_threshold(csf_shifted[csf_extra]))
+    counts["refined_csf"] = int(refined_csf.sum())
+
+    # final voxels
+    voxels_csf = _top(safe_sdm, refined_csf, int(round(counts["refined_csf"] * csf / 100.0)))
+    gm_ref_median = np.float32(_median(safe_sdm[refined_gm]))
+    gm_closeness = (np.abs(safe_sdm - gm_ref_median) + np.float32(1)).astype(np.float32)
+    voxels_gm = _top(gm_closeness, refined_gm, int(round(counts["refined_gm"] * gm / 100.0)), bottom=True)
+
+    selected = lambda region: data[region].astype(float)  # noqa: E731
+    response_csf = amp2response(selected(voxels_csf), vectors[voxels_csf], gtab, isotropic=True)
+    response_gm = amp2response(selected(voxels_gm), vectors[voxels_gm], gtab, isotropic=True)
+
+    # single-fibre WM (Dhollander 2019): rank by peak / (WM + CSF l=0 terms) of a flat-response 2-tissue CSD
+    wm_number = int(round(counts["refined_wm"] * sfwm / 100.0))
+    mean_signal = np.mean(data, axis=-1, dtype=np.float64).astype(np.float32)
+    coefficient = float(np.median(mean_signal[refined_wm])) * np.sqrt(4 * np.pi) if refined_wm.any() else 0.0
+    flat_rows = np.array([[coefficient, 0, 0, 0] if (s.bvalue < B0_THRESHOLD if lmax is None else lmax[i] == 0)
+                          else [coefficient, -coefficient, coefficient, -coefficient] for i, s in enumerate(shells)])
+    flat_wm = ResponseFunction(np.array([s.bvalue for s in shells]), flat_rows)
+
+    def ranking(region: np.ndarray, wm_lmax: int) -> np.ndarray:
+        fit = MsmtCsdModel(gtab, [flat_wm, response_csf], lmax=[wm_lmax, 0]).fit(data, region)
+        wm_sh, csf_sh = fit.tissue(0), fit.tissue(1)
+        peaks = find_peaks(wm_sh, region & np.all(np.isfinite(wm_sh), axis=-1), npeaks=1, rel_threshold=0.0)
+        amplitude = np.nan_to_num(np.linalg.norm(peaks.vectors[..., 0, :], axis=-1))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            metric = (amplitude / (wm_sh[..., 0] + csf_sh[..., 0])).astype(np.float32)
+        return np.where(region & np.isfinite(metric), metric, 0)
+
+    refined_sfwm = _top(ranking(refined_wm, 2), refined_wm, 2 * wm_number)
+    voxels_wm = _top(ranking(refined_sfwm, 6), refined_sfwm, wm_number)
+    response_wm = amp2response(selected(voxels_wm), vectors[voxels_wm], gtab, lmax=lmax)
+    counts.update(voxels_wm=int(voxels_wm.sum()), voxels_gm=int(voxels_gm.sum()), voxels_csf=int(voxels_csf.sum()))
+    return DhollanderResult(response_wm, response_gm, response_csf, voxels_wm, voxels_gm, voxels_csf, counts)

@@ -1,0 +1,239 @@
+"""Multi-shell multi-tissue constrained spherical deconvolution (Jeurissen et al. 2014), batched across voxels.
+
+The estimate is MRtrix3's ``dwi2fod msmt_csd``. Every volume of every shell (b=0 included) is modelled as the sum
+over tissues of the tissue's ODF convolved with its response on that shell: s = C x, where x concatenates the SH
+coefficients of every tissue (a tissue whose response is isotropic has one coefficient, l=0). The coefficients
+minimise ||C x − s||² + ε·max(diag CᵀC)·||x||² (ε = 1e-10) subject to every anisotropic tissue's ODF being
+non-negative on the constraint directions (MRtrix3's 300 by default) and every isotropic tissue's l=0 term being
+non-negative. As in MRtrix3's ICLS solver, the problem is whitened by the Cholesky factor L of the regularised
+CᵀC (y = Lᵀx), so that each voxel's solution is the Euclidean projection of its unconstrained solution y_u onto
+the cone {y : B y ≥ 0} (B: the constraint rows mapped through L⁻ᵀ and normalised); the constraint multipliers get
+MRtrix3's 1e-10 ridge. The projection is unique, so any exact solver reaches MRtrix3's answer; this one solves
+the dual by Lawson–Hanson (see :mod:`dwiflow.core._msmt_kernel`).
+
+Responses follow MRtrix3's rules: one row per shell of the data (b=0 included), in order of increasing b-value;
+columns that are zero on every shell are dropped and fix the tissue's lmax (default min(8, that));
+a requested lmax pads the response with zeros or truncates it.
+
+References
+----------
+Jeurissen B., Tournier J-D., Dhollander T., Connelly A., Sijbers J. Multi-tissue constrained spherical
+deconvolution for improved analysis of multi-shell diffusion MRI data. NeuroImage 103 (2014) 411-426.
+Tournier J-D. et al. MRtrix3. NeuroImage 202 (2019) 116137.
+Lawson C.L., Hanson R.J. Solving Least Squares Problems. Prentice-Hall (1974), ch. 23.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dwiflow.core.csd import check_constraint_directions
+from dwiflow.core.errors import DwiflowInputError
+from dwiflow.core.gradients import GradientTable
+from dwiflow.core.response import ResponseFunction
+from dwiflow.core.sh import check_lmax, expand_per_degree, n_coefficients, real_sh_basis, zonal_to_rotational_harmonics
+from dwiflow.core.status import FitStatus
+from dwiflow.core.voxels import VoxelBatch, VoxelFit, iter_chunks
+
+DEFAULT_LMAX = 8
+DEFAULT_NORM_LAMBDA = 1e-10
+DEFAULT_NEG_LAMBDA = 1e-10
+# a constraint counts as violated below -tolerance·|y_u| (MRtrix3 uses 0; this only stops rounding-level cycling)
+TOLERANCE = 1e-12
+
+STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NOT_CONVERGED, FitStatus.SINGULAR)
+
+
+def response_lmax(response: ResponseFunction) -> int:
+    """The lmax a response supports: 2·(index of its last column that is non-zero on some shell)."""
+    nonzero = np.flatnonzero(np.any(response.coefficients != 0, axis=0))
+    return 2 * int(nonzero[-1]) if nonzero.size else 0
+
+
+@dataclass
+class MsmtCsdFit(VoxelFit):
+    """Result of :meth:`MsmtCsdModel.fit`.
+
+    Attributes
+    ----------
+    batch : VoxelBatch
+    coefficient_rows : ndarray (n_voxels, n_parameters)
+        Every tissue's SH coefficients, concatenated (NaN where the fit failed).
+    status_rows, iteration_rows : ndarray (n_voxels,)
+        :class:`~dwiflow.core.status.FitStatus` codes and active-set iterations.
+    model : MsmtCsdModel
+    """
+
+    batch: VoxelBatch
+    coefficient_rows: np.ndarray
+    status_rows: np.ndarray
+    iteration_rows: np.ndarray
+    model: "MsmtCsdModel"
+
+    def tissue(self, index: int) -> np.ndarray:
+        """Tissue ``index``'s ODF coefficients (..., n_coefficients(lmax)); 0 outside the mask (as MRtrix3)."""
+        start, stop = self.model.parameter_slices[index]
+        return self.volume(self.coefficient_rows[:, start:stop], fill=0.0)
+
+    @property
+    def tissues(self) -> list[np.ndarray]:
+        return [self.tissue(i) for i in range(self.model.n_tissues)]
+
+    @property
+    def iterations(self) -> np.ndarray:
+        return self.volume(self.iteration_rows, fill=np.int32(0))
+
+    def predict(self) -> np.ndarray:
+        """The signal every tissue's ODF predicts together (..., n_volumes)."""
+        return self.volume(self.coefficient_rows @ self.model.forward.T, fill=0.0)
+
+
+class MsmtCsdModel:
+    """Multi-shell multi-tissue CSD with MRtrix3's ``dwi2fod msmt_csd`` formulation and defaults.
+
+    Parameters
+    ----------
+    gtab : GradientTable
+    responses : list of ResponseFunction
+        One per tissue (e.g. WM, GM, CSF from ``dwi2response dhollander``); each with one row per shell of
+        ``gtab`` (b=0 included). When a response names its shells (``# Shells:``) they must match the data's.
+    lmax : list of int, optional
+        Each tissue's ODF lmax (even); default min(8, the response's lmax).
+    directions : ndarray (n, 3) or (n, 2), optional
+        Constraint directions (default: MRtrix3's built-in 300).
+    norm_lambda, neg_lambda : float
+        MRtrix3's ``-norm_lambda`` and ``-neg_lambda`` (1e-10 each).
+    max_iterations : int, optional
+        Active-set iterations per voxel (default 10 × the number of parameters, as MRtrix3).
+    chunk_size : int
+        Voxels per call of the compiled kernel.
+    """
+
+    def __init__(
+        self,
+        gtab: GradientTable,
+        responses: list[ResponseFunction],
+        lmax: list[int] | None = None,
+        directions: np.ndarray | None = None,
+        norm_lambda: float = DEFAULT_NORM_LAMBDA,
+        neg_lambda: float = DEFAULT_NEG_LAMBDA,
+        max_iterations: int | None = None,
+        chunk_size: int = 8192,
+    ) -> None:
+        if not responses:
+            raise DwiflowInputError("give at least one response function", parameters=("responses",))
+        if norm_lambda < 0 or neg_lambda < 0:
+            raise DwiflowInputError("norm_lambda and neg_lambda must be >= 0", parameters=("norm_lambda", "neg_lambda"))
+        self.gtab = gtab
+        self.shells = list(gtab.shells)
+        self.n_tissues = len(responses)
+        if self.n_tissues > len(self.shells):
+            raise DwiflowInputError(
+                f"{self.n_tissues} tissues but the data have only {len(self.shells)} distinct b-values "
+                f"({', '.join(f'{s.bvalue:.0f}' for s in self.shells)}): at most one tissue per b-value can be "
+                "separated", parameters=("responses",))
+        for t, response in enumerate(responses):
+            self._check_response_shells(t, response)
+        if lmax is None:
+            lmax = [min(DEFAULT_LMAX, response_lmax(r)) for r in responses]
+        else:
+            lmax = list(lmax)
+            if len(lmax) != self.n_tissues:
+                raise DwiflowInputError(f"{len(lmax)} lmax values given for {self.n_tissues} tissues",
+                                        parameters=("lmax",))
+            lmax = [check_lmax(int(l), "lmax") for l in lmax]
+        self.lmax = lmax
+        self.responses = responses
+        self.norm_lambda, self.neg_lambda = float(norm_lambda), float(neg_lambda)
+        self.constraint_dirs = check_constraint_directions(directions)
+        self.chunk_size = int(chunk_size)
+        sizes = [n_coefficients(l) for l in lmax]
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        self.parameter_slices = [(int(bounds[i]), int(bounds[i + 1])) for i in range(self.n_tissues)]
+        n_params = int(bounds[-1])
+        self.max_iterations = int(max_iterations) if max_iterations else 10 * n_params
+
+        # forward matrix: every volume of every shell, every tissue
+        max_l = max(lmax)
+        basis = real_sh_basis(max_l, gtab.bvecs) if max_l > 0 else np.full((gtab.n_volumes, 1), 0.5 / np.sqrt(np.pi))
+        forward = np.zeros((gtab.n_volumes, n_params))
+        for t, response in enumerate(responses):
+            start, stop = self.parameter_slices[t]
+            width = lmax[t] // 2 + 1
+            rows = np.zeros((len(self.shells), width))
+            have = min(width, response.coefficients.shape[1])
+            rows[:, :have] = response.coefficients[:, :have]
+            for k, shell in enumerate(self.shells):
+                factors = expand_per_degree(zonal_to_rotational_harmonics(rows[k]), lmax[t])
+                block = basis[shell.indices, : stop - start] * factors
+                if shell.is_b0:  # no direction: only the l=0 term (MRtrix3 zeroes the undefined ones)
+                    block[:, 1:] = 0.0
+                forward[np.ix_(shell.indices, np.arange(start, stop))] = block
+        self.forward = forward
+
+        # whitening by the Cholesky factor of the regularised normal matrix (MRtrix3's ICLS::Problem)
+        normal = forward.T @ forward
+        normal[np.diag_indices_from(normal)] += self.norm_lambda * normal.diagonal().max()
+        try:
+            chol = np.linalg.cholesky(normal)
+        except np.linalg.LinAlgError:
+            raise DwiflowInputError("the responses cannot be told apart on these shells (the multi-tissue system is "
+                                    "singular): use fewer tissues or lower lmax values",
+                                    parameters=("responses", "lmax")) from None
+        inverse = np.linalg.inv(chol)  # L⁻¹, lower triangular
+        # y_u = L⁻¹ Cᵀ s  →  as rows: s · (C L⁻ᵀ)
+        self._whiten_data = np.ascontiguousarray(forward @ inverse.T)
+        constraint_rows = []
+        hr_basis = real_sh_basis(max_l, self.constraint_dirs) if max_l > 0 else None
+        for t in range(self.n_tissues):
+            start, stop = self.parameter_slices[t]
+            rows = np.zeros((self.constraint_dirs.shape[0] if lmax[t] > 0 else 1, n_params))
+            if lmax[t] > 0:
+                rows[:, start:stop] = hr_basis[:, : stop - start]
+            else:
+                rows[0, start] = 0.5 / np.sqrt(np.pi)
+            constraint_rows.append(rows)
+        constraints = np.vstack(constraint_rows) @ inverse.T  # A L⁻ᵀ
+        constraints /= np.linalg.norm(constraints, axis=1, keepdims=True)
+        self._constraints = np.ascontiguousarray(constraints)
+        self._gram = np.ascontiguousarray(constraints @ constraints.T)
+        self._unwhiten = np.ascontiguousarray(inverse)  # x = L⁻ᵀ y  →  as rows: y · L⁻¹
+
+    def _check_response_shells(self, tissue: int, response: ResponseFunction) -> None:
+        have = [s.bvalue for s in self.shells]
+        if response.coefficients.shape[0] != len(self.shells):
+            raise DwiflowInputError(
+                f"response {tissue + 1} has {response.coefficients.shape[0]} rows but the data have "
+                f"{len(self.shells)} shells (b={', '.join(f'{b:.0f}' for b in have)}): one row per shell, b=0 "
+                "included", parameters=("responses",))
+        if np.all(np.isfinite(response.bvalues)):
+            mismatch = [(r, d) for r, d in zip(response.bvalues, have)
+                        if abs(r - d) > max(self.gtab.shell_tolerance, self.gtab.b0_threshold)]
+            if mismatch:
+                raise DwiflowInputError(
+                    f"response {tissue + 1} is for shells b={', '.join(f'{b:.0f}' for b in response.bvalues)} but "
+                    f"the data's shells are b={', '.join(f'{b:.0f}' for b in have)}", parameters=("responses",))
+
+    @property
+    def n_parameters(self) -> int:
+        return self.forward.shape[1]
+
+    def fit(self, data: np.ndarray, mask: np.ndarray | None = None, progress=None) -> MsmtCsdFit:
+        """Deconvolve every voxel of ``data`` (…, n_volumes) inside ``mask`` (threads: numba's setting)."""
+        from dwiflow.core._msmt_kernel import solve_msmt  # compiled lazily (numba)
+
+        batch = VoxelBatch.from_volume(data, mask, self.gtab.n_volumes)
+        nvox = batch.n_voxels
+        coefficients = np.empty((nvox, self.n_parameters))
+        status = np.zeros(nvox, dtype=np.uint8)
+        iterations = np.zeros(nvox, dtype=np.int32)
+        for sl in iter_chunks(nvox, self.chunk_size):
+            solve_msmt(np.ascontiguousarray(batch.signal(sl)), self._whiten_data, self._constraints, self._gram,
+                       self._unwhiten, self.neg_lambda, self.max_iterations, TOLERANCE,
+                       coefficients[sl], status[sl], iterations[sl])
+            if progress is not None:
+                progress(sl.stop, nvox)
+        coefficients[status != FitStatus.OK] = np.nan
+        return MsmtCsdFit(batch, coefficients, status, iterations, self)

@@ -1,0 +1,121 @@
+"""Stage ``msmt_csd``: multi-shell multi-tissue CSD (MRtrix3 ``dwi2fod msmt_csd``; Jeurissen et al. 2014)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dwiflow.bids_specs.outputs import sidecar
+from dwiflow.core.errors import DwiflowInputError
+from dwiflow.tasks.io import atomic_outputs, load_dwi, read_numbers
+from dwiflow.tasks.options import OptionError, StageOptions, option
+from dwiflow.tasks.registry import Input, Output, Stage
+from dwiflow.tasks.stagelib import DWI_INPUTS, load_response, provenance, voxels_to_fit
+
+TISSUES = ("wm", "gm", "csf")
+TISSUE_NAMES = {"wm": "white matter", "gm": "grey matter", "csf": "cerebrospinal fluid"}
+
+
+@dataclass(frozen=True)
+class MsmtCsdOptions(StageOptions):
+    """MRtrix3 ``dwi2fod msmt_csd`` parameters (same names and defaults)."""
+
+    lmax: list[int] | None = option(None, help="ODF lmax of each tissue given, in the order wm,gm,csf (default: "
+                                               "min(8, the response's lmax); isotropic responses give 0)",
+                                    minimum=0, even=True)
+    norm_lambda: float = option(1e-10, help="weight of the minimum-norm regulariser (relative to the largest "
+                                            "diagonal element of the normal matrix)", minimum=0)
+    neg_lambda: float = option(1e-10, help="ridge on the constraint multipliers' system", minimum=0)
+
+
+def _tissues(files) -> list[str]:
+    return [t for t in TISSUES if files.get(f"response_{t}")]
+
+
+def run_msmt_csd(files, outputs, options: MsmtCsdOptions, context):
+    """Multi-tissue CSD: each tissue's ODF (SH, MRtrix3 basis, world frame; isotropic tissues one volume)."""
+    from dwiflow.core.msmt_csd import STATUS_CODES, MsmtCsdModel
+    from dwiflow.core.status import FitStatus, status_levels
+
+    tissues = _tissues(files)
+    for t in TISSUES:
+        if files.get(f"response_{t}") and t not in outputs:
+            raise DwiflowInputError(f"a {t.upper()} response is given but no output for the {t.upper()} ODF "
+                                    f"(--{t} FILE)")
+        if t in outputs and not files.get(f"response_{t}"):
+            raise DwiflowInputError(f"an output for the {t.upper()} ODF is given but no {t.upper()} response "
+                                    f"(--response-{t} FILE)")
+    if options.lmax is not None and len(options.lmax) != len(tissues):
+        raise OptionError(f"{{lmax}}: {len(options.lmax)} values for {len(tissues)} tissues "
+                          f"({', '.join(tissues)})", "lmax")
+    dwi = files["dwi"]
+    run = load_dwi(dwi, files["bval"], files["bvec"])
+    responses = []
+    for t in tissues:
+        path = files[f"response_{t}"]
+        response = load_response(path)
+        responses.append(response)
+    directions = read_numbers(files["directions"], "directions") if files.get("directions") else None
+    try:
+        model = MsmtCsdModel(run.gtab, responses, lmax=options.lmax, directions=directions,
+                             norm_lambda=options.norm_lambda, neg_lambda=options.neg_lambda)
+    except DwiflowInputError as error:  # name the file behind "response N"
+        message = str(error)
+        for i, t in enumerate(tissues):
+            message = message.replace(f"response {i + 1} ", f"response {files[f'response_{t}']} ")
+        raise DwiflowInputError(message) from None
+    voxels = voxels_to_fit(run, files.get("mask"), dwi)
+    fit = model.fit(run.data, voxels, progress=context.progress)
+    params = {"Tissues": tissues, "Lmax": model.lmax, "NormLambda": options.norm_lambda,
+              "NegLambda": options.neg_lambda, "ConstraintDirections": int(model.constraint_dirs.shape[0]),
+              "Shells": [float(round(s.bvalue)) for s in model.shells],
+              "VoxelsNotConverged": int((fit.status_rows == FitStatus.NOT_CONVERGED).sum()),
+              "VoxelsFailed": int((fit.status_rows != FitStatus.OK).sum())}
+    response_functions = {
+        t.upper(): {"Coefficients": [[float(c) for c in row] for row in r.coefficients], "Type": "zonal",
+                    "Shells": [float(round(s.bvalue)) for s in model.shells], "Source": files[f"response_{t}"].name}
+        for t, r in zip(tissues, responses)}
+    sources = provenance(dwi, files["bval"], files["bvec"], *(files[f"response_{t}"] for t in tissues),
+                         files.get("mask"), files.get("directions"))
+    written = {}
+    with atomic_outputs() as out:
+        for i, t in enumerate(tissues):
+            content = sidecar(f"msmt_csd_{t}", params, {"SphericalHarmonicDegree": model.lmax[i]}, **sources,
+                              ResponseFunction=response_functions, Tissue=TISSUE_NAMES[t])
+            written[t] = out.nifti(outputs[t], fit.tissue(i), run.affine, content)
+        if "status" in outputs:
+            status_content = sidecar("msmt_csd_status", params, levels=status_levels(STATUS_CODES))
+            written["status"] = out.nifti(outputs["status"], fit.status, run.affine, status_content, dtype=np.uint8)
+    return written
+
+
+def check_msmt_csd_data(data, options: MsmtCsdOptions) -> None:
+    if not data.shells:
+        raise DwiflowInputError("multi-tissue CSD needs diffusion-weighted shells; this run has only b=0 volumes")
+
+
+STAGES = (
+    Stage(
+        name="msmt_csd", order=41, title="Multi-tissue CSD (Jeurissen 2014)",
+        summary="multi-shell multi-tissue CSD (Jeurissen 2014)",
+        description="MRtrix3's dwi2fod msmt_csd: every shell (b=0 included) modelled as the sum of each tissue's ODF "
+                    "convolved with its response; each tissue's ODF non-negative. Responses: one row per shell (e.g. "
+                    "from response dhollander). Give WM and, optionally, GM and CSF (at most one tissue per b-value).",
+        options=MsmtCsdOptions, run=run_msmt_csd,
+        inputs=DWI_INPUTS + (
+            Input("response_wm", "RESP_WM", "white-matter response (MRtrix3 text format, one row per shell)"),
+            Input("response_gm", "FILE", "grey-matter response (isotropic)", required=False, flag=True),
+            Input("response_csf", "FILE", "CSF response (isotropic)", required=False, flag=True),
+            Input("mask", "MASK", "voxels to fit (default: every voxel with signal, as MRtrix3)", required=False,
+                  flag=True),
+            Input("directions", "FILE", "constraint directions, one per line as azimuth elevation (radians) or x y z "
+                  "(MRtrix3's -directions; default: MRtrix3's built-in 300)", required=False, flag=True)),
+        outputs=(Output("wm", "the WM ODF (SH coefficients)", cli="positional", metavar="OUT_WM"),
+                 Output("gm", "the GM ODF (l=0 term)", cli="flag"),
+                 Output("csf", "the CSF ODF (l=0 term)", cli="flag"),
+                 Output("status", "the per-voxel status map", cli="flag")),
+        provides={"fod": "wm", "gm": "gm", "csf": "csf"}, fod_priority=35, threads=True,
+        check_data=check_msmt_csd_data, progress="voxels", pipeline=False,  # recon spec "msmt": not yet
+    ),
+)

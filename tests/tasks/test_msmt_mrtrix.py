@@ -1,0 +1,178 @@
+"""Multi-tissue responses (dhollander) and multi-shell multi-tissue CSD against MRtrix3 3.0.3 on the same inputs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dwiflow.cli.dwirecon import main
+from dwiflow.core.gradients import world_to_fsl_bvecs
+from dwiflow.core.msmt_csd import MsmtCsdModel
+from dwiflow.core.response import ResponseFunction
+from dwiflow.core.sims import acquisition_scheme, make_phantom
+from dwiflow.tasks.registry import get as stage
+from dwiflow.tasks.stagelib import load_response
+from tests.conftest import real_run, write_gradients, write_nifti
+
+ACQUISITIONS = ["b1kb2k", "b6kmax"]
+
+
+def _mrtrix(*args) -> None:
+    subprocess.run([str(a) for a in args] + ["-quiet", "-force", "-nthreads", "2"], check=True)
+
+
+@pytest.fixture(scope="module")
+def dhollander_pair(tmp_path_factory, mrtrix):
+    """Ours and MRtrix3's dhollander on both sub-01 acquisitions (erode 0: the data have two slices)."""
+    if not shutil.which("dwi2response"):
+        pytest.fail("dwi2response (MRtrix3) is required")
+    out = {}
+    for acq in ACQUISITIONS:
+        folder = tmp_path_factory.mktemp(acq)
+        paths = real_run(f"sub-01_acq-{acq}")
+        ours = stage("response", "dhollander")(
+            {t: folder / f"ours_{t}.txt" for t in ("wm", "gm", "csf")} | {"voxels": folder / "ours_voxels.nii.gz"},
+            dwi=paths["dwi"], bval=paths["bval"], bvec=paths["bvec"], mask=paths["mask"], erode=0)
+        _mrtrix("dwi2response", "dhollander", paths["dwi"], "-fslgrad", paths["bvec"], paths["bval"],
+                *(folder / f"mrtrix_{t}.txt" for t in ("wm", "gm", "csf")), "-mask", paths["mask"], "-erode", "0",
+                "-voxels", folder / "mrtrix_voxels.nii")
+        out[acq] = (folder, paths, ours)
+    return out
+
+
+@pytest.mark.parametrize("acq", ACQUISITIONS)
+def test_dhollander_selects_mrtrix_voxels_and_responses(dhollander_pair, acq):
+    folder, _, ours = dhollander_pair[acq]
+    mine = nib.load(ours["voxels"]).get_fdata() > 0
+    theirs = nib.load(folder / "mrtrix_voxels.nii").get_fdata() > 0
+    for index, tissue in enumerate(("csf", "gm", "wm")):  # MRtrix3's volume order: CSF, GM, WM
+        a, b = mine[..., index], theirs[..., index]
+        dice = 2 * (a & b).sum() / (a.sum() + b.sum())
+        ours_response = load_response(ours[tissue])
+        their_response = load_response(folder / f"mrtrix_{tissue}.txt")
+        l0 = np.abs(ours_response.coefficients[:, 0] / their_response.coefficients[:, 0] - 1)
+        print(f"{acq} {tissue}: Dice {dice:.4f} ({a.sum()} vs {b.sum()} voxels), l=0 max rel diff {l0.max():.2e}")
+        assert b.sum() > 10 and dice >= 0.95
+        assert np.all(np.abs(ours_response.bvalues - their_response.bvalues) <= 20)
+        assert l0.max() <= 0.01
+
+
+@pytest.mark.parametrize("acq", ACQUISITIONS)
+def test_msmt_csd_equals_mrtrix(dhollander_pair, acq):
+    """Same responses (MRtrix3's), same mask (2500 brain voxels, to keep MRtrix3's time down): every tissue within
+    1e-5 of dwi2fod msmt_csd. A tissue the solver sets to zero comes out as ~1e-12 from both; there a relative
+    difference means nothing, so those compare against the voxel's total signal (sum of the tissues' l=0 terms)."""
+    folder, paths, _ = dhollander_pair[acq]
+    img = nib.load(paths["mask"])
+    mask = img.get_fdata() > 0
+    keep = np.zeros(mask.size, dtype=bool)
+    keep[np.flatnonzero(mask.ravel())[:2500]] = True
+    subset = write_nifti(folder / "subset_mask.nii.gz", keep.reshape(mask.shape).astype(np.uint8), img.affine)
+    responses = {t: folder / f"mrtrix_{t}.txt" for t in ("wm", "gm", "csf")}
+    outputs = {t: folder / f"ours_{t}_fod.nii.gz" for t in ("wm", "gm", "csf")}
+    stage("msmt_csd")(outputs, dwi=paths["dwi"], bval=paths["bval"], bvec=paths["bvec"], mask=subset,
+                      response_wm=responses["wm"], response_gm=responses["gm"], response_csf=responses["csf"])
+    _mrtrix("dwi2fod", "msmt_csd", paths["dwi"], "-fslgrad", paths["bvec"], paths["bval"], "-mask", subset,
+            responses["wm"], folder / "m_wm.nii", responses["gm"], folder / "m_gm.nii", responses["csf"],
+            folder / "m_csf.nii")
+    inside = keep.reshape(mask.shape)
+    ours = {t: nib.load(outputs[t]).get_fdata()[inside] for t in outputs}
+    theirs = {t: nib.load(folder / f"m_{t}.nii").get_fdata()[inside] for t in outputs}
+    total = sum(np.abs(theirs[t][:, 0]) for t in theirs)
+    wm_diff = np.abs(ours["wm"] - theirs["wm"]).max(axis=1)
+    wm_scale = np.abs(theirs["wm"]).max(axis=1)
+    strict = np.mean(wm_diff <= 1e-5 * wm_scale)
+    floored = np.mean(wm_diff <= 1e-5 * np.maximum(wm_scale, total))
+    print(f"{acq} WM: within 1e-5 of the voxel's largest coefficient {strict:.5f}; with the total-signal floor "
+          f"{floored:.5f}")
+    assert strict >= 0.9 and floored >= 0.999  # strict misses only voxels whose WM ODF is 0 (~1e-8) in both
+    for tissue in ("gm", "csf"):
+        diff = np.abs(ours[tissue][:, 0] - theirs[tissue][:, 0])
+        relative = np.mean(diff <= 1e-5 * np.abs(theirs[tissue][:, 0]))
+        floored = np.mean(diff <= 1e-5 * np.maximum(np.abs(theirs[tissue][:, 0]), total))
+        print(f"{acq} {tissue.upper()}: relative within 1e-5 {relative:.5f}; with the floor {floored:.5f}")
+        assert floored >= 0.999
+
+
+def test_msmt_csd_recovers_a_phantom_compartment():
+    """Noiseless WM fibre + isotropic compartment on three shells + b=0: the fit reproduces the signal and the
+    isotropic compartment it was made of (within 5%)."""
+    g = acquisition_scheme("multi")
+    b = np.array([s.bvalue for s in g.shells])
+    wm = ResponseFunction(b, np.array([[1000, 0, 0], [500, -250, 60], [300, -220, 90], [200, -170, 90]], float))
+    csf = ResponseFunction(b, np.c_[[3000, 150, 10, 1]].astype(float))
+    model = MsmtCsdModel(g, [wm, csf], lmax=[8, 0])
+    from dwiflow.core.sh import real_sh_basis
+
+    truth_wm = 0.3 * real_sh_basis(8, np.array([[0.0, 0.6, 0.8]]))[0]
+    x = np.concatenate([truth_wm, [0.5 / np.sqrt(np.pi) * 0.2]])
+    signal = model.forward @ x
+    fit = model.fit(signal[None, None, None, :])
+    assert fit.status.ravel()[0] == 0
+    predicted = fit.predict().reshape(-1)
+    assert np.max(np.abs(predicted - signal)) <= 0.05 * signal.max()
+    csf_l0 = fit.tissue(1).reshape(-1)[0]
+    assert abs(csf_l0 - x[45]) <= 0.05 * x[45]
+
+
+@pytest.fixture()
+def case(tmp_path):
+    g = acquisition_scheme("multi")
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    ph = make_phantom(g, (4, 4, 3), snr=30, seed=3)
+    dwi = write_nifti(tmp_path / "dwi.nii.gz", ph.data.astype(np.float32), affine)
+    bval, bvec = write_gradients(tmp_path / "dwi", g.bvals, world_to_fsl_bvecs(g.bvecs, affine).T)
+    shells = "# Shells: 0,1000,2000,3000\n"
+    (tmp_path / "wm.txt").write_text(shells + "1000 0 0\n500 -250 60\n300 -220 90\n200 -170 90\n")
+    (tmp_path / "gm.txt").write_text(shells + "1500\n700\n400\n250\n")
+    (tmp_path / "csf.txt").write_text(shells + "3000\n150\n10\n1\n")
+    (tmp_path / "wm3.txt").write_text("# Shells: 0,1000,2000\n1000 0 0\n500 -250 60\n300 -220 90\n")
+    empty = write_nifti(tmp_path / "empty.nii.gz", np.zeros((4, 4, 3), np.uint8), affine)
+    return {"dir": tmp_path, "base": [dwi, bval, bvec], "empty": empty}
+
+
+def _refused(argv, capsys, folder, message):
+    before = sorted(p.name for p in folder.iterdir())
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_msmt_csd_bad_input_is_refused_in_one_line(case, capsys):
+    d = case["dir"]
+    base = ["msmt-csd", *case["base"]]
+    tissues = [d / "wm.txt", d / "out_wm.nii.gz", "--response-gm", d / "gm.txt", "--gm", d / "out_gm.nii.gz",
+               "--response-csf", d / "csf.txt", "--csf", d / "out_csf.nii.gz"]
+    _refused(base[:4] + [d / "wm3.txt", d / "out_wm.nii.gz"], capsys, d, "has 3 rows but the data have 4 shells")
+    _refused(base + tissues + ["--lmax", "8,0"], capsys, d, "2 values for 3 tissues")
+    _refused(base + tissues + ["--lmax", "8,1,0"], capsys, d, "even")
+    _refused(base + tissues + ["--mask", case["empty"]], capsys, d, "empty")
+    _refused(base + tissues[:2] + ["--response-gm", d / "gm.txt"], capsys, d, "no output for the GM ODF")
+
+
+def test_more_tissues_than_bvalues_is_refused_and_two_tissues_work_on_one_shell(tmp_path, capsys):
+    from dwiflow.core.sims import acquisition_scheme as scheme
+
+    g = scheme("single")
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    ph = make_phantom(g, (3, 3, 2), snr=40, seed=4)
+    dwi = write_nifti(tmp_path / "dwi.nii.gz", ph.data.astype(np.float32), affine)
+    bval, bvec = write_gradients(tmp_path / "dwi", g.bvals, world_to_fsl_bvecs(g.bvecs, affine).T)
+    (tmp_path / "wm.txt").write_text("# Shells: 0,1000\n1000 0 0 0\n450 -200 60 -10\n")
+    (tmp_path / "gm.txt").write_text("# Shells: 0,1000\n1500\n700\n")
+    (tmp_path / "csf.txt").write_text("# Shells: 0,1000\n3000\n150\n")
+    argv = ["msmt-csd", dwi, bval, bvec, tmp_path / "wm.txt", tmp_path / "o_wm.nii.gz", "--response-csf",
+            tmp_path / "csf.txt", "--csf", tmp_path / "o_csf.nii.gz"]
+    _refused(argv + ["--response-gm", tmp_path / "gm.txt", "--gm", tmp_path / "o_gm.nii.gz"], capsys, tmp_path,
+             "3 tissues but the data have only 2 distinct b-values")
+    assert main([str(a) for a in argv]) == 0
+    capsys.readouterr()
+    wm = nib.load(tmp_path / "o_wm.nii.gz").get_fdata()
+    csf = nib.load(tmp_path / "o_csf.nii.gz").get_fdata()
+    # the WM response reaches l=6 (4 columns): its ODF's default lmax is min(8, 6), as MRtrix3
+    assert wm.shape[-1] == 28 and np.all(np.isfinite(wm)) and np.all(csf >= -1e-9 * np.abs(wm).max()) and wm[..., 0].mean() > 0
