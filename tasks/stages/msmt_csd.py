@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 
-from dwiflow.bids_specs.outputs import sidecar
 from dwiflow.core.errors import DwiflowInputError
-from dwiflow.tasks.io import atomic_outputs, load_dwi, read_numbers
+from dwiflow.tasks.io import load_dwi, read_numbers
 from dwiflow.tasks.options import OptionError, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import DWI_INPUTS, load_response, provenance, voxels_to_fit
+from dwiflow.tasks.stagelib import DWI_INPUTS, load_response, provenance, voxels_to_fit, write_maps
 
 TISSUES = ("wm", "gm", "csf")
-TISSUE_NAMES = {"wm": "white matter", "gm": "grey matter", "csf": "cerebrospinal fluid"}
 
 
 @dataclass(frozen=True)
@@ -36,7 +33,7 @@ def _tissues(files) -> list[str]:
 def run_msmt_csd(files, outputs, options: MsmtCsdOptions, context):
     """Multi-tissue CSD: each tissue's ODF (SH, MRtrix3 basis, world frame; isotropic tissues one volume)."""
     from dwiflow.core.msmt_csd import STATUS_CODES, MsmtCsdModel
-    from dwiflow.core.status import FitStatus, status_levels
+    from dwiflow.core.status import FitStatus
 
     tissues = _tissues(files)
     for t in TISSUES:
@@ -78,16 +75,10 @@ def run_msmt_csd(files, outputs, options: MsmtCsdOptions, context):
         for t, r in zip(tissues, responses)}
     sources = provenance(dwi, files["bval"], files["bvec"], *(files[f"response_{t}"] for t in tissues),
                          files.get("mask"), files.get("directions"))
-    written = {}
-    with atomic_outputs() as out:
-        for i, t in enumerate(tissues):
-            content = sidecar(f"msmt_csd_{t}", params, {"SphericalHarmonicDegree": model.lmax[i]}, **sources,
-                              ResponseFunction=response_functions, Tissue=TISSUE_NAMES[t])
-            written[t] = out.nifti(outputs[t], fit.tissue(i), run.affine, content)
-        if "status" in outputs:
-            status_content = sidecar("msmt_csd_status", params, levels=status_levels(STATUS_CODES))
-            written["status"] = out.nifti(outputs["status"], fit.status, run.affine, status_content, dtype=np.uint8)
-    return written
+    volumes = {t: (lambda i=i: fit.tissue(i)) for i, t in enumerate(tissues)} | {"status": lambda: fit.status}
+    return write_maps(STAGES[0], outputs, lambda name: volumes[name](), run.affine, params,
+                      sources | {"ResponseFunction": response_functions}, STATUS_CODES,
+                      {t: {"SphericalHarmonicDegree": model.lmax[i]} for i, t in enumerate(tissues)})
 
 
 def check_msmt_csd_data(data, options: MsmtCsdOptions) -> None:
