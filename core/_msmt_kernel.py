@@ -29,7 +29,7 @@ SINGULAR = int(FitStatus.SINGULAR)
 BLOCK = 32
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, fastmath=True, inline="always")
 def _append(gram, active, k, ridge, chol) -> bool:
     """Grow the factor of the first ``k`` active constraints by the one in ``active[k]``."""
     ak = active[k]
@@ -48,33 +48,37 @@ def _append(gram, active, k, ridge, chol) -> bool:
 
 
 @njit(cache=True, fastmath=True)
-def _delete(chol, k, r) -> None:
+def _delete(chol, k, r, work) -> None:
     """Remove row and column ``r`` from the factor of a k×k matrix: the rows below move up one and their
-    trailing block takes a rank-one update with the removed column (stable, O((k−r)²))."""
-    for i in range(r + 1, k):
-        for j in range(r):
-            chol[i - 1, j] = chol[i, j]
-    # w: the removed column below the diagonal; L22 ← chol(L22 L22ᵀ + w wᵀ)
+    trailing block takes a rank-one update with the removed column (Givens rotations, stable, O((k−r)²)).
+    Row by row, so that every access is along a row; ``work`` holds 3·k scratch values."""
     n = k - r - 1
     for i in range(n):
-        chol[r + i, r + n] = chol[r + 1 + i, r]  # keep w in a spare column (column r+n is unused afterwards)
+        work[i] = chol[r + 1 + i, r]
+    for i in range(r + 1, k):
+        source = chol[i]
+        target = chol[i - 1]
+        for j in range(r):
+            target[j] = source[j]
+        for j in range(r + 1, i + 1):
+            target[j - 1] = source[j]
+    cosines = work[n:2 * n]
+    sines = work[2 * n:3 * n]
     for i in range(n):
-        for j in range(i + 1):
-            chol[r + i, r + j] = chol[r + 1 + i, r + 1 + j]
-    for j in range(n):
-        w_j = chol[r + j, r + n]
-        d = chol[r + j, r + j]
-        radius = np.sqrt(d * d + w_j * w_j)
-        cos = radius / d
-        sin = w_j / d
-        chol[r + j, r + j] = radius
-        for i in range(j + 1, n):
-            value = (chol[r + i, r + j] + sin * chol[r + i, r + n]) / cos
-            chol[r + i, r + n] = cos * chol[r + i, r + n] - sin * value
-            chol[r + i, r + j] = value
+        row = chol[r + i]
+        w_i = work[i]
+        for j in range(i):
+            value = (row[r + j] + sines[j] * w_i) / cosines[j]
+            w_i = cosines[j] * w_i - sines[j] * value
+            row[r + j] = value
+        d = row[r + i]
+        radius = np.sqrt(d * d + w_i * w_i)
+        cosines[i] = radius / d
+        sines[i] = w_i / d
+        row[r + i] = radius
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, fastmath=True, inline="always")
 def _solve(chol, k, rhs, out) -> None:
     """out = (L Lᵀ)⁻¹ rhs for the first ``k`` entries."""
     for i in range(k):
@@ -82,11 +86,13 @@ def _solve(chol, k, rhs, out) -> None:
         for p in range(i):
             s -= chol[i, p] * out[p]
         out[i] = s / chol[i, i]
+    # Lᵀ x = w by columns of Lᵀ (rows of L): each step reads one row contiguously
     for i in range(k - 1, -1, -1):
-        s = out[i]
-        for p in range(i + 1, k):
-            s -= chol[p, i] * out[p]
-        out[i] = s / chol[i, i]
+        out[i] /= chol[i, i]
+        value = out[i]
+        row = chol[i]
+        for p in range(i):
+            out[p] -= row[p] * value
 
 
 @njit(cache=True, fastmath=True)
@@ -103,8 +109,8 @@ def _constraint_values(c_u, gram, active, k, lam, c) -> None:
             c[i] += weight * row[i]
 
 
-@njit(cache=True)
-def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs, z, c, in_set):
+@njit(cache=True, fastmath=True)
+def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs, z, c, in_set, work):
     """Lawson–Hanson on the dual of one voxel, from λ = 0. Fills ``lam`` (all constraints); returns (status,
     iterations). Every voxel starts cold, so that its result does not depend on its neighbours."""
     m = c_u.size
@@ -164,7 +170,7 @@ def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs
                     in_set[a] = False
                     if a == worst:
                         removed_new = True
-                    _delete(chol, k, i)
+                    _delete(chol, k, i, work)
                     for p in range(i + 1, k):
                         active[p - 1] = active[p]
                         z[p - 1] = z[p]
@@ -208,6 +214,7 @@ def solve_msmt(signals, whiten_data, constraints, gram, unwhiten, ridge, max_ite
         z = np.zeros(m)
         c = np.zeros(m)
         in_set = np.zeros(m, dtype=np.bool_)
+        work = np.empty(3 * m)
         y = np.zeros((stop - start, n))
         for v in range(stop - start):
             finite = True
@@ -224,7 +231,7 @@ def solve_msmt(signals, whiten_data, constraints, gram, unwhiten, ridge, max_ite
             for p in range(n):
                 scale += y_u[v, p] * y_u[v, p]
             st, it = _project(c_u[v], gram, ridge, max_iterations, tolerance * np.sqrt(scale), lam, active, chol,
-                              rhs, z, c, in_set)
+                              rhs, z, c, in_set, work)
             status[start + v] = st
             iterations[start + v] = it
             for p in range(n):
