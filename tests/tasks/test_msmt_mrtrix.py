@@ -176,3 +176,39 @@ def test_more_tissues_than_bvalues_is_refused_and_two_tissues_work_on_one_shell(
     csf = nib.load(tmp_path / "o_csf.nii.gz").get_fdata()
     # the WM response reaches l=6 (4 columns): its ODF's default lmax is min(8, 6), as MRtrix3
     assert wm.shape[-1] == 28 and np.all(np.isfinite(wm)) and np.all(csf >= -1e-9 * np.abs(wm).max()) and wm[..., 0].mean() > 0
+
+
+def test_mtnormalise_equals_mrtrix(dhollander_pair, tmp_path):
+    """Our multi-tissue CSD of sub-01 b6kmax (with our dhollander responses), normalised by both: outputs and field
+    within 1e-4 of mtnormalise's (the issue asks 0.5% and 1%), the same balance factors and inlier mask."""
+    folder, paths, ours_responses = dhollander_pair["b6kmax"]
+    tissues = {t: tmp_path / f"{t}.nii.gz" for t in ("wm", "gm", "csf")}
+    stage("msmt_csd")(tissues, dwi=paths["dwi"], bval=paths["bval"], bvec=paths["bvec"], mask=paths["mask"],
+                      response_wm=ours_responses["wm"], response_gm=ours_responses["gm"],
+                      response_csf=ours_responses["csf"])
+    ours = stage("mtnormalise")(
+        {"wm": tmp_path / "n_wm.nii.gz", "gm_norm": tmp_path / "n_gm.nii.gz", "csf_norm": tmp_path / "n_csf.nii.gz",
+         "check_norm": tmp_path / "field.nii.gz", "check_mask": tmp_path / "inliers.nii.gz",
+         "check_factors": tmp_path / "factors.txt"},
+        fod=tissues["wm"], gm=tissues["gm"], csf=tissues["csf"], mask=paths["mask"])
+    _mrtrix("mtnormalise", tissues["wm"], tmp_path / "m_wm.nii", tissues["gm"], tmp_path / "m_gm.nii", tissues["csf"],
+            tmp_path / "m_csf.nii", "-mask", paths["mask"], "-check_norm", tmp_path / "m_field.nii", "-check_mask",
+            tmp_path / "m_mask.nii", "-check_factors", tmp_path / "m_factors.txt")
+    mask = nib.load(paths["mask"]).get_fdata() > 0
+    field = nib.load(ours["check_norm"]).get_fdata()[mask]
+    their_field = nib.load(tmp_path / "m_field.nii").get_fdata()[mask]
+    field_diff = np.abs(field / their_field - 1)
+    print(f"field: median rel diff {np.median(field_diff):.2e}, max {field_diff.max():.2e}")
+    assert field_diff.max() <= 1e-4
+    for name, theirs in (("wm", "m_wm.nii"), ("gm_norm", "m_gm.nii"), ("csf_norm", "m_csf.nii")):
+        a = nib.load(ours[name]).get_fdata()[mask].reshape(mask.sum(), -1)
+        b = nib.load(tmp_path / theirs).get_fdata()[mask].reshape(mask.sum(), -1)
+        scale = np.abs(b).max(axis=1)
+        relative = np.abs(a - b).max(axis=1)[scale > 0] / scale[scale > 0]
+        print(f"{name}: median rel diff {np.median(relative):.2e}")
+        assert np.median(relative) <= 1e-4
+    mine = np.loadtxt(ours["check_factors"])
+    theirs = np.loadtxt(tmp_path / "m_factors.txt")
+    assert np.allclose(mine, theirs, rtol=1e-4), (mine, theirs)
+    assert np.array_equal(nib.load(ours["check_mask"]).get_fdata()[mask] > 0,
+                          nib.load(tmp_path / "m_mask.nii").get_fdata()[mask] > 0)
