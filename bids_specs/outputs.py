@@ -33,7 +33,7 @@ def output_entities(key: str, naming: dict[str, str] | None = None) -> dict[str,
         value = str(value)
         if "{" in value:
             try:
-                value = value.format(**(naming or {}))
+                value = "".join(c for c in value.format(**(naming or {})) if c.isalnum())  # a BIDS label
             except KeyError:
                 continue
         out[name] = value

@@ -96,6 +96,7 @@ def ReconRun(
         return workflow.add(task, name=name, hooks=_progress(label, name))
 
     available: dict[str, Any] = {"dwi": dwi, "bval": bval, "bvec": bvec}
+    latest_fod = None
     staged: dict[str, Any] = {}
     if mask is not None:  # a given mask replaces the mask stage and is staged as its output
         available["mask"] = mask
@@ -106,6 +107,8 @@ def ReconRun(
             continue
         connected = {given.kind: available[given.kind] for given in stage.inputs
                      if given.kind in available and (given.when is None or given.when(spec))}
+        if "fod" not in connected and latest_fod is not None and any(g.kind == "fod" for g in stage.inputs):
+            connected["fod"] = latest_fod  # a stage before the FOD source reads the FOD made so far (mtnormalise)
         node = add(stage_task(stage)(options=options.to_dict(), naming=naming, code_version=code_version,
                                      **connected), name)
         for output in stage.writes(options):
@@ -113,6 +116,8 @@ def ReconRun(
         for kind, output in stage.provided(options).items():
             if kind != "fod" or name == fod_source:
                 available[kind] = getattr(node, output)
+            if kind == "fod":
+                latest_fod = getattr(node, output)
     names = derivative_names(spec, entities)
     staging = workflow.add(StageDerivatives(names=names, code_version=code_version, **staged),
                            name="stage_derivatives")
@@ -122,6 +127,7 @@ def ReconRun(
 
 
 BIDSIGNORE_PATTERNS = ("*_dwimap.nii.gz", "*_dwimap.json", "*_response.txt", "*_response.json", "*_summary.tsv",
+                       "*_factors.txt",
                        "*.html", "figures", "sub-*/figures")
 
 

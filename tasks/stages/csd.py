@@ -39,6 +39,12 @@ def run_csd(files, outputs, options: CsdOptions, context):
     model = CsdModel(run.gtab, load_response(files["response"]), lmax=options.lmax, shell=options.shell,
                      neg_lambda=options.neg_lambda, norm_lambda=options.norm_lambda, threshold=options.threshold,
                      niter=options.niter, directions=directions)
+    if len(run.gtab.dw_shells) > 1:
+        import warnings
+
+        others = ", ".join(f"{s.bvalue:.0f}" for s in run.gtab.dw_shells if s is not model.shell)
+        warnings.warn(f"csd deconvolves one shell (b={model.shell.bvalue:.0f}) and ignores b={others}; for "
+                      "multi-shell data use multi-tissue CSD (dwirecon msmt-csd, recon spec msmt)", stacklevel=2)
     voxels = voxels_to_fit(run, files.get("mask"), dwi)
     fit = model.fit(run.data, voxels)
     params = {"Lmax": model.lmax, "Shell": model.shell.bvalue, "NegLambda": options.neg_lambda,

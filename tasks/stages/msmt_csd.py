@@ -107,6 +107,6 @@ STAGES = (
                  Output("csf", "the CSF ODF (l=0 term)", cli="flag"),
                  Output("status", "the per-voxel status map", cli="flag")),
         provides={"fod": "wm", "gm": "gm", "csf": "csf"}, fod_priority=35, threads=True,
-        check_data=check_msmt_csd_data, progress="voxels", pipeline=False,  # recon spec "msmt": not yet
+        check_data=check_msmt_csd_data, progress="voxels", conflicts=("csd",),
     ),
 )

@@ -21,7 +21,7 @@ class MtNormaliseOptions(StageOptions):
     """MRtrix3 ``mtnormalise`` parameters (same names and defaults)."""
 
     order: int = option(3, help="order of the polynomial (in scanner mm) of the log normalisation field",
-                        choices=(0, 1, 2, 3))
+                        minimum=0, maximum=3)
     niter: list[int] = option([15, 7], help="main iterations, and balance/outlier iterations inside each",
                               minimum=1, length=(1, 2), metavar="MAIN[,BALANCE]")
     reference: float = option(0.28209479177, help="value the balanced tissue sum is normalised to (the l=0 term of "
@@ -96,6 +96,6 @@ STAGES = (
                  Output("check_mask", "the voxels the final fit used (outliers excluded)", cli="flag",
                         metavar="MASK"),
                  Output("check_factors", "the tissue balance factors (text)", cli="flag", metavar="FILE")),
-        provides={"fod": "wm"}, pipeline=False,
+        provides={"fod": "wm"}, fod_priority=36,
     ),
 )

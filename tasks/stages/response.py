@@ -284,6 +284,17 @@ def run_dhollander(files, outputs, options: DhollanderOptions, context):
     return written
 
 
+def check_dhollander_data(data, options) -> None:
+    if not data.shells:
+        raise DwiflowInputError("dhollander needs b=0 and at least one diffusion-weighted shell; this run has only "
+                                "b=0 volumes")
+    if options.lmax is not None and len(options.lmax) != len(data.shells) + 1:
+        from dwiflow.tasks.options import OptionError
+
+        raise OptionError(f"{{lmax}}: {len(options.lmax)} values but this run has {len(data.shells) + 1} b-values "
+                          "(b=0 included)", "lmax")
+
+
 def check_response_data(data, options) -> None:
     if not data.shells:
         raise DwiflowInputError("a response function needs a diffusion-weighted shell; this run has only b=0 volumes")
@@ -338,8 +349,8 @@ RESPONSE = StageGroup(
                      Output("csf", "the CSF response", cli="positional", metavar="OUT_CSF"),
                      Output("voxels", "the voxels selected for each tissue (CSF, GM, WM volumes)", cli="flag",
                             metavar="OUT_IMAGE")),
-            provides={"response_wm": "wm", "response_gm": "gm", "response_csf": "csf"}, pipeline=False,
-            check_data=check_response_data),
+            provides={"response_wm": "wm", "response_gm": "gm", "response_csf": "csf"},
+            check_data=check_dhollander_data),
     },
 )
 

@@ -59,7 +59,7 @@ BAD_SPECS = [
     (_with("tensor", {"method": "lsq"}), "stages.tensor.method: must be one of wls, ols, got 'lsq'"),
     (_with("tensor", {"maps": ["fa", "colour"]}), "stages.tensor.maps: every value must be one of fa, md, ad"),
     (_with("response", {"method": "magic"}), "stages.response.method: must be one of fa, ssst, tournier, tax, "
-                                             "got 'magic'"),
+                                             "dhollander, got 'magic'"),
     (_with("response", {"method": "amp2response"}), "stages.response.method: amp2response needs inputs only a user "
                                                     "can give"),
     (_with("response", {"method": "fa", "options": {"number": "many"}}),
@@ -93,8 +93,17 @@ BAD_SPECS = [
     (_spec({**BASE, "rumba": {}}), "stages.rumba: give one deconvolution stage per recon spec, not both stages.rumba "
                                    "and stages.csd"),
     (_spec({"mask": {}, "csd": {}}), "stages.csd: needs a response from an earlier stage (add stages.response)"),
+    (_spec({"mask": {}, "msmt_csd": {}, "peaks": {}}), "stages.msmt_csd: needs a response_wm from an earlier stage "
+                                                       "(add stages.response)"),
+    (_spec({"mask": {}, "response": {"method": "dhollander"}, "msmt_csd": {"lmax": [8, 1, 0]}, "mtnormalise": {}}),
+     "stages.msmt_csd.lmax"),
+    (_spec({"mask": {}, "response": {"method": "dhollander"}, "msmt_csd": {}, "mtnormalise": {"order": 5}}),
+     "stages.mtnormalise.order"),
+    (_spec({"mask": {}, "response": {"method": "dhollander"}, "msmt_csd": {}, "csd": {}}),
+     "stages.msmt_csd"),
     (_spec({"mask": {}, "tensor": {}, "peaks": {}}), "stages.peaks: needs a fod from an earlier stage (add "
-                                                     "stages.csd or stages.rumba or stages.mapmri or stages.smt)"),
+                                                     "stages.csd or stages.msmt_csd or stages.mtnormalise or stages.rumba or "
+                                                     "stages.mapmri or stages.smt)"),
     (_spec({"mask": {}, "smt": {"fod": "none"}, "peaks": {}}), "stages.peaks: needs a fod from an earlier stage (the "
                                                                "FOD stage in this spec writes no FOD with these "
                                                                "options)"),

@@ -1,0 +1,52 @@
+"""The built-in recon spec "msmt" (mask, tensor, dhollander, msmt-csd, mtnormalise, peaks, FOD metrics) run by the
+BIDS App on sub-01's 9-shell acquisition: every stage gets the right files from the one before."""
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import yaml
+
+from dwiflow.cli.bidsapp import main
+from dwiflow.tasks import recon_spec as recon_spec_module
+from dwiflow.tasks.recon_spec import builtin_specs
+from dwiflow.tasks.registry import get as stage
+from tests.conftest import BIDS_REAL, real_run
+
+
+def test_msmt_recon_spec_wires_dhollander_msmt_and_mtnormalise(tmp_path):
+    real_run("sub-01_acq-b6kmax")
+    assert "msmt" in builtin_specs()
+    spec = yaml.safe_load((Path(recon_spec_module.__file__).parent / "recon_specs" / "msmt.yaml").read_text())
+    spec["stages"]["response"]["options"] = {"erode": 0}  # two slices: any erosion empties the mask
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "filter.json").write_text(json.dumps({"dwi": {"acquisition": "b6kmax"}}))
+    out = tmp_path / "out"
+    code = main([str(BIDS_REAL), str(out), "participant", "--participant-label", "01", "--bids-filter-file",
+                 str(tmp_path / "filter.json"), "--recon-spec", str(tmp_path / "spec.yaml"), "--mask-dir",
+                 str(BIDS_REAL / "derivatives" / "masks"), "--work-dir", str(tmp_path / "work")])
+    assert code == 0
+    base = out / "sub-01" / "dwi" / "sub-01_acq-b6kmax"
+    wm = nib.load(f"{base}_model-msmtcsd_param-fod_desc-wm_dwimap.nii.gz").get_fdata()
+    wm_norm = nib.load(f"{base}_model-msmtcsd_param-fod_desc-wmnorm_dwimap.nii.gz").get_fdata()
+    field = nib.load(f"{base}_model-mtnormalise_param-field_dwimap.nii.gz").get_fdata()
+    mask = nib.load(f"{base}_desc-brain_mask.nii.gz").get_fdata() > 0
+    # mtnormalise read msmt-csd's WM FOD: normalised = FOD / field
+    assert np.allclose(wm_norm[mask], (wm / field[..., None])[mask], rtol=1e-5, atol=1e-7)
+    assert 0.5 < np.median(field[mask]) < 2
+    # the responses msmt-csd used are dhollander's, recorded in the FOD's sidecar
+    side = json.loads(open(f"{base}_model-msmtcsd_param-fod_desc-wm_dwimap.json").read())
+    assert set(side["ResponseFunction"]) == {"WM", "GM", "CSF"}
+    wm_response = np.loadtxt(f"{base}_model-msmtcsd_desc-wm_response.txt", comments="#")
+    assert np.allclose(side["ResponseFunction"]["WM"]["Coefficients"], wm_response, rtol=1e-8)
+    # peaks came from the normalised FOD: the same as running the peaks stage on it
+    direct = stage("peaks")({"peaks": tmp_path / "direct_peaks.nii.gz"},
+                            fod=f"{base}_model-msmtcsd_param-fod_desc-wmnorm_dwimap.nii.gz",
+                            mask=f"{base}_desc-brain_mask.nii.gz")["peaks"]
+    in_run = nib.load(f"{base}_model-mtnormalise_param-peaks_dwimap.nii.gz").get_fdata()
+    assert np.allclose(np.nan_to_num(in_run[mask]), np.nan_to_num(nib.load(direct).get_fdata()[mask]), atol=1e-6)
+    # grey matter is a compartment now, not spurious fibres: in dhollander's GM voxels the GM term dominates WM's
+    voxels = nib.load(f"{base}_desc-dhollandervoxels_mask.nii.gz").get_fdata() > 0
+    gm = nib.load(f"{base}_model-msmtcsd_param-fod_desc-gm_dwimap.nii.gz").get_fdata()[..., 0]
+    assert np.median(gm[voxels[..., 1]]) > 3 * np.median(wm[..., 0][voxels[..., 1]])
