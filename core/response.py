@@ -438,3 +438,38 @@ def fa_response_voxels(
     fa = np.where(fit.status == 0, fit.fa, np.nan)
     voxels = top_voxels(fa, eroded, number)
     return voxels, fit.v1, fa
+
+
+def response_mean(responses: list[ResponseFunction], legacy: bool = False) -> ResponseFunction:
+    """The group-average response, as MRtrix3's ``responsemean``: each input is first scaled by the geometric mean,
+    over shells, of (group-mean l=0 term / its own l=0 term), which removes global intensity differences between
+    runs; then the coefficients are averaged. ``legacy`` averages without scaling (MRtrix3's ``-legacy``).
+
+    Every response must have the same number of shells (rows); when they name their b-values, these must agree
+    within 80 s/mm². Rows shorter than the widest are padded with zeros.
+    """
+    if not responses:
+        raise DwiflowInputError("no response to average", parameters=("responses",))
+    rows = responses[0].coefficients.shape[0]
+    for i, r in enumerate(responses[1:], start=2):
+        if r.coefficients.shape[0] != rows:
+            raise DwiflowInputError(f"response {i} has {r.coefficients.shape[0]} b-values (rows) but the first has "
+                                    f"{rows}", parameters=("responses",))
+        if np.all(np.isfinite(r.bvalues)) and np.all(np.isfinite(responses[0].bvalues)):
+            if np.any(np.abs(r.bvalues - responses[0].bvalues) > 80):
+                raise DwiflowInputError(
+                    f"response {i} is for b={', '.join(f'{b:.0f}' for b in r.bvalues)} but the first for "
+                    f"b={', '.join(f'{b:.0f}' for b in responses[0].bvalues)}", parameters=("responses",))
+    width = max(r.coefficients.shape[1] for r in responses)
+    stack = np.stack([np.pad(r.coefficients, ((0, 0), (0, width - r.coefficients.shape[1]))) for r in responses])
+    if legacy:
+        multipliers = np.ones(len(responses))
+    else:
+        l0 = stack[:, :, 0]
+        if np.any(l0 <= 0):
+            raise DwiflowInputError("a response has a non-positive l=0 term; cannot scale it to the group "
+                                    "(use legacy averaging)", parameters=("responses",))
+        multipliers = np.exp(np.mean(np.log(l0.mean(axis=0)[None, :] / l0), axis=1))
+    mean = (multipliers[:, None, None] * stack).sum(axis=0) / len(responses)
+    bvalues = np.mean([r.bvalues for r in responses], axis=0)
+    return ResponseFunction(bvalues, mean, metadata={"Runs": len(responses)})

@@ -106,3 +106,30 @@ def _dataset_summary(output_dir: Path, summary_tsv: Path) -> Path:
             distributions.append((label, None, f"not drawn: {exc}"))
     subjects = sorted({run.split("_")[0].removeprefix("sub-") for run in mask_paths})
     return dataset_summary_page(output_dir, summary_tsv, distributions, subjects)
+
+
+def group_responses(output_dir: Path, progress=print) -> dict[str, Path]:
+    """The group-average response of every tissue the runs estimated (MRtrix3 ``responsemean`` semantics,
+    :func:`dwiflow.core.response.response_mean`): ``OUTPUT_DIR/<group name>`` per tissue (names from
+    ``bids_specs/outputs.yaml``), each with a sidecar listing the runs that went in."""
+    from dwiflow.bids_specs.outputs import output_filename, sidecar
+    from dwiflow.core.response import ResponseFunction, response_mean
+    from dwiflow.tasks.io import atomic_outputs, read_text
+
+    written: dict[str, Path] = {}
+    with atomic_outputs() as out:
+        for tissue in ("wm", "gm", "csf"):
+            run_name = output_filename(f"response_{tissue}", {})
+            files = sorted(p for p in output_dir.glob(f"sub-*/**/*_{run_name}"))
+            if not files:
+                continue
+            responses = [ResponseFunction.from_text(read_text(p, "response"), str(p)) for p in files]
+            mean = response_mean(responses)
+            target = output_dir / output_filename(f"group_response_{tissue}", {})
+            written[tissue] = out.text(target, mean.to_text())
+            out.json(target.with_suffix(".json"), sidecar(
+                f"group_response_{tissue}", None, Sources=[str(p.relative_to(output_dir)) for p in files],
+                Runs=len(files), Shells=[float(b) for b in mean.bvalues],
+                ResponseFunction={"Coefficients": mean.coefficients.tolist(), "Type": "zonal"}))
+            progress(f"[dwiflow] group {tissue.upper()} response: mean of {len(files)} runs -> {target.name}")
+    return written

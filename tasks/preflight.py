@@ -52,13 +52,59 @@ def summarise(run_dwi: Path, run_bval: Path, run_bvec: Path, mask: Path | None) 
                        "LargeDelta" in sidecar and "SmallDelta" in sidecar, mask is not None, sidecar)
 
 
-def check_run(label: str, dwi: Path, bval: Path, bvec: Path, mask: Path | None, spec) -> list[str]:
+def group_responses_for(folder: Path, spec) -> dict[str, Path]:
+    """The group responses in ``folder`` (names from ``bids_specs/outputs.yaml``) that ``spec`` consumes, by tissue;
+    raises :class:`DwiflowInputError` when the folder, the spec or the files do not fit."""
+    from dwiflow.bids_specs.outputs import output_filename
+    from dwiflow.core.response import ResponseFunction
+    from dwiflow.tasks.io import read_text
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DwiflowInputError(f"--response-dir {folder}: not a folder")
+    wanted = [t for t in ("wm", "gm", "csf")
+              if any(i.kind == f"response_{t}" for c in spec.stages.values() for i in c.stage.inputs)]
+    if not wanted:
+        raise DwiflowInputError(f"--response-dir: recon spec {spec.name} deconvolves with no multi-tissue response "
+                                "(use recon spec msmt)")
+    found = {}
+    for tissue in wanted:
+        path = folder / output_filename(f"group_response_{tissue}", {})
+        if path.is_file():
+            ResponseFunction.from_text(read_text(path, "response"), str(path))  # readable, or a one-line error
+            found[tissue] = path
+    if "wm" not in found:
+        raise DwiflowInputError(f"--response-dir {folder}: no {output_filename('group_response_wm', {})} (run "
+                                "`dwiflow BIDS OUT group` after a participant run with recon spec msmt)")
+    return found
+
+
+def _response_shell_problem(label: str, data: DataSummary, responses: dict[str, Path]) -> str | None:
+    from dwiflow.core.response import ResponseFunction
+    from dwiflow.tasks.io import read_text
+
+    shells = ([0.0] if data.n_b0 else []) + [b for b, _ in data.shells]
+    for path in responses.values():
+        response = ResponseFunction.from_text(read_text(path, "response"), str(path))
+        theirs = list(response.bvalues)
+        if len(theirs) != len(shells) or any(abs(a - b) > 80 for a, b in zip(theirs, shells)):
+            return (f"{label}: its b-values {', '.join(f'{b:.0f}' for b in shells)} do not match the group response "
+                    f"{path} (b={', '.join(f'{b:.0f}' for b in theirs)})")
+    return None
+
+
+def check_run(label: str, dwi: Path, bval: Path, bvec: Path, mask: Path | None, spec,
+              responses: dict[str, Path] | None = None) -> list[str]:
     """Problems of one run for a recon spec (empty when it can run), one line each."""
     try:
         data = summarise(dwi, bval, bvec, mask)
     except DwiflowInputError as exc:
         return [f"{label}: {exc}"]
     problems = []
+    if responses:
+        problem = _response_shell_problem(label, data, responses)
+        if problem:
+            problems.append(problem)
     for name, configured in spec.stages.items():
         stage = configured.stage
         if stage.check_data is None or ("mask" in stage.provides and data.mask_given):
@@ -71,11 +117,11 @@ def check_run(label: str, dwi: Path, bval: Path, bvec: Path, mask: Path | None, 
     return problems
 
 
-def check_runs(runs, spec) -> dict[str, list[str]]:
+def check_runs(runs, spec, responses: dict[str, Path] | None = None) -> dict[str, list[str]]:
     """Problems per run label (runs without problems are absent)."""
     found = {}
     for run in runs:
-        problems = check_run(run.label, run.dwi, run.bval, run.bvec, run.mask, spec)
+        problems = check_run(run.label, run.dwi, run.bval, run.bvec, run.mask, spec, responses)
         if problems:
             found[run.label] = problems
     return found

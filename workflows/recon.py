@@ -82,6 +82,9 @@ def ReconRun(
     entities: dict,
     stages: dict,
     mask: File | None = None,
+    response_wm: File | None = None,
+    response_gm: File | None = None,
+    response_csf: File | None = None,
     code_version: str = "",
 ):
     """One diffusion run through the stages of a recon spec, wired from the stage registry: each stage's inputs
@@ -101,9 +104,14 @@ def ReconRun(
     if mask is not None:  # a given mask replaces the mask stage and is staged as its output
         available["mask"] = mask
         staged["mask"] = mask
+    given_responses = {kind: value for kind, value in (("response_wm", response_wm), ("response_gm", response_gm),
+                                                       ("response_csf", response_csf)) if value is not None}
+    available.update(given_responses)  # group responses (--response-dir) replace the per-run ones
     for name, configured in spec.stages.items():
         stage, options = configured.stage, configured.options
         if "mask" in stage.provides and mask is not None:
+            continue
+        if given_responses and any(kind in stage.provides for kind in given_responses):
             continue
         connected = {given.kind: available[given.kind] for given in stage.inputs
                      if given.kind in available and (given.when is None or given.when(spec))}
@@ -203,17 +211,20 @@ def write_dataset_description(output_dir: Path, bids_dir: Path, recon_spec: Reco
                           "its model, parameters, units and orientation encoding.\n")
 
 
-def _recon_task(run: DwiRunSpec, stages: dict[str, Any], cv: str):
+def _recon_task(run: DwiRunSpec, stages: dict[str, Any], cv: str, responses: dict[str, Path] | None = None):
+    given = {f"response_{tissue}": File(path) for tissue, path in (responses or {}).items()}
     return ReconRun(dwi=File(run.dwi), bval=File(run.bval), bvec=File(run.bvec), entities=run.short_entities,
-                    stages=stages, mask=File(run.mask) if run.mask else None, code_version=cv)
+                    stages=stages, mask=File(run.mask) if run.mask else None, code_version=cv, **given)
 
 
-def _all_runs_workflow(runs: list[DwiRunSpec], stages: dict[str, Any], cv: str):
+def _all_runs_workflow(runs: list[DwiRunSpec], stages: dict[str, Any], cv: str,
+                       responses: dict[str, Path] | None = None):
     """One workflow holding every run's ReconRun as a node, so that independent runs proceed in parallel."""
 
     @workflow.define(outputs=["first"])
     def AllRuns(n_runs: int = len(runs)):
-        staged = [workflow.add(_recon_task(run, stages, cv), name=f"run{i}").staged for i, run in enumerate(runs)]
+        staged = [workflow.add(_recon_task(run, stages, cv, responses), name=f"run{i}").staged
+                  for i, run in enumerate(runs)]
         return staged[0]
 
     return AllRuns(n_runs=len(runs))
@@ -228,8 +239,12 @@ def run_participant(
     worker: Any = "cf",
     worker_options: dict[str, Any] | None = None,
     progress=print,
+    responses: dict[str, Path] | None = None,
 ) -> list[RunOutcome]:
     """Run every run's workflow; a failed run is reported (naming its stage) and the others go on.
+
+    ``responses``: group responses by tissue (``wm``, ``gm``, ``csf``; from ``--response-dir``) that replace
+    every run's own response stage.
 
     ``worker``: a Pydra worker name (debug, cf, slurm, sge) or a worker object (e.g.
     :class:`dwiflow.workflows.cluster.StageSlurmWorker`).
@@ -266,7 +281,7 @@ def run_participant(
         try:
             with Submitter(cache_root=work_dir / "cache", worker=fresh_worker(), clean_stale_locks=True,
                            **pydra_options) as submitter:
-                submitter(_all_runs_workflow(runs, stages, cv), raise_errors=False)
+                submitter(_all_runs_workflow(runs, stages, cv, responses), raise_errors=False)
         except Exception as exc:  # reported per run below
             if interrupted():
                 raise KeyboardInterrupt from exc
@@ -279,7 +294,7 @@ def run_participant(
         t0 = time.perf_counter()
         started = time.time()
         progress(f"[dwiflow] run {index}/{len(runs)} {run.label}: stages {', '.join(stages)}")
-        task = _recon_task(run, stages, cv)
+        task = _recon_task(run, stages, cv, responses)
         log = work_dir / "logs" / f"{run.label}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -374,6 +389,7 @@ def task_errors(cache: Path, since: float) -> list[tuple[str, str]]:
 def run_group(output_dir: Path, progress=print) -> Path:
     """The group level: one TSV of per-run summary statistics and the dataset summary page
     (:func:`dwiflow.tasks.group.group_summary`)."""
-    from dwiflow.tasks.group import group_summary
+    from dwiflow.tasks.group import group_responses, group_summary
 
+    group_responses(output_dir, progress)
     return group_summary(output_dir, progress)

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bids-filter-file", type=Path, metavar="FILE", help="JSON of pybids entities for the DWI query")
     p.add_argument("--recon-spec", default="csd", metavar="NAME|FILE", help="built-in preset name or a YAML file (default csd)")
     p.add_argument("--mask-dir", type=Path, help="derivative dataset with *_desc-brain_mask images to use")
+    p.add_argument("--response-dir", type=Path,
+                   help="folder with group responses (the group level's *_desc-{wm,gm,csf}group_response.txt): every "
+                        "run is deconvolved with them instead of its own (recon spec msmt)")
     p.add_argument("--work-dir", type=Path, help="Pydra cache (default OUTPUT_DIR/../dwiflow_work)")
     p.add_argument("--worker", choices=("debug", "cf", "slurm", "sge"), default="cf")
     p.add_argument("--nprocs", type=_positive_int, help="processes for the cf worker")
@@ -105,8 +108,16 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
         return _error(str(exc))
     for note in spec.warnings:
         print(f"dwiflow: warning: {note}", file=sys.stderr)
+    responses = None
+    if args.response_dir is not None:
+        from dwiflow.tasks.preflight import group_responses_for
+
+        try:
+            responses = group_responses_for(args.response_dir, spec)
+        except DwiflowInputError as exc:
+            return _error(str(exc))
     print(f"[dwiflow] checking {len(runs)} run(s) before anything runs", flush=True)
-    invalid = check_runs(runs, spec)
+    invalid = check_runs(runs, spec, responses)
     if invalid:
         lines = [line for problems in invalid.values() for line in problems]
         if not args.skip_invalid_runs or len(invalid) == len(runs):
@@ -135,7 +146,7 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
         worker = StageSlurmWorker(sbatch_args=" ".join(shlex.split(args.sbatch_args)),
                                   resources=spec.resources, omp_nthreads=args.omp_nthreads)
     print(f"[dwiflow] {len(runs)} run(s); recon spec {spec.name}; worker {args.worker}; cache {work_dir}")
-    outcomes = run_participant(runs, bids_dir, output_dir, spec, work_dir, worker, options)
+    outcomes = run_participant(runs, bids_dir, output_dir, spec, work_dir, worker, options, responses=responses)
     failed = [o for o in outcomes if not o.ok]
     if failed or invalid:
         for o in failed:

@@ -212,3 +212,30 @@ def test_mtnormalise_equals_mrtrix(dhollander_pair, tmp_path):
     assert np.allclose(mine, theirs, rtol=1e-4), (mine, theirs)
     assert np.array_equal(nib.load(ours["check_mask"]).get_fdata()[mask] > 0,
                           nib.load(tmp_path / "m_mask.nii").get_fdata()[mask] > 0)
+
+
+def test_group_response_equals_responsemean(dhollander_pair, tmp_path, mrtrix):
+    """Three runs' WM responses (sub-01 b6kmax's, and two copies scaled and perturbed as other subjects would be):
+    our mean equals MRtrix3's responsemean to 1e-6, with its global-intensity compensation and with -legacy."""
+    from dwiflow.core.response import response_mean
+
+    folder, _, ours = dhollander_pair["b6kmax"]
+    base = load_response(ours["wm"])
+    rng = np.random.default_rng(5)
+    files = [ours["wm"]]
+    responses = [base]
+    for i, scale in enumerate((1.7, 0.6)):
+        other = ResponseFunction(base.bvalues, base.coefficients * scale * (1 + 0.05 * rng.standard_normal(
+            base.coefficients.shape)))
+        path = tmp_path / f"r{i}.txt"
+        path.write_text(other.to_text())
+        files.append(path)
+        responses.append(load_response(path))
+    for legacy in (False, True):
+        _mrtrix("responsemean", *files, tmp_path / "mean.txt", *(["-legacy"] if legacy else []))
+        theirs = np.loadtxt(tmp_path / "mean.txt", comments="#")
+        mine = response_mean(responses, legacy=legacy).coefficients
+        assert np.max(np.abs(mine - theirs) / np.abs(theirs).max()) <= 1e-6
+    shifted = ResponseFunction(base.bvalues + 500, base.coefficients)
+    with pytest.raises(Exception, match="is for b="):
+        response_mean([base, shifted])

@@ -15,7 +15,7 @@ from dwiflow.tasks.registry import get as stage
 from tests.conftest import BIDS_REAL, real_run
 
 
-def test_msmt_recon_spec_wires_dhollander_msmt_and_mtnormalise(tmp_path):
+def test_msmt_recon_spec_wires_dhollander_msmt_and_mtnormalise(tmp_path, capsys):
     real_run("sub-01_acq-b6kmax")
     assert "msmt" in builtin_specs()
     spec = yaml.safe_load((Path(recon_spec_module.__file__).parent / "recon_specs" / "msmt.yaml").read_text())
@@ -50,3 +50,29 @@ def test_msmt_recon_spec_wires_dhollander_msmt_and_mtnormalise(tmp_path):
     voxels = nib.load(f"{base}_desc-dhollandervoxels_mask.nii.gz").get_fdata() > 0
     gm = nib.load(f"{base}_model-msmtcsd_param-fod_desc-gm_dwimap.nii.gz").get_fdata()[..., 0]
     assert np.median(gm[voxels[..., 1]]) > 3 * np.median(wm[..., 0][voxels[..., 1]])
+    # group level: the group responses (one run here: the mean of one is itself, rescaled by 1)
+    assert main([str(BIDS_REAL), str(out), "group"]) == 0
+    group_wm = out / "model-msmtcsd_desc-wmgroup_response.txt"
+    assert np.allclose(np.loadtxt(group_wm, comments="#"), wm_response, rtol=1e-9)
+    assert json.loads(group_wm.with_suffix(".json").read_text())["Runs"] == 1
+    # participant again with the group responses: no response stage; msmt-csd records the group response
+    out2 = tmp_path / "out2"
+    code = main([str(BIDS_REAL), str(out2), "participant", "--participant-label", "01", "--bids-filter-file",
+                 str(tmp_path / "filter.json"), "--recon-spec", str(tmp_path / "spec.yaml"), "--mask-dir",
+                 str(BIDS_REAL / "derivatives" / "masks"), "--work-dir", str(tmp_path / "work"), "--response-dir",
+                 str(out)])
+    assert code == 0
+    base2 = out2 / "sub-01" / "dwi" / "sub-01_acq-b6kmax"
+    assert not list(out2.rglob("*_desc-wm_response.txt"))
+    side2 = json.loads(open(f"{base2}_model-msmtcsd_param-fod_desc-wm_dwimap.json").read())
+    assert side2["ResponseFunction"]["WM"]["Source"] == group_wm.name
+    # a run whose b-values differ from the group response's is refused before anything runs, naming both
+    (tmp_path / "other.json").write_text(json.dumps({"dwi": {"acquisition": "b1kb2k"}}))
+    out3 = tmp_path / "out3"
+    code = main([str(BIDS_REAL), str(out3), "participant", "--participant-label", "01", "--bids-filter-file",
+                 str(tmp_path / "other.json"), "--recon-spec", str(tmp_path / "spec.yaml"), "--mask-dir",
+                 str(BIDS_REAL / "derivatives" / "masks"), "--work-dir", str(tmp_path / "work"), "--response-dir",
+                 str(out)])
+    assert code == 2 and not out3.exists()
+    err = capsys.readouterr().err
+    assert "b-values 0, 1000, 2000 do not match the group response" in err and "b=0, 750, 1500" in err
