@@ -453,29 +453,6 @@ def bench_smt(n_voxels: int, dipy_seconds: float) -> list[dict]:
                                  f"{data.shape[0] / t_ours:.0f} vs {n_w / t_dipy:.1f} vox/s"})
     return rows
 
-def _three_tissue_phantom(n_voxels: int, seed: int = 7):
-    """WM (1-2 fibres, from make_phantom), GM (D = 0.8e-3) and CSF (D = 3e-3) with partial volumes, b=0 + three
-    shells, Rician noise at SNR 30 of S0 = 1000: a quarter nearly pure WM, a quarter GM, a sixth CSF, the rest mixed."""
-    gtab = acquisition_scheme("multi")
-    side = int(round((n_voxels / 10) ** 0.5))
-    shape = (side, side, 10)
-    ph = make_phantom(gtab, shape, n_fibres=(1, 2), snr=None, seed=seed)
-    rng = np.random.default_rng(seed)
-    nvox = int(np.prod(shape))
-    kind = rng.choice(4, size=nvox, p=[0.25, 0.25, 1 / 6, 1 - 0.25 - 0.25 - 1 / 6])
-    f = rng.dirichlet([1, 1, 1], size=nvox)
-    f[kind == 0] = [0.95, 0.05, 0.0]
-    f[kind == 1] = [0.05, 0.95, 0.0]
-    f[kind == 2] = [0.0, 0.05, 0.95]
-    wm = ph.data.reshape(nvox, -1) / ph.s0
-    gm = np.exp(-gtab.bvals * 0.8e-3)[None]
-    csf = np.exp(-gtab.bvals * 3.0e-3)[None] * 1.3  # CSF's higher proton density
-    clean = 1000.0 * (f[:, :1] * wm + f[:, 1:2] * gm + f[:, 2:] * csf)
-    sigma = 1000.0 / 30
-    noisy = np.sqrt((clean + rng.normal(0, sigma, clean.shape)) ** 2 + rng.normal(0, sigma, clean.shape) ** 2)
-    return gtab, noisy.reshape(shape + (-1,)).astype(np.float32), f.reshape(shape + (3,))
-
-
 def _whole_command(cmd: list[str], threads: int, repeats: int) -> float:
     """Seconds of a whole command (process start, reading, fitting, writing) with every thread pool at ``threads``."""
     env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
@@ -494,7 +471,11 @@ def bench_msmt(n_voxels: int, repeats: int, workdir: Path) -> list[dict]:
 
     if not shutil.which("dwi2fod"):
         return []
-    gtab, data, _ = _three_tissue_phantom(n_voxels)
+    from dwiflow.core.sims import three_tissue_phantom
+
+    side = int(round((n_voxels / 10) ** 0.5))
+    phantom = three_tissue_phantom(acquisition_scheme("multi"), (side, side, 10))
+    gtab, data = phantom.gtab, phantom.data.astype(np.float32)
     nvox = int(np.prod(data.shape[:3]))
     affine = np.diag([-2.0, 2.0, 2.0, 1.0])
     dwi, bval, bvec = workdir / "mt.nii.gz", workdir / "mt.bval", workdir / "mt.bvec"

@@ -239,3 +239,44 @@ def _separated_directions(nvox: int, k: int, min_angle: float, rng: np.random.Ge
             dirs[todo[ok], j] = cand[ok]
             todo = todo[~ok]
     return dirs
+
+
+GM_DIFFUSIVITY = 0.8e-3  # mm²/s, isotropic grey-matter-like compartment
+CSF_DIFFUSIVITY = 3.0e-3  # mm²/s, free water at body temperature
+CSF_PROTON_DENSITY = 1.3  # CSF's b=0 signal relative to tissue's
+
+
+@dataclass
+class ThreeTissuePhantom:
+    """Signals of a WM/GM/CSF phantom with the truth: ``fractions`` (x, y, z, 3) are volume fractions (WM, GM,
+    CSF); ``signal_fractions`` the share of each tissue in the b=0 signal (CSF weighs ``CSF_PROTON_DENSITY``)."""
+
+    data: np.ndarray
+    gtab: GradientTable
+    fractions: np.ndarray
+    signal_fractions: np.ndarray
+    wm: Phantom
+
+
+def three_tissue_phantom(
+    gtab: GradientTable, shape: tuple[int, int, int], *, s0: float = 1000.0, snr: float | None = 30.0, seed: int = 7
+) -> ThreeTissuePhantom:
+    """WM (1-2 fibres, :func:`make_phantom`), GM (D = 0.8e-3) and CSF (D = 3e-3) with partial volumes: a quarter of
+    the voxels pure WM, a quarter pure GM, a sixth pure CSF, the rest random mixtures (Dirichlet(1, 1, 1)); Rician
+    noise at ``snr`` of ``s0``."""
+    wm = make_phantom(gtab, shape, n_fibres=(1, 2), snr=None, seed=seed)
+    rng = np.random.default_rng(seed)
+    nvox = int(np.prod(shape))
+    kind = rng.choice(4, size=nvox, p=[0.25, 0.25, 1 / 6, 1 - 0.25 - 0.25 - 1 / 6])
+    f = rng.dirichlet([1, 1, 1], size=nvox)
+    f[kind == 0] = [1.0, 0.0, 0.0]
+    f[kind == 1] = [0.0, 1.0, 0.0]
+    f[kind == 2] = [0.0, 0.0, 1.0]
+    wm_signal = wm.data.reshape(nvox, -1) / wm.s0
+    gm_signal = np.exp(-gtab.bvals * GM_DIFFUSIVITY)[None]
+    csf_signal = CSF_PROTON_DENSITY * np.exp(-gtab.bvals * CSF_DIFFUSIVITY)[None]
+    clean = s0 * (f[:, :1] * wm_signal + f[:, 1:2] * gm_signal + f[:, 2:] * csf_signal)
+    data = clean if snr is None else add_rician_noise(clean, s0 / snr, rng)
+    weights = f * np.array([1.0, 1.0, CSF_PROTON_DENSITY])
+    return ThreeTissuePhantom(data.reshape(shape + (-1,)), gtab, f.reshape(shape + (3,)),
+                              (weights / weights.sum(axis=1, keepdims=True)).reshape(shape + (3,)), wm)
