@@ -292,6 +292,10 @@ def response_voxels_figure(out: Path, background: np.ndarray, voxels: np.ndarray
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Rectangle
 
+    labels = None
+    if voxels.ndim == 4:  # one volume per tissue (dhollander: CSF, GM, WM), drawn red, green, blue as MRtrix3's
+        labels = np.where(voxels.any(axis=-1), np.argmax(voxels, axis=-1) + 1.0, np.nan)
+        voxels = voxels.any(axis=-1)
     per_slice = voxels.sum(axis=(0, 1))
     if per_slice.sum() == 0:
         raise ValueError("no voxels were selected for the response")
@@ -304,7 +308,11 @@ def response_voxels_figure(out: Path, background: np.ndarray, voxels: np.ndarray
     for col, k in enumerate(slices):
         ax = fig.add_axes([0.01 + col / len(slices), 0.2, 1 / len(slices) - 0.02, 0.68])
         _show_slice(ax, background[..., k], box, cmap="gray", vmin=low, vmax=high)
-        _show_slice(ax, np.where(voxels[..., k], 1.0, np.nan), box, cmap=overlay, vmin=0, vmax=1)
+        if labels is None:
+            _show_slice(ax, np.where(voxels[..., k], 1.0, np.nan), box, cmap=overlay, vmin=0, vmax=1)
+        else:
+            _show_slice(ax, labels[..., k], box, cmap=ListedColormap(["#ff2020", "#2fbf4a", "#3b82f6"]), vmin=0.5,
+                        vmax=3.5)
         ax.set_title(f"z = {k}: {int(per_slice[k])} voxels", fontsize=8)
         if col == 0:
             _label_orientation(ax)
@@ -647,11 +655,13 @@ def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, 
             response = ResponseFunction.from_text(path_of[key].read_text(), str(path_of[key]))
             meta = sidecar_of(key)
             method = naming.get("method") or "response"
-            manifest.draw("response", "Response function", "response",
+            tissue = key.split("_", 1)[1].upper() if key != "response" else ""  # dhollander: one per tissue
+            manifest.draw("response", f"Response function {tissue}".strip(), f"response{tissue.lower()}",
                           f"Response ({meta.get('Method', method)}): amplitude against the angle from the fibre "
-                          "axis for each shell, and the glyph (fibre axis vertical).",
+                          "axis for each shell, and the glyph (fibre axis vertical)."
+                          + (" Isotropic: one amplitude per shell." if tissue in ("GM", "CSF") else ""),
                           lambda path: response_figure(path, response.bvalues, response.coefficients,
-                                                       f"Response function ({method})"))
+                                                       f"Response function ({method} {tissue})".replace(" )", ")")))
         elif kind == "response_voxels":
             voxels = image(key) > 0
             method = naming.get("method", "")
@@ -664,6 +674,10 @@ def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, 
                               f"with FA > {meta.get('Parameters', {}).get('FaThreshold', '?')} in the central box "
                               "(yellow)")
                 roi = ssst_roi(path_of["mask"], meta.get("Parameters", {}))
+            elif voxels.ndim == 4:
+                counts = voxels.reshape(-1, voxels.shape[-1]).sum(axis=0)
+                annotation = (f"{method}: CSF {counts[0]} (red), GM {counts[1]} (green), WM {counts[2]} (blue) "
+                              "voxels")
             else:
                 annotation = f"{int(voxels.sum())} voxels selected by {method}"
             manifest.draw("response", "Response voxels", "responsevoxels",
