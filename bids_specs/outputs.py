@@ -14,7 +14,8 @@ import yaml
 def output_specs() -> dict[str, Any]:
     """The parsed ``outputs.yaml``."""
     text = resources.files("dwiflow.bids_specs").joinpath("outputs.yaml").read_text()
-    return yaml.safe_load(text)
+    # libyaml's loader when PyYAML has it (10x faster: every command reads this file)
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def output_spec(key: str) -> dict[str, Any]:

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.polynomial import legendre
-from scipy import optimize
 
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import GradientTable, Shell
@@ -158,6 +157,8 @@ def solve_convex_qp(hessian: np.ndarray, linear: np.ndarray, constraints: np.nda
     e = np.vstack([g.T, h[None, :]])
     f = np.zeros(n + 1)
     f[-1] = 1.0
+    from scipy import optimize  # imported here: commands that only read responses do not pay for it
+
     u, _ = optimize.nnls(e, f, maxiter=50 * e.shape[1])
     r = e @ u - f
     if abs(r[-1]) < 1e-14:
