@@ -34,7 +34,7 @@ def output_entities(key: str, naming: dict[str, str] | None = None) -> dict[str,
         value = str(value)
         if "{" in value:
             try:
-                value = "".join(c for c in value.format(**(naming or {})) if c.isalnum())  # a BIDS label
+                value = "".join(c for c in value.format(**(naming or {})) if c.isalnum() or c == "*")  # a label (or a glob)
             except KeyError:
                 continue
         out[name] = value

@@ -68,7 +68,7 @@ def test_kernel_equals_dmipy_on_sub01_or_fits_better(acq):
     from dmipy_fit.signal_models import gaussian_models
     from dmipy_fit.utils.spherical_mean import estimate_spherical_mean_multi_shell
 
-    gtab, data = _mask_voxels(acq, 400)
+    gtab, data = _mask_voxels(acq, 250)
     model = SmtModel(gtab)
     ours = model.fit(data)
     scheme = _dmipy_scheme(gtab)
@@ -114,7 +114,7 @@ def _watson_case(name: str):
         gtab = acquisition_scheme("multi")
         ph = make_phantom(gtab, (6, 6, 2), n_fibres=1, snr=30, seed=6)
         return gtab, ph.data.reshape(-1, gtab.n_volumes), ph.directions.reshape(72, -1, 3)[:, 0]
-    gtab, data = _mask_voxels(name, 60)
+    gtab, data = _mask_voxels(name, 40)
     return gtab, data, None
 
 
