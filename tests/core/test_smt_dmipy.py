@@ -114,7 +114,7 @@ def _watson_case(name: str):
         gtab = acquisition_scheme("multi")
         ph = make_phantom(gtab, (6, 6, 2), n_fibres=1, snr=30, seed=6)
         return gtab, ph.data.reshape(-1, gtab.n_volumes), ph.directions.reshape(72, -1, 3)[:, 0]
-    gtab, data = _mask_voxels(name, 40)
+    gtab, data = _mask_voxels(name, 60)
     return gtab, data, None
 
 
