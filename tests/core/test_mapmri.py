@@ -80,8 +80,6 @@ def test_weight_array_scan_equals_dipy(phantom):
 
 
 @pytest.mark.parametrize("name,options,dipy_options", [
-    ("CMAP", dict(laplacian_weighting=0.0, positivity="grid"), dict(laplacian_regularization=False,
-                                                                    positivity_constraint=True)),
     ("CMAPL", dict(laplacian_weighting=0.2, positivity="grid"), dict(laplacian_weighting=0.2,
                                                                      positivity_constraint=True)),
     ("MAP+", dict(laplacian_weighting=0.0, positivity="global"), dict(laplacian_regularization=False,

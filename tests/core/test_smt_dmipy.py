@@ -167,7 +167,7 @@ def _white_matter_voxels(acq: str, n: int, min_fa: float = 0.4):
     return gtab, data[np.linspace(0, data.shape[0] - 1, n).round().astype(int)]
 
 
-@pytest.mark.parametrize("name", ["phantom", "b1kb2k", "b6kmax"])
+@pytest.mark.parametrize("name", ["phantom", "b6kmax"])  # b1kb2k: in the objective comparison above
 def test_watson_equals_dmipy_given_its_best_coordinate_frame(name):
     """dmipy parameterises mu by (theta, phi) with bounds and stops on them (phi = +-pi, theta = 0) where the
     fibre lies near that seam. The model is rotation invariant, so fitting the same data with the gradient table
