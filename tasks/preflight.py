@@ -9,6 +9,8 @@ number of shells, Δ/δ). Each problem is one line naming the run and the file o
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,8 +58,6 @@ def group_responses_for(folder: Path, spec) -> dict[str, Path]:
     """The group responses in ``folder`` (names from ``bids_specs/outputs.yaml``) that ``spec`` consumes, by tissue;
     raises :class:`DwiflowInputError` when the folder, the spec or the files do not fit."""
     from dwiflow.bids_specs.outputs import output_filename
-    from dwiflow.core.response import ResponseFunction
-    from dwiflow.tasks.io import read_text
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -71,7 +71,7 @@ def group_responses_for(folder: Path, spec) -> dict[str, Path]:
     for tissue in wanted:
         path = folder / output_filename(f"group_response_{tissue}", {})
         if path.is_file():
-            ResponseFunction.from_text(read_text(path, "response"), str(path))  # readable, or a one-line error
+            _response_bvalues(path)  # readable, or a one-line error
             found[tissue] = path
     if "wm" not in found:
         raise DwiflowInputError(f"--response-dir {folder}: no {output_filename('group_response_wm', {})} (run "
@@ -79,14 +79,19 @@ def group_responses_for(folder: Path, spec) -> dict[str, Path]:
     return found
 
 
-def _response_shell_problem(label: str, data: DataSummary, responses: dict[str, Path]) -> str | None:
+@lru_cache(maxsize=8)
+def _response_bvalues(path: Path) -> tuple[float, ...]:
+    """The b-values a response file is for (read once, however many runs are checked against it)."""
     from dwiflow.core.response import ResponseFunction
     from dwiflow.tasks.io import read_text
 
+    return tuple(ResponseFunction.from_text(read_text(path, "response"), str(path)).bvalues)
+
+
+def _response_shell_problem(label: str, data: DataSummary, responses: dict[str, Path]) -> str | None:
     shells = ([0.0] if data.n_b0 else []) + [b for b, _ in data.shells]
     for path in responses.values():
-        response = ResponseFunction.from_text(read_text(path, "response"), str(path))
-        theirs = list(response.bvalues)
+        theirs = list(_response_bvalues(path))
         if len(theirs) != len(shells) or any(abs(a - b) > 80 for a, b in zip(theirs, shells)):
             return (f"{label}: its b-values {', '.join(f'{b:.0f}' for b in shells)} do not match the group response "
                     f"{path} (b={', '.join(f'{b:.0f}' for b in theirs)})")
