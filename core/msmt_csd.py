@@ -237,3 +237,41 @@ class MsmtCsdModel:
                 progress(sl.stop, nvox)
         coefficients[status != FitStatus.OK] = np.nan
         return MsmtCsdFit(batch, coefficients, status, iterations, self)
+
+
+def tissue_fractions(l0_terms: list[np.ndarray]) -> np.ndarray:
+    """Per-voxel tissue fractions from each tissue's l=0 term: negatives count as 0, the terms are divided by their sum.
+
+    This is the tissue-fraction ("vf") image of MRtrix3's multi-tissue tutorials, the l=0 terms of the WM FOD and
+    of the GM and CSF compartments concatenated, made to sum to one. With responses estimated from the data
+    (dhollander) each tissue's l=0 term estimates its signal density relative to the tissue's own b=0 intensity,
+    so the fractions approximate volume fractions (Jeurissen et al. 2014; Dhollander et al. 2016).
+
+    Parameters
+    ----------
+    l0_terms : list of ndarray (...)
+        One array per tissue, all the same shape.
+
+    Returns
+    -------
+    ndarray (..., n_tissues)
+        Fractions summing to 1 where any term is positive; 0 where none is (or a term is not finite).
+    """
+    stacked = np.stack([np.asarray(t, dtype=np.float64) for t in l0_terms], axis=-1)
+    finite = np.all(np.isfinite(stacked), axis=-1, keepdims=True)
+    stacked = np.where(finite, np.clip(stacked, 0.0, None), 0.0)
+    total = stacked.sum(axis=-1, keepdims=True)
+    return np.divide(stacked, total, out=np.zeros_like(stacked), where=total > 0)
+
+
+def tissue_rgb(fractions: np.ndarray, tissues: list[str]) -> np.ndarray:
+    """RGB rendering of tissue fractions as in MRtrix3's tutorials: CSF red, GM green, WM blue (uint8, 0–255).
+
+    ``tissues`` names each last-axis entry of ``fractions`` (``"wm"``, ``"gm"``, ``"csf"``); a tissue that is
+    absent leaves its channel at 0.
+    """
+    channel = {"csf": 0, "gm": 1, "wm": 2}
+    rgb = np.zeros(fractions.shape[:-1] + (3,), dtype=np.float64)
+    for index, name in enumerate(tissues):
+        rgb[..., channel[name]] = fractions[..., index]
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)

@@ -327,6 +327,33 @@ def response_voxels_figure(out: Path, background: np.ndarray, voxels: np.ndarray
     return _save(fig, out)
 
 
+def tissue_rgb_figure(out: Path, rgb: np.ndarray, mask: np.ndarray, title: str, n_slices: int = 6) -> Path:
+    """Axial slices of a tissue-fraction RGB image (CSF red, GM green, WM blue; uint8 or 0–1 values)."""
+    slices = axial_slices(mask, n_slices)
+    if not slices:
+        raise ValueError("the brain mask is empty")
+    colours = np.asarray(rgb, dtype=np.float64)
+    if colours.max() > 1.0:
+        colours = colours / 255.0
+    colours = np.where(mask[..., None], np.clip(colours, 0.0, 1.0), 0.19)
+    box = _bounding_box(mask)
+    nx, ny = mask[box].shape[:2]
+    cell = 2.0
+    fig = _new_figure(cell * len(slices) + 0.4, cell * ny / max(nx, 1) + 1.0)
+    for col, k in enumerate(slices):
+        ax = fig.add_axes([0.01 + col / len(slices), 0.16, 1 / len(slices) - 0.02, 0.7])
+        ax.imshow(np.transpose(colours[box][..., k, :], (1, 0, 2)), origin="lower", interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"z = {k}", fontsize=8)
+        if col == 0:
+            _label_orientation(ax)
+    fig.suptitle(title, fontsize=11)
+    fig.text(0.01, 0.07, "CSF red, GM green, WM blue (each channel its tissue fraction, 0-1)", fontsize=8)
+    fig.text(0.01, 0.01, ORIENTATION_NOTE, fontsize=7, color="#444444")
+    return _save(fig, out)
+
+
 def ssst_roi(reference: Path, parameters: dict[str, Any]) -> np.ndarray | None:
     """DIPY's SSST box (centre and radii in the source voxel order) as a volume in the RAS voxel order of the figures."""
     import nibabel as nib
@@ -686,6 +713,11 @@ def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, 
                           lambda path: response_voxels_figure(path, background(), voxels, mask,
                                                               f"Voxels selected for the {method} response",
                                                               annotation, roi))
+        elif kind == "tissue_rgb":
+            manifest.draw(section_of[key], "Tissue fractions (RGB)", "tissuergb",
+                          "Each voxel's tissue fractions after normalisation as one colour: CSF red, GM green, WM "
+                          "blue (MRtrix3's tissue-fraction rendering).",
+                          lambda path: tissue_rgb_figure(path, image(key), mask, "Tissue fractions (RGB)"))
         elif kind == "mapmri_compare":
             compare = (sidecar_of(key).get("Model", {}).get("Parameters", {}) or {}).get("Compare", {})
             manifest.draw(section_of[key], "MAP-MRI fits compared", "mapmricompare",

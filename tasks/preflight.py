@@ -54,18 +54,19 @@ def summarise(run_dwi: Path, run_bval: Path, run_bvec: Path, mask: Path | None) 
                        "LargeDelta" in sidecar and "SmallDelta" in sidecar, mask is not None, sidecar)
 
 
-def group_responses_for(folder: Path, spec) -> dict[str, Path]:
+def group_responses_for(folder: Path, spec, what: str = "--response-dir") -> dict[str, Path]:
     """The group responses in ``folder`` (names from ``bids_specs/outputs.yaml``) that ``spec`` consumes, by tissue;
-    raises :class:`DwiflowInputError` when the folder, the spec or the files do not fit."""
+    raises :class:`DwiflowInputError` when the folder, the spec or the files do not fit (``what`` names where the
+    folder was given)."""
     from dwiflow.bids_specs.outputs import output_filename
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise DwiflowInputError(f"--response-dir {folder}: not a folder")
+        raise DwiflowInputError(f"{what} {folder}: not a folder")
     wanted = [t for t in ("wm", "gm", "csf")
               if any(i.kind == f"response_{t}" for c in spec.stages.values() for i in c.stage.inputs)]
     if not wanted:
-        raise DwiflowInputError(f"--response-dir: recon spec {spec.name} deconvolves with no multi-tissue response "
+        raise DwiflowInputError(f"{what}: recon spec {spec.name} deconvolves with no multi-tissue response "
                                 "(use recon spec msmt)")
     found = {}
     for tissue in wanted:
@@ -74,7 +75,7 @@ def group_responses_for(folder: Path, spec) -> dict[str, Path]:
             _response_bvalues(path)  # readable, or a one-line error
             found[tissue] = path
     if "wm" not in found:
-        raise DwiflowInputError(f"--response-dir {folder}: no {output_filename('group_response_wm', {})} (run "
+        raise DwiflowInputError(f"{what} {folder}: no {output_filename('group_response_wm', {})} (run "
                                 "`dwiflow BIDS OUT group` after a participant run with recon spec msmt)")
     return found
 

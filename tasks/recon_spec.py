@@ -1,8 +1,10 @@
 """Recon specs: which stages a run goes through, with which options — validated against the stage registry.
 
 A recon spec is YAML: ``name``, ``description``, ``stages`` (stage name → options; a stage group
-such as ``response`` takes ``method`` and ``options``) and ``resources`` (per-stage CPUs, memory,
-time and sbatch arguments for cluster workers). Validation builds every stage's typed options
+such as ``response`` takes ``method`` and ``options``), ``resources`` (per-stage CPUs, memory,
+time and sbatch arguments for cluster workers) and ``response_dir`` (a group level's output folder
+whose WM/GM/CSF group responses every run is deconvolved with, as ``--response-dir``; a relative
+path is taken from the spec file's folder). Validation builds every stage's typed options
 before anything runs, so a wrong type, a value out of range, an unknown key at any level, a
 forbidden combination or a missing prerequisite is one error naming its key path
 (``stages.csd.lmax: must be an even integer, got 7``). Built-in specs live in ``recon_specs/``.
@@ -21,7 +23,7 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.options import OptionError, StageOptions, render_error
 from dwiflow.tasks.registry import RUN_INPUTS, Stage, StageGroup, stages
 
-TOP_LEVEL_KEYS = ("name", "description", "stages", "resources")
+TOP_LEVEL_KEYS = ("name", "description", "stages", "resources", "response_dir")
 RESOURCE_KEYS = ("cpus", "mem_gb", "time", "sbatch_args")
 ALWAYS_PRESENT_TASKS = ("default", "stage_derivatives", "figures")  # Pydra nodes every run has besides its stages
 
@@ -51,6 +53,7 @@ class ReconSpec:
     stages: dict[str, ConfiguredStage]
     resources: dict[str, dict[str, Any]] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    response_dir: Path | None = None  # group responses every run is deconvolved with (``--response-dir`` wins)
 
     def options(self, name: str) -> StageOptions | None:
         configured = self.stages.get(name)
@@ -120,7 +123,7 @@ def load_recon_spec(name_or_file: str | Path) -> ReconSpec:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or type(exc).__name__
         raise ReconSpecError(f"{source} is not valid YAML{where}: {problem}") from None
-    return validate_recon_spec(spec, source)
+    return validate_recon_spec(spec, source, base_dir=candidate.parent if source == str(candidate) else None)
 
 
 def _fail(source: str, message: str) -> ReconSpecError:
@@ -161,8 +164,11 @@ def _stage_options(entry: Stage | StageGroup, value: Any, source: str,
     return ConfiguredStage(stage, built)
 
 
-def validate_recon_spec(spec: Any, source: str = "recon spec") -> ReconSpec:
-    """Validate a parsed recon spec against the registry; raises :class:`ReconSpecError` naming the key path."""
+def validate_recon_spec(spec: Any, source: str = "recon spec", base_dir: Path | None = None) -> ReconSpec:
+    """Validate a parsed recon spec against the registry; raises :class:`ReconSpecError` naming the key path.
+
+    ``base_dir``: the folder a relative ``response_dir`` is taken from (the spec file's; default the current one).
+    """
     if not isinstance(spec, dict):
         raise _fail(source, "expected a mapping with a 'stages' mapping")
     for key in spec:
@@ -189,7 +195,14 @@ def validate_recon_spec(spec: Any, source: str = "recon spec") -> ReconSpec:
     result = ReconSpec(spec.get("name", "custom"), spec.get("description", ""), ordered, {}, tuple(warnings))
     _check_wiring(result, source)
     resources = check_resources(spec.get("resources"), list(ordered), source)
-    return ReconSpec(result.name, result.description, ordered, resources, tuple(warnings))
+    response_dir = spec.get("response_dir")
+    if response_dir is not None:
+        if not isinstance(response_dir, str) or not response_dir.strip():
+            raise _fail(source, f"response_dir: must be a folder path (text), got {response_dir!r}")
+        response_dir = Path(response_dir).expanduser()
+        if not response_dir.is_absolute() and base_dir is not None:
+            response_dir = base_dir / response_dir
+    return ReconSpec(result.name, result.description, ordered, resources, tuple(warnings), response_dir)
 
 
 def _check_wiring(spec: ReconSpec, source: str) -> None:

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-dir", type=Path, help="derivative dataset with *_desc-brain_mask images to use")
     p.add_argument("--response-dir", type=Path,
                    help="folder with group responses (the group level's *_desc-{wm,gm,csf}group_response.txt): every "
-                        "run is deconvolved with them instead of its own (recon spec msmt)")
+                        "run is deconvolved with them instead of its own (recon spec msmt); overrides the recon spec's "
+                        "response_dir")
     p.add_argument("--work-dir", type=Path, help="Pydra cache (default OUTPUT_DIR/../dwiflow_work)")
     p.add_argument("--worker", choices=("debug", "cf", "slurm", "sge"), default="cf")
     p.add_argument("--nprocs", type=_positive_int, help="processes for the cf worker")
@@ -109,11 +110,14 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
     for note in spec.warnings:
         print(f"dwiflow: warning: {note}", file=sys.stderr)
     responses = None
-    if args.response_dir is not None:
+    response_dir = args.response_dir if args.response_dir is not None else spec.response_dir
+    if response_dir is not None:
+        from dwiflow.core.errors import DwiflowInputError
         from dwiflow.tasks.preflight import group_responses_for
 
         try:
-            responses = group_responses_for(args.response_dir, spec)
+            responses = group_responses_for(response_dir, spec, "--response-dir" if args.response_dir is not None
+                                            else f"recon spec {spec.name}: response_dir")
         except DwiflowInputError as exc:
             return _error(str(exc))
     print(f"[dwiflow] checking {len(runs)} run(s) before anything runs", flush=True)

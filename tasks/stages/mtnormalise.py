@@ -71,6 +71,20 @@ def run_mtnormalise(files, outputs, options: MtNormaliseOptions, context):
             written["check_mask"] = out.nifti(outputs["check_mask"], result.inliers.astype(np.uint8),
                                               reference.affine, sidecar("mtnormalise_check_mask", params, **sources),
                                               dtype=np.uint8)
+        if "fractions" in outputs or "fractions_rgb" in outputs:
+            from dwiflow.core.msmt_csd import tissue_fractions, tissue_rgb
+
+            names = [{"fod": "wm"}.get(kind, kind) for kind, _, _ in given]
+            l0 = [image[..., 0] if image.ndim == 4 else image for image in result.normalised]
+            fractions = np.where(mask[..., None], tissue_fractions(l0), 0.0)
+            order = {"TissueOrder": [label for _, _, label in given]}
+            if "fractions" in outputs:
+                written["fractions"] = out.nifti(outputs["fractions"], fractions.astype(np.float32), reference.affine,
+                                                 sidecar("mtnormalise_fractions", params, **order, **sources))
+            if "fractions_rgb" in outputs:
+                written["fractions_rgb"] = out.nifti(outputs["fractions_rgb"], tissue_rgb(fractions, names),
+                                                     reference.affine, sidecar("mtnormalise_fractions_rgb", params,
+                                                                               **sources), dtype=np.uint8)
         if "check_factors" in outputs:
             written["check_factors"] = out.text(outputs["check_factors"],
                                                 " ".join(f"{f:.6g}" for f in result.balance_factors) + "\n")
@@ -92,6 +106,10 @@ STAGES = (
         outputs=(Output("wm", "the normalised WM FOD", cli="positional", metavar="OUT_WM"),
                  Output("gm_norm", "the normalised GM compartment", cli="flag"),
                  Output("csf_norm", "the normalised CSF compartment", cli="flag"),
+                 Output("fractions", "tissue fractions: each tissue's normalised l=0 term over their sum (one volume "
+                        "per tissue, in the order WM, GM, CSF)", cli="flag"),
+                 Output("fractions_rgb", "RGB rendering of the tissue fractions (CSF red, GM green, WM blue; uint8)",
+                        cli="flag", metavar="RGB"),
                  Output("check_norm", "the normalisation field", cli="flag", metavar="FIELD"),
                  Output("check_mask", "the voxels the final fit used (outliers excluded)", cli="flag",
                         metavar="MASK"),

@@ -5,6 +5,7 @@ import numpy as np
 from dwiflow.core.csd import CsdModel
 from dwiflow.core.dhollander import dhollander
 from dwiflow.core.msmt_csd import MsmtCsdModel
+from dwiflow.core.msmt_csd import tissue_fractions
 from dwiflow.core.mtnormalise import mtnormalise
 from dwiflow.core.peaks import find_peaks
 from dwiflow.core.response import ResponseFunction
@@ -38,6 +39,12 @@ def test_three_tissue_phantom_fractions_and_fibres():
     error = np.abs(shares - ph.signal_fractions.reshape(-1, 3))
     print("median abs error of the b=0 signal shares (WM, GM, CSF):", np.median(error, axis=0))
     assert np.all(np.median(error, axis=0) <= 0.03)
+    # the tissue-fraction image (normalised l=0 terms over their sum) against the true volume fractions
+    fractions = tissue_fractions([image[..., 0] if image.ndim == 4 else image for image in normalised])
+    volume_error = np.median(np.abs(fractions.reshape(-1, 3) - ph.fractions.reshape(-1, 3)), axis=0)
+    print("median abs error of the tissue fractions (WM, GM, CSF):", volume_error)
+    assert np.all(volume_error <= 0.03)
+    assert np.allclose(fractions.sum(axis=-1), 1.0)
     # WM fibres where the voxel is nearly pure WM with one fibre
     pure = (ph.fractions.reshape(-1, 3)[:, 0] >= 0.9) & (ph.wm.n_fibres.reshape(-1) == 1)
     truth = ph.wm.directions.reshape(pure.size, -1, 3)[pure, 0]

@@ -50,17 +50,30 @@ def test_msmt_recon_spec_wires_dhollander_msmt_and_mtnormalise(tmp_path, capsys)
     voxels = nib.load(f"{base}_desc-dhollandervoxels_mask.nii.gz").get_fdata() > 0
     gm = nib.load(f"{base}_model-msmtcsd_param-fod_desc-gm_dwimap.nii.gz").get_fdata()[..., 0]
     assert np.median(gm[voxels[..., 1]]) > 3 * np.median(wm[..., 0][voxels[..., 1]])
+    # the tissue-fraction image: the normalised l=0 terms over their sum (WM, GM, CSF), and its RGB rendering
+    fractions = nib.load(f"{base}_model-msmtcsd_param-tissuefractions_desc-norm_dwimap.nii.gz").get_fdata()
+    l0 = np.stack([wm_norm[..., 0]] + [nib.load(f"{base}_model-msmtcsd_param-fod_desc-{t}norm_dwimap.nii.gz")
+                                       .get_fdata().reshape(mask.shape) for t in ("gm", "csf")], axis=-1)
+    l0 = np.clip(l0, 0, None)
+    assert np.allclose(fractions[mask], (l0 / l0.sum(-1, keepdims=True))[mask], atol=1e-6)
+    rgb = np.asanyarray(nib.load(f"{base}_model-msmtcsd_param-tissuefractions_desc-rgb_dwimap.nii.gz").dataobj)
+    assert rgb.dtype == np.uint8 and rgb.shape == mask.shape + (3,)
+    assert np.abs(rgb[mask].astype(int) - np.rint(255 * fractions[mask][:, ::-1])).max() <= 1  # CSF, GM, WM
+    # in dhollander's GM voxels GM has the largest fraction
+    assert np.median(fractions[..., 1][voxels[..., 1]]) > 0.5
+    assert list((out / "sub-01" / "figures").glob("*tissuergb*.png")), "the report has no tissue-fraction RGB figure"
     # group level: the group responses (one run here: the mean of one is itself, rescaled by 1)
     assert main([str(BIDS_REAL), str(out), "group"]) == 0
     group_wm = out / "model-msmtcsd_desc-wmgroup_response.txt"
     assert np.allclose(np.loadtxt(group_wm, comments="#"), wm_response, rtol=1e-9)
     assert json.loads(group_wm.with_suffix(".json").read_text())["Runs"] == 1
-    # participant again with the group responses: no response stage; msmt-csd records the group response
+    # participant again with the group responses, named by the recon spec's response_dir (relative to the spec
+    # file): no response stage; msmt-csd records the group response
+    (tmp_path / "group_spec.yaml").write_text(yaml.safe_dump({**spec, "response_dir": "out"}))
     out2 = tmp_path / "out2"
     code = main([str(BIDS_REAL), str(out2), "participant", "--participant-label", "01", "--bids-filter-file",
-                 str(tmp_path / "filter.json"), "--recon-spec", str(tmp_path / "spec.yaml"), "--mask-dir",
-                 str(BIDS_REAL / "derivatives" / "masks"), "--work-dir", str(tmp_path / "work"), "--response-dir",
-                 str(out)])
+                 str(tmp_path / "filter.json"), "--recon-spec", str(tmp_path / "group_spec.yaml"), "--mask-dir",
+                 str(BIDS_REAL / "derivatives" / "masks"), "--work-dir", str(tmp_path / "work")])
     assert code == 0
     base2 = out2 / "sub-01" / "dwi" / "sub-01_acq-b6kmax"
     assert not list(out2.rglob("*_desc-wm_response.txt"))
@@ -76,3 +89,13 @@ def test_msmt_recon_spec_wires_dhollander_msmt_and_mtnormalise(tmp_path, capsys)
     assert code == 2 and not out3.exists()
     err = capsys.readouterr().err
     assert "b-values 0, 1000, 2000 do not match the group response" in err and "b=0, 750, 1500" in err
+    # --response-dir overrides the spec's response_dir; a spec's folder that is not there is named as the spec's
+    (tmp_path / "missing_spec.yaml").write_text(yaml.safe_dump({**spec, "response_dir": "nowhere"}))
+    args = [str(BIDS_REAL), str(out3), "participant", "--participant-label", "01", "--bids-filter-file",
+            str(tmp_path / "other.json"), "--recon-spec", str(tmp_path / "missing_spec.yaml"), "--work-dir",
+            str(tmp_path / "work")]
+    assert main(args) == 2 and not out3.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"response_dir {tmp_path / 'nowhere'}: not a folder" in err[0], err
+    assert main(args + ["--response-dir", str(out)]) == 2  # now the group response's shells are what is wrong
+    assert "do not match the group response" in capsys.readouterr().err

@@ -42,8 +42,9 @@ def _tree(folder: Path) -> str:
 
 BAD_SPECS = [
     # top level
-    (_spec(colour="red"), "colour: unknown key (allowed: name, description, stages, resources)"),
+    (_spec(colour="red"), "colour: unknown key (allowed: name, description, stages, resources, response_dir)"),
     (_spec(name=3), "name: must be text, got 3"),
+    (_spec(response_dir=["a", "b"]), "response_dir: must be a folder path (text), got ['a', 'b']"),
     ("name: x\nstages: [mask, tensor]\n", "stages: must be a mapping of stage names to options"),
     ("stages: {mask: {}\n  tensor: [}", "is not valid YAML (line"),
     # unknown stages and options at every level
