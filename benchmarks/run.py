@@ -529,6 +529,110 @@ def bench_msmt(n_voxels: int, repeats: int, workdir: Path) -> list[dict]:
     return rows
 
 
+def _tree_rss_mb(root: int) -> float:
+    """Resident memory (MB) of a process and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+            rss[int(entry.name)] = int(fields[21])  # pages
+        except (OSError, IndexError, ValueError):
+            continue
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _timed_with_memory(cmds: list[list[str]], threads: int) -> tuple[float, float]:
+    """Run commands one after the other (whole commands, every thread pool at ``threads``); seconds and the peak
+    resident memory of each command's whole process tree (sampled every 50 ms), in MB."""
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+               OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    peak, t0 = 0.0, time.perf_counter()
+    for cmd in cmds:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss_mb(proc.pid))
+            time.sleep(0.05)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:4])} … failed: {proc.stderr.read()[-2000:]}")
+    return time.perf_counter() - t0, peak
+
+
+def bench_msmt_spec(block: tuple[int, int, int], workdir: Path, threads: int = 2) -> list[dict]:
+    """The whole ``msmt`` recon spec (BIDS App: mask, tensor, dhollander, msmt-csd, mtnormalise, peaks, FOD
+    metrics, figures, report) against MRtrix3's command sequence (dwi2mask, dwi2response dhollander, dwi2fod
+    msmt_csd, mtnormalise, sh2peaks) on a whole-brain-sized three-tissue phantom (3 shells + b=0) inside a field of
+    view of background noise; both at ``threads`` threads, with peak memory."""
+    import json
+    import sys
+
+    if not shutil.which("dwi2fod"):
+        return []
+    from dwiflow.core.sims import add_rician_noise, three_tissue_phantom
+
+    g = acquisition_scheme("multi")
+    phantom = three_tissue_phantom(g, block, seed=3)
+    pad = 6
+    shape = tuple(n + 2 * pad for n in block)
+    rng = np.random.default_rng(4)
+    data = add_rician_noise(np.zeros(shape + (g.n_volumes,)), 1000.0 / 30, rng).astype(np.float32)
+    data[pad:-pad, pad:-pad, pad:-pad] = phantom.data
+    affine = np.diag([-2.0, 2.0, 2.0, 1.0])
+    bids = workdir / "spec_bids"
+    dwi_dir = bids / "sub-01" / "dwi"
+    dwi_dir.mkdir(parents=True, exist_ok=True)
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "msmt benchmark phantom",
+                                                                "BIDSVersion": "1.9.0"}))
+    dwi = dwi_dir / "sub-01_dwi.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), dwi)
+    bval, bvec = dwi_dir / "sub-01_dwi.bval", dwi_dir / "sub-01_dwi.bvec"
+    np.savetxt(bval, g.bvals[None], fmt="%g")
+    np.savetxt(bvec, world_to_fsl_bvecs(g.bvecs, affine).T, fmt="%.8f")
+    (dwi_dir / "sub-01_dwi.json").write_text(json.dumps({"RepetitionTime": 5.0, "EchoTime": 0.08}))
+    out, work = workdir / "spec_out", workdir / "spec_work"
+    ours_cmd = [sys.executable, "-m", "dwiflow.cli.bidsapp", str(bids), str(out), "participant", "--recon-spec",
+                "msmt", "--work-dir", str(work), "--worker", "cf", "--nprocs", "1", "--omp-nthreads", str(threads)]
+    t_ours, mem_ours = _timed_with_memory([ours_cmd], threads)
+    m = workdir / "spec_mrtrix"
+    m.mkdir(exist_ok=True)
+    grad = ["-fslgrad", str(bvec), str(bval)]
+    common = ["-quiet", "-force", "-nthreads", str(threads)]
+    theirs = [
+        ["dwi2mask", *common, str(dwi), *grad, str(m / "mask.nii.gz")],
+        ["dwi2response", "dhollander", *common, str(dwi), *grad, str(m / "wm.txt"), str(m / "gm.txt"),
+         str(m / "csf.txt"), "-mask", str(m / "mask.nii.gz"), "-scratch", str(m)],
+        ["dwi2fod", "msmt_csd", *common, str(dwi), *grad, "-mask", str(m / "mask.nii.gz"), str(m / "wm.txt"),
+         str(m / "wmfod.nii.gz"), str(m / "gm.txt"), str(m / "gm.nii.gz"), str(m / "csf.txt"),
+         str(m / "csf.nii.gz")],
+        ["mtnormalise", *common, str(m / "wmfod.nii.gz"), str(m / "wmfod_norm.nii.gz"), str(m / "gm.nii.gz"),
+         str(m / "gm_norm.nii.gz"), str(m / "csf.nii.gz"), str(m / "csf_norm.nii.gz"), "-mask",
+         str(m / "mask.nii.gz")],
+        ["sh2peaks", *common, str(m / "wmfod_norm.nii.gz"), str(m / "peaks.nii.gz"), "-mask", str(m / "mask.nii.gz")],
+    ]
+    t_m, mem_m = _timed_with_memory(theirs, threads)
+    ours_mask = next(out.rglob("*_desc-brain_mask.nii.gz"))
+    a = nib.load(ours_mask).get_fdata() > 0
+    b = nib.load(m / "mask.nii.gz").get_fdata() > 0
+    dice = 2 * (a & b).sum() / (a.sum() + b.sum())
+    ours_fod = nib.load(next(out.rglob("*_param-fod_desc-wmnorm_dwimap.nii.gz"))).get_fdata()
+    theirs_fod = nib.load(m / "wmfod_norm.nii.gz").get_fdata()
+    both = a & b
+    scale = np.abs(theirs_fod[both]).max(axis=1)
+    rel = np.abs(ours_fod[both] - theirs_fod[both]).max(axis=1) / np.maximum(scale, 1e-12)
+    return [{"step": "msmt spec", "peer": f"MRtrix3 sequence: mask, dhollander, msmt_csd, mtnormalise, sh2peaks "
+                                          f"({threads} thr.; peak MB ours {mem_ours:.0f}, MRtrix3 {mem_m:.0f})",
+             "voxels": int(np.prod(block)), "dwiflow_s": t_ours, "peer_s": t_m,
+             "accuracy": f"mask Dice {dice:.4f}; normalised WM FOD median max-rel diff {np.median(rel):.1e}"}]
+
+
 def _dipy_msmt_row(phantom, our_wm: Path, nvox: int, n_subset: int = 60) -> dict:
     """DIPY 1.12's MultiShellDeconvModel on a subset of pure single-fibre WM voxels (scaled to the phantom; one
     BLAS thread), with the phantom's true tissue responses; accuracy: first FOD peak against the true fibre."""
@@ -599,8 +703,10 @@ def main() -> int:
     parser.add_argument("--smt-voxels", type=int, default=20000, help="phantom size of the SMT steps")
     parser.add_argument("--smt-dipy-seconds", type=float, default=15.0, help="rough time budget of each dmipy run")
     parser.add_argument("--msmt-voxels", type=int, default=20000, help="three-tissue phantom of the msmt steps")
-    parser.add_argument("--steps", help="comma-separated subset of: tensor, amp2response, csd, iterative, msmt, rumba, "
-                                        "mapmri, smt")
+    parser.add_argument("--msmt-spec-block", type=lambda t: tuple(int(v) for v in t.split(",")), default=(64, 64, 40),
+                        help="tissue block of the whole msmt recon-spec step (default 64,64,40: 163,840 voxels)")
+    parser.add_argument("--steps", help="comma-separated subset of: tensor, amp2response, csd, iterative, msmt, "
+                                        "msmt-spec, rumba, mapmri, smt")
     parser.add_argument("--repeats", type=int, default=3, help="best of N timings")
     args = parser.parse_args()
     steps = {
@@ -611,6 +717,7 @@ def main() -> int:
         "smt": lambda tmp: bench_smt(args.smt_voxels, args.smt_dipy_seconds),
         "mapmri": lambda tmp: bench_mapmri(args.mapmri_voxels, args.mapmri_dipy_seconds),
         "msmt": lambda tmp: bench_msmt(args.msmt_voxels, args.repeats, tmp),
+        "msmt-spec": lambda tmp: bench_msmt_spec(args.msmt_spec_block, tmp),
         "rumba": lambda tmp: bench_rumba(args.rumba_voxels, args.rumba_dipy_voxels, args.rumba_global_shape,
                                          args.rumba_memory_voxels),
     }

@@ -26,7 +26,7 @@ REAL_RUNS = {
 
 # files whose tests mostly wait (cluster jobs, signalled subprocesses): run first, so that with pytest-xdist's
 # --dist loadfile they overlap with the compute-bound files instead of forming a tail
-RUN_FIRST = ("test_slurm.py", "test_reliability.py", "test_bids_real.py")
+RUN_FIRST = ("test_bids_real.py", "test_reliability.py")
 
 
 def pytest_collection_modifyitems(config, items):
