@@ -258,12 +258,28 @@ class ThreeTissuePhantom:
     wm: Phantom
 
 
+def smooth_tissue_fractions(shape: tuple[int, int, int], *, width: float = 3.0, sharpness: float = 6.0,
+                            seed: int = 7) -> np.ndarray:
+    """Spatially smooth WM/GM/CSF volume fractions (x, y, z, 3), brain-like patches rather than voxel-wise random
+    tissues: three Gaussian-smoothed noise fields (``width`` voxels) made into fractions by a softmax whose
+    ``sharpness`` sets how many voxels are nearly pure."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    fields = np.stack([gaussian_filter(rng.standard_normal(shape), width, mode="wrap") for _ in range(3)], axis=-1)
+    fields /= fields.std()
+    weights = np.exp(sharpness * (fields - fields.max(axis=-1, keepdims=True)))
+    return weights / weights.sum(axis=-1, keepdims=True)
+
+
 def three_tissue_phantom(
-    gtab: GradientTable, shape: tuple[int, int, int], *, s0: float = 1000.0, snr: float | None = 30.0, seed: int = 7
+    gtab: GradientTable, shape: tuple[int, int, int], *, s0: float = 1000.0, snr: float | None = 30.0, seed: int = 7,
+    fractions: np.ndarray | None = None,
 ) -> ThreeTissuePhantom:
     """WM (1-2 fibres, :func:`make_phantom`), GM (D = 0.8e-3) and CSF (D = 3e-3) with partial volumes: a quarter of
-    the voxels pure WM, a quarter pure GM, a sixth pure CSF, the rest random mixtures (Dirichlet(1, 1, 1)); Rician
-    noise at ``snr`` of ``s0``."""
+    the voxels pure WM, a quarter pure GM, a sixth pure CSF, the rest random mixtures (Dirichlet(1, 1, 1)), or the
+    given volume ``fractions`` (x, y, z, 3), e.g. :func:`smooth_tissue_fractions`; Rician noise at ``snr`` of
+    ``s0``."""
     wm = make_phantom(gtab, shape, n_fibres=(1, 2), snr=None, seed=seed)
     rng = np.random.default_rng(seed)
     nvox = int(np.prod(shape))
@@ -272,6 +288,8 @@ def three_tissue_phantom(
     f[kind == 0] = [1.0, 0.0, 0.0]
     f[kind == 1] = [0.0, 1.0, 0.0]
     f[kind == 2] = [0.0, 0.0, 1.0]
+    if fractions is not None:
+        f = np.asarray(fractions, dtype=float).reshape(nvox, 3)
     wm_signal = wm.data.reshape(nvox, -1) / wm.s0
     gm_signal = np.exp(-gtab.bvals * GM_DIFFUSIVITY)[None]
     csf_signal = CSF_PROTON_DENSITY * np.exp(-gtab.bvals * CSF_DIFFUSIVITY)[None]
