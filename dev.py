@@ -35,13 +35,15 @@ def ensure_environment(extras: str = "test") -> Path:
         print(f"[dev] creating virtual environment {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     stamp = VENV / ".dwiflow-install-stamp"
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
+    constraints = ROOT / "constraints.txt"  # every dependency's version, shared with the container build
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + constraints.read_bytes()
+                            + extras.encode()).hexdigest()
     if not stamp.exists() or stamp.read_text() != digest:
         print("[dev] installing dwiflow and its dependencies (first run takes a few minutes)", flush=True)
         pip = [str(python), "-m", "pip", "--disable-pip-version-check", "-q"]
         subprocess.run(pip + ["install", "--upgrade", "pip", "setuptools>=64"], check=True)
         target = f"{ROOT}[{extras}]" if extras else str(ROOT)
-        subprocess.run(pip + ["install", "-e", target], check=True)
+        subprocess.run(pip + ["install", "-c", str(constraints), "-e", target], check=True)
         stamp.write_text(digest)
     return python
 

@@ -24,9 +24,9 @@ REAL_RUNS = {
 }
 
 
-# files whose tests mostly wait (cluster jobs, signalled subprocesses): run first, so that with pytest-xdist's
-# --dist loadfile they overlap with the compute-bound files instead of forming a tail
-RUN_FIRST = ("test_bids_real.py", "test_reliability.py")
+# files whose tests mostly wait (image build downloads, cluster jobs, signalled subprocesses): run first, so that
+# with pytest-xdist's --dist loadfile they overlap with the compute-bound files instead of forming a tail
+RUN_FIRST = ("test_container.py", "test_bids_real.py", "test_reliability.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,6 +16,7 @@ Pydra's ``slurm`` worker submits every task as one ``sbatch`` job with the same 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shlex
 import sys
@@ -71,9 +72,12 @@ class StageSlurmWorker(SlurmWorker):
         """Pydra's job pickle and batch script, the script running :func:`run_job` (the job's own error on failure)."""
         script_dir, batch_script = super()._prepare_runscripts(job, interpreter=interpreter, rerun=rerun)
         job_pkl = script_dir / "_job.pklz"
+        # DWIFLOW_JOB_PREFIX: what the job's command runs inside, e.g. "apptainer exec -B /data dwiflow.sif" when
+        # dwiflow itself runs in that container (the node then starts the same image)
+        prefix = os.environ.get("DWIFLOW_JOB_PREFIX", "").strip()
         batch_script.write_text(f"#!{interpreter}\n#SBATCH --output={script_dir / 'slurm-%j.out'}\n"
-                                f"{shlex.quote(sys.executable)} -m dwiflow.workflows.cluster {shlex.quote(str(job_pkl))}"
-                                f"{' --rerun' if rerun else ''}\n")
+                                f"{prefix + ' ' if prefix else ''}{shlex.quote(sys.executable)} -m "
+                                f"dwiflow.workflows.cluster {shlex.quote(str(job_pkl))}{' --rerun' if rerun else ''}\n")
         return script_dir, batch_script
 
     async def run(self, job, rerun: bool = False):

@@ -137,15 +137,19 @@ def test_every_real_run_through_slurm_equals_cf(cluster, cf_reference, tmp_path,
     out, work = tmp_path / "out", tmp_path / "work"
     # sub-03 (its mask computed: --mask-dir has none for it); sub-02's two runs go through SLURM in the killed-job
     # test below (sub-01's two-slice runs only differ from these in their given masks, which the cf run covers)
+    # the jobs run through DWIFLOW_JOB_PREFIX (what `apptainer exec … dwiflow.sif` is in the README's recipe)
+    prefixed = {**cluster["env"], "DWIFLOW_JOB_PREFIX": "env DWIFLOW_RAN_THROUGH_PREFIX=1"}
     run = subprocess.run(_dwiflow([BIDS_REAL, out, "participant", "--participant-label", "03", "--mask-dir",
-                                   MASKS, "--work-dir", work, "--worker", "slurm"], cluster["env"]),
-                         env=cluster["env"], capture_output=True, text=True, timeout=1200)
+                                   MASKS, "--work-dir", work, "--worker", "slurm"], prefixed),
+                         env=prefixed, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     jobs = _job_ids(run.stdout)
     with capsys.disabled():
         print(f"\n[slurm] {len(jobs)} jobs: " + ", ".join(f"{j}={s}" for j, s in sorted(jobs.items(), key=lambda x: int(x[0]))))
     # mask, tensor, response, csd, peaks, fod_metrics, stage_derivatives, figures
     assert sorted(jobs.values()).count("mask") == 1 and len(jobs) == 8
+    scripts = list(work.rglob("slurm_scripts/*/*.sh"))
+    assert len(scripts) == 8 and all("\nenv DWIFLOW_RAN_THROUGH_PREFIX=1 " in p.read_text() for p in scripts), scripts
     accounted = _sacct(cluster["env"], *jobs)
     assert set(accounted) == set(jobs)
     for job_id, (name, state, cpus) in accounted.items():
