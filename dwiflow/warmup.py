@@ -17,13 +17,13 @@ def warm_up(specs: list[str] | None = None) -> int:
     """Run each built-in recon spec (default: all) on a 12x12x8 phantom; returns 0 when every spec ran."""
     from dwiflow.cli.bidsapp import main as bidsapp
     from dwiflow.tasks.recon_spec import builtin_specs
-    from dwiflow.tasks.stages.phantom import write_phantom_dataset
+    from dwiflow.tasks.stages.phantom import three_tissue_block, write_phantom_dataset
 
     failed = []
     with tempfile.TemporaryDirectory(prefix="dwiflow-warmup-") as tmp:
         root = Path(tmp)
         files = write_phantom_dataset(root / "bids", scheme="multi", shape=(14, 14, 10), snr=30.0, seed=1)
-        _three_tissues(files["dwi"])
+        three_tissue_block(files["dwi"])
         for name in specs or builtin_specs():
             t0 = time.perf_counter()
             spec = _small_data_spec(name, root)
@@ -53,30 +53,6 @@ def _small_data_spec(name: str, root: Path) -> str:
         path.write_text(yaml.safe_dump(spec))
         return str(path)
     return name
-
-
-def _three_tissues(dwi: Path) -> None:
-    """Make the phantom's tissue block WM/GM/CSF patches (what dhollander needs) and give its sidecar the
-    diffusion times MAP-MRI needs."""
-    import json
-
-    import nibabel as nib
-    import numpy as np
-
-    from dwiflow.core.sims import acquisition_scheme, smooth_tissue_fractions, three_tissue_phantom
-
-    img = nib.load(dwi)
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    block = (slice(3, -3), slice(3, -3), slice(2, -2))
-    shape = data[block].shape[:3]
-    tissues = three_tissue_phantom(acquisition_scheme("multi"), shape, seed=2,
-                                   fractions=smooth_tissue_fractions(shape, width=2.0, seed=2))
-    data[block] = tissues.data
-    nib.save(nib.Nifti1Image(data, img.affine, img.header), dwi)
-    sidecar = Path(str(dwi).replace(".nii.gz", ".json"))
-    content = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-    content.update(LargeDelta=0.04, SmallDelta=0.02)
-    sidecar.write_text(json.dumps(content, indent=2))
 
 
 if __name__ == "__main__":

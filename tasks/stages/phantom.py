@@ -122,3 +122,27 @@ STAGES = (
         outputs=(Output("dataset", "the dataset folder", cli="positional", metavar="OUT_DIR", folder=True),), pipeline=False,
     ),
 )
+
+
+def three_tissue_block(dwi: Path, seed: int = 2) -> None:
+    """Turn the tissue block of a multi-shell phantom dataset (:func:`write_phantom_dataset`, default background)
+    into spatially smooth WM/GM/CSF patches (what dhollander needs), and give its sidecar the diffusion times
+    MAP-MRI needs (Δ = 40 ms, δ = 20 ms). Used by ``python -m dwiflow.warmup``."""
+    import json
+
+    import nibabel as nib
+
+    from dwiflow.core.sims import acquisition_scheme, smooth_tissue_fractions, three_tissue_phantom
+
+    img = nib.load(dwi)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    block = (slice(3, -3), slice(3, -3), slice(2, -2))
+    shape = data[block].shape[:3]
+    tissues = three_tissue_phantom(acquisition_scheme("multi"), shape, seed=seed,
+                                   fractions=smooth_tissue_fractions(shape, width=2.0, seed=seed))
+    data[block] = tissues.data
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), dwi)
+    sidecar = Path(str(dwi).replace(".nii.gz", ".json"))
+    content = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    content.update(LargeDelta=0.04, SmallDelta=0.02)
+    sidecar.write_text(json.dumps(content, indent=2))
