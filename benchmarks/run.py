@@ -454,10 +454,15 @@ def bench_smt(n_voxels: int, dipy_seconds: float) -> list[dict]:
                                  f"{data.shape[0] / t_ours:.0f} vs {n_w / t_dipy:.1f} vox/s"})
     return rows
 
+def _thread_env(threads: int) -> dict[str, str]:
+    """The environment with every thread pool (numba, OpenMP, OpenBLAS, MKL) at ``threads``."""
+    return dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+                OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+
+
 def _whole_command(cmd: list[str], threads: int, repeats: int) -> float:
     """Seconds of a whole command (process start, reading, fitting, writing) with every thread pool at ``threads``."""
-    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-               OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = _thread_env(threads)
     best = np.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -553,8 +558,7 @@ def _tree_rss_mb(root: int) -> float:
 def _timed_with_memory(cmds: list[list[str]], threads: int) -> tuple[float, float]:
     """Run commands one after the other (whole commands, every thread pool at ``threads``); seconds and the peak
     resident memory of each command's whole process tree (sampled every 50 ms), in MB."""
-    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-               OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = _thread_env(threads)
     peak, t0 = 0.0, time.perf_counter()
     for cmd in cmds:
         with tempfile.TemporaryFile("w+") as errors:

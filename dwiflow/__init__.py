@@ -26,13 +26,14 @@ def _seed_numba_cache() -> None:
     try:
         _os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".numba-seed-", dir=parent)
+    except OSError:
+        return  # no writable parent: numba compiles as it would without the seed
+    try:
         shutil.copytree(seed, _os.path.join(staging, "cache"))
         _os.rename(_os.path.join(staging, "cache"), target)  # atomic: concurrent processes race harmlessly
     except OSError:
-        pass  # another process got there first, or no space: numba compiles as it would without the seed
+        pass  # another process got there first, or no space
     finally:
-        if "staging" in locals():
-            shutil.rmtree(staging, ignore_errors=True)
-
+        shutil.rmtree(staging, ignore_errors=True)
 
 _seed_numba_cache()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def warm_up(specs: list[str] | None = None) -> int:
-    """Run each built-in recon spec (default: all) on a 12x12x8 phantom; returns 0 when every spec ran."""
+    """Run each built-in recon spec (default: all) on a 14x14x10 three-tissue phantom; 0 when every spec ran."""
     from dwiflow.cli.bidsapp import main as bidsapp
     from dwiflow.tasks.recon_spec import builtin_specs
     from dwiflow.tasks.stages.phantom import three_tissue_block, write_phantom_dataset
