@@ -167,17 +167,23 @@ def mrtrix_tensor_fa(data: np.ndarray, gtab: GradientTable, mask: np.ndarray) ->
     signal = np.asarray(data[mask], dtype=float)
     signal = np.maximum(signal, 1e-6 * signal.max(axis=1, keepdims=True))
     log_signal = np.log(signal)
-    weights = signal
-    for _ in range(3):
-        w2 = weights * weights
-        normal = np.einsum("vn,ni,nj->vij", w2, design, design)
-        rhs = (w2 * log_signal) @ design
+    n_params = design.shape[1]
+    rows, cols = np.triu_indices(n_params)
+    pair_products = design[:, rows] * design[:, cols]  # (n, 28): one matrix product gives every normal matrix
+    squared_weights = np.square(signal, out=signal)  # the first pass weights by the measured signals
+    for fitting_pass in range(3):
+        upper = squared_weights @ pair_products
+        normal = np.empty((upper.shape[0], n_params, n_params))
+        normal[:, rows, cols] = upper
+        normal[:, cols, rows] = upper
+        rhs = np.multiply(squared_weights, log_signal, out=squared_weights) @ design
         with np.errstate(all="ignore"):
             try:
                 params = np.linalg.solve(normal, rhs[..., None])[..., 0]
             except np.linalg.LinAlgError:
                 params = np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a, b in zip(normal, rhs)])
-            weights = np.exp(params @ design.T)
+            if fitting_pass < 2:  # the next passes weight by the predicted signals: w² = exp(2 · log prediction)
+                squared_weights = np.exp(np.multiply(params @ design.T, 2.0), out=squared_weights)
     finite = np.all(np.isfinite(params), axis=1)
     params[~finite] = 0.0
     evals, evecs = np.linalg.eigh(lower_triangular_to_matrix(params[:, :6]))

@@ -3,7 +3,7 @@
 Two constructions: geodesic subdivision of the icosahedron (10·ν²+2 points for
 frequency ν: 362 for ν=6, 642 for ν=8, 2562 for ν=16) and electrostatic repulsion of
 antipodal pairs (Jones et al. 1999), which is what MRtrix3 and DIPY ship. Neighbours
-come from the convex hull of the points (its faces triangulate the sphere).
+come from a triangulation: the subdivision's for geodesic spheres, the convex hull for others.
 
 References
 ----------
@@ -66,16 +66,28 @@ def sphere_from_vertices(vertices: np.ndarray) -> Sphere:
     from scipy.spatial import ConvexHull  # imported here: it costs 0.4 s, and most commands never triangulate
 
     faces = ConvexHull(v).simplices.astype(np.intp)
-    pairs = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [0, 2]]])
+    return Sphere(v, faces, _edges_of(faces))
+
+
+def _edges_of(faces: np.ndarray) -> np.ndarray:
+    """The unique undirected edges (i < j, sorted) of a triangulation."""
+    pairs = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [0, 2]]]).astype(np.int64)
     pairs.sort(axis=1)
-    edges = np.unique(pairs, axis=0)
-    return Sphere(v, faces, edges)
+    codes = np.unique(pairs[:, 0] * (int(pairs.max()) + 1) + pairs[:, 1])  # one integer per edge: sorts as (i, j)
+    return np.stack(np.divmod(codes, int(pairs.max()) + 1), axis=1).astype(np.intp)
 
 
 def symmetric_sphere(hemisphere: np.ndarray) -> Sphere:
     """Sphere made of ``hemisphere`` followed by its antipodes."""
     h = np.asarray(hemisphere, dtype=float)
     return sphere_from_vertices(np.concatenate([h, -h]))
+
+
+# the 20 faces of the icosahedron below (its convex hull), as vertex indices
+_ICOSAHEDRON_FACES = np.array(
+    [[0, 1, 5], [0, 1, 7], [0, 5, 11], [0, 7, 10], [0, 10, 11], [1, 5, 9], [1, 7, 8], [1, 8, 9], [2, 3, 4], [2, 3, 6],
+     [2, 4, 11], [2, 6, 10], [2, 10, 11], [3, 4, 9], [3, 6, 8], [3, 8, 9], [4, 5, 9], [4, 5, 11], [6, 7, 8],
+     [6, 7, 10]], dtype=np.intp)
 
 
 def _icosahedron() -> tuple[np.ndarray, np.ndarray]:
@@ -86,10 +98,7 @@ def _icosahedron() -> tuple[np.ndarray, np.ndarray]:
         dtype=float,
     )
     v /= np.linalg.norm(v, axis=1, keepdims=True)
-    from scipy.spatial import ConvexHull
-
-    f = ConvexHull(v).simplices
-    return v, f
+    return v, _ICOSAHEDRON_FACES
 
 
 def _hemisphere_of(points: np.ndarray) -> np.ndarray:
@@ -105,18 +114,35 @@ def geodesic_sphere(frequency: int) -> Sphere:
 
     Every icosahedron face is divided into ν² triangles and the new points are
     projected onto the sphere. The vertex order is a hemisphere then its antipodes.
+    The faces are those of the subdivision (for these points the same triangulation
+    as their convex hull, which is not computed: it costs a SciPy import and a hull).
     """
     if int(frequency) != frequency or frequency < 1:
         raise DwiflowInputError(f"frequency must be a positive integer, got {frequency!r}")
     frequency = int(frequency)
     v, faces = _icosahedron()
-    ij = np.array([(i, j) for i in range(frequency + 1) for j in range(frequency + 1 - i)], dtype=float)
+    ij = np.array([(i, j) for i in range(frequency + 1) for j in range(frequency + 1 - i)])
+    local = {(int(i), int(j)): n for n, (i, j) in enumerate(ij)}
+    triangles = []
+    for i in range(frequency):
+        for j in range(frequency - i):
+            triangles.append((local[i, j], local[i + 1, j], local[i, j + 1]))
+            if i + j < frequency - 1:
+                triangles.append((local[i + 1, j], local[i + 1, j + 1], local[i, j + 1]))
     w = np.column_stack([ij[:, 0], ij[:, 1], frequency - ij[:, 0] - ij[:, 1]]) / frequency
     pts = np.einsum("pk,fkd->fpd", w, v[faces]).reshape(-1, 3)
     pts /= np.linalg.norm(pts, axis=1, keepdims=True)
-    pts = np.unique(np.round(pts, 12), axis=0)
-    hemi = _hemisphere_of(pts)
-    return symmetric_sphere(hemi)
+    points, point_of = np.unique(np.round(pts, 12), axis=0, return_inverse=True)
+    hemi = _hemisphere_of(points)
+    # each point's index in [hemi, -hemi] (rounding is symmetric, so an antipode is found exactly; tuples make
+    # -0.0 and 0.0 the same key)
+    in_hemi = {tuple(p): n for n, p in enumerate(hemi.tolist())}
+    order = np.array([in_hemi[p] if p in in_hemi else hemi.shape[0] + in_hemi[tuple(-x for x in p)]
+                      for p in map(tuple, points.tolist())], dtype=np.intp)
+    local_faces = np.arange(faces.shape[0])[:, None, None] * ij.shape[0] + np.array(triangles)[None]
+    sphere_faces = order[point_of.reshape(-1)[local_faces.reshape(-1, 3)]]
+    full = np.concatenate([hemi, -hemi])
+    return Sphere(full / np.linalg.norm(full, axis=1, keepdims=True), sphere_faces, _edges_of(sphere_faces))
 
 
 @lru_cache(maxsize=16)

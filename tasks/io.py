@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import tempfile
-import zlib
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +13,7 @@ from typing import Any, Iterator
 
 import nibabel as nib
 import numpy as np
+from isal import igzip, isal_zlib
 
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import DEFAULT_B0_THRESHOLD, GradientTable, gradient_table
@@ -83,14 +82,15 @@ def load_image(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
     try:
         if p.name.endswith(".gz"):
             try:
-                data = gzip.decompress(p.read_bytes())
-            except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
+                data = igzip.decompress(p.read_bytes())
+            except (igzip.BadGzipFile, isal_zlib.error, EOFError) as exc:
                 if "Not a gzipped file" in str(exc):
                     raise DwiflowInputError(f"cannot read {what} {p}: not a gzip-compressed file, although its name "
                                             "ends in .gz") from None
                 reason = "truncated" if isinstance(exc, EOFError) else "corrupt"
+                detail = "CRC check failed" if "CRC check failed" in str(exc) else _short(exc)
                 raise DwiflowInputError(f"{what} {p} is {reason}: its gzip stream cannot be read whole "
-                                        f"({_short(exc)})") from None
+                                        f"({detail})") from None
             img = _nifti_from_bytes(data, what, p)
             _check_complete(img, len(data), what, p)
         else:
@@ -236,6 +236,20 @@ def load_mask(path: str | os.PathLike, spatial_shape: tuple[int, ...], affine: n
     return mask
 
 
+GZIP_LEVEL = 2
+
+
+def save_nifti(img: nib.Nifti1Image, path: str | os.PathLike) -> None:
+    """Write a NIfTI image; a ``.gz`` name is compressed with ISA-L's deflate (level 2 of 0–3, no timestamp in the
+    header, so the same image always gives the same bytes): about ten times faster than zlib at nibabel's level 1
+    and a smaller file. Any gzip reader reads it."""
+    path = Path(path)
+    if path.name.endswith(".gz"):
+        path.write_bytes(igzip.compress(img.to_bytes(), GZIP_LEVEL, mtime=0))
+    else:
+        nib.save(img, str(path))
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -283,7 +297,7 @@ class OutputSet:
         tmp = self._reserve(path)
         img = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine)
         img.header.set_xyzt_units("mm", "sec")
-        nib.save(img, str(tmp))
+        save_nifti(img, tmp)
         if sidecar is not None:
             self.json(sidecar_path(path), sidecar)
         return path

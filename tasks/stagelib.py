@@ -33,7 +33,7 @@ def voxels_to_fit(run, mask: PathLike | None, dwi: PathLike) -> np.ndarray:
     """The mask's voxels, or without a mask every voxel with some positive signal (as MRtrix3 does)."""
     if mask is not None:
         return load_mask(mask, run.data.shape[:3], run.affine)
-    voxels = np.any(np.nan_to_num(run.data) > 0, axis=-1)
+    voxels = np.any(run.data > 0, axis=-1)  # NaN compares False: no copy through nan_to_num
     if not voxels.any():
         raise DwiflowInputError(f"DWI {dwi} has no voxel with a positive signal")
     return voxels
@@ -41,10 +41,10 @@ def voxels_to_fit(run, mask: PathLike | None, dwi: PathLike) -> np.ndarray:
 
 def brain_mask(run, mask: PathLike | None) -> np.ndarray:
     """The given mask, or median-Otsu on the b=0 volumes."""
-    from dwiflow.core.mask import median_otsu_mask
-
     if mask is not None:
         return load_mask(mask, run.data.shape[:3], run.affine)
+    from dwiflow.core.mask import median_otsu_mask  # SciPy's ndimage: imported only when a mask is computed
+
     return median_otsu_mask(run.data, run.gtab)
 
 

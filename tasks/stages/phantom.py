@@ -10,7 +10,7 @@ import numpy as np
 
 from dwiflow._version import __version__
 from dwiflow.bids_specs.outputs import output_filename
-from dwiflow.tasks.io import atomic_outputs
+from dwiflow.tasks.io import atomic_outputs, save_nifti
 from dwiflow.tasks.options import StageOptions, option
 from dwiflow.tasks.registry import Output, Stage
 
@@ -141,7 +141,7 @@ def three_tissue_block(dwi: Path, seed: int = 2) -> None:
     tissues = three_tissue_phantom(acquisition_scheme("multi"), shape, seed=seed,
                                    fractions=smooth_tissue_fractions(shape, width=2.0, seed=seed))
     data[block] = tissues.data
-    nib.save(nib.Nifti1Image(data, img.affine, img.header), dwi)
+    save_nifti(nib.Nifti1Image(data, img.affine, img.header), dwi)
     sidecar = Path(str(dwi).replace(".nii.gz", ".json"))
     content = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     content.update(LargeDelta=0.04, SmallDelta=0.02)

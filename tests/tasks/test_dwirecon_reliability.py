@@ -77,7 +77,7 @@ def test_all_outputs_or_none_on_a_full_disk(case, capsys, monkeypatch):
     """ENOSPC while writing the second map: nothing is published and no temporary file is left."""
     import dwiflow.tasks.io as io
 
-    original, calls = io.nib.save, []
+    original, calls = io.save_nifti, []
 
     def save(img, name):
         calls.append(name)
@@ -87,7 +87,7 @@ def test_all_outputs_or_none_on_a_full_disk(case, capsys, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device", name)
         return original(img, name)
 
-    monkeypatch.setattr(io.nib, "save", save)
+    monkeypatch.setattr(io, "save_nifti", save)
     d = case["dir"]
     before = _files(d)
     code = main([str(a) for a in ["tensor", case["dwi"], case["bval"], case["bvec"], "--fa", d / "fa.nii.gz",
