@@ -25,6 +25,7 @@ class FitStatus(IntEnum):
     NOT_CONVERGED = 5
     NO_SOLUTION = 6
     SIGNAL_ABOVE_B0 = 7
+    NON_PHYSICAL = 8
 
     @property
     def description(self) -> str:
@@ -40,6 +41,8 @@ _DESCRIPTIONS = {
     FitStatus.NOT_CONVERGED: "did not converge within the iteration limit",
     FitStatus.NO_SOLUTION: "no non-negative solution (every fraction zero)",
     FitStatus.SIGNAL_ABOVE_B0: "diffusion-weighted signal above the b=0 signal on average (non-physical)",
+    FitStatus.NON_PHYSICAL: "non-physical estimate (a negative return-to-origin, -axis or -plane probability or mean "
+                            "squared displacement)",
 }
 
 

@@ -623,6 +623,10 @@ def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, 
         return manifest.write()
     if not mask.any():
         manifest.warnings.append("the brain mask is empty")
+    for key in path_of:  # what the stages found the data could not support (sidecar "Warnings")
+        for note in sidecar_of(key).get("Warnings", []):
+            if note not in manifest.warnings:
+                manifest.warnings.append(note)
     background_key = next((k for k in ("tensor_s0", "tensor_fa") if k in path_of), None)
 
     def background() -> np.ndarray:

@@ -11,47 +11,69 @@ import os
 from pathlib import Path
 from typing import Any
 
-SUMMARY_COLUMNS = ("run", "voxels_in_mask", "mean_fa", "mean_md", "mean_afd_total", "response_l0")
+from dwiflow.tasks.console import say
+
+# columns of the group summary after run and voxels_in_mask: (column, output key, statistic over the mask);
+# one number per column, "n/a" where the run has no such output (the recon spec did not make it)
+SUMMARY_METRICS = (
+    ("fa_mean", "tensor_fa", "mean"), ("md_mean", "tensor_md", "mean"),
+    ("afd_total_mean", "fod_metrics_afd_total", "mean"), ("nufo_mean", "fod_metrics_nufo", "mean"),
+    ("wm_fraction_mean", "mtnormalise_fractions", "mean:wm"),
+    ("gm_fraction_mean", "mtnormalise_fractions", "mean:gm"),
+    ("csf_fraction_mean", "mtnormalise_fractions", "mean:csf"),
+    ("rumba_fwm_mean", "rumba_fwm", "mean"), ("rumba_fgm_mean", "rumba_fgm", "mean"),
+    ("rumba_fcsf_mean", "rumba_fcsf", "mean"),
+    ("mapmri_rtop_median", "mapmri_rtop", "median"), ("mapmri_msd_median", "mapmri_msd", "median"),
+    ("mapmri_ng_median", "mapmri_ng", "median"),
+    ("smt_lpar_mean", "smt_lpar", "mean"), ("smt_lperp_mean", "smt_lperp", "mean"), ("smt_odi_mean", "smt_odi", "mean"),
+)
+SUMMARY_COLUMNS = ("run", "voxels_in_mask", *(c for c, _, _ in SUMMARY_METRICS), "response_wm_l0_highest_shell")
 
 
-def group_summary(output_dir: Path, progress=print) -> Path:
-    """One TSV of per-run summary statistics over the whole derivative dataset."""
+def group_summary(output_dir: Path, progress=say) -> Path:
+    """One TSV of per-run summary statistics over the whole derivative dataset: a row per run (every run with a
+    brain mask), a column per headline metric of every model that can run (``SUMMARY_METRICS``: one number each,
+    over the run's mask), and the l=0 term of the (WM) response on its highest shell."""
     import nibabel as nib
     import numpy as np
 
     from dwiflow.bids_specs.outputs import output_filename
     from dwiflow.core.response import ResponseFunction
+    from dwiflow.tasks.io import read_sidecar
 
-    fa_name = output_filename("tensor_fa", {})  # names relative to a run: <run entities>_<name>
-    mask_name = output_filename("mask", {})
+    mask_name = output_filename("mask", {})  # names relative to a run: <run entities>_<name>
     rows = []
-    for fa_path in sorted(output_dir.rglob(f"*_{fa_name}")):
-        label = fa_path.name[: -len(fa_name) - 1]
-        folder = fa_path.parent
+    for mask_path in sorted(output_dir.glob(f"sub-*/**/*_{mask_name}")):
+        label = mask_path.name[: -len(mask_name) - 1]
+        folder = mask_path.parent
 
         def find(pattern: str) -> Path | None:
             hits = sorted(folder.glob(f"{label}_{pattern}"))
             return hits[0] if hits else None
 
-        mask_path = find(mask_name)
-        mask = nib.load(mask_path).get_fdata() > 0 if mask_path else None
-        values: dict[str, Any] = {"run": label}
-
-        def mean_of(pattern: str) -> str:
-            path = find(pattern)
+        mask = nib.load(mask_path).get_fdata() > 0
+        values: dict[str, Any] = {"run": label, "voxels_in_mask": str(int(mask.sum()))}
+        for column, key, statistic in SUMMARY_METRICS:
+            path = find(output_filename(key, {}, {"fod_model": "*", "method": "*"}))
             if path is None:
-                return "n/a"
-            data = nib.load(path).get_fdata()
-            sel = mask if mask is not None else np.isfinite(data)
-            return f"{np.nanmean(data[sel]):.6g}"
-
-        values["voxels_in_mask"] = str(int(mask.sum())) if mask is not None else "n/a"
-        values["mean_fa"] = mean_of(fa_name)
-        values["mean_md"] = mean_of(output_filename("tensor_md", {}))
-        values["mean_afd_total"] = mean_of(output_filename("fod_metrics_afd_total", {}, {"fod_model": "*"}))
-        response = find(output_filename("response", {}, {"fod_model": "*", "method": "*"}))
-        values["response_l0"] = (",".join(f"{c:.6g}" for c in ResponseFunction.from_text(response.read_text()).coefficients[:, 0])
-                                 if response else "n/a")
+                values[column] = "n/a"
+                continue
+            data = np.asarray(nib.load(path).dataobj, dtype=np.float64)
+            if ":" in statistic:  # one tissue of a 4D map, found by its sidecar's TissueOrder
+                statistic, tissue = statistic.split(":")
+                order = [str(t).lower().split(" ")[0] for t in (read_sidecar(path) or {}).get("TissueOrder", [])]
+                if tissue not in order:
+                    values[column] = "n/a"
+                    continue
+                data = data[..., order.index(tissue)]
+            inside = data[mask]
+            inside = inside[np.isfinite(inside)]
+            values[column] = (f"{(np.mean if statistic == 'mean' else np.median)(inside):.6g}" if inside.size
+                              else "n/a")
+        response = (find(output_filename("response_wm", {}, {"fod_model": "*", "method": "*"}))
+                    or find(output_filename("response", {}, {"fod_model": "*", "method": "*"})))
+        values["response_wm_l0_highest_shell"] = (
+            f"{ResponseFunction.from_text(response.read_text()).coefficients[-1, 0]:.6g}" if response else "n/a")
         rows.append(values)
     if not rows:
         raise FileNotFoundError(f"no participant-level outputs found in {output_dir}; run the participant level first")
@@ -108,7 +130,7 @@ def _dataset_summary(output_dir: Path, summary_tsv: Path) -> Path:
     return dataset_summary_page(output_dir, summary_tsv, distributions, subjects)
 
 
-def group_responses(output_dir: Path, progress=print) -> dict[str, Path]:
+def group_responses(output_dir: Path, progress=say) -> dict[str, Path]:
     """The group-average response of every tissue the runs estimated (MRtrix3 ``responsemean`` semantics,
     :func:`dwiflow.core.response.response_mean`): ``OUTPUT_DIR/<group name>`` per tissue (names from
     ``bids_specs/outputs.yaml``), each with a sidecar listing the runs that went in."""

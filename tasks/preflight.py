@@ -49,9 +49,22 @@ def summarise(run_dwi: Path, run_bval: Path, run_bvec: Path, mask: Path | None) 
         raise DwiflowInputError(f"DWI {run_dwi} holds no signal (every value is zero or not finite)")
     if mask is not None:
         load_mask(mask, run.data.shape[:3], run.affine)
-    dw = tuple((float(s.bvalue), int(s.count)) for s in run.gtab.shells if not s.is_b0)
-    return DataSummary(int(run.gtab.n_volumes), int(run.gtab.b0s_mask.sum()), dw,
-                       "LargeDelta" in sidecar and "SmallDelta" in sidecar, mask is not None, sidecar)
+    return summary_of(run.gtab, sidecar, mask is not None)
+
+
+def summary_of(gtab, sidecar: dict[str, Any] | None, mask_given: bool) -> DataSummary:
+    """The :class:`DataSummary` of a run's gradient table and sidecar (what a stage's data checks look at)."""
+    sidecar = sidecar if isinstance(sidecar, dict) else {}
+    dw = tuple((float(s.bvalue), int(s.count)) for s in gtab.shells if not s.is_b0)
+    return DataSummary(int(gtab.n_volumes), int(gtab.b0s_mask.sum()), dw,
+                       "LargeDelta" in sidecar and "SmallDelta" in sidecar, mask_given, sidecar)
+
+
+def stage_data_warnings(stage, data: DataSummary, options) -> list[str]:
+    """What ``stage`` warns about ``data`` (its ``data_warnings``), rendered with the option names of a recon spec."""
+    if stage.data_warnings is None:
+        return []
+    return list(stage.data_warnings(data, options))
 
 
 def group_responses_for(folder: Path, spec, what: str = "--response-dir") -> dict[str, Path]:
@@ -100,8 +113,9 @@ def _response_shell_problem(label: str, data: DataSummary, responses: dict[str, 
 
 
 def check_run(label: str, dwi: Path, bval: Path, bvec: Path, mask: Path | None, spec,
-              responses: dict[str, Path] | None = None) -> list[str]:
-    """Problems of one run for a recon spec (empty when it can run), one line each."""
+              responses: dict[str, Path] | None = None, warnings: list[str] | None = None) -> list[str]:
+    """Problems of one run for a recon spec (empty when it can run), one line each; what its stages warn about
+    the data is appended to ``warnings`` (``stage <name>: <note>``)."""
     try:
         data = summarise(dwi, bval, bvec, mask)
     except DwiflowInputError as exc:
@@ -120,14 +134,23 @@ def check_run(label: str, dwi: Path, bval: Path, bvec: Path, mask: Path | None, 
         except DwiflowInputError as exc:
             prefix = f"stages.{name}.options." if stage.method is not None else f"stages.{name}."
             problems.append(f"{label}: stage {name}: {render_error(exc, lambda option: prefix + option)}")
+    if warnings is not None:
+        for name, configured in spec.stages.items():
+            warnings.extend(f"stage {name}: {note}"
+                            for note in stage_data_warnings(configured.stage, data, configured.options))
     return problems
 
 
-def check_runs(runs, spec, responses: dict[str, Path] | None = None) -> dict[str, list[str]]:
-    """Problems per run label (runs without problems are absent)."""
+def check_runs(runs, spec, responses: dict[str, Path] | None = None,
+               warnings: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """Problems per run label (runs without problems are absent); the stages' data warnings per run label go
+    into ``warnings`` when given."""
     found = {}
     for run in runs:
-        problems = check_run(run.label, run.dwi, run.bval, run.bvec, run.mask, spec, responses)
+        notes: list[str] = []
+        problems = check_run(run.label, run.dwi, run.bval, run.bvec, run.mask, spec, responses, notes)
         if problems:
             found[run.label] = problems
+        if warnings is not None and notes:
+            warnings[run.label] = notes
     return found

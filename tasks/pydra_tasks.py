@@ -78,6 +78,7 @@ register_serializer(FileSet)(_hash_key_with_content_identity)
 
 def _run_stage(stage: str, method: str | None, options: dict, naming: dict, code_version: str, **files):
     """Run one registered stage in the task's working directory; returns its outputs (None for those not written)."""
+    import warnings
     from pathlib import Path
 
     from fileformats.generic import File
@@ -97,7 +98,19 @@ def _run_stage(stage: str, method: str | None, options: dict, naming: dict, code
         targets = {name: Path.cwd() / f"{name}{output_spec(declared.output_key(name))['extension']}"
                    for name in declared.writes(configured)}
         given = {kind: (None if path is None else Path(path)) for kind, path in files.items()}
-        written = declared.execute(given, targets, configured, registry.RunContext(naming=dict(naming or {})))
+        with warnings.catch_warnings():
+            # what the data support poorly reaches the user through the pre-flight checks, the outputs' sidecars
+            # and the report; library warnings (numpy's "Mean of empty slice" …) would only be noise in a run
+            warnings.simplefilter("ignore")
+            progress = None
+            if declared.progress and files.get("dwi"):
+                from dwiflow.tasks.console import StageProgress
+
+                label = Path(str(files["dwi"])).name.split(".")[0].removesuffix("_dwi")
+                unit = "iterations" if getattr(configured, "global_fit", False) else declared.progress
+                progress = StageProgress(label, declared.label, unit)
+            written = declared.execute(given, targets, configured,
+                                       registry.RunContext(progress=progress, naming=dict(naming or {})))
     except DwiflowInputError as exc:
         raise StageError(render_error(exc, lambda name: prefix + name)) from None
     except KeyboardInterrupt as exc:

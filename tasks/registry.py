@@ -103,6 +103,9 @@ class Stage:
     fod_priority: int | None = None
     conflicts: tuple[str, ...] = ()
     check_data: Callable[[Any, StageOptions], None] | None = None  # raises when a run's data cannot support it
+    # what the data support only poorly (one line each): printed by the pre-flight checks, written by the stage
+    # into its outputs' sidecars ("Warnings") and listed in the report
+    data_warnings: Callable[[Any, StageOptions], list[str]] | None = None
     pipeline: bool = True
     always: bool = False
     threads: bool = False

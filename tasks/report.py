@@ -73,18 +73,24 @@ def software_versions() -> dict[str, str]:
     return found
 
 
-def read_timings(log: Path | None) -> dict[tuple[str, str], dict[str, Any]]:
-    """The last timing record of each (run, stage) in the JSON-lines timing log."""
-    timings: dict[tuple[str, str], dict[str, Any]] = {}
+def read_timing_records(log: Path | None) -> list[dict[str, Any]]:
+    """Every readable record of the JSON-lines timing log, in order."""
+    records: list[dict[str, Any]] = []
     if log is None or not Path(log).is_file():
-        return timings
+        return records
     for line in Path(log).read_text().splitlines():
         try:
             record = json.loads(line)
-            timings[(record["run"], record["stage"])] = record
-        except (ValueError, KeyError, TypeError):
+        except ValueError:
             continue  # a line cut short by a killed job
-    return timings
+        if isinstance(record, dict) and "run" in record and "stage" in record:
+            records.append(record)
+    return records
+
+
+def read_timings(log: Path | None) -> dict[tuple[str, str], dict[str, Any]]:
+    """The last timing record of each (run, stage) in the JSON-lines timing log."""
+    return {(record["run"], record["stage"]): record for record in read_timing_records(log)}
 
 
 def _esc(value: Any) -> str:
@@ -164,7 +170,10 @@ def subject_report(output_dir: Path, subject: str, runs: list[RunReport], recon_
                          key=lambda rec: rec.get("finished", 0))
         stage_rows = [(rec["stage"], f"{rec['seconds']:.2f}", "failed" if rec.get("errored") else "ok",
                        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("finished", 0)))) for rec in records]
-        if run.ok:
+        if run.ok and not records:
+            body.append(f'<p><span class="ok">completed</span> (every stage from the cache, or published by an earlier '
+                        f'invocation). Derivatives: {_esc(run.derivative_dir or "")}</p>')
+        elif run.ok:
             compute = sum(rec["seconds"] for rec in records)
             body.append(f'<p><span class="ok">completed</span>: {compute:.1f} s of stage computation (see the time per '
                         f'stage; stages reused from the cache take no time). Derivatives: '

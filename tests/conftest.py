@@ -29,6 +29,18 @@ REAL_RUNS = {
 RUN_FIRST = ("test_container.py", "test_bids_real.py", "test_reliability.py")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_home(tmp_path_factory):
+    """The BIDS App's default work directory lies under $XDG_CACHE_HOME: keep the tests' runs out of ~/.cache."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
 def pytest_collection_modifyitems(config, items):
     order = {name: i for i, name in enumerate(RUN_FIRST)}
     items.sort(key=lambda item: order.get(Path(str(item.fspath)).name, len(RUN_FIRST)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from pydra.engine.hooks import TaskHooks
 
 from dwiflow._version import __version__
 from dwiflow.bids_specs.inputs import DwiRunSpec
+from dwiflow.tasks.console import say
 from dwiflow.tasks.pydra_tasks import Figures, StageDerivatives, code_version, figures_version, stage_task
 from dwiflow.tasks.recon_spec import ReconSpec
 
@@ -41,12 +43,13 @@ def _progress(label: str, stage: str) -> TaskHooks:
 
     def started(job) -> None:
         _STARTED[str(job.cache_dir)] = time.time()
-        print(f"[dwiflow]   {label}: {stage} ...", flush=True)
+        say(f"[dwiflow]   {label}: {stage} ...")
 
     def finished(job, result) -> None:
         errored = bool(getattr(result, "errored", False))
-        print(f"[dwiflow]   {label}: {stage} {'FAILED' if errored else 'done'}", flush=True)
         t0 = _STARTED.pop(str(job.cache_dir), None)
+        took = f" in {time.time() - t0:.1f} s" if t0 is not None else ""
+        say(f"[dwiflow]   {label}: {stage} {'FAILED' if errored else 'done'}{took}")
         log = os.environ.get(TIMING_LOG_ENV)
         if log and t0 is not None:
             record = {"run": label, "stage": stage, "seconds": round(time.time() - t0, 3), "errored": errored,
@@ -238,13 +241,18 @@ def run_participant(
     work_dir: Path,
     worker: Any = "cf",
     worker_options: dict[str, Any] | None = None,
-    progress=print,
+    progress=say,
     responses: dict[str, Path] | None = None,
+    warn=None,
+    already_warned: dict[str, list[str]] | None = None,
 ) -> list[RunOutcome]:
     """Run every run's workflow; a failed run is reported (naming its stage) and the others go on.
 
     ``responses``: group responses by tissue (``wm``, ``gm``, ``csf``; from ``--response-dir``) that replace
     every run's own response stage.
+
+    ``warn`` prints what the outputs' sidecars warn about (default: stderr), except what ``already_warned`` (run
+    label → lines printed by the pre-flight checks) holds.
 
     ``worker``: a Pydra worker name (debug, cf, slurm, sge) or a worker object (e.g.
     :class:`dwiflow.workflows.cluster.StageSlurmWorker`).
@@ -252,8 +260,14 @@ def run_participant(
     from pydra.engine.submitter import Submitter
 
     from dwiflow.workflows.cache import repair_cache, sweep_partial_outputs
+
+    if warn is None:
+        def warn(message: str) -> None:
+            print(f"dwiflow: warning: {message}", file=sys.stderr, flush=True)
+
     from dwiflow.workflows.workers import LocalProcessWorker, interrupted
 
+    invocation_start = time.time()
     removed = repair_cache(work_dir / "cache")
     if removed:
         progress(f"[dwiflow] {len(removed)} cached result(s) unusable (interrupted or damaged): they are recomputed")
@@ -307,7 +321,14 @@ def run_participant(
             files = publish(Path(result.outputs.staged), output_folder(output_dir, run))
             figures = publish(Path(result.outputs.figures), figures_folder(output_dir, run))
             outcome = RunOutcome(run, True, files, seconds=time.perf_counter() - t0, figures=figures)
-            progress(f"[dwiflow]   done in {outcome.seconds:.1f} s: {len(files)} files in {output_folder(output_dir, run)}")
+            computed = _computed_seconds(timing_log, run.label, invocation_start)
+            how = (f"stages computed in {computed:.1f} s" if computed is not None
+                   else "every stage from the cache")
+            progress(f"[dwiflow]   {run.label} done ({how}): {len(files)} files in {output_folder(output_dir, run)}")
+            printed = (already_warned or {}).get(run.label, [])
+            for note in output_warnings(files):
+                if not any(line.endswith(note) for line in printed):  # the pre-flight checks printed it already
+                    warn(f"{run.label}: {note}")
         except Exception as exc:  # a failed run must not stop the others
             if interrupted():
                 raise KeyboardInterrupt from exc
@@ -326,8 +347,56 @@ def run_participant(
     return outcomes
 
 
+def earlier_runs(output_dir: Path, subject: str, known: set[str]) -> list:
+    """Reports of the subject's runs published by earlier invocations (another session, other runs) and not in
+    ``known``: found from their figure manifests, so that a subject's report keeps every run in the dataset."""
+    from dwiflow.bids_specs.outputs import entities_from_filename, output_filename
+    from dwiflow.tasks.report import RunReport
+
+    figures = output_dir / f"sub-{subject}" / "figures"
+    tail = output_filename("figures_manifest", {}).lstrip("_")
+    found = []
+    for manifest in sorted(figures.glob(f"sub-{subject}_*{tail}")):
+        entities = {k: v for k, v in entities_from_filename(manifest.name).items() if k != "desc"}
+        label = "_".join(f"{k}-{v}" for k, v in entities.items())
+        if not entities or label in known:
+            continue
+        folder = output_dir / f"sub-{subject}" / (f"ses-{entities['ses']}" if "ses" in entities else "") / "dwi"
+        files = sorted(p for p in folder.glob(f"{label}_*") if p.is_file())
+        found.append(RunReport(label, entities, True, derivative_dir=folder, figures_dir=figures, files=files,
+                               error="", log="", seconds=0.0))
+    return found
+
+
+def output_warnings(files: list[Path]) -> list[str]:
+    """The ``Warnings`` the stages wrote into the sidecars of a run's outputs (what the data could not support),
+    each once, in file order."""
+    notes: list[str] = []
+    for path in files:
+        if path.suffix != ".json":
+            continue
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for note in content.get("Warnings", []) if isinstance(content, dict) else []:
+            if note not in notes:
+                notes.append(note)
+    return notes
+
+
+def _computed_seconds(timing_log: Path, label: str, since: float) -> float | None:
+    """Seconds the stages of run ``label`` computed during this invocation (from the timing log); None if every
+    stage came from the cache. Runs submitted together overlap, so their wall-clock time is not theirs alone."""
+    from dwiflow.tasks.report import read_timing_records
+
+    seconds = [rec["seconds"] for rec in read_timing_records(timing_log)
+               if rec.get("run") == label and rec.get("finished", 0) >= since]
+    return float(sum(seconds)) if seconds else None
+
+
 def write_reports(outcomes: list[RunOutcome], output_dir: Path, recon_spec: ReconSpec, timing_log: Path | None,
-                  progress=print) -> list[Path]:
+                  progress=say) -> list[Path]:
     """One HTML report per subject of ``outcomes``; a report that cannot be written is reported, never fatal."""
     from dwiflow.tasks.report import RunReport, subject_report
 
@@ -339,6 +408,8 @@ def write_reports(outcomes: list[RunOutcome], output_dir: Path, recon_spec: Reco
         reports = [RunReport(o.run.label, o.run.short_entities, o.ok, o.error, str(o.log or ""), o.seconds,
                              figures_folder(output_dir, o.run), output_folder(output_dir, o.run), o.files)
                    for o in runs]
+        reports += earlier_runs(output_dir, subject, {r.label for r in reports})
+        reports.sort(key=lambda r: r.label)
         try:
             written.append(subject_report(output_dir, subject, reports, recon_spec.summary(), timing_log))
             progress(f"[dwiflow] report: {written[-1]}")
@@ -386,7 +457,7 @@ def task_errors(cache: Path, since: float) -> list[tuple[str, str]]:
     return sorted(found, key=lambda item: (item[0].startswith("stage "), item[0]))
 
 
-def run_group(output_dir: Path, progress=print) -> Path:
+def run_group(output_dir: Path, progress=say) -> Path:
     """The group level: one TSV of per-run summary statistics and the dataset summary page
     (:func:`dwiflow.tasks.group.group_summary`)."""
     from dwiflow.tasks.group import group_responses, group_summary

@@ -9,13 +9,16 @@ per-run summary statistics. Exit codes: 0 success, 1 some runs failed (each name
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dwiflow._version import __version__
+from dwiflow.tasks.console import say
 
 EXIT_RUN_FAILED = 1
 EXIT_INPUT_ERROR = 2
@@ -32,20 +35,29 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dwiflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="dwiflow", description=(__doc__ or "").replace("``", ""),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bids_dir", type=Path, help="the BIDS dataset (preprocessed DWI)")
     p.add_argument("output_dir", type=Path, help="where the derivative dataset is written")
     p.add_argument("analysis_level", choices=("participant", "group"))
     p.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL")
     p.add_argument("--session-label", "--session_label", nargs="+", metavar="LABEL")
     p.add_argument("--bids-filter-file", type=Path, metavar="FILE", help="JSON of pybids entities for the DWI query")
-    p.add_argument("--recon-spec", default="csd", metavar="NAME|FILE", help="built-in preset name or a YAML file (default csd)")
+    from dwiflow.tasks.recon_spec import builtin_specs
+
+    p.add_argument("--recon-spec", default="csd", metavar="NAME|FILE",
+                   help=f"a built-in recon spec ({', '.join(builtin_specs())}) or a YAML file (default csd)")
     p.add_argument("--mask-dir", type=Path, help="derivative dataset with *_desc-brain_mask images to use")
     p.add_argument("--response-dir", type=Path,
                    help="folder with group responses (the group level's *_desc-{wm,gm,csf}group_response.txt): every "
                         "run is deconvolved with them instead of its own (recon spec msmt); overrides the recon spec's "
                         "response_dir")
-    p.add_argument("--work-dir", type=Path, help="Pydra cache (default OUTPUT_DIR/../dwiflow_work)")
+    p.add_argument("--work-dir", type=Path,
+                   help="Pydra cache: keep it for fast reruns (default: outside the derivative dataset, in "
+                        "$XDG_CACHE_HOME/dwiflow/, else ~/.cache/dwiflow/, one folder per OUTPUT_DIR)")
+    p.add_argument("--clean-workdir", action="store_true",
+                   help="remove the work directory after a run in which every run succeeded (a rerun then "
+                        "recomputes everything)")
     p.add_argument("--worker", choices=("debug", "cf", "slurm", "sge"), default="cf")
     p.add_argument("--nprocs", type=_positive_int, help="processes for the cf worker")
     p.add_argument("--omp-nthreads", type=_positive_int, help="threads per task (numba/BLAS)")
@@ -55,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "run stops everything before anything is written)")
     p.add_argument("--skip-bids-validation", action="store_true",
                    help="accepted for BIDS-Apps compatibility; dwiflow checks its own inputs and does not run a validator")
+    loudness = p.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true",
+                          help="more progress: each stage's voxels done every few seconds")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     p.add_argument("--version", action="version", version=f"dwiflow {__version__}")
     return p
 
@@ -89,13 +105,40 @@ def _check_paths(bids_dir: Path, output_dir: Path, work_dir: Path) -> str | None
     return None
 
 
+def default_work_dir(output_dir: Path) -> Path:
+    """The work directory when none is given: one folder per OUTPUT_DIR (its name and a digest of its absolute
+    path) under ``$XDG_CACHE_HOME/dwiflow`` or ``~/.cache/dwiflow``, so that the cache lies outside the derivative
+    dataset and a rerun finds it; in the system's temporary folder when neither can be written."""
+    import hashlib
+    import os
+    import tempfile
+
+    digest = hashlib.sha256(str(output_dir.resolve()).encode()).hexdigest()[:10]
+    leaf = f"{output_dir.name or 'output'}-{digest}"
+    for root in (os.environ.get("XDG_CACHE_HOME"), str(Path.home() / ".cache") if Path.home() != Path("/") else None):
+        if root and _writable(Path(root) / "dwiflow") is None:
+            return Path(root) / "dwiflow" / leaf
+    return Path(tempfile.gettempdir()) / "dwiflow" / leaf
+
+
+def _tree_size(root: Path) -> int:
+    total = 0
+    for folder, _, names in os.walk(root):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
 def _participant(args, bids_dir: Path, output_dir: Path) -> int:
     from dwiflow.bids_specs.inputs import BidsInputError, find_dwi_runs, load_filter_file
     from dwiflow.tasks.preflight import check_runs
     from dwiflow.tasks.recon_spec import ReconSpecError, load_recon_spec
     from dwiflow.workflows.cache import disk_free
 
-    work_dir = (args.work_dir or output_dir.parent / "dwiflow_work").resolve()
+    work_dir = (args.work_dir or default_work_dir(output_dir)).resolve()
     problem = _check_paths(bids_dir, output_dir, work_dir)
     if problem:
         return _error(problem)
@@ -120,8 +163,13 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
                                             else f"recon spec {spec.name}: response_dir")
         except DwiflowInputError as exc:
             return _error(str(exc))
-    print(f"[dwiflow] checking {len(runs)} run(s) before anything runs", flush=True)
-    invalid = check_runs(runs, spec, responses)
+    say(f"[dwiflow] checking {len(runs)} run(s) before anything runs")
+    data_notes: dict[str, list[str]] = {}
+    invalid = check_runs(runs, spec, responses, data_notes)
+    for label, notes in data_notes.items():
+        if label not in invalid:
+            for note in notes:
+                print(f"dwiflow: warning: {label}: {note}", file=sys.stderr)
     if invalid:
         lines = [line for problems in invalid.values() for line in problems]
         if not args.skip_invalid_runs or len(invalid) == len(runs):
@@ -149,8 +197,9 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
         # Pydra's SLURM worker with the recon spec's per-stage resources and jobs that fail visibly
         worker = StageSlurmWorker(sbatch_args=" ".join(shlex.split(args.sbatch_args)),
                                   resources=spec.resources, omp_nthreads=args.omp_nthreads)
-    print(f"[dwiflow] {len(runs)} run(s); recon spec {spec.name}; worker {args.worker}; cache {work_dir}")
-    outcomes = run_participant(runs, bids_dir, output_dir, spec, work_dir, worker, options, responses=responses)
+    say(f"[dwiflow] {len(runs)} run(s); recon spec {spec.name}; worker {args.worker}; cache {work_dir}")
+    outcomes = run_participant(runs, bids_dir, output_dir, spec, work_dir, worker, options, responses=responses,
+                               already_warned=data_notes)
     failed = [o for o in outcomes if not o.ok]
     if failed or invalid:
         for o in failed:
@@ -158,12 +207,21 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
         for label in invalid:
             print(f"dwiflow: run {label} was skipped: it did not pass the checks", file=sys.stderr)
         return EXIT_RUN_FAILED
-    print(f"[dwiflow] all {len(outcomes)} run(s) done; derivatives in {output_dir}")
+    say(f"[dwiflow] all {len(outcomes)} run(s) done; derivatives in {output_dir}")
+    if args.clean_workdir:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        say(f"[dwiflow] work directory {work_dir} removed (--clean-workdir)")
+    else:
+        say(f"[dwiflow] work directory {work_dir}: {_tree_size(work_dir) / 2**20:.0f} MB (kept for fast reruns; "
+              "--clean-workdir removes it)")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from dwiflow.tasks.console import QUIET, VERBOSE, NORMAL, set_verbosity
+
+    set_verbosity(QUIET if args.quiet else VERBOSE if args.verbose else NORMAL)
     bids_dir, output_dir = args.bids_dir.resolve(), args.output_dir.resolve()
     if not bids_dir.is_dir():
         return _error(f"BIDS_DIR {bids_dir} does not exist")

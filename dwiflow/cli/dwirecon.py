@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +50,9 @@ def _stage_parser(sub, command: str, stage) -> argparse.ArgumentParser:
     add_cli_options(p, stage.options)
     if stage.threads:
         p.add_argument("--nthreads", type=int, help="threads for the per-voxel solver (default: all cores)")
+    loudness = p.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
+    loudness.add_argument("-v", "--verbose", action="store_true", help="also print the time each step took")
     p.set_defaults(stage=stage)
     return p
 
@@ -118,13 +122,19 @@ def run_command(args: argparse.Namespace, warn) -> int:
         outputs.update(names_in_dir(stage, in_dir, args.out_dir, source or args.out_dir, naming))
     _set_threads(getattr(args, "nthreads", None))
     unit = "iterations" if getattr(options, "global_fit", False) else stage.progress
-    context = RunContext(progress=_progress(stage.command, unit) if unit else None,
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    context = RunContext(progress=_progress(stage.command, unit) if unit and not quiet else None,
                          n_threads=getattr(args, "nthreads", None), naming=naming)
+    started = time.perf_counter()
     written = stage.execute({k: (None if v is None else Path(v)) for k, v in files.items()}, outputs, options, context)
+    if quiet:
+        return 0
     if written:
         print(f"{stage.label} wrote:\n" + describe_outputs(written))
     if "response" in written and Path(written["response"]).suffix == ".txt":
         print(Path(written["response"]).read_text().rstrip())
+    if verbose:
+        print(f"{stage.label}: done in {time.perf_counter() - started:.2f} s (reading, fitting, writing)")
     return 0
 
 

@@ -11,7 +11,7 @@ from dwiflow.tasks.io import atomic_outputs, load_dwi, read_numbers
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.options import OptionError, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import DWI_INPUTS, load_response, provenance, voxels_to_fit
+from dwiflow.tasks.stagelib import DWI_INPUTS, load_response, provenance, stage_warnings, voxels_to_fit
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,7 @@ def run_csd(files, outputs, options: CsdOptions, context):
     model = CsdModel(run.gtab, load_response(files["response"]), lmax=options.lmax, shell=options.shell,
                      neg_lambda=options.neg_lambda, norm_lambda=options.norm_lambda, threshold=options.threshold,
                      niter=options.niter, directions=directions)
-    if len(run.gtab.dw_shells) > 1:
-        import warnings
-
-        others = ", ".join(f"{s.bvalue:.0f}" for s in run.gtab.dw_shells if s is not model.shell)
-        warnings.warn(f"csd deconvolves one shell (b={model.shell.bvalue:.0f}) and ignores b={others}; for "
-                      "multi-shell data use multi-tissue CSD (dwirecon msmt-csd, recon spec msmt)", stacklevel=2)
+    notes = stage_warnings(STAGES[0], run, dwi, options, files.get("mask") is not None)
     voxels = voxels_to_fit(run, files.get("mask"), dwi)
     fit = model.fit(run.data, voxels)
     params = {"Lmax": model.lmax, "Shell": model.shell.bvalue, "NegLambda": options.neg_lambda,
@@ -53,7 +48,7 @@ def run_csd(files, outputs, options: CsdOptions, context):
               "VoxelsNotConverged": int((fit.status == FitStatus.NOT_CONVERGED).sum()),
               "VoxelsFailed": int((fit.status != FitStatus.OK).sum())}
     sources = provenance(dwi, files["bval"], files["bvec"], files["response"], files.get("mask"), files.get("directions"))
-    content = sidecar("csd_fod", params, {"SphericalHarmonicDegree": model.lmax}, **sources,
+    content = sidecar("csd_fod", params, {"SphericalHarmonicDegree": model.lmax}, **sources, **notes,
                       ResponseFunction={"Coefficients": [float(c) for c in model.zonal], "Type": "zonal",
                                         "Shell": model.shell.bvalue},
                       PointSpreadFunction={"Coefficients": [float(c) for c in model.point_spread_function()],
@@ -80,6 +75,36 @@ def check_csd_data(data, options: CsdOptions) -> None:
         raise DwiflowInputError(f"CSD needs at least 6 directions on its shell; b={largest[0]:.0f} has {largest[1]}")
 
 
+def csd_data_warnings(data, options: CsdOptions) -> list[str]:
+    """Data that support CSD only poorly: more SH coefficients than directions on the shell (the FOD is then
+    determined by the non-negativity constraint alone: super-resolution, Tournier et al. 2007, with spurious
+    peaks), and a multi-shell run of which CSD uses one shell."""
+    from dwiflow.core.csd import SUPER_RESOLUTION_FACTOR
+    from dwiflow.core.sh import n_coefficients
+
+    if not data.shells:
+        return []
+    bvalue, directions = (max(data.shells) if options.shell is None
+                          else min(data.shells, key=lambda s: abs(s[0] - options.shell)))
+    notes = []
+    lmax = options.lmax or 8
+    while lmax > 2 and n_coefficients(lmax) > SUPER_RESOLUTION_FACTOR * directions:
+        lmax -= 2  # as the model: what super-resolution can reach
+    if n_coefficients(lmax) > directions:
+        supported = 2
+        while n_coefficients(supported + 2) <= directions:
+            supported += 2
+        notes.append(f"CSD at lmax {lmax} estimates {n_coefficients(lmax)} coefficients from the {directions} "
+                     f"directions of b={bvalue:.0f}: only the non-negativity constraint determines the FOD "
+                     f"(super-resolution) and spurious peaks are likely; the directions determine lmax {supported} "
+                     "(the lmax option)")
+    others = [b for b, _ in data.shells if b != bvalue]
+    if others:
+        notes.append(f"CSD deconvolves one shell (b={bvalue:.0f}) and ignores b={', '.join(f'{b:.0f}' for b in others)}; "
+                     "for multi-shell data use multi-tissue CSD (dwirecon msmt-csd, recon spec msmt)")
+    return notes
+
+
 STAGES = (
     Stage(
         name="csd", order=40, title="CSD (Tournier 2007)",
@@ -95,5 +120,6 @@ STAGES = (
         outputs=(Output("fod", "the FOD (SH coefficients)", cli="positional", metavar="OUT_FOD"),
                  Output("status", "the per-voxel status map", cli="flag")),
         provides={"fod": "fod"}, fod_priority=30, threads=True, check_data=check_csd_data,
+        data_warnings=csd_data_warnings,
     ),
 )

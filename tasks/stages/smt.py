@@ -9,7 +9,7 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import load_dwi
 from dwiflow.tasks.options import Alias, OptionError, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import DWI_INPUTS, provenance, voxels_to_fit, write_maps
+from dwiflow.tasks.stagelib import DWI_INPUTS, provenance, stage_warnings, voxels_to_fit, write_maps
 
 KERNEL_MAPS = ("lpar", "lperp", "f", "fw", "mse", "r2", "status")
 FOD_MAPS = ("odi", "kappa", "mu", "fod", "fodmse")  # Watson and Bingham
@@ -58,6 +58,7 @@ def run_smt(files, outputs, options: SmtOptions, context):
 
     dwi = files["dwi"]
     run = load_dwi(dwi, files["bval"], files["bvec"])
+    notes = stage_warnings(STAGES[0], run, dwi, options, files.get("mask") is not None)
     model = SmtModel(run.gtab, lambda_par_bounds=tuple(options.lambda_par_bounds), free_water=options.free_water)
     voxels = voxels_to_fit(run, files.get("mask"), dwi)
     fit = model.fit(run.data, voxels, progress=context.progress)
@@ -75,7 +76,7 @@ def run_smt(files, outputs, options: SmtOptions, context):
               "VoxelsFailed": int((fit.status_rows != 0).sum())}
 
     return write_maps(STAGES[0], outputs, lambda name: maps[name](), run.affine, params,
-                      provenance(dwi, files["bval"], files["bvec"], files.get("mask")), STATUS_CODES,
+                      {**provenance(dwi, files["bval"], files["bvec"], files.get("mask")), **notes}, STATUS_CODES,
                       {"fod": {"SphericalHarmonicDegree": int(options.sh_lmax)}})
 
 
@@ -85,6 +86,17 @@ def check_smt_data(data, options: SmtOptions) -> None:
     if data.n_dw_shells < 2:
         raise DwiflowInputError(f"SMT needs at least two diffusion-weighted shells (the spherical mean's decay over b "
                                 f"separates λ∥ from λ⊥); this run has {data.n_dw_shells}")
+
+
+def smt_data_warnings(data, options: SmtOptions) -> list[str]:
+    """Data that determine the SMT kernel exactly: as many kernel parameters (λ∥ and λ⊥/λ∥, plus the free-water
+    fraction) as shell means leave no residual, so MSE 0 and R² 1 hold by construction and say nothing."""
+    parameters = 2 + int(options.free_water)
+    if data.n_b0 == 0 or not 2 <= data.n_dw_shells <= parameters:
+        return []
+    return [f"SMT fits {parameters} kernel parameters to {data.n_dw_shells} shell means: the fit is exact by "
+            "construction (MSE 0, R² 1 say nothing about the model) and λ∥ may sit on its bound; more shells "
+            "determine it"]
 
 
 STAGES = (
@@ -105,5 +117,6 @@ STAGES = (
             ("fodmse", "FOD fit MSE"), ("beta", "Bingham beta/kappa"), ("nu", "Bingham second axis"),
             ("fodfrac", "FOD compartment fractions"))),
         provides={"fod": "fod"}, fod_priority=10, progress="voxels", check_data=check_smt_data,
+        data_warnings=smt_data_warnings,
     ),
 )

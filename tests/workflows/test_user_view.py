@@ -1,0 +1,144 @@
+"""What the user is shown and told: the automatic mask, warnings about what the data support, reports that keep
+every session, progress lines, verbosity, the work directory and the group summary."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from dwiflow.cli.bidsapp import default_work_dir, main
+from dwiflow.cli.dwirecon import main as dwirecon
+from tests.conftest import real_run
+
+SPEC = """
+name: small
+description: csd chain tuned for a small phantom
+stages:
+  mask: {}
+  tensor: {}
+  response: {method: fa, options: {number: 50, erode: 0}}
+  csd: {}
+  peaks: {npeaks: 2}
+  fod_metrics: {}
+"""
+
+
+@pytest.mark.parametrize("acquisition", ["b1kb2k", "b6kmax"])
+def test_automatic_mask_of_the_two_slice_runs_has_no_holes(acquisition, tmp_path):
+    """sub-01 of bids_real (two axial slices): Dice >= 0.97 with the provided masks, no hole in any slice, and a
+    sidecar that says what was done."""
+    paths = real_run(f"sub-01_acq-{acquisition}")
+    out = tmp_path / "mask.nii.gz"
+    assert dwirecon(["mask", str(paths["dwi"]), str(paths["bval"]), str(paths["bvec"]), str(out), "-q"]) == 0
+    ours = nib.load(out).get_fdata() > 0
+    provided = nib.load(paths["mask"]).get_fdata() > 0
+    dice = 2 * (ours & provided).sum() / (ours.sum() + provided.sum())
+    assert dice >= 0.97, dice
+    for z in range(ours.shape[2]):
+        assert not (ndimage.binary_fill_holes(ours[..., z]) & ~ours[..., z]).any()
+    side = json.loads(out.with_name("mask.json").read_text())
+    assert side["HolesFilled"] == "3-D and within every slice" and side["InPlaneDilation"] == 1
+    assert 0.3 < side["FieldOfViewFraction"] < 0.45 and "Warnings" not in side
+
+
+def test_data_warnings_before_anything_runs():
+    """Too few directions for CSD's lmax (sub-01 b6kmax: b=6000 has 24 directions) and SMT on two shells are
+    found by the pre-flight checks, with what would be supported."""
+    from dwiflow.tasks.preflight import check_run
+    from dwiflow.tasks.recon_spec import load_recon_spec
+
+    paths = real_run("sub-01_acq-b6kmax")
+    notes: list[str] = []
+    assert check_run("b6kmax", paths["dwi"], paths["bval"], paths["bvec"], paths["mask"], load_recon_spec("csd"),
+                     warnings=notes) == []
+    assert any("CSD at lmax 8 estimates 45 coefficients from the 24 directions of b=6000" in n
+               and "the directions determine lmax 4" in n for n in notes), notes
+    paths = real_run("sub-01_acq-b1kb2k")
+    notes = []
+    assert check_run("b1kb2k", paths["dwi"], paths["bval"], paths["bvec"], paths["mask"], load_recon_spec("smt"),
+                     warnings=notes) == []
+    assert any("SMT fits 2 kernel parameters to 2 shell means" in n for n in notes), notes
+
+
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory):
+    """A BIDS dataset with one subject scanned in two sessions (copies of the multi-shell phantom)."""
+    root = tmp_path_factory.mktemp("sessions")
+    assert dwirecon(["phantom", str(root / "src"), "--shape", "12,12,6", "--scheme", "multi", "--seed", "3"]) == 0
+    bids = root / "bids"
+    bids.mkdir()
+    shutil.copyfile(root / "src" / "dataset_description.json", bids / "dataset_description.json")
+    src = root / "src" / "sub-phantom" / "dwi" / "sub-phantom_dwi"
+    for session in ("pre", "post"):
+        folder = bids / "sub-s" / f"ses-{session}" / "dwi"
+        folder.mkdir(parents=True)
+        for ext in (".nii.gz", ".bval", ".bvec", ".json"):
+            if Path(f"{src}{ext}").is_file():
+                shutil.copyfile(f"{src}{ext}", folder / f"sub-s_ses-{session}_dwi{ext}")
+    spec = root / "small.yaml"
+    spec.write_text(SPEC)
+    return {"bids": bids, "spec": spec, "root": root}
+
+
+def test_sessions_verbosity_work_dir_warnings_and_summary(sessions, capsys):
+    bids, out = sessions["bids"], sessions["root"] / "out"
+    common = [str(bids), str(out), "participant", "--recon-spec", str(sessions["spec"]), "--worker", "debug"]
+    # session pre, quiet, default work directory: outside the derivative dataset, one folder per OUTPUT_DIR
+    assert main(common + ["--session-label", "pre", "-q"]) == 0
+    printed = capsys.readouterr()
+    assert "[dwiflow" not in printed.out
+    # the data's warning, printed once, before anything ran (the csd stage uses one of the phantom's shells)
+    assert printed.err.count("sub-s_ses-pre: stage csd: CSD deconvolves one shell (b=3000)") == 1, printed.err
+    work = default_work_dir(out)
+    assert work.is_dir() and out not in work.parents and bids not in work.parents
+    # session post, verbose, with --clean-workdir: time-stamped lines, the work directory's size, then removed
+    assert main(common + ["--session-label", "post", "-v", "--clean-workdir"]) == 0
+    printed = capsys.readouterr().out
+    # (the sessions hold the same data: every stage but the figures is a cache hit)
+    assert re.search(r"^\[dwiflow \d\d:\d\d:\d\d\]   sub-s_ses-post: figures done in \d+\.\d s$", printed, re.M), printed
+    assert re.search(r"sub-s_ses-post done \(stages computed in \d+\.\d s\)", printed), printed
+    assert f"work directory {work} removed (--clean-workdir)" in printed and not work.exists()
+    # one report with both sessions (the first invocation's run is kept), each with the csd warning
+    report = (out / "sub-s.html").read_text()
+    for session in ("pre", "post"):
+        assert f'<h2 id="sub-s_ses-{session}">' in report
+    assert report.count("CSD deconvolves one shell (b=3000)") == 2
+    # the group summary: a row per run, one number per column, n/a for the models that did not run
+    assert main([str(bids), str(out), "group"]) == 0
+    lines = (out / "desc-group_summary.tsv").read_text().splitlines()
+    header, rows = lines[0].split("\t"), [dict(zip(lines[0].split("\t"), line.split("\t"))) for line in lines[1:]]
+    assert [r["run"] for r in rows] == ["sub-s_ses-post", "sub-s_ses-pre"]
+    for row in rows:
+        assert all("," not in value for value in row.values())
+        assert 0.05 < float(row["fa_mean"]) < 0.9 and float(row["afd_total_mean"]) > 0
+        assert 1 <= float(row["nufo_mean"]) <= 2 and float(row["response_wm_l0_highest_shell"]) > 0
+        assert row["mapmri_rtop_median"] == "n/a" and row["smt_odi_mean"] == "n/a"
+    assert rows[0]["fa_mean"] == rows[1]["fa_mean"]  # the two sessions hold the same data
+    assert len(header) == len(set(header))
+    mask_side = json.loads(next((out / "sub-s" / "ses-pre" / "dwi").glob("*_desc-brain_mask.json")).read_text())
+    assert mask_side["HolesFilled"] == "3-D and within every slice"
+
+
+def test_non_physical_mapmri_voxels_get_a_status(tmp_path):
+    """MAP-MRI without positivity on sub-01 b6kmax: voxels with a negative RTOP get status 8 (non-physical) and NaN,
+    and the status map's levels say so."""
+    paths = real_run("sub-01_acq-b6kmax")
+    out = tmp_path / "mapmri"
+    assert dwirecon(["mapmri", str(paths["dwi"]), str(paths["bval"]), str(paths["bvec"]), str(out), "--mask",
+                     str(paths["mask"]), "--positivity", "none", "-q"]) == 0
+    status_path = next(out.glob("*param-status_dwimap.nii.gz"))
+    status = nib.load(status_path).get_fdata()
+    rtop = nib.load(next(out.glob("*param-rtop_dwimap.nii.gz"))).get_fdata()
+    mask = nib.load(paths["mask"]).get_fdata() > 0
+    flagged = (status == 8) & mask
+    assert 20 < flagged.sum() < 0.1 * mask.sum(), flagged.sum()
+    assert np.all(np.isnan(rtop[flagged])) and np.nanmin(rtop[mask]) > 0
+    levels = json.loads(status_path.with_name(status_path.name.replace(".nii.gz", ".json")).read_text())["Levels"]
+    assert levels["8"].startswith("non-physical estimate")
