@@ -152,4 +152,3 @@ def stage_warnings(stage, run, dwi: PathLike, options, mask_given: bool) -> dict
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return {"Warnings": notes} if notes else {}
-

@@ -260,12 +260,11 @@ def run_participant(
     from pydra.engine.submitter import Submitter
 
     from dwiflow.workflows.cache import repair_cache, sweep_partial_outputs
+    from dwiflow.workflows.workers import LocalProcessWorker, interrupted
 
     if warn is None:
         def warn(message: str) -> None:
             print(f"dwiflow: warning: {message}", file=sys.stderr, flush=True)
-
-    from dwiflow.workflows.workers import LocalProcessWorker, interrupted
 
     invocation_start = time.time()
     removed = repair_cache(work_dir / "cache")

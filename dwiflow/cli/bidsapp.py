@@ -82,8 +82,6 @@ def _error(message: str) -> int:
 
 def _writable(path: Path) -> str | None:
     """Why ``path`` (created if missing) cannot be written, or None."""
-    import os
-
     existing = next((p for p in [path, *path.parents] if p.exists()), None)
     if existing is None or not existing.is_dir():
         return f"{existing} is not a directory"
@@ -110,7 +108,6 @@ def default_work_dir(output_dir: Path) -> Path:
     path) under ``$XDG_CACHE_HOME/dwiflow`` or ``~/.cache/dwiflow``, so that the cache lies outside the derivative
     dataset and a rerun finds it; in the system's temporary folder when neither can be written."""
     import hashlib
-    import os
     import tempfile
 
     digest = hashlib.sha256(str(output_dir.resolve()).encode()).hexdigest()[:10]
@@ -166,10 +163,6 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
     say(f"[dwiflow] checking {len(runs)} run(s) before anything runs")
     data_notes: dict[str, list[str]] = {}
     invalid = check_runs(runs, spec, responses, data_notes)
-    for label, notes in data_notes.items():
-        if label not in invalid:
-            for note in notes:
-                print(f"dwiflow: warning: {label}: {note}", file=sys.stderr)
     if invalid:
         lines = [line for problems in invalid.values() for line in problems]
         if not args.skip_invalid_runs or len(invalid) == len(runs):
@@ -181,6 +174,9 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
         for line in lines:
             print(f"dwiflow: warning: skipped: {line}", file=sys.stderr)
         runs = [run for run in runs if run.label not in invalid]
+    for run in runs:  # what the data of the runs about to run support only poorly
+        for note in data_notes.get(run.label, []):
+            print(f"dwiflow: warning: {run.label}: {note}", file=sys.stderr)
     needed = 2 * sum(p.stat().st_size for run in runs for p in (run.dwi, run.bval, run.bvec)) + 64 * 2**20
     if disk_free(work_dir) < needed:
         return _error(f"--work-dir {work_dir}: {disk_free(work_dir) / 2**20:.0f} MB free, the runs need about "
@@ -218,16 +214,25 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from dwiflow.tasks.console import QUIET, VERBOSE, NORMAL, set_verbosity
+    from dwiflow.tasks.console import NORMAL, QUIET, VERBOSE, VERBOSITY_ENV, set_verbosity
 
+    args = build_parser().parse_args(argv)
+    previous = os.environ.get(VERBOSITY_ENV)
     set_verbosity(QUIET if args.quiet else VERBOSE if args.verbose else NORMAL)
+    try:
+        return _main(args)
+    finally:  # called in-process (tests, notebooks): the verbosity is this call's only
+        if previous is None:
+            os.environ.pop(VERBOSITY_ENV, None)
+        else:
+            os.environ[VERBOSITY_ENV] = previous
+
+
+def _main(args: argparse.Namespace) -> int:
     bids_dir, output_dir = args.bids_dir.resolve(), args.output_dir.resolve()
     if not bids_dir.is_dir():
         return _error(f"BIDS_DIR {bids_dir} does not exist")
     if args.omp_nthreads:
-        import os
-
         os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = str(args.omp_nthreads)
         os.environ["NUMBA_NUM_THREADS"] = str(args.omp_nthreads)
     from dwiflow.workflows.workers import Interruption, install_signal_handlers
