@@ -138,15 +138,20 @@ def mosaic_figure(out: Path, panels: Sequence[MapPanel], mask: np.ndarray, title
     nx, ny = mask[box].shape[:2]
     cell = 1.9
     aspect = ny / max(nx, 1)
-    fig = _new_figure(cell * len(slices) + 1.4, cell * aspect * len(panels) + 1.2)
+    fig = _new_figure(cell * len(slices) + 2.0, cell * aspect * len(panels) + 1.2 + 0.14 * len(panels))
+    # the colour bars' tick labels and unit label need about 0.9 in on the right
     grid = fig.add_gridspec(len(panels), len(slices) + 1, width_ratios=[1] * len(slices) + [0.06],
-                            left=0.02, right=0.9, top=1 - 0.8 / fig.get_figheight(), bottom=0.3 / fig.get_figheight(),
-                            wspace=0.03, hspace=0.12)
+                            left=0.02, right=1 - 0.95 / fig.get_figwidth(), top=1 - 0.8 / fig.get_figheight(),
+                            bottom=(0.35 + 0.14 * len(panels)) / fig.get_figheight(), wspace=0.03, hspace=0.12)
+    ranges = []
     for row, panel in enumerate(panels):
         values = np.where(mask, panel.data, np.nan)
         vmin, vmax = _robust_limits(values)
+        fixed = panel.vmin is not None and panel.vmax is not None
         vmin = panel.vmin if panel.vmin is not None else vmin
         vmax = panel.vmax if panel.vmax is not None else vmax
+        ranges.append(f"{panel.title}: {vmin:.3g} to {vmax:.3g}{' ' + panel.units if panel.units not in ('', 'arbitrary') else ''}"
+                      + (" (fixed)" if fixed else " (1st to 99th percentile in the mask)"))
         handle = None
         for col, k in enumerate(slices):
             ax = fig.add_subplot(grid[row, col])
@@ -162,7 +167,10 @@ def mosaic_figure(out: Path, panels: Sequence[MapPanel], mask: np.ndarray, title
         if panel.units and panel.units != "arbitrary":
             bar.set_label(panel.units, fontsize=7)
     fig.suptitle(title, fontsize=11)
-    fig.text(0.01, 0.005, ORIENTATION_NOTE, fontsize=7, color="#444444")
+    for line, text in enumerate(ranges):
+        fig.text(0.01, (0.2 + 0.14 * (len(ranges) - line)) / fig.get_figheight(), "Colour range of " + text,
+                 fontsize=6.5, color="#444444")
+    fig.text(0.01, 0.06 / fig.get_figheight(), ORIENTATION_NOTE, fontsize=7, color="#444444")
     return _save(fig, out)
 
 
@@ -224,18 +232,24 @@ def status_figure(out: Path, status: np.ndarray, levels: dict[str, str], mask: n
         raise ValueError("the brain mask is empty")
     box = _bounding_box(mask)
     nx, ny = mask[box].shape[:2]
-    fig = _new_figure(1.9 * len(slices) + 2.6, 1.9 * ny / max(nx, 1) + 0.9)
+    counts = {code: int(np.sum(codes[mask] == code)) for code in known}
+    labels = [f"{c}: {levels.get(str(c), 'unknown')} ({counts[c]} voxels)" for c in known]
+    # slices on the left (1.9 in each), the legend to their right in a column as wide as its longest label
+    legend_width = 0.6 + 0.055 * max(len(label) for label in labels)
+    slices_width = 1.9 * len(slices)
+    width = slices_width + legend_width + 0.2
+    fig = _new_figure(width, 1.9 * ny / max(nx, 1) + 0.9)
+    share = slices_width / width
     for col, k in enumerate(slices):
-        ax = fig.add_axes([0.01 + col * 0.72 / len(slices), 0.12, 0.72 / len(slices) - 0.005, 0.72])
+        ax = fig.add_axes([0.01 + col * share / len(slices), 0.12, share / len(slices) - 0.005, 0.72])
         ax.set_facecolor("#303030")
         _show_slice(ax, indexed[..., k], box, cmap=cmap, vmin=-0.5, vmax=len(known) - 0.5)
         ax.set_title(f"z = {k}", fontsize=8)
         if col == 0:
             _label_orientation(ax)
-    counts = {code: int(np.sum(codes[mask] == code)) for code in known}
-    handles = [Patch(color=STATUS_COLOURS[index[c] % len(STATUS_COLOURS)],
-                     label=f"{c}: {levels.get(str(c), 'unknown')} ({counts[c]} voxels)") for c in known]
-    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
+    handles = [Patch(color=STATUS_COLOURS[index[c] % len(STATUS_COLOURS)], label=label)
+               for c, label in zip(known, labels)]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(share + 0.02, 0.5), fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=11)
     fig.text(0.01, 0.01, ORIENTATION_NOTE, fontsize=7, color="#444444")
     return _save(fig, out)
@@ -507,15 +521,19 @@ def fod_glyph_figure(out: Path, sh: np.ndarray, mask: np.ndarray, background: np
                 if np.all(np.isfinite(v)):
                     tip = v[:2] * (geometry.scale if normalise == "patch" else 0.48 / max(np.linalg.norm(vectors[i, j][0]), 1e-12))
                     segments.append([(i - tip[0], j - tip[1]), (i + tip[0], j + tip[1])])
-        if segments:
-            ax.add_collection(LineCollection(segments, colors="white", linewidths=0.6, alpha=0.6))
+        if segments:  # yellow with a black edge: visible over bright glyphs and over the dark background
+            from matplotlib import patheffects
+
+            lines = LineCollection(segments, colors="#ffd43b", linewidths=0.8)
+            lines.set_path_effects([patheffects.Stroke(linewidth=1.7, foreground="black"), patheffects.Normal()])
+            ax.add_collection(lines)
     ax.set_xlim(-0.5, rows.stop - rows.start - 0.5)
     ax.set_ylim(-0.5, cols.stop - cols.start - 0.5)
     ax.set_aspect("equal")
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(f"voxels x {rows.start}-{rows.stop - 1}, y {cols.start}-{cols.stop - 1} (RAS order), z = {k}"
-                 + (" - white lines: peaks" if peaks is not None else ""), fontsize=9)
+                 + (" - yellow lines: peaks" if peaks is not None else ""), fontsize=9)
     _label_orientation(ax)
     fig.suptitle(title, fontsize=11)
     fig.text(0.01, 0.035, ORIENTATION_NOTE + " " + DIRECTION_COLOUR_NOTE, fontsize=7, color="#444444")
@@ -670,14 +688,27 @@ def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, 
                       "Per-voxel fit status: where fits failed, and why.",
                       lambda path: status_figure(path, codes, levels, mask, f"{label}: per-voxel status"))
 
+    chosen_patch: list[tuple[int, slice, slice]] = []
+
+    def run_patch() -> tuple[int, slice, slice]:
+        """The glyph patch of the run, chosen once from the data (the number of peaks times FA: crossings in
+        white matter), so that every model's glyphs show the same voxels."""
+        if not chosen_patch:
+            score = image("tensor_fa") if "tensor_fa" in path_of else None
+            if "peaks" in path_of:
+                peaks = image("peaks")
+                count = np.sum(np.isfinite(peaks.reshape(peaks.shape[:3] + (-1, 3))[..., 0]), axis=-1).astype(float)
+                score = count if score is None else count * score
+            chosen_patch.append(choose_glyph_patch(mask, score))
+        return chosen_patch[0]
+
     def glyphs(key: str, hint: dict[str, Any]) -> None:
         section = section_of[key]
         with_peaks = hint.get("peaks", True) and section == fod_model and "peaks" in path_of
         peaks = image("peaks") if with_peaks else None
-        score = image("tensor_fa") if "tensor_fa" in path_of else None
         manifest.draw(section, hint["glyphs"], hint["name"], hint.get("caption", ""),
                       lambda path: fod_glyph_figure(path, image(key), mask, background(), hint["glyphs"], peaks=peaks,
-                                                    score=score, normalise=hint.get("normalise", "patch")))
+                                                    patch=run_patch(), normalise=hint.get("normalise", "patch")))
 
     def drawing(key: str, kind: str) -> None:
         if kind == "response":

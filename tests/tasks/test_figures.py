@@ -126,3 +126,59 @@ def test_a_figure_that_cannot_be_drawn_becomes_a_note(tmp_path):
     assert entries["RUMBA-SD volume fractions"]["note"].startswith("not drawn:")
     assert not any(e["section"] == "smt" for e in manifest["figures"])  # SMT did not run: no panel at all
     assert not list((tmp_path / "fig").glob("*.partial*"))
+
+
+def _captured(monkeypatch):
+    """Replace the figure writer by one that keeps the figure (drawn) for inspection."""
+    import dwiflow.tasks.figures as figures
+
+    kept = []
+
+    def keep(fig, out, dpi=110):
+        fig.canvas.draw()
+        kept.append(fig)
+        return out
+
+    monkeypatch.setattr(figures, "_save", keep)
+    return kept
+
+
+def _inside(inner, outer, slack=1.0) -> bool:
+    return (inner.x0 >= outer.x0 - slack and inner.x1 <= outer.x1 + slack and inner.y0 >= outer.y0 - slack
+            and inner.y1 <= outer.y1 + slack)
+
+
+def test_status_legend_beside_the_slices_and_labels_inside_the_figure(tmp_path, monkeypatch):
+    """Two-slice data: the status legend does not cover a slice; every mosaic's colour-bar label and range note
+    lie inside the figure; the colour range is stated (1st-99th percentile, or fixed)."""
+    from dwiflow.tasks.figures import MapPanel, mosaic_figure, status_figure
+
+    kept = _captured(monkeypatch)
+    rng = np.random.default_rng(0)
+    mask = np.zeros((40, 48, 2), bool)
+    mask[5:35, 6:44] = True
+    status = np.where(rng.random(mask.shape) < 0.05, 7, 0)
+    levels = {"0": "ok", "1": "non-finite input signal", "7": "diffusion-weighted signal above the b=0 signal on "
+              "average (non-physical)", "8": "non-physical estimate (a negative return-to-origin, -axis or -plane "
+              "probability or mean squared displacement)"}
+    status_figure(tmp_path / "s.png", status, levels, mask, "status")
+    fig = kept[-1]
+    renderer = fig.canvas.get_renderer()
+    legend = fig.legends[0].get_window_extent(renderer)
+    whole = fig.bbox
+    assert _inside(legend, whole)
+    for ax in fig.axes:
+        assert not ax.get_window_extent(renderer).overlaps(legend)
+    md = rng.normal(1e-3, 2e-4, mask.shape)
+    md[0, 0, 0] = 50.0  # one outlier does not set the scale
+    mosaic_figure(tmp_path / "m.png", [MapPanel("MD", md, "mm^2/s", "viridis"),
+                                       MapPanel("FA", rng.random(mask.shape), "", "gray", 0.0, 1.0)], mask, "maps")
+    fig = kept[-1]
+    renderer = fig.canvas.get_renderer()
+    texts = [t for ax in fig.axes for t in (ax.yaxis.label, *ax.get_yticklabels()) if t.get_text()]
+    texts += [t for t in fig.texts if t.get_text()]
+    assert texts and all(_inside(t.get_window_extent(renderer), fig.bbox) for t in texts)
+    notes = " ".join(t.get_text() for t in fig.texts)
+    assert "MD: " in notes and "(1st to 99th percentile in the mask)" in notes and "FA: 0 to 1 (fixed)" in notes
+    low, high = (float(v) for v in notes.split("MD: ")[1].split(" mm^2/s")[0].split(" to "))
+    assert 4e-4 < low < 8e-4 and 1.2e-3 < high < 1.6e-3

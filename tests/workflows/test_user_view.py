@@ -142,3 +142,31 @@ def test_non_physical_mapmri_voxels_get_a_status(tmp_path):
     assert np.all(np.isnan(rtop[flagged])) and np.nanmin(rtop[mask]) > 0
     levels = json.loads(status_path.with_name(status_path.name.replace(".nii.gz", ".json")).read_text())["Levels"]
     assert levels["8"].startswith("non-physical estimate")
+
+
+def test_progress_lines_follow_the_verbosity(capsys, monkeypatch):
+    """A long stage prints its progress with the elapsed time (throttled), -q silences progress, -v prints more
+    often; every line carries the wall-clock time."""
+    import time as clock
+
+    from dwiflow.tasks import console
+
+    monkeypatch.setenv(console.VERBOSITY_ENV, str(console.NORMAL))
+    progress = console.StageProgress("sub-03", "rumba", "voxels", interval=0.05)
+    progress(10, 100)  # within the first interval: nothing yet
+    clock.sleep(0.06)
+    progress(40, 100)
+    progress(41, 100)  # throttled
+    clock.sleep(0.06)
+    progress(100, 100)  # the stage's own "done" line follows: not repeated here
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and re.fullmatch(r"\[dwiflow \d\d:\d\d:\d\d\]   sub-03: rumba 40/100 voxels \(0 s\)", lines[0])
+    assert console.StageProgress("a", "b", "voxels").interval == 20.0
+    monkeypatch.setenv(console.VERBOSITY_ENV, str(console.VERBOSE))
+    assert console.StageProgress("a", "b", "voxels").interval == 5.0
+    monkeypatch.setenv(console.VERBOSITY_ENV, str(console.QUIET))
+    console.say("[dwiflow] hidden")
+    quiet = console.StageProgress("sub-03", "rumba", "voxels", interval=0.0)
+    clock.sleep(0.01)
+    quiet(5, 100)
+    assert capsys.readouterr().out == ""
