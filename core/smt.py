@@ -37,7 +37,8 @@ from dwiflow.core.voxels import VoxelBatch, VoxelFit, iter_chunks
 _SH_ORDER_THRESHOLDS = np.array([202.020202, 707.070707, 1212.12121, 2525.25253, 3131.31313, 5353.53535, np.inf])
 _SH_ORDERS = np.arange(2, 15, 2)
 
-STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NO_SIGNAL, FitStatus.SIGNAL_ABOVE_B0)
+STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NO_SIGNAL, FitStatus.SIGNAL_ABOVE_B0,
+                FitStatus.ON_SEARCH_BOUND)
 
 
 def sh_order_for_bvalue(bvalue: float) -> int:
@@ -298,6 +299,11 @@ class SmtModel:
                 means_all[idx], params[idx], rss[idx] = means, p, r
             if progress is not None:
                 progress(sl.stop, n)
+        # λ∥ on the lower end of its search range: that end is a choice of range, not a physical limit (the upper
+        # end, the free diffusivity of water at body temperature, is one), so the data did not determine it
+        on_bound = (status == FitStatus.OK) & (params[:, 0] <= self.bounds[0] * (1 + 1e-6))
+        status[on_bound] = FitStatus.ON_SEARCH_BOUND
+        params[on_bound], rss[on_bound] = np.nan, np.nan
         fitted = status == FitStatus.OK
         row_means = np.full((n, 1), np.nan)
         row_means[fitted] = means_all[fitted].mean(axis=1, keepdims=True)

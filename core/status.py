@@ -26,6 +26,7 @@ class FitStatus(IntEnum):
     NO_SOLUTION = 6
     SIGNAL_ABOVE_B0 = 7
     NON_PHYSICAL = 8
+    ON_SEARCH_BOUND = 9
 
     @property
     def description(self) -> str:
@@ -43,6 +44,8 @@ _DESCRIPTIONS = {
     FitStatus.SIGNAL_ABOVE_B0: "diffusion-weighted signal above the b=0 signal on average (non-physical)",
     FitStatus.NON_PHYSICAL: "non-physical estimate (a negative return-to-origin, -axis or -plane probability or mean "
                             "squared displacement)",
+    FitStatus.ON_SEARCH_BOUND: "a parameter on a bound of its search range that is not a physical limit (not "
+                               "determined by the data)",
 }
 
 

@@ -125,3 +125,18 @@ def test_fod_on_the_kernel_reports_status_and_is_volume_shaped():
     assert np.all(cosine > np.cos(np.radians(2)))
     with pytest.raises(DwiflowInputError, match="n_fod > 1"):
         fod.fractions
+
+
+def test_lambda_par_on_the_lower_search_bound_is_not_ok():
+    """A voxel whose signal barely decays drives λ∥ to the lower end of its search range, which is no physical
+    limit: status ON_SEARCH_BOUND and NaN, while a normal voxel stays ok."""
+    from dwiflow.core.status import FitStatus
+
+    g = acquisition_scheme("multi")
+    model = SmtModel(g)
+    normal = make_phantom(g, (1, 1, 1), snr=None, seed=0).data.reshape(1, -1)
+    flat = np.where(g.b0s_mask, 1000.0, 999.9)[None]  # 0.01% attenuation up to b=3000
+    fit = model.fit(np.concatenate([normal, flat])[:, None, None, :])
+    status = fit.status.ravel()
+    assert status[0] == FitStatus.OK and status[1] == FitStatus.ON_SEARCH_BOUND
+    assert np.isfinite(fit.lambda_par.ravel()[0]) and np.isnan(fit.lambda_par.ravel()[1])
