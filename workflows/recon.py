@@ -418,8 +418,14 @@ def write_reports(outcomes: list[RunOutcome], output_dir: Path, recon_spec: Reco
 
 
 def _last_line(text: str) -> str:
+    """The last meaningful line of an error text, without the class path of dwiflow's own stage error (a
+    stage's message is for the user as it stands)."""
     lines = [line for line in text.strip().splitlines() if line.strip() and not line.startswith("See output directory")]
-    return lines[-1].strip() if lines else ""
+    last = lines[-1].strip() if lines else ""
+    for prefix in ("dwiflow.tasks.pydra_tasks.StageError: ", "StageError: "):
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last
 
 
 def _stage_of(task_dir: Path) -> str:
