@@ -14,11 +14,11 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/dwiflow
 ENV PATH=/opt/dwiflow/bin:$PATH PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
-COPY pyproject.toml constraints.txt README.md /src/
+COPY pyproject.toml constraints.txt README.md LICENSE /src/
 # the dependencies first (a layer that survives edits of dwiflow's own code)
 RUN --mount=type=secret,id=ca_bundle,required=false \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi; \
-    pip install --upgrade pip "setuptools>=70.1" \
+    pip install --upgrade pip "setuptools>=77" \
     && python3 -c "import tomllib; d = tomllib.load(open('/src/pyproject.toml', 'rb')); print('\n'.join(d['project']['dependencies']))" > /tmp/requirements.txt \
     && pip install -c /src/constraints.txt -r /tmp/requirements.txt
 COPY dwiflow /src/dwiflow

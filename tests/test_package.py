@@ -45,3 +45,38 @@ def test_readme_stage_table_is_generated_from_the_registry():
         assert f"`dwirecon {stage.command}" in text
         for field, info, _ in stage.options.option_fields():
             assert f"`{field.name}`" in text or f"`--{field.name.replace('_', '-')}`" in text
+
+
+def test_sdist_and_wheel_build_and_pass_twine_check(tmp_path):
+    """`python -m build` (in this environment, no download) and `twine check`: the wheel carries the licence, the
+    SPDX licence expression, the recon specs and the output specs; the version agrees with CITATION.cff."""
+    import zipfile
+    from pathlib import Path
+
+    import dwiflow
+
+    repo = Path(__file__).resolve().parents[1]
+    build = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path), str(repo)],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    output = build.stdout + build.stderr
+    # setuptools' layout and licence-metadata warnings (a data folder absent from `packages`, the deprecated licence
+    # table) would mean that a release is missing files or will stop building
+    warnings = [line for line in output.splitlines()
+                if "warning" in line.lower() and "byte-compiling is disabled" not in line]
+    assert not warnings and "absent from the `packages`" not in output, "\n".join(warnings)
+    dists = sorted(tmp_path.iterdir())
+    assert [p.suffix for p in dists] == [".gz", ".whl"] or [p.suffix for p in dists] == [".whl", ".gz"]
+    check = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", *map(str, dists)],
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0 and check.stdout.count("PASSED") == 2, check.stdout + check.stderr
+    wheel = next(p for p in dists if p.suffix == ".whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert "License-Expression: BSD-3-Clause" in metadata and f"Version: {dwiflow.__version__}" in metadata
+    for spec in ("csd", "msmt", "mapmri", "rumba", "smt"):
+        assert f"dwiflow/tasks/recon_specs/{spec}.yaml" in names
+    assert "dwiflow/bids_specs/outputs.yaml" in names
+    assert f'version: "{dwiflow.__version__}"' in (repo / "CITATION.cff").read_text()

@@ -88,7 +88,7 @@ def ReconRun(
     response_wm: File | None = None,
     response_gm: File | None = None,
     response_csf: File | None = None,
-    code_version: str = "",
+    code_version: str = code_version(),
 ):
     """One diffusion run through the stages of a recon spec, wired from the stage registry: each stage's inputs
     come from the run or from the stage that provides them (the FOD from the stage of highest FOD priority);
