@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-RUN_ENTITIES = ("subject", "session", "acquisition", "reconstruction", "direction", "run")
+# the entities that tell runs apart and are kept in every output's name (a preprocessed derivative's space
+# included: QSIPrep's space-ACPC); an input's desc (desc-preproc) describes its processing, not the run
+RUN_ENTITIES = ("subject", "session", "acquisition", "reconstruction", "direction", "run", "space")
 SHORT = {"subject": "sub", "session": "ses", "acquisition": "acq", "reconstruction": "rec",
-         "direction": "dir", "run": "run"}
+         "direction": "dir", "run": "run", "space": "space"}
 
 
 class BidsInputError(ValueError):
@@ -121,6 +123,8 @@ def find_dwi_runs(
     if not files:
         raise BidsInputError(f"no DWI run found in {root} for the selection {query}")
     masks = _mask_index(Path(mask_dir)) if mask_dir else {}
+    if mask_dir and not masks:
+        raise BidsInputError(f"--mask-dir {mask_dir} holds no *_desc-brain_mask.nii[.gz] image")
     runs = []
     for f in sorted(files, key=lambda x: x.path):
         path = Path(f.path)
@@ -139,8 +143,16 @@ def find_dwi_runs(
         except Exception as exc:
             raise BidsInputError(f"cannot read the JSON metadata of {path}: {' '.join(str(exc).split())[:200]}") from None
         spec = DwiRunSpec(path, bval, bvec, entities, metadata)
-        spec.mask = masks.get(spec.label)
+        if mask_dir:
+            spec.mask = masks.get(spec.label)
+        else:  # a preprocessed derivative's own brain mask beside the DWI (QSIPrep: <run>_desc-brain_mask.nii.gz)
+            spec.mask = next((p for p in (path.with_name(f"{spec.label}_desc-brain_mask{ext}")
+                                          for ext in (".nii.gz", ".nii")) if p.is_file()), None)
         runs.append(spec)
+    if mask_dir and not any(run.mask for run in runs):
+        raise BidsInputError(f"--mask-dir {mask_dir} has a brain mask for none of the {len(runs)} selected run(s) "
+                             f"(its masks: {', '.join(sorted(masks)[:5])}{' …' if len(masks) > 5 else ''}; a mask "
+                             "is matched by the run's entities, e.g. sub-01_acq-x_desc-brain_mask.nii.gz)")
     return runs
 
 

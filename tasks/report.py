@@ -58,6 +58,7 @@ class RunReport:
     figures_dir: Path | None = None
     derivative_dir: Path | None = None
     files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # warnings about the run from the BIDS App (e.g. no given mask)
 
 
 def software_versions() -> dict[str, str]:
@@ -181,6 +182,7 @@ def subject_report(output_dir: Path, subject: str, runs: list[RunReport], recon_
         else:
             body.append(f'<p class="failed"><b>FAILED</b>: {_esc(run.error)}<br>log: {_esc(run.log)}</p>')
         figures, warnings = _figures_html(run, output_dir) if run.ok else ("", [])
+        warnings = list(run.notes) + warnings
         if not run.ok:
             warnings.append(f"the run failed: {run.error}")
         body.append("<details open><summary><b>Warnings</b> "

@@ -153,6 +153,7 @@ class RunOutcome:
     log: Path | None = None
     seconds: float = 0.0
     figures: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # warnings about the run for its report (e.g. no given mask)
 
 
 def output_folder(output_dir: Path, run: DwiRunSpec) -> Path:
@@ -245,6 +246,7 @@ def run_participant(
     responses: dict[str, Path] | None = None,
     warn=None,
     already_warned: dict[str, list[str]] | None = None,
+    report_notes: dict[str, list[str]] | None = None,
 ) -> list[RunOutcome]:
     """Run every run's workflow; a failed run is reported (naming its stage) and the others go on.
 
@@ -252,7 +254,8 @@ def run_participant(
     every run's own response stage.
 
     ``warn`` prints what the outputs' sidecars warn about (default: stderr), except what ``already_warned`` (run
-    label → lines printed by the pre-flight checks) holds.
+    label → lines printed by the pre-flight checks) holds; ``report_notes`` (run label → lines) are listed among
+    the run's warnings in the report.
 
     ``worker``: a Pydra worker name (debug, cf, slurm, sge) or a worker object (e.g.
     :class:`dwiflow.workflows.cluster.StageSlurmWorker`).
@@ -342,6 +345,8 @@ def run_participant(
             outcome = RunOutcome(run, False, error=message, log=log, seconds=time.perf_counter() - t0)
             progress(f"[dwiflow]   FAILED {run.label}: {message} (log: {log})")
         outcomes.append(outcome)
+    for outcome in outcomes:
+        outcome.notes = list((report_notes or {}).get(outcome.run.label, []))
     write_reports(outcomes, output_dir, recon_spec, timing_log, progress)
     return outcomes
 
@@ -405,7 +410,8 @@ def write_reports(outcomes: list[RunOutcome], output_dir: Path, recon_spec: Reco
     written = []
     for subject, runs in by_subject.items():
         reports = [RunReport(o.run.label, o.run.short_entities, o.ok, o.error, str(o.log or ""), o.seconds,
-                             figures_folder(output_dir, o.run), output_folder(output_dir, o.run), o.files)
+                             figures_folder(output_dir, o.run), output_folder(output_dir, o.run), o.files,
+                             notes=list(o.notes))
                    for o in runs]
         reports += earlier_runs(output_dir, subject, {r.label for r in reports})
         reports.sort(key=lambda r: r.label)

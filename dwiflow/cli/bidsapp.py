@@ -163,6 +163,10 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
     say(f"[dwiflow] checking {len(runs)} run(s) before anything runs")
     data_notes: dict[str, list[str]] = {}
     invalid = check_runs(runs, spec, responses, data_notes)
+    mask_notes = {run.label: [f"--mask-dir {args.mask_dir} has no brain mask for this run: its mask is computed from "
+                              "the b=0 volumes"] for run in runs if args.mask_dir and run.mask is None}
+    for label, notes in mask_notes.items():
+        data_notes[label] = notes + data_notes.get(label, [])
     if invalid:
         lines = [line for problems in invalid.values() for line in problems]
         if not args.skip_invalid_runs or len(invalid) == len(runs):
@@ -195,7 +199,7 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
                                   resources=spec.resources, omp_nthreads=args.omp_nthreads)
     say(f"[dwiflow] {len(runs)} run(s); recon spec {spec.name}; worker {args.worker}; cache {work_dir}")
     outcomes = run_participant(runs, bids_dir, output_dir, spec, work_dir, worker, options, responses=responses,
-                               already_warned=data_notes)
+                               already_warned=data_notes, report_notes=mask_notes)
     failed = [o for o in outcomes if not o.ok]
     if failed or invalid:
         for o in failed:
