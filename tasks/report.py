@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 VERSIONED_PACKAGES = ("dwiflow", "numpy", "scipy", "nibabel", "pydra", "numba", "cvxpy", "clarabel", "matplotlib",
                       "pybids")
@@ -104,20 +104,25 @@ def _table(rows: Iterable[Iterable[Any]], header: Iterable[str] | None = None) -
     return f"<table>{head}{body}</table>"
 
 
+def read_sidecars(files) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(path, content) of every JSON file among ``files`` that holds a readable object, in the given order."""
+    for path in files:
+        if Path(path).suffix != ".json":
+            continue
+        try:
+            content = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(content, dict):
+            yield Path(path), content
+
+
 def _model_parameters(run: RunReport) -> list[tuple[str, str]]:
     """(model or output, parameters) recorded in the run's derivative sidecars, one row per distinct set."""
     from dwiflow.bids_specs.outputs import entities_from_filename
 
     rows: dict[tuple[str, str], None] = {}
-    for path in sorted(run.files):
-        if path.suffix != ".json":
-            continue
-        try:
-            content = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(content, dict):
-            continue
+    for path, content in read_sidecars(sorted(run.files)):
         model = content.get("Model") if isinstance(content.get("Model"), dict) else {}
         params = model.get("Parameters") or content.get("Parameters")
         if not params:

@@ -375,15 +375,11 @@ def earlier_runs(output_dir: Path, subject: str, known: set[str]) -> list:
 def output_warnings(files: list[Path]) -> list[str]:
     """The ``Warnings`` the stages wrote into the sidecars of a run's outputs (what the data could not support),
     each once, in file order."""
+    from dwiflow.tasks.report import read_sidecars
+
     notes: list[str] = []
-    for path in files:
-        if path.suffix != ".json":
-            continue
-        try:
-            content = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        for note in content.get("Warnings", []) if isinstance(content, dict) else []:
+    for _, content in read_sidecars(files):
+        for note in content.get("Warnings", []):
             if note not in notes:
                 notes.append(note)
     return notes

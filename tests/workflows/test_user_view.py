@@ -16,18 +16,7 @@ from scipy import ndimage
 from dwiflow.cli.bidsapp import default_work_dir, main
 from dwiflow.cli.dwirecon import main as dwirecon
 from tests.conftest import real_run
-
-SPEC = """
-name: small
-description: csd chain tuned for a small phantom
-stages:
-  mask: {}
-  tensor: {}
-  response: {method: fa, options: {number: 50, erode: 0}}
-  csd: {}
-  peaks: {npeaks: 2}
-  fod_metrics: {}
-"""
+from tests.workflows.test_participant import SPEC
 
 
 @pytest.mark.parametrize("acquisition", ["b1kb2k", "b6kmax"])
