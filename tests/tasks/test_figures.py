@@ -182,3 +182,40 @@ def test_status_legend_beside_the_slices_and_labels_inside_the_figure(tmp_path, 
     assert "MD: " in notes and "(1st to 99th percentile in the mask)" in notes and "FA: 0 to 1 (fixed)" in notes
     low, high = (float(v) for v in notes.split("MD: ")[1].split(" mm^2/s")[0].split(" to "))
     assert 4e-4 < low < 8e-4 and 1.2e-3 < high < 1.6e-3
+
+
+def test_every_model_of_a_run_draws_its_glyphs_on_the_same_patch(tmp_path, monkeypatch):
+    """CSD, RUMBA-SD and MAP-MRI glyphs of one run are drawn on one patch, chosen once from the run's data (peaks
+    × FA), not per model; the peaks go to the FOD source's figure only."""
+    import dwiflow.tasks.figures as figures
+
+    calls = []
+
+    def record(path, sh, mask, background, title, peaks=None, patch=None, **kwargs):
+        calls.append((title, patch, peaks is not None))
+        return path
+
+    monkeypatch.setattr(figures, "fod_glyph_figure", record)
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    rng = np.random.default_rng(1)
+    shape = (24, 24, 3)
+    mask = np.zeros(shape, np.uint8)
+    mask[2:22, 2:22] = 1
+    save = lambda name, data: nib.save(nib.Nifti1Image(np.asarray(data, np.float32), np.eye(4)), str(staged / name))  # noqa: E731
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), str(staged / "m.nii.gz"))
+    save("fa.nii.gz", rng.random(shape) * mask)
+    for name in ("csd.nii.gz", "rumba.nii.gz", "mapmri.nii.gz"):
+        save(name, rng.normal(size=shape + (45,)))  # each model's own FOD: a per-model choice would differ
+    peaks = np.full(shape + (9,), np.nan)
+    peaks[15:20, 4:9, 1, :6] = 1.0  # two peaks in one corner: where crossings are
+    save("peaks.nii.gz", peaks)
+    files = {"mask": "m.nii.gz", "tensor_fa": "fa.nii.gz", "csd_fod": "csd.nii.gz", "rumba_fod": "rumba.nii.gz",
+             "mapmri_odf": "mapmri.nii.gz", "peaks": "peaks.nii.gz"}
+    figures.figures_stage(staged, tmp_path / "fig", files, {"sub": "x"}, {"fod_model": "csd"})
+    assert len(calls) == 3
+    patches = {(patch[0], patch[1].start, patch[1].stop, patch[2].start, patch[2].stop) for _, patch, _ in calls}
+    assert len(patches) == 1
+    k, rows, cols = calls[0][1]
+    assert k == 1 and rows.start <= 15 and rows.stop >= 20 and cols.start <= 4 and cols.stop >= 9
+    assert [title for title, _, with_peaks in calls if with_peaks] == ["CSD fibre ODF"]

@@ -159,3 +159,21 @@ def test_progress_lines_follow_the_verbosity(capsys, monkeypatch):
     clock.sleep(0.01)
     quiet(5, 100)
     assert capsys.readouterr().out == ""
+
+
+def test_help_lists_the_built_in_specs_and_every_method(capsys):
+    from dwiflow.tasks.recon_spec import builtin_specs
+    from dwiflow.tasks.registry import StageGroup, stages
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"a built-in recon spec ({', '.join(builtin_specs())})" in text and "``" not in text
+    assert "--clean-workdir" in text and "-q, --quiet" in text and "$XDG_CACHE_HOME/dwiflow/" in text
+    with pytest.raises(SystemExit):
+        dwirecon(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for entry in stages().values():
+        if isinstance(entry, StageGroup):
+            assert f"{entry.title.lower()}: {', '.join(entry.methods)}" in text
+            assert {"tournier", "tax", "dhollander"} <= set(entry.methods) or entry.name != "response"
