@@ -103,3 +103,26 @@ def sidecar(
         content["Parameters"] = parameters
     content.update(extra)
     return content
+
+
+ORIENTATION_TYPES = ("scalar", "dec", "unitspherical", "spherical", "unit3vector", "3vector", "tensor", "sh",
+                     "amplitudes")
+
+
+def complete_sidecar(content: dict[str, Any], ndim: int) -> dict[str, Any]:
+    """A sidecar made to follow BEP016's orientation rules for an image of ``ndim`` dimensions: a 4D image always
+    has an ``OrientationEncoding`` (``{"Type": "scalar"}`` for a stack of scalar maps), every encoding but
+    ``scalar`` names its ``EncodingAxis`` (3: the volumes), and the sample directions of an ``amplitudes`` image
+    are ``AmplitudesDirections``."""
+    content = dict(content)
+    encoding = dict(content.get("OrientationEncoding") or {})
+    if not encoding and ndim <= 3:
+        return content
+    encoding.setdefault("Type", "scalar")
+    if encoding["Type"] != "scalar":
+        encoding.setdefault("EncodingAxis", 3)
+    if "Directions" in encoding:
+        encoding["AmplitudesDirections"] = encoding.pop("Directions")
+    content["OrientationEncoding"] = encoding
+    return content
+

@@ -152,6 +152,6 @@ def group_responses(output_dir: Path, progress=say) -> dict[str, Path]:
             out.json(target.with_suffix(".json"), sidecar(
                 f"group_response_{tissue}", None, Sources=[str(p.relative_to(output_dir)) for p in files],
                 Runs=len(files), Shells=[float(b) for b in mean.bvalues],
-                ResponseFunction={"Coefficients": mean.coefficients.tolist(), "Type": "zonal"}))
+                ResponseFunction={"Coefficients": mean.coefficients.tolist(), "Type": "zsh"}))
             progress(f"[dwiflow] group {tissue.upper()} response: mean of {len(files)} runs -> {target.name}")
     return written

@@ -299,7 +299,9 @@ class OutputSet:
         img.header.set_xyzt_units("mm", "sec")
         save_nifti(img, tmp)
         if sidecar is not None:
-            self.json(sidecar_path(path), sidecar)
+            from dwiflow.bids_specs.outputs import complete_sidecar
+
+            self.json(sidecar_path(path), complete_sidecar(sidecar, img.ndim))
         return path
 
     def json(self, path: str | os.PathLike, content: dict[str, Any]) -> Path:

@@ -90,17 +90,20 @@ def write_maps(
     sources: dict[str, Any],
     status_codes: Iterable[int] = (),
     orientation: dict[str, dict[str, Any]] | None = None,
+    per_output: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """One NIfTI + sidecar per requested output of ``stage``, all or nothing.
 
     ``volume_of(name)`` gives the output's image; a ``status`` output is written as uint8 with
-    ``Levels`` generated from ``status_codes`` (:class:`~dwiflow.core.status.FitStatus`).
+    ``Levels`` generated from ``status_codes`` (:class:`~dwiflow.core.status.FitStatus`); ``per_output`` adds
+    sidecar keys to one output only (e.g. each tissue's own response function).
     """
     written: dict[str, Path] = {}
     with atomic_outputs() as out:
         for name, path in outputs.items():
             levels = status_levels(status_codes) if name == "status" else None
-            content = sidecar(stage.output_key(name), parameters, (orientation or {}).get(name), levels, **sources)
+            content = sidecar(stage.output_key(name), parameters, (orientation or {}).get(name), levels,
+                              **{**sources, **(per_output or {}).get(name, {})})
             dtype = np.uint8 if output_spec(stage.output_key(name)).get("dtype") == "uint8" else np.float32
             written[name] = out.nifti(path, volume_of(name), affine, content, dtype=dtype)
     return written
@@ -152,3 +155,13 @@ def stage_warnings(stage, run, dwi: PathLike, options, mask_given: bool) -> dict
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return {"Warnings": notes} if notes else {}
+
+
+def fod_model_of(fod: PathLike) -> dict[str, Any]:
+    """``{"Model": …}`` for maps derived from an FOD (peaks, FOD metrics): the FOD's own model (BEP016 wants a
+    Model in every map's sidecar), or a description naming the file when its sidecar names none."""
+    model = (read_sidecar(fod) or {}).get("Model")
+    if isinstance(model, dict):
+        return {"Model": model}
+    return {"Model": {"Description": f"the model that produced {Path(fod).name} (its sidecar names none)"}}
+

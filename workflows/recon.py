@@ -190,12 +190,14 @@ def publish(staged: Path, target: Path) -> list[Path]:
     return [final for _, final in pending]
 
 
-def write_dataset_description(output_dir: Path, bids_dir: Path, recon_spec: ReconSpec) -> None:
+def write_dataset_description(output_dir: Path, bids_dir: Path, recon_spec: ReconSpec,
+                              authors: list[str] | None = None) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     description = {
         "Name": f"dwiflow derivatives ({recon_spec.name})",
         "BIDSVersion": "1.9.0",
         "DatasetType": "derivative",
+        "Authors": list(authors) if authors else [f"dwiflow {__version__} (automated; --authors names the people)"],
         "GeneratedBy": [{"Name": "dwiflow", "Version": __version__, "CodeURL": "https://github.com/dwiflow/dwiflow",
                          "Description": f"recon spec {recon_spec.name}: {recon_spec.description}"}],
         "SourceDatasets": [{"URL": f"file://{bids_dir.resolve()}"}],
@@ -247,6 +249,7 @@ def run_participant(
     warn=None,
     already_warned: dict[str, list[str]] | None = None,
     report_notes: dict[str, list[str]] | None = None,
+    authors: list[str] | None = None,
 ) -> list[RunOutcome]:
     """Run every run's workflow; a failed run is reported (naming its stage) and the others go on.
 
@@ -274,7 +277,7 @@ def run_participant(
     if removed:
         progress(f"[dwiflow] {len(removed)} cached result(s) unusable (interrupted or damaged): they are recomputed")
     sweep_partial_outputs(output_dir)
-    write_dataset_description(output_dir, bids_dir, recon_spec)
+    write_dataset_description(output_dir, bids_dir, recon_spec, authors)
     timing_log = work_dir / "logs" / "timings.jsonl"
     timing_log.parent.mkdir(parents=True, exist_ok=True)
     os.environ[TIMING_LOG_ENV] = str(timing_log)  # read by the stage hooks in the worker processes / cluster jobs

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprocs", type=_positive_int, help="processes for the cf worker")
     p.add_argument("--omp-nthreads", type=_positive_int, help="threads per task (numba/BLAS)")
     p.add_argument("--sbatch-args", default="", help="extra sbatch arguments for the slurm worker")
+    p.add_argument("--authors", nargs="+", metavar="NAME",
+                   help="the Authors of the derivative dataset (its dataset_description.json)")
     p.add_argument("--skip-invalid-runs", action="store_true",
                    help="run the runs that pass the pre-flight checks and report the others (default: any invalid "
                         "run stops everything before anything is written)")
@@ -199,7 +201,7 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
                                   resources=spec.resources, omp_nthreads=args.omp_nthreads)
     say(f"[dwiflow] {len(runs)} run(s); recon spec {spec.name}; worker {args.worker}; cache {work_dir}")
     outcomes = run_participant(runs, bids_dir, output_dir, spec, work_dir, worker, options, responses=responses,
-                               already_warned=data_notes, report_notes=mask_notes)
+                               already_warned=data_notes, report_notes=mask_notes, authors=args.authors)
     failed = [o for o in outcomes if not o.ok]
     if failed or invalid:
         for o in failed:

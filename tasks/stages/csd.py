@@ -49,10 +49,9 @@ def run_csd(files, outputs, options: CsdOptions, context):
               "VoxelsFailed": int((fit.status != FitStatus.OK).sum())}
     sources = provenance(dwi, files["bval"], files["bvec"], files["response"], files.get("mask"), files.get("directions"))
     content = sidecar("csd_fod", params, {"SphericalHarmonicDegree": model.lmax}, **sources, **notes,
-                      ResponseFunction={"Coefficients": [float(c) for c in model.zonal], "Type": "zonal",
-                                        "Shell": model.shell.bvalue},
+                      ResponseFunction={"Coefficients": [float(c) for c in model.zonal], "Type": "zsh"},
                       PointSpreadFunction={"Coefficients": [float(c) for c in model.point_spread_function()],
-                                           "Type": "zonal",
+                                           "Type": "zsh",
                                            "Description": "the FOD of one noiseless fibre along z (the response "
                                                           "deconvolved); the peaks stage subtracts it at each peak"})
     written = {}

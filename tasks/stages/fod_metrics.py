@@ -10,7 +10,7 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import load_image
 from dwiflow.tasks.options import StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import load_sh_image, provenance, write_maps
+from dwiflow.tasks.stagelib import fod_model_of, load_sh_image, provenance, write_maps
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ def run_fod_metrics(files, outputs, options: FodMetricsOptions, context):
     if tuple(pk.shape[:3]) != sh.shape[:3]:
         raise DwiflowInputError(f"peaks {peaks} has spatial shape {pk.shape[:3]} but the FOD has {sh.shape[:3]}")
     maps = fod_metrics(sh, np.asarray(pk.dataobj, dtype=float))
-    return write_maps(STAGES[0], outputs, maps.__getitem__, affine, None, provenance(fod, peaks))
+    return write_maps(STAGES[0], outputs, maps.__getitem__, affine, None,
+                      {**fod_model_of(fod), **provenance(fod, peaks)})
 
 
 STAGES = (

@@ -69,16 +69,20 @@ def run_msmt_csd(files, outputs, options: MsmtCsdOptions, context):
               "Shells": [float(round(s.bvalue)) for s in model.shells],
               "VoxelsNotConverged": int((fit.status_rows == FitStatus.NOT_CONVERGED).sum()),
               "VoxelsFailed": int((fit.status_rows != FitStatus.OK).sum())}
+    # BEP016: each tissue's image carries its own response (zonal SH, one row per shell); TissueResponses keeps
+    # every tissue's, with the shells and the file it came from
     response_functions = {
-        t.upper(): {"Coefficients": [[float(c) for c in row] for row in r.coefficients], "Type": "zonal",
+        t.upper(): {"Coefficients": [[float(c) for c in row] for row in r.coefficients], "Type": "zsh",
                     "Shells": [float(round(s.bvalue)) for s in model.shells], "Source": files[f"response_{t}"].name}
         for t, r in zip(tissues, responses)}
+    own = {t: {"ResponseFunction": {key: response_functions[t.upper()][key] for key in ("Coefficients", "Type")}}
+           for t in tissues}
     sources = provenance(dwi, files["bval"], files["bvec"], *(files[f"response_{t}"] for t in tissues),
                          files.get("mask"), files.get("directions"))
     volumes = {t: (lambda i=i: fit.tissue(i)) for i, t in enumerate(tissues)} | {"status": lambda: fit.status}
     return write_maps(STAGES[0], outputs, lambda name: volumes[name](), run.affine, params,
-                      sources | {"ResponseFunction": response_functions}, STATUS_CODES,
-                      {t: {"SphericalHarmonicDegree": model.lmax[i]} for i, t in enumerate(tissues)})
+                      sources | {"TissueResponses": response_functions}, STATUS_CODES,
+                      {t: {"SphericalHarmonicDegree": model.lmax[i]} for i, t in enumerate(tissues)}, per_output=own)
 
 
 def check_msmt_csd_data(data, options: MsmtCsdOptions) -> None:

@@ -12,7 +12,7 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import atomic_outputs, load_mask, read_sidecar, sidecar_path
 from dwiflow.tasks.options import Alias, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import load_sh_image, provenance
+from dwiflow.tasks.stagelib import fod_model_of, load_sh_image, provenance
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def run_peaks(files, outputs, options: PeaksOptions, context):
               "Method": "point-spread-function subtraction" if psf is not None else "local maxima"}
     with atomic_outputs() as out:
         path = out.nifti(outputs["peaks"], peaks.vectors.reshape(sh.shape[:3] + (3 * options.npeaks,)), affine,
-                         sidecar("peaks", params, **provenance(fod, mask)))
+                         sidecar("peaks", params, **fod_model_of(fod), **provenance(fod, mask)))
     return {"peaks": path}
 
 

@@ -30,7 +30,7 @@ def _sidecar(response, method: str, parameters: dict[str, Any], *sources) -> dic
         "Parameters": parameters,
         "Shells": [float(b) for b in response.bvalues],
         "Lmax": [int(l) for l in response.lmax],
-        "ResponseFunction": {"Coefficients": response.coefficients.tolist(), "Type": "zonal"},
+        "ResponseFunction": {"Coefficients": response.coefficients.tolist(), "Type": "zsh"},
         **provenance(*sources),
     }
 

@@ -126,7 +126,7 @@ def run_rumba(files, outputs, options: RumbaOptions, context):
                          wm_source if isinstance(wm_source, (str, os.PathLike)) else None)
     orientation = {"fod": {"SphericalHarmonicDegree": int(lmax)},
                    "combined_odf": {"SphericalHarmonicDegree": int(lmax)},
-                   "fod_amplitudes": {"Directions": np.round(model.vertices, 8).tolist()}}
+                   "fod_amplitudes": {"AmplitudesDirections": np.round(model.vertices, 8).tolist()}}
     return write_maps(STAGES[0], outputs, lambda name: maps[name](), run.affine, params, sources, STATUS_CODES,
                       orientation)
 

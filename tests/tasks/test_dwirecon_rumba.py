@@ -39,7 +39,7 @@ def test_rumba_writes_every_map_in_the_world_frame(case, tmp_path, capsys):
     amp_img = out / name.format("fodamp")
     amplitudes = nib.load(amp_img).get_fdata()
     side = json.loads(amp_img.with_name(amp_img.name.replace(".nii.gz", ".json")).read_text())
-    directions = np.array(side["OrientationEncoding"]["Directions"])
+    directions = np.array(side["OrientationEncoding"]["AmplitudesDirections"])
     assert amplitudes.shape == (6, 6, 3, 724) and directions.shape == (724, 3)
     assert side["Model"]["Parameters"]["Iterations"] == 300
     fwm, fiso = (nib.load(out / name.format(p)).get_fdata() for p in ("fwm", "fiso"))

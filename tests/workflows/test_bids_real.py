@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.bep016 import dataset_problems
 from tests.conftest import BIDS_REAL, IN_CI, REPO, browser_images, real_run
 
 MASKS = BIDS_REAL / "derivatives" / "masks"
@@ -102,6 +103,7 @@ def test_every_real_run_with_the_csd_preset(cf_reference, tmp_path, chromium):
     from dwiflow.cli.bidsapp import main
 
     out = cf_reference  # every run, csd preset, --mask-dir, cf worker
+    assert dataset_problems(out) == {}  # every sidecar follows the BEP016 draft's rules
     expected = ["sub-01/dwi/sub-01_acq-b1kb2k", "sub-01/dwi/sub-01_acq-b6kmax", "sub-02/dwi/sub-02_dir-AP",
                 "sub-02/dwi/sub-02_dir-PA", "sub-03/dwi/sub-03"]
     for prefix in expected:
@@ -135,12 +137,13 @@ def test_every_real_run_with_the_csd_preset(cf_reference, tmp_path, chromium):
 
 def test_every_real_run_through_slurm_equals_cf(cluster, cf_reference, tmp_path, capsys):
     out, work = tmp_path / "out", tmp_path / "work"
-    # sub-03 (its mask computed: --mask-dir has none for it); sub-02's two runs go through SLURM in the killed-job
-    # test below (sub-01's two-slice runs only differ from these in their given masks, which the cf run covers)
-    # the jobs run through DWIFLOW_JOB_PREFIX (what `apptainer exec … dwiflow.sif` is in the README's recipe)
+    # sub-03 (its mask computed, as in the cf reference, where --mask-dir has none for it; given alone here it
+    # would be an error: a --mask-dir that matches none of the selected runs); sub-02's two runs go through SLURM
+    # in the killed-job test below (sub-01's two-slice runs only differ from these in their given masks, which the
+    # cf run covers); the jobs run through DWIFLOW_JOB_PREFIX (`apptainer exec … dwiflow.sif` in the README)
     prefixed = {**cluster["env"], "DWIFLOW_JOB_PREFIX": "env DWIFLOW_RAN_THROUGH_PREFIX=1"}
-    run = subprocess.run(_dwiflow([BIDS_REAL, out, "participant", "--participant-label", "03", "--mask-dir",
-                                   MASKS, "--work-dir", work, "--worker", "slurm"], prefixed),
+    run = subprocess.run(_dwiflow([BIDS_REAL, out, "participant", "--participant-label", "03", "--work-dir", work,
+                                   "--worker", "slurm"], prefixed),
                          env=prefixed, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     jobs = _job_ids(run.stdout)

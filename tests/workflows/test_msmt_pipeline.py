@@ -12,6 +12,7 @@ from dwiflow.cli.bidsapp import main
 from dwiflow.tasks import recon_spec as recon_spec_module
 from dwiflow.tasks.recon_spec import builtin_specs
 from dwiflow.tasks.registry import get as stage
+from tests.bep016 import dataset_problems
 from tests.conftest import BIDS_REAL, real_run
 
 
@@ -27,6 +28,7 @@ def test_msmt_recon_spec_wires_dhollander_msmt_and_mtnormalise(tmp_path, capsys)
                  str(tmp_path / "filter.json"), "--recon-spec", str(tmp_path / "spec.yaml"), "--mask-dir",
                  str(BIDS_REAL / "derivatives" / "masks"), "--work-dir", str(tmp_path / "work")])
     assert code == 0
+    assert dataset_problems(out) == {}  # every sidecar follows the BEP016 draft's rules
     base = out / "sub-01" / "dwi" / "sub-01_acq-b6kmax"
     wm = nib.load(f"{base}_model-msmtcsd_param-fod_desc-wm_dwimap.nii.gz").get_fdata()
     wm_norm = nib.load(f"{base}_model-msmtcsd_param-fod_desc-wmnorm_dwimap.nii.gz").get_fdata()
@@ -37,9 +39,10 @@ def test_msmt_recon_spec_wires_dhollander_msmt_and_mtnormalise(tmp_path, capsys)
     assert 0.5 < np.median(field[mask]) < 2
     # the responses msmt-csd used are dhollander's, recorded in the FOD's sidecar
     side = json.loads(open(f"{base}_model-msmtcsd_param-fod_desc-wm_dwimap.json").read())
-    assert set(side["ResponseFunction"]) == {"WM", "GM", "CSF"}
+    assert set(side["TissueResponses"]) == {"WM", "GM", "CSF"} and side["ResponseFunction"]["Type"] == "zsh"
     wm_response = np.loadtxt(f"{base}_model-msmtcsd_desc-wm_response.txt", comments="#")
-    assert np.allclose(side["ResponseFunction"]["WM"]["Coefficients"], wm_response, rtol=1e-8)
+    assert np.allclose(side["ResponseFunction"]["Coefficients"], wm_response, rtol=1e-8)  # BEP016: its own
+    assert np.allclose(side["TissueResponses"]["WM"]["Coefficients"], wm_response, rtol=1e-8)
     # peaks came from the normalised FOD: the same as running the peaks stage on it
     direct = stage("peaks")({"peaks": tmp_path / "direct_peaks.nii.gz"},
                             fod=f"{base}_model-msmtcsd_param-fod_desc-wmnorm_dwimap.nii.gz",
@@ -78,7 +81,7 @@ def test_msmt_recon_spec_wires_dhollander_msmt_and_mtnormalise(tmp_path, capsys)
     base2 = out2 / "sub-01" / "dwi" / "sub-01_acq-b6kmax"
     assert not list(out2.rglob("*_desc-wm_response.txt"))
     side2 = json.loads(open(f"{base2}_model-msmtcsd_param-fod_desc-wm_dwimap.json").read())
-    assert side2["ResponseFunction"]["WM"]["Source"] == group_wm.name
+    assert side2["TissueResponses"]["WM"]["Source"] == group_wm.name
     # a run whose b-values differ from the group response's is refused before anything runs, naming both
     (tmp_path / "other.json").write_text(json.dumps({"dwi": {"acquisition": "b1kb2k"}}))
     out3 = tmp_path / "out3"

@@ -13,6 +13,7 @@ import pytest
 
 from dwiflow.cli.bidsapp import main
 from dwiflow.cli.dwirecon import main as dwirecon
+from tests.bep016 import dataset_problems
 
 SPEC = """
 name: small
@@ -67,6 +68,7 @@ def test_participant_outputs_are_a_bids_derivative(dataset, tmp_path):
         assert nifti.with_name(nifti.name.replace(".nii.gz", ".json")).is_file()
     assert not (out / "sub-two").exists()  # --participant-label selected only sub-phantom
     assert not list(out.rglob("*.partial"))
+    assert dataset_problems(out) == {}  # every sidecar follows the BEP016 draft's rules
     validator = shutil.which("bids-validator-deno") or str(Path(sys.executable).parent / "bids-validator-deno")
     check = subprocess.run([validator, str(out), "--datasetTypes", "derivative"], capture_output=True, text=True, timeout=300)
     assert check.returncode == 0 and "[ERROR]" not in check.stdout, check.stdout[-3000:]
@@ -250,6 +252,7 @@ def test_mapmri_stage_runs_through_the_bids_app(dataset, tmp_path):
     rtop = nib.load(folder / "sub-phantom_model-mapmri_param-rtop_dwimap.nii.gz").get_fdata()
     mask = nib.load(folder / "sub-phantom_desc-brain_mask.nii.gz").get_fdata() > 0
     assert np.all(np.isfinite(rtop[mask])) and np.all(rtop[mask] > 0)
+    assert dataset_problems(out) == {}
 
 
 def test_smt_preset_runs_through_the_bids_app(dataset, tmp_path):
@@ -264,3 +267,19 @@ def test_smt_preset_runs_through_the_bids_app(dataset, tmp_path):
     mask = nib.load(folder / "sub-phantom_desc-brain_mask.nii.gz").get_fdata() > 0
     # the phantom's fibres have lambda_par 1.7e-3; its 0-20% free water, not modelled by this preset, raises the estimate
     assert 1.6e-3 < np.nanmedian(lpar[mask]) < 2.6e-3
+
+
+@pytest.mark.parametrize("recon_spec", ["rumba", "mapmri", "smt"])
+def test_builtin_specs_write_bep016_sidecars(dataset, tmp_path, recon_spec):
+    """The built-in recon specs the other tests do not run whole (csd: test_bids_real, msmt: test_msmt_pipeline)
+    on the phantom: every sidecar follows the BEP016 draft's rules and the dataset has its Authors."""
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    shutil.copytree(dataset["bids"] / "sub-phantom", bids / "sub-phantom")
+    shutil.copyfile(dataset["bids"] / "dataset_description.json", bids / "dataset_description.json")
+    side = bids / "sub-phantom" / "dwi" / "sub-phantom_dwi.json"  # MAP-MRI's q-space indices need Δ and δ
+    side.write_text(json.dumps({**(json.loads(side.read_text()) if side.is_file() else {}),
+                                "LargeDelta": 0.0265, "SmallDelta": 0.0162}))
+    assert main([str(bids), str(out), "participant", "--recon-spec", recon_spec, "--work-dir", str(tmp_path / "w"),
+                 "--worker", "debug", "-q", "--authors", "A. Tester", "B. Tester"]) == 0
+    assert dataset_problems(out) == {}
+    assert json.loads((out / "dataset_description.json").read_text())["Authors"] == ["A. Tester", "B. Tester"]
