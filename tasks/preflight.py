@@ -61,7 +61,7 @@ def summary_of(gtab, sidecar: dict[str, Any] | None, mask_given: bool) -> DataSu
 
 
 def stage_data_warnings(stage, data: DataSummary, options) -> list[str]:
-    """What ``stage`` warns about ``data`` (its ``data_warnings``), rendered with the option names of a recon spec."""
+    """What ``stage`` warns about ``data`` (its ``data_warnings``; none when it declares none)."""
     if stage.data_warnings is None:
         return []
     return list(stage.data_warnings(data, options))

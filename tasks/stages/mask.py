@@ -31,10 +31,10 @@ PLAUSIBLE_FOV_FRACTION = (0.05, 0.85)
 
 def run_mask(files, outputs, options: MaskOptions, context):
     """Median-Otsu brain mask of the mean b=0 image (Garyfallidis et al. 2014)."""
-    from dwiflow.core.mask import default_dilation, median_otsu_mask
+    from dwiflow.core.mask import default_dilation, median_otsu_mask, median_window
 
     run = load_dwi(files["dwi"], files["bval"], files["bvec"])
-    window = tuple(min(2 * options.median_radius + 1, max(1, (s // 3) | 1)) for s in run.data.shape[:3])
+    window = median_window(run.data.shape[:3], options.median_radius)
     dilation = default_dilation(run.data.shape[:3], window) if options.dilate < 0 else options.dilate
     mask = median_otsu_mask(run.data, run.gtab, median_radius=options.median_radius, numpass=options.numpass,
                             dilate=dilation)
@@ -63,7 +63,8 @@ STAGES = (
     Stage(
         name="mask", order=10, title="Brain mask", summary="brain mask from the b=0 volumes",
         description="Median-Otsu brain mask of the mean b=0 image: median filter, Otsu threshold, largest "
-                    "component, holes filled in 3-D and within slices, one in-plane dilation on thin slabs (Garyfallidis et al. 2014). In a run, a mask given with --mask-dir "
+                    "component, holes filled in 3-D and within slices, one in-plane dilation on thin slabs "
+                    "(Garyfallidis et al. 2014). In a run, a mask given with --mask-dir "
                     "replaces it.",
         options=MaskOptions, run=run_mask, inputs=DWI_INPUTS,
         outputs=(Output("mask", "the brain mask", cli="positional", metavar="OUT"),),
