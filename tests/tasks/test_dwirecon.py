@@ -61,7 +61,7 @@ def test_tensor_writes_maps_with_sidecars(phantom_dir, tmp_path, capsys):
     tissue = nib.load(phantom_dir["root"] / "derivatives/masks/sub-phantom/dwi/sub-phantom_desc-brain_mask.nii.gz").get_fdata() > 0
     assert fa.shape == (18, 18, 8) and 0.3 < np.median(fa[tissue]) < 0.9
     side = json.loads((tmp_path / "v1.json").read_text())
-    assert side["OrientationEncoding"] == {"Type": "unit3vector", "Reference": "xyz"}
+    assert side["OrientationEncoding"] == {"Type": "unit3vector", "Reference": "xyz", "EncodingAxis": 3}  # BEP016
     assert side["Model"]["Parameters"]["FitMethod"] == "WLS"
     assert json.loads((tmp_path / "md.json").read_text())["Units"] == "mm^2/s"
 
