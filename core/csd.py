@@ -317,10 +317,7 @@ class CsdModel:
 
     @staticmethod
     def _max_supported_lmax(n_dirs: int) -> int:
-        lmax = 2
-        while n_coefficients(lmax + 2) <= SUPER_RESOLUTION_FACTOR * n_dirs:
-            lmax += 2
-        return lmax
+        return supported_lmax(n_dirs)
 
     @staticmethod
     def _response_row(response: ResponseFunction, bvalue: float) -> np.ndarray:
@@ -369,3 +366,14 @@ class CsdModel:
             sh=scatter(sh, batch, fill=0.0), status=scatter(status, batch), iterations=scatter(iterations, batch),
             mask=batch.mask, lmax=self.lmax, model=self,
         )
+
+
+def supported_lmax(n_directions: int, factor: float = SUPER_RESOLUTION_FACTOR) -> int:
+    """The largest even lmax (at least 2) whose SH coefficient count is at most ``factor`` × the directions: with
+    the default factor what CSD's super-resolution reaches (Tournier et al. 2007), with factor 1 what the
+    directions determine without the non-negativity constraint."""
+    lmax = 2
+    while n_coefficients(lmax + 2) <= factor * n_directions:
+        lmax += 2
+    return lmax
+

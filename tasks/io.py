@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 from isal import igzip, isal_zlib
 
+from dwiflow.bids_specs.outputs import complete_sidecar
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import DEFAULT_B0_THRESHOLD, GradientTable, gradient_table
 
@@ -299,8 +300,6 @@ class OutputSet:
         img.header.set_xyzt_units("mm", "sec")
         save_nifti(img, tmp)
         if sidecar is not None:
-            from dwiflow.bids_specs.outputs import complete_sidecar
-
             self.json(sidecar_path(path), complete_sidecar(sidecar, img.ndim))
         return path
 

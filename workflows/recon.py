@@ -156,17 +156,19 @@ class RunOutcome:
     notes: list[str] = field(default_factory=list)  # warnings about the run for its report (e.g. no given mask)
 
 
-def output_folder(output_dir: Path, run: DwiRunSpec) -> Path:
-    ents = run.short_entities
+def output_folder(output_dir: Path, run: DwiRunSpec | dict[str, str]) -> Path:
+    """``OUTPUT_DIR/sub-<label>[/ses-<label>]/dwi`` of a run (or of a run's short entities)."""
+    ents = run if isinstance(run, dict) else run.short_entities
     folder = output_dir / f"sub-{ents['sub']}"
     if "ses" in ents:
         folder = folder / f"ses-{ents['ses']}"
     return folder / "dwi"
 
 
-def figures_folder(output_dir: Path, run: DwiRunSpec) -> Path:
+def figures_folder(output_dir: Path, run: DwiRunSpec | dict[str, str]) -> Path:
     """``OUTPUT_DIR/sub-<label>/figures`` (fMRIPrep's place for report figures, sessions included)."""
-    return output_dir / f"sub-{run.short_entities['sub']}" / "figures"
+    ents = run if isinstance(run, dict) else run.short_entities
+    return output_dir / f"sub-{ents['sub']}" / "figures"
 
 
 def publish(staged: Path, target: Path) -> list[Path]:
@@ -360,7 +362,7 @@ def earlier_runs(output_dir: Path, subject: str, known: set[str]) -> list:
     from dwiflow.bids_specs.outputs import entities_from_filename, output_filename
     from dwiflow.tasks.report import RunReport
 
-    figures = output_dir / f"sub-{subject}" / "figures"
+    figures = figures_folder(output_dir, {"sub": subject})
     tail = output_filename("figures_manifest", {}).lstrip("_")
     found = []
     for manifest in sorted(figures.glob(f"sub-{subject}_*{tail}")):
@@ -368,7 +370,7 @@ def earlier_runs(output_dir: Path, subject: str, known: set[str]) -> list:
         label = "_".join(f"{k}-{v}" for k, v in entities.items())
         if not entities or label in known:
             continue
-        folder = output_dir / f"sub-{subject}" / (f"ses-{entities['ses']}" if "ses" in entities else "") / "dwi"
+        folder = output_folder(output_dir, entities)
         files = sorted(p for p in folder.glob(f"{label}_*") if p.is_file())
         found.append(RunReport(label, entities, True, derivative_dir=folder, figures_dir=figures, files=files,
                                error="", log="", seconds=0.0))

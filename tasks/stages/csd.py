@@ -78,7 +78,7 @@ def csd_data_warnings(data, options: CsdOptions) -> list[str]:
     """Data that support CSD only poorly: more SH coefficients than directions on the shell (the FOD is then
     determined by the non-negativity constraint alone: super-resolution, Tournier et al. 2007, with spurious
     peaks), and a multi-shell run of which CSD uses one shell."""
-    from dwiflow.core.csd import SUPER_RESOLUTION_FACTOR
+    from dwiflow.core.csd import supported_lmax
     from dwiflow.core.sh import n_coefficients
 
     if not data.shells:
@@ -86,13 +86,9 @@ def csd_data_warnings(data, options: CsdOptions) -> list[str]:
     bvalue, directions = (max(data.shells) if options.shell is None
                           else min(data.shells, key=lambda s: abs(s[0] - options.shell)))
     notes = []
-    lmax = options.lmax or 8
-    while lmax > 2 and n_coefficients(lmax) > SUPER_RESOLUTION_FACTOR * directions:
-        lmax -= 2  # as the model: what super-resolution can reach
+    lmax = min(options.lmax or 8, supported_lmax(directions))  # as the model: what super-resolution can reach
     if n_coefficients(lmax) > directions:
-        supported = 2
-        while n_coefficients(supported + 2) <= directions:
-            supported += 2
+        supported = supported_lmax(directions, factor=1)
         notes.append(f"CSD at lmax {lmax} estimates {n_coefficients(lmax)} coefficients from the {directions} "
                      f"directions of b={bvalue:.0f}: only the non-negativity constraint determines the FOD "
                      f"(super-resolution) and spurious peaks are likely; the directions determine lmax {supported} "
