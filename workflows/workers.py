@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import ctypes
+import inspect
+import logging
 import os
 import signal
 import sys
@@ -33,14 +35,29 @@ class Interruption:
 
 def _interrupt(signum, frame) -> None:
     Interruption.signal = signum
+    # The interruption may land inside one of Pydra's asyncio tasks: the task then holds the KeyboardInterrupt
+    # too, and asyncio would print its whole traceback ("Task exception was never retrieved") when the task is
+    # freed, after the one-line message. The run is being abandoned; what its tasks raise is not news.
+    logging.getLogger("asyncio").disabled = True
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _quiet_abandoned_coroutines(unraisable) -> None:
+    """After an interruption, Pydra's suspended jobs are closed when they are freed, after their event loop was
+    closed, and their clean-up fails ("Exception ignored in: <coroutine Job.run_async>: Event loop is closed").
+    Those are the abandoned run's, not news; anything else goes to Python's hook as before."""
+    if Interruption.signal is not None and inspect.iscoroutine(unraisable.object):
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def install_signal_handlers() -> None:
     """SIGINT and SIGTERM raise :class:`KeyboardInterrupt` (recording the signal), so a run unwinds: no result
-    of an interrupted task counts, partial outputs are removed and the worker processes are killed."""
+    of an interrupted task counts, partial outputs are removed and the worker processes are killed. The
+    interrupted process prints one line, not the tracebacks of the jobs it abandons."""
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
+    sys.unraisablehook = _quiet_abandoned_coroutines
 
 
 def interrupted() -> bool:
