@@ -34,6 +34,7 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import GradientTable
 from dwiflow.core.response import ResponseFunction
 from dwiflow.core.sh import check_lmax, expand_per_degree, n_coefficients, real_sh_basis, zonal_to_rotational_harmonics
+from dwiflow.core.sphere import Sphere, sphere_vertices
 from dwiflow.core.status import FitStatus
 from dwiflow.core.voxels import VoxelBatch, VoxelFit, iter_chunks
 
@@ -84,6 +85,17 @@ class MsmtCsdFit(VoxelFit):
     @property
     def iterations(self) -> np.ndarray:
         return self.volume(self.iteration_rows, fill=np.int32(0))
+
+    @property
+    def shm_coeff(self) -> np.ndarray:
+        """The first tissue's (the WM's) FOD coefficients, MRtrix3 basis (DIPY's name; DIPY's
+        ``MultiShellDeconvModel`` fit gives the WM FOD here too)."""
+        return self.tissue(0)
+
+    def odf(self, sphere: str | Sphere | np.ndarray, tissue: int = 0) -> np.ndarray:
+        """Tissue ``tissue``'s ODF amplitudes (..., m) on the vertices of ``sphere`` (a name such as
+        ``repulsion724``, a Sphere, DIPY's included, or (m, 3) unit vectors in the world frame)."""
+        return self.tissue(tissue) @ real_sh_basis(self.model.lmax[tissue], sphere_vertices(sphere)).T
 
     def predict(self) -> np.ndarray:
         """The signal every tissue's ODF predicts together (..., n_volumes)."""

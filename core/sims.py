@@ -43,7 +43,7 @@ def acquisition_scheme(kind: str = "single", n_b0: int = 6) -> GradientTable:
         dirs = repulsion_sphere(n, seed=i + 1).hemisphere
         bvals.append(np.full(n, b))
         bvecs.append(dirs)
-    return gradient_table(np.concatenate(bvals), np.concatenate(bvecs).T)
+    return gradient_table(np.concatenate(bvals), np.concatenate(bvecs).T, frame="world")
 
 
 def random_directions(n: int, rng: np.random.Generator) -> np.ndarray:

@@ -199,11 +199,11 @@ def get_sphere(name: str) -> Sphere:
 
 
 def sphere_vertices(sphere: str | Sphere | np.ndarray) -> np.ndarray:
-    """Unit vectors (m, 3) of a sphere given by name, as a :class:`Sphere` or as an array."""
+    """Unit vectors (m, 3) of a sphere given by name, as a :class:`Sphere` (or DIPY's) or as an array."""
     if isinstance(sphere, str):
         return get_sphere(sphere).vertices
-    if isinstance(sphere, Sphere):
-        return sphere.vertices
+    if isinstance(sphere, Sphere) or hasattr(sphere, "vertices"):  # ours, or DIPY's (dipy.core.sphere.Sphere)
+        sphere = sphere.vertices
     vertices = np.asarray(sphere, dtype=float)
     if vertices.ndim != 2 or vertices.shape[1] != 3 or vertices.shape[0] < 3:
         raise DwiflowInputError(f"sphere must be a name, a Sphere or (m, 3) unit vectors, got shape {vertices.shape}",

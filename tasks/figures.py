@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from dwiflow.bids_specs.outputs import output_filename
+from dwiflow.tasks.io import in_mrtrix3_basis
 
 ORIENTATION_NOTE = "Neurological convention: axial slices seen from above, subject's left (L) on the image left."
 DIRECTION_COLOUR_NOTE = "Glyph colour: direction (red = left-right, green = anterior-posterior, blue = inferior-superior)."
@@ -707,7 +708,8 @@ def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, 
         with_peaks = hint.get("peaks", True) and section == fod_model and "peaks" in path_of
         peaks = image("peaks") if with_peaks else None
         manifest.draw(section, hint["glyphs"], hint["name"], hint.get("caption", ""),
-                      lambda path: fod_glyph_figure(path, image(key), mask, background(), hint["glyphs"], peaks=peaks,
+                      lambda path: fod_glyph_figure(path, in_mrtrix3_basis(image(key), sidecar_of(key), path_of[key]),
+                                                    mask, background(), hint["glyphs"], peaks=peaks,
                                                     patch=run_patch(), normalise=hint.get("normalise", "patch")))
 
     def drawing(key: str, kind: str) -> None:

@@ -170,12 +170,13 @@ def load_gradients(
     bval: str | os.PathLike,
     bvec: str | os.PathLike,
     *,
-    affine: np.ndarray | None,
+    affine: np.ndarray,
     n_volumes: int | None,
     image_name: str = "image",
     b0_threshold: float = DEFAULT_B0_THRESHOLD,
 ) -> GradientTable:
-    """Read and validate a bval/bvec pair; errors name the files."""
+    """Read and validate a bval/bvec pair (FSL/BIDS vectors, turned into world coordinates with the DWI's
+    ``affine``); errors name the files."""
     bvals = read_bvals(bval)
     raw = read_bvecs(bvec)
     with warnings.catch_warnings(record=True) as caught:
@@ -268,15 +269,57 @@ def _tmp_name(final: Path) -> Path:
     return Path(name)
 
 
+# SH bases: dwiflow's names (as core.sh and the --sh-basis option) and BEP016's (SphericalHarmonicBasis)
+SH_BASIS_LABELS = {"mrtrix3": "mrtrix3", "descoteaux07": "descoteaux"}
+
+
+def sh_basis_of(content: dict[str, Any] | None, path: str | os.PathLike | None = None) -> str:
+    """The SH basis a sidecar declares (``mrtrix3`` when it says none: MRtrix3's and dwiflow's own)."""
+    label = ((content or {}).get("OrientationEncoding") or {}).get("SphericalHarmonicBasis", "mrtrix3")
+    for name, bep016 in SH_BASIS_LABELS.items():
+        if label in (name, bep016):
+            return name
+    where = f"{sidecar_path(path)}: " if path is not None else ""
+    raise DwiflowInputError(f"{where}SphericalHarmonicBasis {label!r} is not one dwiflow reads "
+                            f"({', '.join(SH_BASIS_LABELS.values())})")
+
+
+def in_mrtrix3_basis(coefficients: np.ndarray, content: dict[str, Any] | None,
+                     path: str | os.PathLike | None = None) -> np.ndarray:
+    """SH coefficients (last axis) turned into the MRtrix3 basis every estimator uses, from the basis their
+    sidecar declares."""
+    from dwiflow.core.sh import convert_sh_basis
+
+    basis = sh_basis_of(content, path)
+    return coefficients if basis == "mrtrix3" else convert_sh_basis(coefficients, basis, "mrtrix3")
+
+
 class OutputSet:
     """Outputs written to temporary files and renamed into place only when all succeeded.
 
     Use :func:`atomic_outputs`; an exception inside the block removes every
-    temporary file, so an interrupted or failed stage leaves no partial outputs.
+    temporary file, so an interrupted or failed stage leaves no partial outputs. With
+    ``sh_basis="descoteaux07"``, every SH image the stage computed (MRtrix3 basis, the sidecar's
+    ``OrientationEncoding.Type`` ``sh``) is written in DIPY's descoteaux07 basis and labelled so.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, sh_basis: str = "mrtrix3") -> None:
+        if sh_basis not in SH_BASIS_LABELS:
+            raise DwiflowInputError(f"sh_basis must be one of {', '.join(SH_BASIS_LABELS)}, got {sh_basis!r}",
+                                    parameters=("sh_basis",))
         self._pending: list[tuple[Path, Path]] = []
+        self.sh_basis = sh_basis
+
+    def _in_requested_basis(self, array: np.ndarray, sidecar: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        encoding = sidecar.get("OrientationEncoding") or {}
+        if encoding.get("Type") != "sh" or self.sh_basis == "mrtrix3" or sh_basis_of(sidecar) != "mrtrix3":
+            return array, sidecar  # not SH, MRtrix3 asked for, or already converted (mtnormalise keeps its input's)
+        from dwiflow.core.sh import convert_sh_basis
+
+        if np.ndim(array) == 4:
+            array = convert_sh_basis(np.asarray(array), "mrtrix3", self.sh_basis)
+        encoding = {**encoding, "SphericalHarmonicBasis": SH_BASIS_LABELS[self.sh_basis]}
+        return array, {**sidecar, "OrientationEncoding": encoding}
 
     def _reserve(self, final: str | os.PathLike) -> Path:
         final = Path(final)
@@ -295,6 +338,8 @@ class OutputSet:
     ) -> Path:
         """Queue a NIfTI image (and its ``.json`` sidecar when given)."""
         path = Path(path)
+        if sidecar is not None:
+            array, sidecar = self._in_requested_basis(array, sidecar)
         tmp = self._reserve(path)
         img = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine)
         img.header.set_xyzt_units("mm", "sec")
@@ -346,9 +391,10 @@ class OutputSet:
 
 
 @contextmanager
-def atomic_outputs() -> Iterator[OutputSet]:
-    """Context manager yielding an :class:`OutputSet`; commits on success, discards on error."""
-    outputs = OutputSet()
+def atomic_outputs(sh_basis: str = "mrtrix3") -> Iterator[OutputSet]:
+    """Context manager yielding an :class:`OutputSet` (SH images written in ``sh_basis``); commits on success,
+    discards on error."""
+    outputs = OutputSet(sh_basis)
     try:
         yield outputs
     except BaseException:

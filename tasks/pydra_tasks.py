@@ -95,8 +95,8 @@ def _run_stage(stage: str, method: str | None, options: dict, naming: dict, code
     try:
         hold_point(stage)
         configured = declared.options(**options)
-        targets = {name: Path.cwd() / f"{name}{output_spec(declared.output_key(name))['extension']}"
-                   for name in declared.writes(configured)}
+        targets = {name: Path.cwd() / f"{declared.output_key(name)}{output_spec(declared.output_key(name))['extension']}"
+                   for name in declared.writes(configured)}  # named by output key: unique over every stage
         given = {kind: (None if path is None else Path(path)) for kind, path in files.items()}
         with warnings.catch_warnings():
             # what the data support poorly reaches the user through the pre-flight checks, the outputs' sidecars
@@ -172,8 +172,13 @@ def derivative_inputs() -> list[tuple[str, str]]:
     return list(found.items())
 
 
-def _stage_derivatives(names: dict, code_version: str, **files):
-    """Copy a run's outputs (and their sidecars) under their BIDS derivative names into one folder."""
+def _stage_derivatives(names: dict, code_version: str, run_folder: str = "", source_uris: dict | None = None,
+                       spatial_reference: str = "", **files):
+    """Copy a run's outputs (and their sidecars) under their BIDS derivative names into one folder; every sidecar's
+    ``Sources`` become BIDS URIs: ``bids::<run_folder>/<name>`` for this run's derivatives, ``source_uris`` (file
+    name → URI, e.g. ``bids:raw:sub-01/dwi/sub-01_dwi.nii.gz``) for the inputs. Every image's sidecar gets the
+    ``SpatialReference`` (the DWI it is on the grid of; BIDS requires it without a standard-template ``space``)."""
+    import json
     import shutil
     from pathlib import Path
 
@@ -183,14 +188,25 @@ def _stage_derivatives(names: dict, code_version: str, **files):
 
     folder = Path.cwd() / "derivatives"
     folder.mkdir(exist_ok=True)
+    uri_of = dict(source_uris or {})
+    prefix = f"bids::{run_folder}/" if run_folder else "bids::"
+    uri_of.update({Path(value).name: prefix + names[key] for key, value in files.items() if value is not None})
     for key, value in files.items():
         if value is None:
             continue
         target = folder / names[key]
         shutil.copyfile(value, target)
-        side = sidecar_path(value)
-        if side.is_file():
-            shutil.copyfile(side, sidecar_path(target))
+        side, image = sidecar_path(value), names[key].endswith((".nii.gz", ".nii"))
+        if not side.is_file() and not image:
+            continue
+        content = json.loads(side.read_text()) if side.is_file() else {}
+        if isinstance(content.get("Sources"), list):
+            content["Sources"] = [uri_of.get(source, source) for source in content["Sources"]]
+        elif Path(value).name in (source_uris or {}):  # an input staged as it is (a given mask): its origin
+            content["Sources"] = [source_uris[Path(value).name]]
+        if spatial_reference and image:
+            content.setdefault("SpatialReference", spatial_reference)
+        sidecar_path(target).write_text(json.dumps(content, indent=2) + "\n")
     return Directory(folder)
 
 
@@ -198,6 +214,12 @@ StageDerivatives = _define(
     _stage_derivatives, "StageDerivatives",
     {"names": python.arg(name="names", type=dict, help="output key -> BIDS derivative file name"),
      "code_version": python.arg(name="code_version", type=str, default=code_version(), help="the code's version"),
+     "run_folder": python.arg(name="run_folder", type=str, default="", help="the run's folder in the derivative "
+                              "dataset (sub-<label>[/ses-<label>]/dwi), for the BIDS URIs of Sources"),
+     "source_uris": python.arg(name="source_uris", type=dict | None, default=None,
+                               help="input file name -> its BIDS URI (bids:<dataset>:<path>)"),
+     "spatial_reference": python.arg(name="spatial_reference", type=str, default="",
+                                     help="BIDS URI of the image whose grid the run's maps are on (the DWI)"),
      **{key: python.arg(name=key, type=File | None, default=None, help=f"output {key}")
         for key, _ in derivative_inputs()}},
     {"staged": python.out(name="staged", type=Directory, help="the run's derivatives under their BIDS names")},

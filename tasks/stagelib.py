@@ -16,7 +16,9 @@ from dwiflow._version import __version__
 from dwiflow.bids_specs.outputs import entities_from_filename, output_filename, output_spec, sidecar
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.status import status_levels
-from dwiflow.tasks.io import atomic_outputs, load_image, load_mask, read_sidecar, read_text, sidecar_path
+from dwiflow.tasks.io import (atomic_outputs, in_mrtrix3_basis, load_image, load_mask, read_sidecar, read_text,
+                              sidecar_path)
+from dwiflow.tasks.options import option
 
 PathLike = str | os.PathLike
 
@@ -71,7 +73,15 @@ def load_sh_image(path: PathLike, what: str = "FOD"):
     if (Path(path).parent / f"{base}.bval").is_file():
         raise DwiflowInputError(f"{what} {path} has {base}.bval beside it: it is a DWI, not an SH image (give the FOD "
                                 "from dwirecon csd or MRtrix3 dwi2fod)")
-    return np.asarray(img.dataobj, dtype=float), img.affine, lmax
+    coefficients = in_mrtrix3_basis(np.asarray(img.dataobj, dtype=float), read_sidecar(path), path)
+    return coefficients, img.affine, lmax
+
+
+def sh_basis_option() -> Any:
+    """The ``sh_basis`` option of every stage that writes SH images."""
+    return option("mrtrix3", choices=("mrtrix3", "descoteaux07"),
+                  help="SH basis of the SH images written: MRtrix3's, or DIPY's descoteaux07 (non-legacy); "
+                       "recorded as SphericalHarmonicBasis, and read back by every dwiflow stage")
 
 
 def load_response(path: PathLike):
@@ -91,15 +101,16 @@ def write_maps(
     status_codes: Iterable[int] = (),
     orientation: dict[str, dict[str, Any]] | None = None,
     per_output: dict[str, dict[str, Any]] | None = None,
+    sh_basis: str = "mrtrix3",
 ) -> dict[str, Path]:
-    """One NIfTI + sidecar per requested output of ``stage``, all or nothing.
+    """One NIfTI + sidecar per requested output of ``stage``, all or nothing, SH images in ``sh_basis``.
 
     ``volume_of(name)`` gives the output's image; a ``status`` output is written as uint8 with
     ``Levels`` generated from ``status_codes`` (:class:`~dwiflow.core.status.FitStatus`); ``per_output`` adds
     sidecar keys to one output only (e.g. each tissue's own response function).
     """
     written: dict[str, Path] = {}
-    with atomic_outputs() as out:
+    with atomic_outputs(sh_basis) as out:
         for name, path in outputs.items():
             levels = status_levels(status_codes) if name == "status" else None
             content = sidecar(stage.output_key(name), parameters, (orientation or {}).get(name), levels,

@@ -12,7 +12,7 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import load_dwi
 from dwiflow.tasks.options import Alias, OptionError, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import DWI_INPUTS, diffusion_times, provenance, voxels_to_fit, write_maps
+from dwiflow.tasks.stagelib import DWI_INPUTS, diffusion_times, provenance, sh_basis_option, voxels_to_fit, write_maps
 
 INDICES = ("rtop", "rtap", "rtpp", "msd", "qiv", "ng", "ngpar", "ngperp")
 NON_GAUSSIANITIES = ("ng", "ngpar", "ngperp")
@@ -59,6 +59,7 @@ class MapmriOptions(StageOptions):
                                      "(param-compare)")
     signal: bool = option(False, help="also write the fitted signal")
     weights: bool = option(False, help="also write the per-voxel Laplacian weight (param-lambda)")
+    sh_basis: str = sh_basis_option()
 
     def __post_init__(self) -> None:
         for name in ("laplacian_weighting", "pos_radius"):  # GCV, Adaptive: DIPY's spelling
@@ -165,7 +166,7 @@ def run_mapmri(files, outputs, options: MapmriOptions, context):
 
     return write_maps(STAGES[0], outputs, volume_of, run.affine, params,
                       provenance(dwi, files["bval"], files["bvec"], files.get("mask")), STATUS_CODES,
-                      {"odf": {"SphericalHarmonicDegree": int(model.radial_order)}})
+                      {"odf": {"SphericalHarmonicDegree": int(model.radial_order)}}, sh_basis=options.sh_basis)
 
 
 def check_mapmri_data(data, options: MapmriOptions) -> None:

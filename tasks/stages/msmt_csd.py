@@ -9,7 +9,7 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import load_dwi, read_numbers
 from dwiflow.tasks.options import OptionError, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import DWI_INPUTS, load_response, provenance, voxels_to_fit, write_maps
+from dwiflow.tasks.stagelib import DWI_INPUTS, load_response, provenance, sh_basis_option, voxels_to_fit, write_maps
 
 TISSUES = ("wm", "gm", "csf")
 
@@ -24,6 +24,7 @@ class MsmtCsdOptions(StageOptions):
     norm_lambda: float = option(1e-10, help="weight of the minimum-norm regulariser (relative to the largest "
                                             "diagonal element of the normal matrix)", minimum=0)
     neg_lambda: float = option(1e-10, help="ridge on the constraint multipliers' system", minimum=0)
+    sh_basis: str = sh_basis_option()
 
 
 def _tissues(files) -> list[str]:
@@ -82,7 +83,8 @@ def run_msmt_csd(files, outputs, options: MsmtCsdOptions, context):
     volumes = {t: (lambda i=i: fit.tissue(i)) for i, t in enumerate(tissues)} | {"status": lambda: fit.status}
     return write_maps(STAGES[0], outputs, lambda name: volumes[name](), run.affine, params,
                       sources | {"TissueResponses": response_functions}, STATUS_CODES,
-                      {t: {"SphericalHarmonicDegree": model.lmax[i]} for i, t in enumerate(tissues)}, per_output=own)
+                      {t: {"SphericalHarmonicDegree": model.lmax[i]} for i, t in enumerate(tissues)}, per_output=own,
+                      sh_basis=options.sh_basis)
 
 
 def check_msmt_csd_data(data, options: MsmtCsdOptions) -> None:

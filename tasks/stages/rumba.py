@@ -14,7 +14,7 @@ from dwiflow.core.sphere import SPHERES
 from dwiflow.tasks.io import existing_file, load_dwi, sidecar_path
 from dwiflow.tasks.options import Alias, OptionError, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import DWI_INPUTS, provenance, voxels_to_fit, write_maps
+from dwiflow.tasks.stagelib import DWI_INPUTS, provenance, sh_basis_option, voxels_to_fit, write_maps
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class RumbaOptions(StageOptions):
     sh_lmax: int = option(8, help="SH degree of the fODF output", minimum=2, maximum=16, even=True)
     precision: str = option("float32", choices=("float32", "float64"), help="arithmetic of the iterations")
     amplitudes: bool = option(False, help="also write the fODF on the sphere (one volume per direction)")
+    sh_basis: str = sh_basis_option()
 
     def check(self) -> None:
         if self.use_tv and not self.global_fit:
@@ -128,7 +129,7 @@ def run_rumba(files, outputs, options: RumbaOptions, context):
                    "combined_odf": {"SphericalHarmonicDegree": int(lmax)},
                    "fod_amplitudes": {"AmplitudesDirections": np.round(model.vertices, 8).tolist()}}
     return write_maps(STAGES[0], outputs, lambda name: maps[name](), run.affine, params, sources, STATUS_CODES,
-                      orientation)
+                      orientation, sh_basis=options.sh_basis)
 
 
 def check_rumba_data(data, options: RumbaOptions) -> None:

@@ -9,7 +9,7 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import load_dwi
 from dwiflow.tasks.options import Alias, OptionError, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import DWI_INPUTS, provenance, stage_warnings, voxels_to_fit, write_maps
+from dwiflow.tasks.stagelib import DWI_INPUTS, provenance, sh_basis_option, stage_warnings, voxels_to_fit, write_maps
 
 KERNEL_MAPS = ("lpar", "lperp", "f", "fw", "mse", "r2", "status")
 FOD_MAPS = ("odi", "kappa", "mu", "fod", "fodmse")  # Watson and Bingham
@@ -31,6 +31,7 @@ class SmtOptions(StageOptions):
                                             maximum=5e-3, metavar="LOW,HIGH", units="mm²/s",
                                             help="bounds of lambda_par")
     sh_lmax: int = option(8, help="SH degree of the FOD output", minimum=2, maximum=16, even=True)
+    sh_basis: str = sh_basis_option()
 
     def check(self) -> None:
         low, high = self.lambda_par_bounds
@@ -77,7 +78,7 @@ def run_smt(files, outputs, options: SmtOptions, context):
 
     return write_maps(STAGES[0], outputs, lambda name: maps[name](), run.affine, params,
                       {**provenance(dwi, files["bval"], files["bvec"], files.get("mask")), **notes}, STATUS_CODES,
-                      {"fod": {"SphericalHarmonicDegree": int(options.sh_lmax)}})
+                      {"fod": {"SphericalHarmonicDegree": int(options.sh_lmax)}}, sh_basis=options.sh_basis)
 
 
 def check_smt_data(data, options: SmtOptions) -> None:

@@ -18,7 +18,7 @@ EVALS = (1.7e-3, 0.3e-3, 0.3e-3)
 
 def scheme(n_dirs=150, bval=2000.0, n_b0=10):
     dirs = repulsion_sphere(n_dirs, seed=5).hemisphere
-    return gradient_table(np.r_[np.zeros(n_b0), np.full(n_dirs, bval)], np.r_[np.zeros((n_b0, 3)), dirs].T)
+    return gradient_table(np.r_[np.zeros(n_b0), np.full(n_dirs, bval)], np.r_[np.zeros((n_b0, 3)), dirs].T, frame="world")
 
 
 @pytest.fixture(scope="module")

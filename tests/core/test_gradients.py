@@ -45,9 +45,10 @@ def test_shells_of_every_real_run(run, expected):
 def test_count_mismatch_names_both_numbers_and_files():
     bvecs = np.eye(3)[:, [0, 1, 2, 0]]
     with pytest.raises(DwiflowInputError, match=r"a\.bval has 5 b-values but b\.bvec has 4 directions"):
-        gradient_table(np.array([0, 1000, 1000, 1000, 1000]), bvecs, bval_name="a.bval", bvec_name="b.bvec")
+        gradient_table(np.array([0, 1000, 1000, 1000, 1000]), bvecs, bval_name="a.bval", bvec_name="b.bvec", frame="world")
     with pytest.raises(DwiflowInputError, match=r"dwi\.nii has 7 volumes but a\.bval has 4 b-values"):
-        gradient_table(np.array([0, 1000, 1000, 1000]), bvecs, n_volumes=7, bval_name="a.bval", image_name="dwi.nii")
+        gradient_table(np.array([0, 1000, 1000, 1000]), bvecs, n_volumes=7, bval_name="a.bval", image_name="dwi.nii",
+                       frame="world")
 
 
 def test_n_by_3_bvecs_are_read_with_a_warning_and_give_the_same_table():
@@ -55,22 +56,22 @@ def test_n_by_3_bvecs_are_read_with_a_warning_and_give_the_same_table():
     vecs = rng.standard_normal((3, 10))
     vecs /= np.linalg.norm(vecs, axis=0)
     bvals = np.full(10, 1000.0)
-    reference = gradient_table(bvals, vecs)
+    reference = gradient_table(bvals, vecs, frame="world")
     with pytest.warns(UserWarning, match="BIDS expects 3 rows"):
-        transposed = gradient_table(bvals, vecs.T)
+        transposed = gradient_table(bvals, vecs.T, frame="world")
     assert np.allclose(reference.bvecs, transposed.bvecs)
 
 
 def test_non_unit_vectors_are_normalised_and_zero_b0_vectors_kept():
     vectors = np.array([[0, 0, 0], [2, 0, 0], [0, 0.5, 0]])  # one row per volume
-    g = gradient_table(np.array([0, 1000, 1000]), vectors.T)
+    g = gradient_table(np.array([0, 1000, 1000]), vectors.T, frame="world")
     assert np.allclose(np.linalg.norm(g.bvecs, axis=1), [0, 1, 1])
     assert np.allclose(g.bvecs[1], [1, 0, 0]) and np.allclose(g.bvecs[2], [0, 1, 0])
 
 
 def test_dw_volume_without_direction_is_an_error():
     with pytest.raises(DwiflowInputError, match=r"volume\(s\) \[1\]"):
-        gradient_table(np.array([0, 1000]), np.zeros((3, 2)))
+        gradient_table(np.array([0, 1000]), np.zeros((3, 2)), frame="world")
 
 
 def test_fsl_rule_negative_determinant_is_plain_rotation():
@@ -108,7 +109,8 @@ def test_oblique_affine_rotates_directions_and_round_trips():
 
 
 def test_subset_and_find_shell():
-    g = gradient_table(np.array([0, 1000, 2000, 1000]), np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]).T)
+    g = gradient_table(np.array([0, 1000, 2000, 1000]), np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]).T,
+                       frame="world")
     assert g.find_shell(990).count == 2
     with pytest.raises(DwiflowInputError, match="no shell at b=3000"):
         g.find_shell(3000)
@@ -116,3 +118,41 @@ def test_subset_and_find_shell():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert list(g.shell_index) == [0, 1, 2, 1]
+
+
+def test_the_frame_of_the_directions_must_be_said():
+    """FSL/BIDS vectors taken for world coordinates rotate every fibre without a sound: no default frame."""
+    bvals, bvecs = np.array([0, 1000, 1000, 1000]), np.eye(3)[:, [0, 0, 1, 2]]
+    with pytest.raises(DwiflowInputError, match=r"affine=<the DWI's affine> for FSL/BIDS .* frame='world'"):
+        gradient_table(bvals, bvecs)
+    with pytest.raises(DwiflowInputError, match="frame='world' takes no affine"):
+        gradient_table(bvals, bvecs, affine=np.eye(4), frame="world")
+    with pytest.raises(DwiflowInputError, match="frame must be one of"):
+        gradient_table(bvals, bvecs, frame="voxel")
+    with pytest.raises(DwiflowInputError, match="frame='fsl' needs affine="):
+        gradient_table(bvals, bvecs, frame="fsl")
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])  # positive determinant: FSL's x is flipped
+    fsl = gradient_table(bvals, bvecs, affine=affine)
+    assert np.allclose(fsl.bvecs[1:], np.diag([-1.0, 1.0, 1.0]))
+    assert np.allclose(gradient_table(bvals, bvecs, affine=affine, frame="fsl").bvecs, fsl.bvecs)
+    assert np.allclose(gradient_table(bvals, bvecs, frame="world").bvecs[1:], np.eye(3))
+
+
+def test_a_dipy_gradient_table_is_accepted_with_its_affine():
+    from dipy.core.gradients import gradient_table as dipy_gradient_table
+
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((12, 3))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    bvals = np.r_[0.0, 0.0, np.full(10, 2000.0)]
+    vectors[:2] = 0
+    affine = np.array([[2.0, 0.3, 0, -90], [-0.3, 2.0, 0, -120], [0, 0, 2.5, -60], [0, 0, 0, 1]])
+    dipy_table = dipy_gradient_table(bvals, bvecs=vectors, b0_threshold=60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # DIPY's n×3 layout is its own, not a transposed file: no warning
+        ours = gradient_table(dipy_table, affine=affine)
+    from_files = gradient_table(bvals, vectors.T, affine=affine)
+    assert np.allclose(ours.bvecs, from_files.bvecs) and np.array_equal(ours.bvals, from_files.bvals)
+    assert ours.b0_threshold == 60  # DIPY's threshold comes along
+    with pytest.raises(DwiflowInputError, match="say which frame"):
+        gradient_table(dipy_table)

@@ -57,3 +57,12 @@ def test_three_tissue_phantom_fractions_and_fibres():
     print(f"{pure.sum()} pure single-fibre WM voxels: median first-peak error MSMT {msmt_error:.2f} deg, "
           f"CSD {csd_error:.2f} deg")
     assert msmt_error <= csd_error + 0.5 and msmt_error <= 5
+    # DIPY's names: shm_coeff is the WM FOD; odf() takes DIPY's own Sphere and peaks where find_peaks does
+    from dipy.data import get_sphere as dipy_sphere
+
+    sphere = dipy_sphere("repulsion724")
+    assert np.array_equal(fit.shm_coeff, tissues[0])
+    amplitudes = fit.odf(sphere).reshape(-1, sphere.vertices.shape[0])[pure]
+    best_vertex = sphere.vertices[np.argmax(amplitudes, axis=1)]
+    assert np.median(_angle(best_vertex, msmt_peak)) < 4.0  # repulsion724's vertices are ~8 degrees apart
+    assert fit.odf(sphere, tissue=1).shape == tissues[1].shape[:3] + (sphere.vertices.shape[0],)

@@ -112,7 +112,7 @@ def test_global_tv_equals_dipy_on_3d_block(multishell_phantom, acceleration, n_i
 def test_phantom_accuracy_with_peaks():
     """1-2 fibres, b=2000, 150 directions, SNR 20: DIPY's RUMBA gives ~3.0 deg and ~78% (issue figures)."""
     dirs = repulsion_sphere(150, seed=5).hemisphere
-    g = gradient_table(np.r_[np.zeros(10), np.full(150, 2000.0)], np.r_[np.zeros((10, 3)), dirs].T)
+    g = gradient_table(np.r_[np.zeros(10), np.full(150, 2000.0)], np.r_[np.zeros((10, 3)), dirs].T, frame="world")
     ph = make_phantom(g, (24, 24, 6), n_fibres=(1, 2), snr=20, seed=7, min_separation_deg=30)
     fit = RumbaSDModel(g).fit(ph.data)
     sh = amplitudes_to_sh(fit.odf(), fit.model.vertices, 8)

@@ -120,3 +120,38 @@ def test_peaks_use_the_point_spread_function_in_the_fod_sidecar(tmp_path, capsys
     assert main(["peaks", str(fod), str(tmp_path / "p2.nii.gz"), "--subtract-psf"]) == 2
     assert "needs the FOD's point-spread function in its sidecar fod.json" in capsys.readouterr().err
     assert not (tmp_path / "p2.nii.gz").exists()
+
+
+def test_descoteaux07_output_is_read_by_dipy_and_by_every_stage(case, tmp_path, capsys):
+    """--sh-basis descoteaux07: DIPY's own sh_to_sf gives the amplitudes of the MRtrix3-basis FOD; peaks and FOD
+    metrics read the basis from the sidecar (identical maps); sh-convert goes both ways exactly."""
+    from dipy.data import get_sphere
+    from dipy.reconst.shm import sh_to_sf
+
+    mrtrix, dipy_fod = tmp_path / "fod.nii.gz", tmp_path / "fod_desc.nii.gz"
+    common = [case["dwi"], case["bval"], case["bvec"], case["resp"]]
+    assert main(["csd", *common, str(mrtrix)]) == 0
+    assert main(["csd", *common, str(dipy_fod), "--sh-basis", "descoteaux07"]) == 0
+    side = json.loads((tmp_path / "fod_desc.json").read_text())["OrientationEncoding"]
+    assert side["SphericalHarmonicBasis"] == "descoteaux" and side["SphericalHarmonicDegree"] == 8
+    sphere = get_sphere(name="repulsion724")
+    reference = sh_to_sf(nib.load(mrtrix).get_fdata(), sphere, sh_order_max=8, basis_type="tournier07", legacy=False)
+    theirs = sh_to_sf(nib.load(dipy_fod).get_fdata(), sphere, sh_order_max=8, basis_type="descoteaux07",
+                      legacy=False)
+    assert np.abs(theirs - reference).max() <= 1e-6 * np.abs(reference).max()
+    assert not np.allclose(nib.load(dipy_fod).get_fdata(), nib.load(mrtrix).get_fdata())  # other coefficients
+    for fod, name in ((mrtrix, "a"), (dipy_fod, "b")):
+        assert main(["peaks", str(fod), str(tmp_path / f"peaks_{name}.nii.gz")]) == 0
+        assert main(["fod-metrics", str(fod), str(tmp_path / f"peaks_{name}.nii.gz"), str(tmp_path / name)]) == 0
+    assert np.array_equal(nib.load(tmp_path / "peaks_a.nii.gz").get_fdata(),
+                          nib.load(tmp_path / "peaks_b.nii.gz").get_fdata(), equal_nan=True)
+    for metric in ("afdtotal", "nufo"):
+        name = f"model-csd_param-{metric}_dwimap.nii.gz"
+        assert np.array_equal(nib.load(tmp_path / "a" / name).get_fdata(), nib.load(tmp_path / "b" / name).get_fdata())
+    back = tmp_path / "back.nii.gz"
+    assert main(["sh-convert", str(dipy_fod), str(back), "--to", "mrtrix3"]) == 0
+    assert np.array_equal(nib.load(back).get_fdata(), nib.load(mrtrix).get_fdata())
+    assert json.loads((tmp_path / "back.json").read_text())["OrientationEncoding"]["SphericalHarmonicBasis"] == "mrtrix3"
+    capsys.readouterr()
+    assert main(["sh-convert", str(dipy_fod), str(tmp_path / "x.nii.gz"), "--source-basis", "mrtrix3"]) == 2
+    assert "contradicts the sidecar" in capsys.readouterr().err and not (tmp_path / "x.nii.gz").exists()
