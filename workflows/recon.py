@@ -89,6 +89,9 @@ def ReconRun(
     response_gm: File | None = None,
     response_csf: File | None = None,
     code_version: str = code_version(),
+    run_folder: str = "",
+    source_uris: dict | None = None,
+    spatial_reference: str = "",
 ):
     """One diffusion run through the stages of a recon spec, wired from the stage registry: each stage's inputs
     come from the run or from the stage that provides them (the FOD from the stage of highest FOD priority);
@@ -130,16 +133,19 @@ def ReconRun(
             if kind == "fod":
                 latest_fod = getattr(node, output)
     names = derivative_names(spec, entities)
-    staging = workflow.add(StageDerivatives(names=names, code_version=code_version, **staged),
-                           name="stage_derivatives")
+    staging = workflow.add(StageDerivatives(names=names, code_version=code_version, run_folder=run_folder,
+                                            source_uris=source_uris, spatial_reference=spatial_reference,
+                                            **staged), name="stage_derivatives")
     figures = add(Figures(staged=staging.staged, files=names, entities=entities, naming=naming,
                           code_version=f"{code_version}+{figures_version()}"), "figures")
     return staging.staged, figures.figures
 
 
+# What today's bids-validator (2.x) does not know yet, and only that (tests/bep016.unneeded_bidsignore_entries): BEP016
+# maps, response functions and balance factors, the group summary, the HTML reports and the figure folders (a name
+# without a slash matches at every depth, as in .gitignore: the group's figures/ and every sub-*/figures/).
 BIDSIGNORE_PATTERNS = ("*_dwimap.nii.gz", "*_dwimap.json", "*_response.txt", "*_response.json", "*_summary.tsv",
-                       "*_factors.txt",
-                       "*.html", "figures", "sub-*/figures")
+                       "*_factors.txt", "*.html", "figures")
 
 
 @dataclass
@@ -193,7 +199,7 @@ def publish(staged: Path, target: Path) -> list[Path]:
 
 
 def write_dataset_description(output_dir: Path, bids_dir: Path, recon_spec: ReconSpec,
-                              authors: list[str] | None = None) -> None:
+                              authors: list[str] | None = None, datasets: dict[str, Path] | None = None) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     description = {
         "Name": f"dwiflow derivatives ({recon_spec.name})",
@@ -203,6 +209,7 @@ def write_dataset_description(output_dir: Path, bids_dir: Path, recon_spec: Reco
         "GeneratedBy": [{"Name": "dwiflow", "Version": __version__, "CodeURL": "https://github.com/dwiflow/dwiflow",
                          "Description": f"recon spec {recon_spec.name}: {recon_spec.description}"}],
         "SourceDatasets": [{"URL": f"file://{bids_dir.resolve()}"}],
+        "DatasetLinks": {name: f"file://{Path(root).resolve()}" for name, root in (datasets or {"raw": bids_dir}).items()},
     }
     path = output_dir / "dataset_description.json"
     tmp = output_dir / ".dataset_description.json.partial"
@@ -219,19 +226,45 @@ def write_dataset_description(output_dir: Path, bids_dir: Path, recon_spec: Reco
                           "its model, parameters, units and orientation encoding.\n")
 
 
-def _recon_task(run: DwiRunSpec, stages: dict[str, Any], cv: str, responses: dict[str, Path] | None = None):
+def bids_uri(path: Path, datasets: dict[str, Path]) -> str | None:
+    """The BIDS URI (``bids:<dataset>:<relative path>``) of ``path`` in the innermost of ``datasets`` (name →
+    root; the name ``""`` is the derivative dataset itself) that holds it; None when none does."""
+    path = Path(path).resolve()
+    holders = [(name, root.resolve()) for name, root in datasets.items() if path.is_relative_to(root.resolve())]
+    if not holders:
+        return None
+    name, root = max(holders, key=lambda item: len(item[1].parts))
+    return f"bids:{name}:{path.relative_to(root).as_posix()}"
+
+
+def dataset_links(bids_dir: Path, mask_dir: Path | None = None) -> dict[str, Path]:
+    """The datasets a run's inputs come from, by the names their BIDS URIs use (``DatasetLinks``)."""
+    links = {"raw": Path(bids_dir)}
+    if mask_dir is not None and not Path(mask_dir).resolve().is_relative_to(Path(bids_dir).resolve()):
+        links["masks"] = Path(mask_dir)
+    return links
+
+
+def _recon_task(run: DwiRunSpec, stages: dict[str, Any], cv: str, responses: dict[str, Path] | None = None,
+                datasets: dict[str, Path] | None = None, output_dir: Path | None = None):
     given = {f"response_{tissue}": File(path) for tissue, path in (responses or {}).items()}
+    inputs = [run.dwi, run.bval, run.bvec, run.mask, *(responses or {}).values()]
+    places = {**(datasets or {}), **({"": output_dir} if output_dir is not None else {})}
+    source_uris = {Path(f).name: uri for f in inputs if f is not None and (uri := bids_uri(f, places)) is not None}
+    run_folder = output_folder(Path("."), run).as_posix()
     return ReconRun(dwi=File(run.dwi), bval=File(run.bval), bvec=File(run.bvec), entities=run.short_entities,
-                    stages=stages, mask=File(run.mask) if run.mask else None, code_version=cv, **given)
+                    stages=stages, mask=File(run.mask) if run.mask else None, code_version=cv, run_folder=run_folder,
+                    source_uris=source_uris, spatial_reference=source_uris.get(Path(run.dwi).name, ""), **given)
 
 
 def _all_runs_workflow(runs: list[DwiRunSpec], stages: dict[str, Any], cv: str,
-                       responses: dict[str, Path] | None = None):
+                       responses: dict[str, Path] | None = None, datasets: dict[str, Path] | None = None,
+                       output_dir: Path | None = None):
     """One workflow holding every run's ReconRun as a node, so that independent runs proceed in parallel."""
 
     @workflow.define(outputs=["first"])
     def AllRuns(n_runs: int = len(runs)):
-        staged = [workflow.add(_recon_task(run, stages, cv, responses), name=f"run{i}").staged
+        staged = [workflow.add(_recon_task(run, stages, cv, responses, datasets, output_dir), name=f"run{i}").staged
                   for i, run in enumerate(runs)]
         return staged[0]
 
@@ -252,8 +285,13 @@ def run_participant(
     already_warned: dict[str, list[str]] | None = None,
     report_notes: dict[str, list[str]] | None = None,
     authors: list[str] | None = None,
+    mask_dir: Path | None = None,
 ) -> list[RunOutcome]:
     """Run every run's workflow; a failed run is reported (naming its stage) and the others go on.
+
+    Every sidecar's ``Sources`` are BIDS URIs: ``bids:raw:…`` for the input dataset (``bids_dir``), ``bids:masks:…``
+    for masks from ``mask_dir`` outside it, ``bids::…`` for this derivative dataset; ``dataset_description.json``
+    links the names (``DatasetLinks``).
 
     ``responses``: group responses by tissue (``wm``, ``gm``, ``csf``; from ``--response-dir``) that replace
     every run's own response stage.
@@ -279,7 +317,8 @@ def run_participant(
     if removed:
         progress(f"[dwiflow] {len(removed)} cached result(s) unusable (interrupted or damaged): they are recomputed")
     sweep_partial_outputs(output_dir)
-    write_dataset_description(output_dir, bids_dir, recon_spec, authors)
+    datasets = dataset_links(bids_dir, mask_dir)
+    write_dataset_description(output_dir, bids_dir, recon_spec, authors, datasets)
     timing_log = work_dir / "logs" / "timings.jsonl"
     timing_log.parent.mkdir(parents=True, exist_ok=True)
     os.environ[TIMING_LOG_ENV] = str(timing_log)  # read by the stage hooks in the worker processes / cluster jobs
@@ -302,7 +341,7 @@ def run_participant(
         try:
             with Submitter(cache_root=work_dir / "cache", worker=fresh_worker(), clean_stale_locks=True,
                            **pydra_options) as submitter:
-                submitter(_all_runs_workflow(runs, stages, cv, responses), raise_errors=False)
+                submitter(_all_runs_workflow(runs, stages, cv, responses, datasets, output_dir), raise_errors=False)
         except Exception as exc:  # reported per run below
             if interrupted():
                 raise KeyboardInterrupt from exc
@@ -315,7 +354,7 @@ def run_participant(
         t0 = time.perf_counter()
         started = time.time()
         progress(f"[dwiflow] run {index}/{len(runs)} {run.label}: stages {', '.join(stages)}")
-        task = _recon_task(run, stages, cv, responses)
+        task = _recon_task(run, stages, cv, responses, datasets, output_dir)
         log = work_dir / "logs" / f"{run.label}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -201,7 +201,8 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
                                   resources=spec.resources, omp_nthreads=args.omp_nthreads)
     say(f"[dwiflow] {len(runs)} run(s); recon spec {spec.name}; worker {args.worker}; cache {work_dir}")
     outcomes = run_participant(runs, bids_dir, output_dir, spec, work_dir, worker, options, responses=responses,
-                               already_warned=data_notes, report_notes=mask_notes, authors=args.authors)
+                               already_warned=data_notes, report_notes=mask_notes, authors=args.authors,
+                               mask_dir=args.mask_dir)
     failed = [o for o in outcomes if not o.ok]
     if failed or invalid:
         for o in failed:

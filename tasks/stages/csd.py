@@ -11,7 +11,7 @@ from dwiflow.tasks.io import atomic_outputs, load_dwi, read_numbers
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.options import OptionError, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import DWI_INPUTS, load_response, provenance, stage_warnings, voxels_to_fit
+from dwiflow.tasks.stagelib import DWI_INPUTS, load_response, provenance, sh_basis_option, stage_warnings, voxels_to_fit
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class CsdOptions(StageOptions):
     norm_lambda: float = option(1.0, help="weight of the norm regulariser", minimum=0)
     threshold: float = option(0.0, help="FOD amplitude below which a constraint direction counts as negative")
     niter: int = option(50, help="iteration limit of the non-negativity iterations", minimum=1)
+    sh_basis: str = sh_basis_option()
 
 
 def run_csd(files, outputs, options: CsdOptions, context):
@@ -55,10 +56,10 @@ def run_csd(files, outputs, options: CsdOptions, context):
                                            "Description": "the FOD of one noiseless fibre along z (the response "
                                                           "deconvolved); the peaks stage subtracts it at each peak"})
     written = {}
-    with atomic_outputs() as out:
+    with atomic_outputs(options.sh_basis) as out:
         written["fod"] = out.nifti(outputs["fod"], fit.sh, run.affine, content)
         if "status" in outputs:
-            status_content = sidecar("csd_status", params, levels=status_levels(STATUS_CODES))
+            status_content = sidecar("csd_status", params, levels=status_levels(STATUS_CODES), **sources)
             written["status"] = out.nifti(outputs["status"], fit.status, run.affine, status_content, dtype=np.uint8)
     return written
 

@@ -44,8 +44,8 @@ def _write(outputs, response, content, affine, voxels=None, method: str = ""):
         if "voxels" in outputs and voxels is not None:
             written["voxels"] = out.nifti(
                 outputs["voxels"], voxels.astype(np.uint8), affine,
-                {"Description": f"Voxels selected for the {method} response", "VoxelCount": int(voxels.sum())},
-                dtype=np.uint8)
+                {"Description": f"Voxels selected for the {method} response", "VoxelCount": int(voxels.sum()),
+                 "Sources": content["Sources"]}, dtype=np.uint8)
     return written
 
 
@@ -279,7 +279,8 @@ def run_dhollander(files, outputs, options: DhollanderOptions, context):
                 outputs["voxels"], result.voxels.astype(np.uint8), run.affine,
                 {"Description": "Voxels selected for the dhollander responses: volumes CSF, GM, WM (MRtrix3's "
                                 "-voxels: red, green, blue)", "VoxelCount": {t.upper(): result.counts[f"voxels_{t}"]
-                                                                             for t in ("csf", "gm", "wm")}},
+                                                                             for t in ("csf", "gm", "wm")},
+                 "Sources": provenance(dwi, files["bval"], files["bvec"], mask)["Sources"]},
                 dtype=np.uint8)
     return written
 

@@ -12,7 +12,7 @@ from dwiflow.cli.bidsapp import main
 from dwiflow.tasks import recon_spec as recon_spec_module
 from dwiflow.tasks.recon_spec import builtin_specs
 from dwiflow.tasks.registry import get as stage
-from tests.bep016 import dataset_problems
+from tests.bep016 import dataset_problems, unneeded_bidsignore_entries, validator_errors
 from tests.conftest import BIDS_REAL, real_run
 
 
@@ -29,6 +29,7 @@ def test_msmt_recon_spec_wires_dhollander_msmt_and_mtnormalise(tmp_path, capsys)
                  str(BIDS_REAL / "derivatives" / "masks"), "--work-dir", str(tmp_path / "work")])
     assert code == 0
     assert dataset_problems(out) == {}  # every sidecar follows the BEP016 draft's rules
+    assert validator_errors(out) == [] and unneeded_bidsignore_entries(out) == []
     base = out / "sub-01" / "dwi" / "sub-01_acq-b6kmax"
     wm = nib.load(f"{base}_model-msmtcsd_param-fod_desc-wm_dwimap.nii.gz").get_fdata()
     wm_norm = nib.load(f"{base}_model-msmtcsd_param-fod_desc-wmnorm_dwimap.nii.gz").get_fdata()
