@@ -3,7 +3,8 @@
 
 Usage (needs only Python >= 3.11):
     python3 dev.py demo    # create .venv, install dwiflow, run the demo on the built-in phantom
-    python3 dev.py test    # create .venv, install dwiflow with test extras, run the test suite
+    python3 dev.py test    # create .venv, install dwiflow with test extras, run the test suite, build the docs
+    python3 dev.py docs    # build the documentation (build/docs/index.html) with warnings as errors
     python3 dev.py bench   # run the benchmarks (dwiflow vs DIPY, and MRtrix3 when installed)
 
 Extra arguments after the command go to the underlying program (pytest, the benchmark runner).
@@ -49,7 +50,7 @@ def ensure_environment(extras: str = "test") -> Path:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("demo", "test", "bench"):
+    if not argv or argv[0] not in ("demo", "test", "docs", "bench"):
         print(__doc__)
         return 2
     command, rest = argv[0], argv[1:]
@@ -59,11 +60,22 @@ def main(argv: list[str]) -> int:
         return subprocess.call([str(python), "-m", "dwiflow.demo", *rest], cwd=ROOT, env=env)
     if command == "bench":
         return subprocess.call([str(python), str(ROOT / "benchmarks" / "run.py"), *rest], env=env)
+    if command == "docs":
+        return build_docs(python, env)
     if not any(arg == "-n" or arg.startswith("-n") or arg.startswith("--numprocesses") for arg in rest):
         # pytest-xdist, one worker per core (up to 2), one test file per worker at a time (a third worker on
         # 2 cores was slower: 16:14 vs 15:29)
         rest = ["-n", str(min(2, os.cpu_count() or 1)), "--dist", "loadfile", *rest]
-    return subprocess.call([str(python), "-m", "pytest", *rest], cwd=ROOT, env=env)
+    code = subprocess.call([str(python), "-m", "pytest", *rest], cwd=ROOT, env=env)
+    # the documentation shows the numbers this test run recorded (build/validation): built after it, warnings fatal
+    return code or build_docs(python, env)
+
+
+def build_docs(python: Path, env: dict[str, str]) -> int:
+    """Sphinx, warnings as errors, into build/docs (the validation page reads the tests' records)."""
+    print("[dev] building the documentation (build/docs/index.html)", flush=True)
+    return subprocess.call([str(python), "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(ROOT / "docs"),
+                            str(ROOT / "build" / "docs")], cwd=ROOT, env=env)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,13 @@ class Stage:
     always: bool = False
     threads: bool = False
     progress: str | None = None
+    # the run's methods paragraph (tasks/methods.py): one sentence from the options, citing ``references`` (keys of
+    # tasks.methods.REFERENCES; a function of the options when they depend on them)
+    methods: Callable[[Any], str] | None = None
+    references: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
+    # the stage's numba kernels call SciPy's BLAS: load it before limiting the BLAS threads (numpy-only stages,
+    # False, skip loading SciPy's linear algebra, ~0.35 s of a command)
+    scipy_blas: bool = True
 
     @property
     def label(self) -> str:
@@ -183,16 +190,17 @@ class Stage:
         for name, path in outputs.items():
             if self.output(name).folder and Path(path).exists() and not Path(path).is_dir():
                 raise DwiflowInputError(f"output {name} {path} is a file, not a folder")
-        with single_threaded_blas():  # the same bits whatever the thread count (see README)
+        with single_threaded_blas(self.scipy_blas):  # the same bits whatever the thread count (see README)
             return self.run(dict(files), dict(outputs), options, context or RunContext())
 
 
-def single_threaded_blas():
+def single_threaded_blas(scipy_blas: bool = True):
     """A context in which every BLAS library runs on one thread: numpy's, and SciPy's (which numba's kernels call
     through ``scipy.linalg.cython_blas``). SciPy's is loaded first, since a limit reaches only the libraries already
     loaded; otherwise a multi-threaded gemv splits its sums differently with 1 and 2 threads and the last bits
-    depend on the machine's thread count."""
-    import scipy.linalg.cython_blas  # noqa: F401  (loads SciPy's BLAS so that the limit covers it)
+    depend on the machine's thread count. ``scipy_blas=False``: a stage that calls no SciPy BLAS."""
+    if scipy_blas:
+        import scipy.linalg.cython_blas  # noqa: F401  (loads SciPy's BLAS so that the limit covers it)
 
     return threadpool_limits(limits=1, user_api="blas")
 

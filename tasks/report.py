@@ -41,6 +41,7 @@ table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
 td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }
 th { background: #eef2f6; }
 pre { background: #f6f8fa; padding: 8px; font-size: 12px; overflow-x: auto; }
+pre.methods { white-space: pre-wrap; font-size: 13px; }
 details { margin: 8px 0; }
 """
 
@@ -59,6 +60,7 @@ class RunReport:
     derivative_dir: Path | None = None
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # warnings about the run from the BIDS App (e.g. no given mask)
+    methods: Path | None = None  # the run's methods paragraph (Markdown), when written
 
 
 def software_versions() -> dict[str, str]:
@@ -197,6 +199,11 @@ def subject_report(output_dir: Path, subject: str, runs: list[RunReport], recon_
                     + (_table(stage_rows, ("stage", "seconds", "state", "finished")) if stage_rows
                        else "<p>no timing recorded (all stages came from the cache of an earlier version)</p>")
                     + "</details>")
+        if run.methods is not None and Path(run.methods).is_file():
+            rel = os.path.relpath(run.methods, output_dir)
+            body.append(f'<details><summary><b>Methods</b> (for a paper: edit freely; <a href="{_esc(rel)}">'
+                        f'{_esc(rel)}</a>)</summary><pre class="methods">{_esc(Path(run.methods).read_text())}</pre>'
+                        "</details>")
         params = _model_parameters(run) if run.ok else []
         if params:
             body.append("<details><summary><b>Parameters recorded by the models</b></summary>"

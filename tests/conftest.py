@@ -29,6 +29,31 @@ REAL_RUNS = {
 RUN_FIRST = ("test_container.py", "test_bids_real.py", "test_reliability.py")
 
 
+# Numbers the tests assert, recorded for the documentation's validation page (docs/generate.py reads them)
+VALIDATION_DIR = Path(os.environ.get("DWIFLOW_VALIDATION_DIR", REPO / "build" / "validation"))
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist): a fresh record
+        shutil.rmtree(VALIDATION_DIR, ignore_errors=True)
+
+
+@pytest.fixture
+def record(request):
+    """``record(model, quantity, value, limit, reference)``: write a number this test asserts (and the limit it
+    asserts) into the validation record, one JSON line per number, for the documentation."""
+    import json
+
+    def write(model: str, quantity: str, value: float, limit: str, reference: str) -> None:
+        VALIDATION_DIR.mkdir(parents=True, exist_ok=True)
+        line = {"model": model, "quantity": quantity, "value": float(value), "limit": limit, "reference": reference,
+                "test": request.node.nodeid}
+        with open(VALIDATION_DIR / f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.jsonl", "a") as handle:
+            handle.write(json.dumps(line) + "\n")
+
+    return write
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _cache_home(tmp_path_factory):
     """The BIDS App's default work directory lies under $XDG_CACHE_HOME: keep the tests' runs out of ~/.cache."""

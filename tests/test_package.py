@@ -79,4 +79,6 @@ def test_sdist_and_wheel_build_and_pass_twine_check(tmp_path):
     for spec in ("csd", "msmt", "mapmri", "rumba", "smt"):
         assert f"dwiflow/tasks/recon_specs/{spec}.yaml" in names
     assert "dwiflow/bids_specs/outputs.yaml" in names
+    assert "pydra/tasks/dwiflow/__init__.py" in names and not any(n in names for n in ("pydra/__init__.py",
+                                                                                     "pydra/tasks/__init__.py"))
     assert f'version: "{dwiflow.__version__}"' in (repo / "CITATION.cff").read_text()

@@ -104,6 +104,11 @@ def csd_data_warnings(data, options: CsdOptions) -> list[str]:
 STAGES = (
     Stage(
         name="csd", order=40, title="CSD (Tournier 2007)",
+        methods=lambda o: ("Fibre orientation distributions were estimated by constrained spherical deconvolution "
+                           f"of the {'b=' + format(o.shell, 'g') + ' s/mm²' if o.shell else 'largest'} shell "
+                           f"(lmax {o.lmax if o.lmax else 'up to 8'}, non-negativity on MRtrix3's 300 constraint "
+                           "directions, as MRtrix3's dwi2fod csd)"),
+        references=("tournier2007", "mrtrix3"),
         summary="constrained spherical deconvolution (Tournier 2007)",
         description="Single-shell CSD with MRtrix3's dwi2fod csd formulation; FOD as SH (MRtrix3 basis, world frame).",
         options=CsdOptions, run=run_csd,

@@ -46,6 +46,9 @@ def run_fod_metrics(files, outputs, options: FodMetricsOptions, context):
 STAGES = (
     Stage(
         name="fod_metrics", order=90, title="FOD metrics", summary="total AFD, peak amplitudes, NuFO and GFA",
+        methods=lambda o: ("Total apparent fibre density, peak amplitudes, the number of fibre orientations "
+                           "(NuFO) and the generalised fractional anisotropy of the FOD were computed"),
+        references=("raffelt2012", "dellacqua2013", "tuch2004"),
         description="Scalar maps from an FOD and its peaks, one NIfTI + sidecar each, into OUT_DIR.",
         options=FodMetricsOptions, run=run_fod_metrics,
         inputs=(Input("fod", "FOD", "FOD (SH image)"), Input("peaks", "PEAKS", "its peaks (dwirecon peaks)")),

@@ -183,6 +183,12 @@ def check_mapmri_data(data, options: MapmriOptions) -> None:
 STAGES = (
     Stage(
         name="mapmri", order=60, title="MAP-MRI (Ozarslan 2013, Fick 2016)",
+        methods=lambda o: (f"MAP-MRI was fitted up to radial order {o.radial_order}"
+                           f"{' with anisotropic scaling' if o.anisotropic_scaling else ''}, Laplacian "
+                           f"regularisation (weight {o.laplacian_weighting})"
+                           f"{'' if o.positivity == 'none' else ' and the propagator constrained non-negative'}, as "
+                           "DIPY's MapmriModel"),
+        references=("ozarslan2013", "fick2016", "dipy"),
         summary="MAP-MRI (Ozarslan 2013) with Laplacian regularisation and positivity",
         description="Mean apparent propagator MRI: q-space indices (RTOP, RTAP, RTPP, MSD, QIV, non-Gaussianities), "
                     "the Laplacian norm, the ODF as SH and the per-voxel status, one NIfTI + sidecar each in OUT_DIR. "

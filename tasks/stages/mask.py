@@ -62,6 +62,10 @@ def check_mask_data(data, options) -> None:
 STAGES = (
     Stage(
         name="mask", order=10, title="Brain mask", summary="brain mask from the b=0 volumes",
+        methods=lambda o: (f"A brain mask was computed from the mean b=0 image by median filtering (radius "
+                           f"{o.median_radius} voxels, {o.numpass} passes) and Otsu's threshold, keeping the largest "
+                           "connected component and filling its holes, as DIPY's median_otsu"),
+        references=("dipy", "otsu"),
         description="Median-Otsu brain mask of the mean b=0 image: median filter, Otsu threshold, largest "
                     "component, holes filled in 3-D and within slices, one in-plane dilation on thin slabs "
                     "(Garyfallidis et al. 2014). In a run, a mask given with --mask-dir "

@@ -95,6 +95,10 @@ def check_msmt_csd_data(data, options: MsmtCsdOptions) -> None:
 STAGES = (
     Stage(
         name="msmt_csd", order=41, title="Multi-tissue CSD (Jeurissen 2014)",
+        methods=lambda o: ("White-matter FODs and grey-matter and CSF compartments were estimated together by "
+                           "multi-shell multi-tissue constrained spherical deconvolution of every shell, b=0 "
+                           "included, as MRtrix3's dwi2fod msmt_csd"),
+        references=("jeurissen2014", "mrtrix3"),
         summary="multi-shell multi-tissue CSD (Jeurissen 2014)",
         description="MRtrix3's dwi2fod msmt_csd: every shell (b=0 included) modelled as the sum of each tissue's ODF "
                     "convolved with its response; each tissue's ODF non-negative. Responses: one row per shell (e.g. "

@@ -94,6 +94,10 @@ def run_mtnormalise(files, outputs, options: MtNormaliseOptions, context):
 STAGES = (
     Stage(
         name="mtnormalise", order=45, title="Multi-tissue normalisation (Dhollander 2021)",
+        methods=lambda o: ("The tissue compartments were corrected together for intensity inhomogeneity and "
+                           f"global intensity differences in the log domain (polynomial field of order {o.order}), as "
+                           "MRtrix3's mtnormalise"),
+        references=("raffelt2017", "dhollander2021", "mrtrix3"),
         summary="multi-tissue log-domain intensity normalisation (MRtrix3 mtnormalise)",
         description="Drives the balanced sum of the tissues' l=0 terms to a reference value with a smooth "
                     "polynomial field in the log domain, rejecting outliers, as MRtrix3 3.0's mtnormalise; divides "

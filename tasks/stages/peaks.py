@@ -69,6 +69,10 @@ def run_peaks(files, outputs, options: PeaksOptions, context):
 STAGES = (
     Stage(
         name="peaks", order=80, title="FOD peaks", summary="FOD peaks, MRtrix3 sh2peaks layout",
+        methods=lambda o: (f"Up to {o.npeaks} FOD peaks per voxel were found as local maxima of the amplitude, "
+                           f"kept above {o.rel_threshold:g} of the largest and at least {o.min_separation:g} degrees "
+                           "apart, as MRtrix3's sh2peaks"),
+        references=("mrtrix3",),
         description="Local maxima of the FOD on a dense sphere, refined to sub-degree accuracy (as MRtrix3's "
                     "sh2peaks); with --subtract-psf, peaks after the first are the maxima left after subtracting the "
                     "deconvolution's fitted image of each fibre found.",

@@ -302,11 +302,12 @@ def check_response_data(data, options) -> None:
 
 
 def _method(method: str, summary: str, description: str, options, run, inputs=None, outputs=_OUTPUTS,
-            pipeline: bool = True) -> Stage:
+            pipeline: bool = True, methods=None, references=()) -> Stage:
     return Stage(name="response", method=method, order=30, title="Response function", summary=summary,
                  description=description, options=options, run=run,
                  inputs=inputs if inputs is not None else DWI_INPUTS + (_MASK,), outputs=outputs,
-                 provides={"response": "response"}, pipeline=pipeline, check_data=check_response_data)
+                 provides={"response": "response"}, pipeline=pipeline, check_data=check_response_data,
+                 methods=methods, references=references)
 
 
 RESPONSE = StageGroup(
@@ -315,18 +316,34 @@ RESPONSE = StageGroup(
     methods={
         "fa": _method("fa", "MRtrix3 dwi2response fa: top-FA voxels of the eroded mask",
                       "The NUMBER highest-FA voxels of the eroded brain mask, principal eigenvectors as directions, "
-                      "then amp2response on the largest shell (or --shells).", FaOptions, run_fa),
+                      "then amp2response on the largest shell (or --shells).", FaOptions, run_fa,
+                      methods=lambda o: (f"A single-fibre response function was estimated from the {o.number} voxels "
+                                         f"of highest FA in the brain mask eroded {o.erode} times, as MRtrix3's "
+                                         "dwi2response fa"),
+                      references=("tournier2004", "mrtrix3")),
         "ssst": _method("ssst", "DIPY auto_response_ssst: FA threshold in a central ROI",
                         "Tensor eigenvalues and S0 averaged over voxels with FA above a threshold in a cuboid ROI "
-                        "(DIPY's mask_for_response_ssst + response_from_mask_ssst).", SsstOptions, run_ssst),
+                        "(DIPY's mask_for_response_ssst + response_from_mask_ssst).", SsstOptions, run_ssst,
+                        methods=lambda o: ("A response function was estimated from the tensors of the voxels with FA "
+                                           f"above {o.fa_threshold:g} in a central box, as DIPY's "
+                                           "auto_response_ssst"),
+                        references=("tournier2004", "dipy")),
         "tournier": _method("tournier", "MRtrix3 dwi2response tournier (iterative, CSD-based)",
                             "Tournier et al. 2013: iterate CSD and the selection of the voxels with the largest "
                             "sqrt(p1)*(1-p2/p1)^2, ending in amp2response on the largest shell.", TournierOptions,
-                            _run_iterative("tournier")),
+                            _run_iterative("tournier"),
+                            methods=lambda o: ("A single-fibre response function was estimated by iterating CSD and "
+                                               f"the selection of the {o.sf_voxels} most single-fibre-like voxels, as "
+                                               "MRtrix3's dwi2response tournier"),
+                            references=("tournier2013", "mrtrix3")),
         "tax": _method("tax", "recursive calibration (Tax 2014; DIPY recursive_response)",
                        "Iterate DIPY-style CSD from a fat tensor response, keeping voxels whose second peak is below "
                        "peak_thr of the first, ending in amp2response (b=0 and the shell). A --mask here is the "
-                       "white matter to consider (default: every voxel).", TaxOptions, _run_iterative("tax")),
+                       "white matter to consider (default: every voxel).", TaxOptions, _run_iterative("tax"),
+                       methods=lambda o: ("A single-fibre response function was estimated by recursive calibration "
+                                          f"(second-to-first peak ratio below {o.peak_thr:g}), as DIPY's "
+                                          "recursive_response"),
+                       references=("tax2014", "dipy")),
         "amp2response": _method(
             "amp2response", "MRtrix3 amp2response from a single-fibre mask and directions",
             "Constrained least squares over all selected voxels at once (Smith, Dhollander & Connelly): one problem "
@@ -351,7 +368,12 @@ RESPONSE = StageGroup(
                      Output("voxels", "the voxels selected for each tissue (CSF, GM, WM volumes)", cli="flag",
                             metavar="OUT_IMAGE")),
             provides={"response_wm": "wm", "response_gm": "gm", "response_csf": "csf"},
-            check_data=check_dhollander_data),
+            check_data=check_dhollander_data,
+            methods=lambda o: ("White-matter, grey-matter and CSF response functions were estimated with the "
+                               f"dhollander algorithm (brain mask eroded {o.erode} times, FA threshold {o.fa:g}; "
+                               f"{o.sfwm:g}% single-fibre WM, {o.gm:g}% GM and {o.csf:g}% CSF voxels kept), as "
+                               "MRtrix3 3.0's dwi2response dhollander"),
+            references=("dhollander2016", "dhollander2019", "mrtrix3")),
     },
 )
 

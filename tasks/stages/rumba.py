@@ -146,6 +146,10 @@ def _uses_ssst_response(spec) -> bool:
 STAGES = (
     Stage(
         name="rumba", order=50, title="RUMBA-SD (Canales-Rodriguez 2015)",
+        methods=lambda o: (f"Fibre ODFs were estimated with RUMBA-SD ({o.n_iter} iterations on the {o.sphere} "
+                           f"sphere{', with total-variation regularisation across voxels' if o.use_tv else ''}), as "
+                           "DIPY's RumbaSDModel"),
+        references=("canales2015", "dipy"),
         summary="RUMBA-SD deconvolution (Canales-Rodriguez 2015), voxelwise or global + TV",
         description="Robust and unbiased model-based spherical deconvolution: fODF on a dense sphere plus GM/CSF "
                     "isotropic fractions under Rician (smf) or noncentral-chi (sos) noise. Writes every map (fODF as "

@@ -103,6 +103,13 @@ def smt_data_warnings(data, options: SmtOptions) -> list[str]:
 STAGES = (
     Stage(
         name="smt", order=70, title="Spherical mean technique (Kaden 2016)",
+        methods=lambda o: ("The spherical mean technique was fitted to the shells' direction averages "
+                           f"(parallel diffusivity within {o.lambda_par_bounds[0]:g}-{o.lambda_par_bounds[1]:g} mm²/s"
+                           f"{', with a free-water compartment' if o.free_water else ''})"
+                           + ("" if o.fod == "none" else
+                              f", then {'a ' + o.fod if o.n_fod == 1 else str(o.n_fod) + ' ' + o.fod} orientation "
+                              "distribution" + ("" if o.n_fod == 1 else "s") + " to the full signal with that kernel")),
+        references=lambda o: ("kaden2016",) + {"watson": ("zhang2012",), "bingham": ("tariq2016",)}.get(o.fod, ()),
         summary="spherical mean technique (Kaden 2016) and a Watson or Bingham FOD on its kernel",
         description="Per-shell spherical means fitted by a zeppelin with lambda_perp = f*lambda_par (optionally plus "
                     "free water), then a Watson (or Bingham, or several Watsons) FOD on the fitted kernel from the "

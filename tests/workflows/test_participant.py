@@ -1,6 +1,7 @@
 """The dwiflow BIDS App: outputs, cache behaviour, selection, failures and bad input."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -68,6 +69,20 @@ def test_participant_outputs_are_a_bids_derivative(dataset, tmp_path):
     assert dataset_problems(out) == {}  # every sidecar follows the BEP016 draft's rules, Sources are BIDS URIs
     assert validator_errors(out) == []
     assert unneeded_bidsignore_entries(out) == []  # every .bidsignore entry hides what the validator rejects
+    # the methods paragraph: this run's acquisition, every stage with the options it ran with, each reference cited
+    methods = (out / "logs" / "sub-phantom_methods.md").read_text()
+    paragraph, references = methods.split("\n## References\n")
+    bvals = np.loadtxt(dataset["bids"] / "sub-phantom" / "dwi" / "sub-phantom_dwi.bval")
+    counts = ", ".join(f"{int(n)} at b={b:.0f} s/mm²" if b > 50 else f"{int(n)} at b=0"
+                       for b, n in zip(*np.unique(np.round(bvals, -2), return_counts=True)))
+    assert f"comprised {bvals.size} volumes ({counts})" in paragraph
+    assert "from the 50 voxels of highest FA in the brain mask eroded 0 times" in paragraph  # the spec's options
+    assert "Up to 2 FOD peaks per voxel" in paragraph and "recon spec small" in paragraph
+    cited = {int(n) for group in re.findall(r"\[([\d, ]+)\]", paragraph) for n in group.split(", ")}
+    listed = re.findall(r"^(\d+)\. ", references, flags=re.M)
+    assert cited == {int(n) for n in listed} == set(range(1, len(listed) + 1)) and len(listed) >= 8
+    assert "Tournier JD, Calamante F, Connelly A. Robust determination" in references  # CSD's paper
+    assert "sub-phantom_methods.md" in (out / "sub-phantom.html").read_text()
 
 
 def test_rerun_is_a_cache_hit_and_workers_agree(dataset, tmp_path):

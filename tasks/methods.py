@@ -1,0 +1,144 @@
+"""The methods paragraph of a run (as fMRIPrep's and QSIRecon's boilerplate): what was done, with which parameters,
+citing each method, generated from the recon spec's stages (their ``methods`` sentences and ``references`` in the
+registry) and the run's acquisition. Users paste it into a paper's methods section and edit it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dwiflow._version import __version__
+
+# Every work a stage cites, by key (stages name keys in their ``references``).
+REFERENCES: dict[str, str] = {
+    "bids": "Gorgolewski KJ, et al. The brain imaging data structure, a format for organizing and describing outputs "
+            "of neuroimaging experiments. Sci Data. 2016;3:160044.",
+    "pydra": "Jarecka D, Goncalves M, Markiewicz CJ, Esteban O, Lo N, Kaczmarzyk J, Ghosh S. Pydra - a flexible and "
+             "lightweight dataflow engine for scientific analyses. Proc. 19th Python in Science Conf. 2020:132-139.",
+    "mrtrix3": "Tournier JD, et al. MRtrix3: a fast, flexible and open software framework for medical image "
+               "processing and visualisation. NeuroImage. 2019;202:116137.",
+    "dipy": "Garyfallidis E, et al. Dipy, a library for the analysis of diffusion MRI data. Front Neuroinform. "
+            "2014;8:8.",
+    "otsu": "Otsu N. A threshold selection method from gray-level histograms. IEEE Trans Syst Man Cybern. "
+            "1979;9(1):62-66.",
+    "basser1994": "Basser PJ, Mattiello J, LeBihan D. MR diffusion tensor spectroscopy and imaging. Biophys J. "
+                  "1994;66(1):259-267.",
+    "veraart2013": "Veraart J, Sijbers J, Sunaert S, Leemans A, Jeurissen B. Weighted linear least squares estimation "
+                   "of diffusion MRI parameters: strengths, limitations, and pitfalls. NeuroImage. 2013;81:335-346.",
+    "chung2006": "Chung S, Lu Y, Henry RG. Comparison of bootstrap approaches for estimation of uncertainties of DTI "
+                 "parameters. NeuroImage. 2006;33(2):531-541.",
+    "tournier2004": "Tournier JD, Calamante F, Gadian DG, Connelly A. Direct estimation of the fiber orientation "
+                    "density function from diffusion-weighted MRI data using spherical deconvolution. NeuroImage. "
+                    "2004;23(3):1176-1185.",
+    "tournier2007": "Tournier JD, Calamante F, Connelly A. Robust determination of the fibre orientation "
+                    "distribution in diffusion MRI: non-negativity constrained super-resolved spherical "
+                    "deconvolution. NeuroImage. 2007;35(4):1459-1472.",
+    "tournier2013": "Tournier JD, Calamante F, Connelly A. Determination of the appropriate b value and number of "
+                    "gradient directions for high-angular-resolution diffusion-weighted imaging. NMR Biomed. "
+                    "2013;26(12):1775-1786.",
+    "tax2014": "Tax CMW, Jeurissen B, Vos SB, Viergever MA, Leemans A. Recursive calibration of the fiber response "
+               "function for spherical deconvolution of diffusion MRI data. NeuroImage. 2014;86:67-80.",
+    "dhollander2016": "Dhollander T, Raffelt D, Connelly A. Unsupervised 3-tissue response function estimation from "
+                      "single-shell or multi-shell diffusion MR data without a co-registered T1 image. ISMRM "
+                      "Workshop on Breaking the Barriers of Diffusion MRI. 2016:5.",
+    "dhollander2019": "Dhollander T, Mito R, Raffelt D, Connelly A. Improved white matter response function "
+                      "estimation for 3-tissue constrained spherical deconvolution. Proc. ISMRM 27. 2019:555.",
+    "jeurissen2014": "Jeurissen B, Tournier JD, Dhollander T, Connelly A, Sijbers J. Multi-tissue constrained "
+                     "spherical deconvolution for improved analysis of multi-shell diffusion MRI data. NeuroImage. "
+                     "2014;103:411-426.",
+    "raffelt2017": "Raffelt D, Dhollander T, Tournier JD, Tabbara R, Smith RE, Pierre E, Connelly A. Bias field "
+                   "correction and intensity normalisation for quantitative analysis of apparent fibre density. "
+                   "Proc. ISMRM 25. 2017:3541.",
+    "dhollander2021": "Dhollander T, Tabbara R, Rosnarho-Tornstrand J, Tournier JD, Raffelt D, Connelly A. "
+                      "Multi-tissue log-domain intensity and inhomogeneity normalisation for quantitative apparent "
+                      "fibre density. Proc. ISMRM 29. 2021:2472.",
+    "canales2015": "Canales-Rodriguez EJ, et al. Spherical deconvolution of multichannel diffusion MRI data with "
+                   "non-Gaussian noise models and spatial regularization. PLoS ONE. 2015;10(10):e0138910.",
+    "ozarslan2013": "Ozarslan E, et al. Mean apparent propagator (MAP) MRI: a novel diffusion imaging method for "
+                    "mapping tissue microstructure. NeuroImage. 2013;78:16-32.",
+    "fick2016": "Fick RHJ, Wassermann D, Caruyer E, Deriche R. MAPL: tissue microstructure estimation using "
+                "Laplacian-regularized MAP-MRI and its application to HCP data. NeuroImage. 2016;134:365-385.",
+    "kaden2016": "Kaden E, Kruggel F, Alexander DC. Quantitative mapping of the per-axon diffusion coefficients in "
+                 "brain white matter. Magn Reson Med. 2016;75(4):1752-1763.",
+    "zhang2012": "Zhang H, Schneider T, Wheeler-Kingshott CA, Alexander DC. NODDI: practical in vivo neurite "
+                 "orientation dispersion and density imaging of the human brain. NeuroImage. 2012;61(4):1000-1016.",
+    "tariq2016": "Tariq M, Schneider T, Alexander DC, Wheeler-Kingshott CAG, Zhang H. Bingham-NODDI: mapping "
+                 "anisotropic orientation dispersion of neurites using diffusion MRI. NeuroImage. 2016;133:207-223.",
+    "raffelt2012": "Raffelt D, Tournier JD, Rose S, Ridgway GR, Henderson R, Crozier S, Salvado O, Connelly A. "
+                   "Apparent fibre density: a novel measure for the analysis of diffusion-weighted magnetic "
+                   "resonance images. NeuroImage. 2012;59(4):3976-3994.",
+    "dellacqua2013": "Dell'Acqua F, Simmons A, Williams SCR, Catani M. Can spherical deconvolution provide more "
+                     "information than fiber orientations? Hindrance modulated orientational anisotropy, a true-tract "
+                     "specific index to characterize white matter diffusion. Hum Brain Mapp. 2013;34(10):2464-2483.",
+    "tuch2004": "Tuch DS. Q-ball imaging. Magn Reson Med. 2004;52(6):1358-1372.",
+}
+
+
+def number(value: Any, digits: int = 3) -> str:
+    """A parameter as a sentence shows it: 3 significant digits, no trailing zeros."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, (int, float)):
+        return f"{value:.{digits}g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(number(v, digits) for v in value)
+    return str(value)
+
+
+def acquisition_sentence(bval: Path, dwi_shape: tuple[int, ...], zooms: tuple[float, ...]) -> str:
+    """The acquisition as the run's files give it: volumes per shell and voxel size."""
+    from dwiflow.core.gradients import cluster_shells
+    from dwiflow.tasks.io import read_bvals
+
+    shells = cluster_shells(read_bvals(bval))
+    parts = [f"{s.count} at b=0" if s.is_b0 else f"{s.count} at b={s.bvalue:.0f} s/mm²" for s in shells]
+    size = "×".join(f"{z:.3g}" for z in zooms[:3])
+    return (f"The run comprised {dwi_shape[3] if len(dwi_shape) > 3 else 1} volumes ({', '.join(parts)}) with "
+            f"{size} mm voxels.")
+
+
+def methods_markdown(spec, run_label: str, acquisition: str, given_mask: bool = False,
+                     group_responses: bool = False) -> str:
+    """The methods paragraph of one run of ``spec`` (a :class:`~dwiflow.tasks.recon_spec.ReconSpec`), with its
+    numbered references, as Markdown."""
+    cited: list[str] = []
+
+    def cite(keys) -> str:
+        marks = []
+        for key in keys:
+            if key not in cited:
+                cited.append(key)
+            marks.append(str(cited.index(key) + 1))
+        return f" [{', '.join(sorted(marks, key=int))}]" if marks else ""
+
+    sentences = [f"Diffusion MRI run {run_label} was processed with dwiflow {__version__}{cite(['pydra', 'bids'])}, "
+                 f"recon spec {spec.name}. {acquisition}"]
+    for name, configured in spec.stages.items():
+        stage, options = configured.stage, configured.options
+        if name == "mask" and given_mask:
+            sentences.append("The brain mask was the one provided with the data.")
+            continue
+        if name == "response" and group_responses:
+            sentences.append("The response functions were the group averages given (--response-dir), as MRtrix3's "
+                             "responsemean computes them.")
+            continue
+        if stage.methods is None:
+            continue
+        references = stage.references(options) if callable(stage.references) else stage.references
+        sentences.append(stage.methods(options).rstrip(".") + cite(references) + ".")
+    sentences.append("Where a voxel's fit failed or gave a non-physical value, its maps hold NaN and its status map "
+                     "says why.")
+    lines = [f"# Methods: {run_label}", "", "This paragraph was written by dwiflow from the parameters of this run; "
+             "edit it freely.", "", " ".join(sentences), "", "## References", ""]
+    lines += [f"{i}. {REFERENCES[key]}" for i, key in enumerate(cited, 1)]
+    return "\n".join(lines) + "\n"
+
+
+def write_methods(path: Path, text: str) -> Path:
+    """Write the paragraph atomically (a rerun replaces it whole)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
