@@ -71,7 +71,7 @@ def entities_from_filename(path: str) -> dict[str, str]:
     return entities
 
 
-_SIDECAR_KEYS = ("Description", "Units", "OrientationEncoding", "Levels", "Type")
+_SIDECAR_KEYS = ("Description", "Units", "OrientationEncoding", "Levels", "Type", "TensorElementOrder")
 
 
 def figure_panels() -> dict[str, Any]:

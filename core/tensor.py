@@ -1,9 +1,16 @@
 """Diffusion tensor estimation, vectorised across voxels, and its scalar maps.
 
-The weighted linear least-squares (WLS) fit follows Chung et al. (2006) as DIPY's
-``TensorModel(fit_method="WLS")`` does: an ordinary least-squares fit of the
-log-signal gives predicted signals, whose squares weight a second fit. Both passes
-solve the normal equations of all voxels of a chunk at once (batched 7x7 systems).
+Two families of fits, each equal to the tool its users compare with:
+
+- ``WLS``/``OLS`` as DIPY's ``TensorModel``: the weighted fit follows Chung et al. (2006), an ordinary
+  least-squares fit of the log-signal gives predicted signals, whose squares weight a second fit; samples below
+  1e-4 are raised to it; eigenvalues are clipped below as DIPY does.
+- ``IWLS`` as MRtrix3 3.0's ``dwi2tensor`` (Veraart et al. 2013): a first fit weighted by the measured signal (or
+  unweighted, ``ols_start``), then ``iterations`` refits weighted by the signal the previous fit predicts (as
+  dwi2tensor, none when ``iterations`` is below 2); a sample below 1e-6 of the voxel's largest is raised to that;
+  eigenvalues are not clipped.
+
+Every pass solves the normal equations of all voxels of a chunk at once (batched 7x7 systems).
 
 References
 ----------
@@ -11,13 +18,18 @@ Basser P.J., Mattiello J., LeBihan D. MR diffusion tensor spectroscopy and imagi
 Biophys J 66 (1994) 259-267.
 Chung S., Lu Y., Henry R.G. Comparison of bootstrap approaches for estimation of
 uncertainties of DTI parameters. NeuroImage 33 (2006) 531-541.
+Veraart J., Sijbers J., Sunaert S., Leemans A., Jeurissen B. Weighted linear least squares
+estimation of diffusion MRI parameters: strengths, limitations, and pitfalls. NeuroImage 81
+(2013) 335-346.
+Westin C.-F. et al. Geometrical diffusion measures for MRI from tensor basis analysis. ISMRM 1997,
+p. 1742 (linear, planar and spherical shape measures).
 Basser P.J., Pierpaoli C. Microstructural and physiological features of tissues
 elucidated by quantitative-diffusion-tensor MRI. J Magn Reson B 111 (1996) 209-219 (FA).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -28,9 +40,14 @@ from dwiflow.core.status import FitStatus, signal_above_b0
 from dwiflow.core.voxels import VoxelBatch, iter_chunks, scatter
 
 MIN_POSITIVE_SIGNAL = 1e-4
+# dwi2tensor raises every sample below this fraction of the voxel's largest sample to it before the logarithm
+MRTRIX3_SMALL_INTENSITY = 1e-6
+DEFAULT_IWLS_ITERATIONS = 2  # dwi2tensor's -iter default
+# BEP016's order of a symmetric rank-2 tensor's six elements (D11, D12, D13, D22, D23, D33)
+BEP016_TENSOR_ORDER = ("xx", "xy", "xz", "yy", "yz", "zz")
 
 STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NO_SIGNAL, FitStatus.SINGULAR,
-                FitStatus.SIGNAL_ABOVE_B0)
+                FitStatus.SIGNAL_ABOVE_B0, FitStatus.NON_PHYSICAL)
 
 
 def tensor_design_matrix(gtab: GradientTable) -> np.ndarray:
@@ -77,13 +94,14 @@ def mean_diffusivity(evals: np.ndarray) -> np.ndarray:
 
 
 def axial_diffusivity(evals: np.ndarray) -> np.ndarray:
-    """AD: the largest eigenvalue (mm²/s)."""
-    return np.asarray(evals)[..., 0]
+    """AD: the largest eigenvalue by value (mm²/s), whatever order ``evals`` are in."""
+    return np.max(np.asarray(evals), axis=-1)
 
 
 def radial_diffusivity(evals: np.ndarray) -> np.ndarray:
-    """RD: mean of the two smaller eigenvalues (mm²/s)."""
-    return np.mean(np.asarray(evals)[..., 1:], axis=-1)
+    """RD: mean of the two eigenvalues other than the largest by value (mm²/s)."""
+    evals = np.asarray(evals)
+    return (np.sum(evals, axis=-1) - np.max(evals, axis=-1)) / 2
 
 
 @dataclass
@@ -92,24 +110,54 @@ class TensorFit:
 
     Attributes
     ----------
-    evals : ndarray (..., 3)
-        Eigenvalues, descending, clipped below at ``min_diffusivity`` (mm²/s).
-    evecs : ndarray (..., 3, 3)
-        Eigenvectors as columns (``evecs[..., :, 0]`` is the principal one), world frame.
     s0 : ndarray (...)
         Fitted non-diffusion-weighted signal.
     status : ndarray (...) of uint8
         :class:`~dwiflow.core.status.FitStatus` codes (:data:`STATUS_CODES`); failed voxels hold NaN.
     mask : ndarray (...) of bool
         The voxels that were fitted.
+    lower_triangular : ndarray (..., 6)
+        The tensor's elements in DIPY's order (Dxx, Dxy, Dyy, Dxz, Dyz, Dzz), world frame (mm²/s).
+    by_magnitude : bool
+        Eigenvalues ordered by magnitude and not clipped (MRtrix3's tensor2metric), else descending and clipped
+        below at ``min_diffusivity`` (DIPY).
+
+    The eigenvalues (``evals``, (..., 3), mm²/s) and eigenvectors (``evecs``, (..., 3, 3), as columns, world frame)
+    are computed on first use: a run that writes only the tensor or S0 does not decompose it.
     """
 
-    evals: np.ndarray
-    evecs: np.ndarray
     s0: np.ndarray
     status: np.ndarray
     mask: np.ndarray
     lower_triangular: np.ndarray
+    by_magnitude: bool = False
+    min_diffusivity: float = 0.0
+    _eigen: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+
+    def _decomposition(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._eigen is None:
+            fitted = self.mask & (self.status == FitStatus.OK)
+            evals = np.where(self.mask[..., None], np.nan, 0.0) * np.ones(3)
+            evecs = np.where(self.mask[..., None, None], np.nan, 0.0) * np.ones((3, 3))
+            if np.any(fitted):
+                w, v = np.linalg.eigh(lower_triangular_to_matrix(self.lower_triangular[fitted]))
+                if self.by_magnitude:
+                    order = np.argsort(-np.abs(w), axis=1, kind="stable")
+                    evals[fitted] = np.take_along_axis(w, order, axis=1)
+                    evecs[fitted] = np.take_along_axis(v, order[:, None, :], axis=2)
+                else:
+                    evals[fitted] = np.clip(w[:, ::-1], self.min_diffusivity, None)
+                    evecs[fitted] = v[:, :, ::-1]
+            self._eigen = (evals, evecs)
+        return self._eigen
+
+    @property
+    def evals(self) -> np.ndarray:
+        return self._decomposition()[0]
+
+    @property
+    def evecs(self) -> np.ndarray:
+        return self._decomposition()[1]
 
     @property
     def fa(self) -> np.ndarray:
@@ -132,6 +180,37 @@ class TensorFit:
         """Principal eigenvector (…, 3), world frame, sign arbitrary."""
         return self.evecs[..., :, 0]
 
+    def _shape_measure(self, which: str) -> np.ndarray:
+        """Westin's shape measures normalised by the trace, as MRtrix3's tensor2metric: with λ1 ≥ λ2 ≥ λ3 (by
+        value), cl = (λ1−λ2)/Σλ, cp = 2(λ2−λ3)/Σλ, cs = 3λ3/Σλ; 0 where the trace is 0."""
+        by_value = -np.sort(-self.evals, axis=-1)
+        total = by_value.sum(axis=-1)
+        safe = np.where(total == 0, 1.0, total)
+        value = {"cl": by_value[..., 0] - by_value[..., 1], "cp": 2 * (by_value[..., 1] - by_value[..., 2]),
+                 "cs": 3 * by_value[..., 2]}[which] / safe
+        return np.where(total == 0, 0.0, value)
+
+    @property
+    def cl(self) -> np.ndarray:
+        """Westin's linearity (trace-normalised, as MRtrix3)."""
+        return self._shape_measure("cl")
+
+    @property
+    def cp(self) -> np.ndarray:
+        """Westin's planarity (trace-normalised, as MRtrix3)."""
+        return self._shape_measure("cp")
+
+    @property
+    def cs(self) -> np.ndarray:
+        """Westin's sphericity (trace-normalised, as MRtrix3)."""
+        return self._shape_measure("cs")
+
+    @property
+    def elements(self) -> np.ndarray:
+        """The six unique elements (…, 6) in BEP016's order D11, D12, D13, D22, D23, D33 (world frame, mm²/s)."""
+        xx, xy, yy, xz, yz, zz = np.moveaxis(self.lower_triangular, -1, 0)
+        return np.stack([xx, xy, xz, yy, yz, zz], axis=-1)
+
     @property
     def quadratic_form(self) -> np.ndarray:
         return lower_triangular_to_matrix(self.lower_triangular)
@@ -144,7 +223,17 @@ class TensorFit:
 
 
 def _solve_stacked(normal: np.ndarray, rhs: np.ndarray, status: np.ndarray) -> np.ndarray:
-    """Solve stacked systems; a singular one gets NaN and FitStatus.SINGULAR (others unaffected)."""
+    """Solve stacked systems; a singular or non-finite one (weights that overflowed in a voxel of noise) gets NaN
+    and FitStatus.SINGULAR (others unaffected)."""
+    finite = np.all(np.isfinite(normal), axis=(1, 2)) & np.all(np.isfinite(rhs), axis=1)
+    if not np.all(finite):
+        status[~finite & (status == FitStatus.OK)] = FitStatus.SINGULAR
+        out = np.full_like(rhs, np.nan)
+        if np.any(finite):
+            finite_status = status[finite]  # a copy: the call below flags its singular systems in it
+            out[finite] = _solve_stacked(normal[finite], rhs[finite], finite_status)
+            status[finite] = finite_status
+        return out
     try:
         return np.linalg.solve(normal, rhs[..., None])[..., 0]
     except np.linalg.LinAlgError:
@@ -165,27 +254,42 @@ class TensorModel:
     ----------
     gtab : GradientTable
         Needs at least 7 volumes and 6 non-collinear directions.
-    fit_method : {"WLS", "OLS"}
-        ``WLS`` weights the second pass by the OLS-predicted signal squared (Chung 2006).
+    fit_method : {"WLS", "OLS", "IWLS"}
+        ``WLS`` weights the second pass by the OLS-predicted signal squared (Chung 2006), as DIPY; ``OLS`` as
+        DIPY; ``IWLS`` is MRtrix3's ``dwi2tensor`` (see the module docstring), with ``iterations`` and
+        ``ols_start``.
     min_signal : float
-        Signals below this are raised to it before taking logs (DIPY's default 1e-4).
+        Signals below this are raised to it before taking logs (DIPY's default 1e-4; not used by ``IWLS``, which
+        raises samples below 1e-6 of the voxel's largest, as MRtrix3).
     chunk_size : int
         Voxels solved together; bounds memory.
     wls_iterations : int
-        Weighted passes after the OLS start (1, as DIPY; MRtrix3's ``dwi2tensor`` makes 2: ``-iter 2``), each
-        weighted by the signal the previous pass predicts, squared.
+        ``WLS``: weighted passes after the OLS start (1, as DIPY), each weighted by the signal the previous pass
+        predicts, squared.
+    iterations : int
+        ``IWLS``: dwi2tensor's ``-iter`` (default 2): refits weighted by the predicted signal after the first fit;
+        as dwi2tensor, 0 and 1 both leave the first fit.
+    ols_start : bool
+        ``IWLS``: the first fit unweighted (dwi2tensor's ``-ols``) instead of weighted by the measured signal.
     """
 
     def __init__(
         self,
         gtab: GradientTable,
-        fit_method: Literal["WLS", "OLS"] = "WLS",
+        fit_method: Literal["WLS", "OLS", "IWLS"] = "WLS",
         min_signal: float = MIN_POSITIVE_SIGNAL,
         chunk_size: int = 50_000,
         wls_iterations: int = 1,
+        iterations: int = DEFAULT_IWLS_ITERATIONS,
+        ols_start: bool = False,
     ) -> None:
-        if fit_method not in ("WLS", "OLS"):
-            raise DwiflowInputError(f"fit_method must be 'WLS' or 'OLS', got {fit_method!r}")
+        if fit_method not in ("WLS", "OLS", "IWLS"):
+            raise DwiflowInputError(f"fit_method must be 'WLS', 'OLS' or 'IWLS', got {fit_method!r}",
+                                    parameters=("fit_method",))
+        if int(iterations) != iterations or not 0 <= iterations <= 10:
+            raise DwiflowInputError(f"iterations must be an integer from 0 to 10 (as dwi2tensor -iter), got "
+                                    f"{iterations!r}", parameters=("iterations",))
+        self.iterations, self.ols_start = int(iterations), bool(ols_start)
         if not min_signal > 0:
             raise DwiflowInputError(f"min_signal must be > 0, got {min_signal!r}")
         if chunk_size < 1:
@@ -222,6 +326,8 @@ class TensorModel:
         status[finite & ~positive] = FitStatus.NO_SIGNAL
         status[finite & positive & signal_above_b0(signal, self.gtab.b0s_mask)] = FitStatus.SIGNAL_ABOVE_B0
         sig = np.where(finite[:, None], signal, 1.0)
+        if self.fit_method == "IWLS":
+            return self._fit_iwls(sig, status)
         log_s = np.log(np.maximum(sig, self.min_signal))
         beta = log_s @ self._ols_pinv.T
         if self.fit_method == "WLS":
@@ -230,6 +336,28 @@ class TensorModel:
                 normal = (w2 @ self._outer).reshape(-1, 7, 7)
                 rhs = (w2 * log_s) @ self._x
                 beta = _solve_stacked(normal, rhs, status)
+        beta = beta / self._scale
+        bad = (status != FitStatus.OK) | ~np.all(np.isfinite(beta), axis=1)
+        status[bad & (status == FitStatus.OK)] = FitStatus.SINGULAR
+        beta[bad] = np.nan
+        return beta, status
+
+    def _fit_iwls(self, sig: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """MRtrix3's dwi2tensor: samples below 1e-6 of the voxel's largest raised to it, a first fit weighted by
+        the measured signal (or unweighted), then refits weighted by the prediction when ``iterations`` > 1."""
+        small = MRTRIX3_SMALL_INTENSITY * sig.max(axis=1, keepdims=True)
+        sig = np.maximum(sig, small)
+        log_s = np.log(np.where(sig > 0, sig, 1.0))
+        w2 = np.ones_like(sig) if self.ols_start else sig * sig
+        passes = 1 + (self.iterations if self.iterations > 1 else 0)
+        beta = np.zeros((sig.shape[0], 7))
+        for index in range(passes):
+            if index:  # a voxel of noise can overflow here: its system is then not finite and gets SINGULAR
+                with np.errstate(over="ignore", invalid="ignore"):
+                    w2 = np.exp(2.0 * (beta @ self._x.T))
+            normal = (w2 @ self._outer).reshape(-1, 7, 7)
+            rhs = (w2 * log_s) @ self._x
+            beta = _solve_stacked(normal, rhs, status)
         beta = beta / self._scale
         bad = (status != FitStatus.OK) | ~np.all(np.isfinite(beta), axis=1)
         status[bad & (status == FitStatus.OK)] = FitStatus.SINGULAR
@@ -248,20 +376,21 @@ class TensorModel:
         status = np.empty(nvox, dtype=np.uint8)
         for sl in iter_chunks(nvox, self.chunk_size):
             params[sl], status[sl] = self._fit_batch(batch.signal(sl))
-        tensors = lower_triangular_to_matrix(params[:, :6])
-        ok = status == FitStatus.OK
-        evals = np.full((nvox, 3), np.nan)
-        evecs = np.full((nvox, 3, 3), np.nan)
-        if np.any(ok):
-            w, v = np.linalg.eigh(tensors[ok])
-            evals[ok] = np.clip(w[:, ::-1], self.min_diffusivity, None)
-            evecs[ok] = v[:, :, ::-1]
+        if self.fit_method == "IWLS":
+            # a negative diffusivity is not physical (MRtrix3 writes it; DIPY clips it): status 8 and NaN. A
+            # symmetric matrix has a negative eigenvalue exactly when one of its principal minors is negative
+            xx, xy, yy, xz, yz, zz = params[:, :6].T
+            minors = np.stack([xx, yy, zz, xx * yy - xy * xy, xx * zz - xz * xz, yy * zz - yz * yz,
+                               xx * (yy * zz - yz * yz) - xy * (xy * zz - yz * xz) + xz * (xy * yz - yy * xz)], axis=1)
+            negative = (status == FitStatus.OK) & np.any(minors < 0, axis=1)
+            status[negative] = FitStatus.NON_PHYSICAL
+            params[negative] = np.nan
         s0 = np.exp(params[:, 6])
         return TensorFit(
-            evals=scatter(evals, batch),
-            evecs=scatter(evecs, batch),
             s0=scatter(s0, batch),
             status=scatter(status, batch),
             mask=batch.mask,
             lower_triangular=scatter(params[:, :6], batch),
+            by_magnitude=self.fit_method == "IWLS",
+            min_diffusivity=self.min_diffusivity,
         )

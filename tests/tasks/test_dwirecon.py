@@ -62,7 +62,8 @@ def test_tensor_writes_maps_with_sidecars(phantom_dir, tmp_path, capsys):
     assert fa.shape == (18, 18, 8) and 0.3 < np.median(fa[tissue]) < 0.9
     side = json.loads((tmp_path / "v1.json").read_text())
     assert side["OrientationEncoding"] == {"Type": "unit3vector", "Reference": "xyz", "EncodingAxis": 3}  # BEP016
-    assert side["Model"]["Parameters"]["FitMethod"] == "WLS"
+    assert side["Model"]["Parameters"]["FitMethod"] == "MRtrix3 dwi2tensor: first fit WLS, then IWLS"  # the default
+    assert side["Model"]["Parameters"]["Iterations"] == 2
     assert json.loads((tmp_path / "md.json").read_text())["Units"] == "mm^2/s"
 
 

@@ -57,7 +57,7 @@ BAD_SPECS = [
     (_with("fod_metrics", {"model": "x"}), "stages.fod_metrics.model: unknown option (allowed: none)"),
     # types and ranges, every stage
     (_with("mask", {"median_radius": 0}), "stages.mask.median_radius: must be >= 1, got 0"),
-    (_with("tensor", {"method": "lsq"}), "stages.tensor.method: must be one of wls, ols, got 'lsq'"),
+    (_with("tensor", {"method": "lsq"}), "stages.tensor.method: must be one of wls, ols, dipy-wls, dipy-ols, got 'lsq'"),
     (_with("tensor", {"maps": ["fa", "colour"]}), "stages.tensor.maps: every value must be one of fa, md, ad"),
     (_with("response", {"method": "magic"}), "stages.response.method: must be one of fa, ssst, tournier, tax, "
                                              "dhollander, got 'magic'"),
