@@ -42,6 +42,51 @@ def test_tournier_within_2_percent_of_mrtrix(sub01, tmp_path, mrtrix):
     assert np.abs(ours.response.coefficients - ref.coefficients).max() / ref.coefficients[0, 0] < 0.02
 
 
+def _small_image(kind: str, folder) -> tuple:
+    """A 432-voxel phantom, or a 1000-voxel crop of sub-01 b6kmax, with an all-ones mask beside it."""
+    from dwiflow.core.gradients import world_to_fsl_bvecs
+    from dwiflow.core.sims import acquisition_scheme
+    from tests.conftest import write_gradients, write_nifti
+
+    if kind == "phantom":
+        g = acquisition_scheme("single")
+        data = make_phantom(g, (12, 12, 3), n_fibres=(1, 2), snr=30, seed=1).data.astype(np.float32)
+        affine = np.diag([-2.0, 2.0, 2.0, 1.0])
+        bval, bvec = write_gradients(folder / "dwi", g.bvals, world_to_fsl_bvecs(g.bvecs, affine).T)
+    else:
+        paths = real_run("sub-01_acq-b6kmax")
+        img = nib.load(paths["dwi"])
+        centre = np.argwhere(nib.load(paths["mask"]).get_fdata() > 0).mean(axis=0).astype(int)
+        start = centre[:2] - [12, 10]
+        data = np.asarray(img.dataobj)[start[0]:start[0] + 25, start[1]:start[1] + 20]
+        affine = img.affine.copy()
+        affine[:3, 3] = img.affine[:3, :3] @ [start[0], start[1], 0] + img.affine[:3, 3]
+        bval, bvec = paths["bval"], paths["bvec"]
+    dwi = write_nifti(folder / "dwi.nii.gz", data, affine)
+    mask = write_nifti(folder / "mask.nii.gz", np.ones(data.shape[:3], np.uint8), affine)
+    return dwi, bval, bvec, mask, int(np.prod(data.shape[:3]))
+
+
+@pytest.mark.mrtrix
+@pytest.mark.parametrize("kind", ["phantom", "sub-01 crop"])
+def test_tournier_on_small_images_equals_mrtrix_given_the_same_mask(kind, tmp_path, mrtrix, record):
+    """On images of a few hundred voxels the two differed by 8.7% of l=0 only through their masks (without -mask,
+    dwi2response runs dwi2mask; dwirecon its median-Otsu mask): with the same mask, within 1% (here ~1e-4)."""
+    dwi, bval, bvec, mask, n_voxels = _small_image(kind, tmp_path)
+    assert 300 <= n_voxels <= 1000
+    subprocess.run(["dwi2response", "tournier", "-quiet", "-force", str(dwi), "-fslgrad", str(bvec), str(bval),
+                    str(tmp_path / "mrtrix.txt"), "-mask", str(mask), "-scratch", str(tmp_path)], check=True)
+    assert main(["response", "tournier", str(dwi), str(bval), str(bvec), str(tmp_path / "ours.txt"), "--mask",
+                 str(mask), "-q"]) == 0
+    ref = ResponseFunction.from_text((tmp_path / "mrtrix.txt").read_text())
+    ours = ResponseFunction.from_text((tmp_path / "ours.txt").read_text())
+    l0 = abs(ours.coefficients[0, 0] / ref.coefficients[0, 0] - 1)
+    record("tournier response", f"l=0 relative difference, {n_voxels}-voxel image ({kind}, same mask)", l0, "< 0.01",
+           "MRtrix3 3.0.3 dwi2response tournier")
+    assert l0 < 0.01
+    assert np.abs(ours.coefficients - ref.coefficients).max() / ref.coefficients[0, 0] < 0.02
+
+
 def test_tax_within_2_percent_of_dipy(sub01):
     paths, run, brain = sub01
     keep = np.flatnonzero(run.gtab.b0s_mask | (np.abs(run.gtab.bvals - 2000) < 80))
