@@ -10,7 +10,7 @@ from dwiflow.bids_specs.outputs import sidecar
 from dwiflow.core.defaults import PEAKS_MIN_SEPARATION, PEAKS_NUMBER, PEAKS_REL_THRESHOLD
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import atomic_outputs, load_mask, read_sidecar, sidecar_path
-from dwiflow.tasks.options import Alias, StageOptions, option
+from dwiflow.tasks.options import Alias, OptionError, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
 from dwiflow.tasks.stagelib import fod_model_of, load_sh_image, provenance
 
@@ -30,6 +30,16 @@ class PeaksOptions(StageOptions):
     subtract_psf: bool = option(False, help="find peaks after the first by subtracting the FOD's point-spread "
                                             "function (from its sidecar; CSD writes it): resolves fibres 30-50 deg "
                                             "apart whose lobes merge")
+    search: str = option("dense", choices=("dense", "sh2peaks"),
+                         help="dense: local maxima on a dense sphere, kept by rel_threshold and min_separation; "
+                              "sh2peaks: MRtrix3's sh2peaks search (Newton ascents from its 60 seeds, peaks closer "
+                              "than 8.1 deg merged, sorted by amplitude; only npeaks and threshold apply, threshold "
+                              "0 being sh2peaks -threshold 0)")
+
+    def check(self) -> None:
+        if self.search == "sh2peaks" and self.subtract_psf:
+            raise OptionError("{subtract_psf}: not with search sh2peaks (MRtrix3's search has no such step)",
+                              "subtract_psf")
 
 
 def fod_point_spread_function(fod, lmax: int) -> np.ndarray:
@@ -49,19 +59,27 @@ def fod_point_spread_function(fod, lmax: int) -> np.ndarray:
 def run_peaks(files, outputs, options: PeaksOptions, context):
     """FOD peaks: 3×npeaks volumes of amplitude-scaled vectors, NaN where absent (local maxima as MRtrix3's
     sh2peaks; with subtract_psf, CLEAN-style subtraction of each fibre's image, Högbom 1974)."""
-    from dwiflow.core.peaks import find_peaks
+    from dwiflow.core.peaks import find_peaks, sh2peaks
 
     fod, mask = files["fod"], files.get("mask")
     sh, affine, lmax = load_sh_image(fod)
-    psf = fod_point_spread_function(fod, lmax) if options.subtract_psf else None
     voxels = load_mask(mask, sh.shape[:3], affine) if mask is not None else None
-    peaks = find_peaks(sh, voxels, npeaks=options.npeaks, rel_threshold=options.rel_threshold,
-                       abs_threshold=options.threshold, min_separation_deg=options.min_separation, psf=psf)
-    params = {"NumberOfPeaks": options.npeaks, "RelativeThreshold": options.rel_threshold,
-              "AbsoluteThreshold": options.threshold, "MinSeparationDegrees": options.min_separation,
-              "Method": "point-spread-function subtraction" if psf is not None else "local maxima"}
+    if options.search == "sh2peaks":
+        vectors = np.full(sh.shape[:3] + (options.npeaks, 3), np.nan)
+        inside = voxels if voxels is not None else np.ones(sh.shape[:3], dtype=bool)
+        vectors[inside] = sh2peaks(sh[inside], npeaks=options.npeaks, threshold=options.threshold)
+        params = {"NumberOfPeaks": options.npeaks, "AbsoluteThreshold": options.threshold,
+                  "Method": "MRtrix3 sh2peaks search (Newton ascents from 60 seeds)"}
+    else:
+        psf = fod_point_spread_function(fod, lmax) if options.subtract_psf else None
+        vectors = find_peaks(sh, voxels, npeaks=options.npeaks, rel_threshold=options.rel_threshold,
+                             abs_threshold=options.threshold, min_separation_deg=options.min_separation,
+                             psf=psf).vectors
+        params = {"NumberOfPeaks": options.npeaks, "RelativeThreshold": options.rel_threshold,
+                  "AbsoluteThreshold": options.threshold, "MinSeparationDegrees": options.min_separation,
+                  "Method": "point-spread-function subtraction" if psf is not None else "local maxima"}
     with atomic_outputs() as out:
-        path = out.nifti(outputs["peaks"], peaks.vectors.reshape(sh.shape[:3] + (3 * options.npeaks,)), affine,
+        path = out.nifti(outputs["peaks"], vectors.reshape(sh.shape[:3] + (3 * options.npeaks,)), affine,
                          sidecar("peaks", params, **fod_model_of(fod), **provenance(fod, mask)))
     return {"peaks": path}
 
@@ -69,9 +87,12 @@ def run_peaks(files, outputs, options: PeaksOptions, context):
 STAGES = (
     Stage(
         name="peaks", order=80, title="FOD peaks", summary="FOD peaks, MRtrix3 sh2peaks layout",
-        methods=lambda o: (f"Up to {o.npeaks} FOD peaks per voxel were found as local maxima of the amplitude, "
+        methods=lambda o: (f"Up to {o.npeaks} FOD peaks per voxel (amplitude above {o.threshold:g}) were found by "
+                           "MRtrix3's sh2peaks search (Newton ascents from 60 seed directions)"
+                           if o.search == "sh2peaks" else
+                           f"Up to {o.npeaks} FOD peaks per voxel were found as local maxima of the amplitude, "
                            f"kept above {o.rel_threshold:g} of the largest and at least {o.min_separation:g} degrees "
-                           "apart, as MRtrix3's sh2peaks"),
+                           "apart"),
         references=("mrtrix3",),
         description="Local maxima of the FOD on a dense sphere, refined to sub-degree accuracy (as MRtrix3's "
                     "sh2peaks); with --subtract-psf, peaks after the first are the maxima left after subtracting the "
