@@ -332,10 +332,16 @@ class TensorModel:
         beta = log_s @ self._ols_pinv.T
         if self.fit_method == "WLS":
             for _ in range(self.wls_iterations):
-                w2 = np.exp(2.0 * (beta @ self._x.T))
-                normal = (w2 @ self._outer).reshape(-1, 7, 7)
-                rhs = (w2 * log_s) @ self._x
-                beta = _solve_stacked(normal, rhs, status)
+                beta = self._weighted_fit(np.exp(2.0 * (beta @ self._x.T)), log_s, status)
+        return self._in_units(beta, status)
+
+    def _weighted_fit(self, squared_weights: np.ndarray, log_s: np.ndarray, status: np.ndarray) -> np.ndarray:
+        """Every voxel's weighted least-squares solution (scaled columns) from its normal equations."""
+        normal = (squared_weights @ self._outer).reshape(-1, 7, 7)
+        return _solve_stacked(normal, (squared_weights * log_s) @ self._x, status)
+
+    def _in_units(self, beta: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Parameters in their units; a voxel whose solution is not finite gets SINGULAR and NaN."""
         beta = beta / self._scale
         bad = (status != FitStatus.OK) | ~np.all(np.isfinite(beta), axis=1)
         status[bad & (status == FitStatus.OK)] = FitStatus.SINGULAR
@@ -355,14 +361,8 @@ class TensorModel:
             if index:  # a voxel of noise can overflow here: its system is then not finite and gets SINGULAR
                 with np.errstate(over="ignore", invalid="ignore"):
                     w2 = np.exp(2.0 * (beta @ self._x.T))
-            normal = (w2 @ self._outer).reshape(-1, 7, 7)
-            rhs = (w2 * log_s) @ self._x
-            beta = _solve_stacked(normal, rhs, status)
-        beta = beta / self._scale
-        bad = (status != FitStatus.OK) | ~np.all(np.isfinite(beta), axis=1)
-        status[bad & (status == FitStatus.OK)] = FitStatus.SINGULAR
-        beta[bad] = np.nan
-        return beta, status
+            beta = self._weighted_fit(w2, log_s, status)
+        return self._in_units(beta, status)
 
     def fit(self, data: np.ndarray, mask: np.ndarray | None = None) -> TensorFit:
         """Fit every voxel of ``data`` (…, n_volumes) inside ``mask``.
