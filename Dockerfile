@@ -26,6 +26,7 @@ COPY core /src/core
 COPY tasks /src/tasks
 COPY workflows /src/workflows
 COPY bids_specs /src/bids_specs
+COPY pydra_namespace /src/pydra_namespace
 RUN --mount=type=secret,id=ca_bundle,required=false \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi; \
     pip install --no-deps --no-build-isolation /src && rm -rf /src
