@@ -95,8 +95,9 @@ def _run_stage(stage: str, method: str | None, options: dict, naming: dict, code
     try:
         hold_point(stage)
         configured = declared.options(**options)
-        targets = {name: Path.cwd() / f"{declared.output_key(name)}{output_spec(declared.output_key(name))['extension']}"
-                   for name in declared.writes(configured)}  # named by output key: unique over every stage
+        keys = {name: declared.output_key(name) for name in declared.writes(configured)}
+        # files named by output key (csd_fod.nii.gz): unique over every stage, as bids_specs/outputs.yaml names them
+        targets = {name: Path.cwd() / f"{key}{output_spec(key)['extension']}" for name, key in keys.items()}
         given = {kind: (None if path is None else Path(path)) for kind, path in files.items()}
         with warnings.catch_warnings():
             # what the data support poorly reaches the user through the pre-flight checks, the outputs' sidecars
