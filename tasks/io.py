@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import tempfile
@@ -238,16 +239,18 @@ def load_mask(path: str | os.PathLike, spatial_shape: tuple[int, ...], affine: n
     return mask
 
 
-GZIP_LEVEL = 2
+# zlib level 1, nibabel's own: ISA-L's compressor (as fast as zlib's is slow) gave, once in hundreds of runs, another
+# compressed stream for the same image in another process (the kill matrix caught it), and dwiflow promises
+# byte-identical outputs from run to run; ISA-L still reads every .nii.gz (decompression has one answer)
+GZIP_LEVEL = 1
 
 
 def save_nifti(img: nib.Nifti1Image, path: str | os.PathLike) -> None:
-    """Write a NIfTI image; a ``.gz`` name is compressed with ISA-L's deflate (level 2 of 0–3, no timestamp in the
-    header, so the same image always gives the same bytes): about ten times faster than zlib at nibabel's level 1
-    and a smaller file. Any gzip reader reads it."""
+    """Write a NIfTI image; a ``.gz`` name is compressed with zlib (level 1, no timestamp in the header), so the
+    same image always gives the same bytes. Any gzip reader reads it."""
     path = Path(path)
     if path.name.endswith(".gz"):
-        path.write_bytes(igzip.compress(img.to_bytes(), GZIP_LEVEL, mtime=0))
+        path.write_bytes(gzip.compress(img.to_bytes(), GZIP_LEVEL, mtime=0))
     else:
         nib.save(img, str(path))
 
