@@ -206,6 +206,11 @@ class TensorFit:
         return self._shape_measure("cs")
 
     @property
+    def evecs_xyz(self) -> np.ndarray:
+        """The eigenvectors as (…, 9): x, y, z of each in eigenvalue order (the layout of tensor2metric -vector)."""
+        return np.moveaxis(self.evecs, -1, -2).reshape(self.evecs.shape[:-2] + (9,))
+
+    @property
     def elements(self) -> np.ndarray:
         """The six unique elements (…, 6) in BEP016's order D11, D12, D13, D22, D23, D33 (world frame, mm²/s)."""
         xx, xy, yy, xz, yz, zz = np.moveaxis(self.lower_triangular, -1, 0)

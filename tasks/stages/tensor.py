@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
-
 from dwiflow.tasks.io import load_dwi
 from dwiflow.tasks.options import OptionError, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
@@ -65,7 +63,7 @@ def run_tensor(files, outputs, options: TensorOptions, context):
     maps = {"fa": lambda: fit.fa, "md": lambda: fit.md, "ad": lambda: fit.ad, "rd": lambda: fit.rd,
             "v1": lambda: fit.v1, "s0": lambda: fit.s0, "evals": lambda: fit.evals, "status": lambda: fit.status,
             "tensor": lambda: fit.elements, "cl": lambda: fit.cl, "cp": lambda: fit.cp, "cs": lambda: fit.cs,
-            "evecs": lambda: np.moveaxis(fit.evecs, -1, -2).reshape(fit.evecs.shape[:-2] + (9,))}
+            "evecs": lambda: fit.evecs_xyz}
     return write_maps(STAGES[0], outputs, lambda name: maps[name](), run.affine, parameters,
                       provenance(files["dwi"], files["bval"], files["bvec"], files.get("mask")), STATUS_CODES)
 

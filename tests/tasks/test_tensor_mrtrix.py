@@ -12,6 +12,7 @@ import pytest
 
 from dwiflow.core.gradients import world_to_fsl_bvecs
 from dwiflow.core.sims import acquisition_scheme, make_phantom
+from dwiflow.core.tensor import lower_triangular_to_matrix
 from dwiflow.tasks.registry import get as stage
 from tests.conftest import real_run, run_mrtrix, write_gradients, write_nifti
 
@@ -38,9 +39,8 @@ def phantom_with_zeros(tmp_path_factory):
 
 
 def _matrices(dt: np.ndarray) -> np.ndarray:
-    """dwi2tensor's six elements (D11 D22 D33 D12 D13 D23) as symmetric 3×3 matrices."""
-    xx, yy, zz, xy, xz, yz = np.moveaxis(dt, -1, 0)
-    return np.stack([np.stack([xx, xy, xz], -1), np.stack([xy, yy, yz], -1), np.stack([xz, yz, zz], -1)], -2)
+    """dwi2tensor's six elements (D11 D22 D33 D12 D13 D23) as symmetric 3×3 matrices (via DIPY's order)."""
+    return lower_triangular_to_matrix(dt[..., [0, 3, 1, 4, 5, 2]])
 
 
 def _close(ours: np.ndarray, theirs: np.ndarray, scale: np.ndarray) -> np.ndarray:
