@@ -45,12 +45,67 @@ def _index(l, m):
 
 
 @njit(cache=True, fastmath=False)
-def _derivatives(sh, lmax, el, az, table, out):
-    """out = amplitude, d/del, d/daz, d²/del², d²/del daz, d²/daz² at (el, az), as MRtrix3's SH::derivatives."""
+def precompute_legendre(lmax, n_samples):
+    """MRtrix3's ``PrecomputedAL``: the table of :func:`_legendre` at ``n_samples`` elevations evenly spaced over
+    [0, π] (fod2fixel's Newton search interpolates in it instead of evaluating the functions)."""
+    samples = np.zeros((n_samples, lmax + 1, lmax + 1))
+    increment = math.pi / (n_samples - 1)
+    for n in range(n_samples):
+        el = n * increment
+        _legendre(lmax, math.cos(el), math.sin(el), samples[n])
+    return samples
+
+
+@njit(cache=True, fastmath=False)
+def _interpolated_legendre(lmax, el, samples, table):
+    """table = the precomputed table linearly interpolated at elevation ``el`` (MRtrix3's PrecomputedAL::set/get)."""
+    n_samples = samples.shape[0]
+    increment = math.pi / (n_samples - 1)
+    upper = el / increment
+    i = int(upper)
+    if i < 0:
+        i, lower, upper = 0, 1.0, 0.0
+    elif i >= n_samples - 1:
+        i, lower, upper = n_samples - 1, 1.0, 0.0
+    else:
+        upper -= i
+        lower = 1.0 - upper
+    for l in range(0, lmax + 1, 2):
+        for m in range(0, lmax + 1):
+            value = lower * samples[i, l, m]
+            if upper != 0.0:
+                value += upper * samples[i + 1, l, m]
+            table[l, m] = value
+
+
+@njit(cache=True, fastmath=False)
+def derivative_factors(lmax):
+    """The square roots MRtrix3's SH::derivatives multiplies by, per (l, m): computed once instead of per call
+    (the same correctly rounded values)."""
+    f = np.zeros((lmax + 1, lmax + 1, 4))
+    for l in range(0, lmax + 1, 2):
+        f[l, 0, 0] = math.sqrt(l * (l + 1.0))
+        f[l, 0, 1] = math.sqrt(l * (l + 1.0) * (l - 1.0) * (l + 2.0))
+        for m in range(1, l + 1):
+            f[l, m, 0] = math.sqrt((l + m) * (l - m + 1.0))
+            f[l, m, 1] = math.sqrt((l - m) * (l + m + 1.0))
+            f[l, m, 2] = math.sqrt((l + m) * (l - m + 1.0) * (l + m - 1.0) * (l - m + 2.0))
+            f[l, m, 3] = math.sqrt(abs((l - m) * (l + m + 1.0) * (l - m - 1.0) * (l + m + 2.0)))
+    return f
+
+
+@njit(cache=True, fastmath=False)
+def _derivatives(sh, lmax, el, az, table, out, samples, factors):
+    """out = amplitude, d/del, d/daz, d²/del², d²/del daz, d²/daz² at (el, az), as MRtrix3's SH::derivatives (with
+    its precomputed Legendre table when ``samples`` has rows, exactly otherwise). cos(m az) and sin(m az) come from
+    the angle-addition recurrence (equal to the direct values to a few ulps)."""
     sel = math.sin(el)
     cel = math.cos(el)
     atpole = sel < 1e-4
-    _legendre(lmax, cel, sel, table)
+    if samples.shape[0] > 0:
+        _interpolated_legendre(lmax, el, samples, table)
+    else:
+        _legendre(lmax, cel, sel, table)
     amplitude = sh[0] * table[0, 0]
     d_el = 0.0
     d_az = 0.0
@@ -60,37 +115,45 @@ def _derivatives(sh, lmax, el, az, table, out):
     for l in range(2, lmax + 1, 2):
         v = sh[_index(l, 0)]
         amplitude += v * table[l, 0]
-        d_el += v * math.sqrt(l * (l + 1.0)) * table[l, 1]
-        d2_el2 += v * (math.sqrt(l * (l + 1.0) * (l - 1.0) * (l + 2.0)) * table[l, 2] - l * (l + 1.0) * table[l, 0]) / 2.0
+        d_el += v * factors[l, 0, 0] * table[l, 1]
+        d2_el2 += v * (factors[l, 0, 1] * table[l, 2] - l * (l + 1.0) * table[l, 0]) / 2.0
+    cos1 = math.cos(az)
+    sin1 = math.sin(az)
+    cos_m = 1.0
+    sin_m = 0.0
+    sqrt2 = math.sqrt(2.0)
     for m in range(1, lmax + 1):
-        caz = math.sqrt(2.0) * math.cos(m * az)
-        saz = math.sqrt(2.0) * math.sin(m * az)
+        cos_m, sin_m = cos_m * cos1 - sin_m * sin1, sin_m * cos1 + cos_m * sin1
+        caz = sqrt2 * cos_m
+        saz = sqrt2 * sin_m
         start = m + 1 if m & 1 else m
         for l in range(start, lmax + 1, 2):
             vp = sh[_index(l, m)]
             vm = sh[_index(l, -m)]
             plm = table[l, m]
-            amplitude += (vp * caz + vm * saz) * plm
-            tmp = math.sqrt((l + m) * (l - m + 1.0)) * table[l, m - 1]
+            along = vp * caz + vm * saz
+            across = vm * caz - vp * saz
+            amplitude += along * plm
+            tmp = factors[l, m, 0] * table[l, m - 1]
             if l > m:
-                tmp -= math.sqrt((l - m) * (l + m + 1.0)) * table[l, m + 1]
+                tmp -= factors[l, m, 1] * table[l, m + 1]
             tmp /= -2.0
-            d_el += (vp * caz + vm * saz) * tmp
+            d_el += along * tmp
             tmp2 = -((l + m) * (l - m + 1.0) + (l - m) * (l + m + 1.0)) * plm
             if m == 1:
-                tmp2 -= math.sqrt((l + m) * (l - m + 1.0) * (l + m - 1.0) * (l - m + 2.0)) * table[l, 1]
+                tmp2 -= factors[l, m, 2] * table[l, 1]
             else:
-                tmp2 += math.sqrt((l + m) * (l - m + 1.0) * (l + m - 1.0) * (l - m + 2.0)) * table[l, m - 2]
+                tmp2 += factors[l, m, 2] * table[l, m - 2]
             if l > m + 1:
-                tmp2 += math.sqrt((l - m) * (l + m + 1.0) * (l - m - 1.0) * (l + m + 2.0)) * table[l, m + 2]
+                tmp2 += factors[l, m, 3] * table[l, m + 2]
             tmp2 /= 4.0
-            d2_el2 += (vp * caz + vm * saz) * tmp2
+            d2_el2 += along * tmp2
             if atpole:
-                d_az += (vm * caz - vp * saz) * tmp
+                d_az += across * tmp
             else:
-                d2_elaz += m * (vm * caz - vp * saz) * tmp
-                d_az += m * (vm * caz - vp * saz) * plm
-                d2_az2 -= (vp * caz + vm * saz) * m * m * plm
+                d2_elaz += m * across * tmp
+                d_az += m * across * plm
+                d2_az2 -= along * m * m * plm
     if not atpole:
         d_az /= sel
         d2_elaz /= sel
@@ -104,12 +167,13 @@ def _derivatives(sh, lmax, el, az, table, out):
 
 
 @njit(cache=True, fastmath=False)
-def _peak(sh, lmax, direction, table, work):
-    """Newton ascent from ``direction`` (updated in place); the amplitude there, or NaN without convergence."""
+def _peak(sh, lmax, direction, table, work, samples, factors):
+    """Newton ascent from ``direction`` (updated in place); the amplitude there, or NaN without convergence
+    (MRtrix3's ``Math::SH::get_peak``; ``samples``: its optional precomputed Legendre table, or an empty one)."""
     for _ in range(MAX_STEPS):
         az = math.atan2(direction[1], direction[0])
         el = math.acos(min(1.0, max(-1.0, direction[2])))
-        _derivatives(sh, lmax, el, az, table, work)
+        _derivatives(sh, lmax, el, az, table, work, samples, factors)
         amplitude, d_el, d_az, d2_el2, d2_elaz, d2_az2 = work[0], work[1], work[2], work[3], work[4], work[5]
         step_el = math.sqrt(d_el * d_el + d_az * d_az)
         step_az = 0.0
@@ -150,6 +214,8 @@ def search_peaks(sh_rows, lmax, seeds, npeaks, threshold, out):
         found_dirs = np.empty((nseeds, 3))
         found_amps = np.empty(nseeds)
         direction = np.empty(3)
+        exact = np.zeros((0, 1, 1))
+        factors = derivative_factors(lmax)
         for k in range(npeaks):
             out[v, k, 0] = np.nan
             out[v, k, 1] = np.nan
@@ -170,7 +236,7 @@ def search_peaks(sh_rows, lmax, seeds, npeaks, threshold, out):
             direction[0] = seeds[s, 0]
             direction[1] = seeds[s, 1]
             direction[2] = seeds[s, 2]
-            amplitude = _peak(sh, lmax, direction, table, work)
+            amplitude = _peak(sh, lmax, direction, table, work, exact, factors)
             if math.isfinite(amplitude):
                 for j in range(count):
                     dot = abs(direction[0] * found_dirs[j, 0] + direction[1] * found_dirs[j, 1]

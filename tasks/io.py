@@ -245,7 +245,7 @@ def load_mask(path: str | os.PathLike, spatial_shape: tuple[int, ...], affine: n
 GZIP_LEVEL = 1
 
 
-def save_nifti(img: nib.Nifti1Image, path: str | os.PathLike) -> None:
+def save_nifti(img: nib.Nifti1Image | nib.Nifti2Image, path: str | os.PathLike) -> None:
     """Write a NIfTI image; a ``.gz`` name is compressed with zlib (level 1, no timestamp in the header), so the
     same image always gives the same bytes. Any gzip reader reads it."""
     path = Path(path)
@@ -344,7 +344,10 @@ class OutputSet:
         if sidecar is not None:
             array, sidecar = self._in_requested_basis(array, sidecar)
         tmp = self._reserve(path)
-        img = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine)
+        array = np.asarray(array, dtype=dtype)
+        # NIfTI-1 sizes are 16-bit: a longer axis (e.g. a fixel file's fixels) needs NIfTI-2, as MRtrix3 writes it
+        image_class = nib.Nifti2Image if max(array.shape, default=0) > 32767 else nib.Nifti1Image
+        img = image_class(array, affine)
         img.header.set_xyzt_units("mm", "sec")
         save_nifti(img, tmp)
         if sidecar is not None:
