@@ -565,6 +565,33 @@ def bench_msmt(n_voxels: int, repeats: int, workdir: Path) -> list[dict]:
                      "dwiflow_s": t_o, "peer_s": t_m,
                      "accuracy": f"within 1e-5 WM/GM/CSF {wm.mean():.4f}/{iso[0].mean():.4f}/{iso[1].mean():.4f}"})
     rows.append(_dipy_msmt_row(phantom, outs_o[0], nvox))
+    rows += _fixel_rows(outs_o[0], workdir, nvox, repeats)
+    return rows
+
+
+def _fixel_rows(fod: Path, workdir: Path, nvox: int, repeats: int) -> list[dict]:
+    """``dwirecon fixels`` against ``fod2fixel`` on the same FOD (whole commands, same threads), with the share of
+    voxels whose fixel count is fod2fixel's."""
+
+    rows = []
+    for threads in (1, 2):
+        ours_dir, theirs_dir = workdir / f"fx_o{threads}", workdir / f"fx_m{threads}"
+        for folder in (ours_dir, theirs_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+        t_o = _whole_command([sys.executable, "-m", "dwiflow.cli.dwirecon", "fixels", str(fod), str(ours_dir), "--afd",
+                              "--peak-amp", "--nthreads", str(threads)], threads, repeats)
+        t_m = _whole_command(["fod2fixel", "-quiet", "-force", "-nthreads", str(threads), str(fod), str(theirs_dir),
+                              "-afd", "afd.nii", "-peak_amp", "peak_amp.nii", "-nii"], threads, 1)
+        img = nib.load(fod)
+        ours = np.asarray(nib.load(ours_dir / "index.nii.gz").dataobj)[..., 0]
+        theirs_img = nib.load(theirs_dir / "index.nii")
+        grid = np.indices(img.shape[:3]).reshape(3, -1)
+        ijk = np.rint((np.linalg.inv(theirs_img.affine) @ img.affine
+                       @ np.vstack([grid, np.ones(grid.shape[1])]))[:3]).astype(int)
+        theirs = np.asarray(theirs_img.dataobj)[ijk[0], ijk[1], ijk[2], 0].reshape(img.shape[:3])
+        rows.append({"step": "fixels", "peer": f"MRtrix3 fod2fixel ({threads} thr.)", "voxels": nvox,
+                     "dwiflow_s": t_o, "peer_s": t_m,
+                     "accuracy": f"fixel count equal in {np.mean(ours == theirs):.4f} of voxels"})
     return rows
 
 

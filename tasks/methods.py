@@ -67,6 +67,8 @@ REFERENCES: dict[str, str] = {
     "raffelt2012": "Raffelt D, Tournier JD, Rose S, Ridgway GR, Henderson R, Crozier S, Salvado O, Connelly A. "
                    "Apparent fibre density: a novel measure for the analysis of diffusion-weighted magnetic "
                    "resonance images. NeuroImage. 2012;59(4):3976-3994.",
+    "smith2013": "Smith RE, Tournier JD, Calamante F, Connelly A. SIFT: Spherical-deconvolution informed filtering of "
+                 "tractograms. NeuroImage. 2013;67:298-312.",
     "dellacqua2013": "Dell'Acqua F, Simmons A, Williams SCR, Catani M. Can spherical deconvolution provide more "
                      "information than fiber orientations? Hindrance modulated orientational anisotropy, a true-tract "
                      "specific index to characterize white matter diffusion. Hum Brain Mapp. 2013;34(10):2464-2483.",
