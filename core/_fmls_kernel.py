@@ -22,6 +22,21 @@ import dwiflow.core._numba_setup  # noqa: F401  (fork-safe threading layer)
 from dwiflow.core._sh2peaks_kernel import _peak, derivative_factors
 
 
+@njit(cache=True, nogil=True)
+def visiting_keys(amplitudes, keys):
+    """keys[v, d] = amplitude d of voxel v as a sortable integer when positive (the float's bits, monotone for positive
+    floats, with the lowest 11 replaced by 2047 − d, so that equal amplitudes sort in direction order), else −1.
+    Releases the GIL: blocks of voxels run in Python threads side by side."""
+    for v in range(amplitudes.shape[0]):
+        for d in range(amplitudes.shape[1]):
+            value = amplitudes[v, d]
+            if value > 0.0:
+                bits = np.float64(value).view(np.int64)
+                keys[v, d] = (bits & ~np.int64(2047)) | np.int64(2047 - d)
+            else:
+                keys[v, d] = -1
+
+
 @njit(cache=True, fastmath=False, inline="always")
 def _add(lobe, direction, value, weight, dirs, lobe_of, mean, integral):
     """Direction ``direction`` joins ``lobe``: FOD_lobe::add."""
@@ -34,7 +49,8 @@ def _add(lobe, direction, value, weight, dirs, lobe_of, mean, integral):
 
 
 @njit(cache=True, fastmath=False)
-def _segment(values, keys, sh, lmax, dirs, weights, adj_ptr, adj_idx, samples, integral_threshold, peak_threshold,
+def _segment(values, keys, sh, lmax, dirs, weights, adj_ptr, adj_idx, samples, covering, integral_threshold,
+             peak_threshold,
              merge_ratio, dir_from_peak, out_dirs, out_afd, out_peak, scratch, lobe_of, late, peak_dir, mean, work,
              factors):
     """Segment one voxel; writes up to ``out_afd.size`` fixels and returns how many there are.
@@ -68,23 +84,36 @@ def _segment(values, keys, sh, lmax, dirs, weights, adj_ptr, adj_idx, samples, i
             break
         d = 2047 - (key & 2047)
         value = values[d]
-        n_adjacent = 0
-        for j in range(adj_ptr[d], adj_ptr[d + 1]):
+        first = -1
+        several = False
+        for j in range(adj_ptr[d], adj_ptr[d + 1]):  # the common case first: no lobe, or one lobe around
             lobe = lobe_of[adj_idx[j]]
-            if lobe < 0:
-                continue
-            seen = False
-            for a in range(n_adjacent):
-                if adjacent[a] == lobe:
-                    seen = True
-                    break
-            if not seen:  # insertion sort: lobes in creation order, as MRtrix3 scans its vector
-                a = n_adjacent
-                while a > 0 and adjacent[a - 1] > lobe:
-                    adjacent[a] = adjacent[a - 1]
-                    a -= 1
-                adjacent[a] = lobe
-                n_adjacent += 1
+            if lobe >= 0:
+                if first < 0:
+                    first = lobe
+                elif lobe != first:
+                    several = True
+        n_adjacent = 0 if first < 0 else 1
+        if several:  # the distinct lobes around, in creation order (as MRtrix3 scans its vector)
+            n_adjacent = 0
+            for j in range(adj_ptr[d], adj_ptr[d + 1]):
+                lobe = lobe_of[adj_idx[j]]
+                if lobe < 0:
+                    continue
+                seen = False
+                for a in range(n_adjacent):
+                    if adjacent[a] == lobe:
+                        seen = True
+                        break
+                if not seen:
+                    a = n_adjacent
+                    while a > 0 and adjacent[a - 1] > lobe:
+                        adjacent[a] = adjacent[a - 1]
+                        a -= 1
+                    adjacent[a] = lobe
+                    n_adjacent += 1
+        else:
+            adjacent[0] = first
         if n_adjacent == 0:
             lobe = n_lobes
             n_lobes += 1
@@ -131,12 +160,25 @@ def _segment(values, keys, sh, lmax, dirs, weights, adj_ptr, adj_idx, samples, i
     for r in range(n_late):
         _add(late_lobe[r], late_dir[r], values[late_dir[r]], weights[late_dir[r]], dirs, lobe_of, mean, integral)
 
+    # Newton can raise a lobe's peak above its best sample by at most ``slack``: it stops (|f'/f''| < 1e-4) at a
+    # near-stationary point p whose nearest direction d is in the lobe, at most ``covering`` away; along the great
+    # circle through p and d the FOD is a trigonometric polynomial of degree lmax, so (Bernstein) |f''| <= lmax² F,
+    # F = max |f| <= (largest sample) / (1 - lmax² covering² / 2); f(p) - f(d) <= 1e-4 lmax² F covering
+    # + lmax² F covering² / 2, plus 1e-3 F for the interpolated Legendre table. A lobe below the peak threshold by
+    # more than that is dropped whatever Newton finds: it is not searched.
+    bend = 0.5 * lmax * lmax * covering * covering
+    slack = 0.0
+    if bend < 0.5:
+        bound = abs(values[largest]) / (1.0 - bend)
+        slack = bound * (bend + 1e-4 * lmax * lmax * covering + 1e-3)
     table = work[:lmax + 1, :lmax + 1]
     derivatives = work[lmax + 1, :6]
     newton = work[lmax + 2, :3]
     count = 0
     for lobe in range(n_lobes):
         if alive[lobe] == 0.0 or integral[lobe] < integral_threshold:
+            continue
+        if bend < 0.5 and max_peak[lobe] + slack < peak_threshold:
             continue
         p = peak_head[lobe]
         index = 0
@@ -186,17 +228,21 @@ def _segment(values, keys, sh, lmax, dirs, weights, adj_ptr, adj_idx, samples, i
 
 
 @njit(cache=True, parallel=True)
-def segment_rows(amplitudes, keys, sh_rows, lmax, dirs, weights, adj_ptr, adj_idx, samples, integral_threshold,
-                 peak_threshold, merge_ratio, dir_from_peak, out_dirs, out_afd, out_peak, out_count):
+def segment_rows(amplitudes, keys, sh_rows, lmax, dirs, weights, adj_ptr, adj_idx, samples, covering,
+                 integral_threshold, peak_threshold, merge_ratio, dir_from_peak, out_dirs, out_afd, out_peak, out_count,
+                 n_threads):
     """Segment every row (voxel): ``amplitudes`` (voxels, directions) are the FODs sampled on ``dirs``; ``keys`` each
     row's positive amplitudes in increasing order (the float's bits with the low 11 replaced by 2047 − direction,
     so that equal amplitudes come in direction order, as fod2fixel's multimap visits them), preceded by negative
     keys. Up to ``out_afd.shape[1]`` fixels per voxel are written, ``out_count`` gets each voxel's number of fixels.
-    A row whose l=0 coefficient is not positive and finite has none (as MRtrix3)."""
+    A row whose l=0 coefficient is not positive and finite has none (as MRtrix3). ``n_threads``: numba's thread
+    count (blocks of voxels are dealt to that many workers round-robin)."""
     n_vox = sh_rows.shape[0]
     n_dirs = dirs.shape[0]
     block = 64
-    for b in prange((n_vox + block - 1) // block):
+    n_blocks = (n_vox + block - 1) // block
+    n_workers = max(1, min(n_threads, n_blocks))
+    for worker in prange(n_workers):  # blocks dealt round-robin: neighbouring voxels cost alike, halves may not
         scratch = np.zeros((3, n_dirs))
         lobe_of = np.empty(n_dirs, np.int64)
         late = np.zeros((6, n_dirs), np.int64)
@@ -204,11 +250,12 @@ def segment_rows(amplitudes, keys, sh_rows, lmax, dirs, weights, adj_ptr, adj_id
         mean = np.zeros((n_dirs, 3))
         work = np.zeros((lmax + 3, max(lmax + 1, 6)))
         factors = derivative_factors(lmax)
-        for v in range(b * block, min(n_vox, (b + 1) * block)):
-            out_count[v] = 0
-            if not (sh_rows[v, 0] > 0.0 and math.isfinite(sh_rows[v, 0])):
-                continue
-            out_count[v] = _segment(amplitudes[v], keys[v], sh_rows[v], lmax, dirs, weights, adj_ptr, adj_idx,
-                                    samples, integral_threshold, peak_threshold, merge_ratio, dir_from_peak,
-                                    out_dirs[v], out_afd[v], out_peak[v], scratch, lobe_of, late, peak_dir, mean,
-                                    work, factors)
+        for b in range(worker, n_blocks, n_workers):
+            for v in range(b * block, min(n_vox, (b + 1) * block)):
+                out_count[v] = 0
+                if not (sh_rows[v, 0] > 0.0 and math.isfinite(sh_rows[v, 0])):
+                    continue
+                out_count[v] = _segment(amplitudes[v], keys[v], sh_rows[v], lmax, dirs, weights, adj_ptr, adj_idx,
+                                        samples, covering, integral_threshold, peak_threshold, merge_ratio, dir_from_peak,
+                                        out_dirs[v], out_afd[v], out_peak[v], scratch, lobe_of, late, peak_dir, mean,
+                                        work, factors)

@@ -3,6 +3,7 @@ them (kept here: computing them takes ~1.3 s per command; tests/core/test_fixels
 
 WEIGHTS: integration weight of each of MRtrix3's 1281 directions. ADJACENCY_POINTER / ADJACENCY_INDEX: the
 neighbours of direction d are ADJACENCY_INDEX[ADJACENCY_POINTER[d]:ADJACENCY_POINTER[d + 1]].
+COVERING_RADIUS: the largest angle (radians) from a point of the sphere to its nearest direction.
 Regenerate with ``python -c "from dwiflow.core.fixels import write_fmls_tables; write_fmls_tables()"``.
 """
 
@@ -697,3 +698,5 @@ ADJACENCY_INDEX = (
     1273, 1275, 1277, 80, 320, 1255, 1271, 1274, 1279, 78, 320, 1211, 1266, 1277, 1280, 306, 320, 1211, 1273, 1274,
     1276, 318, 319, 1265, 1270, 1279, 1280, 319, 320, 1271, 1275, 1278, 1280, 318, 320, 1266, 1276, 1278, 1279,
 )
+
+COVERING_RADIUS = 0.0477127102195429

@@ -39,6 +39,7 @@ class FmlsDirections:
     weights: np.ndarray  # integration weights: sum_d w_d f(d) ≈ ∫ f over the sphere
     adjacency_pointer: np.ndarray  # CSR: neighbours of d are adjacency_index[pointer[d]:pointer[d+1]]
     adjacency_index: np.ndarray
+    covering_radius: float  # radians: no point of the sphere is farther from its nearest direction
 
 
 def _tessellation() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -51,8 +52,12 @@ def _tessellation() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return vectors, azimuth, elevation
 
 
-def compute_fmls_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Integration weights and adjacency (CSR pointer, index) of the 1281 directions, as ``fod2fixel`` builds them.
+def compute_fmls_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Integration weights, adjacency (CSR pointer, index) and covering radius of the 1281 directions.
+
+    Weights and adjacency are as ``fod2fixel`` builds them; the covering radius (radians) is the largest angle from
+    any point of the sphere to its nearest direction: the largest angle from a hull facet's outward normal (a
+    Voronoi vertex) to the facet's corners.
 
     Two directions are adjacent when an edge of the convex hull of the set and its antipodes joins them (or their
     antipodes); the weights are the least-squares solution making the weighted sum of every real SH of degree
@@ -73,7 +78,10 @@ def compute_fmls_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     integrals = np.zeros(basis.shape[1])
     integrals[0] = 2.0 * np.sqrt(np.pi)  # ∫ Y00 = 4π · 1/√(4π)
     weights = np.linalg.lstsq(basis.T, integrals, rcond=None)[0]
-    return weights, pointer, np.ascontiguousarray(edges[:, 1]).astype(np.int64)
+    facet_normals = hull.equations[:, :3] / np.linalg.norm(hull.equations[:, :3], axis=1, keepdims=True)
+    corner_points = np.concatenate([vectors, -vectors])[hull.simplices]  # (facets, 3, 3)
+    covering = float(np.arccos(np.min(np.einsum("fk,fck->fc", facet_normals, corner_points))))
+    return weights, pointer, np.ascontiguousarray(edges[:, 1]).astype(np.int64), covering
 
 
 def write_fmls_tables(path: str | None = None) -> None:
@@ -83,7 +91,7 @@ def write_fmls_tables(path: str | None = None) -> None:
 
     import dwiflow.core._fmls_tables as tables
 
-    weights, pointer, index = compute_fmls_tables()
+    weights, pointer, index, covering = compute_fmls_tables()
     target = Path(path or tables.__file__)
     header = target.read_text().split("WEIGHTS = (")[0]
 
@@ -93,18 +101,20 @@ def write_fmls_tables(path: str | None = None) -> None:
 
     target.write_text(header + listing("WEIGHTS", [repr(float(w)) for w in weights]) + "\n"
                       + listing("ADJACENCY_POINTER", [str(p) for p in pointer]) + "\n"
-                      + listing("ADJACENCY_INDEX", [str(i) for i in index]))
+                      + listing("ADJACENCY_INDEX", [str(i) for i in index]) + "\n"
+                      + f"COVERING_RADIUS = {covering!r}\n")
 
 
 @lru_cache(maxsize=1)
 def fmls_directions() -> FmlsDirections:
     """MRtrix3's 1281-direction tessellation with the adjacency and integration weights ``fod2fixel`` uses (the
     tables :func:`compute_fmls_tables` computes, as kept in :mod:`dwiflow.core._fmls_tables`)."""
-    from dwiflow.core._fmls_tables import ADJACENCY_INDEX, ADJACENCY_POINTER, WEIGHTS
+    from dwiflow.core._fmls_tables import ADJACENCY_INDEX, ADJACENCY_POINTER, COVERING_RADIUS, WEIGHTS
 
     vectors, azimuth, elevation = _tessellation()
     return FmlsDirections(vectors, azimuth, elevation, np.asarray(WEIGHTS, dtype=np.float64),
-                          np.asarray(ADJACENCY_POINTER, dtype=np.int64), np.asarray(ADJACENCY_INDEX, dtype=np.int64))
+                          np.asarray(ADJACENCY_POINTER, dtype=np.int64), np.asarray(ADJACENCY_INDEX, dtype=np.int64),
+                          float(COVERING_RADIUS))
 
 
 @dataclass
@@ -136,18 +146,35 @@ class Fixels:
         return sums.reshape(self.shape)
 
 
-def visiting_keys(amplitudes: np.ndarray) -> np.ndarray:
-    """Each row's positive amplitudes as sortable integers, sorted: the float's bits (monotone for positive floats)
-    with the lowest 11 replaced by 2047 − direction, so that equal amplitudes sort in direction order (fod2fixel's
-    multimap); non-positive amplitudes get −1. Amplitudes within 2⁻⁴¹ of each other (relative) are taken as equal."""
-    n_dirs = amplitudes.shape[1]
-    if n_dirs > 2048:
+SAMPLING_BLOCK = 1024  # voxels per block of the sampling and sorting threads (fixed: the same bits at any thread count)
+
+
+def sampled_and_ordered(rows: np.ndarray, basis: np.ndarray, n_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The FODs (rows) sampled on the directions (``basis``: directions × coefficients), and each row's visiting keys,
+    sorted: its positive amplitudes as integers (the float's bits, monotone for positive floats, with the lowest 11
+    replaced by 2047 − direction, so that equal amplitudes sort in direction order as fod2fixel's multimap visits
+    them), non-positive amplitudes −1. Amplitudes within 2⁻⁴¹ of each other (relative) count as equal. Blocks of
+    :data:`SAMPLING_BLOCK` rows run in ``n_threads`` threads, each with single-threaded BLAS."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    from dwiflow.core._fmls_kernel import visiting_keys
+
+    if basis.shape[0] > 2048:
         raise ValueError("at most 2048 directions")
-    keys = (np.ascontiguousarray(amplitudes, dtype=np.float64).view(np.int64) & ~np.int64(2047)) \
-        | (2047 - np.arange(n_dirs, dtype=np.int64))
-    keys[amplitudes <= 0] = -1
-    keys.sort(axis=1)
-    return keys
+    amplitudes = np.empty((rows.shape[0], basis.shape[0]))
+    keys = np.empty(amplitudes.shape, dtype=np.int64)
+
+    def block(start: int) -> None:
+        part = slice(start, start + SAMPLING_BLOCK)
+        np.matmul(rows[part], basis.T, out=amplitudes[part])
+        visiting_keys(amplitudes[part], keys[part])
+        keys[part].sort(axis=1)
+
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=max(1, n_threads)) as pool:
+        list(pool.map(block, range(0, rows.shape[0], SAMPLING_BLOCK)))
+    return amplitudes, keys
 
 
 def segment_fods(
@@ -188,8 +215,12 @@ def segment_fods(
     Smith R.E. et al. SIFT: Spherical-deconvolution informed filtering of tractograms. NeuroImage 67 (2013) 298-312.
     Raffelt D. et al. Apparent Fibre Density. NeuroImage 59 (2012) 3976-3994.
     """
+    import numba
+
     from dwiflow.core._fmls_kernel import segment_rows
     from dwiflow.core._sh2peaks_kernel import precompute_legendre
+
+    n_threads = numba.get_num_threads()
 
     sh = np.asarray(sh)
     lmax = lmax_from_n_coefficients(sh.shape[-1])
@@ -224,16 +255,16 @@ def segment_fods(
         block_rows = np.ascontiguousarray(rows[index], dtype=np.float64)
         while todo.size:
             part_rows = block_rows[todo]
-            amplitudes = part_rows @ basis.T
-            keys = visiting_keys(amplitudes)
+            amplitudes, keys = sampled_and_ordered(part_rows, basis, n_threads)
             part_dirs = np.zeros((todo.size, capacity, 3))
             part_afd = np.zeros((todo.size, capacity))
             part_peak = np.zeros((todo.size, capacity))
             part_count = np.zeros(todo.size, np.int64)
             segment_rows(amplitudes, keys, part_rows, lmax, directions.vectors, directions.weights,
                          directions.adjacency_pointer, directions.adjacency_index, samples,
+                         directions.covering_radius,
                          float(integral_threshold), float(peak_value_threshold), float(lobe_merge_ratio),
-                         bool(direction_from_peak), part_dirs, part_afd, part_peak, part_count)
+                         bool(direction_from_peak), part_dirs, part_afd, part_peak, part_count, n_threads)
             if capacity > block_afd.shape[1]:
                 block_dirs = np.concatenate([block_dirs, np.zeros((index.size, capacity - block_dirs.shape[1], 3))], 1)
                 block_afd = np.concatenate([block_afd, np.zeros((index.size, capacity - block_afd.shape[1]))], 1)

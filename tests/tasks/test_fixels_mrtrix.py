@@ -138,10 +138,17 @@ def test_lobe_merge_ratio_merges_lobes(fod):
 def test_shipped_fmls_tables_are_what_the_code_computes():
     from dwiflow.core.fixels import compute_fmls_tables, fmls_directions
 
-    weights, pointer, index = compute_fmls_tables()
+    weights, pointer, index, covering = compute_fmls_tables()
     shipped = fmls_directions()
     assert np.abs(weights - shipped.weights).max() <= 1e-12
     assert np.array_equal(pointer, shipped.adjacency_pointer) and np.array_equal(index, shipped.adjacency_index)
+    assert covering == shipped.covering_radius
+    # the covering radius bounds every point's distance to its nearest direction, and is nearly reached
+    rng = np.random.default_rng(5)
+    points = rng.normal(size=(200000, 3))
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    nearest = np.arccos(np.clip(np.abs(points @ shipped.vectors.T).max(axis=1), 0, 1))
+    assert nearest.max() <= covering and nearest.max() > 0.9 * covering
     # the weights integrate: a constant to 4π, a degree-2 zonal function to its integral (0)
     assert abs(weights.sum() / (4 * np.pi) - 1) < 1e-8
     z = shipped.vectors[:, 2]
