@@ -267,7 +267,8 @@ class TensorModel:
         Signals below this are raised to it before taking logs (DIPY's default 1e-4; not used by ``IWLS``, which
         raises samples below 1e-6 of the voxel's largest, as MRtrix3).
     chunk_size : int
-        Voxels solved together; bounds memory.
+        Voxels solved together: bounds memory, and small enough that a chunk's signal stays in cache (1024 voxels:
+        the element-wise passes run ~1.4× faster than over 50,000).
     wls_iterations : int
         ``WLS``: weighted passes after the OLS start (1, as DIPY), each weighted by the signal the previous pass
         predicts, squared.
@@ -283,7 +284,7 @@ class TensorModel:
         gtab: GradientTable,
         fit_method: Literal["WLS", "OLS", "IWLS"] = "WLS",
         min_signal: float = MIN_POSITIVE_SIGNAL,
-        chunk_size: int = 50_000,
+        chunk_size: int = 1024,
         wls_iterations: int = 1,
         iterations: int = DEFAULT_IWLS_ITERATIONS,
         ols_start: bool = False,
@@ -318,7 +319,8 @@ class TensorModel:
         self._x = x / self._scale
         self._ols_pinv = np.linalg.pinv(self._x)  # (7, n)
         n = x.shape[0]
-        self._outer = np.einsum("ni,nj->nij", self._x, self._x).reshape(n, 49)
+        self._upper = np.triu_indices(7)  # the normal matrix is symmetric: its 28 distinct products, one GEMM
+        self._products = np.ascontiguousarray(self._x[:, self._upper[0]] * self._x[:, self._upper[1]])  # (n, 28)
         # DIPY clips eigenvalues at tol / max(design entries) with tol = 1e-6.
         self.min_diffusivity = 1e-6 / max(float((-x[:, :6]).max()), 1.0)
 
@@ -342,7 +344,10 @@ class TensorModel:
 
     def _weighted_fit(self, squared_weights: np.ndarray, log_s: np.ndarray, status: np.ndarray) -> np.ndarray:
         """Every voxel's weighted least-squares solution (scaled columns) from its normal equations."""
-        normal = (squared_weights @ self._outer).reshape(-1, 7, 7)
+        distinct = squared_weights @ self._products
+        normal = np.empty((distinct.shape[0], 7, 7))
+        normal[:, self._upper[0], self._upper[1]] = distinct
+        normal[:, self._upper[1], self._upper[0]] = distinct
         return _solve_stacked(normal, (squared_weights * log_s) @ self._x, status)
 
     def _in_units(self, beta: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
