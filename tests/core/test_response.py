@@ -157,3 +157,22 @@ def test_fa_selection_recovers_the_response_on_a_mixed_phantom():
     assert np.abs(est.coefficients - truth.coefficients).max() / truth.coefficients[0, 0] < 1e-6
     with pytest.raises(DwiflowInputError, match="empty after 3 erosions"):
         fa_response_voxels(ph.data, gtab, np.pad(np.ones((2, 2, 8), bool), ((9, 9), (9, 9), (0, 0))))
+
+
+def test_nonnegative_least_squares_is_optimal():
+    """Our Lawson-Hanson NNLS against scipy.optimize.nnls on random problems of the shapes solve_convex_qp builds
+    (few rows, up to hundreds of columns), and the optimality (KKT) conditions."""
+    from scipy.optimize import nnls
+
+    from dwiflow.core.response import nonnegative_least_squares
+
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        rows, cols = int(rng.integers(3, 30)), int(rng.integers(2, 400))
+        a, b = rng.normal(size=(rows, cols)), rng.normal(size=rows)
+        ours = nonnegative_least_squares(a, b, 50 * cols)
+        reference = nnls(a, b, maxiter=50 * cols)[0]
+        assert np.linalg.norm(a @ ours - b) <= np.linalg.norm(a @ reference - b) + 1e-10
+        gradient = a.T @ (b - a @ ours)
+        assert ours.min() >= 0 and gradient.max() <= 1e-8  # no improving direction
+        assert np.all(np.abs(gradient[ours > 0]) <= 1e-8)  # stationary on the free variables
