@@ -2,7 +2,8 @@
 
 The container build runs ``python -m dwiflow.warmup``: it writes a small multi-shell phantom dataset and runs
 every built-in recon spec on it with the debug worker (each stage's kernels compile on first use and are cached in
-``NUMBA_CACHE_DIR``, or beside the package when that is writable). Nothing is kept but numba's cache.
+``NUMBA_CACHE_DIR``, or beside the package when that is writable), then the commands no spec runs (``dwirecon
+fixels``). Nothing is kept but numba's cache.
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ def warm_up(specs: list[str] | None = None) -> int:
             print(f"[warmup] recon spec {name}: exit {code} in {time.perf_counter() - t0:.1f} s", flush=True)
             if code != 0:
                 failed.append(name)
+        # commands that no recon spec runs: fixels (from one of the FODs just written)
+        from dwiflow.cli.dwirecon import main as dwirecon
+
+        fod = next(iter(sorted(root.glob("out_*/sub-*/**/*_param-fod_dwimap.nii.gz"))), None)
+        if fod is not None:
+            code = dwirecon(["fixels", str(fod), str(root / "fixels"), "--afd", "--peak-amp", "-q"])
+            print(f"[warmup] dwirecon fixels: exit {code}", flush=True)
+            if code != 0:
+                failed.append("fixels")
     if failed:
         print(f"[warmup] failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
