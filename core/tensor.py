@@ -318,7 +318,6 @@ class TensorModel:
         self._scale = np.maximum(np.abs(x).max(axis=0), 1e-12)
         self._x = x / self._scale
         self._ols_pinv = np.linalg.pinv(self._x)  # (7, n)
-        n = x.shape[0]
         self._upper = np.triu_indices(7)  # the normal matrix is symmetric: its 28 distinct products, one GEMM
         self._products = np.ascontiguousarray(self._x[:, self._upper[0]] * self._x[:, self._upper[1]])  # (n, 28)
         # DIPY clips eigenvalues at tol / max(design entries) with tol = 1e-6.

@@ -127,6 +127,19 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 
 @pytest.fixture(scope="session")
+def sub01_csd_fod(tmp_path_factory) -> tuple[Path, Path]:
+    """sub-01 b1kb2k's CSD FOD (tournier response, b=2000) and its brain mask, as dwiflow's stages write them."""
+    from dwiflow.tasks.registry import get as stage
+
+    folder = tmp_path_factory.mktemp("sub01_fod")
+    paths = real_run("sub-01_acq-b1kb2k")
+    common = {"dwi": paths["dwi"], "bval": paths["bval"], "bvec": paths["bvec"], "mask": paths["mask"]}
+    stage("response", "tournier")({"response": folder / "response.txt"}, **common)
+    stage("csd")({"fod": folder / "fod.nii.gz"}, response=folder / "response.txt", **common)
+    return folder / "fod.nii.gz", paths["mask"]
+
+
+@pytest.fixture(scope="session")
 def chromium() -> str:
     """Path of headless Chromium; required under CI=true, skipped elsewhere when absent."""
     path = shutil.which("chromium") or shutil.which("chromium-browser")

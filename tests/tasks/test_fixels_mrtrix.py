@@ -10,19 +10,13 @@ import numpy as np
 import pytest
 
 from dwiflow.cli.dwirecon import main
-from dwiflow.tasks.registry import get as stage
-from tests.conftest import real_run, run_mrtrix
+from tests.conftest import run_mrtrix
 
 
 @pytest.fixture(scope="module")
-def fod(tmp_path_factory):
-    """sub-01 b1kb2k's CSD FOD (tournier response, b=2000) and its mask."""
-    folder = tmp_path_factory.mktemp("fixels")
-    paths = real_run("sub-01_acq-b1kb2k")
-    common = {"dwi": paths["dwi"], "bval": paths["bval"], "bvec": paths["bvec"], "mask": paths["mask"]}
-    stage("response", "tournier")({"response": folder / "response.txt"}, **common)
-    stage("csd")({"fod": folder / "fod.nii.gz"}, response=folder / "response.txt", **common)
-    return folder / "fod.nii.gz", paths["mask"]
+def fod(sub01_csd_fod):
+    """sub-01 b1kb2k's CSD FOD and its mask (tests/conftest.py)."""
+    return sub01_csd_fod
 
 
 def fixel_data(path):
