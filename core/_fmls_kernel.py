@@ -50,9 +50,8 @@ def _add(lobe, direction, value, weight, dirs, lobe_of, mean, integral):
 
 @njit(cache=True, fastmath=False)
 def _segment(values, keys, sh, lmax, dirs, weights, adj_ptr, adj_idx, samples, covering, integral_threshold,
-             peak_threshold,
-             merge_ratio, dir_from_peak, out_dirs, out_afd, out_peak, scratch, lobe_of, late, peak_dir, mean, work,
-             factors):
+             peak_threshold, merge_ratio, dir_from_peak, out_dirs, out_afd, out_peak, scratch, lobe_of, late, peak_dir,
+             mean, work, factors):
     """Segment one voxel; writes up to ``out_afd.size`` fixels and returns how many there are.
 
     ``keys``: the positive amplitudes' visiting order, ascending (see :func:`segment_rows`); negative amplitudes are
@@ -65,7 +64,6 @@ def _segment(values, keys, sh, lmax, dirs, weights, adj_ptr, adj_idx, samples, c
             largest = d
     if values[largest] <= 0.0:  # fod2fixel: the largest magnitude is negative, no lobes
         return 0
-    negative_sentinel = 0
     lobe_of[:] = -1
     max_peak = scratch[0]
     integral = scratch[1]
@@ -80,7 +78,7 @@ def _segment(values, keys, sh, lmax, dirs, weights, adj_ptr, adj_idx, samples, c
     n_lobes = 0
     for k in range(n_dirs - 1, -1, -1):
         key = keys[k]
-        if key < negative_sentinel:
+        if key < 0:  # the non-positive samples, sorted first
             break
         d = 2047 - (key & 2047)
         value = values[d]

@@ -140,10 +140,9 @@ class Fixels:
 
     def per_voxel_sum(self, values: np.ndarray) -> np.ndarray:
         """Sum of a per-fixel value over each voxel's fixels (0 where none): e.g. the total AFD."""
-        sums = np.zeros(int(np.prod(self.shape)))
-        owner = np.repeat(np.arange(sums.size), self.counts.ravel())
-        np.add.at(sums, owner, values)
-        return sums.reshape(self.shape)
+        n_voxels = int(np.prod(self.shape))
+        owner = np.repeat(np.arange(n_voxels), self.counts.ravel())
+        return np.bincount(owner, weights=values, minlength=n_voxels).reshape(self.shape)
 
 
 SAMPLING_BLOCK = 1024  # voxels per block of the sampling and sorting threads (fixed: the same bits at any thread count)
