@@ -8,12 +8,25 @@ anything, :func:`repair_cache` removes every result that is unreadable, not a Py
 without outputs, or whose output files are gone — each becomes a cache miss that is recomputed —
 and the temporary files of interrupted writes. :func:`sweep_partial_outputs` removes
 what an interrupted publication left in the output dataset.
+
+Pydra guards its cache with lock files (``SoftFileLock``: a file that exists while held), which a killed
+process leaves behind; a lock file that a process created but had not yet written its PID into is never
+recognised as abandoned, and every later run waiting on it hangs. One dwiflow process owns a work directory
+(:func:`claim_work_dir`), so when it starts, every lock file in its cache is a leftover:
+:func:`remove_stale_locks` removes them. Pydra's cache of file hashes lives in the work directory too
+(:func:`use_work_dir_hash_cache`), not in the user's shared cache, so that its locks are this run's alone.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import IO
+
+HASH_CACHE_FOLDER = "hashes"
+CLAIM_FILE = ".dwiflow-run.lock"
+_claims: dict[Path, IO[str]] = {}  # open while this process runs: the kernel releases the claim when it ends
 
 
 def _output_paths(outputs) -> list[Path]:
@@ -99,3 +112,58 @@ def disk_free(path: Path) -> int:
 
     existing = next((p for p in [path, *path.parents] if p.exists()), Path(os.sep))
     return shutil.disk_usage(existing).free
+
+
+class WorkDirInUse(Exception):
+    """Another dwiflow process is running on the same work directory."""
+
+
+def claim_work_dir(work_dir: Path) -> None:
+    """Claim ``work_dir`` for this process (an exclusive ``flock`` on ``<work_dir>/.dwiflow-run.lock``, released by
+    the kernel when the process ends, however it ends); raises :class:`WorkDirInUse` naming the other process's
+    PID. On a filesystem without ``flock`` the claim is skipped."""
+    if work_dir in _claims or sys.platform == "win32":
+        return
+    import fcntl
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(work_dir / CLAIM_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise WorkDirInUse(f"--work-dir {work_dir} is in use by another dwiflow process (pid {holder}); wait for it "
+                           "or give another --work-dir") from None
+    except OSError:  # no flock on this filesystem
+        handle.close()
+        return
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _claims[work_dir] = handle
+
+
+def remove_stale_locks(work_dir: Path) -> list[Path]:
+    """Remove the lock files left in ``work_dir``'s cache and hash cache by killed processes (Pydra's job locks
+    ``<checksum>.lock``, result locks ``<checksum>_save.lock``, hash locks); returns them. Only for the process that
+    owns the work directory (:func:`claim_work_dir`), before it submits anything."""
+    removed = []
+    for folder in (work_dir / "cache", work_dir / HASH_CACHE_FOLDER):
+        if folder.is_dir():
+            for lock in folder.glob("*.lock"):
+                if lock.is_file():
+                    lock.unlink(missing_ok=True)
+                    removed.append(lock)
+    return removed
+
+
+def use_work_dir_hash_cache(work_dir: Path) -> Path:
+    """Point Pydra's persistent cache of file hashes (``PYDRA_HASH_CACHE``, read at each hash; inherited by worker
+    processes and cluster jobs) at ``<work_dir>/hashes``; returns that folder."""
+    location = work_dir / HASH_CACHE_FOLDER
+    location.mkdir(parents=True, exist_ok=True)
+    os.environ["PYDRA_HASH_CACHE"] = str(location)
+    return location

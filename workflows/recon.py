@@ -306,7 +306,7 @@ def run_participant(
     """
     from pydra.engine.submitter import Submitter
 
-    from dwiflow.workflows.cache import repair_cache, sweep_partial_outputs
+    from dwiflow.workflows.cache import remove_stale_locks, repair_cache, sweep_partial_outputs, use_work_dir_hash_cache
     from dwiflow.workflows.workers import LocalProcessWorker, interrupted
 
     if warn is None:
@@ -314,6 +314,8 @@ def run_participant(
             print(f"dwiflow: warning: {message}", file=sys.stderr, flush=True)
 
     invocation_start = time.time()
+    use_work_dir_hash_cache(work_dir)
+    remove_stale_locks(work_dir)  # one dwiflow process per work dir (the BIDS App claims it): all are leftovers
     removed = repair_cache(work_dir / "cache")
     if removed:
         progress(f"[dwiflow] {len(removed)} cached result(s) unusable (interrupted or damaged): they are recomputed")

@@ -135,7 +135,7 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
     from dwiflow.bids_specs.inputs import BidsInputError, find_dwi_runs, load_filter_file
     from dwiflow.tasks.preflight import check_runs
     from dwiflow.tasks.recon_spec import ReconSpecError, load_recon_spec
-    from dwiflow.workflows.cache import disk_free
+    from dwiflow.workflows.cache import WorkDirInUse, claim_work_dir, disk_free
 
     work_dir = (args.work_dir or default_work_dir(output_dir)).resolve()
     problem = _check_paths(bids_dir, output_dir, work_dir)
@@ -187,6 +187,10 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
     if disk_free(work_dir) < needed:
         return _error(f"--work-dir {work_dir}: {disk_free(work_dir) / 2**20:.0f} MB free, the runs need about "
                       f"{needed / 2**20:.0f} MB")
+    try:
+        claim_work_dir(work_dir)  # held until this process ends: one dwiflow process per work dir
+    except WorkDirInUse as exc:
+        return _error(str(exc))
     from dwiflow.workflows.recon import run_participant
 
     options: dict = {}

@@ -120,10 +120,27 @@ def _interrupt_and_resume(root: Path, folder: Path, sig: signal.Signals, worker:
     case.update(returncode=proc.returncode, log=log, orphans=_wait_gone(str(out)),
                 temporaries_after_signal=_temporaries(out))
     other = "cf" if worker == "debug" else "debug"
-    rerun = subprocess.run(_command(root, out, work, other), capture_output=True, text=True, timeout=300)
-    case.update(rerun_code=rerun.returncode, rerun_log=(rerun.stdout + rerun.stderr)[-2000:], outputs=_outputs(out),
+    code, rerun_log = _run_or_dump(_command(root, out, work, other), work)
+    case.update(rerun_code=code, rerun_log=rerun_log, outputs=_outputs(out),
                 temporaries=_temporaries(out), orphans_after_rerun=_wait_gone(str(out)))
     return case
+
+
+def _run_or_dump(command: list[str], work: Path, timeout: float = 300) -> tuple[int | str, str]:
+    """Run a command; if it hangs, its Python stacks (faulthandler, on SIGABRT), the process tree and the work
+    directory's lock files are what the failing assertion shows."""
+    env = dict(os.environ, PYTHONFAULTHANDLER="1")
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output = proc.communicate(timeout=timeout)[0]
+        return proc.returncode, output[-2000:]
+    except subprocess.TimeoutExpired:
+        tree = subprocess.run(["ps", "-eo", "pid,ppid,stat,etime,args", "--forest"], capture_output=True,
+                              text=True).stdout
+        locks = [f"{p} ({p.stat().st_size} bytes)" for p in work.rglob("*.lock")]
+        proc.send_signal(signal.SIGABRT)
+        stacks = proc.communicate()[0]
+        return "timeout", f"hung {timeout} s\n--- locks\n" + "\n".join(locks) + f"\n--- ps\n{tree}\n--- out\n{stacks}"
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +152,13 @@ def kill_matrix(small, tmp_path_factory):
     with ThreadPoolExecutor(3) as pool:
         futures = {case: pool.submit(_interrupt_and_resume, small["root"], base / f"{case[0].name}-{case[1]}-{case[2]}",
                                      *case) for case in CASES}
-        return {case: future.result() for case, future in futures.items()}
+        results = {}
+        for case, future in futures.items():
+            try:
+                results[case] = future.result()
+            except Exception as exc:  # one case's failure is that case's, not the matrix's
+                results[case] = {"held": False, "log": f"{type(exc).__name__}: {exc}"}
+        return results
 
 
 @pytest.mark.parametrize("sig, worker, point", CASES, ids=[f"{s.name}-{w}-{p}" for s, w, p in CASES])
@@ -226,6 +249,45 @@ def test_damaged_cache_results_are_recomputed(small, tmp_path):
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     assert "unusable (interrupted or damaged): they are recomputed" in rerun.stdout
     assert _outputs(out) == small["reference"]
+
+
+def test_lock_files_left_by_killed_processes_do_not_hang_the_rerun(small, tmp_path):
+    """A process killed inside one of Pydra's file locks leaves the lock file; killed just after creating it, the
+    file is empty and no lock library can tell it is abandoned. The next run (which owns the work directory)
+    removes such leftovers instead of waiting forever on them."""
+    root = small["root"]
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert subprocess.run(_command(root, out, work, "debug"), capture_output=True, timeout=300).returncode == 0
+    hashes = sorted(p for p in (work / "hashes").iterdir() if p.is_file())
+    assert hashes  # the file hashes are cached in the work directory, not in the user's shared cache
+    left = [p.with_name(p.name + ".lock") for p in hashes]
+    stages = sorted((work / "cache").glob("python-*/_result.pklz"))
+    stages[-1].unlink()  # one stage is recomputed, so its result is saved under its "_save.lock" again
+    task = stages[-1].parent
+    left += [task.with_name(task.name + "_save.lock"), task.with_suffix(".lock")]
+    for lock in left:
+        lock.write_text("")
+    code, log = _run_or_dump(_command(root, out, work, "cf"), work, timeout=120)
+    assert code == 0, log[-6000:]
+    assert _outputs(out) == small["reference"]
+    assert [p for p in left if p.exists()] == []
+
+
+def test_a_second_process_on_the_same_work_dir_is_refused(small, tmp_path, capsys):
+    import fcntl
+
+    bids = _dataset(small["root"], tmp_path)
+    out = tmp_path / "out"
+    work = tmp_path / "work"
+    work.mkdir()
+    with open(work / ".dwiflow-run.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the other dwiflow process holds it
+        held.write("4242\n")
+        held.flush()
+        assert _app(bids, out, "--participant-label", "phantom") == 2
+    error = capsys.readouterr().err
+    assert f"--work-dir {work} is in use by another dwiflow process (pid 4242)" in error
+    assert not list(out.glob("sub-*")) and not (work / "cache").exists()
 
 
 def test_changed_input_with_restored_mtime_is_recomputed(small, tmp_path):
