@@ -488,6 +488,76 @@ def bench_smt(n_voxels: int, dipy_seconds: float) -> list[dict]:
                                  f"{data.shape[0] / t_ours:.0f} vs {n_w / t_dipy:.1f} vox/s"})
     return rows
 
+DIPY_DKI_SCRIPT = """
+import sys, nibabel as nib, numpy as np
+from dipy.core.gradients import gradient_table
+from dipy.io.gradients import read_bvals_bvecs
+from dipy.reconst.dki import DiffusionKurtosisModel
+dwi, bval, bvec, out = sys.argv[1:5]
+img = nib.load(dwi)
+bvals, bvecs = read_bvals_bvecs(bval, bvec)
+fit = DiffusionKurtosisModel(gradient_table(bvals, bvecs=bvecs), fit_method="WLS").fit(img.get_fdata())
+for name in ("mk", "ak", "rk", "mkt", "kfa", "fa", "md"):
+    value = getattr(fit, name)
+    nib.save(nib.Nifti1Image((value() if callable(value) else value).astype(np.float32), img.affine),
+             f"{out}_{name}.nii.gz")
+"""
+
+
+def bench_dki(n_voxels: int, repeats: int, workdir: Path) -> list[dict]:
+    """``dwirecon dki`` as whole commands against a DIPY script doing the same (load, fit WLS, MK/AK/RK/MKT/KFA/FA/MD,
+    save) and against MRtrix3's ``dwi2tensor -dkt`` (the same IWLS fit; 3.0.3 has no kurtosis maps), same threads."""
+    gtab = acquisition_scheme("multi")
+    side = int(round((n_voxels / 10) ** 0.5))
+    shape = (side, side, 10)
+    phantom = make_phantom(gtab, shape, n_fibres=(1, 2), snr=30, seed=1)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    dwi = workdir / "dki_dwi.nii.gz"
+    nib.save(nib.Nifti1Image(phantom.data.astype(np.float32), affine), dwi)
+    bval, bvec = workdir / "dki_dwi.bval", workdir / "dki_dwi.bvec"
+    np.savetxt(bval, gtab.bvals[None], fmt="%g")
+    np.savetxt(bvec, world_to_fsl_bvecs(gtab.bvecs, affine).T, fmt="%.8f")
+    nvox = int(np.prod(shape))
+    names = ("mk", "ak", "rk", "mkt", "kfa", "fa", "md")
+    rows = []
+    for threads in (1, 2):
+        ours_cmd = [sys.executable, "-m", "dwiflow.cli.dwirecon", "dki", str(dwi), str(bval), str(bvec), "-q",
+                    *[a for n in names for a in (f"--{n}", str(workdir / f"dki_ours_{n}.nii.gz"))]]
+        dipy_cmd = [sys.executable, "-c", DIPY_DKI_SCRIPT, str(dwi), str(bval), str(bvec), str(workdir / "dki_dipy")]
+        t_o = _whole_command(ours_cmd, threads, repeats)
+        t_d = _whole_command(dipy_cmd, threads, 1)
+        ours = {n: nib.load(workdir / f"dki_ours_{n}.nii.gz").get_fdata().ravel() for n in names}
+        theirs = {n: nib.load(workdir / f"dki_dipy_{n}.nii.gz").get_fdata().ravel() for n in names}
+        fitted = np.isfinite(ours["mk"])
+        medians = {n: np.median(np.abs(ours[n] - theirs[n])[fitted] / np.maximum(np.abs(theirs[n][fitted]), 1e-12))
+                   for n in names}
+        worst = max(medians, key=medians.get)
+        rows.append({"step": "dki command", "peer": f"DIPY 1.12 DKI WLS script, whole ({threads} thr.)",
+                     "voxels": nvox, "dwiflow_s": t_o, "peer_s": t_d,
+                     "accuracy": f"median rel. diff. of 7 maps <= {medians[worst]:.1e} ({worst})"})
+    if shutil.which("dwi2tensor"):
+        order = ((0, 0, 0, 0), (1, 1, 1, 1), (2, 2, 2, 2), (0, 0, 0, 1), (0, 0, 0, 2), (0, 1, 1, 1), (0, 2, 2, 2),
+                 (1, 1, 1, 2), (1, 2, 2, 2), (0, 0, 1, 1), (0, 0, 2, 2), (1, 1, 2, 2), (0, 0, 1, 2), (0, 1, 1, 2),
+                 (0, 1, 2, 2))  # dwi2tensor -dkt's volumes
+        for threads in (1, 2):
+            ours_cmd = [sys.executable, "-m", "dwiflow.cli.dwirecon", "dki", str(dwi), str(bval), str(bvec), "-q",
+                        "--method", "wls", "--tensor", str(workdir / "dki_ours_dt.nii.gz"), "--kurtosis",
+                        str(workdir / "dki_ours_w.nii.gz")]
+            theirs_cmd = ["dwi2tensor", "-quiet", "-force", "-nthreads", str(threads), str(dwi), "-fslgrad", str(bvec),
+                          str(bval), str(workdir / "dki_mrtrix_dt.nii.gz"), "-dkt", str(workdir / "dki_mrtrix_w.nii.gz")]
+            t_o = _whole_command(ours_cmd, threads, repeats)
+            t_m = _whole_command(theirs_cmd, threads, repeats)
+            ours_w = nib.load(workdir / "dki_ours_w.nii.gz").get_fdata().reshape(-1, 15)
+            theirs_w = nib.load(workdir / "dki_mrtrix_w.nii.gz").get_fdata().reshape(-1, 15)
+            ours_w = ours_w[:, [sorted(order).index(index) for index in order]]  # ours: indices sorted (BEP016)
+            fitted = np.all(np.isfinite(ours_w), axis=1) & np.any(theirs_w != 0, axis=1)
+            rel = np.abs(ours_w - theirs_w)[fitted].max(1) / np.abs(theirs_w[fitted]).max(1)
+            rows.append({"step": "dki command", "peer": f"MRtrix3 dwi2tensor -dkt ({threads} thr.)", "voxels": nvox,
+                         "dwiflow_s": t_o, "peer_s": t_m,
+                         "accuracy": f"W within 1e-5 (max-rel) in {np.mean(rel <= 1e-5):.4f} of fitted voxels"})
+    return rows
+
+
 def _thread_env(threads: int) -> dict[str, str]:
     """The environment with every thread pool (numba, OpenMP, OpenBLAS, MKL) at ``threads``."""
     return dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
@@ -779,12 +849,13 @@ def main() -> int:
     parser.add_argument("--mapmri-dipy-seconds", type=float, default=20.0, help="time budget of each DIPY MAP-MRI run")
     parser.add_argument("--smt-voxels", type=int, default=20000, help="phantom size of the SMT steps")
     parser.add_argument("--smt-dipy-seconds", type=float, default=15.0, help="rough time budget of each dmipy run")
+    parser.add_argument("--dki-voxels", type=int, default=50000, help="phantom size of the DKI steps")
     parser.add_argument("--msmt-voxels", type=int, default=20000, help="three-tissue phantom of the msmt steps")
     parser.add_argument("--msmt-spec-fov", type=lambda t: tuple(int(v) for v in t.split(",")), default=(96, 96, 60),
                         help="field of view of the whole msmt recon-spec step (default 96,96,60: a 2 mm brain, "
                              "~165k brain voxels)")
     parser.add_argument("--steps", help="comma-separated subset of: tensor, amp2response, csd, iterative, msmt, "
-                                        "msmt-spec, rumba, mapmri, smt")
+                                        "msmt-spec, rumba, mapmri, smt, dki")
     parser.add_argument("--repeats", type=int, default=3, help="best of N timings")
     parser.add_argument("--json", type=Path, metavar="FILE",
                         help="also write the rows (with the machine, thread count and date) to FILE, e.g. "
@@ -798,6 +869,7 @@ def main() -> int:
         "smt": lambda tmp: bench_smt(args.smt_voxels, args.smt_dipy_seconds),
         "mapmri": lambda tmp: bench_mapmri(args.mapmri_voxels, args.mapmri_dipy_seconds),
         "msmt": lambda tmp: bench_msmt(args.msmt_voxels, args.repeats, tmp),
+        "dki": lambda tmp: bench_dki(args.dki_voxels, args.repeats, tmp),
         "msmt-spec": lambda tmp: bench_msmt_spec(args.msmt_spec_fov, tmp),
         "rumba": lambda tmp: bench_rumba(args.rumba_voxels, args.rumba_dipy_voxels, args.rumba_global_shape,
                                          args.rumba_memory_voxels),

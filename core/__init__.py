@@ -13,7 +13,7 @@ from typing import Any
 # on first use so that ``import dwiflow.core.errors`` (every command line) stays cheap.
 _PUBLIC = {
     "GradientTable": "gradients", "gradient_table": "gradients",
-    "TensorModel": "tensor",
+    "TensorModel": "tensor", "DiffusionKurtosisModel": "dki",
     "amp2response": "response", "response_mean": "response", "ResponseFunction": "response",
     "tournier_response": "response_iterative", "tax_response": "response_iterative",
     "dhollander": "dhollander",

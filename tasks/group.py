@@ -26,6 +26,7 @@ SUMMARY_METRICS = (
     ("mapmri_rtop_median", "mapmri_rtop", "median"), ("mapmri_msd_median", "mapmri_msd", "median"),
     ("mapmri_ng_median", "mapmri_ng", "median"),
     ("smt_lpar_mean", "smt_lpar", "mean"), ("smt_lperp_mean", "smt_lperp", "mean"), ("smt_odi_mean", "smt_odi", "mean"),
+    ("dki_mk_mean", "dki_mk", "mean"), ("dki_kfa_mean", "dki_kfa", "mean"),
 )
 SUMMARY_COLUMNS = ("run", "voxels_in_mask", *(c for c, _, _ in SUMMARY_METRICS), "response_wm_l0_highest_shell")
 

@@ -25,6 +25,15 @@ REFERENCES: dict[str, str] = {
                   "1994;66(1):259-267.",
     "veraart2013": "Veraart J, Sijbers J, Sunaert S, Leemans A, Jeurissen B. Weighted linear least squares estimation "
                    "of diffusion MRI parameters: strengths, limitations, and pitfalls. NeuroImage. 2013;81:335-346.",
+    "jensen2005": "Jensen JH, Helpern JA, Ramani A, Lu H, Kaczynski K. Diffusional kurtosis imaging: the "
+                  "quantification of non-Gaussian water diffusion by means of magnetic resonance imaging. Magn Reson "
+                  "Med. 2005;53(6):1432-1440.",
+    "tabesh2011": "Tabesh A, Jensen JH, Ardekani BA, Helpern JA. Estimation of tensors and tensor-derived measures in "
+                  "diffusional kurtosis imaging. Magn Reson Med. 2011;65(3):823-836.",
+    "hansen2013": "Hansen B, Lund TE, Sangill R, Jespersen SN. Experimentally and computationally fast method for "
+                  "estimation of a mean kurtosis. Magn Reson Med. 2013;69(6):1754-1760.",
+    "glenn2015": "Glenn GR, Helpern JA, Tabesh A, Jensen JH. Quantitative assessment of diffusional kurtosis "
+                 "anisotropy. NMR Biomed. 2015;28(4):448-459.",
     "chung2006": "Chung S, Lu Y, Henry RG. Comparison of bootstrap approaches for estimation of uncertainties of DTI "
                  "parameters. NeuroImage. 2006;33(2):531-541.",
     "tournier2004": "Tournier JD, Calamante F, Gadian DG, Connelly A. Direct estimation of the fiber orientation "

@@ -48,7 +48,7 @@ BAD_SPECS = [
     ("name: x\nstages: [mask, tensor]\n", "stages: must be a mapping of stage names to options"),
     ("stages: {mask: {}\n  tensor: [}", "is not valid YAML (line"),
     # unknown stages and options at every level
-    (_spec({**BASE, "dti": {}}), "stages.dti: unknown stage (known: mask, tensor, response"),
+    (_spec({**BASE, "dti": {}}), "stages.dti: unknown stage (known: mask, tensor, dki, response"),
     (_with("tensor", 3), "stages.tensor: must be a mapping of options, got 3"),
     (_with("peaks", {"colour": "red"}), "stages.peaks.colour: unknown option (allowed: min_separation, npeaks"),
     (_with("response", {"method": "fa", "number": 50}), "stages.response.number: unknown key (a response stage "
@@ -75,6 +75,8 @@ BAD_SPECS = [
     (_spec({"mask": {}, "mapmri": {"radial_order": 5}}), "stages.mapmri.radial_order: must be an even integer, got 5"),
     (_spec({"mask": {}, "mapmri": {"compare": ["MAPX"]}}), "stages.mapmri.compare: every value must be one of MAP"),
     (_spec({"mask": {}, "smt": {"n_fod": 4}}), "stages.smt.n_fod: must be <= 3, got 4"),
+    (_spec({"mask": {}, "dki": {"method": "cls"}}), "stages.dki.method: must be one of dipy-wls, dipy-ols, wls, ols, "
+                                                    "got 'cls'"),
     (_with("peaks", {"npeaks": 0}), "stages.peaks.npeaks: must be >= 1, got 0"),
     (_with("peaks", {"rel_threshold": float("nan")}), "stages.peaks.rel_threshold: must be a finite number"),
     (_with("peaks", {"subtract_psf": "yes"}), "stages.peaks.subtract_psf: must be bool, got 'yes'"),

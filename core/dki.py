@@ -1,0 +1,489 @@
+"""Diffusion kurtosis imaging (DKI), vectorised across voxels, and its scalar maps.
+
+The model (Jensen et al. 2005) writes the log-signal as
+
+    log S(b, g) = log S0 - b Σ g_i g_j D_ij + b² MD² / 6 Σ g_i g_j g_k g_l W_ijkl,
+
+linear in the 6 unique elements of the diffusion tensor D, the 15 unique elements of the kurtosis tensor W
+(times MD²) and log S0. It is fitted as DIPY 1.12's ``DiffusionKurtosisModel`` fits it:
+
+- ``OLS``: ordinary least squares on the log-signal (samples below 1e-4 raised to it);
+- ``WLS`` (DIPY's default): the OLS fit predicts the signal, whose squares weight a second fit (Veraart et al.
+  2013).
+
+The eigenvalues of D are clipped below at DIPY's ``1e-6 / -min(design matrix)``, and W is the fitted product
+divided by the square of the clipped eigenvalues' mean. Or as MRtrix3's ``dwi2tensor -dkt``:
+
+- ``IWLS``: a first fit weighted by the measured signal (or unweighted, ``ols_start``: ``-ols``), then
+  ``iterations`` refits weighted by the predicted signal (none below 2, as dwi2tensor's ``-iter``); samples below
+  1e-6 of the voxel's largest are raised to it; W is the fitted product divided by (trace(D)/3)² + 1e-18, and the
+  eigenvalues are not clipped. The maps follow DIPY's analytical definitions:
+
+- mean kurtosis MK (Tabesh et al. 2011, in terms of Carlson's elliptic integrals R_F and R_D), axial AK and
+  radial RK kurtosis (Tabesh et al. 2011), each clipped to [-3/7, 10]. Equal eigenvalues use the formulas' limits,
+  as in DIPY; unlike DIPY, the integrals are computed to 1e-12 and only eigenvalues within 1e-5 of each other count
+  as equal (DIPY: 2.5%), so the maps equal their definitions (the average of the apparent kurtosis over the sphere
+  or the perpendicular circle) to ~1e-5 where DIPY's err by up to 2.5% (see :data:`CARLSON_TOLERANCE`);
+- mean of the kurtosis tensor MKT (Hansen et al. 2013), clipped to [-3/7, 10];
+- kurtosis fractional anisotropy KFA (Glenn et al. 2015).
+
+A voxel whose tensor has an eigenvalue at or below 2e-7 mm²/s (where DIPY's kurtosis maps are set to 0: the
+formulas divide by the eigenvalues) is non-physical here: its maps are NaN and its status says why.
+
+References
+----------
+Jensen J.H., Helpern J.A., Ramani A., Lu H., Kaczynski K. Diffusional kurtosis imaging: the quantification of
+non-Gaussian water diffusion by means of magnetic resonance imaging. Magn Reson Med 53 (2005) 1432-1440.
+Tabesh A., Jensen J.H., Ardekani B.A., Helpern J.A. Estimation of tensors and tensor-derived measures in
+diffusional kurtosis imaging. Magn Reson Med 65 (2011) 823-836.
+Hansen B., Lund T.E., Sangill R., Jespersen S.N. Experimentally and computationally fast method for estimation
+of a mean kurtosis. Magn Reson Med 69 (2013) 1754-1760.
+Glenn G.R., Helpern J.A., Tabesh A., Jensen J.H. Quantitative assessment of diffusional kurtosis anisotropy.
+NMR Biomed 28 (2015) 448-459.
+Veraart J., Sijbers J., Sunaert S., Leemans A., Jeurissen B. Weighted linear least squares estimation of
+diffusion MRI parameters: strengths, limitations, and pitfalls. NeuroImage 81 (2013) 335-346.
+Henriques R.N., Correia M.M., Marrale M., et al. Diffusional kurtosis imaging in the diffusion imaging in Python
+project. Front Hum Neurosci 15 (2021) 675433 (DIPY's implementation).
+Carlson B.C. Numerical computation of real or complex elliptic integrals. Numer Algorithms 10 (1995) 13-26.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from dwiflow.core.errors import DwiflowInputError
+from dwiflow.core.gradients import GradientTable
+from dwiflow.core.status import FitStatus, signal_above_b0
+from dwiflow.core.tensor import DEFAULT_IWLS_ITERATIONS, MRTRIX3_SMALL_INTENSITY, _solve_stacked
+from dwiflow.core.voxels import VoxelBatch, iter_chunks, scatter
+
+MIN_POSITIVE_SIGNAL = 1e-4  # DIPY's floor of the signal before the logarithm
+MIN_KURTOSIS, MAX_KURTOSIS = -3.0 / 7.0, 10.0  # DIPY's clipping of MK, AK, RK, MKT
+POSITIVE_EIGENVALUE = 2e-7  # mm²/s: below it DIPY's kurtosis maps are 0; here the voxel is non-physical
+# Relative error of the elliptic integrals. DIPY stops at 3e-4 (R_F) and 1e-4 (R_D); the closed forms subtract
+# nearly equal terms when two eigenvalues are close, which turns that into errors of MK up to 2.5% (measured on
+# sub-01 of bids_real against the sphere average that defines MK).
+CARLSON_TOLERANCE = 1e-12
+# Relative difference under which two eigenvalues use the formulas' limits. DIPY uses 2.5%, where replacing the
+# eigenvalues by their mean errs by up to 4e-3 (MK) and 2e-3 (RK); with exact integrals 1e-5 keeps both within ~3e-6.
+EQUAL_EIGENVALUES = 1e-5
+STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NO_SIGNAL, FitStatus.SINGULAR,
+                FitStatus.SIGNAL_ABOVE_B0, FitStatus.NON_PHYSICAL)
+
+# the 15 unique elements of the kurtosis tensor as the design matrix orders them (DIPY's order), as index tuples
+DIPY_KURTOSIS_ORDER = ((0, 0, 0, 0), (1, 1, 1, 1), (2, 2, 2, 2), (0, 0, 0, 1), (0, 0, 0, 2), (0, 1, 1, 1),
+                       (1, 1, 1, 2), (0, 2, 2, 2), (1, 2, 2, 2), (0, 0, 1, 1), (0, 0, 2, 2), (1, 1, 2, 2),
+                       (0, 0, 1, 2), (0, 1, 1, 2), (0, 1, 2, 2))
+# the order written to files: the index tuples sorted, as BEP016 orders a rank-2 tensor's (D11, D12, D13, D22 …)
+BEP016_KURTOSIS_ORDER = tuple(sorted(DIPY_KURTOSIS_ORDER))
+KURTOSIS_ELEMENT_NAMES = tuple("W" + "".join(str(i + 1) for i in index) for index in BEP016_KURTOSIS_ORDER)
+_TO_BEP016 = [DIPY_KURTOSIS_ORDER.index(index) for index in BEP016_KURTOSIS_ORDER]
+
+
+def dki_design_matrix(gtab: GradientTable) -> np.ndarray:
+    """The (n, 22) design matrix of the log-signal: D (xx, xy, yy, xz, yz, zz), the 15 W·MD² terms
+    (:data:`DIPY_KURTOSIS_ORDER`, each with its multiplicity), and -1 for ``-log S0`` (DIPY's layout)."""
+    b = np.asarray(gtab.bvals, dtype=float)
+    g = np.asarray(gtab.bvecs, dtype=float)
+    x, y, z = g.T
+    diffusion = -b[:, None] * np.stack([x * x, 2 * x * y, y * y, 2 * x * z, 2 * y * z, z * z], axis=1)
+    kurtosis = []
+    for index in DIPY_KURTOSIS_ORDER:
+        kurtosis.append(_multiplicity(index) * b * b / 6 * g[:, index[0]] * g[:, index[1]] * g[:, index[2]] * g[:, index[3]])
+    return np.column_stack([diffusion, np.stack(kurtosis, axis=1), -np.ones_like(b)])
+
+
+def _multiplicity(index: tuple[int, ...]) -> int:
+    """How many orderings of a rank-4 index the unique element stands for (4!/∏ counts!)."""
+    from math import factorial
+
+    counts = np.bincount(index, minlength=3)
+    return factorial(4) // int(np.prod([factorial(int(c)) for c in counts]))
+
+
+def carlson_rf(x: np.ndarray, y: np.ndarray, z: np.ndarray, tolerance: float = CARLSON_TOLERANCE) -> np.ndarray:
+    """Carlson's symmetric elliptic integral of the first kind R_F(x, y, z), elementwise for non-negative arguments:
+    duplication until the truncated series' relative error is below ``tolerance``, then the series (Carlson 1995)."""
+    x, y, z = (np.array(v, dtype=float, copy=True) for v in np.broadcast_arrays(x, y, z))
+    mean = (x + y + z) / 3.0
+    spread = np.maximum.reduce([np.abs(mean - x), np.abs(mean - y), np.abs(mean - z)]) * (3.0 * tolerance) ** (-1 / 6)
+    scale = np.ones_like(x)
+    while True:
+        going = scale * spread > np.abs(mean)
+        if not going.any():
+            break
+        rx, ry, rz = np.sqrt(x), np.sqrt(y), np.sqrt(z)
+        step = rx * (ry + rz) + ry * rz
+        x = np.where(going, (x + step) / 4, x)
+        y = np.where(going, (y + step) / 4, y)
+        z = np.where(going, (z + step) / 4, z)
+        mean = np.where(going, (mean + step) / 4, mean)
+        scale = np.where(going, scale / 4, scale)
+    dx, dy = 1.0 - x / mean, 1.0 - y / mean
+    dz = -dx - dy
+    e2, e3 = dx * dy - dz * dz, dx * dy * dz
+    return (1.0 - e2 / 10 + e3 / 14 + e2 * e2 / 24 - 3.0 / 44 * e2 * e3) / np.sqrt(mean)
+
+
+def carlson_rd(x: np.ndarray, y: np.ndarray, z: np.ndarray, tolerance: float = CARLSON_TOLERANCE) -> np.ndarray:
+    """Carlson's symmetric elliptic integral of the second kind R_D(x, y, z), elementwise, to a relative error
+    below ``tolerance`` (Carlson 1995)."""
+    x0, y0, z0 = (np.array(v, dtype=float, copy=True) for v in np.broadcast_arrays(x, y, z))
+    x, y, z = x0.copy(), y0.copy(), z0.copy()
+    first = (x + y + 3.0 * z) / 5.0
+    mean = first.copy()
+    spread = np.maximum.reduce([np.abs(mean - x), np.abs(mean - y), np.abs(mean - z)]) * (tolerance / 4.0) ** (-1 / 6)
+    scale = np.ones_like(x)
+    total = np.zeros_like(x)
+    while True:
+        going = scale * spread > np.abs(mean)
+        if not going.any():
+            break
+        rx, ry, rz = np.sqrt(x), np.sqrt(y), np.sqrt(z)
+        step = rx * (ry + rz) + ry * rz
+        total = np.where(going, total + scale / (rz * (z + step)), total)
+        x = np.where(going, (x + step) / 4, x)
+        y = np.where(going, (y + step) / 4, y)
+        z = np.where(going, (z + step) / 4, z)
+        mean = np.where(going, (mean + step) / 4, mean)
+        scale = np.where(going, scale / 4, scale)
+    dx = (first - x0) * scale / mean
+    dy = (first - y0) * scale / mean
+    dz = -(dx + dy) / 3.0
+    e2 = dx * dy - 6.0 * dz * dz
+    e3 = (3.0 * dx * dy - 8.0 * dz * dz) * dz
+    e4 = 3.0 * (dx * dy - dz * dz) * dz * dz
+    e5 = dx * dy * dz * dz * dz
+    series = (1.0 - 3.0 / 14 * e2 + e3 / 6 + 9.0 / 88 * e2 * e2 - 3.0 / 22 * e4 - 9.0 / 52 * e2 * e3
+              + 3.0 / 26 * e5)
+    return scale * mean ** -1.5 * series + 3.0 * total
+
+
+def _f2(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Tabesh et al. (2011)'s F2(λ1, λ2, λ3), with the limit for λ2 ≈ λ3 and the isotropic value 6/15."""
+    out = np.empty_like(a)
+    near = np.abs(b - c) < b * EQUAL_EIGENVALUES
+    isotropic = near & (np.abs(a - b) < b * EQUAL_EIGENVALUES)
+    out[isotropic] = 6.0 / 15.0
+    pair = near & ~isotropic
+    if pair.any():
+        l1, l3 = a[pair], (b[pair] + c[pair]) / 2.0
+        x = 1.0 - l1 / l3
+        root = np.sqrt(np.abs(x))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            alpha = np.where(x > 0, np.arctanh(root) / root, np.arctan(root) / root)
+        out[pair] = (6.0 * (l1 + 2.0 * l3) ** 2 / (144.0 * l3 * l3 * (l1 - l3) ** 2)
+                     * (l3 * (l1 + 2.0 * l3) + l1 * (l1 - 4.0 * l3) * alpha))
+    general = ~near
+    if general.any():
+        l1, l2, l3 = a[general], b[general], c[general]
+        rf, rd = carlson_rf(l1 / l2, l1 / l3, 1.0), carlson_rd(l1 / l2, l1 / l3, 1.0)
+        root = np.sqrt(l2 * l3)
+        out[general] = ((l1 + l2 + l3) ** 2 / (3.0 * (l2 - l3) ** 2)
+                        * ((l2 + l3) / root * rf + (2.0 * l1 - l2 - l3) / (3.0 * root) * rd - 2.0))
+    return out
+
+
+def _f1(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Tabesh et al. (2011)'s F1(λ1, λ2, λ3), with the limits for λ1 ≈ λ2 or λ1 ≈ λ3 (via F2) and 1/5."""
+    out = np.empty_like(a)
+    near_b = np.abs(a - b) < a * EQUAL_EIGENVALUES
+    near_c = np.abs(a - c) < a * EQUAL_EIGENVALUES
+    out[near_b & near_c] = 1.0 / 5.0
+    only_b = near_b & ~near_c
+    if only_b.any():
+        mean = (a[only_b] + b[only_b]) / 2.0
+        out[only_b] = _f2(c[only_b], mean, mean) / 2.0
+    only_c = near_c & ~near_b
+    if only_c.any():
+        mean = (a[only_c] + c[only_c]) / 2.0
+        out[only_c] = _f2(b[only_c], mean, mean) / 2.0
+    general = ~near_b & ~near_c
+    if general.any():
+        l1, l2, l3 = a[general], b[general], c[general]
+        rf, rd = carlson_rf(l1 / l2, l1 / l3, 1.0), carlson_rd(l1 / l2, l1 / l3, 1.0)
+        root = np.sqrt(l2 * l3)
+        out[general] = ((l1 + l2 + l3) ** 2 / (18.0 * (l1 - l2) * (l1 - l3))
+                        * (root / l1 * rf + (3.0 * l1 * l1 - l1 * l2 - l1 * l3 - l2 * l3) / (3.0 * l1 * root) * rd
+                           - 1.0))
+    return out
+
+
+def _g1(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """G1(λ1, λ2, λ3) of the radial kurtosis (Tabesh et al. 2011), with its limit for λ2 ≈ λ3."""
+    near = np.abs(b - c) < b * EQUAL_EIGENVALUES
+    with np.errstate(divide="ignore", invalid="ignore"):
+        general = ((a + b + c) ** 2 / (18.0 * b * (b - c) ** 2)
+                   * (2.0 * b + (c * c - 3.0 * b * c) / np.sqrt(b * c)))
+    return np.where(near, (a + 2.0 * b) ** 2 / (24.0 * b * b), general)
+
+
+def _g2(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """G2(λ1, λ2, λ3) of the radial kurtosis (Tabesh et al. 2011), with its limit for λ2 ≈ λ3."""
+    near = np.abs(b - c) < b * EQUAL_EIGENVALUES
+    with np.errstate(divide="ignore", invalid="ignore"):
+        general = (a + b + c) ** 2 / (3.0 * (b - c) ** 2) * ((b + c) / np.sqrt(b * c) - 2.0)
+    return np.where(near, (a + 2.0 * b) ** 2 / (12.0 * b * b), general)
+
+
+def full_kurtosis_tensor(elements: np.ndarray) -> np.ndarray:
+    """(…, 3, 3, 3, 3) symmetric tensors from their 15 unique elements in :data:`DIPY_KURTOSIS_ORDER`."""
+    from itertools import product
+
+    full = np.empty(elements.shape[:-1] + (3, 3, 3, 3))
+    for index in product(range(3), repeat=4):
+        full[(...,) + index] = elements[..., DIPY_KURTOSIS_ORDER.index(tuple(sorted(index)))]
+    return full
+
+
+@dataclass
+class KurtosisFit:
+    """A DKI fit: per voxel (within ``mask``) the tensor's eigen-decomposition, the kurtosis tensor and S0.
+
+    Attributes
+    ----------
+    evals : ndarray (…, 3)
+        Eigenvalues of D, largest first, clipped below as DIPY clips them (mm²/s).
+    evecs : ndarray (…, 3, 3)
+        Eigenvectors as columns, in the eigenvalues' order (the gradient table's frame).
+    kurtosis : ndarray (…, 15)
+        Unique elements of W in :data:`DIPY_KURTOSIS_ORDER` (dimensionless).
+    lower_triangular : ndarray (…, 6)
+        D as fitted (xx, xy, yy, xz, yz, zz), mm²/s.
+    s0 : ndarray (…)
+        Fitted signal without diffusion weighting.
+    status : ndarray (…) uint8
+        :class:`~dwiflow.core.status.FitStatus` codes (:data:`STATUS_CODES`); the maps of a failed voxel are NaN.
+    mask : ndarray (…) bool
+        The voxels fitted.
+    """
+
+    evals: np.ndarray
+    evecs: np.ndarray
+    kurtosis: np.ndarray
+    lower_triangular: np.ndarray
+    s0: np.ndarray
+    status: np.ndarray
+    mask: np.ndarray
+
+    def _masked(self, values: np.ndarray) -> np.ndarray:
+        """Values inside the mask, 0 outside, NaN where the fit failed (maps of several volumes too)."""
+        extra = (None,) * (values.ndim - self.mask.ndim)
+        out = np.where(self.mask[(...,) + extra], values, 0.0)
+        return np.where((self.status == FitStatus.OK)[(...,) + extra], out, np.nan)
+
+    def _rotated(self, pairs: list[tuple[int, int]]) -> list[np.ndarray]:
+        """W_iijj in the eigenvector frame for each (i, j) (Tabesh et al. 2011's rotated elements)."""
+        full = full_kurtosis_tensor(self.kurtosis)
+        outer = np.einsum("...ai,...bi->...iab", self.evecs, self.evecs)  # e_i e_iᵀ per eigenvector
+        return [np.einsum("...ab,...abcd,...cd->...", outer[..., i, :, :], full, outer[..., j, :, :])
+                for i, j in pairs]
+
+    @property
+    def md(self) -> np.ndarray:
+        return self._masked(self.evals.mean(axis=-1))
+
+    @property
+    def ad(self) -> np.ndarray:
+        return self._masked(self.evals[..., 0])
+
+    @property
+    def rd(self) -> np.ndarray:
+        return self._masked(self.evals[..., 1:].mean(axis=-1))
+
+    @property
+    def fa(self) -> np.ndarray:
+        l1, l2, l3 = np.moveaxis(self.evals, -1, 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fa = np.sqrt(0.5 * ((l1 - l2) ** 2 + (l2 - l3) ** 2 + (l3 - l1) ** 2) / (l1 * l1 + l2 * l2 + l3 * l3))
+        return self._masked(np.nan_to_num(fa))
+
+    def _valid(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        safe = np.where((self.status == FitStatus.OK)[..., None] & self.mask[..., None], self.evals, 1.0)
+        return safe[..., 0], safe[..., 1], safe[..., 2]
+
+    @property
+    def mk(self) -> np.ndarray:
+        """Mean kurtosis, the mean of the apparent kurtosis over all directions (Tabesh et al. 2011, analytical)."""
+        l1, l2, l3 = self._valid()
+        w1111, w2222, w3333, w1122, w1133, w2233 = self._rotated([(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)])
+        mk = (_f1(l1, l2, l3) * w1111 + _f1(l2, l1, l3) * w2222 + _f1(l3, l2, l1) * w3333
+              + _f2(l1, l2, l3) * w2233 + _f2(l2, l1, l3) * w1133 + _f2(l3, l2, l1) * w1122)
+        return self._masked(np.clip(mk, MIN_KURTOSIS, MAX_KURTOSIS))
+
+    @property
+    def ak(self) -> np.ndarray:
+        """Axial kurtosis, the apparent kurtosis along the principal eigenvector (Tabesh et al. 2011)."""
+        l1, l2, l3 = self._valid()
+        (w1111,) = self._rotated([(0, 0)])
+        mean = (l1 + l2 + l3) / 3.0
+        return self._masked(np.clip(w1111 * mean * mean / (l1 * l1), MIN_KURTOSIS, MAX_KURTOSIS))
+
+    @property
+    def rk(self) -> np.ndarray:
+        """Radial kurtosis, the mean apparent kurtosis perpendicular to the principal eigenvector (Tabesh et al.
+        2011, analytical)."""
+        l1, l2, l3 = self._valid()
+        w2222, w3333, w2233 = self._rotated([(1, 1), (2, 2), (1, 2)])
+        rk = _g1(l1, l2, l3) * w2222 + _g1(l1, l3, l2) * w3333 + _g2(l1, l2, l3) * w2233
+        return self._masked(np.clip(rk, MIN_KURTOSIS, MAX_KURTOSIS))
+
+    @property
+    def mkt(self) -> np.ndarray:
+        """Mean of the kurtosis tensor, (W1111 + W2222 + W3333 + 2 W1122 + 2 W1133 + 2 W2233) / 5 (Hansen et al.
+        2013)."""
+        w = self.kurtosis
+        mkt = (w[..., 0] + w[..., 1] + w[..., 2] + 2.0 * (w[..., 9] + w[..., 10] + w[..., 11])) / 5.0
+        return self._masked(np.clip(mkt, MIN_KURTOSIS, MAX_KURTOSIS))
+
+    @property
+    def kfa(self) -> np.ndarray:
+        """Kurtosis fractional anisotropy, ‖W - MKT·I‖ / ‖W‖ with I the isotropic rank-4 tensor (Glenn et al.
+        2015); 0 where the kurtosis tensor's mean is not above 1e-8 (as DIPY)."""
+        w = self.kurtosis
+        mean = (w[..., 0] + w[..., 1] + w[..., 2] + 2.0 * (w[..., 9] + w[..., 10] + w[..., 11])) / 5.0
+        counts = np.array([_multiplicity(index) for index in DIPY_KURTOSIS_ORDER], dtype=float)
+        isotropic = np.array([1.0, 1.0, 1.0] + [0.0] * 6 + [1.0 / 3.0] * 3 + [0.0] * 3)
+        deviation = ((w - mean[..., None] * isotropic) ** 2 * counts).sum(axis=-1)
+        norm = (w * w * counts).sum(axis=-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kfa = np.where((norm > 0) & (mean > 1e-8), np.sqrt(deviation / np.where(norm > 0, norm, 1.0)), 0.0)
+        return self._masked(kfa)
+
+    @property
+    def kurtosis_elements(self) -> np.ndarray:
+        """The 15 unique elements of W in :data:`BEP016_KURTOSIS_ORDER` (W1111, W1112, W1113, W1122 …)."""
+        return self._masked(self.kurtosis[..., _TO_BEP016])
+
+    @property
+    def elements(self) -> np.ndarray:
+        """D's six unique elements in BEP016's order D11, D12, D13, D22, D23, D33 (mm²/s)."""
+        xx, xy, yy, xz, yz, zz = np.moveaxis(self.lower_triangular, -1, 0)
+        return self._masked(np.stack([xx, xy, xz, yy, yz, zz], axis=-1))
+
+    @property
+    def s0_map(self) -> np.ndarray:
+        return self._masked(self.s0)
+
+
+class DiffusionKurtosisModel:
+    """Diffusion kurtosis model (Jensen et al. 2005) fitted as DIPY's ``DiffusionKurtosisModel``.
+
+    Parameters
+    ----------
+    gtab : GradientTable
+        Needs at least three distinct b-values (b=0 counts) and enough directions for the 22 unknowns.
+    fit_method : {"WLS", "OLS", "IWLS"}
+        ``WLS`` (default, as DIPY): a second fit weighted by the squared signal the OLS fit predicts; ``IWLS``: as
+        MRtrix3's ``dwi2tensor -dkt`` (see the module docstring).
+    min_signal : float
+        ``WLS``/``OLS``: samples below it are raised to it before the logarithm (DIPY's 1e-4).
+    iterations : int
+        ``IWLS``: dwi2tensor's ``-iter`` (default 2).
+    ols_start : bool
+        ``IWLS``: the first fit unweighted (dwi2tensor's ``-ols``).
+    chunk_size : int
+        Voxels solved together (bounds memory; small chunks stay in cache).
+    """
+
+    def __init__(self, gtab: GradientTable, fit_method: Literal["WLS", "OLS", "IWLS"] = "WLS",
+                 min_signal: float = MIN_POSITIVE_SIGNAL, chunk_size: int = 1024,
+                 iterations: int = DEFAULT_IWLS_ITERATIONS, ols_start: bool = False) -> None:
+        if fit_method not in ("WLS", "OLS", "IWLS"):
+            raise DwiflowInputError(f"fit_method must be 'WLS', 'OLS' or 'IWLS', got {fit_method!r}",
+                                    parameters=("fit_method",))
+        if int(iterations) != iterations or not 0 <= iterations <= 10:
+            raise DwiflowInputError(f"iterations must be an integer from 0 to 10 (as dwi2tensor -iter), got "
+                                    f"{iterations!r}", parameters=("iterations",))
+        self.iterations, self.ols_start = int(iterations), bool(ols_start)
+        if not min_signal > 0:
+            raise DwiflowInputError(f"min_signal must be > 0, got {min_signal!r}", parameters=("min_signal",))
+        b_values = {round(float(b) / 20.0) for b in np.asarray(gtab.bvals)[~gtab.b0s_mask]}
+        if len(b_values) + int(gtab.b0s_mask.any()) < 3:
+            raise DwiflowInputError("DKI needs at least three distinct b-values (b=0 counts), e.g. b=0 and two "
+                                    "shells: this gradient table has " + ", ".join(
+                                        str(int(round(b))) for b in sorted({round(float(v), -1) for v in gtab.bvals})))
+        design = dki_design_matrix(gtab)
+        if np.linalg.matrix_rank(design) < design.shape[1]:
+            raise DwiflowInputError("the gradient table cannot determine the kurtosis tensor (22 unknowns): it "
+                                    "needs more non-collinear directions on its shells")
+        self.gtab, self.fit_method = gtab, fit_method
+        self.min_signal, self.chunk_size = float(min_signal), int(chunk_size)
+        self.min_diffusivity = 1e-6 / -design.min()  # DIPY's clipping of the eigenvalues
+        self._scale = np.maximum(np.abs(design).max(axis=0), 1e-12)  # unit-sized columns: well-posed normal matrix
+        self._x = design / self._scale
+        self._ols_pinv = np.linalg.pinv(self._x)
+        self._upper = np.triu_indices(self._x.shape[1])
+        self._products = np.ascontiguousarray(self._x[:, self._upper[0]] * self._x[:, self._upper[1]])
+
+    def _weighted_fit(self, squared_weights: np.ndarray, log_s: np.ndarray, status: np.ndarray) -> np.ndarray:
+        """Every voxel's weighted least-squares solution (scaled columns) from its normal equations (the 253
+        distinct products of the symmetric 22x22 matrix in one product)."""
+        with np.errstate(invalid="ignore", over="ignore"):  # overflowed weights: SINGULAR in _solve_stacked
+            distinct = squared_weights @ self._products
+            rhs = (squared_weights * log_s) @ self._x
+        size = self._x.shape[1]
+        normal = np.empty((distinct.shape[0], size, size))
+        normal[:, self._upper[0], self._upper[1]] = distinct
+        normal[:, self._upper[1], self._upper[0]] = distinct
+        return _solve_stacked(normal, rhs, status)
+
+    def _fit_batch(self, signal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(v, 22) parameters in their units and the status of (v, n) signals."""
+        status = np.zeros(signal.shape[0], dtype=np.uint8)
+        finite = np.all(np.isfinite(signal), axis=1)
+        status[~finite] = FitStatus.NONFINITE_INPUT
+        status[finite & ~np.any(signal > 0, axis=1)] = FitStatus.NO_SIGNAL
+        status[(status == FitStatus.OK) & signal_above_b0(signal, self.gtab.b0s_mask)] = FitStatus.SIGNAL_ABOVE_B0
+        signal = np.where(finite[:, None], signal, 1.0)
+        if self.fit_method == "IWLS":
+            signal = np.maximum(signal, MRTRIX3_SMALL_INTENSITY * signal.max(axis=1, keepdims=True))
+            log_s = np.log(np.where(signal > 0, signal, 1.0))
+            squared_weights = np.ones_like(signal) if self.ols_start else signal * signal
+            passes = 1 + (self.iterations if self.iterations > 1 else 0)
+            beta = np.zeros((signal.shape[0], self._x.shape[1]))
+            for index in range(passes):
+                if index:  # a voxel of noise can overflow: its system is then not finite and gets SINGULAR
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        squared_weights = np.exp(2.0 * (beta @ self._x.T))
+                beta = self._weighted_fit(squared_weights, log_s, status)
+        else:
+            log_s = np.log(np.maximum(signal, self.min_signal))
+            beta = log_s @ self._ols_pinv.T
+            if self.fit_method == "WLS":
+                with np.errstate(over="ignore", invalid="ignore"):
+                    squared_weights = np.exp(2.0 * (beta @ self._x.T))
+                beta = self._weighted_fit(squared_weights, log_s, status)
+        beta = beta / self._scale
+        bad = (status != FitStatus.OK) | ~np.all(np.isfinite(beta), axis=1)
+        status[bad & (status == FitStatus.OK)] = FitStatus.SINGULAR
+        beta[bad] = 0.0
+        return beta, status
+
+    def fit(self, data: np.ndarray, mask: np.ndarray | None = None) -> KurtosisFit:
+        """Fit every voxel of ``data`` (…, n_volumes) inside ``mask`` (voxels outside hold 0, status 0)."""
+        batch = VoxelBatch.from_volume(data, mask, self.gtab.n_volumes)
+        n = batch.n_voxels
+        params = np.empty((n, 22))
+        status = np.empty(n, dtype=np.uint8)
+        for chunk in iter_chunks(n, self.chunk_size):
+            params[chunk], status[chunk] = self._fit_batch(batch.signal(chunk))
+        xx, xy, yy, xz, yz, zz = params[:, :6].T
+        tensors = np.stack([np.stack([xx, xy, xz], -1), np.stack([xy, yy, yz], -1), np.stack([xz, yz, zz], -1)], -2)
+        evals, evecs = np.linalg.eigh(tensors)
+        evals, evecs = evals[:, ::-1], evecs[:, :, ::-1]  # largest first
+        if self.fit_method == "IWLS":  # dwi2tensor: W over the squared mean diffusivity of the fit, unclipped
+            kurtosis = params[:, 6:21] / ((xx + yy + zz) ** 2 / 9.0 + 1e-18)[:, None]
+        else:  # DIPY: eigenvalues clipped, W over the squared mean of the clipped eigenvalues
+            evals = np.maximum(evals, self.min_diffusivity)
+            mean_squared = evals.mean(axis=1) ** 2
+            kurtosis = params[:, 6:21] / np.where(mean_squared > 0, mean_squared, 1.0)[:, None]
+        non_physical = (status == FitStatus.OK) & (evals[:, 2] <= POSITIVE_EIGENVALUE)
+        status[non_physical] = FitStatus.NON_PHYSICAL
+        return KurtosisFit(
+            evals=scatter(evals, batch), evecs=scatter(evecs, batch), kurtosis=scatter(kurtosis, batch),
+            lower_triangular=scatter(params[:, :6], batch), s0=scatter(np.exp(-params[:, 21]), batch),
+            status=scatter(status, batch), mask=batch.mask)

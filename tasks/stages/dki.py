@@ -1,0 +1,126 @@
+"""Stage ``dki``: diffusion kurtosis imaging (Jensen 2005) and its maps, as DIPY's DiffusionKurtosisModel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from dwiflow.core.errors import DwiflowInputError
+from dwiflow.tasks.io import load_dwi
+from dwiflow.tasks.options import OptionError, StageOptions, option
+from dwiflow.tasks.registry import Input, Output, Stage
+from dwiflow.tasks.stagelib import DWI_INPUTS, provenance, voxels_to_fit, write_maps
+
+_HELP = {"mk": "mean kurtosis", "ak": "axial kurtosis", "rk": "radial kurtosis",
+         "mkt": "mean of the kurtosis tensor", "kfa": "kurtosis fractional anisotropy",
+         "fa": "fractional anisotropy of the same fit's tensor", "md": "mean diffusivity", "ad": "axial diffusivity",
+         "rd": "radial diffusivity", "s0": "fitted S0",
+         "kurtosis": "kurtosis tensor (15 unique elements, W1111 W1112 W1113 W1122 …, order in the sidecar)",
+         "tensor": "diffusion tensor (6 elements, BEP016 order D11 D12 D13 D22 D23 D33)",
+         "status": "per-voxel fit status"}
+METHODS = ("dipy-wls", "dipy-ols", "wls", "ols")
+DEFAULT_MAPS = ["mk", "ak", "rk", "mkt", "kfa", "fa", "md", "ad", "rd", "status"]
+
+
+@dataclass(frozen=True)
+class DkiOptions(StageOptions):
+    """How the kurtosis model is fitted (as DIPY's DiffusionKurtosisModel) and which maps a run writes."""
+
+    outputs_option: ClassVar[str | None] = "maps"
+    method: str = option("dipy-wls", choices=METHODS,
+                         help="dipy-wls/dipy-ols: DIPY's DiffusionKurtosisModel WLS (weights from an OLS first pass; "
+                              "DIPY's default) or OLS, eigenvalues clipped as DIPY; wls/ols: MRtrix3's dwi2tensor "
+                              "-dkt, a first fit weighted by the measured signal (wls) or unweighted (ols), then "
+                              "`iter` refits weighted by the predicted signal (as the tensor stage's wls/ols)")
+    iter: int = option(2, minimum=0, maximum=10,
+                       help="reweighted refits after the first fit (dwi2tensor -iter; 0 and 1 both keep the first "
+                            "fit; wls/ols only)")
+    maps: list[str] = option(list(DEFAULT_MAPS), choices=tuple(_HELP), cli=False,
+                             help="maps a run writes (on the command line: one option per map)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.method, str):
+            object.__setattr__(self, "method", self.method.lower())
+        super().__post_init__()
+
+    def check(self) -> None:
+        if not self.maps:
+            raise OptionError("{maps}: give at least one map", "maps")
+
+    def writes(self):
+        return self.maps
+
+
+def run_dki(files, outputs, options: DkiOptions, context):
+    """Fit the kurtosis model (Jensen 2005) by OLS or WLS as DIPY and write the requested maps (MK/AK/RK as Tabesh
+    2011, MKT as Hansen 2013, KFA as Glenn 2015)."""
+    from dwiflow.core.dki import (BEP016_KURTOSIS_ORDER, KURTOSIS_ELEMENT_NAMES, MAX_KURTOSIS, MIN_KURTOSIS,
+                                  STATUS_CODES, DiffusionKurtosisModel)
+
+    run = load_dwi(files["dwi"], files["bval"], files["bvec"])
+    if options.method.startswith("dipy-"):
+        model = DiffusionKurtosisModel(run.gtab, fit_method=options.method.removeprefix("dipy-").upper())
+        how = {"FitMethod": f"DIPY DiffusionKurtosisModel {options.method.removeprefix('dipy-').upper()}",
+               "MinDiffusivity": model.min_diffusivity}
+    else:
+        model = DiffusionKurtosisModel(run.gtab, fit_method="IWLS", iterations=options.iter,
+                                       ols_start=options.method == "ols")
+        how = {"FitMethod": f"MRtrix3 dwi2tensor -dkt: first fit {options.method.upper()}, then IWLS",
+               "Iterations": options.iter if options.iter > 1 else 0}
+    voxels = voxels_to_fit(run, files.get("mask"), files["dwi"])
+    fit = model.fit(run.data, voxels)
+    maps = {"mk": lambda: fit.mk, "ak": lambda: fit.ak, "rk": lambda: fit.rk, "mkt": lambda: fit.mkt,
+            "kfa": lambda: fit.kfa, "fa": lambda: fit.fa, "md": lambda: fit.md, "ad": lambda: fit.ad,
+            "rd": lambda: fit.rd, "s0": lambda: fit.s0_map, "kurtosis": lambda: fit.kurtosis_elements,
+            "tensor": lambda: fit.elements, "status": lambda: fit.status}
+    parameters = {**how, "KurtosisClippedTo": [MIN_KURTOSIS, MAX_KURTOSIS],
+                  "ShellBvalues": sorted({round(float(b)) for b in run.gtab.bvals}),
+                  "VoxelsFailed": int(((fit.status != 0) & fit.mask).sum())}
+    per_output = {"kurtosis": {"TensorElementOrder": list(KURTOSIS_ELEMENT_NAMES),
+                               "TensorElementIndices": [list(i) for i in BEP016_KURTOSIS_ORDER]}}
+    return write_maps(STAGES[0], outputs, lambda name: maps[name](), run.affine, parameters,
+                      provenance(files["dwi"], files["bval"], files["bvec"], files.get("mask")), STATUS_CODES,
+                      per_output=per_output)
+
+
+def check_dki_data(data, options: DkiOptions) -> None:
+    if data.n_dw_shells + (1 if data.n_b0 else 0) < 3:
+        have = ", ".join(["b=0"] * bool(data.n_b0) + [f"b={b:g}" for b, _ in data.shells]) or "none"
+        raise DwiflowInputError(f"DKI needs at least three distinct b-values (b=0 counts; e.g. b=0 and two shells): "
+                                f"this run has {have}")
+
+
+def _methods_sentence(options: DkiOptions) -> str:
+    if options.method.startswith("dipy-"):
+        how = ("weighted linear least squares with weights from an ordinary least-squares fit, as DIPY's "
+               "DiffusionKurtosisModel" if options.method == "dipy-wls" else
+               "ordinary linear least squares, as DIPY's DiffusionKurtosisModel")
+    else:
+        first = "weighted by the measured signal" if options.method == "wls" else "unweighted"
+        refits = (f", then refitted {options.iter} times with weights from the predicted signal" if options.iter > 1
+                  else "")
+        how = f"linear least squares ({first}{refits}), as MRtrix3's dwi2tensor -dkt"
+    return (f"The diffusion kurtosis model was fitted to the log-signal by {how}; "
+            "mean, axial and radial kurtosis were computed analytically, with the mean of the kurtosis tensor and "
+            "the kurtosis fractional anisotropy")
+
+
+STAGES = (
+    Stage(
+        name="dki", order=25, title="Diffusion kurtosis (Jensen 2005)",
+        methods=_methods_sentence,
+        references=lambda o: ("jensen2005", "tabesh2011", "hansen2013", "glenn2015")
+        + (("dipy",) if o.method.startswith("dipy-") else ("veraart2013", "mrtrix3")),
+        summary="diffusion kurtosis imaging: MK, AK, RK, MKT, KFA and the tensor of the same fit",
+        description="Diffusion and kurtosis tensors fitted to the log-signal (Jensen et al. 2005) by OLS or WLS "
+                    "as DIPY's DiffusionKurtosisModel (default), or as MRtrix3's dwi2tensor -dkt; mean, axial and radial kurtosis in closed form "
+                    "(Tabesh et al. 2011), mean of the kurtosis tensor (Hansen et al. 2013), kurtosis fractional "
+                    "anisotropy (Glenn et al. 2015). Needs b=0 and two shells (or three shells). Give one option per "
+                    "map to write.",
+        options=DkiOptions, run=run_dki,
+        inputs=DWI_INPUTS + (Input("mask", "MASK", "voxels to fit (default: every voxel with signal)", required=False,
+                                   flag=True),),
+        outputs=tuple(Output(name, f"the {text} map", cli="flag") for name, text in _HELP.items()),
+        check_data=check_dki_data, scipy_blas=False,
+    ),
+)

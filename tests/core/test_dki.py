@@ -1,0 +1,220 @@
+"""DKI: the closed forms against their definitions, phantom recovery, DIPY 1.12 and MRtrix3's dwi2tensor -dkt."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import real_run
+
+from dwiflow.core.dki import (DIPY_KURTOSIS_ORDER, DiffusionKurtosisModel, carlson_rd, carlson_rf,
+                              full_kurtosis_tensor)
+from dwiflow.core.gradients import gradient_table
+from dwiflow.core.status import FitStatus
+
+
+def _sphere(n: int) -> np.ndarray:
+    """n nearly uniform unit vectors (Fibonacci lattice)."""
+    k = np.arange(n) + 0.5
+    z = 1 - 2 * k / n
+    phi = np.pi * (1 + 5 ** 0.5) * k
+    r = np.sqrt(1 - z * z)
+    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
+
+
+def _scheme() -> "gradient_table":
+    directions = _sphere(64)
+    bvals = np.concatenate([[0, 0], np.full(64, 1000.0), np.full(64, 2000.0), np.full(64, 3000.0)])
+    bvecs = np.concatenate([np.zeros((2, 3)), directions, directions[::-1], directions]).T
+    return gradient_table(bvals, bvecs, frame="world")
+
+
+def _tissue(seed: int, evals=(1.7e-3, 0.5e-3, 0.3e-3)) -> tuple[np.ndarray, np.ndarray]:
+    """A rotated diffusion tensor and the kurtosis tensor of a two-compartment mixture (a genuine W)."""
+    rng = np.random.default_rng(seed)
+    rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    diffusion = rotation @ np.diag(evals) @ rotation.T
+    other = rotation @ np.diag([1.0e-3, 0.9e-3, 0.8e-3]) @ rotation.T
+    # W of a 50/50 mixture of D and `other` (Jensen 2005): 3/MD² times the covariance of the compartments' D
+    mean = (diffusion + other) / 2
+    md = np.trace(mean) / 3
+    dev = [diffusion - mean, other - mean]
+    full = np.zeros((3, 3, 3, 3))
+    for d in dev:
+        full += 0.5 * (np.einsum("ij,kl->ijkl", d, d) + np.einsum("ik,jl->ijkl", d, d) + np.einsum("il,jk->ijkl", d, d))
+    full *= 3 / md ** 2 / 3  # the symmetrised covariance (3 pairings, each counted once) times 3/MD²
+    return mean, full
+
+
+def _signal(gtab, diffusion: np.ndarray, full: np.ndarray, s0: float = 1000.0) -> np.ndarray:
+    g, b = gtab.bvecs, gtab.bvals
+    adc = np.einsum("ni,ij,nj->n", g, diffusion, g)
+    apparent_w = np.einsum("ni,nj,nk,nl,ijkl->n", g, g, g, g, full)
+    md = np.trace(diffusion) / 3
+    return s0 * np.exp(-b * adc + b * b * md * md * apparent_w / 6)
+
+
+def _apparent_kurtosis(diffusion, full, directions):
+    md = np.trace(diffusion) / 3
+    adc = np.einsum("ni,ij,nj->n", directions, diffusion, directions)
+    return md * md * np.einsum("ni,nj,nk,nl,ijkl->n", directions, directions, directions, directions, full) / adc ** 2
+
+
+def test_carlson_integrals_equal_scipy():
+    from scipy.special import elliprd, elliprf
+
+    rng = np.random.default_rng(0)
+    x, y, z = rng.uniform(0.05, 20, size=(3, 2000))
+    assert np.max(np.abs(carlson_rf(x, y, z) / elliprf(x, y, z) - 1)) < 1e-12
+    assert np.max(np.abs(carlson_rd(x, y, z) / elliprd(x, y, z) - 1)) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["WLS", "OLS", "IWLS"])
+@pytest.mark.parametrize("evals", [(1.7e-3, 0.5e-3, 0.3e-3), (1.5e-3, 0.4e-3, 0.4e-3), (2.0e-3, 1.2e-3, 0.2e-3)])
+def test_phantom_tensors_and_maps_equal_their_definitions(method, evals, record):
+    """Noise-free signals of known D and W: both recovered; MK is the mean apparent kurtosis over the sphere, AK the
+    apparent kurtosis along the principal eigenvector, RK its mean over the perpendicular circle, MKT the mean of W
+    over the sphere (Hansen 2013), KFA its definition (Glenn 2015)."""
+    gtab = _scheme()
+    tissues = [_tissue(seed, evals) for seed in range(4)]
+    data = np.stack([_signal(gtab, d, w) for d, w in tissues])[:, None, None, :]
+    fit = DiffusionKurtosisModel(gtab, fit_method=method).fit(data)
+    assert np.all(fit.status == FitStatus.OK)
+    sphere = _sphere(20000)
+    for index, (diffusion, full) in enumerate(tissues):
+        recovered = full_kurtosis_tensor(fit.kurtosis[index, 0, 0])
+        assert np.max(np.abs(recovered - full)) < 1e-6 * np.max(np.abs(full))
+        xx, xy, yy, xz, yz, zz = fit.lower_triangular[index, 0, 0]
+        assert np.allclose([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]], diffusion, rtol=0, atol=1e-12)
+        mk = _apparent_kurtosis(diffusion, full, sphere).mean()
+        values, vectors = np.linalg.eigh(diffusion)
+        principal = vectors[:, np.argmax(values)]
+        ak = _apparent_kurtosis(diffusion, full, principal[None])[0]
+        rk = _apparent_kurtosis(diffusion, full, _circle(principal)).mean()
+        mkt = np.einsum("ni,nj,nk,nl,ijkl->n", sphere, sphere, sphere, sphere, full).mean()
+        mkt_tensor = np.einsum("iijj->", full) / 5
+        deviation = full.copy()
+        identity = (np.einsum("ij,kl->ijkl", np.eye(3), np.eye(3)) + np.einsum("ik,jl->ijkl", np.eye(3), np.eye(3))
+                    + np.einsum("il,jk->ijkl", np.eye(3), np.eye(3))) / 3
+        deviation -= mkt_tensor * identity
+        kfa = np.sqrt((deviation ** 2).sum() / (full ** 2).sum())
+        nearly_equal = abs(evals[1] - evals[2]) < 0.025 * evals[1] and evals[1] != evals[2]
+        got = {name: float(getattr(fit, name)[index, 0, 0]) for name in ("mk", "ak", "rk", "mkt", "kfa")}
+        assert got["mk"] == pytest.approx(mk, rel=2e-3 if nearly_equal else 1e-5)
+        assert got["ak"] == pytest.approx(ak, rel=1e-9)
+        assert got["rk"] == pytest.approx(rk, rel=1e-6)
+        assert got["mkt"] == pytest.approx(mkt, rel=1e-4) and got["mkt"] == pytest.approx(mkt_tensor, rel=1e-9)
+        assert got["kfa"] == pytest.approx(kfa, rel=1e-9)
+    if method == "WLS" and evals[1] != evals[2]:
+        record("dki", f"MK vs mean apparent kurtosis over 20000 directions, relative (eigenvalues {evals})",
+               abs(got["mk"] / mk - 1), "< 1e-4", "definition (Jensen 2005; closed form Tabesh 2011)")
+
+
+def _kurtosis_maps_against_dipy(acq: str, method: str, record) -> None:
+    from dipy.core.gradients import gradient_table as dipy_gradient_table
+    from dipy.reconst.dki import DiffusionKurtosisModel as DipyModel
+
+    from dwiflow.tasks.io import load_dwi, load_mask
+
+    paths = real_run(f"sub-01_acq-{acq}")
+    run = load_dwi(paths["dwi"], paths["bval"], paths["bvec"])
+    mask = load_mask(paths["mask"], run.data.shape[:3], run.affine)
+    signal = np.asarray(run.data[mask], dtype=float)
+    ours = DiffusionKurtosisModel(run.gtab, fit_method=method).fit(signal[:, None, None, :])
+    reference = DipyModel(dipy_gradient_table(run.gtab.bvals, bvecs=run.gtab.bvecs, b0_threshold=run.gtab.b0_threshold),
+                          fit_method=method).fit(signal)
+    ok = ours.status.ravel() == FitStatus.OK
+    assert ok.mean() > 0.97  # the rest: an eigenvalue <= 2e-7 mm²/s (DIPY writes 0) or DW signal above b=0
+    sphere = _sphere(100000)
+    for name in ("mk", "ak", "rk", "mkt", "kfa", "fa", "md"):
+        got = getattr(ours, name).ravel()[ok]
+        expected = getattr(reference, name)
+        expected = (expected() if callable(expected) else expected)[ok]
+        relative = np.abs(got - expected) / np.maximum(np.abs(expected), 1e-12)
+        assert np.median(relative) < 1e-4, (name, np.median(relative))
+        record("dki", f"{name.upper()} median relative difference ({acq}, {method}, {ok.sum()} voxels)",
+               np.median(relative), "< 1e-4", f"DIPY 1.12 DiffusionKurtosisModel {method}")
+        if name not in ("mk", "rk"):
+            assert np.mean(relative < 1e-6) > 0.999, (name, np.percentile(relative, 99.9))
+            continue
+        # where MK and RK differ from DIPY's most, ours are their definitions: the average apparent kurtosis over the
+        # sphere, or over the circle perpendicular to the principal eigenvector (DIPY's elliptic integrals and its
+        # 2.5% band of "equal" eigenvalues err there)
+        worst = np.argsort(relative)[-10:]
+        evals, evecs = ours.evals.reshape(-1, 3)[ok][worst], ours.evecs.reshape(-1, 3, 3)[ok][worst]
+        kurtosis = ours.kurtosis.reshape(-1, 15)[ok][worst]
+        for value, reference_value, lam, vectors, w in zip(got[worst], expected[worst], evals, evecs, kurtosis):
+            diffusion = vectors @ np.diag(lam) @ vectors.T
+            directions = sphere if name == "mk" else _circle(vectors[:, 0])
+            definition = _apparent_kurtosis(diffusion, full_kurtosis_tensor(w), directions).mean()
+            assert abs(value / definition - 1) < 2e-5 < abs(reference_value / definition - 1)
+        record("dki", f"{name.upper()} largest relative difference from DIPY ({acq}, {method}); ours equals the "
+               "definition there within 2e-5", relative.max(), "(DIPY's error)",
+               f"DIPY 1.12 DiffusionKurtosisModel {method}")
+
+
+def _circle(axis: np.ndarray, n: int = 4000) -> np.ndarray:
+    """n directions evenly spaced on the half circle perpendicular to ``axis``."""
+    helper = np.cross(axis, [1.0, 0, 0] if abs(axis[0]) < 0.9 else [0, 1.0, 0])
+    helper /= np.linalg.norm(helper)
+    angles = np.linspace(0, np.pi, n, endpoint=False)
+    return np.cos(angles)[:, None] * helper + np.sin(angles)[:, None] * np.cross(axis, helper)
+
+
+def test_maps_equal_dipy_wls_on_real_data(record):
+    _kurtosis_maps_against_dipy("b6kmax", "WLS", record)
+
+
+def test_maps_equal_dipy_ols_on_real_data(record):
+    _kurtosis_maps_against_dipy("b1kb2k", "OLS", record)
+
+
+MRTRIX3_KURTOSIS_ORDER = ((0, 0, 0, 0), (1, 1, 1, 1), (2, 2, 2, 2), (0, 0, 0, 1), (0, 0, 0, 2), (0, 1, 1, 1),
+                          (0, 2, 2, 2), (1, 1, 1, 2), (1, 2, 2, 2), (0, 0, 1, 1), (0, 0, 2, 2), (1, 1, 2, 2),
+                          (0, 0, 1, 2), (0, 1, 1, 2), (0, 1, 2, 2))  # dwi2tensor -help
+
+
+@pytest.mark.parametrize("options", [(), ("-iter", "0"), ("-ols",), ("-ols", "-iter", "4")])
+def test_tensors_equal_dwi2tensor_dkt(mrtrix, tmp_path, options, record):
+    import nibabel as nib
+
+    from dwiflow.tasks.io import load_dwi, load_mask
+
+    paths = real_run("sub-01_acq-b6kmax")
+    dt, dkt = tmp_path / "dt.nii", tmp_path / "dkt.nii"
+    subprocess.run(["dwi2tensor", paths["dwi"], "-fslgrad", paths["bvec"], paths["bval"], "-mask", paths["mask"],
+                    "-dkt", dkt, dt, "-nthreads", "1", "-quiet", *options], check=True)
+    run = load_dwi(paths["dwi"], paths["bval"], paths["bvec"])
+    mask = load_mask(paths["mask"], run.data.shape[:3], run.affine)
+    iterations = int(options[options.index("-iter") + 1]) if "-iter" in options else 2
+    fit = DiffusionKurtosisModel(run.gtab, fit_method="IWLS", iterations=iterations,
+                                 ols_start="-ols" in options).fit(run.data, mask)
+    ok = fit.status[mask] == FitStatus.OK
+    assert ok.mean() > 0.98
+    theirs_w = nib.load(dkt).get_fdata()[mask][:, [MRTRIX3_KURTOSIS_ORDER.index(i) for i in DIPY_KURTOSIS_ORDER]]
+    theirs_d = nib.load(dt).get_fdata()[mask]  # D11 D22 D33 D12 D13 D23
+    ours_d = fit.lower_triangular[mask][:, [0, 2, 5, 1, 3, 4]]
+    for ours, theirs, what in ((fit.kurtosis[mask], theirs_w, "W"), (ours_d, theirs_d, "D")):
+        relative = (np.abs(ours - theirs).max(axis=1) / np.abs(theirs).max(axis=1))[ok]
+        assert np.mean(relative <= 1e-5) >= 0.999, (what, np.median(relative))
+        record("dki", f"{what} elements: voxels within 1e-5 of the largest element (dwi2tensor -dkt "
+               f"{' '.join(options) or 'default'})", np.mean(relative <= 1e-5), ">= 0.999", "MRtrix3 3.0.3")
+
+
+def test_data_that_cannot_determine_kurtosis_are_refused(tmp_path, capsys):
+    from conftest import write_gradients, write_nifti
+
+    from dwiflow.cli.dwirecon import main as dwirecon
+
+    gtab = _scheme()
+    keep = gtab.bvals < 1500  # b=0 and one shell
+    diffusion, full = _tissue(0)
+    data = np.tile(_signal(gtab, diffusion, full)[keep], (2, 2, 1, 1)).astype(np.float32)
+    dwi = write_nifti(tmp_path / "dwi.nii.gz", data)
+    bval, bvec = write_gradients(tmp_path / "dwi", gtab.bvals[keep], gtab.bvecs[keep].T)
+    out = tmp_path / "mk.nii.gz"
+    assert dwirecon(["dki", str(dwi), str(bval), str(bvec), "--mk", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "DKI needs at least three distinct b-values" in error, error
+    assert not out.exists()
