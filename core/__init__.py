@@ -18,7 +18,7 @@ _PUBLIC = {
     "tournier_response": "response_iterative", "tax_response": "response_iterative",
     "dhollander": "dhollander",
     "CsdModel": "csd", "MsmtCsdModel": "msmt_csd", "RumbaSDModel": "rumba", "MapmriModel": "mapmri",
-    "SmtModel": "smt",
+    "SmtModel": "smt", "NoddiModel": "noddi",
     "find_peaks": "peaks", "median_otsu_mask": "mask",
     "Sphere": "sphere", "get_sphere": "sphere",
     "FitStatus": "status", "DwiflowInputError": "errors",

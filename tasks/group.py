@@ -27,6 +27,8 @@ SUMMARY_METRICS = (
     ("mapmri_ng_median", "mapmri_ng", "median"),
     ("smt_lpar_mean", "smt_lpar", "mean"), ("smt_lperp_mean", "smt_lperp", "mean"), ("smt_odi_mean", "smt_odi", "mean"),
     ("dki_mk_mean", "dki_mk", "mean"), ("dki_kfa_mean", "dki_kfa", "mean"),
+    ("noddi_icvf_mean", "noddi_icvf", "mean"), ("noddi_odi_mean", "noddi_odi", "mean"),
+    ("noddi_isovf_mean", "noddi_isovf", "mean"),
 )
 SUMMARY_COLUMNS = ("run", "voxels_in_mask", *(c for c, _, _ in SUMMARY_METRICS), "response_wm_l0_highest_shell")
 

@@ -25,6 +25,9 @@ REFERENCES: dict[str, str] = {
                   "1994;66(1):259-267.",
     "veraart2013": "Veraart J, Sijbers J, Sunaert S, Leemans A, Jeurissen B. Weighted linear least squares estimation "
                    "of diffusion MRI parameters: strengths, limitations, and pitfalls. NeuroImage. 2013;81:335-346.",
+    "daducci2015": "Daducci A, Canales-Rodriguez EJ, Zhang H, Dyrby TB, Alexander DC, Thiran JP. Accelerated "
+                   "microstructure imaging via convex optimization (AMICO) from diffusion MRI data. NeuroImage. "
+                   "2015;105:32-44.",
     "jensen2005": "Jensen JH, Helpern JA, Ramani A, Lu H, Kaczynski K. Diffusional kurtosis imaging: the "
                   "quantification of non-Gaussian water diffusion by means of magnetic resonance imaging. Magn Reson "
                   "Med. 2005;53(6):1432-1440.",

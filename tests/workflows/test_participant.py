@@ -280,7 +280,7 @@ def test_smt_preset_runs_through_the_bids_app(dataset, tmp_path):
     assert 1.6e-3 < np.nanmedian(lpar[mask]) < 2.6e-3
 
 
-@pytest.mark.parametrize("recon_spec", ["rumba", "mapmri", "smt", "dki"])
+@pytest.mark.parametrize("recon_spec", ["rumba", "mapmri", "smt", "dki", "noddi"])
 def test_builtin_specs_write_bep016_sidecars(dataset, tmp_path, recon_spec):
     """The built-in recon specs the other tests do not run whole (csd: test_bids_real, msmt: test_msmt_pipeline)
     on the phantom: every sidecar follows the BEP016 draft's rules and the dataset has its Authors."""

@@ -75,6 +75,7 @@ BAD_SPECS = [
     (_spec({"mask": {}, "mapmri": {"radial_order": 5}}), "stages.mapmri.radial_order: must be an even integer, got 5"),
     (_spec({"mask": {}, "mapmri": {"compare": ["MAPX"]}}), "stages.mapmri.compare: every value must be one of MAP"),
     (_spec({"mask": {}, "smt": {"n_fod": 4}}), "stages.smt.n_fod: must be <= 3, got 4"),
+    (_spec({"mask": {}, "noddi": {"d_par": 0}}), "stages.noddi.d_par: must be > 0, got 0"),
     (_spec({"mask": {}, "dki": {"method": "cls"}}), "stages.dki.method: must be one of dipy-wls, dipy-ols, wls, ols, "
                                                     "got 'cls'"),
     (_with("peaks", {"npeaks": 0}), "stages.peaks.npeaks: must be >= 1, got 0"),
