@@ -558,6 +558,71 @@ def bench_dki(n_voxels: int, repeats: int, workdir: Path) -> list[dict]:
     return rows
 
 
+AMICO_NODDI_SCRIPT = """
+import os, sys, amico
+dwi, bval, bvec, mask, work, regenerate = sys.argv[1:7]
+amico.setup()
+amico.util.fsl2scheme(bval, bvec, schemeFilename=os.path.join(work, "dwi.scheme"))
+evaluation = amico.Evaluation(study_path=work, subject="s", output_path=os.path.join(work, "out"))
+evaluation.set_config("nthreads", int(os.environ["OMP_NUM_THREADS"]))
+evaluation.set_config("BLAS_nthreads", int(os.environ["OMP_NUM_THREADS"]))
+evaluation.load_data(dwi, os.path.join(work, "dwi.scheme"), mask_filename=mask, b0_thr=0)
+evaluation.set_model("NODDI")
+evaluation.generate_kernels(regenerate=regenerate == "1")
+evaluation.load_kernels()
+evaluation.fit()
+evaluation.save_results()
+"""
+
+
+def bench_noddi(copies: int, repeats: int, workdir: Path) -> list[dict]:
+    """``dwirecon noddi`` against dmri-amico's NODDI (its defaults) as whole commands on sub-01 b1kb2k of bids_real
+    tiled ``copies`` times along z, same threads: AMICO generating its kernels (as a fresh run, or QSIRecon's, does)
+    and AMICO with its kernels already generated for this scheme."""
+    import importlib.util
+
+    if importlib.util.find_spec("amico") is None:
+        return []
+    data_root = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bids_real"
+    base = data_root / "sub-01" / "dwi" / "sub-01_acq-b1kb2k_dwi"
+    mask_path = data_root / "derivatives" / "masks" / "sub-01" / "dwi" / "sub-01_acq-b1kb2k_desc-brain_mask.nii.gz"
+    if not mask_path.exists():
+        return []
+    img, mask_img = nib.load(f"{base}.nii.gz"), nib.load(mask_path)
+    dwi, mask = workdir / "noddi_dwi.nii.gz", workdir / "noddi_mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.concatenate([np.asarray(img.dataobj)] * copies, axis=2), img.affine), dwi)
+    tiled_mask = np.concatenate([np.asarray(mask_img.dataobj)] * copies, axis=2)
+    nib.save(nib.Nifti1Image(tiled_mask.astype(np.uint8), mask_img.affine), mask)
+    nvox = int((tiled_mask > 0).sum())
+    bval, bvec = f"{base}.bval", f"{base}.bvec"
+    rows = []
+    for threads in (1, 2):
+        ours = [sys.executable, "-m", "dwiflow.cli.dwirecon", "noddi", str(dwi), bval, bvec, "--mask", str(mask), "-q",
+                "--icvf", str(workdir / "noddi_icvf.nii.gz"), "--odi", str(workdir / "noddi_odi.nii.gz"),
+                "--isovf", str(workdir / "noddi_isovf.nii.gz")]
+        t_o = _whole_command(ours, threads, repeats)
+        amico_dir = workdir / f"amico{threads}"
+        shutil.rmtree(amico_dir, ignore_errors=True)
+        amico_dir.mkdir()
+        theirs = [sys.executable, "-c", AMICO_NODDI_SCRIPT, str(dwi), bval, bvec, str(mask), str(amico_dir)]
+        t_fresh = _whole_command(theirs + ["1"], threads, 1)
+        t_cached = _whole_command(theirs + ["0"], threads, 1)
+        inside = tiled_mask > 0
+        medians = []
+        for ours_name, theirs_name in (("icvf", "NDI"), ("odi", "ODI"), ("isovf", "FWF")):
+            a = nib.load(workdir / f"noddi_{ours_name}.nii.gz").get_fdata()[inside]
+            b = nib.load(amico_dir / "s" / "out" / f"fit_{theirs_name}.nii.gz").get_fdata()[inside] \
+                if (amico_dir / "s" / "out").exists() else nib.load(amico_dir / "out" / f"fit_{theirs_name}.nii.gz"
+                                                                   ).get_fdata()[inside]
+            medians.append(np.nanmedian(np.abs(a - b)))
+        accuracy = f"median |diff| ICVF {medians[0]:.1e}, ODI {medians[1]:.1e}, ISOVF {medians[2]:.1e}"
+        rows.append({"step": "noddi command", "peer": f"dmri-amico 2.1 NODDI, generating kernels ({threads} thr.)",
+                     "voxels": nvox, "dwiflow_s": t_o, "peer_s": t_fresh, "accuracy": accuracy})
+        rows.append({"step": "noddi command", "peer": f"dmri-amico 2.1 NODDI, kernels cached ({threads} thr.)",
+                     "voxels": nvox, "dwiflow_s": t_o, "peer_s": t_cached, "accuracy": accuracy})
+    return rows
+
+
 def _thread_env(threads: int) -> dict[str, str]:
     """The environment with every thread pool (numba, OpenMP, OpenBLAS, MKL) at ``threads``."""
     return dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
@@ -849,13 +914,15 @@ def main() -> int:
     parser.add_argument("--mapmri-dipy-seconds", type=float, default=20.0, help="time budget of each DIPY MAP-MRI run")
     parser.add_argument("--smt-voxels", type=int, default=20000, help="phantom size of the SMT steps")
     parser.add_argument("--smt-dipy-seconds", type=float, default=15.0, help="rough time budget of each dmipy run")
+    parser.add_argument("--noddi-copies", type=int, default=6,
+                        help="copies of sub-01 b1kb2k (8865 brain voxels) the NODDI steps fit (default 6: 53190)")
     parser.add_argument("--dki-voxels", type=int, default=50000, help="phantom size of the DKI steps")
     parser.add_argument("--msmt-voxels", type=int, default=20000, help="three-tissue phantom of the msmt steps")
     parser.add_argument("--msmt-spec-fov", type=lambda t: tuple(int(v) for v in t.split(",")), default=(96, 96, 60),
                         help="field of view of the whole msmt recon-spec step (default 96,96,60: a 2 mm brain, "
                              "~165k brain voxels)")
     parser.add_argument("--steps", help="comma-separated subset of: tensor, amp2response, csd, iterative, msmt, "
-                                        "msmt-spec, rumba, mapmri, smt, dki")
+                                        "msmt-spec, rumba, mapmri, smt, dki, noddi")
     parser.add_argument("--repeats", type=int, default=3, help="best of N timings")
     parser.add_argument("--json", type=Path, metavar="FILE",
                         help="also write the rows (with the machine, thread count and date) to FILE, e.g. "
@@ -870,6 +937,7 @@ def main() -> int:
         "mapmri": lambda tmp: bench_mapmri(args.mapmri_voxels, args.mapmri_dipy_seconds),
         "msmt": lambda tmp: bench_msmt(args.msmt_voxels, args.repeats, tmp),
         "dki": lambda tmp: bench_dki(args.dki_voxels, args.repeats, tmp),
+        "noddi": lambda tmp: bench_noddi(args.noddi_copies, args.repeats, tmp),
         "msmt-spec": lambda tmp: bench_msmt_spec(args.msmt_spec_fov, tmp),
         "rumba": lambda tmp: bench_rumba(args.rumba_voxels, args.rumba_dipy_voxels, args.rumba_global_shape,
                                          args.rumba_memory_voxels),
