@@ -17,7 +17,7 @@ _PUBLIC = {
     "amp2response": "response", "response_mean": "response", "ResponseFunction": "response",
     "tournier_response": "response_iterative", "tax_response": "response_iterative",
     "dhollander": "dhollander",
-    "CsdModel": "csd", "MsmtCsdModel": "msmt_csd", "RumbaSDModel": "rumba", "MapmriModel": "mapmri",
+    "CsdModel": "csd", "MsmtCsdModel": "msmt_csd", "Ss3tCsdModel": "ss3t", "RumbaSDModel": "rumba", "MapmriModel": "mapmri",
     "SmtModel": "smt", "NoddiModel": "noddi",
     "find_peaks": "peaks", "median_otsu_mask": "mask",
     "Sphere": "sphere", "get_sphere": "sphere",

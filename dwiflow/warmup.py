@@ -18,18 +18,24 @@ def warm_up(specs: list[str] | None = None) -> int:
     """Run each built-in recon spec (default: all) on a 14x14x10 three-tissue phantom; 0 when every spec ran."""
     from dwiflow.cli.bidsapp import main as bidsapp
     from dwiflow.tasks.recon_spec import builtin_specs
-    from dwiflow.tasks.stages.phantom import three_tissue_block, write_phantom_dataset
+    from dwiflow.tasks.stages.phantom import keep_one_shell, three_tissue_block, write_phantom_dataset
 
     failed = []
     with tempfile.TemporaryDirectory(prefix="dwiflow-warmup-") as tmp:
         root = Path(tmp)
         files = write_phantom_dataset(root / "bids", scheme="multi", shape=(14, 14, 10), snr=30.0, seed=1)
         three_tissue_block(files["dwi"])
+        # single-shell specs (ss3t) run on a copy with b=0 and the b=3000 shell
+        import shutil
+
+        shutil.copytree(root / "bids", root / "bids_single")
+        keep_one_shell(root / "bids_single" / files["dwi"].relative_to(root / "bids"), 3000.0)
         for name in specs or builtin_specs():
             t0 = time.perf_counter()
             spec = _small_data_spec(name, root)
-            code = bidsapp([str(root / "bids"), str(root / f"out_{name}"), "participant", "--recon-spec", spec,
-                            "--mask-dir", str(root / "bids" / "derivatives" / "masks"), "--work-dir",
+            bids = root / ("bids_single" if name == "ss3t" else "bids")
+            code = bidsapp([str(bids), str(root / f"out_{name}"), "participant", "--recon-spec", spec,
+                            "--mask-dir", str(bids / "derivatives" / "masks"), "--work-dir",
                             str(root / f"work_{name}"), "--worker", "debug"])
             print(f"[warmup] recon spec {name}: exit {code} in {time.perf_counter() - t0:.1f} s", flush=True)
             if code != 0:
@@ -57,7 +63,7 @@ def _small_data_spec(name: str, root: Path) -> str:
     text = (Path(recon_spec.__file__).parent / "recon_specs" / f"{name}.yaml").read_text()
     spec = yaml.safe_load(text)
     response = spec.get("stages", {}).get("response") or {}
-    if response.get("method") == "dhollander":
+    if response.get("method") == "dhollander":  # msmt, ss3t
         response["options"] = {**(response.get("options") or {}), "erode": 0, "sfwm": 5.0}
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(spec))

@@ -28,6 +28,9 @@ REFERENCES: dict[str, str] = {
     "daducci2015": "Daducci A, Canales-Rodriguez EJ, Zhang H, Dyrby TB, Alexander DC, Thiran JP. Accelerated "
                    "microstructure imaging via convex optimization (AMICO) from diffusion MRI data. NeuroImage. "
                    "2015;105:32-44.",
+    "dhollander2016ss3t": "Dhollander T, Connelly A. A novel iterative approach to reap the benefits of multi-tissue "
+                          "CSD from just single-shell (+b=0) diffusion MRI data. Proc Intl Soc Mag Reson Med. "
+                          "2016;24:3010.",
     "jensen2005": "Jensen JH, Helpern JA, Ramani A, Lu H, Kaczynski K. Diffusional kurtosis imaging: the "
                   "quantification of non-Gaussian water diffusion by means of magnetic resonance imaging. Magn Reson "
                   "Med. 2005;53(6):1432-1440.",

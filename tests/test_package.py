@@ -76,7 +76,7 @@ def test_sdist_and_wheel_build_and_pass_twine_check(tmp_path):
         metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "License-Expression: BSD-3-Clause" in metadata and f"Version: {dwiflow.__version__}" in metadata
-    for spec in ("csd", "msmt", "mapmri", "rumba", "smt", "dki", "noddi"):
+    for spec in ("csd", "msmt", "ss3t", "mapmri", "rumba", "smt", "dki", "noddi"):
         assert f"dwiflow/tasks/recon_specs/{spec}.yaml" in names
     assert "dwiflow/bids_specs/outputs.yaml" in names
     assert "pydra/tasks/dwiflow/__init__.py" in names and not any(n in names for n in ("pydra/__init__.py",

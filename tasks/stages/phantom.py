@@ -113,6 +113,21 @@ def write_phantom_dataset(
     return files
 
 
+def keep_one_shell(dwi: Path, bvalue: float) -> None:
+    """Keep only the b=0 volumes and the shell ``bvalue`` of a phantom dataset's DWI (its image, .bval and .bvec in
+    place): single-shell data for SS3T-CSD from the three-tissue block of :func:`three_tissue_block`."""
+    import nibabel as nib
+
+    base = Path(str(dwi).removesuffix(".nii.gz"))
+    bvals = np.loadtxt(f"{base}.bval", ndmin=1)
+    bvecs = np.loadtxt(f"{base}.bvec", ndmin=2)
+    keep = np.flatnonzero((bvals <= 50) | (np.abs(bvals - bvalue) <= 50))
+    img = nib.load(dwi)
+    save_nifti(nib.Nifti1Image(np.asarray(img.dataobj)[..., keep], img.affine, img.header), dwi)
+    Path(f"{base}.bval").write_text(" ".join(f"{b:g}" for b in bvals[keep]) + "\n")
+    Path(f"{base}.bvec").write_text("\n".join(" ".join(f"{v:.8f}" for v in row) for row in bvecs[:, keep]) + "\n")
+
+
 STAGES = (
     Stage(
         name="phantom", order=2000, title="Phantom", summary="write a small BIDS phantom dataset with ground truth",

@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 
 from dwiflow.cli.bidsapp import main
 from dwiflow.cli.dwirecon import main as dwirecon
@@ -294,3 +295,40 @@ def test_builtin_specs_write_bep016_sidecars(dataset, tmp_path, recon_spec):
                  "--worker", "debug", "-q", "--authors", "A. Tester", "B. Tester"]) == 0
     assert dataset_problems(out) == {}
     assert json.loads((out / "dataset_description.json").read_text())["Authors"] == ["A. Tester", "B. Tester"]
+
+
+def load_builtin_yaml(name: str) -> dict:
+    from dwiflow.tasks import recon_spec
+
+    return yaml.safe_load((Path(recon_spec.__file__).parent / "recon_specs" / f"{name}.yaml").read_text())
+
+
+def test_ss3t_spec_on_single_shell_data_and_refused_on_multi_shell(tmp_path, capsys):
+    """The built-in ss3t spec on a single-shell (b=0 + 3000) three-tissue phantom: every stage's outputs, BEP016
+    sidecars, the tissue responses in the FOD's sidecar; on multi-shell data it is refused before anything runs."""
+    from dwiflow.tasks.stages.phantom import keep_one_shell, three_tissue_block, write_phantom_dataset
+
+    files = write_phantom_dataset(tmp_path / "bids", scheme="multi", shape=(14, 14, 10), snr=30.0, seed=1)
+    three_tissue_block(files["dwi"])
+    masks = str(tmp_path / "bids" / "derivatives" / "masks")
+    refused = main([str(tmp_path / "bids"), str(tmp_path / "refused"), "participant", "--recon-spec", "ss3t",
+                    "--mask-dir", masks, "--work-dir", str(tmp_path / "w0"), "--worker", "debug", "-q"])
+    assert refused == 2
+    assert "SS3T-CSD needs b=0 and exactly one diffusion-weighted shell; this run has b=0, 1000, 2000, 3000" in \
+        capsys.readouterr().err
+    assert not list((tmp_path / "refused").glob("sub-*"))
+    keep_one_shell(files["dwi"], 3000.0)
+    out = tmp_path / "out"
+    spec = load_builtin_yaml("ss3t")  # the built-in spec, with dhollander's selection sized for a small phantom
+    spec["stages"]["response"]["options"] = {"erode": 0, "sfwm": 5.0}
+    (tmp_path / "ss3t.yaml").write_text(yaml.safe_dump(spec))
+    assert main([str(tmp_path / "bids"), str(out), "participant", "--recon-spec", str(tmp_path / "ss3t.yaml"),
+                 "--mask-dir", masks,
+                 "--work-dir", str(tmp_path / "w"), "--worker", "debug", "-q"]) == 0
+    folder = out / "sub-phantom" / "dwi"
+    for name in ("model-ss3tcsd_param-fod_desc-wm", "model-ss3tcsd_param-fod_desc-gm",
+                 "model-ss3tcsd_param-fod_desc-csf"):
+        assert (folder / f"sub-phantom_{name}_dwimap.nii.gz").is_file(), name
+    sidecar = json.loads((folder / "sub-phantom_model-ss3tcsd_param-fod_desc-wm_dwimap.json").read_text())
+    assert sidecar["Model"]["Parameters"]["Iterations"] == 3 and len(sidecar["ResponseFunction"]["Coefficients"]) == 2
+    assert dataset_problems(out) == {}

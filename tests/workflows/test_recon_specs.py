@@ -76,6 +76,8 @@ BAD_SPECS = [
     (_spec({"mask": {}, "mapmri": {"compare": ["MAPX"]}}), "stages.mapmri.compare: every value must be one of MAP"),
     (_spec({"mask": {}, "smt": {"n_fod": 4}}), "stages.smt.n_fod: must be <= 3, got 4"),
     (_spec({"mask": {}, "noddi": {"d_par": 0}}), "stages.noddi.d_par: must be > 0, got 0"),
+    (_spec({"mask": {}, "response": {"method": "dhollander"}, "ss3t_csd": {"niter": 1}}),
+     "stages.ss3t_csd.niter: must be >= 2, got 1"),
     (_spec({"mask": {}, "dki": {"method": "cls"}}), "stages.dki.method: must be one of dipy-wls, dipy-ols, wls, ols, "
                                                     "got 'cls'"),
     (_with("peaks", {"npeaks": 0}), "stages.peaks.npeaks: must be >= 1, got 0"),
@@ -106,8 +108,9 @@ BAD_SPECS = [
     (_spec({"mask": {}, "response": {"method": "dhollander"}, "msmt_csd": {}, "csd": {}}),
      "stages.msmt_csd"),
     (_spec({"mask": {}, "tensor": {}, "peaks": {}}), "stages.peaks: needs a fod from an earlier stage (add "
-                                                     "stages.csd or stages.msmt_csd or stages.mtnormalise or stages.rumba or "
-                                                     "stages.mapmri or stages.smt)"),
+                                                     "stages.csd or stages.msmt_csd or stages.ss3t_csd or "
+                                                     "stages.mtnormalise or stages.rumba or stages.mapmri or "
+                                                     "stages.smt)"),
     (_spec({"mask": {}, "smt": {"fod": "none"}, "peaks": {}}), "stages.peaks: needs a fod from an earlier stage (the "
                                                                "FOD stage in this spec writes no FOD with these "
                                                                "options)"),
