@@ -623,6 +623,93 @@ def bench_noddi(copies: int, repeats: int, workdir: Path) -> list[dict]:
     return rows
 
 
+SS3T_MRTRIX_SCRIPT = """
+set -e
+cd "$1"; T="$2"; O="-quiet -force -nthreads $T"
+mrconvert dwi.nii.gz -fslgrad dwi.bvec dwi.bval dwi.mif $O
+dwiextract dwi.mif bz.mif -bzero $O
+dwiextract dwi.mif bnz.mif -no_bzero $O
+mrcalc bz.mif $(cat sw.txt) -mult wbz.mif $O
+mrcat wbz.mif bnz.mif wdwi_nograd.mif -axis 3 $O
+mrconvert wdwi_nograd.mif wdwi.mif -grad grad.txt $O
+dwi2fod msmt_csd wdwi.mif wgm.txt gm_0.mif wcsf.txt csf_0.mif -lmax 0,0 $O
+for i in 1 2 3; do
+  p=$((i-1))
+  mrcalc csf_$p.mif $(cat csf_b0.txt) -mult csf_bz.mif $O
+  mrcalc csf_$p.mif $(cat csf_bnz.txt) -mult csf_bnzsig.mif $O
+  mrcat $(for k in $(seq 1 $(cat nbz.txt)); do echo csf_bz.mif; done) \
+        $(for k in $(seq 1 $(cat nbnz.txt)); do echo csf_bnzsig.mif; done) csf_sig.mif -axis 3 $O
+  mrcalc wdwi.mif csf_sig.mif -subtract nocsf.mif $O
+  dwi2fod msmt_csd nocsf.mif -grad grad.txt wgm.txt tgm.mif wwm.txt wm_$i.mif -lmax 0,8 $O
+  shconv wm_$i.mif wm_bnz.txt wm_conv.mif $O
+  sh2amp wm_conv.mif dirs_bnz.txt wm_bnzsig.mif $O
+  mrconvert wm_$i.mif -coord 3 0 wm_l0.mif $O
+  mrcalc wm_l0.mif $(cat wm_b0.txt) -mult wm_bz.mif $O
+  mrcat $(for k in $(seq 1 $(cat nbz.txt)); do echo wm_bz.mif; done) wm_bnzsig.mif wm_sig.mif -axis 3 $O
+  mrcalc wdwi.mif wm_sig.mif -subtract nowm.mif $O
+  dwi2fod msmt_csd nowm.mif -grad grad.txt wgm.txt gm_$i.mif wcsf.txt csf_$i.mif -lmax 0,0 $O
+done
+mrconvert wm_3.mif wm.nii.gz $O
+mrconvert gm_3.mif gm.nii.gz $O
+mrconvert csf_3.mif csf.nii.gz $O
+"""
+
+
+def bench_ss3t(n_voxels: int, repeats: int, workdir: Path) -> list[dict]:
+    """``dwirecon ss3t-csd`` against ss3t_csd_beta1's steps run as MRtrix3 3.0.3 commands (MRtrix3Tissue's script
+    is those commands: dwiextract, mrcalc, mrcat, 7 dwi2fod msmt_csd, shconv, sh2amp), whole, same threads, on a
+    single-shell (b=0 + 3000) three-tissue phantom with its dhollander responses."""
+    if not shutil.which("dwi2fod"):
+        return []
+    from dwiflow.core.dhollander import dhollander
+    from dwiflow.core.sims import three_tissue_phantom
+
+    multi = acquisition_scheme("multi")
+    gtab = multi.subset(np.flatnonzero(multi.b0s_mask | (multi.bvals == 3000)))
+    side = int(round((n_voxels / 20) ** 0.5))
+    phantom = three_tissue_phantom(gtab, (side, side, 20), snr=30, seed=3)
+    responses = dhollander(phantom.data, gtab, np.ones(phantom.data.shape[:3], dtype=bool), erode=0)
+    folder = workdir / "ss3t"
+    folder.mkdir(exist_ok=True)
+    affine = np.eye(4)
+    nib.save(nib.Nifti1Image(phantom.data.astype(np.float32), affine), folder / "dwi.nii.gz")
+    np.savetxt(folder / "dwi.bval", gtab.bvals[None], fmt="%g")
+    np.savetxt(folder / "dwi.bvec", world_to_fsl_bvecs(gtab.bvecs, affine).T, fmt="%.8f")
+    b0 = gtab.b0s_mask
+    sw = np.sqrt((~b0).sum() * 10.0 / (b0.sum() * 100.0))
+    weighted = {t: r.coefficients.copy() for t, r in (("wm", responses.wm), ("gm", responses.gm),
+                                                      ("csf", responses.csf))}
+    for t, rows in weighted.items():
+        np.savetxt(folder / f"{t}.txt", rows, fmt="%.15g", header="Shells: 0,3000")
+        rows[0] *= sw
+        np.savetxt(folder / f"w{t}.txt", rows, fmt="%.15g")
+    np.savetxt(folder / "wm_bnz.txt", weighted["wm"][1:2], fmt="%.15g")
+    order = np.concatenate([np.flatnonzero(b0), np.flatnonzero(~b0)])  # dwiextract's b=0 first, then the shell
+    grad = np.column_stack([np.where(b0[:, None], 0.0, gtab.bvecs), np.where(b0, 0.0, 3000.0)])[order]
+    np.savetxt(folder / "grad.txt", grad, fmt="%.10g")
+    np.savetxt(folder / "dirs_bnz.txt", gtab.bvecs[~b0], fmt="%.10g")
+    for name, value in (("sw", sw), ("csf_b0", weighted["csf"][0, 0]), ("csf_bnz", weighted["csf"][1, 0]),
+                        ("wm_b0", weighted["wm"][0, 0]), ("nbz", int(b0.sum())), ("nbnz", int((~b0).sum()))):
+        (folder / f"{name}.txt").write_text(f"{value}\n")
+    nvox = int(np.prod(phantom.data.shape[:3]))
+    rows = []
+    for threads in (1, 2):
+        ours = [sys.executable, "-m", "dwiflow.cli.dwirecon", "ss3t-csd", str(folder / "dwi.nii.gz"),
+                str(folder / "dwi.bval"), str(folder / "dwi.bvec"), str(folder / "wm.txt"), str(folder / "gm.txt"),
+                str(folder / "csf.txt"), str(folder / "o_wm.nii.gz"), str(folder / "o_gm.nii.gz"),
+                str(folder / "o_csf.nii.gz"), "-q"]
+        t_o = _whole_command(ours, threads, repeats)
+        t_m = _whole_command(["bash", "-c", SS3T_MRTRIX_SCRIPT, "ss3t", str(folder), str(threads)], threads, 1)
+        mine = nib.load(folder / "o_wm.nii.gz").get_fdata().reshape(nvox, -1)
+        theirs = nib.load(folder / "wm.nii.gz").get_fdata().reshape(nvox, -1)
+        scale = np.maximum(np.abs(theirs).max(axis=1), 1e-3 * np.abs(theirs).max())
+        relative = np.abs(mine - theirs).max(axis=1) / scale
+        rows.append({"step": "ss3t command", "peer": f"ss3t_csd_beta1's steps, MRtrix3 3.0.3 ({threads} thr.)",
+                     "voxels": nvox, "dwiflow_s": t_o, "peer_s": t_m,
+                     "accuracy": f"WM FOD within 1e-4 (max-rel) in {np.mean(relative <= 1e-4):.4f} of voxels"})
+    return rows
+
+
 def _thread_env(threads: int) -> dict[str, str]:
     """The environment with every thread pool (numba, OpenMP, OpenBLAS, MKL) at ``threads``."""
     return dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
@@ -914,6 +1001,7 @@ def main() -> int:
     parser.add_argument("--mapmri-dipy-seconds", type=float, default=20.0, help="time budget of each DIPY MAP-MRI run")
     parser.add_argument("--smt-voxels", type=int, default=20000, help="phantom size of the SMT steps")
     parser.add_argument("--smt-dipy-seconds", type=float, default=15.0, help="rough time budget of each dmipy run")
+    parser.add_argument("--ss3t-voxels", type=int, default=20000, help="single-shell three-tissue phantom size")
     parser.add_argument("--noddi-copies", type=int, default=6,
                         help="copies of sub-01 b1kb2k (8865 brain voxels) the NODDI steps fit (default 6: 53190)")
     parser.add_argument("--dki-voxels", type=int, default=50000, help="phantom size of the DKI steps")
@@ -922,7 +1010,7 @@ def main() -> int:
                         help="field of view of the whole msmt recon-spec step (default 96,96,60: a 2 mm brain, "
                              "~165k brain voxels)")
     parser.add_argument("--steps", help="comma-separated subset of: tensor, amp2response, csd, iterative, msmt, "
-                                        "msmt-spec, rumba, mapmri, smt, dki, noddi")
+                                        "msmt-spec, rumba, mapmri, smt, dki, noddi, ss3t")
     parser.add_argument("--repeats", type=int, default=3, help="best of N timings")
     parser.add_argument("--json", type=Path, metavar="FILE",
                         help="also write the rows (with the machine, thread count and date) to FILE, e.g. "
@@ -938,6 +1026,7 @@ def main() -> int:
         "msmt": lambda tmp: bench_msmt(args.msmt_voxels, args.repeats, tmp),
         "dki": lambda tmp: bench_dki(args.dki_voxels, args.repeats, tmp),
         "noddi": lambda tmp: bench_noddi(args.noddi_copies, args.repeats, tmp),
+        "ss3t": lambda tmp: bench_ss3t(args.ss3t_voxels, args.repeats, tmp),
         "msmt-spec": lambda tmp: bench_msmt_spec(args.msmt_spec_fov, tmp),
         "rumba": lambda tmp: bench_rumba(args.rumba_voxels, args.rumba_dipy_voxels, args.rumba_global_shape,
                                          args.rumba_memory_voxels),
