@@ -1012,6 +1012,8 @@ def main() -> int:
     parser.add_argument("--steps", help="comma-separated subset of: tensor, amp2response, csd, iterative, msmt, "
                                         "msmt-spec, rumba, mapmri, smt, dki, noddi, ss3t")
     parser.add_argument("--repeats", type=int, default=3, help="best of N timings")
+    parser.add_argument("--update", action="store_true",
+                        help="with --json: replace only the rows of the steps run now, keep the file's others")
     parser.add_argument("--json", type=Path, metavar="FILE",
                         help="also write the rows (with the machine, thread count and date) to FILE, e.g. "
                              "benchmarks/results.json, which the documentation's validation page shows")
@@ -1045,12 +1047,13 @@ def main() -> int:
                 print_row(row)
                 rows.append(row)
     if args.json:
-        write_results(args.json, rows, " ".join(sys.argv[1:]))
+        write_results(args.json, rows, " ".join(sys.argv[1:]), update=args.update)
     return 0
 
 
-def write_results(path: Path, rows: list[dict], arguments: str) -> None:
-    """The rows as JSON, with what a reader needs to judge them: machine, threads, versions, date, command."""
+def write_results(path: Path, rows: list[dict], arguments: str, update: bool = False) -> None:
+    """The rows as JSON, with what a reader needs to judge them: machine, threads, versions, date, command.
+    ``update``: the file's rows of other steps are kept (and its commands, joined with "; ")."""
     import datetime
     import json
     import platform
@@ -1064,6 +1067,11 @@ def write_results(path: Path, rows: list[dict], arguments: str) -> None:
               "threads": {name: os.environ.get(name) for name in THREAD_VARIABLES},
               "rows": [{**row, "ratio": row["peer_s"] / row["dwiflow_s"] if row["dwiflow_s"] else None}
                        for row in rows]}
+    if update and path.is_file():
+        earlier = json.loads(path.read_text())
+        steps = {row["step"] for row in rows}
+        record["rows"] = [row for row in earlier["rows"] if row["step"] not in steps] + record["rows"]
+        record["command"] = f"{earlier['command']}; {record['command']}"
     path.write_text(json.dumps(record, indent=2, default=float) + "\n")
 
 

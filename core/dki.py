@@ -57,7 +57,8 @@ import numpy as np
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import GradientTable
 from dwiflow.core.status import FitStatus, signal_above_b0
-from dwiflow.core.tensor import DEFAULT_IWLS_ITERATIONS, MRTRIX3_SMALL_INTENSITY, _solve_stacked
+from dwiflow.core.tensor import (DEFAULT_IWLS_ITERATIONS, MRTRIX3_SMALL_INTENSITY, _solve_stacked,
+                                 check_fit_arguments)
 from dwiflow.core.voxels import VoxelBatch, iter_chunks, scatter
 
 MIN_POSITIVE_SIGNAL = 1e-4  # DIPY's floor of the signal before the logarithm
@@ -104,24 +105,31 @@ def _multiplicity(index: tuple[int, ...]) -> int:
     return factorial(4) // int(np.prod([factorial(int(c)) for c in counts]))
 
 
+def _duplicate(x: np.ndarray, y: np.ndarray, z: np.ndarray, mean: np.ndarray, spread: np.ndarray,
+               accumulate: bool) -> tuple[np.ndarray, ...]:
+    """Carlson's duplication theorem applied until ``4⁻ⁿ·spread`` falls below |mean| in every element; returns the
+    arguments, the mean, 4⁻ⁿ and (``accumulate``, for R_D) Σ 4⁻ᵏ / (√z_k (z_k + λ_k))."""
+    scale = np.ones_like(x)
+    total = np.zeros_like(x)
+    while True:
+        going = scale * spread > np.abs(mean)
+        if not going.any():
+            return x, y, z, mean, scale, total
+        rx, ry, rz = np.sqrt(x), np.sqrt(y), np.sqrt(z)
+        step = rx * (ry + rz) + ry * rz
+        if accumulate:
+            total = np.where(going, total + scale / (rz * (z + step)), total)
+        x, y, z, mean = (np.where(going, (value + step) / 4, value) for value in (x, y, z, mean))
+        scale = np.where(going, scale / 4, scale)
+
+
 def carlson_rf(x: np.ndarray, y: np.ndarray, z: np.ndarray, tolerance: float = CARLSON_TOLERANCE) -> np.ndarray:
     """Carlson's symmetric elliptic integral of the first kind R_F(x, y, z), elementwise for non-negative arguments:
     duplication until the truncated series' relative error is below ``tolerance``, then the series (Carlson 1995)."""
     x, y, z = (np.array(v, dtype=float, copy=True) for v in np.broadcast_arrays(x, y, z))
     mean = (x + y + z) / 3.0
     spread = np.maximum.reduce([np.abs(mean - x), np.abs(mean - y), np.abs(mean - z)]) * (3.0 * tolerance) ** (-1 / 6)
-    scale = np.ones_like(x)
-    while True:
-        going = scale * spread > np.abs(mean)
-        if not going.any():
-            break
-        rx, ry, rz = np.sqrt(x), np.sqrt(y), np.sqrt(z)
-        step = rx * (ry + rz) + ry * rz
-        x = np.where(going, (x + step) / 4, x)
-        y = np.where(going, (y + step) / 4, y)
-        z = np.where(going, (z + step) / 4, z)
-        mean = np.where(going, (mean + step) / 4, mean)
-        scale = np.where(going, scale / 4, scale)
+    x, y, z, mean, _, _ = _duplicate(x, y, z, mean, spread, accumulate=False)
     dx, dy = 1.0 - x / mean, 1.0 - y / mean
     dz = -dx - dy
     e2, e3 = dx * dy - dz * dz, dx * dy * dz
@@ -132,24 +140,10 @@ def carlson_rd(x: np.ndarray, y: np.ndarray, z: np.ndarray, tolerance: float = C
     """Carlson's symmetric elliptic integral of the second kind R_D(x, y, z), elementwise, to a relative error
     below ``tolerance`` (Carlson 1995)."""
     x0, y0, z0 = (np.array(v, dtype=float, copy=True) for v in np.broadcast_arrays(x, y, z))
-    x, y, z = x0.copy(), y0.copy(), z0.copy()
-    first = (x + y + 3.0 * z) / 5.0
-    mean = first.copy()
-    spread = np.maximum.reduce([np.abs(mean - x), np.abs(mean - y), np.abs(mean - z)]) * (tolerance / 4.0) ** (-1 / 6)
-    scale = np.ones_like(x)
-    total = np.zeros_like(x)
-    while True:
-        going = scale * spread > np.abs(mean)
-        if not going.any():
-            break
-        rx, ry, rz = np.sqrt(x), np.sqrt(y), np.sqrt(z)
-        step = rx * (ry + rz) + ry * rz
-        total = np.where(going, total + scale / (rz * (z + step)), total)
-        x = np.where(going, (x + step) / 4, x)
-        y = np.where(going, (y + step) / 4, y)
-        z = np.where(going, (z + step) / 4, z)
-        mean = np.where(going, (mean + step) / 4, mean)
-        scale = np.where(going, scale / 4, scale)
+    first = (x0 + y0 + 3.0 * z0) / 5.0
+    spread = np.maximum.reduce([np.abs(first - x0), np.abs(first - y0), np.abs(first - z0)]) * \
+        (tolerance / 4.0) ** (-1 / 6)
+    _, _, _, mean, scale, total = _duplicate(x0.copy(), y0.copy(), z0.copy(), first.copy(), spread, accumulate=True)
     dx = (first - x0) * scale / mean
     dy = (first - y0) * scale / mean
     dz = -(dx + dy) / 3.0
@@ -392,15 +386,8 @@ class DiffusionKurtosisModel:
     def __init__(self, gtab: GradientTable, fit_method: Literal["WLS", "OLS", "IWLS"] = "WLS",
                  min_signal: float = MIN_POSITIVE_SIGNAL, chunk_size: int = 1024,
                  iterations: int = DEFAULT_IWLS_ITERATIONS, ols_start: bool = False) -> None:
-        if fit_method not in ("WLS", "OLS", "IWLS"):
-            raise DwiflowInputError(f"fit_method must be 'WLS', 'OLS' or 'IWLS', got {fit_method!r}",
-                                    parameters=("fit_method",))
-        if int(iterations) != iterations or not 0 <= iterations <= 10:
-            raise DwiflowInputError(f"iterations must be an integer from 0 to 10 (as dwi2tensor -iter), got "
-                                    f"{iterations!r}", parameters=("iterations",))
+        check_fit_arguments(fit_method, iterations, min_signal)
         self.iterations, self.ols_start = int(iterations), bool(ols_start)
-        if not min_signal > 0:
-            raise DwiflowInputError(f"min_signal must be > 0, got {min_signal!r}", parameters=("min_signal",))
         b_values = {round(float(b) / 20.0) for b in np.asarray(gtab.bvals)[~gtab.b0s_mask]}
         if len(b_values) + int(gtab.b0s_mask.any()) < 3:
             raise DwiflowInputError("DKI needs at least three distinct b-values (b=0 counts), e.g. b=0 and two "

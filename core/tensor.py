@@ -227,6 +227,19 @@ class TensorFit:
         return np.exp(lt @ x.T)
 
 
+def check_fit_arguments(fit_method: str, iterations: int, min_signal: float) -> None:
+    """The log-linear fits' shared arguments: the method (DIPY's WLS/OLS or MRtrix3's IWLS), dwi2tensor's ``-iter``
+    range and the signal floor; a :class:`DwiflowInputError` naming the argument otherwise."""
+    if fit_method not in ("WLS", "OLS", "IWLS"):
+        raise DwiflowInputError(f"fit_method must be 'WLS', 'OLS' or 'IWLS', got {fit_method!r}",
+                                parameters=("fit_method",))
+    if int(iterations) != iterations or not 0 <= iterations <= 10:
+        raise DwiflowInputError(f"iterations must be an integer from 0 to 10 (as dwi2tensor -iter), got "
+                                f"{iterations!r}", parameters=("iterations",))
+    if not min_signal > 0:
+        raise DwiflowInputError(f"min_signal must be > 0, got {min_signal!r}", parameters=("min_signal",))
+
+
 def _solve_stacked(normal: np.ndarray, rhs: np.ndarray, status: np.ndarray) -> np.ndarray:
     """Solve stacked systems; a singular or non-finite one (weights that overflowed in a voxel of noise) gets NaN
     and FitStatus.SINGULAR (others unaffected)."""
@@ -289,15 +302,8 @@ class TensorModel:
         iterations: int = DEFAULT_IWLS_ITERATIONS,
         ols_start: bool = False,
     ) -> None:
-        if fit_method not in ("WLS", "OLS", "IWLS"):
-            raise DwiflowInputError(f"fit_method must be 'WLS', 'OLS' or 'IWLS', got {fit_method!r}",
-                                    parameters=("fit_method",))
-        if int(iterations) != iterations or not 0 <= iterations <= 10:
-            raise DwiflowInputError(f"iterations must be an integer from 0 to 10 (as dwi2tensor -iter), got "
-                                    f"{iterations!r}", parameters=("iterations",))
+        check_fit_arguments(fit_method, iterations, min_signal)
         self.iterations, self.ols_start = int(iterations), bool(ols_start)
-        if not min_signal > 0:
-            raise DwiflowInputError(f"min_signal must be > 0, got {min_signal!r}")
         if chunk_size < 1:
             raise DwiflowInputError(f"chunk_size must be >= 1, got {chunk_size!r}")
         if int(wls_iterations) != wls_iterations or wls_iterations < 1:

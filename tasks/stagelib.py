@@ -18,9 +18,28 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.status import status_levels
 from dwiflow.tasks.io import (atomic_outputs, in_mrtrix3_basis, load_image, load_mask, read_sidecar, read_text,
                               sidecar_path)
-from dwiflow.tasks.options import option
+from dwiflow.tasks.options import OptionError, StageOptions, option
 
 PathLike = str | os.PathLike
+
+
+class MapOptions(StageOptions):
+    """Options of a stage that writes the maps its ``maps`` list names (one command-line flag per map); a ``method``
+    option, if any, is case-insensitive (WLS and OLS as command lines spelled them before)."""
+
+    outputs_option = "maps"
+
+    def __post_init__(self) -> None:
+        if isinstance(getattr(self, "method", None), str):
+            object.__setattr__(self, "method", self.method.lower())
+        super().__post_init__()
+
+    def check(self) -> None:
+        if not self.maps:
+            raise OptionError("{maps}: give at least one map", "maps")
+
+    def writes(self):
+        return self.maps
 
 
 def provenance(*sources: PathLike | None) -> dict[str, Any]:

@@ -98,6 +98,15 @@ def run_mrtrix(*args: str | os.PathLike) -> None:
     subprocess.run([str(a) for a in args] + ["-quiet", "-force"], check=True)
 
 
+def fibonacci_sphere(n: int) -> np.ndarray:
+    """n nearly uniform unit vectors (a Fibonacci lattice)."""
+    k = np.arange(n) + 0.5
+    z = 1 - 2 * k / n
+    phi = np.pi * (1 + 5 ** 0.5) * k
+    r = np.sqrt(1 - z * z)
+    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
+
+
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
     nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), str(path))
     return path

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import load_dwi
-from dwiflow.tasks.options import OptionError, StageOptions, option
+from dwiflow.tasks.options import option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import DWI_INPUTS, provenance, voxels_to_fit, write_maps
+from dwiflow.tasks.stagelib import DWI_INPUTS, MapOptions, provenance, voxels_to_fit, write_maps
 
 _HELP = {"mk": "mean kurtosis", "ak": "axial kurtosis", "rk": "radial kurtosis",
          "mkt": "mean of the kurtosis tensor", "kfa": "kurtosis fractional anisotropy",
@@ -23,10 +22,9 @@ DEFAULT_MAPS = ["mk", "ak", "rk", "mkt", "kfa", "fa", "md", "ad", "rd", "status"
 
 
 @dataclass(frozen=True)
-class DkiOptions(StageOptions):
+class DkiOptions(MapOptions):
     """How the kurtosis model is fitted (as DIPY's DiffusionKurtosisModel) and which maps a run writes."""
 
-    outputs_option: ClassVar[str | None] = "maps"
     method: str = option("dipy-wls", choices=METHODS,
                          help="dipy-wls/dipy-ols: DIPY's DiffusionKurtosisModel WLS (weights from an OLS first pass; "
                               "DIPY's default) or OLS, eigenvalues clipped as DIPY; wls/ols: MRtrix3's dwi2tensor "
@@ -37,18 +35,6 @@ class DkiOptions(StageOptions):
                             "fit; wls/ols only)")
     maps: list[str] = option(list(DEFAULT_MAPS), choices=tuple(_HELP), cli=False,
                              help="maps a run writes (on the command line: one option per map)")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.method, str):
-            object.__setattr__(self, "method", self.method.lower())
-        super().__post_init__()
-
-    def check(self) -> None:
-        if not self.maps:
-            raise OptionError("{maps}: give at least one map", "maps")
-
-    def writes(self):
-        return self.maps
 
 
 def run_dki(files, outputs, options: DkiOptions, context):

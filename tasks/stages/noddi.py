@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import load_dwi
-from dwiflow.tasks.options import OptionError, StageOptions, option
+from dwiflow.tasks.options import option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import DWI_INPUTS, provenance, voxels_to_fit, write_maps
+from dwiflow.tasks.stagelib import DWI_INPUTS, MapOptions, provenance, voxels_to_fit, write_maps
 
 _HELP = {"icvf": "intra-cellular volume fraction (neurite density index, NDI)",
          "odi": "orientation dispersion index", "isovf": "isotropic (free-water) volume fraction",
@@ -18,10 +17,9 @@ _HELP = {"icvf": "intra-cellular volume fraction (neurite density index, NDI)",
 
 
 @dataclass(frozen=True)
-class NoddiOptions(StageOptions):
+class NoddiOptions(MapOptions):
     """NODDI's fixed diffusivities and the sparse fit's penalties (AMICO's defaults), and which maps a run writes."""
 
-    outputs_option: ClassVar[str | None] = "maps"
     d_par: float = option(1.7e-3, exclusive_minimum=True, minimum=0, maximum=5e-3, units="mm²/s",
                           help="intrinsic parallel diffusivity of neurites (AMICO's dPar; ex vivo data need less)")
     d_iso: float = option(3.0e-3, exclusive_minimum=True, minimum=0, maximum=5e-3, units="mm²/s",
@@ -31,13 +29,6 @@ class NoddiOptions(StageOptions):
                             help="ℓ2 weight of the elastic net (AMICO's)")
     maps: list[str] = option(["icvf", "odi", "isovf", "status"], choices=tuple(_HELP), cli=False,
                              help="maps a run writes (on the command line: one option per map)")
-
-    def check(self) -> None:
-        if not self.maps:
-            raise OptionError("{maps}: give at least one map", "maps")
-
-    def writes(self):
-        return self.maps
 
 
 def run_noddi(files, outputs, options: NoddiOptions, context):

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from dwiflow.tasks.io import load_dwi
-from dwiflow.tasks.options import OptionError, StageOptions, option
+from dwiflow.tasks.options import option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import DWI_INPUTS, provenance, voxels_to_fit, write_maps
+from dwiflow.tasks.stagelib import DWI_INPUTS, MapOptions, provenance, voxels_to_fit, write_maps
 
 TENSOR_MAPS = ("fa", "md", "ad", "rd", "v1", "s0", "evals", "status", "tensor", "evecs", "cl", "cp", "cs")
 METHODS = ("wls", "ols", "dipy-wls", "dipy-ols")
 
 
 @dataclass(frozen=True)
-class TensorOptions(StageOptions):
+class TensorOptions(MapOptions):
     """How the tensor is fitted (MRtrix3's dwi2tensor by default, or DIPY's), and which maps a run writes."""
 
-    outputs_option: ClassVar[str | None] = "maps"
     method: str = option("wls", choices=METHODS,
                          help="wls/ols: MRtrix3's dwi2tensor, a first fit weighted by the measured signal (wls) or "
                               "unweighted (ols, dwi2tensor -ols), then `iter` refits weighted by the predicted "
@@ -29,18 +27,6 @@ class TensorOptions(StageOptions):
                             "the first fit; wls/ols only)")
     maps: list[str] = option(["fa", "md", "ad", "rd", "v1", "s0", "status"], choices=TENSOR_MAPS, cli=False,
                              help="maps a run writes (on the command line: one option per map)")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.method, str):  # WLS / OLS as the command line spelled them before
-            object.__setattr__(self, "method", self.method.lower())
-        super().__post_init__()
-
-    def check(self) -> None:
-        if not self.maps:
-            raise OptionError("{maps}: give at least one map", "maps")
-
-    def writes(self):
-        return self.maps
 
 
 def run_tensor(files, outputs, options: TensorOptions, context):

@@ -6,7 +6,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import real_run
+from conftest import fibonacci_sphere, real_run
 
 from dwiflow.core.dki import (DIPY_KURTOSIS_ORDER, DiffusionKurtosisModel, carlson_rd, carlson_rf,
                               full_kurtosis_tensor)
@@ -14,17 +14,8 @@ from dwiflow.core.gradients import gradient_table
 from dwiflow.core.status import FitStatus
 
 
-def _sphere(n: int) -> np.ndarray:
-    """n nearly uniform unit vectors (Fibonacci lattice)."""
-    k = np.arange(n) + 0.5
-    z = 1 - 2 * k / n
-    phi = np.pi * (1 + 5 ** 0.5) * k
-    r = np.sqrt(1 - z * z)
-    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
-
-
 def _scheme() -> "gradient_table":
-    directions = _sphere(64)
+    directions = fibonacci_sphere(64)
     bvals = np.concatenate([[0, 0], np.full(64, 1000.0), np.full(64, 2000.0), np.full(64, 3000.0)])
     bvecs = np.concatenate([np.zeros((2, 3)), directions, directions[::-1], directions]).T
     return gradient_table(bvals, bvecs, frame="world")
@@ -81,7 +72,7 @@ def test_phantom_tensors_and_maps_equal_their_definitions(method, evals, record)
     data = np.stack([_signal(gtab, d, w) for d, w in tissues])[:, None, None, :]
     fit = DiffusionKurtosisModel(gtab, fit_method=method).fit(data)
     assert np.all(fit.status == FitStatus.OK)
-    sphere = _sphere(20000)
+    sphere = fibonacci_sphere(20000)
     for index, (diffusion, full) in enumerate(tissues):
         recovered = full_kurtosis_tensor(fit.kurtosis[index, 0, 0])
         assert np.max(np.abs(recovered - full)) < 1e-6 * np.max(np.abs(full))
@@ -126,7 +117,7 @@ def _kurtosis_maps_against_dipy(acq: str, method: str, record) -> None:
                           fit_method=method).fit(signal)
     ok = ours.status.ravel() == FitStatus.OK
     assert ok.mean() > 0.97  # the rest: an eigenvalue <= 2e-7 mm²/s (DIPY writes 0) or DW signal above b=0
-    sphere = _sphere(100000)
+    sphere = fibonacci_sphere(100000)
     for name in ("mk", "ak", "rk", "mkt", "kfa", "fa", "md"):
         got = getattr(ours, name).ravel()[ok]
         expected = getattr(reference, name)

@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import real_run, write_gradients, write_nifti
+from conftest import fibonacci_sphere, real_run, write_gradients, write_nifti
 
 from dwiflow.core.noddi import NoddiModel, watson_concentration
-
-
-def _fibonacci(n: int) -> np.ndarray:
-    k = np.arange(n) + 0.5
-    z = 1 - 2 * k / n
-    phi = np.pi * (1 + 5 ** 0.5) * k
-    r = np.sqrt(1 - z * z)
-    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
 
 
 def noddi_signal(bvals, bvecs, direction, icvf, odi, isovf, d_par=1.7e-3, d_iso=3e-3) -> np.ndarray:
     """The NODDI signal (Zhang et al. 2012) by brute force: the Watson distribution sampled on 8000 directions (not
     dwiflow's Legendre series), its sticks, the hindered compartment with the Watson-averaged zeppelin and
     tortuosity, and free water."""
-    sphere = _fibonacci(8000)
+    sphere = fibonacci_sphere(8000)
     weights = np.exp(watson_concentration(odi) * ((sphere @ direction) ** 2 - 1))
     weights /= weights.sum()
     stick = np.exp(-np.outer(bvals, np.ones(len(sphere))) * d_par * (bvecs @ sphere.T) ** 2) @ weights
@@ -72,7 +64,7 @@ def test_phantom_parameters_are_recovered(record):
     """Noise-free and SNR-30 signals of a brute-force NODDI forward model at off-grid parameters."""
     from dwiflow.core.gradients import gradient_table
 
-    directions = _fibonacci(60)
+    directions = fibonacci_sphere(60)
     bvals = np.concatenate([np.zeros(6), np.full(30, 1000.0), np.full(60, 2000.0)])
     bvecs = np.concatenate([np.zeros((6, 3)), directions[::2], directions])
     gtab = gradient_table(bvals, bvecs.T, frame="world")
@@ -149,7 +141,7 @@ def test_maps_equal_amico(amico_runs, name, record):
 def test_data_noddi_cannot_fit_are_refused(tmp_path, capsys):
     from dwiflow.cli.dwirecon import main as dwirecon
 
-    directions = _fibonacci(30)
+    directions = fibonacci_sphere(30)
     cases = ((np.concatenate([[0.0], np.full(30, 1000.0)]), np.concatenate([np.zeros((1, 3)), directions]),
               "NODDI needs at least two diffusion-weighted shells"),
              (np.concatenate([np.full(30, 1000.0), np.full(30, 2000.0)]), np.concatenate([directions, directions]),
