@@ -50,6 +50,7 @@ Carlson B.C. Numerical computation of real or complex elliptic integrals. Numer 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -58,7 +59,7 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import GradientTable
 from dwiflow.core.status import FitStatus, signal_above_b0
 from dwiflow.core.tensor import (DEFAULT_IWLS_ITERATIONS, MRTRIX3_SMALL_INTENSITY, _solve_stacked,
-                                 check_fit_arguments)
+                                 check_fit_arguments, lower_triangular_to_matrix)
 from dwiflow.core.voxels import VoxelBatch, iter_chunks, scatter
 
 MIN_POSITIVE_SIGNAL = 1e-4  # DIPY's floor of the signal before the logarithm
@@ -269,12 +270,14 @@ class KurtosisFit:
         out = np.where(self.mask[(...,) + extra], values, 0.0)
         return np.where((self.status == FitStatus.OK)[(...,) + extra], out, np.nan)
 
-    def _rotated(self, pairs: list[tuple[int, int]]) -> list[np.ndarray]:
-        """W_iijj in the eigenvector frame for each (i, j) (Tabesh et al. 2011's rotated elements)."""
+    @cached_property
+    def _rotated(self) -> dict[tuple[int, int], np.ndarray]:
+        """W_iijj in the eigenvector frame for every pair i ≤ j (Tabesh et al. 2011's rotated elements), computed
+        once for MK, AK and RK."""
         full = full_kurtosis_tensor(self.kurtosis)
         outer = np.einsum("...ai,...bi->...iab", self.evecs, self.evecs)  # e_i e_iᵀ per eigenvector
-        return [np.einsum("...ab,...abcd,...cd->...", outer[..., i, :, :], full, outer[..., j, :, :])
-                for i, j in pairs]
+        return {(i, j): np.einsum("...ab,...abcd,...cd->...", outer[..., i, :, :], full, outer[..., j, :, :])
+                for i in range(3) for j in range(i, 3)}
 
     @property
     def md(self) -> np.ndarray:
@@ -303,7 +306,8 @@ class KurtosisFit:
     def mk(self) -> np.ndarray:
         """Mean kurtosis, the mean of the apparent kurtosis over all directions (Tabesh et al. 2011, analytical)."""
         l1, l2, l3 = self._valid()
-        w1111, w2222, w3333, w1122, w1133, w2233 = self._rotated([(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)])
+        w1111, w2222, w3333, w1122, w1133, w2233 = (self._rotated[pair] for pair in
+                                                    ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)))
         mk = (_f1(l1, l2, l3) * w1111 + _f1(l2, l1, l3) * w2222 + _f1(l3, l2, l1) * w3333
               + _f2(l1, l2, l3) * w2233 + _f2(l2, l1, l3) * w1133 + _f2(l3, l2, l1) * w1122)
         return self._masked(np.clip(mk, MIN_KURTOSIS, MAX_KURTOSIS))
@@ -312,7 +316,7 @@ class KurtosisFit:
     def ak(self) -> np.ndarray:
         """Axial kurtosis, the apparent kurtosis along the principal eigenvector (Tabesh et al. 2011)."""
         l1, l2, l3 = self._valid()
-        (w1111,) = self._rotated([(0, 0)])
+        w1111 = self._rotated[0, 0]
         mean = (l1 + l2 + l3) / 3.0
         return self._masked(np.clip(w1111 * mean * mean / (l1 * l1), MIN_KURTOSIS, MAX_KURTOSIS))
 
@@ -321,7 +325,7 @@ class KurtosisFit:
         """Radial kurtosis, the mean apparent kurtosis perpendicular to the principal eigenvector (Tabesh et al.
         2011, analytical)."""
         l1, l2, l3 = self._valid()
-        w2222, w3333, w2233 = self._rotated([(1, 1), (2, 2), (1, 2)])
+        w2222, w3333, w2233 = self._rotated[1, 1], self._rotated[2, 2], self._rotated[1, 2]
         rk = _g1(l1, l2, l3) * w2222 + _g1(l1, l3, l2) * w3333 + _g2(l1, l2, l3) * w2233
         return self._masked(np.clip(rk, MIN_KURTOSIS, MAX_KURTOSIS))
 
@@ -458,9 +462,8 @@ class DiffusionKurtosisModel:
         status = np.empty(n, dtype=np.uint8)
         for chunk in iter_chunks(n, self.chunk_size):
             params[chunk], status[chunk] = self._fit_batch(batch.signal(chunk))
-        xx, xy, yy, xz, yz, zz = params[:, :6].T
-        tensors = np.stack([np.stack([xx, xy, xz], -1), np.stack([xy, yy, yz], -1), np.stack([xz, yz, zz], -1)], -2)
-        evals, evecs = np.linalg.eigh(tensors)
+        xx, yy, zz = params[:, 0], params[:, 2], params[:, 5]
+        evals, evecs = np.linalg.eigh(lower_triangular_to_matrix(params[:, :6]))
         evals, evecs = evals[:, ::-1], evecs[:, :, ::-1]  # largest first
         if self.fit_method == "IWLS":  # dwi2tensor: W over the squared mean diffusivity of the fit, unclipped
             kurtosis = params[:, 6:21] / ((xx + yy + zz) ** 2 / 9.0 + 1e-18)[:, None]

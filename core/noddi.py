@@ -42,6 +42,7 @@ import numpy as np
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import GradientTable
 from dwiflow.core.status import FitStatus
+from dwiflow.core.tensor import MIN_POSITIVE_SIGNAL, lower_triangular_to_matrix, tensor_design_matrix
 from dwiflow.core.voxels import VoxelBatch, scatter
 
 D_PAR, D_ISO = 1.7e-3, 3.0e-3  # mm²/s, AMICO's defaults (in vivo)
@@ -163,16 +164,13 @@ class NoddiModel:
         # orthogonality: the mean of P_l² over the sphere is 1/(2l+1))
         squared = (self.coefficients[self.shell_of[self.dwi_rows]] ** 2 / (2 * _EVEN + 1)[None, :, None]).sum((0, 1))
         self.norms = 1.0 / np.sqrt(squared)
+        self._tensor_pinv = np.linalg.pinv(tensor_design_matrix(gtab))  # the OLS tensor giving each direction
 
     def _principal_directions(self, normalised: np.ndarray) -> np.ndarray:
         """Principal eigenvectors of ordinary least-squares tensor fits of normalised signals (as AMICO, with
         DIPY's OLS: samples below 1e-4 raised to it)."""
-        from dwiflow.core.tensor import MIN_POSITIVE_SIGNAL, tensor_design_matrix
-
-        if not hasattr(self, "_tensor_pinv"):
-            self._tensor_pinv = np.linalg.pinv(tensor_design_matrix(self.gtab))
-        xx, xy, yy, xz, yz, zz, _ = (np.log(np.maximum(normalised, MIN_POSITIVE_SIGNAL)) @ self._tensor_pinv.T).T
-        tensors = np.stack([np.stack([xx, xy, xz], -1), np.stack([xy, yy, yz], -1), np.stack([xz, yz, zz], -1)], -2)
+        elements = np.log(np.maximum(normalised, MIN_POSITIVE_SIGNAL)) @ self._tensor_pinv.T
+        tensors = lower_triangular_to_matrix(elements[:, :6])
         finite = np.all(np.isfinite(tensors), axis=(1, 2))
         _, vectors = np.linalg.eigh(np.where(finite[:, None, None], tensors, np.eye(3)))
         return np.where(finite[:, None], vectors[:, :, -1], np.nan)  # eigh sorts ascending: the largest is last

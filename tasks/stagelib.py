@@ -42,6 +42,16 @@ class MapOptions(StageOptions):
         return self.maps
 
 
+def tissue_response_sidecars(tissues: list[str], responses: list, shells: list[float], files) -> tuple[dict, dict]:
+    """A multi-tissue fit's response sidecar keys: ``TissueResponses`` (every tissue's coefficients, shells and
+    file) for all outputs, and per tissue output its own BEP016 ``ResponseFunction``."""
+    every = {t.upper(): {"Coefficients": [[float(c) for c in row] for row in r.coefficients], "Type": "zsh",
+                         "Shells": shells, "Source": Path(files[f"response_{t}"]).name}
+             for t, r in zip(tissues, responses)}
+    own = {t: {"ResponseFunction": {key: every[t.upper()][key] for key in ("Coefficients", "Type")}} for t in tissues}
+    return every, own
+
+
 def provenance(*sources: PathLike | None) -> dict[str, Any]:
     """``Sources`` (file names only: outputs must not depend on where inputs or the cache live) and ``GeneratedBy``."""
     return {

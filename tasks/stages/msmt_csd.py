@@ -9,7 +9,8 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import load_dwi, read_numbers
 from dwiflow.tasks.options import OptionError, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import DWI_INPUTS, load_response, provenance, sh_basis_option, voxels_to_fit, write_maps
+from dwiflow.tasks.stagelib import (DWI_INPUTS, load_response, provenance, sh_basis_option, tissue_response_sidecars,
+                                   voxels_to_fit, write_maps)
 
 TISSUES = ("wm", "gm", "csf")
 
@@ -72,12 +73,8 @@ def run_msmt_csd(files, outputs, options: MsmtCsdOptions, context):
               "VoxelsFailed": int((fit.status_rows != FitStatus.OK).sum())}
     # BEP016: each tissue's image carries its own response (zonal SH, one row per shell); TissueResponses keeps
     # every tissue's, with the shells and the file it came from
-    response_functions = {
-        t.upper(): {"Coefficients": [[float(c) for c in row] for row in r.coefficients], "Type": "zsh",
-                    "Shells": [float(round(s.bvalue)) for s in model.shells], "Source": files[f"response_{t}"].name}
-        for t, r in zip(tissues, responses)}
-    own = {t: {"ResponseFunction": {key: response_functions[t.upper()][key] for key in ("Coefficients", "Type")}}
-           for t in tissues}
+    response_functions, own = tissue_response_sidecars(tissues, responses,
+                                                       [float(round(s.bvalue)) for s in model.shells], files)
     sources = provenance(dwi, files["bval"], files["bvec"], *(files[f"response_{t}"] for t in tissues),
                          files.get("mask"), files.get("directions"))
     volumes = {t: (lambda i=i: fit.tissue(i)) for i, t in enumerate(tissues)} | {"status": lambda: fit.status}

@@ -9,7 +9,8 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import load_dwi
 from dwiflow.tasks.options import StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import DWI_INPUTS, load_response, provenance, sh_basis_option, voxels_to_fit, write_maps
+from dwiflow.tasks.stagelib import (DWI_INPUTS, load_response, provenance, sh_basis_option, tissue_response_sidecars,
+                                   voxels_to_fit, write_maps)
 
 TISSUES = ("wm", "gm", "csf")
 
@@ -37,11 +38,7 @@ def run_ss3t_csd(files, outputs, options: Ss3tOptions, context):
     voxels = voxels_to_fit(run, files.get("mask"), dwi)
     fit = model.fit(run.data, voxels, progress=context.progress)
     shell = [float(round(s.bvalue)) for s in run.gtab.shells]
-    response_functions = {
-        t.upper(): {"Coefficients": [[float(c) for c in row] for row in responses[t].coefficients], "Type": "zsh",
-                    "Shells": shell, "Source": files[f"response_{t}"].name} for t in TISSUES}
-    own = {t: {"ResponseFunction": {key: response_functions[t.upper()][key] for key in ("Coefficients", "Type")}}
-           for t in TISSUES}
+    response_functions, own = tissue_response_sidecars(list(TISSUES), [responses[t] for t in TISSUES], shell, files)
     params = {"Iterations": options.niter, "BzeroPercent": options.bzero_pct, "BzeroWeight": model.bzero_weight,
               "SignalDecayMetrics": dict(zip(("WM", "GM", "CSF"), model.decay_metrics)), "Shells": shell,
               "VoxelsFailed": int(((fit.status != 0) & fit.mask).sum())}
