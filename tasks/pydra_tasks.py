@@ -81,7 +81,7 @@ def _run_stage(stage: str, method: str | None, options: dict, naming: dict, code
     import warnings
     from pathlib import Path
 
-    from fileformats.generic import File
+    from fileformats.generic import Directory, File
 
     from dwiflow.bids_specs.outputs import output_spec
     from dwiflow.core.errors import DwiflowInputError
@@ -116,7 +116,8 @@ def _run_stage(stage: str, method: str | None, options: dict, naming: dict, code
         raise StageError(render_error(exc, lambda name: prefix + name)) from None
     except KeyboardInterrupt as exc:
         raise StageInterrupted(f"stage {stage} was interrupted ({exc or 'SIGINT'})") from None
-    returned = {out.name: (File(written[out.name]) if out.name in written else None) for out in declared.outputs}
+    returned = {out.name: ((Directory if out.folder else File)(written[out.name]) if out.name in written else None)
+                for out in declared.outputs}
     # Pydra gives a task with one output the whole return value
     return next(iter(returned.values())) if len(returned) == 1 else returned
 
@@ -147,7 +148,8 @@ def _stage_task(stage: Stage):
     }
     for given in stage.inputs:
         inputs[given.kind] = python.arg(name=given.kind, type=File | None, default=None, help=given.help)
-    outputs = {out.name: python.out(name=out.name, type=File | None, help=out.help) for out in stage.outputs}
+    outputs = {out.name: python.out(name=out.name, type=(Directory if out.folder else File) | None, help=out.help)
+               for out in stage.outputs}
     return _define(_run_stage, _class_name(stage), inputs, outputs)
 
 
@@ -162,14 +164,14 @@ def stage_task(stage: Stage) -> type:
 
 
 # ------------------------------------------------------------------------------------------------ staging
-def derivative_inputs() -> list[tuple[str, str]]:
-    """Every (stage, output) a run can stage, as (input name = output key, stage name)."""
-    found: dict[str, str] = {}
+def derivative_inputs() -> list[tuple[str, bool]]:
+    """Every output a run can stage, as (input name = output key, whether it is a folder)."""
+    found: dict[str, bool] = {}
     for entry in stages().values():
         for stage in entry.methods.values() if isinstance(entry, StageGroup) else [entry]:
             if stage.pipeline:
                 for out in stage.outputs:
-                    found.setdefault(stage.output_key(out.name), stage.name)
+                    found.setdefault(stage.output_key(out.name), out.folder)
     return list(found.items())
 
 
@@ -178,8 +180,8 @@ def _stage_derivatives(names: dict, code_version: str, run_folder: str = "", sou
     """Copy a run's outputs (and their sidecars) under their BIDS derivative names into one folder; every sidecar's
     ``Sources`` become BIDS URIs: ``bids::<run_folder>/<name>`` for this run's derivatives, ``source_uris`` (file
     name → URI, e.g. ``bids:raw:sub-01/dwi/sub-01_dwi.nii.gz``) for the inputs. Every image's sidecar gets the
-    ``SpatialReference`` (the DWI it is on the grid of; BIDS requires it without a standard-template ``space``)."""
-    import json
+    ``SpatialReference`` (the DWI it is on the grid of; BIDS requires it without a standard-template ``space``); a
+    folder (a fixel directory) is copied whole, with the same treatment of the sidecars inside it."""
     import shutil
     from pathlib import Path
 
@@ -192,23 +194,43 @@ def _stage_derivatives(names: dict, code_version: str, run_folder: str = "", sou
     uri_of = dict(source_uris or {})
     prefix = f"bids::{run_folder}/" if run_folder else "bids::"
     uri_of.update({Path(value).name: prefix + names[key] for key, value in files.items() if value is not None})
+
+    def described(value: Path, target: Path) -> list[tuple[Path, Path, bool]]:
+        """(sidecar or would-be sidecar, its staged path, whether it describes an image) of one staged output; a
+        folder's (a fixel directory) are the JSON files inside it, each describing the image of its name."""
+        if not Path(value).is_dir():
+            return [(sidecar_path(value), sidecar_path(target), target.name.endswith((".nii.gz", ".nii")))]
+        return [(side, target / side.name, True) for side in sorted(Path(value).glob("*.json"))]
+
     for key, value in files.items():
         if value is None:
             continue
         target = folder / names[key]
-        shutil.copyfile(value, target)
-        side, image = sidecar_path(value), names[key].endswith((".nii.gz", ".nii"))
-        if not side.is_file() and not image:
-            continue
-        content = json.loads(side.read_text()) if side.is_file() else {}
-        if isinstance(content.get("Sources"), list):
-            content["Sources"] = [uri_of.get(source, source) for source in content["Sources"]]
-        elif Path(value).name in (source_uris or {}):  # an input staged as it is (a given mask): its origin
-            content["Sources"] = [source_uris[Path(value).name]]
-        if spatial_reference and image:
-            content.setdefault("SpatialReference", spatial_reference)
-        sidecar_path(target).write_text(json.dumps(content, indent=2) + "\n")
+        if Path(value).is_dir():
+            shutil.rmtree(target, ignore_errors=True)  # a copy left by an interrupted attempt
+            shutil.copytree(value, target)
+        else:
+            shutil.copyfile(value, target)
+        for side, staged_side, image in described(Path(value), target):
+            if not side.is_file() and not image:
+                continue
+            _stage_sidecar(side, staged_side, Path(value).name, image, uri_of, source_uris, spatial_reference)
     return Directory(folder)
+
+
+def _stage_sidecar(side: Path, target: Path, source_name: str, image: bool, uri_of: dict, source_uris: dict | None,
+                   spatial_reference: str) -> None:
+    """Write one staged output's sidecar with BIDS URIs as ``Sources`` and the ``SpatialReference`` of images."""
+    import json
+
+    content = json.loads(side.read_text()) if side.is_file() else {}
+    if isinstance(content.get("Sources"), list):
+        content["Sources"] = [uri_of.get(source, source) for source in content["Sources"]]
+    elif source_name in (source_uris or {}):  # an input staged as it is (a given mask): its origin
+        content["Sources"] = [source_uris[source_name]]
+    if spatial_reference and image:
+        content.setdefault("SpatialReference", spatial_reference)
+    target.write_text(json.dumps(content, indent=2) + "\n")
 
 
 StageDerivatives = _define(
@@ -221,8 +243,8 @@ StageDerivatives = _define(
                                help="input file name -> its BIDS URI (bids:<dataset>:<path>)"),
      "spatial_reference": python.arg(name="spatial_reference", type=str, default="",
                                      help="BIDS URI of the image whose grid the run's maps are on (the DWI)"),
-     **{key: python.arg(name=key, type=File | None, default=None, help=f"output {key}")
-        for key, _ in derivative_inputs()}},
+     **{key: python.arg(name=key, type=(Directory if folder else File) | None, default=None, help=f"output {key}")
+        for key, folder in derivative_inputs()}},
     {"staged": python.out(name="staged", type=Directory, help="the run's derivatives under their BIDS names")},
 )
 

@@ -103,5 +103,6 @@ def test_the_tasks_are_also_under_the_pydra_tasks_namespace():
     assert namespace.Csd is pydra_tasks.Csd and namespace.MsmtCsd is pydra_tasks.MsmtCsd
     assert {getattr(namespace, pydra_tasks.stage_task(stage).__qualname__) for stage in pipeline} == \
         {pydra_tasks.stage_task(stage) for stage in pipeline}
-    assert len(pipeline) == 18 and "Figures" in namespace.__all__ and namespace.Dki is pydra_tasks.Dki
+    assert len(pipeline) == 19 and "Figures" in namespace.__all__ and namespace.Dki is pydra_tasks.Dki
     assert namespace.Noddi is pydra_tasks.Noddi and namespace.Ss3tCsd is pydra_tasks.Ss3tCsd
+    assert namespace.Fixels is pydra_tasks.Fixels

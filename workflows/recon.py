@@ -143,10 +143,11 @@ def ReconRun(
 
 # What today's bids-validator (3.x, the test extra's) does not know yet, and only that
 # (tests/bep016.unneeded_bidsignore_entries): BEP016 maps, response functions and balance factors, the group summary,
-# the HTML reports and the figure folders (a name without a slash matches at every depth, as in .gitignore: the
-# group's figures/ and every sub-*/figures/). The validator skips logs/ (the methods paragraphs) by itself.
+# the HTML reports, MRtrix3 fixel directories and the figure folders (a name without a slash matches at every depth,
+# as in .gitignore: the group's figures/ and every sub-*/figures/). The validator skips logs/ (the methods
+# paragraphs) by itself.
 BIDSIGNORE_PATTERNS = ("*_dwimap.nii.gz", "*_dwimap.json", "*_response.txt", "*_response.json", "*_summary.tsv",
-                       "*_factors.txt", "*.html", "figures")
+                       "*_factors.txt", "*.html", "figures", "*_fixels")
 
 
 @dataclass
@@ -179,23 +180,42 @@ def figures_folder(output_dir: Path, run: DwiRunSpec | dict[str, str]) -> Path:
 
 
 def publish(staged: Path, target: Path) -> list[Path]:
-    """Copy staged derivatives into ``target`` together: every file is copied under a temporary name first, then
-    all are renamed; on any failure (a full disk, a signal) the temporary copies are removed and none is renamed."""
+    """Copy staged derivatives into ``target`` together: every file (or folder: a fixel directory) is copied under a
+    temporary name first, then all are renamed; on any failure (a full disk, a signal) the temporary copies are
+    removed and none is renamed. A folder replaces an earlier one of its name whole (old one renamed aside, then
+    removed), so that it never mixes two runs' files."""
     from dwiflow.tasks.io import hold_point
+
+    def remove(path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
     target.mkdir(parents=True, exist_ok=True)
     pending: list[tuple[Path, Path]] = []
     try:
         for src in sorted(Path(staged).iterdir()):
             pending.append((target / f".{src.name}.partial", target / src.name))
-            shutil.copyfile(src, pending[-1][0])
+            remove(pending[-1][0])  # left by an interrupted publication
+            if src.is_dir():
+                shutil.copytree(src, pending[-1][0])
+            else:
+                shutil.copyfile(src, pending[-1][0])
         hold_point("publish")
     except BaseException:
         for tmp, _ in pending:
-            tmp.unlink(missing_ok=True)
+            remove(tmp)
         raise
     for tmp, final in pending:
-        os.replace(tmp, final)
+        if tmp.is_dir() and final.is_dir():
+            aside = final.with_name(f".{final.name}.old")
+            remove(aside)
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            remove(aside)
+        else:
+            os.replace(tmp, final)
     return [final for _, final in pending]
 
 

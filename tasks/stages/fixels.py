@@ -12,7 +12,7 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import atomic_outputs, in_mrtrix3_basis, load_mask, read_sidecar
 from dwiflow.tasks.options import StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import load_sh_image, provenance
+from dwiflow.tasks.stagelib import fod_model_of, load_sh_image, provenance
 
 
 def fixel_file_names() -> dict[str, str]:
@@ -39,6 +39,15 @@ class FixelsOptions(StageOptions):
     dirpeak: bool = option(False, help="fixel direction = the lobe's largest peak instead of its mean direction")
 
 
+def afd_per_voxel(fixels) -> np.ndarray:
+    """The sum of each voxel's fixels' AFD (``fixel2voxel afd sum``); 0 where a voxel has no fixel."""
+    counts, offsets = fixels.counts.ravel(), fixels.offsets.ravel()
+    voxel_of_fixel = np.repeat(np.arange(counts.size), counts)
+    first_of_voxel = np.repeat(np.cumsum(counts) - counts, counts)
+    rows = np.repeat(offsets, counts) + np.arange(voxel_of_fixel.size) - first_of_voxel
+    return np.bincount(voxel_of_fixel, weights=fixels.afd[rows], minlength=counts.size).reshape(fixels.counts.shape)
+
+
 def check_fixel_directory(path: Path) -> None:
     """Refuse, before anything runs, a folder holding files other than a fixel directory's own (as fod2fixel does
     without -force): stale data files would not match the new fixels."""
@@ -54,7 +63,9 @@ def check_fixel_directory(path: Path) -> None:
 
 
 def run_fixels(files, outputs, options: FixelsOptions, context):
-    """Segment every voxel's FOD (FMLS) and write index, directions and the requested per-fixel data, NIfTI."""
+    """Segment every voxel's FOD (FMLS) and write index, directions and the requested per-fixel data, NIfTI, and
+    the per-voxel fixel count and sum of AFD when asked (all or nothing)."""
+    from dwiflow.bids_specs.outputs import sidecar
     from dwiflow.core.fixels import segment_fods
 
     fod = files["fod"]
@@ -79,9 +90,21 @@ def run_fixels(files, outputs, options: FixelsOptions, context):
     per_fixel = np.eye(4)
     data = {"afd": fixels.afd, "peak_amp": fixels.peak_amplitude, "disp": fixels.dispersion}
     wanted = [k for k in ("afd", "peak_amp", "disp") if getattr(options, k)]
+    parameters = {"IntegralThreshold": 0.0 if no_thresholds else options.fmls_integral,
+                  "PeakValueThreshold": 0.0 if no_thresholds else options.fmls_peak_value,
+                  "LobeMergeRatio": options.fmls_lobe_merge_ratio, "MaxFixelsPerVoxel": options.maxnum,
+                  "Directions": 1281, "SphericalHarmonicDegree": lmax}
+    voxel_maps = {"count": lambda: fixels.counts, "afd_total": lambda: afd_per_voxel(fixels)}
     written = {}
     with atomic_outputs() as out:
         written["fixels"] = directory
+        for name in ("count", "afd_total"):
+            if name in outputs:
+                key = STAGES[0].output_key(name)
+                written[name] = out.nifti(outputs[name], voxel_maps[name](), affine,
+                                          sidecar(key, parameters, **fod_model_of(fod),
+                                                  **provenance(fod, files.get("mask"))),
+                                          dtype=np.uint8 if name == "count" else np.float32)
         out.nifti(directory / names["index"], index, affine, dtype=np.uint32)
         out.nifti(directory / names["directions"], fixels.directions[:, :, None], per_fixel)
         for key in wanted:
@@ -91,14 +114,14 @@ def run_fixels(files, outputs, options: FixelsOptions, context):
                            "3.0's fod2fixel. index: per voxel the number of fixels and the first one's row; "
                            "directions: unit vectors (world frame); afd: the lobe's integral (Raffelt et al. 2012); "
                            "peak_amp: its largest amplitude; disp: afd / peak_amp.",
+            **fod_model_of(fod),
             **provenance(fod, files.get("mask")),
+            # index.nii.gz's two volumes: the voxel's fixel count and its first fixel's row
+            "OrientationEncoding": {"Type": "scalar"},
             "NumberOfFixels": fixels.total,
             "FixelDirection": "largest peak" if options.dirpeak else "amplitude-weighted mean of the lobe",
             "Files": {k: names[k] for k in ("index", "directions", *wanted)},
-            "Parameters": {"IntegralThreshold": 0.0 if no_thresholds else options.fmls_integral,
-                           "PeakValueThreshold": 0.0 if no_thresholds else options.fmls_peak_value,
-                           "LobeMergeRatio": options.fmls_lobe_merge_ratio, "MaxFixelsPerVoxel": options.maxnum,
-                           "Directions": 1281, "SphericalHarmonicDegree": lmax},
+            "Parameters": parameters,
         })
     return written
 
@@ -115,6 +138,8 @@ STAGES = (
           options=FixelsOptions, run=run_fixels, threads=True,
           inputs=(Input("fod", "FOD", "FOD (SH image, MRtrix3 or descoteaux07 basis per its sidecar)"),
                   Input("mask", "MASK", "voxels to segment", required=False, flag=True)),
-          outputs=(Output("fixels", "the fixel directory", cli="positional", metavar="OUT_DIR", folder=True),),
-          pipeline=False, scipy_blas=False),
+          outputs=(Output("fixels", "the fixel directory", cli="positional", metavar="OUT_DIR", folder=True),
+                   Output("count", "per-voxel number of fixels (uint8)", cli="flag"),
+                   Output("afd_total", "per-voxel sum of the fixels' AFD", cli="flag")),
+          scipy_blas=False),
 )

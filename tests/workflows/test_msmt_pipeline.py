@@ -13,14 +13,15 @@ from dwiflow.tasks import recon_spec as recon_spec_module
 from dwiflow.tasks.recon_spec import builtin_specs
 from dwiflow.tasks.registry import get as stage
 from tests.bep016 import dataset_problems, unneeded_bidsignore_entries, validator_errors
-from tests.conftest import BIDS_REAL, real_run
+from tests.conftest import BIDS_REAL, real_run, run_mrtrix
 
 
-def test_msmt_recon_spec_wires_dhollander_msmt_and_mtnormalise(tmp_path, capsys):
+def test_msmt_recon_spec_wires_dhollander_msmt_and_mtnormalise(tmp_path, capsys, mrtrix):
     real_run("sub-01_acq-b6kmax")
     assert "msmt" in builtin_specs()
     spec = yaml.safe_load((Path(recon_spec_module.__file__).parent / "recon_specs" / "msmt.yaml").read_text())
     spec["stages"]["response"]["options"] = {"erode": 0}  # two slices: any erosion empties the mask
+    spec["stages"]["fixels"] = {"afd": True}  # MRtrix3's fixel-based analysis starts here
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     (tmp_path / "filter.json").write_text(json.dumps({"dwi": {"acquisition": "b6kmax"}}))
     out = tmp_path / "out"
@@ -50,6 +51,21 @@ def test_msmt_recon_spec_wires_dhollander_msmt_and_mtnormalise(tmp_path, capsys)
                             mask=f"{base}_desc-brain_mask.nii.gz")["peaks"]
     in_run = nib.load(f"{base}_model-mtnormalise_param-peaks_dwimap.nii.gz").get_fdata()
     assert np.allclose(np.nan_to_num(in_run[mask]), np.nan_to_num(nib.load(direct).get_fdata()[mask]), atol=1e-6)
+    # fixels came from the normalised FOD too: the same fixel directory as the fixels stage run on it, read by
+    # MRtrix3's fixel2voxel; the count and AFD-sum maps are those of the directory
+    fixels = Path(f"{base}_model-mtnormalise_fixels")
+    direct = stage("fixels")({"fixels": tmp_path / "direct_fixels"}, afd=True, mask=f"{base}_desc-brain_mask.nii.gz",
+                             fod=f"{base}_model-msmtcsd_param-fod_desc-wmnorm_dwimap.nii.gz")["fixels"]
+    for name in ("index.nii.gz", "directions.nii.gz", "afd.nii.gz"):
+        assert np.array_equal(nib.load(fixels / name).get_fdata(), nib.load(direct / name).get_fdata()), name
+    count = nib.load(f"{base}_model-mtnormalise_param-nfixels_dwimap.nii.gz").get_fdata()
+    afd_sum = nib.load(f"{base}_model-mtnormalise_param-fixelafd_dwimap.nii.gz").get_fdata()
+    run_mrtrix("fixel2voxel", fixels / "directions.nii.gz", "count", tmp_path / "count.nii")
+    run_mrtrix("fixel2voxel", fixels / "afd.nii.gz", "sum", tmp_path / "afd_sum.nii")
+    assert np.array_equal(count, nib.load(tmp_path / "count.nii").get_fdata()) and count[mask].max() >= 2
+    assert np.allclose(afd_sum, nib.load(tmp_path / "afd_sum.nii").get_fdata(), rtol=1e-5, atol=1e-7)
+    assert json.loads((fixels / "index.json").read_text())["Sources"][0].endswith("desc-wmnorm_dwimap.nii.gz")
+    assert list((out / "sub-01" / "figures").glob("*fixels*.png")), "the report has no fixel panel"
     # grey matter is a compartment now, not spurious fibres: in dhollander's GM voxels the GM term dominates WM's
     voxels = nib.load(f"{base}_desc-dhollandervoxels_mask.nii.gz").get_fdata() > 0
     gm = nib.load(f"{base}_model-msmtcsd_param-fod_desc-gm_dwimap.nii.gz").get_fdata()[..., 0]

@@ -80,6 +80,7 @@ BAD_SPECS = [
      "stages.ss3t_csd.niter: must be >= 2, got 1"),
     (_spec({"mask": {}, "dki": {"method": "cls"}}), "stages.dki.method: must be one of dipy-wls, dipy-ols, wls, ols, "
                                                     "got 'cls'"),
+    (_with("fixels", {"fmls_lobe_merge_ratio": 1.5}), "stages.fixels.fmls_lobe_merge_ratio: must be <= 1, got 1.5"),
     (_with("peaks", {"npeaks": 0}), "stages.peaks.npeaks: must be >= 1, got 0"),
     (_with("peaks", {"rel_threshold": float("nan")}), "stages.peaks.rel_threshold: must be a finite number"),
     (_with("peaks", {"subtract_psf": "yes"}), "stages.peaks.subtract_psf: must be bool, got 'yes'"),
@@ -111,6 +112,7 @@ BAD_SPECS = [
                                                      "stages.csd or stages.msmt_csd or stages.ss3t_csd or "
                                                      "stages.mtnormalise or stages.rumba or stages.mapmri or "
                                                      "stages.smt)"),
+    (_spec({"mask": {}, "tensor": {}, "fixels": {}}), "stages.fixels: needs a fod from an earlier stage"),
     (_spec({"mask": {}, "smt": {"fod": "none"}, "peaks": {}}), "stages.peaks: needs a fod from an earlier stage (the "
                                                                "FOD stage in this spec writes no FOD with these "
                                                                "options)"),
