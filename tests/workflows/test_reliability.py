@@ -513,3 +513,36 @@ def test_a_full_disk_while_publishing_leaves_no_partial_file(small, tmp_path, ca
     monkeypatch.setattr(recon.shutil, "copyfile", original)
     assert _app(bids, out, "--participant-label", "phantom", "--mask-dir", masks) == 0
     assert _outputs(out) == small["reference"]
+
+
+def test_a_published_folder_replaces_the_earlier_one_whole(tmp_path, monkeypatch):
+    """A staged folder (a fixel directory) is published under a temporary name and renamed; published again it
+    replaces the earlier folder whole (no file of the first run left in it), and a failure before the renames
+    publishes nothing and leaves no temporary."""
+    import dwiflow.workflows.recon as recon
+
+    def staged(name: str, files: dict[str, str]) -> Path:
+        folder = tmp_path / name
+        (folder / "sub-01_model-csd_fixels").mkdir(parents=True)
+        for file, text in files.items():
+            (folder / "sub-01_model-csd_fixels" / file).write_text(text)
+        (folder / "sub-01_desc-brain_mask.nii.gz").write_text(name)
+        return folder
+
+    target = tmp_path / "out"
+    recon.publish(staged("first", {"index.nii.gz": "1", "afd.nii.gz": "1"}), target)
+    published = recon.publish(staged("second", {"index.nii.gz": "2"}), target)
+    fixels = target / "sub-01_model-csd_fixels"
+    assert sorted(p.name for p in published) == ["sub-01_desc-brain_mask.nii.gz", "sub-01_model-csd_fixels"]
+    assert sorted(p.name for p in fixels.iterdir()) == ["index.nii.gz"] and (fixels / "index.nii.gz").read_text() == "2"
+    assert sorted(p.name for p in target.iterdir()) == ["sub-01_desc-brain_mask.nii.gz", "sub-01_model-csd_fixels"]
+
+    def interrupted(point: str) -> None:
+        raise KeyboardInterrupt(point)
+
+    monkeypatch.setattr("dwiflow.tasks.io.hold_point", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        recon.publish(staged("third", {"index.nii.gz": "3"}), target)
+    assert (fixels / "index.nii.gz").read_text() == "2"
+    assert (target / "sub-01_desc-brain_mask.nii.gz").read_text() == "second"
+    assert sorted(p.name for p in target.iterdir()) == ["sub-01_desc-brain_mask.nii.gz", "sub-01_model-csd_fixels"]
