@@ -493,10 +493,10 @@ import sys, nibabel as nib, numpy as np
 from dipy.core.gradients import gradient_table
 from dipy.io.gradients import read_bvals_bvecs
 from dipy.reconst.dki import DiffusionKurtosisModel
-dwi, bval, bvec, out = sys.argv[1:5]
+dwi, bval, bvec, out, method = sys.argv[1:6]
 img = nib.load(dwi)
 bvals, bvecs = read_bvals_bvecs(bval, bvec)
-fit = DiffusionKurtosisModel(gradient_table(bvals, bvecs=bvecs), fit_method="WLS").fit(img.get_fdata())
+fit = DiffusionKurtosisModel(gradient_table(bvals, bvecs=bvecs), fit_method=method).fit(img.get_fdata())
 for name in ("mk", "ak", "rk", "mkt", "kfa", "fa", "md"):
     value = getattr(fit, name)
     nib.save(nib.Nifti1Image((value() if callable(value) else value).astype(np.float32), img.affine),
@@ -504,26 +504,30 @@ for name in ("mk", "ak", "rk", "mkt", "kfa", "fa", "md"):
 """
 
 
-def bench_dki(n_voxels: int, repeats: int, workdir: Path) -> list[dict]:
-    """``dwirecon dki`` as whole commands against a DIPY script doing the same (load, fit WLS, MK/AK/RK/MKT/KFA/FA/MD,
-    save) and against MRtrix3's ``dwi2tensor -dkt`` (the same IWLS fit; 3.0.3 has no kurtosis maps), same threads."""
+def _dki_phantom(n_voxels: int, workdir: Path, name: str) -> tuple[Path, Path, Path, int]:
     gtab = acquisition_scheme("multi")
     side = int(round((n_voxels / 10) ** 0.5))
     shape = (side, side, 10)
     phantom = make_phantom(gtab, shape, n_fibres=(1, 2), snr=30, seed=1)
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    dwi = workdir / "dki_dwi.nii.gz"
+    dwi = workdir / f"{name}_dwi.nii.gz"
     nib.save(nib.Nifti1Image(phantom.data.astype(np.float32), affine), dwi)
-    bval, bvec = workdir / "dki_dwi.bval", workdir / "dki_dwi.bvec"
+    bval, bvec = workdir / f"{name}_dwi.bval", workdir / f"{name}_dwi.bvec"
     np.savetxt(bval, gtab.bvals[None], fmt="%g")
     np.savetxt(bvec, world_to_fsl_bvecs(gtab.bvecs, affine).T, fmt="%.8f")
-    nvox = int(np.prod(shape))
+    return dwi, bval, bvec, int(np.prod(shape))
+
+
+def _dki_rows(dwi: Path, bval: Path, bvec: Path, nvox: int, method: str, repeats: int, workdir: Path) -> list[dict]:
+    """``dwirecon dki --method dipy-<method>`` against the DIPY script with the same fit, whole commands."""
     names = ("mk", "ak", "rk", "mkt", "kfa", "fa", "md")
     rows = []
     for threads in (1, 2):
         ours_cmd = [sys.executable, "-m", "dwiflow.cli.dwirecon", "dki", str(dwi), str(bval), str(bvec), "-q",
+                    "--method", f"dipy-{method.lower()}",
                     *[a for n in names for a in (f"--{n}", str(workdir / f"dki_ours_{n}.nii.gz"))]]
-        dipy_cmd = [sys.executable, "-c", DIPY_DKI_SCRIPT, str(dwi), str(bval), str(bvec), str(workdir / "dki_dipy")]
+        dipy_cmd = [sys.executable, "-c", DIPY_DKI_SCRIPT, str(dwi), str(bval), str(bvec), str(workdir / "dki_dipy"),
+                    method]
         t_o = _whole_command(ours_cmd, threads, repeats)
         t_d = _whole_command(dipy_cmd, threads, 1)
         ours = {n: nib.load(workdir / f"dki_ours_{n}.nii.gz").get_fdata().ravel() for n in names}
@@ -532,9 +536,23 @@ def bench_dki(n_voxels: int, repeats: int, workdir: Path) -> list[dict]:
         medians = {n: np.median(np.abs(ours[n] - theirs[n])[fitted] / np.maximum(np.abs(theirs[n][fitted]), 1e-12))
                    for n in names}
         worst = max(medians, key=medians.get)
-        rows.append({"step": "dki command", "peer": f"DIPY 1.12 DKI WLS script, whole ({threads} thr.)",
+        rows.append({"step": "dki command" if method == "WLS" else f"dki {method} command",
+                     "peer": f"DIPY 1.12 DKI {method} script, whole ({threads} thr.)",
                      "voxels": nvox, "dwiflow_s": t_o, "peer_s": t_d,
                      "accuracy": f"median rel. diff. of 7 maps <= {medians[worst]:.1e} ({worst})"})
+    return rows
+
+
+def bench_dki(n_voxels: int, constrained_voxels: int, repeats: int, workdir: Path) -> list[dict]:
+    """``dwirecon dki`` as whole commands against a DIPY script doing the same (load, fit WLS, MK/AK/RK/MKT/KFA/FA/MD,
+    save) and against MRtrix3's ``dwi2tensor -dkt`` (the same IWLS fit; 3.0.3 has no kurtosis maps), same threads;
+    and the constrained fit (CLS) against DIPY's on a smaller phantom (DIPY solves a semidefinite program per voxel
+    with CVXPY: ~20-40 ms each)."""
+    dwi, bval, bvec, nvox = _dki_phantom(n_voxels, workdir, "dki")
+    rows = _dki_rows(dwi, bval, bvec, nvox, "WLS", repeats, workdir)
+    if constrained_voxels:
+        small = _dki_phantom(constrained_voxels, workdir, "dki_cls")
+        rows += _dki_rows(*small, "CLS", 1, workdir)
     if shutil.which("dwi2tensor"):
         order = ((0, 0, 0, 0), (1, 1, 1, 1), (2, 2, 2, 2), (0, 0, 0, 1), (0, 0, 0, 2), (0, 1, 1, 1), (0, 2, 2, 2),
                  (1, 1, 1, 2), (1, 2, 2, 2), (0, 0, 1, 1), (0, 0, 2, 2), (1, 1, 2, 2), (0, 0, 1, 2), (0, 1, 1, 2),
@@ -1019,6 +1037,8 @@ def main() -> int:
     parser.add_argument("--noddi-copies", type=int, default=6,
                         help="copies of sub-01 b1kb2k (8865 brain voxels) the NODDI steps fit (default 6: 53190)")
     parser.add_argument("--dki-voxels", type=int, default=50000, help="phantom size of the DKI steps")
+    parser.add_argument("--dki-cls-voxels", type=int, default=3000,
+                        help="phantom size of the constrained DKI step (DIPY: ~30 ms a voxel; 0 skips it)")
     parser.add_argument("--msmt-voxels", type=int, default=20000, help="three-tissue phantom of the msmt steps")
     parser.add_argument("--msmt-spec-fov", type=lambda t: tuple(int(v) for v in t.split(",")), default=(96, 96, 60),
                         help="field of view of the whole msmt recon-spec step (default 96,96,60: a 2 mm brain, "
@@ -1041,7 +1061,7 @@ def main() -> int:
         "smt": lambda tmp: bench_smt(args.smt_voxels, args.smt_dipy_seconds),
         "mapmri": lambda tmp: bench_mapmri(args.mapmri_voxels, args.mapmri_dipy_seconds),
         "msmt": lambda tmp: bench_msmt(args.msmt_voxels, args.repeats, tmp),
-        "dki": lambda tmp: bench_dki(args.dki_voxels, args.repeats, tmp),
+        "dki": lambda tmp: bench_dki(args.dki_voxels, args.dki_cls_voxels, args.repeats, tmp),
         "noddi": lambda tmp: bench_noddi(args.noddi_copies, args.repeats, tmp),
         "ss3t": lambda tmp: bench_ss3t(args.ss3t_voxels, args.repeats, tmp),
         "msmt-spec": lambda tmp: bench_msmt_spec(args.msmt_spec_fov, tmp),

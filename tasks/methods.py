@@ -31,6 +31,8 @@ REFERENCES: dict[str, str] = {
     "dhollander2016ss3t": "Dhollander T, Connelly A. A novel iterative approach to reap the benefits of multi-tissue "
                           "CSD from just single-shell (+b=0) diffusion MRI data. Proc Intl Soc Mag Reson Med. "
                           "2016;24:3010.",
+    "delahaije2020": "Dela Haije T, Özarslan E, Feragen A. Enforcing necessary non-negativity constraints for "
+                     "common diffusion MRI models using sum of squares programming. NeuroImage. 2020;209:116405.",
     "jensen2005": "Jensen JH, Helpern JA, Ramani A, Lu H, Kaczynski K. Diffusional kurtosis imaging: the "
                   "quantification of non-Gaussian water diffusion by means of magnetic resonance imaging. Magn Reson "
                   "Med. 2005;53(6):1432-1440.",

@@ -17,7 +17,7 @@ _HELP = {"mk": "mean kurtosis", "ak": "axial kurtosis", "rk": "radial kurtosis",
          "kurtosis": "kurtosis tensor (15 unique elements, W1111 W1112 W1113 W1122 …, order in the sidecar)",
          "tensor": "diffusion tensor (6 elements, BEP016 order D11 D12 D13 D22 D23 D33)",
          "status": "per-voxel fit status"}
-METHODS = ("dipy-wls", "dipy-ols", "wls", "ols")
+METHODS = ("dipy-wls", "dipy-ols", "dipy-cwls", "dipy-cls", "wls", "ols")
 DEFAULT_MAPS = ["mk", "ak", "rk", "mkt", "kfa", "fa", "md", "ad", "rd", "status"]
 
 
@@ -27,7 +27,10 @@ class DkiOptions(MapOptions):
 
     method: str = option("dipy-wls", choices=METHODS,
                          help="dipy-wls/dipy-ols: DIPY's DiffusionKurtosisModel WLS (weights from an OLS first pass; "
-                              "DIPY's default) or OLS, eigenvalues clipped as DIPY; wls/ols: MRtrix3's dwi2tensor "
+                              "DIPY's default) or OLS, eigenvalues clipped as DIPY; dipy-cwls/dipy-cls: the same "
+                              "subject to DIPY's constraint (CWLS/CLS, Dela Haije 2020: non-negative diffusivities "
+                              "and kurtosis in every direction; a semidefinite program per voxel that needs it, "
+                              "slower); wls/ols: MRtrix3's dwi2tensor "
                               "-dkt, a first fit weighted by the measured signal (wls) or unweighted (ols), then "
                               "`iter` refits weighted by the predicted signal (as the tensor stage's wls/ols)")
     iter: int = option(2, minimum=0, maximum=10,
@@ -45,7 +48,13 @@ def run_dki(files, outputs, options: DkiOptions, context):
 
     run = load_dwi(files["dwi"], files["bval"], files["bvec"])
     if options.method.startswith("dipy-"):
-        model = DiffusionKurtosisModel(run.gtab, fit_method=options.method.removeprefix("dipy-").upper())
+        threads = context.n_threads
+        if threads is None and options.method in ("dipy-cls", "dipy-cwls"):
+            from numba import get_num_threads  # the run's thread count (NUMBA_NUM_THREADS, --nthreads), as NODDI
+
+            threads = get_num_threads()
+        model = DiffusionKurtosisModel(run.gtab, fit_method=options.method.removeprefix("dipy-").upper(),
+                                       n_threads=threads)
         how = {"FitMethod": f"DIPY DiffusionKurtosisModel {options.method.removeprefix('dipy-').upper()}",
                "MinDiffusivity": model.min_diffusivity}
     else:
@@ -54,7 +63,7 @@ def run_dki(files, outputs, options: DkiOptions, context):
         how = {"FitMethod": f"MRtrix3 dwi2tensor -dkt: first fit {options.method.upper()}, then IWLS",
                "Iterations": options.iter if options.iter > 1 else 0}
     voxels = voxels_to_fit(run, files.get("mask"), files["dwi"])
-    fit = model.fit(run.data, voxels)
+    fit = model.fit(run.data, voxels, progress=context.progress)
     maps = {"mk": lambda: fit.mk, "ak": lambda: fit.ak, "rk": lambda: fit.rk, "mkt": lambda: fit.mkt,
             "kfa": lambda: fit.kfa, "fa": lambda: fit.fa, "md": lambda: fit.md, "ad": lambda: fit.ad,
             "rd": lambda: fit.rd, "s0": lambda: fit.s0_map, "kurtosis": lambda: fit.kurtosis_elements,
@@ -78,9 +87,15 @@ def check_dki_data(data, options: DkiOptions) -> None:
 
 def _methods_sentence(options: DkiOptions) -> str:
     if options.method.startswith("dipy-"):
-        how = ("weighted linear least squares with weights from an ordinary least-squares fit, as DIPY's "
-               "DiffusionKurtosisModel" if options.method == "dipy-wls" else
-               "ordinary linear least squares, as DIPY's DiffusionKurtosisModel")
+        how = {"dipy-wls": "weighted linear least squares with weights from an ordinary least-squares fit, as "
+                           "DIPY's DiffusionKurtosisModel",
+               "dipy-ols": "ordinary linear least squares, as DIPY's DiffusionKurtosisModel",
+               "dipy-cwls": "weighted linear least squares with weights from an ordinary least-squares fit, "
+                            "constrained to non-negative diffusivities and kurtosis by a sum-of-squares linear "
+                            "matrix inequality (Dela Haije et al. 2020), as DIPY's DiffusionKurtosisModel CWLS",
+               "dipy-cls": "ordinary linear least squares constrained to non-negative diffusivities and kurtosis by "
+                           "a sum-of-squares linear matrix inequality (Dela Haije et al. 2020), as DIPY's "
+                           "DiffusionKurtosisModel CLS"}[options.method]
     else:
         first = "weighted by the measured signal" if options.method == "wls" else "unweighted"
         refits = (f", then refitted {options.iter} times with weights from the predicted signal" if options.iter > 1
@@ -96,10 +111,12 @@ STAGES = (
         name="dki", order=25, title="Diffusion kurtosis (Jensen 2005)",
         methods=_methods_sentence,
         references=lambda o: ("jensen2005", "tabesh2011", "hansen2013", "glenn2015")
-        + (("dipy",) if o.method.startswith("dipy-") else ("veraart2013", "mrtrix3")),
+        + (("dipy",) if o.method.startswith("dipy-") else ("veraart2013", "mrtrix3"))
+        + (("delahaije2020",) if o.method in ("dipy-cls", "dipy-cwls") else ()),
         summary="diffusion kurtosis imaging: MK, AK, RK, MKT, KFA and the tensor of the same fit",
         description="Diffusion and kurtosis tensors fitted to the log-signal (Jensen et al. 2005) by OLS or WLS "
-                    "as DIPY's DiffusionKurtosisModel (default), or as MRtrix3's dwi2tensor -dkt; mean, axial and radial kurtosis in closed form "
+                    "as DIPY's DiffusionKurtosisModel (default; or constrained as its CLS/CWLS), or as MRtrix3's "
+                    "dwi2tensor -dkt; mean, axial and radial kurtosis in closed form "
                     "(Tabesh et al. 2011), mean of the kurtosis tensor (Hansen et al. 2013), kurtosis fractional "
                     "anisotropy (Glenn et al. 2015). Needs b=0 and two shells (or three shells). Give one option per "
                     "map to write.",
@@ -107,6 +124,6 @@ STAGES = (
         inputs=DWI_INPUTS + (Input("mask", "MASK", "voxels to fit (default: every voxel with signal)", required=False,
                                    flag=True),),
         outputs=tuple(Output(name, f"the {text} map", cli="flag") for name, text in _HELP.items()),
-        check_data=check_dki_data, scipy_blas=False,
+        check_data=check_dki_data, scipy_blas=False, threads=True, progress="voxels",
     ),
 )

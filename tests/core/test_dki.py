@@ -209,3 +209,163 @@ def test_data_that_cannot_determine_kurtosis_are_refused(tmp_path, capsys):
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "DKI needs at least three distinct b-values" in error, error
     assert not out.exists()
+
+
+def _lmi_margin(params: np.ndarray) -> np.ndarray:
+    """How far fits (v, 22; DIPY's layout) are inside Dela Haije's constraint, computed independently of dwiflow
+    with CVXPY from DIPY's own matrices: the largest t such that M(h, s) - t·I ⪰ 0 for some free variables s, with
+    M's diffusion rows scaled by 1e3 and its kurtosis rows by 1e6 (each block of order 1; a positive scaling of a
+    block keeps its sign). Negative: outside."""
+    import warnings
+
+    import cvxpy
+    from dipy.data import load_sdp_constraints
+
+    matrices = [a.toarray() for a in load_sdp_constraints("dki")]
+    scale = np.r_[np.full(3, 1e3 ** 0.5), np.full(9, 1e6 ** 0.5)]
+    congruence = np.outer(scale, scale)
+    free_units = np.r_[np.full(9, 1e-6), np.full(9, 10 ** -4.5)]  # the free variables' typical sizes
+    margins = []
+    for h in params:
+        free, t = cvxpy.Variable(18), cvxpy.Variable()
+        fixed = sum(h[i] * matrices[i + 1] for i in range(22)) * congruence
+        lmi = fixed + sum(free[j] * (free_units[j] * matrices[23 + j] * congruence) for j in range(18))
+        problem = cvxpy.Problem(cvxpy.Maximize(t), [lmi - t * np.eye(12) >> 0, cvxpy.norm(free) <= 1e3])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "solution may be inaccurate": a margin, not a fit
+            problem.solve(solver="CLARABEL")
+        margins.append(t.value)
+    return np.array(margins)
+
+
+def _raw_parameters(model: DiffusionKurtosisModel, signal: np.ndarray) -> np.ndarray:
+    """The fitted 22 parameters (DIPY's layout) of (v, n) signals, before eigenvalue clipping."""
+    from dwiflow.core.voxels import VoxelBatch
+
+    batch = VoxelBatch.from_volume(signal[:, None, None, :], None, signal.shape[1])
+    params, status = model._fit_batch(batch.signal())
+    if model.fit_method in ("CLS", "CWLS"):
+        model._fit_constrained(batch, params, status, None)
+    return params
+
+
+@pytest.mark.parametrize("method", ["CLS", "CWLS"])
+def test_constrained_fits_equal_dipy_and_are_the_constrained_optimum(method, record):
+    """DIPY's CLS/CWLS (Dela Haije 2020) on 500 voxels of sub-01 b6kmax: the maps' median relative difference is
+    below 1e-4; where a fit differs by more, ours satisfies the constraint (D positive semidefinite, the kurtosis
+    form non-negative on 20000 directions) and its objective is no larger than DIPY's, whose solution there is
+    outside the constraint (CVXPY's tolerances on the unscaled program) or worse."""
+    import warnings
+
+    from dipy.core.gradients import gradient_table as dipy_gradient_table
+    from dipy.reconst.dki import DiffusionKurtosisModel as DipyModel
+    from dipy.reconst.dki import cls_fit_dki
+
+    from dwiflow.core.dki import dki_design_matrix
+    from dwiflow.tasks.io import load_dwi, load_mask
+
+    paths = real_run("sub-01_acq-b6kmax")
+    run = load_dwi(paths["dwi"], paths["bval"], paths["bvec"])
+    mask = load_mask(paths["mask"], run.data.shape[:3], run.affine)
+    signal = np.asarray(run.data[mask], dtype=float)
+    signal = signal[np.random.default_rng(1).choice(signal.shape[0], 500, replace=False)]
+    ours = DiffusionKurtosisModel(run.gtab, fit_method=method, n_threads=2)
+    fit = ours.fit(signal[:, None, None, :])
+    dipy_model = DipyModel(dipy_gradient_table(run.gtab.bvals, bvecs=run.gtab.bvecs,
+                                               b0_threshold=run.gtab.b0_threshold), fit_method=method)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = dipy_model.fit(signal)
+    ok = fit.status.ravel() == FitStatus.OK
+    assert ok.mean() > 0.97
+    differs = np.zeros(signal.shape[0], dtype=bool)
+    # MK from the same formula for both fits (DIPY's): its elliptic integrals err by up to ~1e-3 on their own (see
+    # the WLS test, where ours equals the definition), which this test of the fits must not mix in
+    from dipy.reconst.dki import mean_kurtosis
+
+    ours_in_dipy_layout = np.concatenate([fit.evals.reshape(-1, 3), fit.evecs.reshape(-1, 9),
+                                          fit.kurtosis.reshape(-1, 15)], axis=1)
+    for name in ("mk", "ak", "rk", "mkt", "kfa", "fa", "md"):
+        got, expected = getattr(fit, name).ravel(), getattr(reference, name)
+        expected = expected() if callable(expected) else expected
+        if name == "mk":
+            got = mean_kurtosis(ours_in_dipy_layout)
+        relative = np.abs(got - expected) / np.maximum(np.abs(expected), 1e-12)
+        assert np.median(relative[ok]) < 1e-4, (name, np.median(relative[ok]))
+        record("dki", f"{name.upper()} median relative difference (b6kmax, {method}, 500 voxels"
+               f"{'; MK by DIPY formula for both' if name == 'mk' else ''})",
+               np.median(relative[ok]), "< 1e-4", f"DIPY 1.12 DiffusionKurtosisModel {method}")
+        differs |= ok & (relative > 1e-4)
+    params = _raw_parameters(ours, signal)
+    # where ours differs from DIPY: ours is inside the constraint and its objective is no larger than DIPY's, or
+    # DIPY's solution is outside
+    design = dki_design_matrix(run.gtab)
+    log_signal = np.log(np.maximum(signal, 1e-4))
+    pinv = np.linalg.pinv(design)
+    worse = infeasible = 0
+    for row in np.flatnonzero(differs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs, _ = cls_fit_dki(design, np.maximum(signal[row], 1e-4), pinv, dipy_model.sdp,
+                                    weights=method == "CWLS", return_lower_triangular=True)
+        weights = np.exp(2 * design @ (pinv @ log_signal[row])) if method == "CWLS" else 1.0
+        objective = [np.sum(weights * (design @ p - log_signal[row]) ** 2) for p in (params[row], theirs)]
+        ours_margin, their_margin = _lmi_margin(np.stack([params[row], theirs]))
+        assert ours_margin > -1e-6, (row, ours_margin)
+        outside = their_margin < -1e-6
+        infeasible += outside
+        worse += not outside and objective[0] > objective[1] * (1 + 1e-6)
+    assert worse == 0
+    record("dki", f"share of the {differs.sum()} voxels (of 500) where {method} differs from DIPY by > 1e-4 in which "
+           "DIPY's solution is outside the constraint (elsewhere ours has the smaller objective)",
+           infeasible / max(differs.sum(), 1), "ours inside, objective <= DIPY's", f"DIPY 1.12 {method} + CVXPY")
+
+
+def test_constrained_fit_keeps_feasible_fits_and_solves_the_program_elsewhere(record):
+    """Phantom: a genuine tissue's noise-free signal gives an unconstrained fit inside the constraint, which CLS
+    returns unchanged; noisy signals whose OLS fit has negative kurtosis in some direction get a feasible fit
+    whose objective equals that of the same program solved independently with CVXPY (DIPY's 12x12 inequality,
+    unreduced)."""
+    import cvxpy
+    from dipy.data import load_sdp_constraints
+
+    from dwiflow.core.dki import dki_design_matrix
+
+    gtab = _scheme()
+    diffusion, full = _tissue(3)
+    # plus isotropic kurtosis 0.5 (W_ijkl = K/3 (δij δkl + δik δjl + δil δjk)): the form is positive everywhere (a
+    # two-compartment W alone is zero along some directions, on the constraint's boundary or outside it)
+    eye = np.eye(3)
+    full = full + 0.5 / 3 * (np.einsum("ij,kl->ijkl", eye, eye) + np.einsum("ik,jl->ijkl", eye, eye)
+                             + np.einsum("il,jk->ijkl", eye, eye))
+    clean = _signal(gtab, diffusion, full)
+    rng = np.random.default_rng(7)
+    noisy = np.abs(clean + rng.normal(scale=60.0, size=(400, clean.size)))  # SNR ~17 at b=0
+    signal = np.vstack([clean, noisy])
+    unconstrained = _raw_parameters(DiffusionKurtosisModel(gtab, fit_method="OLS"), signal)
+    constrained = _raw_parameters(DiffusionKurtosisModel(gtab, fit_method="CLS"), signal)
+    assert _lmi_margin(unconstrained[:1])[0] > 1e-3 and np.array_equal(constrained[0], unconstrained[0])
+    changed = np.flatnonzero(np.abs(constrained - unconstrained).max(axis=1)
+                             > 1e-3 * np.abs(unconstrained).max(axis=1))
+    assert changed.size >= 20  # the noise pushes enough OLS fits outside
+    assert np.all(_lmi_margin(unconstrained[changed[:10]]) < -1e-3)  # … they were outside
+    assert np.all(_lmi_margin(constrained[changed[:10]]) > -1e-6)  # … and are inside now
+    outside = changed
+    matrices = [a.toarray() for a in load_sdp_constraints("dki")]
+    design = dki_design_matrix(gtab)
+    scale = np.r_[np.full(6, 1e-3), np.full(15, 1e-6), 1.0]
+    errors = []
+    for row in outside[:10]:
+        h, free = cvxpy.Variable(22), cvxpy.Variable(18)
+        lmi = sum(h[i] * scale[i] * matrices[i + 1] for i in range(22)) + sum(
+            free[j] * 1e-6 * matrices[23 + j] for j in range(18))
+        y = np.log(np.maximum(signal[row], 1e-4))
+        problem = cvxpy.Problem(cvxpy.Minimize(cvxpy.sum_squares(design @ cvxpy.multiply(scale, h) - y)),
+                                [1e6 * lmi >> 0])
+        problem.solve(solver="CLARABEL", tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
+        reference = np.sum((design @ (h.value * scale) - y) ** 2)
+        ours = np.sum((design @ constrained[row] - y) ** 2)
+        errors.append(ours / reference - 1)
+    assert max(errors) < 1e-6 and min(errors) > -1e-6, errors
+    record("dki", "CLS objective vs the unreduced program (CVXPY + Clarabel, tolerance 1e-10), 10 phantom voxels "
+           "outside the constraint, relative", max(np.abs(errors)), "< 1e-6", "Dela Haije 2020 program")

@@ -78,8 +78,8 @@ BAD_SPECS = [
     (_spec({"mask": {}, "noddi": {"d_par": 0}}), "stages.noddi.d_par: must be > 0, got 0"),
     (_spec({"mask": {}, "response": {"method": "dhollander"}, "ss3t_csd": {"niter": 1}}),
      "stages.ss3t_csd.niter: must be >= 2, got 1"),
-    (_spec({"mask": {}, "dki": {"method": "cls"}}), "stages.dki.method: must be one of dipy-wls, dipy-ols, wls, ols, "
-                                                    "got 'cls'"),
+    (_spec({"mask": {}, "dki": {"method": "cls"}}), "stages.dki.method: must be one of dipy-wls, dipy-ols, dipy-cwls, "
+                                                    "dipy-cls, wls, ols, got 'cls'"),
     (_with("fixels", {"fmls_lobe_merge_ratio": 1.5}), "stages.fixels.fmls_lobe_merge_ratio: must be <= 1, got 1.5"),
     (_with("peaks", {"npeaks": 0}), "stages.peaks.npeaks: must be >= 1, got 0"),
     (_with("peaks", {"rel_threshold": float("nan")}), "stages.peaks.rel_threshold: must be a finite number"),
