@@ -131,7 +131,9 @@ STAGES = (
           description="Segments each voxel's FOD into lobes (FMLS, Smith et al. 2013, as MRtrix3 3.0's fod2fixel: "
                       "the same 1281 directions, thresholds and Newton peak refinement) and writes an MRtrix3 fixel "
                       "directory (index, directions and the requested per-fixel data, NIfTI) that fixel2voxel, "
-                      "fixelcrop and mrview read.",
+                      "fixelcrop and mrview read; with --count and --afd-total also per-voxel maps of the number "
+                      "of fixels and the sum of their AFD (fixel2voxel's count and sum). In a recon spec it segments "
+                      "the FOD the peaks read and writes all three.",
           methods=lambda o: ("FODs were segmented into fixels with the FMLS algorithm as in MRtrix3's fod2fixel, "
                              "and apparent fibre density was computed per fixel"),
           references=("smith2013", "raffelt2012"),
