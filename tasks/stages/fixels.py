@@ -39,15 +39,6 @@ class FixelsOptions(StageOptions):
     dirpeak: bool = option(False, help="fixel direction = the lobe's largest peak instead of its mean direction")
 
 
-def afd_per_voxel(fixels) -> np.ndarray:
-    """The sum of each voxel's fixels' AFD (``fixel2voxel afd sum``); 0 where a voxel has no fixel."""
-    counts, offsets = fixels.counts.ravel(), fixels.offsets.ravel()
-    voxel_of_fixel = np.repeat(np.arange(counts.size), counts)
-    first_of_voxel = np.repeat(np.cumsum(counts) - counts, counts)
-    rows = np.repeat(offsets, counts) + np.arange(voxel_of_fixel.size) - first_of_voxel
-    return np.bincount(voxel_of_fixel, weights=fixels.afd[rows], minlength=counts.size).reshape(fixels.counts.shape)
-
-
 def check_fixel_directory(path: Path) -> None:
     """Refuse, before anything runs, a folder holding files other than a fixel directory's own (as fod2fixel does
     without -force): stale data files would not match the new fixels."""
@@ -94,7 +85,7 @@ def run_fixels(files, outputs, options: FixelsOptions, context):
                   "PeakValueThreshold": 0.0 if no_thresholds else options.fmls_peak_value,
                   "LobeMergeRatio": options.fmls_lobe_merge_ratio, "MaxFixelsPerVoxel": options.maxnum,
                   "Directions": 1281, "SphericalHarmonicDegree": lmax}
-    voxel_maps = {"count": lambda: fixels.counts, "afd_total": lambda: afd_per_voxel(fixels)}
+    voxel_maps = {"count": lambda: fixels.counts, "afd_total": lambda: fixels.per_voxel_sum(fixels.afd)}
     written = {}
     with atomic_outputs() as out:
         written["fixels"] = directory
