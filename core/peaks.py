@@ -381,15 +381,24 @@ def find_peaks(
     return Peaks(scatter(vectors, batch, fill=np.nan))
 
 
-def generalized_fa(sh: np.ndarray, sphere_name: str = "ico642") -> np.ndarray:
-    """GFA of the FOD amplitudes on a sphere: std / rms (Tuch 2004)."""
+def generalized_fa(sh: np.ndarray, sphere_name: str = "ico642", chunk_size: int = 4096) -> np.ndarray:
+    """GFA of the FOD amplitudes on a sphere: std / rms (Tuch 2004); 0 where the FOD is zero (outside the mask).
+    Computed over the voxels with an FOD, ``chunk_size`` at a time (the amplitudes of a whole field of view would
+    take gigabytes)."""
     v = get_sphere(sphere_name).hemisphere
-    amps = np.asarray(sh) @ real_sh_basis(lmax_from_n_coefficients(np.shape(sh)[-1]), v).T
-    n = amps.shape[-1]
-    num = n * np.sum((amps - amps.mean(axis=-1, keepdims=True)) ** 2, axis=-1)
-    den = (n - 1) * np.sum(amps**2, axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, np.sqrt(num / den), 0.0)
+    sh = np.asarray(sh)
+    basis_t = real_sh_basis(lmax_from_n_coefficients(sh.shape[-1]), v).T
+    rows = sh.reshape(-1, sh.shape[-1])
+    out = np.zeros(rows.shape[0])
+    voxels = np.flatnonzero(np.any(rows != 0, axis=1))
+    for part in np.array_split(voxels, max(1, -(-voxels.size // chunk_size))):
+        amps = rows[part] @ basis_t
+        n = amps.shape[-1]
+        num = n * np.sum((amps - amps.mean(axis=-1, keepdims=True)) ** 2, axis=-1)
+        den = (n - 1) * np.sum(amps**2, axis=-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[part] = np.where(den > 0, np.sqrt(num / den), 0.0)
+    return out.reshape(sh.shape[:-1])
 
 
 def fod_metrics(sh: np.ndarray, peaks: np.ndarray) -> dict[str, np.ndarray]:
