@@ -28,9 +28,9 @@ class DkiOptions(MapOptions):
     method: str = option("dipy-wls", choices=METHODS,
                          help="dipy-wls/dipy-ols: DIPY's DiffusionKurtosisModel WLS (weights from an OLS first pass; "
                               "DIPY's default) or OLS, eigenvalues clipped as DIPY; dipy-cwls/dipy-cls: the same "
-                              "subject to DIPY's constraint (CWLS/CLS, Dela Haije 2020: non-negative diffusivities "
-                              "and kurtosis in every direction; a semidefinite program per voxel that needs it, "
-                              "slower); wls/ols: MRtrix3's dwi2tensor "
+                              "subject to DIPY's constraint (CWLS/CLS, Dela Haije 2020: a sum-of-squares "
+                              "certificate of non-negative diffusivities and kurtosis; a semidefinite program per "
+                              "voxel that needs it, slower); wls/ols: MRtrix3's dwi2tensor "
                               "-dkt, a first fit weighted by the measured signal (wls) or unweighted (ols), then "
                               "`iter` refits weighted by the predicted signal (as the tensor stage's wls/ols)")
     iter: int = option(2, minimum=0, maximum=10,
