@@ -379,7 +379,6 @@ class KurtosisFit:
         return self._masked(self.s0)
 
 
-FIT_METHODS = ("WLS", "OLS", "IWLS", "CLS", "CWLS")
 # subgradient steps spent looking for a fit's certificate of feasibility before solving its program (on sub-01
 # b6kmax: 5 steps certify 51% of the fits, 20 steps 68%, 200 steps 75%)
 CERTIFICATE_ITERATIONS = 20
@@ -427,7 +426,6 @@ class ConstrainedKurtosisSolver:
             values.append(-value * (1.0 if r == c else np.sqrt(2.0)) * unit * block_scale[row])
         self.n_vars, self.n_params = n_params + len(free), n_params
         self.constraints = sparse.csc_matrix((values, (rows, cols)), shape=(6 + 45, self.n_vars))
-        self.bound = np.zeros(6 + 45)  # M = Σ z_j A_j: A_0 is zero
         self.cones = [clarabel.PSDTriangleConeT(3), clarabel.PSDTriangleConeT(SIZE - 3)]
         # the quadratic term's upper triangle in CSC order: column c holds rows 0 … c of the parameters' block
         self._upper_rows = np.concatenate([np.arange(c + 1) for c in range(n_params)])
@@ -482,7 +480,7 @@ class ConstrainedKurtosisSolver:
         unconstrained = np.linalg.solve(normal, weighted @ log_signal)
         hessian = sparse.csc_matrix((normal[self._upper_rows, self._upper_cols], self._upper_rows, self._indptr),
                                     shape=(self.n_vars, self.n_vars))
-        bound = self.bound - self.constraints[:, :self.n_params] @ unconstrained
+        bound = -(self.constraints[:, :self.n_params] @ unconstrained)  # A_0 is zero: M = Σ z_j A_j
         solution = clarabel.DefaultSolver(hessian, np.zeros(self.n_vars), self.constraints, bound, self.cones,
                                           self.settings).solve()
         if solution.status not in self._solved:
