@@ -48,6 +48,23 @@ def _add(lobe, direction, value, weight, dirs, lobe_of, mean, integral):
     integral[lobe] += abs(value * weight)
 
 
+@njit(cache=True, fastmath=False, inline="always")
+def _newton_slack(largest, lmax, covering):
+    """How far Newton's search can raise a lobe's peak above its best sample (``largest``: the voxel's largest
+    sample), or infinity where the bound does not hold.
+
+    Newton stops (|f'/f''| < 1e-4) at a near-stationary point p whose nearest direction d is in the lobe, at most
+    ``covering`` away; along the great circle through p and d the FOD is a trigonometric polynomial of degree lmax,
+    so (Bernstein) |f''| <= lmax² F with F = max |f| <= largest / (1 - lmax² covering² / 2), and
+    f(p) - f(d) <= 1e-4 lmax² F covering + lmax² F covering² / 2, plus 1e-3 F for the interpolated Legendre table.
+    """
+    bend = 0.5 * lmax * lmax * covering * covering
+    if bend >= 0.5:
+        return math.inf
+    bound = abs(largest) / (1.0 - bend)
+    return bound * (bend + 1e-4 * lmax * lmax * covering + 1e-3)
+
+
 @njit(cache=True, fastmath=False)
 def _segment(values, keys, sh, lmax, dirs, weights, adj_ptr, adj_idx, samples, covering, integral_threshold,
              peak_threshold, merge_ratio, dir_from_peak, out_dirs, out_afd, out_peak, scratch, lobe_of, late, peak_dir,
@@ -63,6 +80,9 @@ def _segment(values, keys, sh, lmax, dirs, weights, adj_ptr, adj_idx, samples, c
         if abs(values[d]) > abs(values[largest]):
             largest = d
     if values[largest] <= 0.0:  # fod2fixel: the largest magnitude is negative, no lobes
+        return 0
+    slack = _newton_slack(values[largest], lmax, covering)
+    if values[largest] + slack < peak_threshold:  # no lobe can reach the peak threshold: nothing to segment
         return 0
     lobe_of[:] = -1
     max_peak = scratch[0]
@@ -158,17 +178,7 @@ def _segment(values, keys, sh, lmax, dirs, weights, adj_ptr, adj_idx, samples, c
     for r in range(n_late):
         _add(late_lobe[r], late_dir[r], values[late_dir[r]], weights[late_dir[r]], dirs, lobe_of, mean, integral)
 
-    # Newton can raise a lobe's peak above its best sample by at most ``slack``: it stops (|f'/f''| < 1e-4) at a
-    # near-stationary point p whose nearest direction d is in the lobe, at most ``covering`` away; along the great
-    # circle through p and d the FOD is a trigonometric polynomial of degree lmax, so (Bernstein) |f''| <= lmax² F,
-    # F = max |f| <= (largest sample) / (1 - lmax² covering² / 2); f(p) - f(d) <= 1e-4 lmax² F covering
-    # + lmax² F covering² / 2, plus 1e-3 F for the interpolated Legendre table. A lobe below the peak threshold by
-    # more than that is dropped whatever Newton finds: it is not searched.
-    bend = 0.5 * lmax * lmax * covering * covering
-    slack = 0.0
-    if bend < 0.5:
-        bound = abs(values[largest]) / (1.0 - bend)
-        slack = bound * (bend + 1e-4 * lmax * lmax * covering + 1e-3)
+    # a lobe below the peak threshold by more than ``slack`` is dropped whatever Newton finds: it is not searched
     table = work[:lmax + 1, :lmax + 1]
     derivatives = work[lmax + 1, :6]
     newton = work[lmax + 2, :3]
@@ -176,7 +186,7 @@ def _segment(values, keys, sh, lmax, dirs, weights, adj_ptr, adj_idx, samples, c
     for lobe in range(n_lobes):
         if alive[lobe] == 0.0 or integral[lobe] < integral_threshold:
             continue
-        if bend < 0.5 and max_peak[lobe] + slack < peak_threshold:
+        if max_peak[lobe] + slack < peak_threshold:
             continue
         p = peak_head[lobe]
         index = 0
