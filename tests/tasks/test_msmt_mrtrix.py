@@ -184,28 +184,24 @@ def test_more_tissues_than_bvalues_is_refused_and_two_tissues_work_on_one_shell(
     assert wm.shape[-1] == 28 and np.all(np.isfinite(wm)) and np.all(csf >= -1e-9 * np.abs(wm).max()) and wm[..., 0].mean() > 0
 
 
-def test_mtnormalise_equals_mrtrix(dhollander_pair, tmp_path, record):
-    """Our multi-tissue CSD of sub-01 b6kmax (with our dhollander responses), normalised by both: outputs and field
-    within 1e-4 of mtnormalise's (the issue asks 0.5% and 1%), the same balance factors and inlier mask."""
-    folder, paths, ours_responses = dhollander_pair["b6kmax"]
-    tissues = {t: tmp_path / f"{t}.nii.gz" for t in ("wm", "gm", "csf")}
-    stage("msmt_csd")(tissues, dwi=paths["dwi"], bval=paths["bval"], bvec=paths["bvec"], mask=paths["mask"],
-                      response_wm=ours_responses["wm"], response_gm=ours_responses["gm"],
-                      response_csf=ours_responses["csf"])
+def _mtnormalise_both(tissues: dict, mask_path, tmp_path, label: str, record, *options: str) -> dict:
+    """Run our mtnormalise stage and MRtrix3's on the same tissue images; assert field and outputs within 1e-4 of
+    MRtrix3's (the issue asks 1% and 0.5%), the same balance factors and inlier mask; return our outputs."""
+    order = int(options[options.index("-order") + 1]) if "-order" in options else 3
     ours = stage("mtnormalise")(
         {"wm": tmp_path / "n_wm.nii.gz", "gm_norm": tmp_path / "n_gm.nii.gz", "csf_norm": tmp_path / "n_csf.nii.gz",
          "check_norm": tmp_path / "field.nii.gz", "check_mask": tmp_path / "inliers.nii.gz",
          "check_factors": tmp_path / "factors.txt"},
-        fod=tissues["wm"], gm=tissues["gm"], csf=tissues["csf"], mask=paths["mask"])
+        fod=tissues["wm"], gm=tissues["gm"], csf=tissues["csf"], mask=mask_path, order=order)
     _mrtrix("mtnormalise", tissues["wm"], tmp_path / "m_wm.nii", tissues["gm"], tmp_path / "m_gm.nii", tissues["csf"],
-            tmp_path / "m_csf.nii", "-mask", paths["mask"], "-check_norm", tmp_path / "m_field.nii", "-check_mask",
-            tmp_path / "m_mask.nii", "-check_factors", tmp_path / "m_factors.txt")
-    mask = nib.load(paths["mask"]).get_fdata() > 0
+            tmp_path / "m_csf.nii", "-mask", mask_path, "-check_norm", tmp_path / "m_field.nii", "-check_mask",
+            tmp_path / "m_mask.nii", "-check_factors", tmp_path / "m_factors.txt", *options)
+    mask = nib.load(mask_path).get_fdata() > 0
     field = nib.load(ours["check_norm"]).get_fdata()[mask]
     their_field = nib.load(tmp_path / "m_field.nii").get_fdata()[mask]
     field_diff = np.abs(field / their_field - 1)
     print(f"field: median rel diff {np.median(field_diff):.2e}, max {field_diff.max():.2e}")
-    record("mtnormalise", "field, largest relative difference (sub-01 b6kmax)", field_diff.max(), "<= 1e-4",
+    record("mtnormalise", f"field, largest relative difference ({label})", field_diff.max(), "<= 1e-4",
            "MRtrix3 3.0.3 mtnormalise")
     assert field_diff.max() <= 1e-4
     for name, theirs in (("wm", "m_wm.nii"), ("gm_norm", "m_gm.nii"), ("csf_norm", "m_csf.nii")):
@@ -214,7 +210,7 @@ def test_mtnormalise_equals_mrtrix(dhollander_pair, tmp_path, record):
         scale = np.abs(b).max(axis=1)
         relative = np.abs(a - b).max(axis=1)[scale > 0] / scale[scale > 0]
         print(f"{name}: median rel diff {np.median(relative):.2e}")
-        record("mtnormalise", f"{name}, median relative difference (sub-01 b6kmax)", np.median(relative), "<= 1e-4",
+        record("mtnormalise", f"{name}, median relative difference ({label})", np.median(relative), "<= 1e-4",
                "MRtrix3 3.0.3 mtnormalise")
         assert np.median(relative) <= 1e-4
     mine = np.loadtxt(ours["check_factors"])
@@ -222,6 +218,60 @@ def test_mtnormalise_equals_mrtrix(dhollander_pair, tmp_path, record):
     assert np.allclose(mine, theirs, rtol=1e-4), (mine, theirs)
     assert np.array_equal(nib.load(ours["check_mask"]).get_fdata()[mask] > 0,
                           nib.load(tmp_path / "m_mask.nii").get_fdata()[mask] > 0)
+    return ours
+
+
+def test_mtnormalise_equals_mrtrix(dhollander_pair, tmp_path, record):
+    """Our multi-tissue CSD of sub-01 b6kmax (with our dhollander responses), normalised by both, first-order field.
+
+    The data have two slices: every voxel lies on one of two parallel planes, so the second- and third-order terms
+    of the default field are linear combinations of the others there (the 20-term basis has rank 16, its normal
+    matrix a condition number ~1e20). Either program's default-order field then depends on the rounding of its
+    solver (it differs between machines' BLAS); the first-order field is well determined. The default order is
+    compared on a whole 3D volume below."""
+    folder, paths, ours_responses = dhollander_pair["b6kmax"]
+    tissues = {t: tmp_path / f"{t}.nii.gz" for t in ("wm", "gm", "csf")}
+    stage("msmt_csd")(tissues, dwi=paths["dwi"], bval=paths["bval"], bvec=paths["bvec"], mask=paths["mask"],
+                      response_wm=ours_responses["wm"], response_gm=ours_responses["gm"],
+                      response_csf=ours_responses["csf"])
+    _mtnormalise_both(tissues, paths["mask"], tmp_path, "sub-01 b6kmax, order 1", record, "-order", "1")
+
+
+def test_mtnormalise_default_order_equals_mrtrix_and_recovers_the_field(tmp_path, mrtrix, record):
+    """A 3D phantom (40x36x30 voxels of 2 mm, an ellipsoid of smooth WM/GM/CSF fractions, each tissue with its own
+    scale, 5% log-normal noise, a cubic bias field): our default mtnormalise equals MRtrix3's (1e-4) and recovers
+    the true field (to 1%; the field is found up to the geometric mean of the tissue scales, set to 1 here)."""
+    from dwiflow.core.mtnormalise import polynomial_basis
+    from dwiflow.core.sims import smooth_tissue_fractions
+
+    shape = (40, 36, 30)
+    affine = np.array([[-2.0, 0, 0, 40], [0, 2.0, 0, -36], [0, 0, 2.0, -20], [0, 0, 0, 1]])
+    axes = [np.arange(n) - (n - 1) / 2 for n in shape]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    mask = (x / (0.45 * shape[0])) ** 2 + (y / (0.45 * shape[1])) ** 2 + (z / (0.45 * shape[2])) ** 2 <= 1
+    fractions = smooth_tissue_fractions(shape, seed=11)
+    positions = np.indices(shape).reshape(3, -1).T @ affine[:3, :3].T + affine[:3, 3]
+    true_coefficients = np.array([0.05, 4e-3, -3e-3, 2e-3, -4e-5, 3e-5, -2e-5, 1e-5, 2e-5, -1e-5,
+                                  2e-7, -1e-7, 1e-7, 0, 1e-7, 0, -1e-7, 0, 1e-7, 0])
+    true_field = np.exp(polynomial_basis(positions, 3) @ true_coefficients).reshape(shape)
+    scales = np.array([1.6, 0.8, 1.0 / (1.6 * 0.8)])  # geometric mean 1
+    rng = np.random.default_rng(12)
+    tissues = {}
+    for t, name in enumerate(("wm", "gm", "csf")):
+        image = 0.28209479177 * fractions[..., t] * scales[t] * true_field
+        image *= np.exp(0.05 * rng.standard_normal(shape))
+        image[~mask] = 0.0
+        tissues[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), tissues[name])
+    mask_path = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), mask_path)
+    ours = _mtnormalise_both(tissues, mask_path, tmp_path, "3D phantom, order 3", record)
+    field = nib.load(ours["check_norm"]).get_fdata()[mask]
+    error = np.abs(field / true_field[mask] - 1)
+    print(f"field against truth: median {np.median(error):.1e}, max {error.max():.1e}")
+    record("mtnormalise", "field against the true field, median relative error (3D phantom)", np.median(error),
+           "<= 0.01", "phantom truth")
+    assert np.median(error) <= 0.01
 
 
 def test_group_response_equals_responsemean(dhollander_pair, tmp_path, mrtrix):
