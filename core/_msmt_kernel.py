@@ -79,13 +79,16 @@ def _delete(chol, k, r, work) -> None:
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _solve(chol, k, rhs, out) -> None:
-    """out = (L Lᵀ)⁻¹ rhs for the first ``k`` entries."""
-    for i in range(k):
+def _solve(chol, k, rhs, forward, valid, out) -> None:
+    """out = (L Lᵀ)⁻¹ rhs for the first ``k`` entries. ``forward`` holds w = L⁻¹ rhs, of which the first ``valid``
+    entries are still right (rows of L and entries of rhs above them unchanged): only the others are recomputed."""
+    for i in range(valid, k):
         s = rhs[i]
         for p in range(i):
-            s -= chol[i, p] * out[p]
-        out[i] = s / chol[i, i]
+            s -= chol[i, p] * forward[p]
+        forward[i] = s / chol[i, i]
+    for i in range(k):
+        out[i] = forward[i]
     # Lᵀ x = w by columns of Lᵀ (rows of L): each step reads one row contiguously
     for i in range(k - 1, -1, -1):
         out[i] /= chol[i, i]
@@ -97,20 +100,27 @@ def _solve(chol, k, rhs, out) -> None:
 
 @njit(cache=True, fastmath=True)
 def _constraint_values(c_u, gram, active, k, lam, c) -> None:
-    """c = c_u + Σ_j λ_j G[a_j, :] over the active set."""
+    """c = c_u + Σ_j λ_j G[a_j, :] over the active set (four rows of G per pass over c)."""
     m = c_u.size
     for i in range(m):
         c[i] = c_u[i]
-    for j in range(k):
-        a = active[j]
-        weight = lam[a]
-        row = gram[a]
+    j = 0
+    while j + 3 < k:
+        w0, w1, w2, w3 = lam[active[j]], lam[active[j + 1]], lam[active[j + 2]], lam[active[j + 3]]
+        r0, r1, r2, r3 = gram[active[j]], gram[active[j + 1]], gram[active[j + 2]], gram[active[j + 3]]
+        for i in range(m):
+            c[i] += w0 * r0[i] + w1 * r1[i] + w2 * r2[i] + w3 * r3[i]
+        j += 4
+    while j < k:
+        weight = lam[active[j]]
+        row = gram[active[j]]
         for i in range(m):
             c[i] += weight * row[i]
+        j += 1
 
 
 @njit(cache=True, fastmath=True)
-def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs, z, c, in_set, work):
+def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs, forward, z, c, in_set, work):
     """Lawson–Hanson on the dual of one voxel, from λ = 0. Fills ``lam`` (all constraints); returns (status,
     iterations). Every voxel starts cold, so that its result does not depend on its neighbours."""
     m = c_u.size
@@ -119,6 +129,7 @@ def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs
         in_set[i] = False
         c[i] = c_u[i]
     k = 0
+    valid = 0  # leading entries of ``forward`` (L⁻¹ of the right-hand side) that the factor's changes left intact
     iterations = 0
     while True:
         # the most violated constraint not yet active
@@ -140,9 +151,10 @@ def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs
         in_set[worst] = True
         k += 1
         while True:
-            for i in range(k):
+            for i in range(valid, k):
                 rhs[i] = -c_u[active[i]]
-            _solve(chol, k, rhs, z)
+            _solve(chol, k, rhs, forward, valid, z)
+            valid = k
             feasible = True
             for i in range(k):
                 if z[i] <= 0.0:
@@ -175,14 +187,13 @@ def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs
                         active[p - 1] = active[p]
                         z[p - 1] = z[p]
                     k -= 1
+                    valid = min(valid, i)
                 else:
                     lam[a] = value
                     i += 1
             if removed_new:
                 # the constraint just added cannot become active (degenerate step): stop, as MRtrix3's
                 # solver does when its active set does not change
-                for i in range(k):
-                    rhs[i] = -c_u[active[i]]
                 return OK, iterations
             if k == 0:
                 break
@@ -211,6 +222,7 @@ def solve_msmt(signals, whiten_data, constraints, gram, unwhiten, ridge, max_ite
         active = np.zeros(m, dtype=np.int64)
         chol = np.empty((m, m))
         rhs = np.zeros(m)
+        forward = np.zeros(m)
         z = np.zeros(m)
         c = np.zeros(m)
         in_set = np.zeros(m, dtype=np.bool_)
@@ -231,7 +243,7 @@ def solve_msmt(signals, whiten_data, constraints, gram, unwhiten, ridge, max_ite
             for p in range(n):
                 scale += y_u[v, p] * y_u[v, p]
             st, it = _project(c_u[v], gram, ridge, max_iterations, tolerance * np.sqrt(scale), lam, active, chol,
-                              rhs, z, c, in_set, work)
+                              rhs, forward, z, c, in_set, work)
             status[start + v] = st
             iterations[start + v] = it
             for p in range(n):
