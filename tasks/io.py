@@ -197,6 +197,18 @@ def load_gradients(
     return gtab
 
 
+# The last DWI read by this process, keyed by the file's identity: a worker process that runs several stages of one
+# run (the cf worker's pool, the debug worker) decompresses the DWI once instead of once per stage.
+_last_dwi: dict[tuple[int, ...], tuple[np.ndarray, nib.Nifti1Header]] = {}
+
+
+def _file_identity(path: Path) -> tuple[int, ...]:
+    """Device, inode, size, modification and change times: any write to the file (or its replacement) changes it;
+    the change time cannot be set back."""
+    st = path.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def load_dwi(
     dwi: str | os.PathLike,
     bval: str | os.PathLike,
@@ -205,23 +217,36 @@ def load_dwi(
 ) -> DwiRun:
     """Load a 4D DWI with its gradients, converted to world coordinates.
 
+    The data array is read-only: a process keeps the last DWI it read (one) and hands the same array to the next
+    caller while the file is unchanged (same inode, size, modification and change times).
+
     Raises
     ------
     DwiflowInputError
         Missing or unreadable files, an image that is not 4D, counts that disagree.
     """
-    img = load_image(dwi, "DWI")
-    if len(img.shape) != 4:
-        raise DwiflowInputError(
-            f"DWI {dwi} must be 4D (x, y, z, volumes), but it is {len(img.shape)}D with shape {img.shape}"
-        )
+    path = existing_file(dwi, "DWI")
+    identity = _file_identity(path)
+    if identity in _last_dwi:
+        data, header = _last_dwi[identity]
+    else:
+        _last_dwi.clear()  # the earlier array is freed before the next one is read
+        img = load_image(path, "DWI")
+        if len(img.shape) != 4:
+            raise DwiflowInputError(
+                f"DWI {dwi} must be 4D (x, y, z, volumes), but it is {len(img.shape)}D with shape {img.shape}"
+            )
+        data = np.asanyarray(img.dataobj)
+        if not np.issubdtype(data.dtype, np.floating):
+            data = data.astype(np.float32)
+        data.flags.writeable = False
+        header = img.header
+        _last_dwi[identity] = (data, header)
+    affine = header.get_best_affine()
     gtab = load_gradients(
-        bval, bvec, affine=img.affine, n_volumes=img.shape[3], image_name=f"DWI {dwi}", b0_threshold=b0_threshold
+        bval, bvec, affine=affine, n_volumes=data.shape[3], image_name=f"DWI {dwi}", b0_threshold=b0_threshold
     )
-    data = np.asanyarray(img.dataobj)
-    if not np.issubdtype(data.dtype, np.floating):
-        data = data.astype(np.float32)
-    return DwiRun(data=data, affine=img.affine, header=img.header, gtab=gtab, path=Path(dwi))
+    return DwiRun(data=data, affine=affine, header=header.copy(), gtab=gtab, path=Path(dwi))
 
 
 def load_mask(path: str | os.PathLike, spatial_shape: tuple[int, ...], affine: np.ndarray | None = None) -> np.ndarray:

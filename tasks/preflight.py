@@ -38,14 +38,22 @@ class DataSummary:
         return len(self.shells)
 
 
+def _holds_signal(data: np.ndarray) -> bool:
+    """Whether any value is finite and not zero (volume by volume: the first volume with signal ends the search)."""
+    for volume in range(data.shape[-1]):
+        values = data[..., volume]
+        if np.any(np.isfinite(values) & (values != 0)):
+            return True
+    return False
+
+
 def summarise(run_dwi: Path, run_bval: Path, run_bvec: Path, mask: Path | None) -> DataSummary:
     """Read a run whole and check it; raises :class:`DwiflowInputError` naming the file at fault."""
     sidecar = read_sidecar(run_dwi) or {}
     if not isinstance(sidecar, dict):
         raise DwiflowInputError(f"the sidecar of {Path(run_dwi).name} does not hold a JSON object")
     run = load_dwi(run_dwi, run_bval, run_bvec)
-    finite = np.isfinite(run.data)
-    if not finite.any() or not np.any(run.data[finite] != 0):
+    if not _holds_signal(run.data):
         raise DwiflowInputError(f"DWI {run_dwi} holds no signal (every value is zero or not finite)")
     if mask is not None:
         load_mask(mask, run.data.shape[:3], run.affine)
