@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -278,6 +279,24 @@ def save_nifti(img: nib.Nifti1Image | nib.Nifti2Image, path: str | os.PathLike) 
         path.write_bytes(gzip.compress(img.to_bytes(), GZIP_LEVEL, mtime=0))
     else:
         nib.save(img, str(path))
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, a symbolic link or a folder with everything in it; nothing when there is none."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def copy_path(source: Path, target: Path) -> None:
+    """Copy a file, or a folder whole (a fixel directory), to ``target``, replacing whatever is there (e.g. a copy an
+    interrupted attempt left)."""
+    remove_path(target)
+    if source.is_dir():
+        shutil.copytree(source, target)
+    else:
+        shutil.copyfile(source, target)
 
 
 def _current_umask() -> int:

@@ -182,12 +182,11 @@ def _stage_derivatives(names: dict, code_version: str, run_folder: str = "", sou
     name → URI, e.g. ``bids:raw:sub-01/dwi/sub-01_dwi.nii.gz``) for the inputs. Every image's sidecar gets the
     ``SpatialReference`` (the DWI it is on the grid of; BIDS requires it without a standard-template ``space``); a
     folder (a fixel directory) is copied whole, with the same treatment of the sidecars inside it."""
-    import shutil
     from pathlib import Path
 
     from fileformats.generic import Directory
 
-    from dwiflow.tasks.io import sidecar_path
+    from dwiflow.tasks.io import copy_path, sidecar_path
 
     folder = Path.cwd() / "derivatives"
     folder.mkdir(exist_ok=True)
@@ -206,11 +205,7 @@ def _stage_derivatives(names: dict, code_version: str, run_folder: str = "", sou
         if value is None:
             continue
         target = folder / names[key]
-        if Path(value).is_dir():
-            shutil.rmtree(target, ignore_errors=True)  # a copy left by an interrupted attempt
-            shutil.copytree(value, target)
-        else:
-            shutil.copyfile(value, target)
+        copy_path(Path(value), target)
         for side, staged_side, image in described(Path(value), target):
             if not side.is_file() and not image:
                 continue

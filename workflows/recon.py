@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 import traceback
@@ -184,36 +183,26 @@ def publish(staged: Path, target: Path) -> list[Path]:
     temporary name first, then all are renamed; on any failure (a full disk, a signal) the temporary copies are
     removed and none is renamed. A folder replaces an earlier one of its name whole (old one renamed aside, then
     removed), so that it never mixes two runs' files."""
-    from dwiflow.tasks.io import hold_point
-
-    def remove(path: Path) -> None:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+    from dwiflow.tasks.io import copy_path, hold_point, remove_path
 
     target.mkdir(parents=True, exist_ok=True)
     pending: list[tuple[Path, Path]] = []
     try:
         for src in sorted(Path(staged).iterdir()):
             pending.append((target / f".{src.name}.partial", target / src.name))
-            remove(pending[-1][0])  # left by an interrupted publication
-            if src.is_dir():
-                shutil.copytree(src, pending[-1][0])
-            else:
-                shutil.copyfile(src, pending[-1][0])
+            copy_path(src, pending[-1][0])  # replacing what an interrupted publication left
         hold_point("publish")
     except BaseException:
         for tmp, _ in pending:
-            remove(tmp)
+            remove_path(tmp)
         raise
     for tmp, final in pending:
         if tmp.is_dir() and final.is_dir():
             aside = final.with_name(f".{final.name}.old")
-            remove(aside)
+            remove_path(aside)
             os.replace(final, aside)
             os.replace(tmp, final)
-            remove(aside)
+            remove_path(aside)
         else:
             os.replace(tmp, final)
     return [final for _, final in pending]
