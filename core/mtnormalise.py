@@ -44,6 +44,7 @@ class MtNormaliseResult:
     inliers: np.ndarray
     balance_factors: np.ndarray
     lognorm_scale: float
+    determined_order: int  # the highest order whose field the mask's voxels determine (see determined_order)
 
 
 def polynomial_basis(positions: np.ndarray, order: int) -> np.ndarray:
@@ -53,6 +54,23 @@ def polynomial_basis(positions: np.ndarray, order: int) -> np.ndarray:
     terms = [np.ones_like(x), x, y, z, x * x, y * y, z * z, x * y, x * z, y * z,
              x ** 3, y ** 3, z ** 3, x * x * y, x * x * z, y * y * x, y * y * z, z * z * x, z * z * y, x * y * z]
     return np.stack(terms[: {0: 1, 1: 4, 2: 10, 3: 20}[order]], axis=1)
+
+
+def determined_order(positions: np.ndarray, order: int) -> int:
+    """The highest order, at most ``order``, whose polynomial field the voxel ``positions`` (scanner mm) determine:
+    its basis has full column rank there. A slab of few slices does not determine the higher orders (on two
+    parallel planes the second- and third-order terms are combinations of the others), and the least-squares field
+    then depends on the solver's rounding, in MRtrix3 as here. The rank is taken on centred, scaled positions
+    (polynomials of an order are the same space in any affine coordinates)."""
+    centred = positions - positions.mean(axis=0)
+    scale = centred.std(axis=0)
+    centred = centred / np.where(scale > 0, scale, 1.0)
+    for candidate in range(order, -1, -1):
+        basis = polynomial_basis(centred, candidate)
+        singular = np.linalg.svd(basis, compute_uv=False)
+        if singular.size == basis.shape[1] and singular[-1] > 1e-8 * singular[0]:
+            return candidate
+    return -1
 
 
 def _outliers(data, field, balance, range_factor: float) -> np.ndarray:
@@ -155,4 +173,5 @@ def mtnormalise(
         normalised.append((scale * image / divisor).astype(np.float32))
     inliers = np.zeros(mask.shape, dtype=np.float32)
     inliers[mask] = weights
-    return MtNormaliseResult(normalised, full_field, inliers, balance, lognorm_scale)
+    return MtNormaliseResult(normalised, full_field, inliers, balance, lognorm_scale,
+                             determined_order(positions, order))

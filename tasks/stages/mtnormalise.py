@@ -55,6 +55,15 @@ def run_mtnormalise(files, outputs, options: MtNormaliseOptions, context):
     params = {"Order": options.order, "Iterations": niter, "Reference": options.reference,
               "Balanced": options.balanced}
     sources = provenance(*(files[kind] for kind, _, _ in given), files["mask"])
+    if result.determined_order < options.order:
+        import warnings
+
+        note = (f"the mask's voxels do not determine an order-{options.order} field (e.g. a slab of few slices): "
+                "part of it depends on rounding (in MRtrix3's mtnormalise too); "
+                + (f"order {result.determined_order} or less is determined" if result.determined_order >= 0
+                   else "no order is determined"))
+        warnings.warn(note, stacklevel=2)
+        sources = {**sources, "Warnings": [note]}
     written = {}
     with atomic_outputs() as out:
         for (kind, name, label), image, img in zip(given, result.normalised, images):

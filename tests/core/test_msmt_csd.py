@@ -66,3 +66,24 @@ def test_three_tissue_phantom_fractions_and_fibres():
     best_vertex = sphere.vertices[np.argmax(amplitudes, axis=1)]
     assert np.median(_angle(best_vertex, msmt_peak)) < 4.0  # repulsion724's vertices are ~8 degrees apart
     assert fit.odf(sphere, tissue=1).shape == tissues[1].shape[:3] + (sphere.vertices.shape[0],)
+
+
+def test_determined_order_of_the_normalisation_field():
+    """The mask's voxels determine the field's order: a 3D block every order; two tilted parallel planes (the
+    two-slice sub-01 runs) order 1 (its 20-term cubic basis has rank 16 there); one plane order 0 (its coordinates
+    are affinely dependent); one voxel none."""
+    from dwiflow.core.mtnormalise import determined_order, polynomial_basis
+
+    affine = np.array([[-2.0, 0, 0, 107.7], [0, 1.973, -0.327, -85.8], [0, 0.327, 1.973, -52.3], [0, 0, 0, 1]])
+
+    def positions(shape):
+        voxels = np.indices(shape).reshape(3, -1).T
+        return voxels @ affine[:3, :3].T + affine[:3, 3]
+
+    assert determined_order(positions((12, 10, 8)), 3) == 3
+    slab = positions((40, 40, 2))
+    assert np.linalg.matrix_rank(polynomial_basis((slab - slab.mean(0)) / slab.std(0), 3)) == 16
+    assert determined_order(slab, 3) == 1
+    assert determined_order(positions((40, 40, 1)), 3) == 0
+    assert determined_order(positions((1, 1, 1)), 3) == 0
+    assert determined_order(positions((12, 10, 3)), 3) == 2
