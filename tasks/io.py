@@ -198,8 +198,9 @@ def load_gradients(
     return gtab
 
 
-# The last DWI read by this process, keyed by the file's identity: a worker process that runs several stages of one
-# run (the cf worker's pool, the debug worker) decompresses the DWI once instead of once per stage.
+# The last DWI read by this process, keyed by the file's identity: a process that runs several stages of one run
+# (the debug worker; a cf worker's pool process, which also inherits the pre-flight's read when forked after it,
+# its pages shared) decompresses the DWI once instead of once per stage.
 _last_dwi: dict[tuple[int, ...], tuple[np.ndarray, nib.Nifti1Header]] = {}
 
 
