@@ -490,8 +490,6 @@ def test_a_full_disk_while_publishing_leaves_no_partial_file(small, tmp_path, ca
     import errno
     import shutil
 
-    import dwiflow.workflows.recon as recon
-
     bids = _dataset(small["root"], tmp_path)
     original, copies = shutil.copyfile, []
 
@@ -503,14 +501,14 @@ def test_a_full_disk_while_publishing_leaves_no_partial_file(small, tmp_path, ca
                 raise OSError(errno.ENOSPC, "No space left on device", str(dst))
         return original(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(recon.shutil, "copyfile", copyfile)
+    monkeypatch.setattr(shutil, "copyfile", copyfile)  # publication copies through tasks.io.copy_path
     out = tmp_path / "out"
     masks = str(bids / "derivatives" / "masks")
     code = _app(bids, out, "--participant-label", "phantom", "--mask-dir", masks)
     err = capsys.readouterr().err
     assert code == 1 and "No space left on device" in err
     assert _temporaries(out) == [] and not list((out / "sub-phantom").rglob("*.nii.gz"))
-    monkeypatch.setattr(recon.shutil, "copyfile", original)
+    monkeypatch.setattr(shutil, "copyfile", original)
     assert _app(bids, out, "--participant-label", "phantom", "--mask-dir", masks) == 0
     assert _outputs(out) == small["reference"]
 
