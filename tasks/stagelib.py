@@ -184,17 +184,21 @@ def _inputs():
 DWI_INPUTS = _inputs()
 
 
-def stage_warnings(stage, run, dwi: PathLike, options, mask_given: bool) -> dict[str, list[str]]:
-    """What ``stage`` warns about this run's data (its ``data_warnings``): each note is issued as a Python warning
-    (``dwirecon`` prints it) and returned as ``{"Warnings": [...]}`` for the outputs' sidecars ({} when none)."""
+def issued_warnings(notes: list[str]) -> dict[str, list[str]]:
+    """Issue each note as a Python warning (``dwirecon`` prints it) and return ``{"Warnings": [...]}`` for the
+    outputs' sidecars, which the report lists ({} when there is none)."""
     import warnings
 
+    for note in notes:
+        warnings.warn(note, stacklevel=3)
+    return {"Warnings": list(notes)} if notes else {}
+
+
+def stage_warnings(stage, run, dwi: PathLike, options, mask_given: bool) -> dict[str, list[str]]:
+    """What ``stage`` warns about this run's data (its ``data_warnings``), issued by :func:`issued_warnings`."""
     from dwiflow.tasks.preflight import stage_data_warnings, summary_of
 
-    notes = stage_data_warnings(stage, summary_of(run.gtab, read_sidecar(dwi), mask_given), options)
-    for note in notes:
-        warnings.warn(note, stacklevel=2)
-    return {"Warnings": notes} if notes else {}
+    return issued_warnings(stage_data_warnings(stage, summary_of(run.gtab, read_sidecar(dwi), mask_given), options))
 
 
 def fod_model_of(fod: PathLike) -> dict[str, Any]:
