@@ -72,7 +72,7 @@ from dwiflow.core.gradients import GradientTable
 from dwiflow.core.status import FitStatus, signal_above_b0
 from dwiflow.core.tensor import (DEFAULT_IWLS_ITERATIONS, MRTRIX3_SMALL_INTENSITY, _solve_stacked,
                                  check_fit_arguments, lower_triangular_to_matrix)
-from dwiflow.core.voxels import VoxelBatch, iter_chunks, scatter
+from dwiflow.core.voxels import VoxelBatch, run_chunks, scatter
 
 MIN_POSITIVE_SIGNAL = 1e-4  # DIPY's floor of the signal before the logarithm
 MIN_KURTOSIS, MAX_KURTOSIS = -3.0 / 7.0, 10.0  # DIPY's clipping of MK, AK, RK, MKT
@@ -508,7 +508,8 @@ class DiffusionKurtosisModel:
     chunk_size : int
         Voxels solved together (bounds memory; small chunks stay in cache).
     n_threads : int, optional
-        ``CLS``/``CWLS``: threads solving voxels' programs at once (default 1; the results do not depend on it).
+        Threads fitting chunks of voxels (and, for ``CLS``/``CWLS``, solving voxels' programs) at once (default 1;
+        the results do not depend on it).
     """
 
     def __init__(self, gtab: GradientTable, fit_method: Literal["WLS", "OLS", "IWLS", "CLS", "CWLS"] = "WLS",
@@ -615,12 +616,15 @@ class DiffusionKurtosisModel:
     def fit(self, data: np.ndarray, mask: np.ndarray | None = None, progress=None) -> KurtosisFit:
         """Fit every voxel of ``data`` (…, n_volumes) inside ``mask`` (voxels outside hold 0, status 0);
         ``progress(done, total)`` after each block of constrained fits."""
-        batch = VoxelBatch.from_volume(data, mask, self.gtab.n_volumes)
+        batch = VoxelBatch.from_volume(data, mask, self.gtab.n_volumes, memory_order=True)
         n = batch.n_voxels
         params = np.empty((n, 22))
         status = np.empty(n, dtype=np.uint8)
-        for chunk in iter_chunks(n, self.chunk_size):
+
+        def fit_chunk(chunk: slice) -> None:
             params[chunk], status[chunk] = self._fit_batch(batch.signal(chunk))
+
+        run_chunks(fit_chunk, n, self.chunk_size, self.n_threads)
         if self._constrained is not None:
             self._fit_constrained(batch, params, status, progress)
         xx, yy, zz = params[:, 0], params[:, 2], params[:, 5]

@@ -37,7 +37,7 @@ import numpy as np
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import GradientTable
 from dwiflow.core.status import FitStatus, signal_above_b0
-from dwiflow.core.voxels import VoxelBatch, iter_chunks, scatter
+from dwiflow.core.voxels import VoxelBatch, run_chunks, scatter
 
 MIN_POSITIVE_SIGNAL = 1e-4
 # dwi2tensor raises every sample below this fraction of the voxel's largest sample to it before the logarithm
@@ -379,18 +379,22 @@ class TensorModel:
             beta = self._weighted_fit(w2, log_s, status)
         return self._in_units(beta, status)
 
-    def fit(self, data: np.ndarray, mask: np.ndarray | None = None) -> TensorFit:
-        """Fit every voxel of ``data`` (…, n_volumes) inside ``mask``.
+    def fit(self, data: np.ndarray, mask: np.ndarray | None = None, n_threads: int | None = None) -> TensorFit:
+        """Fit every voxel of ``data`` (…, n_volumes) inside ``mask``, chunks of voxels on ``n_threads`` threads
+        (default 1; the result does not depend on it).
 
         Voxels outside the mask hold 0 (status 0); voxels that fail hold NaN and a
         non-zero status.
         """
-        batch = VoxelBatch.from_volume(data, mask, self.gtab.n_volumes)
+        batch = VoxelBatch.from_volume(data, mask, self.gtab.n_volumes, memory_order=True)
         nvox = batch.n_voxels
         params = np.empty((nvox, 7))
         status = np.empty(nvox, dtype=np.uint8)
-        for sl in iter_chunks(nvox, self.chunk_size):
+
+        def fit_chunk(sl: slice) -> None:
             params[sl], status[sl] = self._fit_batch(batch.signal(sl))
+
+        run_chunks(fit_chunk, nvox, self.chunk_size, n_threads)
         if self.fit_method == "IWLS":
             # a negative diffusivity is not physical (MRtrix3 writes it; DIPY clips it): status 8 and NaN. A
             # symmetric matrix has a negative eigenvalue exactly when one of its principal minors is negative

@@ -57,7 +57,9 @@ def _stage_parser(sub, command: str, stage) -> argparse.ArgumentParser:
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line of every stage, or of ``command``'s alone when it names one (a command's start then spends
+    no time building the other ~20 subcommands' options)."""
     from dwiflow.tasks.registry import StageGroup, stages
 
     parser = argparse.ArgumentParser(
@@ -67,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dwiflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for entry in stages().values():
+    entries = list(stages().values())
+    if any(entry.command == command for entry in entries):
+        entries = [entry for entry in entries if entry.command == command]
+    for entry in entries:
         if isinstance(entry, StageGroup):
             p = sub.add_parser(entry.command, help=f"{entry.title.lower()}: {', '.join(entry.methods)}",
                                description=f"{entry.title}: one method per algorithm ({', '.join(entry.methods)}).")
@@ -142,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dwiflow.core.errors import DwiflowInputError
     from dwiflow.tasks.options import flag, render_error
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     command = args.command + (f" {args.stage_method}" if getattr(args, "stage_method", None) else "")
     notes: list[str] = []

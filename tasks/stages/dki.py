@@ -8,7 +8,7 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import load_dwi
 from dwiflow.tasks.options import option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import DWI_INPUTS, MapOptions, provenance, voxels_to_fit, write_maps
+from dwiflow.tasks.stagelib import DWI_INPUTS, MapOptions, provenance, thread_count, voxels_to_fit, write_maps
 
 _HELP = {"mk": "mean kurtosis", "ak": "axial kurtosis", "rk": "radial kurtosis",
          "mkt": "mean of the kurtosis tensor", "kfa": "kurtosis fractional anisotropy",
@@ -47,19 +47,15 @@ def run_dki(files, outputs, options: DkiOptions, context):
                                   STATUS_CODES, DiffusionKurtosisModel)
 
     run = load_dwi(files["dwi"], files["bval"], files["bvec"])
+    threads = thread_count(context)
     if options.method.startswith("dipy-"):
-        threads = context.n_threads
-        if threads is None and options.method in ("dipy-cls", "dipy-cwls"):
-            from numba import get_num_threads  # the run's thread count (NUMBA_NUM_THREADS, --nthreads), as NODDI
-
-            threads = get_num_threads()
         model = DiffusionKurtosisModel(run.gtab, fit_method=options.method.removeprefix("dipy-").upper(),
                                        n_threads=threads)
         how = {"FitMethod": f"DIPY DiffusionKurtosisModel {options.method.removeprefix('dipy-').upper()}",
                "MinDiffusivity": model.min_diffusivity}
     else:
         model = DiffusionKurtosisModel(run.gtab, fit_method="IWLS", iterations=options.iter,
-                                       ols_start=options.method == "ols")
+                                       ols_start=options.method == "ols", n_threads=threads)
         how = {"FitMethod": f"MRtrix3 dwi2tensor -dkt: first fit {options.method.upper()}, then IWLS",
                "Iterations": options.iter if options.iter > 1 else 0}
     voxels = voxels_to_fit(run, files.get("mask"), files["dwi"])

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from dwiflow.tasks.io import load_dwi
 from dwiflow.tasks.options import option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import DWI_INPUTS, MapOptions, provenance, voxels_to_fit, write_maps
+from dwiflow.tasks.stagelib import DWI_INPUTS, MapOptions, provenance, thread_count, voxels_to_fit, write_maps
 
 TENSOR_MAPS = ("fa", "md", "ad", "rd", "v1", "s0", "evals", "status", "tensor", "evecs", "cl", "cp", "cs")
 METHODS = ("wls", "ols", "dipy-wls", "dipy-ols")
@@ -45,7 +45,7 @@ def run_tensor(files, outputs, options: TensorOptions, context):
         parameters = {"FitMethod": f"MRtrix3 dwi2tensor: first fit {options.method.upper()}, then IWLS",
                       "Iterations": options.iter if options.iter > 1 else 0,
                       "SmallIntensityFraction": MRTRIX3_SMALL_INTENSITY}
-    fit = model.fit(run.data, voxels)
+    fit = model.fit(run.data, voxels, n_threads=thread_count(context))
     maps = {"fa": lambda: fit.fa, "md": lambda: fit.md, "ad": lambda: fit.ad, "rd": lambda: fit.rd,
             "v1": lambda: fit.v1, "s0": lambda: fit.s0, "evals": lambda: fit.evals, "status": lambda: fit.status,
             "tensor": lambda: fit.elements, "cl": lambda: fit.cl, "cp": lambda: fit.cp, "cs": lambda: fit.cs,
@@ -89,6 +89,6 @@ STAGES = (
         inputs=DWI_INPUTS + (Input("mask", "MASK", "voxels to fit (default: every voxel with signal)", required=False,
                                    flag=True),),
         outputs=tuple(Output(name, f"the {text} map", cli="flag") for name, text in _HELP.items()),
-        scipy_blas=False,
+        scipy_blas=False, threads=True,
     ),
 )

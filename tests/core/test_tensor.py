@@ -61,6 +61,35 @@ def test_noisy_single_fibre_phantom_fa_and_md_within_tolerance():
     assert np.median(angle) < 3
 
 
+@pytest.mark.parametrize("fit_method", ["IWLS", "WLS"])
+def test_the_fit_does_not_depend_on_memory_layout_voxel_order_or_threads(fit_method):
+    """A NIfTI image's array is Fortran-ordered: its voxels are fitted in memory order, by chunks on threads. The
+    thread count must not change a bit (as in a stage, BLAS on one thread); the order changes which voxels share a
+    chunk, hence BLAS's last bits only; failures stay in place."""
+    from dwiflow.tasks.registry import single_threaded_blas
+
+    gtab = acquisition_scheme("single")
+    ph = make_phantom(gtab, (23, 17, 9), n_fibres=(1, 2), snr=20, seed=7)
+    data = ph.data.copy()
+    data[3, 4, 5] = 0.0  # no signal
+    data[10, 2, 1, 7] = np.nan  # a non-finite sample
+    mask = np.ones(data.shape[:3], bool)
+    mask[:, :, 0] = False
+    mask[5:9, 3, :] = False
+    model = TensorModel(gtab, fit_method=fit_method, chunk_size=97)
+    with single_threaded_blas(scipy_blas=False):
+        plain = model.fit(np.ascontiguousarray(data), mask)
+        one, three = (model.fit(np.asfortranarray(data), mask, n_threads=n) for n in (1, 3))
+    assert np.array_equal(one.lower_triangular, three.lower_triangular, equal_nan=True)
+    assert np.array_equal(one.s0, three.s0, equal_nan=True) and np.array_equal(one.status, three.status)
+    assert np.array_equal(one.status, plain.status)
+    ok = plain.status == FitStatus.OK
+    assert np.mean(ok[mask]) > 0.99 and np.all(plain.status[~mask] == 0)
+    assert plain.status[3, 4, 5] == FitStatus.NO_SIGNAL and plain.status[10, 2, 1] == FitStatus.NONFINITE_INPUT
+    relative = np.abs(one.lower_triangular - plain.lower_triangular)[ok].max() / np.abs(plain.lower_triangular[ok]).max()
+    assert relative < 1e-12
+
+
 def test_failed_voxels_get_nan_and_a_status_code():
     gtab = acquisition_scheme("single")
     ph = make_phantom(gtab, (4, 4, 1), n_fibres=1, snr=None)
