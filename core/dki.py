@@ -71,7 +71,7 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import GradientTable
 from dwiflow.core.status import FitStatus, signal_above_b0
 from dwiflow.core.tensor import (DEFAULT_IWLS_ITERATIONS, MRTRIX3_SMALL_INTENSITY, _solve_stacked,
-                                 check_fit_arguments, lower_triangular_to_matrix)
+                                 check_fit_arguments, lower_triangular_to_matrix, symmetric_matrices)
 from dwiflow.core.voxels import VoxelBatch, run_chunks, scatter
 
 MIN_POSITIVE_SIGNAL = 1e-4  # DIPY's floor of the signal before the logarithm
@@ -537,8 +537,8 @@ class DiffusionKurtosisModel:
         self._scale = np.maximum(np.abs(design).max(axis=0), 1e-12)  # unit-sized columns: well-posed normal matrix
         self._x = design / self._scale
         self._ols_pinv = np.linalg.pinv(self._x)
-        self._upper = np.triu_indices(self._x.shape[1])
-        self._products = np.ascontiguousarray(self._x[:, self._upper[0]] * self._x[:, self._upper[1]])
+        upper = np.triu_indices(self._x.shape[1])
+        self._products = np.ascontiguousarray(self._x[:, upper[0]] * self._x[:, upper[1]])
         self._constrained = ConstrainedKurtosisSolver(design) if fit_method in CONSTRAINED else None
 
     def _weighted_fit(self, squared_weights: np.ndarray, log_s: np.ndarray, status: np.ndarray) -> np.ndarray:
@@ -547,11 +547,7 @@ class DiffusionKurtosisModel:
         with np.errstate(invalid="ignore", over="ignore"):  # overflowed weights: SINGULAR in _solve_stacked
             distinct = squared_weights @ self._products
             rhs = (squared_weights * log_s) @ self._x
-        size = self._x.shape[1]
-        normal = np.empty((distinct.shape[0], size, size))
-        normal[:, self._upper[0], self._upper[1]] = distinct
-        normal[:, self._upper[1], self._upper[0]] = distinct
-        return _solve_stacked(normal, rhs, status)
+        return _solve_stacked(symmetric_matrices(distinct, self._x.shape[1]), rhs, status)
 
     def _fit_batch(self, signal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(v, 22) parameters in their units and the status of (v, n) signals."""

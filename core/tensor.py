@@ -30,6 +30,7 @@ elucidated by quantitative-diffusion-tensor MRI. J Magn Reson B 111 (1996) 209-2
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -240,6 +241,20 @@ def check_fit_arguments(fit_method: str, iterations: int, min_signal: float) -> 
         raise DwiflowInputError(f"min_signal must be > 0, got {min_signal!r}", parameters=("min_signal",))
 
 
+@lru_cache(maxsize=None)
+def _symmetric_positions(size: int) -> np.ndarray:
+    upper = np.triu_indices(size)
+    positions = np.empty((size, size), dtype=np.intp)
+    positions[upper] = positions[upper[::-1]] = np.arange(upper[0].size)
+    return positions.ravel()
+
+
+def symmetric_matrices(distinct: np.ndarray, size: int) -> np.ndarray:
+    """Stacked symmetric matrices (v, size, size) from their distinct entries (v, size (size + 1) / 2) in
+    ``np.triu_indices`` order: one gather."""
+    return np.take(distinct, _symmetric_positions(size), axis=1).reshape(-1, size, size)
+
+
 def _solve_stacked(normal: np.ndarray, rhs: np.ndarray, status: np.ndarray) -> np.ndarray:
     """Solve stacked systems; a singular or non-finite one (weights that overflowed in a voxel of noise) gets NaN
     and FitStatus.SINGULAR (others unaffected)."""
@@ -324,8 +339,8 @@ class TensorModel:
         self._scale = np.maximum(np.abs(x).max(axis=0), 1e-12)
         self._x = x / self._scale
         self._ols_pinv = np.linalg.pinv(self._x)  # (7, n)
-        self._upper = np.triu_indices(7)  # the normal matrix is symmetric: its 28 distinct products, one GEMM
-        self._products = np.ascontiguousarray(self._x[:, self._upper[0]] * self._x[:, self._upper[1]])  # (n, 28)
+        upper = np.triu_indices(7)  # the normal matrix is symmetric: its 28 distinct products, one GEMM
+        self._products = np.ascontiguousarray(self._x[:, upper[0]] * self._x[:, upper[1]])  # (n, 28)
         # DIPY clips eigenvalues at tol / max(design entries) with tol = 1e-6.
         self.min_diffusivity = 1e-6 / max(float((-x[:, :6]).max()), 1.0)
 
@@ -350,10 +365,7 @@ class TensorModel:
     def _weighted_fit(self, squared_weights: np.ndarray, log_s: np.ndarray, status: np.ndarray) -> np.ndarray:
         """Every voxel's weighted least-squares solution (scaled columns) from its normal equations."""
         distinct = squared_weights @ self._products
-        normal = np.empty((distinct.shape[0], 7, 7))
-        normal[:, self._upper[0], self._upper[1]] = distinct
-        normal[:, self._upper[1], self._upper[0]] = distinct
-        return _solve_stacked(normal, (squared_weights * log_s) @ self._x, status)
+        return _solve_stacked(symmetric_matrices(distinct, 7), (squared_weights * log_s) @ self._x, status)
 
     def _in_units(self, beta: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Parameters in their units; a voxel whose solution is not finite gets SINGULAR and NaN."""
