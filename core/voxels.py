@@ -36,7 +36,8 @@ class VoxelBatch:
 
         ``memory_order``: voxels in the order the data lie in memory (x fastest for the Fortran-ordered arrays
         NIfTI images give), so that consecutive voxels' signals are read as contiguous runs; otherwise (and for
-        C-ordered data) ``np.nonzero(mask)``'s order. Results do not depend on the order: they go back by index.
+        C-ordered data) ``np.nonzero(mask)``'s order. Results go back by index; only the last bits of a batched BLAS
+        product can depend on which voxels share a chunk.
 
         Raises
         ------
