@@ -1,5 +1,14 @@
-"""Compiled per-voxel NODDI fit (see :mod:`dwiflow.core.noddi`): the voxel's dictionary, two non-negative least-squares
-fits and a non-negative elastic net, each solved exactly by an active-set method."""
+"""Compiled per-voxel NODDI fit (see :mod:`dwiflow.core.noddi`): two non-negative least-squares fits and a
+non-negative elastic net, each solved exactly by an active-set method on the dictionary's Gram matrix.
+
+The dictionary is never formed. Every atom is an even Legendre series per shell in the cosine between gradient and
+fibre direction, so with P the (volumes × terms) Legendre values of a voxel and C_s the (terms × atoms) series of
+shell s, the Gram matrix is G = Σ_s C_sᵀ H_s C_s with H_s = Σ_{volumes of s} p pᵀ (terms × terms), and Aᵀy =
+Σ_s C_sᵀ q_s with q_s = Σ_{volumes of s} p y. A voxel costs its (volumes × terms) Legendre values, one H_s and q_s
+per shell, and one Gram column (terms × atoms per shell) for each atom that enters an active set — instead of the
+(volumes × atoms) dictionary and a product with it at every step (Bro & De Jong 1997 solve NNLS on AᵀA and Aᵀy in
+the same way).
+"""
 
 from __future__ import annotations
 
@@ -8,82 +17,94 @@ from numba import njit, prange
 
 import dwiflow.core._numba_setup  # noqa: F401  (threading layer)
 
+# a pivot of the active block's Cholesky factor below this fraction of its diagonal entry: the entering atom is
+# (numerically) a combination of the active ones
+DEPENDENT_PIVOT = 1e-13
+
 
 @njit(cache=True, nogil=True)
-def _passive_solution(columns: np.ndarray, index: np.ndarray, target: np.ndarray, lambda1: float,
+def _gram_column(series: np.ndarray, blocks: np.ndarray, first_shell: int, scale: np.ndarray, j: int,
+                 out: np.ndarray) -> None:
+    """Column ``j`` of G_ab = scale_a scale_b Σ_{s ≥ first_shell} series[s, :, a]ᵀ blocks[s] series[s, :, j]."""
+    n_shells, n_terms, n_atoms = series.shape
+    for a in range(n_atoms):
+        out[a] = 0.0
+    projected = np.empty(n_terms)
+    for s in range(first_shell, n_shells):
+        for t in range(n_terms):
+            value = 0.0
+            for u in range(n_terms):
+                value += blocks[s, t, u] * series[s, u, j]
+            projected[t] = value
+        for t in range(n_terms):
+            weight = projected[t]
+            if weight != 0.0:
+                row = series[s, t]
+                for a in range(n_atoms):
+                    out[a] += row[a] * weight
+    for a in range(n_atoms):
+        out[a] *= scale[a] * scale[j]
+
+
+@njit(cache=True, nogil=True)
+def _passive_solution(gram: np.ndarray, known: np.ndarray, series: np.ndarray, blocks: np.ndarray, first_shell: int,
+                      scale: np.ndarray, index: np.ndarray, aty: np.ndarray, lambda1: float,
                       lambda2: float) -> tuple[np.ndarray, bool]:
-    """Minimiser of ½‖y - A_P x‖² + λ₁Σx + ½λ₂‖x‖² over the passive columns P (no sign constraint), from a Householder
-    QR of [A_P; √λ₂ I] (the normal equations would square the condition number of the dictionary's nearly parallel
-    atoms); False when A_P is numerically rank deficient."""
-    n_rows = target.size
+    """Minimiser of ½‖y - A_P x‖² + λ₁Σx + ½λ₂‖x‖² over the passive atoms P (no sign constraint): the Cholesky
+    solution of (G_PP + λ₂I) x = (Aᵀy)_P - λ₁. Gram columns are computed when first needed (``known``); False when
+    an atom is numerically a combination of the others."""
     k = index.size
-    rows = n_rows + (k if lambda2 > 0.0 else 0)
-    work = np.zeros((rows, k))
-    for a in range(k):
-        for r in range(n_rows):
-            work[r, a] = columns[index[a], r]
-        if lambda2 > 0.0:
-            work[n_rows + a, a] = np.sqrt(lambda2)
-    rhs = np.zeros(rows)
-    rhs[:n_rows] = target
-    largest = 0.0
-    for a in range(k):  # Householder reflections, column by column
-        norm = 0.0
-        for r in range(a, rows):
-            norm += work[r, a] * work[r, a]
-        norm = np.sqrt(norm)
-        largest = max(largest, norm)
-        if norm <= 1e-12 * largest or norm == 0.0:
+    for p in range(k):
+        if not known[index[p]]:
+            _gram_column(series, blocks, first_shell, scale, index[p], gram[index[p]])
+            known[index[p]] = True
+    factor = np.empty((k, k))
+    for p in range(k):
+        for q in range(k):
+            factor[p, q] = gram[index[q], index[p]]
+        factor[p, p] += lambda2
+    for p in range(k):  # Cholesky, lower triangle
+        pivot = factor[p, p]
+        for r in range(p):
+            pivot -= factor[p, r] * factor[p, r]
+        if pivot <= DEPENDENT_PIVOT * (gram[index[p], index[p]] + lambda2):
             return np.zeros(k), False
-        alpha = -norm if work[a, a] > 0 else norm
-        v0 = work[a, a] - alpha
-        beta = -v0 * alpha  # vᵀv / 2 with v = x - αe₁
-        work[a, a] = v0
-        for c in range(a + 1, k):
-            dot = 0.0
-            for r in range(a, rows):
-                dot += work[r, a] * work[r, c]
-            factor = dot / beta
-            for r in range(a, rows):
-                work[r, c] -= factor * work[r, a]
-        dot = 0.0
-        for r in range(a, rows):
-            dot += work[r, a] * rhs[r]
-        factor = dot / beta
-        for r in range(a, rows):
-            rhs[r] -= factor * work[r, a]
-        work[a, a] = alpha
-    if lambda1 != 0.0:  # the ℓ1 term: Qᵀỹ - λ₁ R⁻ᵀ1
-        shift = np.empty(k)
-        for a in range(k):
-            value = 1.0
-            for b in range(a):
-                value -= work[b, a] * shift[b]
-            shift[a] = value / work[a, a]
-        for a in range(k):
-            rhs[a] -= lambda1 * shift[a]
+        pivot = np.sqrt(pivot)
+        factor[p, p] = pivot
+        for q in range(p + 1, k):
+            value = factor[q, p]
+            for r in range(p):
+                value -= factor[q, r] * factor[p, r]
+            factor[q, p] = value / pivot
+    forward = np.empty(k)
+    for p in range(k):
+        value = aty[index[p]] - lambda1
+        for r in range(p):
+            value -= factor[p, r] * forward[r]
+        forward[p] = value / factor[p, p]
     out = np.empty(k)
-    for a in range(k - 1, -1, -1):
-        value = rhs[a]
-        for b in range(a + 1, k):
-            value -= work[a, b] * out[b]
-        out[a] = value / work[a, a]
+    for p in range(k - 1, -1, -1):
+        value = forward[p]
+        for r in range(p + 1, k):
+            value -= factor[r, p] * out[r]
+        out[p] = value / factor[p, p]
     return out, True
 
 
 @njit(cache=True, nogil=True)
-def _settle(columns: np.ndarray, target: np.ndarray, lambda1: float, lambda2: float, x: np.ndarray,
-            passive: np.ndarray, entering: int, max_iter: int) -> bool:
+def _settle(gram, known, series, blocks, first_shell, scale, aty, lambda1, lambda2, x, passive, entering,
+            max_iter) -> bool:
     """Lawson and Hanson's inner loop: solve on the passive set; while a weight would turn negative, step from x
-    towards the solution until the first weight reaches zero and drop it. False when the entering column (≥ 0)
-    does not improve the fit (numerically dependent, or a non-positive weight at once) and was taken out again."""
+    towards the solution until the first weight reaches zero and drop it. False when the entering atom (≥ 0) does
+    not improve the fit (numerically dependent, or a non-positive weight at once) and was taken out again."""
     for inner in range(max_iter):
         index = np.nonzero(passive)[0]
         k = index.size
         if k == 0:
             x[:] = 0.0
             return True
-        solution, ok = _passive_solution(columns, index, target, lambda1, lambda2)
+        solution, ok = _passive_solution(gram, known, series, blocks, first_shell, scale, index, aty, lambda1,
+                                         lambda2)
         if entering >= 0 and inner == 0:
             weight = 0.0
             for a in range(k):
@@ -92,7 +113,7 @@ def _settle(columns: np.ndarray, target: np.ndarray, lambda1: float, lambda2: fl
             if not ok or weight <= 0.0:
                 passive[entering] = False
                 return False
-        elif not ok:  # the passive set without the entering column is dependent: start again from none
+        elif not ok:  # the passive set without the entering atom is dependent: start again from none
             passive[:] = False
             x[:] = 0.0
             return True
@@ -114,32 +135,33 @@ def _settle(columns: np.ndarray, target: np.ndarray, lambda1: float, lambda2: fl
 
 
 @njit(cache=True, nogil=True)
-def nonnegative_elastic_net(columns: np.ndarray, target: np.ndarray, lambda1: float, lambda2: float,
-                            allowed: np.ndarray, start: np.ndarray, max_iter: int) -> np.ndarray:
-    """Minimise ½‖y - Ax‖² + λ₁Σx + ½λ₂‖x‖² over x ≥ 0 (x_j = 0 where ``allowed`` is False; λ₁ = λ₂ = 0: non-negative
-    least squares) by Lawson and Hanson's active-set method (1974): the column with the largest gradient enters, each
-    passive set is solved by a QR factorisation, and a step that would turn a weight negative stops at zero. The
-    elastic net's ℓ2 term adds √λ₂·I rows, its ℓ1 term shifts the gradient. ``columns`` is Aᵀ (one row per column
-    of A). ``start`` (True where the passive set starts; e.g. a neighbour's solution) only shortens the search: the
-    optimality conditions are checked as from an empty set."""
-    n, n_rows = columns.shape
+def nonnegative_elastic_net(series: np.ndarray, blocks: np.ndarray, first_shell: int, scale: np.ndarray,
+                            aty: np.ndarray, lambda1: float, lambda2: float, allowed: np.ndarray, start: np.ndarray,
+                            tolerance: float, max_iter: int, gram: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Minimise ½‖y - Ax‖² + λ₁Σx + ½λ₂‖x‖² over x ≥ 0 (x_j = 0 where ``allowed`` is False; λ₁ = λ₂ = 0:
+    non-negative least squares) by Lawson and Hanson's active-set method (1974) on the Gram matrix: the atom with
+    the largest gradient (Aᵀy - Gx - λ₁ - λ₂x, above ``tolerance``) enters, each passive set is solved by a Cholesky
+    factorisation, and a step that would turn a weight negative stops at zero.
+
+    A is given implicitly (module docstring): G_ab = scale_a scale_b Σ_{s ≥ first_shell} series[s, :, a]ᵀ
+    blocks[s] series[s, :, b], with ``aty`` = Aᵀy. ``gram`` holds the columns computed so far (``known``), kept
+    between calls on the same G. ``start`` (True where the passive set starts; e.g. a neighbour's solution) only
+    shortens the search: the optimality conditions are checked as from an empty set."""
+    n = aty.size
     x = np.zeros(n)
     passive = start & allowed
-    blocked = np.zeros(n, dtype=np.bool_)  # columns that did not improve the fit, until the passive set changes
-    scale = 1.0
-    for r in range(n_rows):
-        scale = max(scale, abs(target[r]))
-    tolerance = 1e-10 * scale
+    blocked = np.zeros(n, dtype=np.bool_)  # atoms that did not improve the fit, until the passive set changes
     if passive.any():
-        _settle(columns, target, lambda1, lambda2, x, passive, -1, max_iter)
-    residual = np.empty(n_rows)
+        _settle(gram, known, series, blocks, first_shell, scale, aty, lambda1, lambda2, x, passive, -1, max_iter)
+    gradient = np.empty(n)
     for _ in range(max_iter):
-        residual[:] = target
-        for j in range(n):
-            if x[j] != 0.0:
-                for r in range(n_rows):
-                    residual[r] -= columns[j, r] * x[j]
-        gradient = columns @ residual  # BLAS gemv
+        gradient[:] = aty
+        for p in range(n):
+            if x[p] != 0.0:
+                weight = x[p]
+                column = gram[p]
+                for j in range(n):
+                    gradient[j] -= column[j] * weight
         best, best_value = -1, tolerance
         for j in range(n):
             if allowed[j] and not passive[j] and not blocked[j]:
@@ -149,7 +171,8 @@ def nonnegative_elastic_net(columns: np.ndarray, target: np.ndarray, lambda1: fl
         if best < 0:
             break
         passive[best] = True
-        if _settle(columns, target, lambda1, lambda2, x, passive, best, max_iter):
+        if _settle(gram, known, series, blocks, first_shell, scale, aty, lambda1, lambda2, x, passive, best,
+                   max_iter):
             blocked[:] = False
         else:
             blocked[best] = True
@@ -166,8 +189,6 @@ def _legendre_even(x: float, n_terms: int, out: np.ndarray) -> None:
         previous, current = current, following
         if degree % 2 == 0:
             out[degree // 2] = current
-    if n_terms == 1:
-        out[0] = 1.0
 
 
 @njit(cache=True, parallel=True)
@@ -179,58 +200,100 @@ def fit_voxels(signal: np.ndarray, directions: np.ndarray, gradients: np.ndarray
     isotropic atom), a non-negative elastic net of the diffusion-weighted signal less the isotropic part on the
     anisotropic atoms scaled by ``norms``, then NNLS on the atoms it selected and the isotropic one.
 
-    ``coefficients`` (shells, Legendre terms, atoms): each atom's even Legendre series per shell; ``isotropic``: the
-    isotropic atom per shell; ``shell_of``: each volume's shell."""
+    ``coefficients`` (shells, Legendre terms, atoms): each atom's even Legendre series per shell (shell 0: b=0);
+    ``isotropic``: the isotropic atom per shell; ``shell_of``: each volume's shell; ``dwi_rows``: the
+    diffusion-weighted volumes (shells ≥ 1)."""
     n_voxels, n_meas = signal.shape
-    n_wm = coefficients.shape[2]
-    n_terms = coefficients.shape[1]
+    n_shells, n_terms, n_wm = coefficients.shape
+    n_atoms = n_wm + 1
+    series = np.zeros((n_shells, n_terms, n_atoms))  # the isotropic atom last: its series is P_0 alone
+    series[:, :, :n_wm] = coefficients
+    for s in range(n_shells):
+        series[s, 0, n_wm] = isotropic[s]
+    unscaled = np.ones(n_atoms)
+    scaled = np.ones(n_atoms)
+    scaled[:n_wm] = norms
+    weighted = np.zeros(n_meas, dtype=np.bool_)
+    for r in range(dwi_rows.size):
+        weighted[dwi_rows[r]] = True
     out = np.full((n_voxels, 3), np.nan)
-    n_dwi = dwi_rows.size
-    blocks = (n_voxels + 63) // 64
+    n_blocks = (n_voxels + 63) // 64
     for worker in prange(n_threads):
-        legendre = np.empty(n_terms)
-        row = np.empty(n_wm)
-        atoms = np.empty((n_wm + 1, n_meas))  # one row per atom
-        scaled = np.empty((n_wm, n_dwi))
-        allowed_all = np.ones(n_wm + 1, dtype=np.bool_)
-        allowed_wm = np.ones(n_wm, dtype=np.bool_)
-        start_first = np.zeros(n_wm + 1, dtype=np.bool_)
-        start_sparse = np.zeros(n_wm, dtype=np.bool_)
-        for block in range(worker, blocks, n_threads):
+        legendre = np.empty((n_meas, n_terms))
+        blocks = np.empty((n_shells, n_terms, n_terms))
+        projections = np.empty((n_shells, n_terms))
+        aty_all = np.empty(n_atoms)
+        aty_sparse = np.empty(n_atoms)
+        gram_all = np.empty((n_atoms, n_atoms))
+        gram_sparse = np.empty((n_atoms, n_atoms))
+        known_all = np.zeros(n_atoms, dtype=np.bool_)
+        known_sparse = np.zeros(n_atoms, dtype=np.bool_)
+        allowed_all = np.ones(n_atoms, dtype=np.bool_)
+        allowed_sparse = np.ones(n_atoms, dtype=np.bool_)
+        allowed_sparse[n_wm] = False
+        start_first = np.zeros(n_atoms, dtype=np.bool_)
+        start_sparse = np.zeros(n_atoms, dtype=np.bool_)
+        for block in range(worker, n_blocks, n_threads):
             start_first[:] = False
             start_sparse[:] = False
             for v in range(block * 64, min((block + 1) * 64, n_voxels)):
                 y = signal[v]
+                blocks[:] = 0.0
+                projections[:] = 0.0
+                largest = 1.0
                 for m in range(n_meas):
                     cosine = (gradients[m, 0] * directions[v, 0] + gradients[m, 1] * directions[v, 1]
                               + gradients[m, 2] * directions[v, 2])
-                    _legendre_even(cosine, n_terms, legendre)
-                    shell = shell_of[m]
-                    for a in range(n_wm):
-                        row[a] = 0.0
+                    values = legendre[m]
+                    _legendre_even(cosine, n_terms, values)
+                    s = shell_of[m]
                     for t in range(n_terms):
-                        weight = legendre[t]
-                        for a in range(n_wm):
-                            row[a] += coefficients[shell, t, a] * weight
-                    for a in range(n_wm):
-                        atoms[a, m] = row[a]
-                    atoms[n_wm, m] = isotropic[shell]
-                first = nonnegative_elastic_net(atoms, y, 0.0, 0.0, allowed_all, start_first, 500)
-                target = np.empty(n_dwi)
-                for r in range(n_dwi):
-                    m = dwi_rows[r]
-                    target[r] = max(y[m] - first[n_wm] * atoms[n_wm, m], 0.0)
-                    for a in range(n_wm):
-                        scaled[a, r] = atoms[a, m] * norms[a]
-                sparse = nonnegative_elastic_net(scaled, target, lambda1, lambda2, allowed_wm, start_sparse, 500)
-                chosen = np.zeros(n_wm + 1, dtype=np.bool_)
+                        projections[s, t] += values[t] * y[m]
+                        for u in range(t, n_terms):
+                            blocks[s, t, u] += values[t] * values[u]
+                    largest = max(largest, abs(y[m]))
+                for s in range(n_shells):
+                    for t in range(n_terms):
+                        for u in range(t):
+                            blocks[s, t, u] = blocks[s, u, t]
+                for a in range(n_atoms):
+                    value = 0.0
+                    for s in range(n_shells):
+                        for t in range(n_terms):
+                            value += series[s, t, a] * projections[s, t]
+                    aty_all[a] = value
+                known_all[:] = False
+                known_sparse[:] = False
+                first = nonnegative_elastic_net(series, blocks, 0, unscaled, aty_all, 0.0, 0.0, allowed_all,
+                                                start_first, 1e-10 * largest, 500, gram_all, known_all)
+                # the diffusion-weighted signal less the isotropic part, on the anisotropic atoms scaled by norms
+                projections[:] = 0.0
+                largest_target = 1.0
+                for m in range(n_meas):
+                    if weighted[m]:
+                        s = shell_of[m]
+                        target = max(y[m] - first[n_wm] * isotropic[s], 0.0)
+                        largest_target = max(largest_target, target)
+                        for t in range(n_terms):
+                            projections[s, t] += legendre[m, t] * target
+                for a in range(n_atoms):
+                    value = 0.0
+                    for s in range(1, n_shells):
+                        for t in range(n_terms):
+                            value += series[s, t, a] * projections[s, t]
+                    aty_sparse[a] = value * scaled[a]
+                sparse = nonnegative_elastic_net(series, blocks, 1, scaled, aty_sparse, lambda1, lambda2,
+                                                 allowed_sparse, start_sparse, 1e-10 * largest_target, 500,
+                                                 gram_sparse, known_sparse)
+                chosen = np.zeros(n_atoms, dtype=np.bool_)
                 for a in range(n_wm):
                     chosen[a] = sparse[a] > 0.0
                 chosen[n_wm] = True
-                final = nonnegative_elastic_net(atoms, y, 0.0, 0.0, chosen, chosen, 500)
+                final = nonnegative_elastic_net(series, blocks, 0, unscaled, aty_all, 0.0, 0.0, chosen, chosen,
+                                                1e-10 * largest, 500, gram_all, known_all)
                 # the next voxel of this block starts from these solutions (blocks are fixed: the same start
                 # whatever the thread count)
-                for a in range(n_wm + 1):
+                for a in range(n_atoms):
                     start_first[a] = first[a] > 0.0
                 for a in range(n_wm):
                     start_sparse[a] = sparse[a] > 0.0

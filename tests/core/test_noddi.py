@@ -37,6 +37,9 @@ def _phantom(bvals, bvecs, n: int, seed: int, snr: float | None):
 
 
 def test_solvers_equal_scipy_nnls_and_the_elastic_net_optimality_conditions():
+    """The active-set solver works on the Gram matrix: given A (as one "shell" whose Legendre block is the identity,
+    so that G = AᵀA), NNLS must fit as well as SciPy's (QR-based) NNLS, with columns in near-identical triples as
+    the NODDI dictionary's neighbouring atoms; the elastic net must meet its optimality conditions from any start."""
     from scipy.optimize import nnls
 
     from dwiflow.core._noddi_kernel import nonnegative_elastic_net
@@ -44,20 +47,25 @@ def test_solvers_equal_scipy_nnls_and_the_elastic_net_optimality_conditions():
     rng = np.random.default_rng(0)
     for _ in range(50):
         base = np.abs(rng.normal(size=(60, 12)))
-        columns = np.ascontiguousarray(np.repeat(base, 3, axis=1).T + 1e-3 * rng.normal(size=(36, 60)))  # near twins
+        matrix = np.repeat(base, 3, axis=1) + 1e-3 * rng.normal(size=(60, 36))  # near twins
         target = np.abs(rng.normal(size=60)) * 3
+        series, blocks, scale = matrix[None].copy(), np.eye(60)[None].copy(), np.ones(36)
         everything, none = np.ones(36, dtype=bool), np.zeros(36, dtype=bool)
-        ours = nonnegative_elastic_net(columns, target, 0.0, 0.0, everything, none, 500)
-        reference, _ = nnls(columns.T, target)
-        assert np.linalg.norm(columns.T @ ours - target) <= np.linalg.norm(columns.T @ reference - target) + 1e-9
+
+        def solve(lambda1, lambda2, start):
+            gram, known = np.empty((36, 36)), np.zeros(36, dtype=bool)
+            return nonnegative_elastic_net(series, blocks, 0, scale, matrix.T @ target, lambda1, lambda2, everything,
+                                           start, 1e-10 * max(1.0, np.abs(target).max()), 500, gram, known)
+
+        ours = solve(0.0, 0.0, none)
+        reference, _ = nnls(matrix, target)
+        assert np.linalg.norm(matrix @ ours - target) <= np.linalg.norm(matrix @ reference - target) + 1e-9
         # elastic net: KKT conditions (gradient 0 on the support, <= 0 off it) from any start
         lambda1, lambda2 = 0.5, 1e-3
-        start = rng.random(36) < 0.3
-        x = nonnegative_elastic_net(columns, target, lambda1, lambda2, everything, start, 500)
-        gradient = columns @ (target - columns.T @ x) - lambda1 - lambda2 * x
+        x = solve(lambda1, lambda2, rng.random(36) < 0.3)
+        gradient = matrix.T @ (target - matrix @ x) - lambda1 - lambda2 * x
         assert np.all(x >= 0) and np.all(np.abs(gradient[x > 0]) < 1e-8) and np.all(gradient[x == 0] < 1e-8)
-        assert np.allclose(x, nonnegative_elastic_net(columns, target, lambda1, lambda2, everything, none, 500),
-                           atol=1e-10)
+        assert np.allclose(x, solve(lambda1, lambda2, none), atol=1e-10)
 
 
 def test_phantom_parameters_are_recovered(record):
