@@ -23,32 +23,48 @@ DEPENDENT_PIVOT = 1e-13
 
 
 @njit(cache=True, nogil=True)
-def _gram_column(series: np.ndarray, blocks: np.ndarray, first_shell: int, scale: np.ndarray, j: int,
-                 out: np.ndarray) -> None:
-    """Column ``j`` of G_ab = scale_a scale_b Σ_{s ≥ first_shell} series[s, :, a]ᵀ blocks[s] series[s, :, j]."""
-    n_shells, n_terms, n_atoms = series.shape
+def _add_shell(series: np.ndarray, blocks: np.ndarray, rows_used: np.ndarray, s: int, j: int, out: np.ndarray) -> None:
+    """out += series[s]ᵀ blocks[s] series[s, :, j], skipping the terms no atom has on shell s."""
+    n_terms, n_atoms = series.shape[1], series.shape[2]
+    for t in range(n_terms):
+        if not rows_used[s, t]:
+            continue
+        weight = 0.0
+        for u in range(n_terms):
+            weight += blocks[s, t, u] * series[s, u, j]
+        if weight != 0.0:
+            row = series[s, t]
+            for a in range(n_atoms):
+                out[a] += row[a] * weight
+
+
+@njit(cache=True, nogil=True)
+def _gram_column(series: np.ndarray, blocks: np.ndarray, rows_used: np.ndarray, first_shell: int, scale: np.ndarray,
+                 j: int, out: np.ndarray, shared: np.ndarray, shared_known: np.ndarray) -> None:
+    """Column ``j`` of G_ab = scale_a scale_b Σ_{s ≥ first_shell} series[s, :, a]ᵀ blocks[s] series[s, :, j]. Its
+    part over shells ≥ 1, the larger one, is computed once per atom (``shared``, ``shared_known``) for every Gram
+    matrix of the voxel: the NNLS's (all shells) and the elastic net's (shells ≥ 1, scaled) differ by shell 0 and
+    the scale only."""
+    n_shells, n_atoms = series.shape[0], series.shape[2]
+    if not shared_known[j]:
+        column = shared[j]
+        for a in range(n_atoms):
+            column[a] = 0.0
+        for s in range(1, n_shells):
+            _add_shell(series, blocks, rows_used, s, j, column)
+        shared_known[j] = True
     for a in range(n_atoms):
-        out[a] = 0.0
-    projected = np.empty(n_terms)
-    for s in range(first_shell, n_shells):
-        for t in range(n_terms):
-            value = 0.0
-            for u in range(n_terms):
-                value += blocks[s, t, u] * series[s, u, j]
-            projected[t] = value
-        for t in range(n_terms):
-            weight = projected[t]
-            if weight != 0.0:
-                row = series[s, t]
-                for a in range(n_atoms):
-                    out[a] += row[a] * weight
+        out[a] = shared[j, a]
+    if first_shell == 0:
+        _add_shell(series, blocks, rows_used, 0, j, out)
     for a in range(n_atoms):
         out[a] *= scale[a] * scale[j]
 
 
 @njit(cache=True, nogil=True)
-def _passive_solution(gram: np.ndarray, known: np.ndarray, series: np.ndarray, blocks: np.ndarray, first_shell: int,
-                      scale: np.ndarray, index: np.ndarray, aty: np.ndarray, lambda1: float,
+def _passive_solution(gram: np.ndarray, known: np.ndarray, series: np.ndarray, blocks: np.ndarray,
+                      rows_used: np.ndarray, first_shell: int, scale: np.ndarray, shared: np.ndarray,
+                      shared_known: np.ndarray, index: np.ndarray, aty: np.ndarray, lambda1: float,
                       lambda2: float) -> tuple[np.ndarray, bool]:
     """Minimiser of ½‖y - A_P x‖² + λ₁Σx + ½λ₂‖x‖² over the passive atoms P (no sign constraint): the Cholesky
     solution of (G_PP + λ₂I) x = (Aᵀy)_P - λ₁. Gram columns are computed when first needed (``known``); False when
@@ -56,7 +72,8 @@ def _passive_solution(gram: np.ndarray, known: np.ndarray, series: np.ndarray, b
     k = index.size
     for p in range(k):
         if not known[index[p]]:
-            _gram_column(series, blocks, first_shell, scale, index[p], gram[index[p]])
+            _gram_column(series, blocks, rows_used, first_shell, scale, index[p], gram[index[p]], shared,
+                         shared_known)
             known[index[p]] = True
     factor = np.empty((k, k))
     for p in range(k):
@@ -92,8 +109,8 @@ def _passive_solution(gram: np.ndarray, known: np.ndarray, series: np.ndarray, b
 
 
 @njit(cache=True, nogil=True)
-def _settle(gram, known, series, blocks, first_shell, scale, aty, lambda1, lambda2, x, passive, entering,
-            max_iter) -> bool:
+def _settle(gram, known, series, blocks, rows_used, first_shell, scale, shared, shared_known, aty, lambda1, lambda2,
+            x, passive, entering, max_iter) -> bool:
     """Lawson and Hanson's inner loop: solve on the passive set; while a weight would turn negative, step from x
     towards the solution until the first weight reaches zero and drop it. False when the entering atom (≥ 0) does
     not improve the fit (numerically dependent, or a non-positive weight at once) and was taken out again."""
@@ -103,8 +120,8 @@ def _settle(gram, known, series, blocks, first_shell, scale, aty, lambda1, lambd
         if k == 0:
             x[:] = 0.0
             return True
-        solution, ok = _passive_solution(gram, known, series, blocks, first_shell, scale, index, aty, lambda1,
-                                         lambda2)
+        solution, ok = _passive_solution(gram, known, series, blocks, rows_used, first_shell, scale, shared,
+                                         shared_known, index, aty, lambda1, lambda2)
         if entering >= 0 and inner == 0:
             weight = 0.0
             for a in range(k):
@@ -135,24 +152,27 @@ def _settle(gram, known, series, blocks, first_shell, scale, aty, lambda1, lambd
 
 
 @njit(cache=True, nogil=True)
-def nonnegative_elastic_net(series: np.ndarray, blocks: np.ndarray, first_shell: int, scale: np.ndarray,
-                            aty: np.ndarray, lambda1: float, lambda2: float, allowed: np.ndarray, start: np.ndarray,
-                            tolerance: float, max_iter: int, gram: np.ndarray, known: np.ndarray) -> np.ndarray:
+def nonnegative_elastic_net(series: np.ndarray, blocks: np.ndarray, rows_used: np.ndarray, first_shell: int,
+                            scale: np.ndarray, aty: np.ndarray, lambda1: float, lambda2: float, allowed: np.ndarray,
+                            start: np.ndarray, tolerance: float, max_iter: int, gram: np.ndarray, known: np.ndarray,
+                            shared: np.ndarray, shared_known: np.ndarray) -> np.ndarray:
     """Minimise ½‖y - Ax‖² + λ₁Σx + ½λ₂‖x‖² over x ≥ 0 (x_j = 0 where ``allowed`` is False; λ₁ = λ₂ = 0:
     non-negative least squares) by Lawson and Hanson's active-set method (1974) on the Gram matrix: the atom with
     the largest gradient (Aᵀy - Gx - λ₁ - λ₂x, above ``tolerance``) enters, each passive set is solved by a Cholesky
     factorisation, and a step that would turn a weight negative stops at zero.
 
     A is given implicitly (module docstring): G_ab = scale_a scale_b Σ_{s ≥ first_shell} series[s, :, a]ᵀ
-    blocks[s] series[s, :, b], with ``aty`` = Aᵀy. ``gram`` holds the columns computed so far (``known``), kept
-    between calls on the same G. ``start`` (True where the passive set starts; e.g. a neighbour's solution) only
+    blocks[s] series[s, :, b], with ``aty`` = Aᵀy; ``rows_used[s, t]``: whether any atom has term t on shell s.
+    ``gram`` holds the columns computed so far (``known``), kept between calls on the same G; ``shared`` their
+    part over shells ≥ 1 (``shared_known``), kept for every G of the voxel. ``start`` (True where the passive set starts; e.g. a neighbour's solution) only
     shortens the search: the optimality conditions are checked as from an empty set."""
     n = aty.size
     x = np.zeros(n)
     passive = start & allowed
     blocked = np.zeros(n, dtype=np.bool_)  # atoms that did not improve the fit, until the passive set changes
     if passive.any():
-        _settle(gram, known, series, blocks, first_shell, scale, aty, lambda1, lambda2, x, passive, -1, max_iter)
+        _settle(gram, known, series, blocks, rows_used, first_shell, scale, shared, shared_known, aty, lambda1,
+                lambda2, x, passive, -1, max_iter)
     gradient = np.empty(n)
     for _ in range(max_iter):
         gradient[:] = aty
@@ -171,8 +191,8 @@ def nonnegative_elastic_net(series: np.ndarray, blocks: np.ndarray, first_shell:
         if best < 0:
             break
         passive[best] = True
-        if _settle(gram, known, series, blocks, first_shell, scale, aty, lambda1, lambda2, x, passive, best,
-                   max_iter):
+        if _settle(gram, known, series, blocks, rows_used, first_shell, scale, shared, shared_known, aty, lambda1,
+                   lambda2, x, passive, best, max_iter):
             blocked[:] = False
         else:
             blocked[best] = True
@@ -210,6 +230,12 @@ def fit_voxels(signal: np.ndarray, directions: np.ndarray, gradients: np.ndarray
     series[:, :, :n_wm] = coefficients
     for s in range(n_shells):
         series[s, 0, n_wm] = isotropic[s]
+    rows_used = np.zeros((n_shells, n_terms), dtype=np.bool_)
+    for s in range(n_shells):
+        for t in range(n_terms):
+            for a in range(n_atoms):
+                if series[s, t, a] != 0.0:
+                    rows_used[s, t] = True
     unscaled = np.ones(n_atoms)
     scaled = np.ones(n_atoms)
     scaled[:n_wm] = norms
@@ -228,6 +254,8 @@ def fit_voxels(signal: np.ndarray, directions: np.ndarray, gradients: np.ndarray
         gram_sparse = np.empty((n_atoms, n_atoms))
         known_all = np.zeros(n_atoms, dtype=np.bool_)
         known_sparse = np.zeros(n_atoms, dtype=np.bool_)
+        shared = np.empty((n_atoms, n_atoms))
+        shared_known = np.zeros(n_atoms, dtype=np.bool_)
         allowed_all = np.ones(n_atoms, dtype=np.bool_)
         allowed_sparse = np.ones(n_atoms, dtype=np.bool_)
         allowed_sparse[n_wm] = False
@@ -264,8 +292,10 @@ def fit_voxels(signal: np.ndarray, directions: np.ndarray, gradients: np.ndarray
                     aty_all[a] = value
                 known_all[:] = False
                 known_sparse[:] = False
-                first = nonnegative_elastic_net(series, blocks, 0, unscaled, aty_all, 0.0, 0.0, allowed_all,
-                                                start_first, 1e-10 * largest, 500, gram_all, known_all)
+                shared_known[:] = False
+                first = nonnegative_elastic_net(series, blocks, rows_used, 0, unscaled, aty_all, 0.0, 0.0,
+                                                allowed_all, start_first, 1e-10 * largest, 500, gram_all, known_all,
+                                                shared, shared_known)
                 # the diffusion-weighted signal less the isotropic part, on the anisotropic atoms scaled by norms
                 projections[:] = 0.0
                 largest_target = 1.0
@@ -282,15 +312,16 @@ def fit_voxels(signal: np.ndarray, directions: np.ndarray, gradients: np.ndarray
                         for t in range(n_terms):
                             value += series[s, t, a] * projections[s, t]
                     aty_sparse[a] = value * scaled[a]
-                sparse = nonnegative_elastic_net(series, blocks, 1, scaled, aty_sparse, lambda1, lambda2,
+                sparse = nonnegative_elastic_net(series, blocks, rows_used, 1, scaled, aty_sparse, lambda1, lambda2,
                                                  allowed_sparse, start_sparse, 1e-10 * largest_target, 500,
-                                                 gram_sparse, known_sparse)
+                                                 gram_sparse, known_sparse, shared, shared_known)
                 chosen = np.zeros(n_atoms, dtype=np.bool_)
                 for a in range(n_wm):
                     chosen[a] = sparse[a] > 0.0
                 chosen[n_wm] = True
-                final = nonnegative_elastic_net(series, blocks, 0, unscaled, aty_all, 0.0, 0.0, chosen, chosen,
-                                                1e-10 * largest, 500, gram_all, known_all)
+                final = nonnegative_elastic_net(series, blocks, rows_used, 0, unscaled, aty_all, 0.0, 0.0, chosen,
+                                                chosen, 1e-10 * largest, 500, gram_all, known_all, shared,
+                                                shared_known)
                 # the next voxel of this block starts from these solutions (blocks are fixed: the same start
                 # whatever the thread count)
                 for a in range(n_atoms):

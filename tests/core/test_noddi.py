@@ -54,8 +54,11 @@ def test_solvers_equal_scipy_nnls_and_the_elastic_net_optimality_conditions():
 
         def solve(lambda1, lambda2, start):
             gram, known = np.empty((36, 36)), np.zeros(36, dtype=bool)
-            return nonnegative_elastic_net(series, blocks, 0, scale, matrix.T @ target, lambda1, lambda2, everything,
-                                           start, 1e-10 * max(1.0, np.abs(target).max()), 500, gram, known)
+            shared, shared_known = np.empty((36, 36)), np.zeros(36, dtype=bool)
+            return nonnegative_elastic_net(series, blocks, np.ones((1, 60), dtype=bool), 0, scale, matrix.T @ target,
+                                           lambda1, lambda2, everything, start,
+                                           1e-10 * max(1.0, np.abs(target).max()), 500, gram, known, shared,
+                                           shared_known)
 
         ours = solve(0.0, 0.0, none)
         reference, _ = nnls(matrix, target)
