@@ -16,6 +16,7 @@ import numpy as np
 from numba import njit, prange
 
 import dwiflow.core._numba_setup  # noqa: F401  (threading layer)
+from dwiflow.core._numba_linalg import cholesky_solve
 
 # a pivot of the active block's Cholesky factor below this fraction of its diagonal entry: the entering atom is
 # (numerically) a combination of the active ones
@@ -76,35 +77,14 @@ def _passive_solution(gram: np.ndarray, known: np.ndarray, series: np.ndarray, b
                          shared_known)
             known[index[p]] = True
     factor = np.empty((k, k))
+    out = np.empty(k)
     for p in range(k):
-        for q in range(k):
+        for q in range(p + 1):
             factor[p, q] = gram[index[q], index[p]]
         factor[p, p] += lambda2
-    for p in range(k):  # Cholesky, lower triangle
-        pivot = factor[p, p]
-        for r in range(p):
-            pivot -= factor[p, r] * factor[p, r]
-        if pivot <= DEPENDENT_PIVOT * (gram[index[p], index[p]] + lambda2):
-            return np.zeros(k), False
-        pivot = np.sqrt(pivot)
-        factor[p, p] = pivot
-        for q in range(p + 1, k):
-            value = factor[q, p]
-            for r in range(p):
-                value -= factor[q, r] * factor[p, r]
-            factor[q, p] = value / pivot
-    forward = np.empty(k)
-    for p in range(k):
-        value = aty[index[p]] - lambda1
-        for r in range(p):
-            value -= factor[p, r] * forward[r]
-        forward[p] = value / factor[p, p]
-    out = np.empty(k)
-    for p in range(k - 1, -1, -1):
-        value = forward[p]
-        for r in range(p + 1, k):
-            value -= factor[r, p] * out[r]
-        out[p] = value / factor[p, p]
+        out[p] = aty[index[p]] - lambda1
+    if not cholesky_solve(factor, k, out, DEPENDENT_PIVOT):
+        return np.zeros(k), False
     return out, True
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 import dwiflow.core._numba_setup  # noqa: F401  (fork-safe threading layer)
+from dwiflow.core._numba_linalg import cholesky_solve
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -45,28 +46,8 @@ def per_voxel_zonal_fits(fibres, bvecs, signals, lmax):
                 rhs[i] += p[i] * s
                 for j in range(i + 1):
                     normal[i, j] += p[i] * p[j]
-        # Cholesky (lower) in place, then forward and back substitution
-        for j in range(n_l):
-            t = normal[j, j]
-            for k in range(j):
-                t -= normal[j, k] * normal[j, k]
-            d = np.sqrt(t)
-            normal[j, j] = d
-            for i in range(j + 1, n_l):
-                t = normal[i, j]
-                for k in range(j):
-                    t -= normal[i, k] * normal[j, k]
-                normal[i, j] = t / d
-        for i in range(n_l):
-            t = rhs[i]
-            for k in range(i):
-                t -= normal[i, k] * rhs[k]
-            rhs[i] = t / normal[i, i]
-        for i in range(n_l - 1, -1, -1):
-            t = rhs[i]
-            for k in range(i + 1, n_l):
-                t -= normal[k, i] * rhs[k]
-            rhs[i] = t / normal[i, i]
+        if not cholesky_solve(normal, n_l, rhs, 0.0):  # too few directions for lmax
+            rhs[:] = np.nan
         for i in range(n_l):
             out[a, i] = rhs[i]
     return out
