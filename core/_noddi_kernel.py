@@ -264,12 +264,13 @@ def fit_voxels(signal: np.ndarray, directions: np.ndarray, gradients: np.ndarray
                     for t in range(n_terms):
                         for u in range(t):
                             blocks[s, t, u] = blocks[s, u, t]
-                for a in range(n_atoms):
-                    value = 0.0
-                    for s in range(n_shells):
-                        for t in range(n_terms):
-                            value += series[s, t, a] * projections[s, t]
-                    aty_all[a] = value
+                aty_all[:] = 0.0  # Aᵀy = Σ_s C_sᵀ q_s, along the atoms (contiguous)
+                for s in range(n_shells):
+                    for t in range(n_terms):
+                        weight = projections[s, t]
+                        row = series[s, t]
+                        for a in range(n_atoms):
+                            aty_all[a] += row[a] * weight
                 known_all[:] = False
                 known_sparse[:] = False
                 shared_known[:] = False
@@ -286,12 +287,15 @@ def fit_voxels(signal: np.ndarray, directions: np.ndarray, gradients: np.ndarray
                         largest_target = max(largest_target, target)
                         for t in range(n_terms):
                             projections[s, t] += legendre[m, t] * target
+                aty_sparse[:] = 0.0
+                for s in range(1, n_shells):
+                    for t in range(n_terms):
+                        weight = projections[s, t]
+                        row = series[s, t]
+                        for a in range(n_atoms):
+                            aty_sparse[a] += row[a] * weight
                 for a in range(n_atoms):
-                    value = 0.0
-                    for s in range(1, n_shells):
-                        for t in range(n_terms):
-                            value += series[s, t, a] * projections[s, t]
-                    aty_sparse[a] = value * scaled[a]
+                    aty_sparse[a] *= scaled[a]
                 sparse = nonnegative_elastic_net(series, blocks, rows_used, 1, scaled, aty_sparse, lambda1, lambda2,
                                                  allowed_sparse, start_sparse, 1e-10 * largest_target, 500,
                                                  gram_sparse, known_sparse, shared, shared_known)
