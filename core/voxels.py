@@ -27,7 +27,12 @@ class VoxelBatch:
     data: np.ndarray
     mask: np.ndarray
     index: tuple
-    _flat_index: np.ndarray | None = field(default=None, init=False, repr=False)
+    _flat_index: np.ndarray | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # where each voxel's signal starts in a Fortran-ordered image's (volumes, voxels) view (None otherwise)
+        fortran = self.index and self._volumes_by_row(self.data) is not None
+        self._flat_index = np.ravel_multi_index(self.index, self.mask.shape, order="F") if fortran else None
 
     @classmethod
     def from_volume(cls, data: np.ndarray, mask: np.ndarray | None, n_volumes: int | None = None,
@@ -79,16 +84,13 @@ class VoxelBatch:
 
     def signal(self, sl: slice | np.ndarray | None = None) -> np.ndarray:
         """Float64 signals (voxels, volumes; C-ordered) of the masked voxels, or of the rows ``sl`` selects."""
-        by_row = self._volumes_by_row(self.data) if self.index else None
-        if by_row is None:
+        if self._flat_index is None:
             idx = self.index if sl is None else tuple(i[sl] for i in self.index)
             return np.asarray(self.data[idx], dtype=float)
         # a Fortran-ordered image: gather each volume's row (twice as fast as indexing the 4D array, and
         # streaming when the voxels are in memory order)
-        if self._flat_index is None:
-            self._flat_index = np.ravel_multi_index(self.index, self.mask.shape, order="F")
         columns = self._flat_index if sl is None else self._flat_index[sl]
-        return np.ascontiguousarray(np.take(by_row, columns, axis=1).T, dtype=float)
+        return np.ascontiguousarray(np.take(self._volumes_by_row(self.data), columns, axis=1).T, dtype=float)
 
 
 def iter_chunks(n: int, chunk_size: int) -> Iterator[slice]:

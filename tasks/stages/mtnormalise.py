@@ -54,8 +54,8 @@ def run_mtnormalise(files, outputs, options: MtNormaliseOptions, context):
     factors = {label: float(f) for (_, _, label), f in zip(given, result.balance_factors)}
     params = {"Order": options.order, "Iterations": niter, "Reference": options.reference,
               "Balanced": options.balanced}
-    sources = provenance(*(files[kind] for kind, _, _ in given), files["mask"])
-    notes = issued_warnings([] if result.determined_order >= options.order else [
+    described = provenance(*(files[kind] for kind, _, _ in given), files["mask"])  # and the warnings, if any
+    described |= issued_warnings([] if result.determined_order >= options.order else [
         f"the mask's voxels do not determine an order-{options.order} field (e.g. a slab of few slices): part of it "
         "depends on rounding (in MRtrix3's mtnormalise too); "
         + (f"order {result.determined_order} or less is determined" if result.determined_order >= 0
@@ -65,16 +65,16 @@ def run_mtnormalise(files, outputs, options: MtNormaliseOptions, context):
         for (kind, name, label), image, img in zip(given, result.normalised, images):
             upstream = read_sidecar(files[kind]) or {}
             extra = {k: upstream[k] for k in ("OrientationEncoding", "ResponseFunction") if k in upstream}
-            content = sidecar(f"mtnormalise_{name}", params, **extra, **sources, **notes, LognormScale=result.lognorm_scale,
+            content = sidecar(f"mtnormalise_{name}", params, **extra, **described, LognormScale=result.lognorm_scale,
                               BalanceFactor=factors[label], **({"LognormBalance": factors[label]}
                                                                 if options.balanced else {}))
             written[name] = out.nifti(outputs[name], image, img.affine, content)
         if "check_norm" in outputs:
             written["check_norm"] = out.nifti(outputs["check_norm"], result.field, reference.affine,
-                                              sidecar("mtnormalise_check_norm", params, **sources, **notes))
+                                              sidecar("mtnormalise_check_norm", params, **described))
         if "check_mask" in outputs:
             written["check_mask"] = out.nifti(outputs["check_mask"], result.inliers.astype(np.uint8),
-                                              reference.affine, sidecar("mtnormalise_check_mask", params, **sources, **notes),
+                                              reference.affine, sidecar("mtnormalise_check_mask", params, **described),
                                               dtype=np.uint8)
         if "fractions" in outputs or "fractions_rgb" in outputs:
             from dwiflow.core.msmt_csd import tissue_fractions, tissue_rgb
@@ -85,11 +85,11 @@ def run_mtnormalise(files, outputs, options: MtNormaliseOptions, context):
             order = {"TissueOrder": [label for _, _, label in given]}
             if "fractions" in outputs:
                 written["fractions"] = out.nifti(outputs["fractions"], fractions.astype(np.float32), reference.affine,
-                                                 sidecar("mtnormalise_fractions", params, **order, **sources, **notes))
+                                                 sidecar("mtnormalise_fractions", params, **order, **described))
             if "fractions_rgb" in outputs:
                 written["fractions_rgb"] = out.nifti(outputs["fractions_rgb"], tissue_rgb(fractions, names),
                                                      reference.affine, sidecar("mtnormalise_fractions_rgb", params,
-                                                                               **sources, **notes), dtype=np.uint8)
+                                                                               **described), dtype=np.uint8)
         if "check_factors" in outputs:
             written["check_factors"] = out.text(outputs["check_factors"],
                                                 " ".join(f"{f:.6g}" for f in result.balance_factors) + "\n")
