@@ -181,3 +181,18 @@ def test_installed_entry_point_exits_non_zero(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == f"dwirecon shells: error: bval file not found: {tmp_path / 'missing.bval'}"
+
+
+def test_collector_settings_only_in_a_process_of_its_own(phantom_dir, capsys):
+    """The command's own process collects less (collect_less_in_this_process); main() called with arguments, as
+    here or in a worker, leaves the interpreter's collector as it was."""
+    import gc
+
+    before = gc.get_threshold()
+    code, _, _ = _run(["shells", phantom_dir["bval"]], capsys)
+    assert code == 0 and gc.get_threshold() == before and gc.isenabled()
+    probe = ("import gc, runpy, sys; sys.argv = ['dwirecon', 'shells', sys.argv[1]]\n"
+             "try:\n    runpy.run_module('dwiflow.cli.dwirecon', run_name='__main__')\n"
+             "except SystemExit as end:\n    print(end.code, gc.get_threshold())")
+    result = subprocess.run([sys.executable, "-c", probe, phantom_dir["bval"]], capture_output=True, text=True)
+    assert result.stdout.strip().splitlines()[-1] == "0 (20000, 20, 1000)", result.stderr
