@@ -157,36 +157,19 @@ def _median(values: np.ndarray) -> float:
     return float(np.median(values.astype(np.float32)))
 
 
-def mrtrix_tensor_fa(data: np.ndarray, gtab: GradientTable, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """FA and principal direction as MRtrix3's ``dwi2tensor | tensor2metric -fa -vector -modulate none``: signals
-    floored at 1e-6 of the voxel's largest, a first pass weighted by the measured signals, then two passes weighted
-    by the predicted ones; FA from the eigenvalues as they are (no clipping; it can exceed 1 in noisy voxels)."""
-    from dwiflow.core.tensor import lower_triangular_to_matrix, tensor_design_matrix
+def mrtrix_tensor_fa(data: np.ndarray, gtab: GradientTable, mask: np.ndarray,
+                     n_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """FA and principal direction as MRtrix3's ``dwi2tensor | tensor2metric -fa -vector -modulate none``: the
+    tensor fit of ``dwi2tensor`` (:class:`~dwiflow.core.tensor.TensorModel` ``IWLS``, every finite solution kept,
+    on ``n_threads`` threads); FA from the eigenvalues as they are (no clipping; it can exceed 1 in noisy voxels),
+    0 where the fit failed."""
+    from dwiflow.core.tensor import TensorModel, lower_triangular_to_matrix
 
-    design = tensor_design_matrix(gtab)
-    signal = np.asarray(data[mask], dtype=float)
-    signal = np.maximum(signal, 1e-6 * signal.max(axis=1, keepdims=True))
-    log_signal = np.log(signal)
-    n_params = design.shape[1]
-    rows, cols = np.triu_indices(n_params)
-    pair_products = design[:, rows] * design[:, cols]  # (n, 28): one matrix product gives every normal matrix
-    squared_weights = np.square(signal, out=signal)  # the first pass weights by the measured signals
-    for fitting_pass in range(3):
-        upper = squared_weights @ pair_products
-        normal = np.empty((upper.shape[0], n_params, n_params))
-        normal[:, rows, cols] = upper
-        normal[:, cols, rows] = upper
-        rhs = np.multiply(squared_weights, log_signal, out=squared_weights) @ design
-        with np.errstate(all="ignore"):
-            try:
-                params = np.linalg.solve(normal, rhs[..., None])[..., 0]
-            except np.linalg.LinAlgError:
-                params = np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a, b in zip(normal, rhs)])
-            if fitting_pass < 2:  # the next passes weight by the predicted signals: w² = exp(2 · log prediction)
-                squared_weights = np.exp(np.multiply(params @ design.T, 2.0), out=squared_weights)
+    fit = TensorModel(gtab, fit_method="IWLS", checks=False).fit(data, mask, n_threads=n_threads)
+    params = fit.lower_triangular[mask]
     finite = np.all(np.isfinite(params), axis=1)
     params[~finite] = 0.0
-    evals, evecs = np.linalg.eigh(lower_triangular_to_matrix(params[:, :6]))
+    evals, evecs = np.linalg.eigh(lower_triangular_to_matrix(params))
     with np.errstate(all="ignore"):
         fa = np.sqrt(0.5 * ((evals[:, 0] - evals[:, 1]) ** 2 + (evals[:, 1] - evals[:, 2]) ** 2
                             + (evals[:, 2] - evals[:, 0]) ** 2) / np.sum(evals ** 2, axis=1))
@@ -229,6 +212,7 @@ def dhollander(
     gm: float = DEFAULT_GM,
     csf: float = DEFAULT_CSF,
     lmax: list[int] | None = None,
+    n_threads: int | None = None,
 ) -> DhollanderResult:
     """Estimate WM, GM and CSF responses from one run (see the module notes for the algorithm).
 
@@ -247,6 +231,8 @@ def dhollander(
         Percentages of the refined WM, GM and CSF kept as final voxels (0.5, 2, 10).
     lmax : list of int, optional
         The WM response's lmax per shell (default: amp2response's, 10 and 0 at b=0).
+    n_threads : int, optional
+        Threads of the tensor fit (default 1; the result does not depend on it). The CSD fits use numba's.
 
     Returns
     -------
@@ -279,7 +265,7 @@ def dhollander(
                                 "data use erode 0)", parameters=("mask", "erode"))
     safe_sdm = np.where(safe, np.minimum(np.nan_to_num(sdm), np.float32(SDM_CAP)), 0).astype(np.float32)
 
-    fa_map, vectors = mrtrix_tensor_fa(data, gtab, safe)
+    fa_map, vectors = mrtrix_tensor_fa(data, gtab, safe, n_threads)
     crude_wm = safe & (fa_map > fa)
     crude_non_wm = safe & ~crude_wm
     counts["crude_wm"], counts["crude_non_wm"] = int(crude_wm.sum()), int(crude_non_wm.sum())

@@ -99,7 +99,9 @@ def _grid(frequency: int) -> _Grid:
 def _coarse_to_fine(coarse_frequency: int, fine_frequency: int) -> np.ndarray:
     """Index in the fine hemisphere of each coarse hemisphere vertex (coarse ⊂ fine)."""
     coarse, fine = _grid(coarse_frequency).vertices, _grid(fine_frequency).vertices
-    return np.argmax(np.abs(coarse @ fine.T), axis=1)
+    rows = 128  # coarse vertices per product: a (128, fine) block stays in cache (the whole product is ~50 MB)
+    return np.concatenate([np.argmax(np.abs(coarse[start:start + rows] @ fine.T), axis=1)
+                           for start in range(0, coarse.shape[0], rows)])
 
 
 @lru_cache(maxsize=8)

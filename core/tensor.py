@@ -305,6 +305,10 @@ class TensorModel:
         as dwi2tensor, 0 and 1 both leave the first fit.
     ols_start : bool
         ``IWLS``: the first fit unweighted (dwi2tensor's ``-ols``) instead of weighted by the measured signal.
+    checks : bool
+        Flag the voxels a tensor cannot describe (status NO_SIGNAL, SIGNAL_ABOVE_B0, and NON_PHYSICAL for a negative
+        ``IWLS`` eigenvalue) and give them NaN. False keeps every finite solution as it comes out, as dwi2tensor
+        writes it: for steps that must see MRtrix3's values (dhollander's FA).
     """
 
     def __init__(
@@ -316,9 +320,11 @@ class TensorModel:
         wls_iterations: int = 1,
         iterations: int = DEFAULT_IWLS_ITERATIONS,
         ols_start: bool = False,
+        checks: bool = True,
     ) -> None:
         check_fit_arguments(fit_method, iterations, min_signal)
         self.iterations, self.ols_start = int(iterations), bool(ols_start)
+        self.checks = bool(checks)
         if chunk_size < 1:
             raise DwiflowInputError(f"chunk_size must be >= 1, got {chunk_size!r}")
         if int(wls_iterations) != wls_iterations or wls_iterations < 1:
@@ -349,9 +355,10 @@ class TensorModel:
         status = np.zeros(signal.shape[0], dtype=np.uint8)
         finite = np.all(np.isfinite(signal), axis=1)
         status[~finite] = FitStatus.NONFINITE_INPUT
-        positive = np.any(signal > 0, axis=1)
-        status[finite & ~positive] = FitStatus.NO_SIGNAL
-        status[finite & positive & signal_above_b0(signal, self.gtab.b0s_mask)] = FitStatus.SIGNAL_ABOVE_B0
+        if self.checks:
+            positive = np.any(signal > 0, axis=1)
+            status[finite & ~positive] = FitStatus.NO_SIGNAL
+            status[finite & positive & signal_above_b0(signal, self.gtab.b0s_mask)] = FitStatus.SIGNAL_ABOVE_B0
         sig = np.where(finite[:, None], signal, 1.0)
         if self.fit_method == "IWLS":
             return self._fit_iwls(sig, status)
@@ -407,7 +414,7 @@ class TensorModel:
             params[sl], status[sl] = self._fit_batch(batch.signal(sl))
 
         run_chunks(fit_chunk, nvox, self.chunk_size, n_threads)
-        if self.fit_method == "IWLS":
+        if self.fit_method == "IWLS" and self.checks:
             # a negative diffusivity is not physical (MRtrix3 writes it; DIPY clips it): status 8 and NaN. A
             # symmetric matrix has a negative eigenvalue exactly when one of its principal minors is negative
             xx, xy, yy, xz, yz, zz = params[:, :6].T

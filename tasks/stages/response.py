@@ -16,7 +16,7 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import atomic_outputs, existing_file, load_dwi, load_image, load_mask, read_numbers, sidecar_path
 from dwiflow.tasks.options import Alias, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage, StageGroup
-from dwiflow.tasks.stagelib import DWI_INPUTS, brain_mask, provenance
+from dwiflow.tasks.stagelib import DWI_INPUTS, brain_mask, provenance, thread_count
 
 _MASK = Input("mask", "MASK", "brain mask (default: median-Otsu on the b=0 volumes)", required=False, flag=True)
 _OUTPUTS = (Output("response", "the response function (MRtrix3 text format)", cli="positional", metavar="OUT_TXT"),
@@ -263,7 +263,8 @@ def run_dhollander(files, outputs, options: DhollanderOptions, context):
         raise OptionError(f"{{lmax}}: {len(options.lmax)} values but {dwi} has {len(run.gtab.shells)} b-values "
                           f"({', '.join(f'{s.bvalue:.0f}' for s in run.gtab.shells)})", "lmax")
     result = dhollander(run.data, run.gtab, brain_mask(run, mask), erode=options.erode, fa=options.fa,
-                        sfwm=options.sfwm, gm=options.gm, csf=options.csf, lmax=options.lmax)
+                        sfwm=options.sfwm, gm=options.gm, csf=options.csf, lmax=options.lmax,
+                        n_threads=thread_count(context))
     params = {"Erode": options.erode, "FA": options.fa, "SFWM": options.sfwm, "GM": options.gm, "CSF": options.csf,
               "Lmax": options.lmax, "VoxelCounts": result.counts}
     written = {}
@@ -368,7 +369,7 @@ RESPONSE = StageGroup(
                      Output("voxels", "the voxels selected for each tissue (CSF, GM, WM volumes)", cli="flag",
                             metavar="OUT_IMAGE")),
             provides={"response_wm": "wm", "response_gm": "gm", "response_csf": "csf"},
-            check_data=check_dhollander_data,
+            check_data=check_dhollander_data, threads=True,
             methods=lambda o: ("White-matter, grey-matter and CSF response functions were estimated with the "
                                f"dhollander algorithm (brain mask eroded {o.erode} times, FA threshold {o.fa:g}; "
                                f"{o.sfwm:g}% single-fibre WM, {o.gm:g}% GM and {o.csf:g}% CSF voxels kept), as "
