@@ -30,28 +30,31 @@ BLOCK = 32
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _append(gram, active, k, ridge, chol) -> bool:
-    """Grow the factor of the first ``k`` active constraints by the one in ``active[k]``."""
+def _append(gram, active, k, ridge, chol, inv_diag) -> bool:
+    """Grow the factor of the first ``k`` active constraints by the one in ``active[k]``, and ``inv_diag`` (the
+    reciprocals of its diagonal, by which every solve multiplies: no division in a chain of dependent steps)."""
     ak = active[k]
     s_diag = gram[ak, ak] + ridge
     for j in range(k):
         s = gram[ak, active[j]]
         for p in range(j):
             s -= chol[k, p] * chol[j, p]
-        s /= chol[j, j]
+        s *= inv_diag[j]
         chol[k, j] = s
         s_diag -= s * s
     if s_diag <= 1e-14 * (gram[ak, ak] + ridge):
         return False
     chol[k, k] = np.sqrt(s_diag)
+    inv_diag[k] = 1.0 / chol[k, k]
     return True
 
 
 @njit(cache=True, fastmath=True)
-def _delete(chol, k, r, work) -> None:
+def _delete(chol, k, r, work, inv_diag) -> None:
     """Remove row and column ``r`` from the factor of a k×k matrix: the rows below move up one and their
     trailing block takes a rank-one update with the removed column (Givens rotations, stable, O((k−r)²)).
-    Row by row, so that every access is along a row; ``work`` holds 3·k scratch values."""
+    Row by row, so that every access is along a row; ``work`` holds 4·k scratch values. The rotated diagonal
+    entries' reciprocals go to ``inv_diag``."""
     n = k - r - 1
     for i in range(n):
         work[i] = chol[r + 1 + i, r]
@@ -64,34 +67,40 @@ def _delete(chol, k, r, work) -> None:
             target[j - 1] = source[j]
     cosines = work[n:2 * n]
     sines = work[2 * n:3 * n]
+    inverse_cosines = work[3 * n:4 * n]
     for i in range(n):
         row = chol[r + i]
         w_i = work[i]
         for j in range(i):
-            value = (row[r + j] + sines[j] * w_i) / cosines[j]
+            value = (row[r + j] + sines[j] * w_i) * inverse_cosines[j]
             w_i = cosines[j] * w_i - sines[j] * value
             row[r + j] = value
         d = row[r + i]
         radius = np.sqrt(d * d + w_i * w_i)
-        cosines[i] = radius / d
-        sines[i] = w_i / d
+        inverse_d = 1.0 / d
+        cosines[i] = radius * inverse_d
+        inverse_radius = 1.0 / radius
+        inverse_cosines[i] = d * inverse_radius
+        sines[i] = w_i * inverse_d
         row[r + i] = radius
+        inv_diag[r + i] = inverse_radius
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _solve(chol, k, rhs, forward, valid, out) -> None:
-    """out = (L Lᵀ)⁻¹ rhs for the first ``k`` entries. ``forward`` holds w = L⁻¹ rhs, of which the first ``valid``
-    entries are still right (rows of L and entries of rhs above them unchanged): only the others are recomputed."""
+def _solve(chol, k, rhs, forward, valid, out, inv_diag) -> None:
+    """out = (L Lᵀ)⁻¹ rhs for the first ``k`` entries (``inv_diag``: 1 / L's diagonal). ``forward`` holds
+    w = L⁻¹ rhs, of which the first ``valid`` entries are still right (rows of L and entries of rhs above them
+    unchanged): only the others are recomputed."""
     for i in range(valid, k):
         s = rhs[i]
         for p in range(i):
             s -= chol[i, p] * forward[p]
-        forward[i] = s / chol[i, i]
+        forward[i] = s * inv_diag[i]
     for i in range(k):
         out[i] = forward[i]
     # Lᵀ x = w by columns of Lᵀ (rows of L): each step reads one row contiguously
     for i in range(k - 1, -1, -1):
-        out[i] /= chol[i, i]
+        out[i] *= inv_diag[i]
         value = out[i]
         row = chol[i]
         for p in range(i):
@@ -120,7 +129,8 @@ def _constraint_values(c_u, gram, active, k, lam, c) -> None:
 
 
 @njit(cache=True, fastmath=True)
-def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs, forward, z, c, in_set, work):
+def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs, forward, z, c, in_set, work,
+             inv_diag):
     """Lawson–Hanson on the dual of one voxel, from λ = 0. Fills ``lam`` (all constraints); returns (status,
     iterations). Every voxel starts cold, so that its result does not depend on its neighbours."""
     m = c_u.size
@@ -145,7 +155,7 @@ def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs
             return NOT_CONVERGED, iterations
         iterations += 1
         active[k] = worst
-        if not _append(gram, active, k, ridge, chol):
+        if not _append(gram, active, k, ridge, chol, inv_diag):
             # linearly dependent on the active set (within rounding): nothing more to gain
             return OK, iterations
         in_set[worst] = True
@@ -153,7 +163,7 @@ def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs
         while True:
             for i in range(valid, k):
                 rhs[i] = -c_u[active[i]]
-            _solve(chol, k, rhs, forward, valid, z)
+            _solve(chol, k, rhs, forward, valid, z, inv_diag)
             valid = k
             feasible = True
             for i in range(k):
@@ -182,7 +192,7 @@ def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs
                     in_set[a] = False
                     if a == worst:
                         removed_new = True
-                    _delete(chol, k, i, work)
+                    _delete(chol, k, i, work, inv_diag)
                     for p in range(i + 1, k):
                         active[p - 1] = active[p]
                         z[p - 1] = z[p]
@@ -226,7 +236,8 @@ def solve_msmt(signals, whiten_data, constraints, gram, unwhiten, ridge, max_ite
         z = np.zeros(m)
         c = np.zeros(m)
         in_set = np.zeros(m, dtype=np.bool_)
-        work = np.empty(3 * m)
+        work = np.empty(4 * m)
+        inv_diag = np.empty(m)
         y = np.zeros((stop - start, n))
         for v in range(stop - start):
             finite = True
@@ -243,7 +254,7 @@ def solve_msmt(signals, whiten_data, constraints, gram, unwhiten, ridge, max_ite
             for p in range(n):
                 scale += y_u[v, p] * y_u[v, p]
             st, it = _project(c_u[v], gram, ridge, max_iterations, tolerance * np.sqrt(scale), lam, active, chol,
-                              rhs, forward, z, c, in_set, work)
+                              rhs, forward, z, c, in_set, work, inv_diag)
             status[start + v] = st
             iterations[start + v] = it
             for p in range(n):
