@@ -161,11 +161,11 @@ def mrtrix_tensor_fa(data: np.ndarray, gtab: GradientTable, mask: np.ndarray,
                      n_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """FA and principal direction as MRtrix3's ``dwi2tensor | tensor2metric -fa -vector -modulate none``: the
     tensor fit of ``dwi2tensor`` (:class:`~dwiflow.core.tensor.TensorModel` ``IWLS``, every finite solution kept,
-    on ``n_threads`` threads); FA from the eigenvalues as they are (no clipping; it can exceed 1 in noisy voxels),
-    0 where the fit failed."""
+    flagged or not, on ``n_threads`` threads); FA from the eigenvalues as they are (no clipping; it can exceed 1 in
+    noisy voxels), 0 where the fit failed."""
     from dwiflow.core.tensor import TensorModel, lower_triangular_to_matrix
 
-    fit = TensorModel(gtab, fit_method="IWLS", checks=False).fit(data, mask, n_threads=n_threads)
+    fit = TensorModel(gtab, fit_method="IWLS", keep_flagged_values=True).fit(data, mask, n_threads=n_threads)
     params = fit.lower_triangular[mask]
     finite = np.all(np.isfinite(params), axis=1)
     params[~finite] = 0.0

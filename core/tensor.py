@@ -305,10 +305,10 @@ class TensorModel:
         as dwi2tensor, 0 and 1 both leave the first fit.
     ols_start : bool
         ``IWLS``: the first fit unweighted (dwi2tensor's ``-ols``) instead of weighted by the measured signal.
-    checks : bool
-        Flag the voxels a tensor cannot describe (status NO_SIGNAL, SIGNAL_ABOVE_B0, and NON_PHYSICAL for a negative
-        ``IWLS`` eigenvalue) and give them NaN. False keeps every finite solution as it comes out, as dwi2tensor
-        writes it: for steps that must see MRtrix3's values (dhollander's FA).
+    keep_flagged_values : bool
+        Voxels a tensor cannot describe get a status (NO_SIGNAL, SIGNAL_ABOVE_B0; NON_PHYSICAL for a negative
+        ``IWLS`` eigenvalue) and, by default, NaN. True keeps their finite solutions, as dwi2tensor writes them
+        (the status still says what is wrong): for steps that must see MRtrix3's values (dhollander's FA).
     """
 
     def __init__(
@@ -320,11 +320,11 @@ class TensorModel:
         wls_iterations: int = 1,
         iterations: int = DEFAULT_IWLS_ITERATIONS,
         ols_start: bool = False,
-        checks: bool = True,
+        keep_flagged_values: bool = False,
     ) -> None:
         check_fit_arguments(fit_method, iterations, min_signal)
         self.iterations, self.ols_start = int(iterations), bool(ols_start)
-        self.checks = bool(checks)
+        self.keep_flagged_values = bool(keep_flagged_values)
         if chunk_size < 1:
             raise DwiflowInputError(f"chunk_size must be >= 1, got {chunk_size!r}")
         if int(wls_iterations) != wls_iterations or wls_iterations < 1:
@@ -355,10 +355,9 @@ class TensorModel:
         status = np.zeros(signal.shape[0], dtype=np.uint8)
         finite = np.all(np.isfinite(signal), axis=1)
         status[~finite] = FitStatus.NONFINITE_INPUT
-        if self.checks:
-            positive = np.any(signal > 0, axis=1)
-            status[finite & ~positive] = FitStatus.NO_SIGNAL
-            status[finite & positive & signal_above_b0(signal, self.gtab.b0s_mask)] = FitStatus.SIGNAL_ABOVE_B0
+        positive = np.any(signal > 0, axis=1)
+        status[finite & ~positive] = FitStatus.NO_SIGNAL
+        status[finite & positive & signal_above_b0(signal, self.gtab.b0s_mask)] = FitStatus.SIGNAL_ABOVE_B0
         sig = np.where(finite[:, None], signal, 1.0)
         if self.fit_method == "IWLS":
             return self._fit_iwls(sig, status)
@@ -375,11 +374,13 @@ class TensorModel:
         return _solve_stacked(symmetric_matrices(distinct, 7), (squared_weights * log_s) @ self._x, status)
 
     def _in_units(self, beta: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Parameters in their units; a voxel whose solution is not finite gets SINGULAR and NaN."""
+        """Parameters in their units; a voxel whose solution is not finite gets SINGULAR and NaN, a flagged one NaN
+        (unless ``keep_flagged_values``)."""
         beta = beta / self._scale
-        bad = (status != FitStatus.OK) | ~np.all(np.isfinite(beta), axis=1)
-        status[bad & (status == FitStatus.OK)] = FitStatus.SINGULAR
-        beta[bad] = np.nan
+        not_finite = ~np.all(np.isfinite(beta), axis=1)
+        status[not_finite & (status == FitStatus.OK)] = FitStatus.SINGULAR
+        drop = not_finite if self.keep_flagged_values else not_finite | (status != FitStatus.OK)
+        beta[drop] = np.nan
         return beta, status
 
     def _fit_iwls(self, sig: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -414,7 +415,7 @@ class TensorModel:
             params[sl], status[sl] = self._fit_batch(batch.signal(sl))
 
         run_chunks(fit_chunk, nvox, self.chunk_size, n_threads)
-        if self.fit_method == "IWLS" and self.checks:
+        if self.fit_method == "IWLS":
             # a negative diffusivity is not physical (MRtrix3 writes it; DIPY clips it): status 8 and NaN. A
             # symmetric matrix has a negative eigenvalue exactly when one of its principal minors is negative
             xx, xy, yy, xz, yz, zz = params[:, :6].T
@@ -422,7 +423,8 @@ class TensorModel:
                                xx * (yy * zz - yz * yz) - xy * (xy * zz - yz * xz) + xz * (xy * yz - yy * xz)], axis=1)
             negative = (status == FitStatus.OK) & np.any(minors < 0, axis=1)
             status[negative] = FitStatus.NON_PHYSICAL
-            params[negative] = np.nan
+            if not self.keep_flagged_values:
+                params[negative] = np.nan
         s0 = np.exp(params[:, 6])
         return TensorFit(
             s0=scatter(s0, batch),

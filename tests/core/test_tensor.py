@@ -90,9 +90,10 @@ def test_the_fit_does_not_depend_on_memory_layout_voxel_order_or_threads(fit_met
     assert relative < 1e-12
 
 
-def test_without_checks_every_finite_solution_is_kept_as_dwi2tensor_writes_it():
-    """``checks=False`` (dhollander's FA, as MRtrix3's dwi2tensor): a voxel whose diffusion-weighted signal exceeds
-    its b=0 and a tensor with a negative eigenvalue are fitted, not flagged; every other voxel is bit-identical."""
+def test_flagged_voxels_can_keep_their_values_as_dwi2tensor_writes_them():
+    """``keep_flagged_values`` (dhollander's FA, as MRtrix3's dwi2tensor): a voxel whose diffusion-weighted signal
+    exceeds its b=0 and a tensor with a negative eigenvalue keep their fitted values (by default NaN), with the same
+    status; every other voxel is bit-identical."""
     gtab = acquisition_scheme("single")
     ph = make_phantom(gtab, (5, 4, 3), n_fibres=1, snr=30, seed=3)
     data = ph.data.copy()
@@ -101,13 +102,14 @@ def test_without_checks_every_finite_solution_is_kept_as_dwi2tensor_writes_it():
     quadratic = np.einsum("ni,ij,nj->n", gtab.bvecs, negative, gtab.bvecs)
     data[3, 1, 2] = 800.0 * np.exp(-gtab.bvals * quadratic)
     checked = TensorModel(gtab, fit_method="IWLS").fit(data)
-    raw = TensorModel(gtab, fit_method="IWLS", checks=False).fit(data)
+    raw = TensorModel(gtab, fit_method="IWLS", keep_flagged_values=True).fit(data)
     assert checked.status[1, 2, 0] == FitStatus.SIGNAL_ABOVE_B0 and checked.status[3, 1, 2] == FitStatus.NON_PHYSICAL
-    assert np.all(raw.status == FitStatus.OK) and np.all(np.isfinite(raw.lower_triangular))
+    assert np.all(np.isnan(checked.lower_triangular[[1, 3], [2, 1], [0, 2]]))
+    assert np.array_equal(raw.status, checked.status) and np.all(np.isfinite(raw.lower_triangular))
     elements = raw.lower_triangular[3, 1, 2]  # DIPY order: xx, xy, yy, xz, yz, zz
     assert np.allclose(elements, [1.5e-3, 0, 0.4e-3, 0, 0, -0.2e-3], rtol=0, atol=1e-9)
     others = checked.status == FitStatus.OK
-    assert others.sum() == others.size - 2
+    assert others.sum() == others.size - 2 and np.all(np.isfinite(checked.lower_triangular[others]))
     assert np.array_equal(raw.lower_triangular[others], checked.lower_triangular[others])
 
 
