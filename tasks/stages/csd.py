@@ -120,7 +120,7 @@ STAGES = (
                                    required=False, flag=True)),
         outputs=(Output("fod", "the FOD (SH coefficients)", cli="positional", metavar="OUT_FOD"),
                  Output("status", "the per-voxel status map", cli="flag")),
-        provides={"fod": "fod"}, fod_priority=30, threads=True, check_data=check_csd_data,
+        provides={"fod": "fod"}, fod_priority=30, threads=True, compiled=True, check_data=check_csd_data,
         data_warnings=csd_data_warnings,
     ),
 )

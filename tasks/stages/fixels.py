@@ -128,7 +128,7 @@ STAGES = (
           methods=lambda o: ("FODs were segmented into fixels with the FMLS algorithm as in MRtrix3's fod2fixel, "
                              "and apparent fibre density was computed per fixel"),
           references=("smith2013", "raffelt2012"),
-          options=FixelsOptions, run=run_fixels, threads=True,
+          options=FixelsOptions, run=run_fixels, threads=True, compiled=True,
           inputs=(Input("fod", "FOD", "FOD (SH image, MRtrix3 or descoteaux07 basis per its sidecar)"),
                   Input("mask", "MASK", "voxels to segment", required=False, flag=True)),
           outputs=(Output("fixels", "the fixel directory", cli="positional", metavar="OUT_DIR", folder=True),

@@ -113,7 +113,7 @@ STAGES = (
                  Output("gm", "the GM ODF (l=0 term)", cli="flag"),
                  Output("csf", "the CSF ODF (l=0 term)", cli="flag"),
                  Output("status", "the per-voxel status map", cli="flag")),
-        provides={"fod": "wm", "gm": "gm", "csf": "csf"}, fod_priority=35, threads=True,
+        provides={"fod": "wm", "gm": "gm", "csf": "csf"}, fod_priority=35, threads=True, compiled=True,
         check_data=check_msmt_csd_data, progress="voxels", conflicts=("csd",),
     ),
 )

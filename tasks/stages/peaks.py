@@ -97,7 +97,7 @@ STAGES = (
         description="Local maxima of the FOD on a dense sphere, refined to sub-degree accuracy (as MRtrix3's "
                     "sh2peaks); with --subtract-psf, peaks after the first are the maxima left after subtracting the "
                     "deconvolution's fitted image of each fibre found.",
-        options=PeaksOptions, run=run_peaks,
+        options=PeaksOptions, run=run_peaks, compiled=True,
         inputs=(Input("fod", "FOD", "FOD (SH image, MRtrix3 basis)"),
                 Input("mask", "MASK", "voxels to search (default: all)", required=False, flag=True)),
         outputs=(Output("peaks", "the peaks", cli="positional", metavar="OUT_PEAKS"),),

@@ -369,7 +369,7 @@ RESPONSE = StageGroup(
                      Output("voxels", "the voxels selected for each tissue (CSF, GM, WM volumes)", cli="flag",
                             metavar="OUT_IMAGE")),
             provides={"response_wm": "wm", "response_gm": "gm", "response_csf": "csf"},
-            check_data=check_dhollander_data, threads=True,
+            check_data=check_dhollander_data, threads=True, compiled=True,
             methods=lambda o: ("White-matter, grey-matter and CSF response functions were estimated with the "
                                f"dhollander algorithm (brain mask eroded {o.erode} times, FA threshold {o.fa:g}; "
                                f"{o.sfwm:g}% single-fibre WM, {o.gm:g}% GM and {o.csf:g}% CSF voxels kept), as "

@@ -196,3 +196,36 @@ def test_collector_settings_only_in_a_process_of_its_own(phantom_dir, capsys):
              "except SystemExit as end:\n    print(end.code, gc.get_threshold())")
     result = subprocess.run([sys.executable, "-c", probe, phantom_dir["bval"]], capture_output=True, text=True)
     assert result.stdout.strip().splitlines()[-1] == "0 (20000, 20, 1000)", result.stderr
+
+
+def test_numba_set_up_on_a_thread_changes_no_bit_of_a_kernel_called_at_once(tmp_path):
+    """A compiled stage starts numba's set-up on a thread (registry.prepare_compiler_in_background) while it reads
+    its data; a kernel called before the set-up is done waits for it. In fresh processes: CSD on a phantom called
+    right after the thread starts equals CSD in a process without it, bit for bit, and the thread has ended."""
+    script = """
+import sys, numpy as np
+from dwiflow.core.sims import acquisition_scheme, make_phantom
+from dwiflow.core.response import tensor_response_zonal
+gtab = acquisition_scheme("single")
+phantom = make_phantom(gtab, (6, 5, 4), n_fibres=(1, 2), snr=20, seed=5)
+thread = None
+if sys.argv[2] == "thread":
+    from dwiflow.tasks.registry import prepare_compiler_in_background
+    thread = prepare_compiler_in_background()
+from dwiflow.core.csd import CsdModel
+shell = float(gtab.bvals.max())
+response = tensor_response_zonal(np.array(phantom.evals), phantom.s0, np.array([shell]), [8])
+fit = CsdModel(gtab, response, shell=shell).fit(phantom.data)
+if thread is not None:
+    thread.join(60)
+    assert not thread.is_alive()
+np.save(sys.argv[1], fit.sh)
+"""
+    results = {}
+    for mode in ("thread", "plain"):
+        out = tmp_path / f"{mode}.npy"
+        done = subprocess.run([sys.executable, "-c", script, str(out), mode], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        results[mode] = np.load(out)
+    assert np.isfinite(results["plain"]).all() and np.abs(results["plain"]).max() > 0
+    assert np.array_equal(results["thread"], results["plain"])
