@@ -115,8 +115,8 @@ class Stage:
     # tasks.methods.REFERENCES; a function of the options when they depend on them)
     methods: Callable[[Any], str] | None = None
     references: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
-    # the stage's numba kernels call SciPy's BLAS: load it before limiting the BLAS threads (numpy-only stages,
-    # False, skip loading SciPy's linear algebra, ~0.35 s of a command)
+    # the stage's numba kernels call SciPy's BLAS: load it before limiting the BLAS threads (False: numpy-only stages,
+    # and stages whose kernels call no BLAS, skip loading SciPy's linear algebra here, ~0.1-0.35 s of a command)
     scipy_blas: bool = True
     # the stage always runs numba kernels: numba's one-time set-up starts on a thread as the stage starts
     # (prepare_compiler_in_background)

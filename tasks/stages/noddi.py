@@ -82,6 +82,6 @@ STAGES = (
         inputs=DWI_INPUTS + (Input("mask", "MASK", "voxels to fit (default: every voxel with signal)", required=False,
                                    flag=True),),
         outputs=tuple(Output(name, f"the {text} map", cli="flag") for name, text in _HELP.items()),
-        check_data=check_noddi_data, threads=True, compiled=True, progress="voxels",
+        check_data=check_noddi_data, scipy_blas=False, threads=True, compiled=True, progress="voxels",
     ),
 )
