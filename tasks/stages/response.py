@@ -303,12 +303,12 @@ def check_response_data(data, options) -> None:
 
 
 def _method(method: str, summary: str, description: str, options, run, inputs=None, outputs=_OUTPUTS,
-            pipeline: bool = True, methods=None, references=()) -> Stage:
+            pipeline: bool = True, methods=None, references=(), compiled: bool = False) -> Stage:
     return Stage(name="response", method=method, order=30, title="Response function", summary=summary,
                  description=description, options=options, run=run,
                  inputs=inputs if inputs is not None else DWI_INPUTS + (_MASK,), outputs=outputs,
                  provides={"response": "response"}, pipeline=pipeline, check_data=check_response_data,
-                 methods=methods, references=references)
+                 methods=methods, references=references, compiled=compiled)
 
 
 RESPONSE = StageGroup(
@@ -336,7 +336,7 @@ RESPONSE = StageGroup(
                             methods=lambda o: ("A single-fibre response function was estimated by iterating CSD and "
                                                f"the selection of the {o.sf_voxels} most single-fibre-like voxels, as "
                                                "MRtrix3's dwi2response tournier"),
-                            references=("tournier2013", "mrtrix3")),
+                            references=("tournier2013", "mrtrix3"), compiled=True),
         "tax": _method("tax", "recursive calibration (Tax 2014; DIPY recursive_response)",
                        "Iterate DIPY-style CSD from a fat tensor response, keeping voxels whose second peak is below "
                        "peak_thr of the first, ending in amp2response (b=0 and the shell). A --mask here is the "
@@ -344,7 +344,7 @@ RESPONSE = StageGroup(
                        methods=lambda o: ("A single-fibre response function was estimated by recursive calibration "
                                           f"(second-to-first peak ratio below {o.peak_thr:g}), as DIPY's "
                                           "recursive_response"),
-                       references=("tax2014", "dipy")),
+                       references=("tax2014", "dipy"), compiled=True),
         "amp2response": _method(
             "amp2response", "MRtrix3 amp2response from a single-fibre mask and directions",
             "Constrained least squares over all selected voxels at once (Smith, Dhollander & Connelly): one problem "
