@@ -163,7 +163,7 @@ def mrtrix_tensor_fa(data: np.ndarray, gtab: GradientTable, mask: np.ndarray,
     tensor fit of ``dwi2tensor`` (:class:`~dwiflow.core.tensor.TensorModel` ``IWLS``, every finite solution kept,
     flagged or not, on ``n_threads`` threads); FA from the eigenvalues as they are (no clipping; it can exceed 1 in
     noisy voxels), 0 where the fit failed."""
-    from dwiflow.core.tensor import TensorModel, lower_triangular_to_matrix
+    from dwiflow.core.tensor import TensorModel, fractional_anisotropy, lower_triangular_to_matrix
 
     fit = TensorModel(gtab, fit_method="IWLS", keep_flagged_values=True).fit(data, mask, n_threads=n_threads)
     params = fit.lower_triangular[mask]
@@ -171,9 +171,7 @@ def mrtrix_tensor_fa(data: np.ndarray, gtab: GradientTable, mask: np.ndarray,
     params[~finite] = 0.0
     evals, evecs = np.linalg.eigh(lower_triangular_to_matrix(params))
     with np.errstate(all="ignore"):
-        fa = np.sqrt(0.5 * ((evals[:, 0] - evals[:, 1]) ** 2 + (evals[:, 1] - evals[:, 2]) ** 2
-                            + (evals[:, 2] - evals[:, 0]) ** 2) / np.sum(evals ** 2, axis=1))
-    fa = np.where(finite, np.nan_to_num(fa), 0.0)
+        fa = np.where(finite, np.nan_to_num(fractional_anisotropy(evals)), 0.0)
     fa_map = np.zeros(mask.shape)
     fa_map[mask] = fa
     vectors = np.zeros(mask.shape + (3,))
