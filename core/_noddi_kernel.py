@@ -34,9 +34,8 @@ def _add_shell(series: np.ndarray, blocks: np.ndarray, rows_used: np.ndarray, s:
         for u in range(n_terms):
             weight += blocks[s, t, u] * series[s, u, j]
         if weight != 0.0:
-            row = series[s, t]
             for a in range(n_atoms):
-                out[a] += row[a] * weight
+                out[a] = out[a] + series[s, t, a] * weight
 
 
 @njit(cache=True, nogil=True)
@@ -48,11 +47,10 @@ def _gram_column(series: np.ndarray, blocks: np.ndarray, rows_used: np.ndarray, 
     the scale only."""
     n_shells, n_atoms = series.shape[0], series.shape[2]
     if not shared_known[j]:
-        column = shared[j]
         for a in range(n_atoms):
-            column[a] = 0.0
+            shared[j, a] = 0.0
         for s in range(1, n_shells):
-            _add_shell(series, blocks, rows_used, s, j, column)
+            _add_shell(series, blocks, rows_used, s, j, shared[j])
         shared_known[j] = True
     for a in range(n_atoms):
         out[a] = shared[j, a]
@@ -62,7 +60,7 @@ def _gram_column(series: np.ndarray, blocks: np.ndarray, rows_used: np.ndarray, 
         out[a] *= scale[a] * scale[j]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline='always')
 def _passive_solution(gram: np.ndarray, known: np.ndarray, series: np.ndarray, blocks: np.ndarray,
                       rows_used: np.ndarray, first_shell: int, scale: np.ndarray, shared: np.ndarray,
                       shared_known: np.ndarray, index: np.ndarray, aty: np.ndarray, lambda1: float,
@@ -88,7 +86,7 @@ def _passive_solution(gram: np.ndarray, known: np.ndarray, series: np.ndarray, b
     return out, True
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline='always')
 def _settle(gram, known, series, blocks, rows_used, first_shell, scale, shared, shared_known, aty, lambda1, lambda2,
             x, passive, entering, max_iter) -> bool:
     """Lawson and Hanson's inner loop: solve on the passive set; while a weight would turn negative, step from x
@@ -155,13 +153,13 @@ def nonnegative_elastic_net(series: np.ndarray, blocks: np.ndarray, rows_used: n
                 lambda2, x, passive, -1, max_iter)
     gradient = np.empty(n)
     for _ in range(max_iter):
-        gradient[:] = aty
+        for j in range(n):
+            gradient[j] = aty[j]
         for p in range(n):
             if x[p] != 0.0:
                 weight = x[p]
-                column = gram[p]
                 for j in range(n):
-                    gradient[j] -= column[j] * weight
+                    gradient[j] = gradient[j] - gram[p, j] * weight
         best, best_value = -1, tolerance
         for j in range(n):
             if allowed[j] and not passive[j] and not blocked[j]:
@@ -180,15 +178,24 @@ def nonnegative_elastic_net(series: np.ndarray, blocks: np.ndarray, rows_used: n
 
 
 @njit(cache=True, nogil=True)
-def _legendre_even(x: float, n_terms: int, out: np.ndarray) -> None:
-    """P_0, P_2, …, P_{2(n_terms-1)} at x (recurrence over every degree)."""
-    previous, current = 1.0, x
-    out[0] = 1.0
+def _legendre_even(cosines: np.ndarray, n_terms: int, previous: np.ndarray, current: np.ndarray,
+                   out: np.ndarray) -> None:
+    """P_0, P_2, …, P_{2(n_terms-1)} (rows of ``out``) at every cosine (columns), by the recurrence over every
+    degree; ``previous`` and ``current`` are work arrays. The recurrence runs along the cosines for each degree,
+    so that its divisions run side by side instead of in one dependent chain per cosine."""
+    n = cosines.size
+    for m in range(n):
+        previous[m] = 1.0
+        current[m] = cosines[m]
+        out[0, m] = 1.0
     for degree in range(2, 2 * n_terms - 1):
-        following = ((2 * degree - 1) * x * current - (degree - 1) * previous) / degree
-        previous, current = current, following
+        for m in range(n):
+            following = ((2 * degree - 1) * cosines[m] * current[m] - (degree - 1) * previous[m]) / degree
+            previous[m] = current[m]
+            current[m] = following
         if degree % 2 == 0:
-            out[degree // 2] = current
+            for m in range(n):
+                out[degree // 2, m] = current[m]
 
 
 @njit(cache=True, parallel=True)
@@ -225,7 +232,10 @@ def fit_voxels(signal: np.ndarray, directions: np.ndarray, gradients: np.ndarray
     out = np.full((n_voxels, 3), np.nan)
     n_blocks = (n_voxels + 63) // 64
     for worker in prange(n_threads):
-        legendre = np.empty((n_meas, n_terms))
+        legendre = np.empty((n_terms, n_meas))
+        cosines = np.empty(n_meas)
+        previous = np.empty(n_meas)
+        current = np.empty(n_meas)
         blocks = np.empty((n_shells, n_terms, n_terms))
         projections = np.empty((n_shells, n_terms))
         aty_all = np.empty(n_atoms)
@@ -250,15 +260,15 @@ def fit_voxels(signal: np.ndarray, directions: np.ndarray, gradients: np.ndarray
                 projections[:] = 0.0
                 largest = 1.0
                 for m in range(n_meas):
-                    cosine = (gradients[m, 0] * directions[v, 0] + gradients[m, 1] * directions[v, 1]
-                              + gradients[m, 2] * directions[v, 2])
-                    values = legendre[m]
-                    _legendre_even(cosine, n_terms, values)
+                    cosines[m] = (gradients[m, 0] * directions[v, 0] + gradients[m, 1] * directions[v, 1]
+                                  + gradients[m, 2] * directions[v, 2])
+                _legendre_even(cosines, n_terms, previous, current, legendre)
+                for m in range(n_meas):
                     s = shell_of[m]
                     for t in range(n_terms):
-                        projections[s, t] += values[t] * y[m]
+                        projections[s, t] += legendre[t, m] * y[m]
                         for u in range(t, n_terms):
-                            blocks[s, t, u] += values[t] * values[u]
+                            blocks[s, t, u] += legendre[t, m] * legendre[u, m]
                     largest = max(largest, abs(y[m]))
                 for s in range(n_shells):
                     for t in range(n_terms):
@@ -268,9 +278,8 @@ def fit_voxels(signal: np.ndarray, directions: np.ndarray, gradients: np.ndarray
                 for s in range(n_shells):
                     for t in range(n_terms):
                         weight = projections[s, t]
-                        row = series[s, t]
                         for a in range(n_atoms):
-                            aty_all[a] += row[a] * weight
+                            aty_all[a] = aty_all[a] + series[s, t, a] * weight
                 known_all[:] = False
                 known_sparse[:] = False
                 shared_known[:] = False
@@ -286,14 +295,13 @@ def fit_voxels(signal: np.ndarray, directions: np.ndarray, gradients: np.ndarray
                         target = max(y[m] - first[n_wm] * isotropic[s], 0.0)
                         largest_target = max(largest_target, target)
                         for t in range(n_terms):
-                            projections[s, t] += legendre[m, t] * target
+                            projections[s, t] += legendre[t, m] * target
                 aty_sparse[:] = 0.0
                 for s in range(1, n_shells):
                     for t in range(n_terms):
                         weight = projections[s, t]
-                        row = series[s, t]
                         for a in range(n_atoms):
-                            aty_sparse[a] += row[a] * weight
+                            aty_sparse[a] = aty_sparse[a] + series[s, t, a] * weight
                 for a in range(n_atoms):
                     aty_sparse[a] *= scaled[a]
                 sparse = nonnegative_elastic_net(series, blocks, rows_used, 1, scaled, aty_sparse, lambda1, lambda2,
