@@ -10,6 +10,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -74,6 +75,18 @@ def _check_complete(img: nib.Nifti1Image, size: int, what: str, p: Path) -> None
         raise DwiflowInputError(f"{what} {p} is truncated: its header describes {needed} bytes, the file holds {size}")
 
 
+GZIP_ERRORS = (igzip.BadGzipFile, isal_zlib.error, EOFError)
+
+
+def _gzip_error(exc: Exception, what: str, p: Path) -> DwiflowInputError:
+    """The one-line error for a gzip stream that cannot be read whole."""
+    if "Not a gzipped file" in str(exc):
+        return DwiflowInputError(f"cannot read {what} {p}: not a gzip-compressed file, although its name ends in .gz")
+    reason = "truncated" if isinstance(exc, EOFError) else "corrupt"
+    detail = "CRC check failed" if "CRC check failed" in str(exc) else _short(exc)
+    return DwiflowInputError(f"{what} {p} is {reason}: its gzip stream cannot be read whole ({detail})")
+
+
 def load_image(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
     """Load a NIfTI image whole and checked, turning every way it can be unreadable into a one-line input error.
 
@@ -86,14 +99,8 @@ def load_image(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
         if p.name.endswith(".gz"):
             try:
                 data = igzip.decompress(p.read_bytes())
-            except (igzip.BadGzipFile, isal_zlib.error, EOFError) as exc:
-                if "Not a gzipped file" in str(exc):
-                    raise DwiflowInputError(f"cannot read {what} {p}: not a gzip-compressed file, although its name "
-                                            "ends in .gz") from None
-                reason = "truncated" if isinstance(exc, EOFError) else "corrupt"
-                detail = "CRC check failed" if "CRC check failed" in str(exc) else _short(exc)
-                raise DwiflowInputError(f"{what} {p} is {reason}: its gzip stream cannot be read whole "
-                                        f"({detail})") from None
+            except GZIP_ERRORS as exc:
+                raise _gzip_error(exc, what, p) from None
             img = _nifti_from_bytes(data, what, p)
             _check_complete(img, len(data), what, p)
         else:
@@ -204,6 +211,63 @@ def load_gradients(
 _last_dwi: dict[tuple[int, ...], tuple[np.ndarray, nib.Nifti1Header]] = {}
 
 
+def _read_into(stream, view: memoryview, chunk: int = 1 << 20) -> int:
+    """Fill ``view`` from ``stream``, ``chunk`` bytes at a time (a gzip reader decompresses a request into a new
+    buffer of its size first); the number of bytes read (fewer only at the stream's end)."""
+    done = 0
+    while done < len(view):
+        count = stream.readinto(view[done:done + chunk])
+        if not count:
+            break
+        done += count
+    return done
+
+
+def _stream_unscaled_gz(p: Path, what: str) -> tuple[np.ndarray, nib.Nifti1Header] | None:
+    """A ``.nii.gz`` image whose values are stored unscaled in this machine's byte order, decompressed straight into
+    its array: the image is held once, not also as decompressed bytes and their growing buffers (reading a DWI whole
+    otherwise peaks at two to three times its size). The stream is read to its end, so a bad CRC or a truncated
+    stream is an error as in :func:`load_image`. None when the image needs nibabel's path (scaling, another byte
+    order, not a NIfTI header)."""
+    try:
+        with igzip.open(p, "rb") as stream:
+            head = bytearray(540)  # a NIfTI-2 header; a NIfTI-1 header (348 bytes) and the start of what follows
+            head = head[:_read_into(stream, memoryview(head))]
+            header = None
+            for header_class in (nib.Nifti1Header, nib.Nifti2Header):
+                try:
+                    header = header_class.from_fileobj(BytesIO(bytes(head)), check=True)
+                    break
+                except Exception:  # not this format (or not a NIfTI header: nibabel's path says so)
+                    continue
+            if header is None:
+                return None
+            slope, inter = header.get_slope_inter()
+            dtype = np.dtype(header.get_data_dtype())
+            if slope not in (None, 1.0) or inter not in (None, 0.0) or not dtype.isnative or dtype.hasobject:
+                return None
+            shape = header.get_data_shape()
+            offset = int(header.get_data_offset())
+            values = np.empty(int(np.prod(shape, dtype=np.int64)), dtype=dtype)
+            target = memoryview(values).cast("B")
+            filled = max(0, min(len(head) - offset, len(target)))
+            target[:filled] = head[offset:offset + filled]
+            skip = max(0, offset - len(head))  # extensions beyond the first 540 bytes
+            skipped = _read_into(stream, memoryview(bytearray(skip))) if skip else 0
+            filled += _read_into(stream, target[filled:]) if skipped == skip else 0
+            if filled < len(target):
+                raise DwiflowInputError(f"{what} {p} is truncated: its header describes {offset + len(target)} "
+                                        f"bytes, the file holds {offset + filled}")
+            while stream.read(1 << 20):  # the rest, to the trailer's CRC and length
+                pass
+    except GZIP_ERRORS as exc:
+        raise _gzip_error(exc, what, p) from None
+    except OSError as exc:
+        raise DwiflowInputError(f"cannot read {what} {p}: {_short(exc)}") from None
+    values.flags.writeable = False
+    return values.reshape(shape, order="F"), header
+
+
 def _file_identity(path: Path) -> tuple[int, ...]:
     """Device, inode, size, modification and change times: any write to the file (or its replacement) changes it;
     the change time cannot be set back."""
@@ -233,16 +297,19 @@ def load_dwi(
         data, header = _last_dwi[identity]
     else:
         _last_dwi.clear()  # the earlier array is freed before the next one is read
-        img = load_image(path, "DWI")
-        if len(img.shape) != 4:
+        streamed = _stream_unscaled_gz(path, "DWI") if path.name.endswith(".gz") else None
+        if streamed is None:
+            img = load_image(path, "DWI")
+            data, header = np.asanyarray(img.dataobj), img.header
+        else:
+            data, header = streamed
+        if data.ndim != 4:
             raise DwiflowInputError(
-                f"DWI {dwi} must be 4D (x, y, z, volumes), but it is {len(img.shape)}D with shape {img.shape}"
+                f"DWI {dwi} must be 4D (x, y, z, volumes), but it is {data.ndim}D with shape {data.shape}"
             )
-        data = np.asanyarray(img.dataobj)
         if not np.issubdtype(data.dtype, np.floating):
             data = data.astype(np.float32)
         data.flags.writeable = False
-        header = img.header
         _last_dwi[identity] = (data, header)
     affine = header.get_best_affine()
     gtab = load_gradients(

@@ -73,6 +73,38 @@ def test_corrupt_and_truncated_gzip_are_errors(case, capsys):
     _refused(argv[:1] + [short] + argv[2:], capsys, case["dir"], "is truncated: its header describes")
 
 
+def test_a_compressed_dwi_is_read_as_nibabel_reads_it_without_a_second_copy(tmp_path):
+    """load_dwi on .nii.gz files holds exactly nibabel's values (unscaled float32, scaled integers, big-endian
+    floats), read-only; and reads unscaled float32 straight into the array: its peak allocation stays below 1.5
+    times the image (decompressing to bytes, then an array from them, peaks at two to three times)."""
+    import tracemalloc
+
+    from dwiflow.tasks.io import _last_dwi, load_dwi
+
+    g = acquisition_scheme("multi")
+    data = make_phantom(g, (32, 32, 16), snr=30, seed=4).data
+    bval, bvec = write_gradients(tmp_path / "dwi", g.bvals, world_to_fsl_bvecs(g.bvecs, AFFINE).T)
+    scaled = nib.Nifti1Image(np.round(data).astype(np.int16), AFFINE)
+    scaled.header.set_slope_inter(0.5, 3.0)
+    for name, img in (("plain", nib.Nifti1Image(data.astype(np.float32), AFFINE)), ("scaled", scaled),
+                      ("big_endian", nib.Nifti1Image(data.astype(">f4"), AFFINE))):
+        path = tmp_path / f"{name}.nii.gz"
+        nib.save(img, path)
+        _last_dwi.clear()
+        tracemalloc.start()
+        run = load_dwi(path, bval, bvec)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        expected = np.asanyarray(nib.load(path).dataobj)
+        if not np.issubdtype(expected.dtype, np.floating):
+            expected = expected.astype(np.float32)
+        assert run.data.dtype == expected.dtype.newbyteorder("=") and np.array_equal(run.data, expected), name
+        assert not run.data.flags.writeable, name
+        if name == "plain":
+            assert peak < 1.5 * run.data.nbytes, (peak, run.data.nbytes)
+    _last_dwi.clear()
+
+
 def test_all_outputs_or_none_on_a_full_disk(case, capsys, monkeypatch):
     """ENOSPC while writing the second map: nothing is published and no temporary file is left."""
     import dwiflow.tasks.io as io
