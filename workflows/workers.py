@@ -4,7 +4,8 @@ Pydra's ``cf`` worker runs tasks in a ``ProcessPoolExecutor``; when the dwiflow 
 (SIGKILL leaves no chance to clean up) its worker processes are re-parented and go on computing.
 :class:`LocalProcessWorker` starts every worker process with the kernel's parent-death signal set
 (``PR_SET_PDEATHSIG``, Linux) and a watchdog thread (elsewhere, and as a second guard), so a worker
-ends when its parent does; on SIGINT/SIGTERM the pool is killed instead of drained.
+ends when its parent does; the worker processes ignore SIGINT/SIGTERM, on which dwiflow kills the pool instead of
+draining it.
 """
 
 from __future__ import annotations
@@ -85,6 +86,15 @@ def die_with_parent() -> None:
     threading.Thread(target=watch, name="dwiflow-parent-watch", daemon=True).start()
 
 
+def start_pool_process() -> None:
+    """Set up a worker process of the pool: it ignores SIGINT and SIGTERM, which dwiflow handles (a Ctrl-C reaches
+    the whole process group; the handlers a forked process inherits would raise KeyboardInterrupt in it, and an idle
+    worker would print that traceback before dwiflow kills it), and it ends with its parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent()
+
+
 @attrs.define
 class LocalProcessWorker(ConcurrentFuturesWorker):
     """Pydra's ``cf`` worker whose processes end with their parent and are killed, not drained, on interruption."""
@@ -94,7 +104,7 @@ class LocalProcessWorker(ConcurrentFuturesWorker):
 
     @pool.default
     def _pool_default(self) -> cf.ProcessPoolExecutor:
-        return cf.ProcessPoolExecutor(self.n_procs, initializer=die_with_parent)
+        return cf.ProcessPoolExecutor(self.n_procs, initializer=start_pool_process)
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)

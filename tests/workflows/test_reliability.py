@@ -222,6 +222,30 @@ def test_a_signal_inside_an_asyncio_task_prints_no_traceback(name):
     assert run.stderr == f"interrupted by SIG{name}\n"
 
 
+IDLE_POOL_WORKER_SIGNALLED = """
+import os, signal, time
+from dwiflow.workflows.workers import LocalProcessWorker, install_signal_handlers
+install_signal_handlers()  # dwiflow's process: its handlers are what a forked worker inherits
+worker = LocalProcessWorker(n_procs=1)
+assert worker.pool.submit(os.getpid).result() != os.getpid()  # the worker process exists and is idle
+process = next(iter(worker.pool._processes.values()))
+os.kill(process.pid, signal.SIG{name})  # as a Ctrl-C or a scheduler's SIGTERM to the whole process group
+time.sleep(1.0)
+print("alive" if process.is_alive() else "dead")
+worker.kill()
+"""
+
+
+@pytest.mark.parametrize("name", ["INT", "TERM"])
+def test_an_idle_pool_worker_ignores_the_signal_that_dwiflow_handles(name):
+    """A Ctrl-C reaches every process of the group, also the cf worker's idle processes; with the handlers they
+    inherit from dwiflow they raised KeyboardInterrupt and printed its traceback before dwiflow killed them (the
+    kill matrix, by timing). They ignore SIGINT and SIGTERM: dwiflow itself kills them."""
+    run = subprocess.run([sys.executable, "-c", IDLE_POOL_WORKER_SIGNALLED.format(name=name)], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout == "alive\n" and run.stderr == "", run.stderr
+
+
 # ------------------------------------------------------------------------------------------------ damaged cache, stale input
 def test_damaged_cache_results_are_recomputed(small, tmp_path):
     """Garbage, truncated and interrupted-looking results, and a workflow result replaced by text: all are cache
