@@ -19,6 +19,27 @@ def test_median_otsu_mask_agrees_with_the_shipped_brain_mask(run):
     assert dice > 0.85
 
 
+@pytest.mark.parametrize("size", [(9, 9, 9), (3, 5, 1), (1, 9, 3), (7, 1, 1), (1, 1, 1)])
+def test_median_filter_equals_scipys(size):
+    """The compiled median filter gives scipy.ndimage.median_filter's values (mode "nearest", as DIPY's median_otsu
+    filters) on continuous values, on values with many ties, on an image smaller than the window, and on the mean
+    b=0 image of real data."""
+    from scipy import ndimage
+
+    from dwiflow.core.mask import mean_b0, median_filter
+
+    rng = np.random.default_rng(3)
+    images = [rng.normal(size=(14, 11, 9)), rng.integers(0, 4, size=(10, 12, 7)).astype(float), rng.random((3, 2, 4))]
+    if size == (9, 9, 9):  # median_otsu's window, on a whole-brain run (Siemens, sub-02)
+        paths = real_run("sub-02_dir-AP")
+        run = load_dwi(paths["dwi"], paths["bval"], paths["bvec"])
+        images.append(np.nan_to_num(mean_b0(run.data, run.gtab)))
+    for image in images:
+        assert np.array_equal(median_filter(image, size), ndimage.median_filter(image, size=size, mode="nearest"))
+    with pytest.raises(ValueError, match="odd window widths"):
+        median_filter(images[0], (4, 3, 3))
+
+
 def test_otsu_separates_two_populations():
     rng = np.random.default_rng(0)
     values = np.concatenate([rng.normal(10, 1, 1000), rng.normal(50, 3, 500)])

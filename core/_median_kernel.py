@@ -1,0 +1,105 @@
+"""Compiled exact 3-D median filter of :mod:`dwiflow.core.mask` (numba, parallel over the first axis).
+
+Kept in its own module so that ``import dwiflow.core`` never imports numba; compiled on first use, cached on disk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+import dwiflow.core._numba_setup  # noqa: F401  (fork-safe threading layer)
+
+
+@njit(cache=True, parallel=True)
+def median_filter_nearest(image: np.ndarray, size_x: int, size_y: int, size_z: int) -> np.ndarray:
+    """Median of every size_x × size_y × size_z window of a C-ordered 3-D image of finite values, edges replicated
+    (scipy.ndimage.median_filter with ``mode="nearest"``, the same values); the window's voxel count must be odd.
+
+    A window is the union of its size_z planes (one per z), and every plane is the union of size_x segments along y.
+    Each segment is sorted once (and serves size_x × size_z windows), each plane is merged from its segments once
+    (and serves size_z windows along z), and the median is the middle element of the union of the window's sorted
+    planes: with m planes and k elements still to pass over, the ⌊k/m⌋ smallest remaining of the plane whose
+    ⌊k/m⌋-th remaining element is smallest all lie among the k smallest (at most m·⌊k/m⌋ elements are not larger),
+    so they are passed over together. Per voxel this costs a few hundred comparisons, not a selection among all
+    the window's values.
+    """
+    nx, ny, nz = image.shape
+    rx, ry, rz = size_x // 2, size_y // 2, size_z // 2
+    plane_n = size_x * size_y
+    kth = plane_n * size_z // 2
+    segments = np.empty((nx, ny, nz, size_y))
+    for x in prange(nx):
+        for j in range(ny):
+            for z in range(nz):
+                segment = segments[x, j, z]
+                for b in range(size_y):  # insertion sort of size_y values
+                    value = image[x, min(max(j - ry + b, 0), ny - 1), z]
+                    position = b
+                    while position > 0 and segment[position - 1] > value:
+                        segment[position] = segment[position - 1]
+                        position -= 1
+                    segment[position] = value
+    out = np.empty_like(image)
+    for i in prange(nx):
+        planes = np.empty((nz, plane_n))
+        merged = np.empty(plane_n)
+        plane_of = np.empty(size_z, dtype=np.int64)
+        passed = np.empty(size_z, dtype=np.int64)
+        for j in range(ny):
+            for z in range(nz):
+                plane = planes[z]
+                first = segments[min(max(i - rx, 0), nx - 1), j, z]
+                for b in range(size_y):
+                    plane[b] = first[b]
+                length = size_y
+                for a in range(1, size_x):
+                    segment = segments[min(max(i - rx + a, 0), nx - 1), j, z]
+                    for p in range(length):
+                        merged[p] = plane[p]
+                    p, q, o = 0, 0, 0
+                    while p < length and q < size_y:
+                        if segment[q] < merged[p]:
+                            plane[o] = segment[q]
+                            q += 1
+                        else:
+                            plane[o] = merged[p]
+                            p += 1
+                        o += 1
+                    while p < length:
+                        plane[o] = merged[p]
+                        p += 1
+                        o += 1
+                    while q < size_y:
+                        plane[o] = segment[q]
+                        q += 1
+                        o += 1
+                    length += size_y
+            for k in range(nz):
+                for d in range(size_z):
+                    plane_of[d] = min(max(k - rz + d, 0), nz - 1)
+                    passed[d] = 0
+                remaining = kth
+                while remaining >= size_z:
+                    step = remaining // size_z
+                    best, best_value = -1, np.inf
+                    for d in range(size_z):
+                        if passed[d] + step <= plane_n:
+                            value = planes[plane_of[d], passed[d] + step - 1]
+                            if best < 0 or value < best_value:
+                                best, best_value = d, value
+                    passed[best] += step
+                    remaining -= step
+                while True:
+                    best, best_value = -1, np.inf
+                    for d in range(size_z):
+                        if passed[d] < plane_n:
+                            value = planes[plane_of[d], passed[d]]
+                            if best < 0 or value < best_value:
+                                best, best_value = d, value
+                    if remaining == 0:
+                        out[i, j, k] = best_value
+                        break
+                    passed[best] += 1
+                    remaining -= 1
+    return out
