@@ -17,12 +17,12 @@ def median_filter_nearest(image: np.ndarray, size_x: int, size_y: int, size_z: i
     (scipy.ndimage.median_filter with ``mode="nearest"``, the same values); the window's voxel count must be odd.
 
     A window is the union of its size_z planes (one per z), and every plane is the union of size_x segments along y.
-    Each segment is sorted once (and serves size_x × size_z windows), each plane is merged from its segments once
-    (and serves size_z windows along z), and the median is the middle element of the union of the window's sorted
-    planes: with m planes and k elements still to pass over, the ⌊k/m⌋ smallest remaining of the plane whose
-    ⌊k/m⌋-th remaining element is smallest all lie among the k smallest (at most m·⌊k/m⌋ elements are not larger),
-    so they are passed over together. Per voxel this costs a few hundred comparisons, not a selection among all
-    the window's values.
+    Each segment is sorted once (and serves size_x × size_z windows); along x, a plane follows from the previous
+    one by one merge pass that drops the segment leaving and takes in the one entering (each plane serves size_z
+    windows along z); and the median is the middle element of the union of the window's sorted planes: with m
+    planes and k elements still to pass over, the ⌊k/m⌋ smallest remaining of the plane whose ⌊k/m⌋-th remaining
+    element is smallest all lie among the k smallest (at most m·⌊k/m⌋ elements are not larger), so they are passed
+    over together. Per voxel this costs a few hundred comparisons, not a selection among all the window's values.
     """
     nx, ny, nz = image.shape
     rx, ry, rz = size_x // 2, size_y // 2, size_z // 2
@@ -41,14 +41,41 @@ def median_filter_nearest(image: np.ndarray, size_x: int, size_y: int, size_z: i
                         position -= 1
                     segment[position] = value
     out = np.empty_like(image)
-    for i in prange(nx):
+    for j in prange(ny):
         planes = np.empty((nz, plane_n))
         merged = np.empty(plane_n)
         plane_of = np.empty(size_z, dtype=np.int64)
         passed = np.empty(size_z, dtype=np.int64)
-        for j in range(ny):
+        for i in range(nx):
+            leaving = min(max(i - 1 - rx, 0), nx - 1)
+            entering = min(max(i + rx, 0), nx - 1)
             for z in range(nz):
                 plane = planes[z]
+                if i > 0:
+                    if leaving == entering:
+                        continue
+                    # the plane of the previous i, less its first segment, plus the new last one: one merge pass
+                    for p in range(plane_n):
+                        merged[p] = plane[p]
+                    old = segments[leaving, j, z]
+                    new = segments[entering, j, z]
+                    q_old, q_new, o = 0, 0, 0
+                    for p in range(plane_n):
+                        value = merged[p]
+                        if q_old < size_y and value == old[q_old]:
+                            q_old += 1
+                            continue
+                        while q_new < size_y and new[q_new] < value:
+                            plane[o] = new[q_new]
+                            q_new += 1
+                            o += 1
+                        plane[o] = value
+                        o += 1
+                    while q_new < size_y:
+                        plane[o] = new[q_new]
+                        q_new += 1
+                        o += 1
+                    continue
                 first = segments[min(max(i - rx, 0), nx - 1), j, z]
                 for b in range(size_y):
                     plane[b] = first[b]
