@@ -231,6 +231,11 @@ def optimal_threshold(image: np.ndarray) -> float:
     return float(x1 if f1 < f2 else x2)
 
 
+# dwi2mask's shell means are computed a slab of x at a time, about this many samples per slab (memory: a few times
+# this in float64, whatever the image's size)
+MEAN_IMAGE_VOXELS = 4_000_000
+
+
 def mrtrix3_dwi2mask(data: np.ndarray, gtab: GradientTable, clean_scale: int = 2) -> np.ndarray:
     """MRtrix3 3.0's ``dwi2mask``: every shell's mean image (b=0 included) thresholded at its optimal threshold,
     the union median-filtered, its largest component kept and its holes filled, then peninsulas wider than their
@@ -245,17 +250,21 @@ def mrtrix3_dwi2mask(data: np.ndarray, gtab: GradientTable, clean_scale: int = 2
     if clean_scale < 0:
         raise DwiflowInputError(f"clean_scale must be >= 0, got {clean_scale}", parameters=("clean_scale",))
     union = np.zeros(data.shape[:3], dtype=bool)
+    slab = max(1, MEAN_IMAGE_VOXELS // max(1, int(np.prod(data.shape[1:]))))
     for shell in gtab.shells:
-        volumes = np.asarray(data[..., shell.indices], dtype=np.float32).astype(np.float64)
-        positive = np.where(volumes > 0, volumes, 0.0)  # NaN compares False: left out, as MRtrix3 does
-        shell_image = (positive.sum(axis=-1) / shell.count).astype(np.float32)
+        shell_image = np.empty(data.shape[:3], dtype=np.float32)
+        for start in range(0, data.shape[0], slab):  # a slab of x at a time: the copies stay small
+            volumes = np.asarray(data[start:start + slab][..., shell.indices], dtype=np.float32).astype(np.float64)
+            positive = np.where(volumes > 0, volumes, 0.0)  # NaN compares False: left out, as MRtrix3 does
+            shell_image[start:start + slab] = positive.sum(axis=-1) / shell.count
         union |= shell_image > np.float32(optimal_threshold(shell_image))
     mask = _largest_component(_binary_median(union))
     mask = ~_largest_component(~mask)  # holes: background not connected to the largest background component
     if clean_scale > 0:
         mask = _mask_clean(mask, clean_scale)
-        samples = np.asarray(data)
-        mask &= np.any(np.isfinite(samples) & (samples != 0), axis=-1)
+        for start in range(0, data.shape[0], slab):
+            samples = np.asarray(data[start:start + slab])
+            mask[start:start + slab] &= np.any(np.isfinite(samples) & (samples != 0), axis=-1)
     return mask
 
 

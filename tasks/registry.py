@@ -118,9 +118,9 @@ class Stage:
     # the stage's numba kernels call SciPy's BLAS: load it before limiting the BLAS threads (False: numpy-only stages,
     # and stages whose kernels call no BLAS, skip loading SciPy's linear algebra here, ~0.1-0.35 s of a command)
     scipy_blas: bool = True
-    # the stage always runs numba kernels: numba's one-time set-up starts on a thread as the stage starts
-    # (prepare_compiler_in_background)
-    compiled: bool = False
+    # the stage runs numba kernels (always, or with the options for which this function is true): numba's one-time
+    # set-up starts on a thread as the stage starts (prepare_compiler_in_background)
+    compiled: bool | Callable[[Any], bool] = False
 
     @property
     def label(self) -> str:
@@ -196,7 +196,8 @@ class Stage:
                 raise DwiflowInputError(f"output {name} {path} is a file, not a folder")
         retain_freed_memory()
         with single_threaded_blas(self.scipy_blas):  # the same bits whatever the thread count (see README)
-            preparing = prepare_compiler_in_background() if self.compiled else None
+            compiled = self.compiled(options) if callable(self.compiled) else self.compiled
+            preparing = prepare_compiler_in_background() if compiled else None
             try:
                 return self.run(dict(files), dict(outputs), options, context or RunContext())
             finally:

@@ -87,6 +87,7 @@ STAGES = (
                     "given with --mask-dir replaces it.",
         options=MaskOptions, run=run_mask, inputs=DWI_INPUTS,
         outputs=(Output("mask", "the brain mask", cli="positional", metavar="OUT"),),
-        provides={"mask": "mask"}, always=True, check_data=check_mask_data, threads=True, compiled=True,
+        provides={"mask": "mask"}, always=True, check_data=check_mask_data, threads=True,
+        compiled=lambda o: o.method == "median-otsu",
     ),
 )
