@@ -28,11 +28,12 @@ def median_filter_nearest(image: np.ndarray, size_x: int, size_y: int, size_z: i
     rx, ry, rz = size_x // 2, size_y // 2, size_z // 2
     plane_n = size_x * size_y
     kth = plane_n * size_z // 2
-    segments = np.empty((nx, ny, nz, size_y))
-    for x in prange(nx):
-        for j in range(ny):
+    out = np.empty_like(image)
+    for j in prange(ny):
+        segments = np.empty((nx, nz, size_y))  # the windows of this j only read the segments centred on it
+        for x in range(nx):
             for z in range(nz):
-                segment = segments[x, j, z]
+                segment = segments[x, z]
                 for b in range(size_y):  # insertion sort of size_y values
                     value = image[x, min(max(j - ry + b, 0), ny - 1), z]
                     position = b
@@ -40,8 +41,6 @@ def median_filter_nearest(image: np.ndarray, size_x: int, size_y: int, size_z: i
                         segment[position] = segment[position - 1]
                         position -= 1
                     segment[position] = value
-    out = np.empty_like(image)
-    for j in prange(ny):
         planes = np.empty((nz, plane_n))
         merged = np.empty(plane_n)
         plane_of = np.empty(size_z, dtype=np.int64)
@@ -57,8 +56,8 @@ def median_filter_nearest(image: np.ndarray, size_x: int, size_y: int, size_z: i
                     # the plane of the previous i, less its first segment, plus the new last one: one merge pass
                     for p in range(plane_n):
                         merged[p] = plane[p]
-                    old = segments[leaving, j, z]
-                    new = segments[entering, j, z]
+                    old = segments[leaving, z]
+                    new = segments[entering, z]
                     q_old, q_new, o = 0, 0, 0
                     for p in range(plane_n):
                         value = merged[p]
@@ -76,12 +75,12 @@ def median_filter_nearest(image: np.ndarray, size_x: int, size_y: int, size_z: i
                         q_new += 1
                         o += 1
                     continue
-                first = segments[min(max(i - rx, 0), nx - 1), j, z]
+                first = segments[min(max(i - rx, 0), nx - 1), z]
                 for b in range(size_y):
                     plane[b] = first[b]
                 length = size_y
                 for a in range(1, size_x):
-                    segment = segments[min(max(i - rx + a, 0), nx - 1), j, z]
+                    segment = segments[min(max(i - rx + a, 0), nx - 1), z]
                     for p in range(length):
                         merged[p] = plane[p]
                     p, q, o = 0, 0, 0
