@@ -608,6 +608,16 @@ def bench_dki(n_voxels: int, constrained_voxels: int, repeats: int, workdir: Pat
     return rows
 
 
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean masks (0 when both are empty)."""
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+def _mask_of(path: Path) -> np.ndarray:
+    """A mask image's voxels, as booleans."""
+    return nib.load(path).get_fdata() > 0
+
+
 DIPY_MEDIAN_OTSU_SCRIPT = """
 import sys, numpy as np, nibabel as nib
 from dipy.segment.mask import median_otsu
@@ -629,25 +639,21 @@ def bench_mask(repeats: int, workdir: Path) -> list[dict]:
         return []
     dwi, bval, bvec = f"{base}.nii.gz", f"{base}.bval", f"{base}.bvec"
     ours_out, dipy_out, mrtrix_out = workdir / "mask_o.nii.gz", workdir / "mask_d.nii.gz", workdir / "mask_m.nii.gz"
-
-    def dice(a: Path, b: Path) -> float:
-        x, y = nib.load(a).get_fdata() > 0, nib.load(b).get_fdata() > 0
-        return float(2 * (x & y).sum() / (x.sum() + y.sum()))
-
     rows = []
     voxels = int(np.prod(nib.load(dwi).shape[:3]))
     for threads in (1, 2):
         t_o = _whole_command([sys.executable, "-m", "dwiflow.cli.dwirecon", "mask", dwi, bval, bvec, str(ours_out),
                               "-q", "--nthreads", str(threads)], threads, repeats)
         t_d = _whole_command([sys.executable, "-c", DIPY_MEDIAN_OTSU_SCRIPT, dwi, bval, str(dipy_out)], threads, 1)
+        dice = _dice(_mask_of(ours_out), _mask_of(dipy_out))
         rows.append({"step": "mask", "peer": f"DIPY 1.12 median_otsu, script ({threads} thr.)", "voxels": voxels,
-                     "dwiflow_s": t_o, "peer_s": t_d, "accuracy": f"Dice with DIPY's {dice(ours_out, dipy_out):.3f}"})
+                     "dwiflow_s": t_o, "peer_s": t_d, "accuracy": f"Dice with DIPY's {dice:.3f}"})
         if shutil.which("dwi2mask"):
             t_m = _whole_command(["dwi2mask", "-quiet", "-force", "-nthreads", str(threads), dwi, "-fslgrad", bvec,
                                   bval, str(mrtrix_out)], threads, repeats)
+            dice = _dice(_mask_of(ours_out), _mask_of(mrtrix_out))
             rows.append({"step": "mask", "peer": f"MRtrix3 dwi2mask, another algorithm ({threads} thr.)",
-                         "voxels": voxels, "dwiflow_s": t_o, "peer_s": t_m,
-                         "accuracy": f"Dice with dwi2mask's {dice(ours_out, mrtrix_out):.3f}"})
+                         "voxels": voxels, "dwiflow_s": t_o, "peer_s": t_m, "accuracy": f"Dice with dwi2mask's {dice:.3f}"})
     return rows
 
 
@@ -850,9 +856,8 @@ def _dhollander_rows(dwi: Path, bval: Path, bvec: Path, mask: Path, workdir: Pat
         t_m = _whole_command(["dwi2response", "dhollander", "-quiet", "-force", "-nthreads", str(threads), str(dwi),
                               "-fslgrad", str(bvec), str(bval), *map(str, theirs_resp), "-mask", str(mask),
                               "-voxels", str(workdir / "m_vox.nii")], threads, 1)
-        a = nib.load(workdir / "o_vox.nii.gz").get_fdata() > 0
-        b = nib.load(workdir / "m_vox.nii").get_fdata() > 0
-        dice = [2 * (a[..., i] & b[..., i]).sum() / max(a[..., i].sum() + b[..., i].sum(), 1) for i in range(3)]
+        a, b = _mask_of(workdir / "o_vox.nii.gz"), _mask_of(workdir / "m_vox.nii")
+        dice = [_dice(a[..., i], b[..., i]) for i in range(3)]
         l0 = max(np.abs(load_response(o).coefficients[:, 0] / load_response(m).coefficients[:, 0] - 1).max()
                  for o, m in zip(ours_resp, theirs_resp))
         rows.append({"step": "dhollander", "peer": f"MRtrix3 dwi2response dhollander ({threads} thr.{label})",
@@ -1044,9 +1049,8 @@ def bench_msmt_spec(fov: tuple[int, int, int], workdir: Path, threads: int = 2) 
     ]
     t_m, mem_m = _timed_with_memory(theirs, threads)
     ours_mask = next(out.rglob("*_desc-brain_mask.nii.gz"))
-    a = nib.load(ours_mask).get_fdata() > 0
-    b = nib.load(m / "mask.nii.gz").get_fdata() > 0
-    dice = 2 * (a & b).sum() / (a.sum() + b.sum())
+    a, b = _mask_of(ours_mask), _mask_of(m / "mask.nii.gz")
+    dice = _dice(a, b)
     ours_fod = nib.load(next(out.rglob("*_param-fod_desc-wmnorm_dwimap.nii.gz"))).get_fdata()
     theirs_fod = nib.load(m / "wmfod_norm.nii.gz").get_fdata()
     both = a & b

@@ -11,6 +11,31 @@ from numba import njit, prange
 import dwiflow.core._numba_setup  # noqa: F401  (fork-safe threading layer)
 
 
+@njit(cache=True, inline="always")
+def _swap_segment(plane: np.ndarray, length: int, leaving: np.ndarray, n_leaving: int, entering: np.ndarray,
+                  scratch: np.ndarray) -> None:
+    """plane[:length] (sorted) less the first ``n_leaving`` values of ``leaving`` (sorted, all of them in it), plus
+    the values of ``entering`` (sorted), sorted, in place, in one merge pass."""
+    for p in range(length):
+        scratch[p] = plane[p]
+    q_leaving, q_entering, o = 0, 0, 0
+    for p in range(length):
+        value = scratch[p]
+        if q_leaving < n_leaving and value == leaving[q_leaving]:
+            q_leaving += 1
+            continue
+        while q_entering < entering.size and entering[q_entering] < value:
+            plane[o] = entering[q_entering]
+            q_entering += 1
+            o += 1
+        plane[o] = value
+        o += 1
+    while q_entering < entering.size:
+        plane[o] = entering[q_entering]
+        q_entering += 1
+        o += 1
+
+
 @njit(cache=True, parallel=True)
 def median_filter_nearest(image: np.ndarray, size_x: int, size_y: int, size_z: int) -> np.ndarray:
     """Median of every size_x × size_y × size_z window of a C-ordered 3-D image of finite values, edges replicated
@@ -51,56 +76,13 @@ def median_filter_nearest(image: np.ndarray, size_x: int, size_y: int, size_z: i
             for z in range(nz):
                 plane = planes[z]
                 if i > 0:
-                    if leaving == entering:
-                        continue
                     # the plane of the previous i, less its first segment, plus the new last one: one merge pass
-                    for p in range(plane_n):
-                        merged[p] = plane[p]
-                    old = segments[leaving, z]
-                    new = segments[entering, z]
-                    q_old, q_new, o = 0, 0, 0
-                    for p in range(plane_n):
-                        value = merged[p]
-                        if q_old < size_y and value == old[q_old]:
-                            q_old += 1
-                            continue
-                        while q_new < size_y and new[q_new] < value:
-                            plane[o] = new[q_new]
-                            q_new += 1
-                            o += 1
-                        plane[o] = value
-                        o += 1
-                    while q_new < size_y:
-                        plane[o] = new[q_new]
-                        q_new += 1
-                        o += 1
+                    if leaving != entering:
+                        _swap_segment(plane, plane_n, segments[leaving, z], size_y, segments[entering, z], merged)
                     continue
-                first = segments[min(max(i - rx, 0), nx - 1), z]
-                for b in range(size_y):
-                    plane[b] = first[b]
-                length = size_y
-                for a in range(1, size_x):
-                    segment = segments[min(max(i - rx + a, 0), nx - 1), z]
-                    for p in range(length):
-                        merged[p] = plane[p]
-                    p, q, o = 0, 0, 0
-                    while p < length and q < size_y:
-                        if segment[q] < merged[p]:
-                            plane[o] = segment[q]
-                            q += 1
-                        else:
-                            plane[o] = merged[p]
-                            p += 1
-                        o += 1
-                    while p < length:
-                        plane[o] = merged[p]
-                        p += 1
-                        o += 1
-                    while q < size_y:
-                        plane[o] = segment[q]
-                        q += 1
-                        o += 1
-                    length += size_y
+                for a in range(size_x):
+                    _swap_segment(plane, a * size_y, segments[0, 0], 0, segments[min(max(a - rx, 0), nx - 1), z],
+                                  merged)
             for k in range(nz):
                 for d in range(size_z):
                     plane_of[d] = min(max(k - rz + d, 0), nz - 1)

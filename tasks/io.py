@@ -67,10 +67,10 @@ def _nifti_from_bytes(data: bytes, what: str, p: Path) -> nib.Nifti1Image:
     raise DwiflowInputError(f"cannot read {what} {p}: not a NIfTI-1 or NIfTI-2 image")
 
 
-def _check_complete(img: nib.Nifti1Image, size: int, what: str, p: Path) -> None:
+def _check_complete(header: nib.Nifti1Header, size: int, what: str, p: Path) -> None:
     """The image holds every byte its header promises (a truncated file is an error, not zeros)."""
-    header = img.header
-    needed = int(header.get_data_offset()) + int(np.prod(img.shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+    needed = (int(header.get_data_offset())
+              + int(np.prod(header.get_data_shape(), dtype=np.int64)) * header.get_data_dtype().itemsize)
     if size < needed:
         raise DwiflowInputError(f"{what} {p} is truncated: its header describes {needed} bytes, the file holds {size}")
 
@@ -102,12 +102,12 @@ def load_image(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
             except GZIP_ERRORS as exc:
                 raise _gzip_error(exc, what, p) from None
             img = _nifti_from_bytes(data, what, p)
-            _check_complete(img, len(data), what, p)
+            _check_complete(img.header, len(data), what, p)
         else:
             img = nib.load(str(p))
             if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
                 raise DwiflowInputError(f"cannot read {what} {p}: not a NIfTI image")
-            _check_complete(img, p.stat().st_size, what, p)
+            _check_complete(img.header, p.stat().st_size, what, p)
     except DwiflowInputError:
         raise
     except Exception as exc:  # nibabel raises many types for unreadable files
@@ -255,9 +255,7 @@ def _stream_unscaled_gz(p: Path, what: str) -> tuple[np.ndarray, nib.Nifti1Heade
             skip = max(0, offset - len(head))  # extensions beyond the first 540 bytes
             skipped = _read_into(stream, memoryview(bytearray(skip))) if skip else 0
             filled += _read_into(stream, target[filled:]) if skipped == skip else 0
-            if filled < len(target):
-                raise DwiflowInputError(f"{what} {p} is truncated: its header describes {offset + len(target)} "
-                                        f"bytes, the file holds {offset + filled}")
+            _check_complete(header, offset + filled, what, p)
             while stream.read(1 << 20):  # the rest, to the trailer's CRC and length
                 pass
     except GZIP_ERRORS as exc:
