@@ -229,3 +229,39 @@ np.save(sys.argv[1], fit.sh)
         results[mode] = np.load(out)
     assert np.isfinite(results["plain"]).all() and np.abs(results["plain"]).max() > 0
     assert np.array_equal(results["thread"], results["plain"])
+
+
+def test_nthreads_reaches_numba_whether_or_not_it_is_imported_yet(phantom_dir, tmp_path):
+    """``--nthreads N`` in fresh processes (NUMBA_NUM_THREADS unset, every CPU available): a compiled stage (csd)
+    runs its kernels on N numba threads, numba imported by the stage itself; a numpy-only stage (tensor) never
+    imports numba for it; and in a process where numba is already imported the setting goes to numba directly."""
+    import os
+
+    assert main(["response", "fa", phantom_dir["dwi"], phantom_dir["bval"], phantom_dir["bvec"],
+                 str(tmp_path / "wm.txt"), "--erode", "0", "-q"]) == 0
+    probe = """
+import os, sys
+pre_import = sys.argv[1] == "numba-first"
+if pre_import:
+    import numba
+from dwiflow.cli.dwirecon import main
+code = main(sys.argv[2:])
+loaded = "numba" in sys.modules
+threads = __import__("numba").get_num_threads() if loaded else None
+print(code, loaded, threads, os.environ.get("NUMBA_NUM_THREADS"))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_NUM_THREADS"}
+    csd = ["csd", phantom_dir["dwi"], phantom_dir["bval"], phantom_dir["bvec"], str(tmp_path / "wm.txt"),
+           str(tmp_path / "fod.nii.gz"), "--nthreads", "1", "-q"]
+    tensor = ["tensor", phantom_dir["dwi"], phantom_dir["bval"], phantom_dir["bvec"], "--fa",
+              str(tmp_path / "fa.nii.gz"), "--nthreads", "1", "-q"]
+
+    def run(order, argv):
+        done = subprocess.run([sys.executable, "-c", probe, order, *argv], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert run("stage-first", csd) == ["0", "True", "1", "1"]
+    assert run("stage-first", tensor) == ["0", "False", "None", "1"]
+    code, loaded, threads, _ = run("numba-first", csd)
+    assert (code, loaded, threads) == ("0", "True", "1")
