@@ -26,6 +26,7 @@ Lawson C.L., Hanson R.J. Solving Least Squares Problems. Prentice-Hall (1974), c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,6 +38,9 @@ from dwiflow.core.sh import check_lmax, expand_per_degree, n_coefficients, real_
 from dwiflow.core.sphere import Sphere, sphere_vertices
 from dwiflow.core.status import FitStatus
 from dwiflow.core.voxels import VoxelBatch, VoxelFit, iter_chunks
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 DEFAULT_LMAX = 8
 DEFAULT_NORM_LAMBDA = 1e-10
@@ -73,10 +77,11 @@ class MsmtCsdFit(VoxelFit):
     iteration_rows: np.ndarray
     model: "MsmtCsdModel"
 
-    def tissue(self, index: int) -> np.ndarray:
-        """Tissue ``index``'s ODF coefficients (..., n_coefficients(lmax)); 0 outside the mask (as MRtrix3)."""
+    def tissue(self, index: int, dtype: npt.DTypeLike = np.float64) -> np.ndarray:
+        """Tissue ``index``'s ODF coefficients (..., n_coefficients(lmax)); 0 outside the mask (as MRtrix3). ``dtype``:
+        e.g. float32 for a file (no float64 image first: 200 MB less at the peak for a 2 mm brain's WM FOD)."""
         start, stop = self.model.parameter_slices[index]
-        return self.volume(self.coefficient_rows[:, start:stop], fill=0.0)
+        return self.volume(self.coefficient_rows[:, start:stop], fill=0.0, dtype=dtype)
 
     @property
     def tissues(self) -> list[np.ndarray]:

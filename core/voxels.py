@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from dwiflow.core.errors import DwiflowInputError
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 
 @dataclass
@@ -115,9 +118,10 @@ def run_chunks(work: Callable[[slice], None], n: int, chunk_size: int, n_threads
             pass
 
 
-def scatter(values: np.ndarray, batch: VoxelBatch, fill: float = 0) -> np.ndarray:
-    """Place per-voxel ``values`` (n_voxels, …) back into a volume shaped like the mask."""
-    out = np.full(batch.mask.shape + values.shape[1:], fill, dtype=values.dtype)
+def scatter(values: np.ndarray, batch: VoxelBatch, fill: float = 0, dtype: npt.DTypeLike | None = None) -> np.ndarray:
+    """Place per-voxel ``values`` (n_voxels, …) back into a volume shaped like the mask, of ``dtype`` (default:
+    the values'; e.g. float32 for a file, without a float64 volume first)."""
+    out = np.full(batch.mask.shape + values.shape[1:], fill, dtype=values.dtype if dtype is None else dtype)
     out[batch.index] = values
     return out
 
@@ -146,6 +150,6 @@ class VoxelFit:
         """Per-voxel status (uint8, the input's spatial shape; 0 outside the mask)."""
         return scatter(self.status_rows, self.batch, fill=np.uint8(0))
 
-    def volume(self, values: np.ndarray, fill=np.nan) -> np.ndarray:
-        """Per-voxel ``values`` (n_voxels, …) placed back into the image grid."""
-        return scatter(values, self.batch, fill)
+    def volume(self, values: np.ndarray, fill=np.nan, dtype: npt.DTypeLike | None = None) -> np.ndarray:
+        """Per-voxel ``values`` (n_voxels, …) placed back into the image grid (as ``dtype``: default the values')."""
+        return scatter(values, self.batch, fill, dtype)

@@ -338,11 +338,14 @@ GZIP_LEVEL = 1
 
 
 def save_nifti(img: nib.Nifti1Image | nib.Nifti2Image, path: str | os.PathLike) -> None:
-    """Write a NIfTI image; a ``.gz`` name is compressed with zlib (level 1, no timestamp in the header), so the
-    same image always gives the same bytes. Any gzip reader reads it."""
+    """Write a NIfTI image; a ``.gz`` name is compressed with zlib (level 1, no timestamp or name in the header), so
+    the same image always gives the same bytes. Any gzip reader reads it. The image is compressed as nibabel writes
+    it, a slab at a time: no uncompressed or compressed copy of the whole file is held in memory."""
     path = Path(path)
     if path.name.endswith(".gz"):
-        path.write_bytes(gzip.compress(img.to_bytes(), GZIP_LEVEL, mtime=0))
+        with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=raw,
+                                                    mtime=0) as stream:
+            img.to_stream(stream)
     else:
         nib.save(img, str(path))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import load_dwi, read_numbers
@@ -77,7 +78,7 @@ def run_msmt_csd(files, outputs, options: MsmtCsdOptions, context):
                                                        [float(round(s.bvalue)) for s in model.shells], files)
     sources = provenance(dwi, files["bval"], files["bvec"], *(files[f"response_{t}"] for t in tissues),
                          files.get("mask"), files.get("directions"))
-    volumes = {t: (lambda i=i: fit.tissue(i)) for i, t in enumerate(tissues)} | {"status": lambda: fit.status}
+    volumes = {t: (lambda i=i: fit.tissue(i, np.float32)) for i, t in enumerate(tissues)} | {"status": lambda: fit.status}
     return write_maps(STAGES[0], outputs, lambda name: volumes[name](), run.affine, params,
                       sources | {"TissueResponses": response_functions}, STATUS_CODES,
                       {t: {"SphericalHarmonicDegree": model.lmax[i]} for i, t in enumerate(tissues)}, per_output=own,

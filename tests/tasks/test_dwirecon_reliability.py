@@ -105,6 +105,29 @@ def test_a_compressed_dwi_is_read_as_nibabel_reads_it_without_a_second_copy(tmp_
     _last_dwi.clear()
 
 
+def test_a_compressed_output_is_written_a_slab_at_a_time_with_the_same_bytes_every_time(tmp_path):
+    """save_nifti on a .nii.gz name: a gzip file (no time stamp, no name) that decompresses to nibabel's bytes of the
+    image, the same bytes from two writes; compressed as it is written, so its peak allocation stays under a quarter
+    of the image (an uncompressed and a compressed copy of the file, as before, took 3.5 times the image)."""
+    import tracemalloc
+
+    from dwiflow.tasks.io import save_nifti
+
+    image = nib.Nifti1Image(np.random.default_rng(3).normal(size=(40, 40, 30, 45)).astype(np.float32), AFFINE)
+    paths = [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
+    tracemalloc.start()
+    save_nifti(image, paths[0])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    save_nifti(image, paths[1])
+    written = paths[0].read_bytes()
+    assert written == paths[1].read_bytes()
+    assert written[:2] == b"\x1f\x8b" and written[3] == 0 and written[4:8] == bytes(4)  # no name, mtime 0
+    assert gzip.decompress(written) == image.to_bytes()
+    assert np.array_equal(nib.load(paths[0]).get_fdata(dtype=np.float32), image.get_fdata(dtype=np.float32))
+    assert peak < 0.25 * image.dataobj.nbytes, (peak, image.dataobj.nbytes)
+
+
 def test_all_outputs_or_none_on_a_full_disk(case, capsys, monkeypatch):
     """ENOSPC while writing the second map: nothing is published and no temporary file is left."""
     import dwiflow.tasks.io as io
