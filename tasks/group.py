@@ -57,7 +57,7 @@ def group_summary(output_dir: Path, progress=say) -> Path:
         mask = nib.load(mask_path).get_fdata() > 0
         values: dict[str, Any] = {"run": label, "voxels_in_mask": str(int(mask.sum()))}
         for column, key, statistic in SUMMARY_METRICS:
-            path = find(output_filename(key, {}, {"fod_model": "*", "method": "*"}))
+            path = find(output_filename(key, {}, {"fod_model": "*", "method": "*", "tissue_model": "*"}))
             if path is None:
                 values[column] = "n/a"
                 continue
@@ -114,7 +114,7 @@ def _dataset_summary(output_dir: Path, summary_tsv: Path) -> Path:
     masks: dict[str, np.ndarray] = {}  # each run's mask, read once
     distributions = []
     for label, key, desc in DISTRIBUTION_METRICS:
-        name = output_filename(key, {}, {"fod_model": "*"})
+        name = output_filename(key, {}, {"fod_model": "*", "tissue_model": "*"})
         values = {}
         for run, mask_path in mask_paths.items():
             hits = sorted(mask_path.parent.glob(f"{run}_{name}"))

@@ -73,9 +73,16 @@ class ReconSpec:
                     best = name
         return best
 
+    def tissue_source(self) -> str | None:
+        """The multi-tissue deconvolution (the stage that provides a GM compartment, e.g. ``msmt_csd`` or
+        ``ss3t_csd``), whose model names the normalised tissue images."""
+        return next((name for name, configured in self.stages.items()
+                     if "gm" in configured.stage.provided(configured.options)), None)
+
     def naming(self) -> dict[str, str]:
         """Values of the configuration-dependent entities of output names (see ``bids_specs/outputs.yaml``)."""
-        return {"fod_model": self.fod_source() or "csd", "method": self.method("response") or ""}
+        return {"fod_model": self.fod_source() or "csd", "method": self.method("response") or "",
+                "tissue_model": self.tissue_source() or "msmt_csd"}
 
     def summary(self) -> dict[str, Any]:
         """Name, description and every stage's method and options (for reports)."""

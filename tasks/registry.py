@@ -303,6 +303,15 @@ def stages() -> dict[str, Entry]:
             if entry.name in found:
                 raise AssertionError(f"stage {entry.name!r} is declared twice")
             found[entry.name] = entry
+    # the FOD that feeds peaks and FOD metrics is the highest priority's: a tie would leave the choice to the
+    # order of a recon spec's stages
+    priorities: dict[int, str] = {}
+    for entry in found.values():
+        for stage in entry.methods.values() if isinstance(entry, StageGroup) else [entry]:
+            if stage.fod_priority is not None:
+                other = priorities.setdefault(stage.fod_priority, stage.name)
+                if other != stage.name:
+                    raise AssertionError(f"stages {other!r} and {stage.name!r} share FOD priority {stage.fod_priority}")
     return dict(sorted(found.items(), key=lambda item: item[1].order))
 
 

@@ -12,6 +12,7 @@ import yaml
 
 from dwiflow.cli.bidsapp import main
 from dwiflow.cli.dwirecon import main as dwirecon
+from dwiflow.tasks.registry import get as stage
 from tests.bep016 import dataset_problems, unneeded_bidsignore_entries, validator_errors
 
 SPEC = """
@@ -331,4 +332,18 @@ def test_ss3t_spec_on_single_shell_data_and_refused_on_multi_shell(tmp_path, cap
         assert (folder / f"sub-phantom_{name}_dwimap.nii.gz").is_file(), name
     sidecar = json.loads((folder / "sub-phantom_model-ss3tcsd_param-fod_desc-wm_dwimap.json").read_text())
     assert sidecar["Model"]["Parameters"]["Iterations"] == 3 and len(sidecar["ResponseFunction"]["Coefficients"]) == 2
+    # mtnormalise's images carry the deconvolution's model, and the peaks and FOD metrics come from the normalised
+    # WM FOD (as in the msmt spec), not from SS3T's own
+    normalised = folder / "sub-phantom_model-ss3tcsd_param-fod_desc-wmnorm_dwimap.nii.gz"
+    assert normalised.is_file() and not list(folder.glob("*model-msmtcsd_param-*"))
+    peaks = json.loads((folder / "sub-phantom_model-mtnormalise_param-peaks_dwimap.json").read_text())
+    assert peaks["Sources"][0].endswith(normalised.name), peaks["Sources"]
+    mask_name = "sub-phantom_desc-brain_mask.nii.gz"
+    mask = nib.load(folder / mask_name).get_fdata() > 0
+    in_run = np.nan_to_num(nib.load(folder / "sub-phantom_model-mtnormalise_param-peaks_dwimap.nii.gz").get_fdata())
+    for source, equal in (("wmnorm", True), ("wm", False)):  # the stage run on each FOD
+        direct = stage("peaks")({"peaks": tmp_path / f"peaks_{source}.nii.gz"}, mask=folder / mask_name,
+                                fod=folder / f"sub-phantom_model-ss3tcsd_param-fod_desc-{source}_dwimap.nii.gz")
+        same = np.allclose(in_run[mask], np.nan_to_num(nib.load(direct["peaks"]).get_fdata()[mask]), atol=1e-6)
+        assert same == equal, source
     assert dataset_problems(out) == {}
