@@ -32,6 +32,7 @@ class DataSummary:
     has_diffusion_times: bool
     mask_given: bool
     sidecar: dict[str, Any] = field(default_factory=dict)
+    shape: tuple[int, ...] = ()  # the image's spatial dimensions (empty when not known)
 
     @property
     def n_dw_shells(self) -> int:
@@ -57,15 +58,16 @@ def summarise(run_dwi: Path, run_bval: Path, run_bvec: Path, mask: Path | None) 
         raise DwiflowInputError(f"DWI {run_dwi} holds no signal (every value is zero or not finite)")
     if mask is not None:
         load_mask(mask, run.data.shape[:3], run.affine)
-    return summary_of(run.gtab, sidecar, mask is not None)
+    return summary_of(run.gtab, sidecar, mask is not None, run.data.shape[:3])
 
 
-def summary_of(gtab, sidecar: dict[str, Any] | None, mask_given: bool) -> DataSummary:
+def summary_of(gtab, sidecar: dict[str, Any] | None, mask_given: bool, shape: tuple[int, ...] = ()) -> DataSummary:
     """The :class:`DataSummary` of a run's gradient table and sidecar (what a stage's data checks look at)."""
     sidecar = sidecar if isinstance(sidecar, dict) else {}
     dw = tuple((float(s.bvalue), int(s.count)) for s in gtab.shells if not s.is_b0)
     return DataSummary(int(gtab.n_volumes), int(gtab.b0s_mask.sum()), dw,
-                       "LargeDelta" in sidecar and "SmallDelta" in sidecar, mask_given, sidecar)
+                       "LargeDelta" in sidecar and "SmallDelta" in sidecar, mask_given, sidecar,
+                       tuple(int(n) for n in shape))
 
 
 def stage_data_warnings(stage, data: DataSummary, options) -> list[str]:

@@ -287,14 +287,20 @@ def run_dhollander(files, outputs, options: DhollanderOptions, context):
 
 
 def check_dhollander_data(data, options) -> None:
+    from dwiflow.tasks.options import OptionError
+
     if not data.shells:
         raise DwiflowInputError("dhollander needs b=0 and at least one diffusion-weighted shell; this run has only "
                                 "b=0 volumes")
     if options.lmax is not None and len(options.lmax) != len(data.shells) + 1:
-        from dwiflow.tasks.options import OptionError
-
         raise OptionError(f"{{lmax}}: {len(options.lmax)} values but this run has {len(data.shells) + 1} b-values "
                           "(b=0 included)", "lmax")
+    if data.shape and options.erode > 0 and min(data.shape) < 2 * options.erode + 1:
+        # each pass also removes the image's outer layer, as MRtrix3's maskfilter erode does
+        raise OptionError(f"{{erode}}: {options.erode} erosions leave no voxel of a "
+                          f"{'x'.join(str(n) for n in data.shape)} image (each also removes the image's outer layer, "
+                          f"as MRtrix3's maskfilter erode); use erode 0 for data of fewer than "
+                          f"{2 * options.erode + 1} slices", "erode")
 
 
 def check_response_data(data, options) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 from scipy import ndimage
 
 from dwiflow.cli.bidsapp import default_work_dir, main
@@ -55,6 +56,25 @@ def test_data_warnings_before_anything_runs():
                      warnings=notes) == []
     assert any("SMT fits 2 kernel parameters to 2 shell means" in n for n in notes), notes
 
+
+def test_dhollander_erosion_of_thin_data_refused_before_anything_runs(tmp_path):
+    """dhollander's default 3 erosions leave nothing of two-slice data (each also removes the image's outer layer,
+    as MRtrix3's maskfilter erode, which leaves 0 of sub-01's 8865 mask voxels after one pass): the pre-flight says
+    so and names the option; with erode 0 the run passes."""
+    from dwiflow.tasks import recon_spec
+    from dwiflow.tasks.preflight import check_run
+    from dwiflow.tasks.recon_spec import load_recon_spec
+
+    paths = real_run("sub-01_acq-b1kb2k")
+    problems = check_run("b1kb2k", paths["dwi"], paths["bval"], paths["bvec"], paths["mask"], load_recon_spec("msmt"))
+    assert problems == ["b1kb2k: stage response: stages.response.options.erode: 3 erosions leave no voxel of a "
+                        "104x104x2 image (each also removes the image's outer layer, as MRtrix3's maskfilter erode); "
+                        "use erode 0 for data of fewer than 7 slices"], problems
+    spec = yaml.safe_load((Path(recon_spec.__file__).parent / "recon_specs" / "msmt.yaml").read_text())
+    spec["stages"]["response"]["options"] = {**spec["stages"]["response"].get("options", {}), "erode": 0}
+    (tmp_path / "thin.yaml").write_text(yaml.safe_dump(spec))
+    assert check_run("b1kb2k", paths["dwi"], paths["bval"], paths["bvec"], paths["mask"],
+                     load_recon_spec(str(tmp_path / "thin.yaml"))) == []
 
 @pytest.fixture(scope="module")
 def sessions(tmp_path_factory):
