@@ -10,6 +10,7 @@ outputs and a rerun resumes from Pydra's cache.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -350,6 +351,11 @@ def run_participant(
         # their jobs at once (slurm/sge). Failures are collected per run in phase 2, where finished runs are
         # cache hits and a failed run fails again with its own error.
         progress(f"[dwiflow] {len(runs)} runs submitted together ({worker_name} worker)")
+        # Pydra logs a failure of this graph ("Task execution failed", a crash-report path) on stderr; the runs'
+        # own errors are reported below, one line each
+        submitter_log = logging.getLogger("pydra.submitter")
+        level = submitter_log.level
+        submitter_log.setLevel(logging.CRITICAL)
         try:
             with Submitter(cache_root=work_dir / "cache", worker=fresh_worker(), clean_stale_locks=True,
                            **pydra_options) as submitter:
@@ -358,6 +364,8 @@ def run_participant(
             if interrupted():
                 raise KeyboardInterrupt from exc
             progress(f"[dwiflow]   some runs failed ({_last_line(str(exc)) or type(exc).__name__}); details per run follow")
+        finally:
+            submitter_log.setLevel(level)
     if hasattr(worker, "submit_jobs") and len(runs) > 1:
         # a cluster worker reports each run from the shared cache and the failures of phase 1; it does not
         # resubmit (a resubmission of the command recomputes what is missing)
@@ -535,8 +543,12 @@ def task_errors(cache: Path, since: float) -> list[tuple[str, str]]:
         except Exception as exc:  # an unreadable error file must not hide the others
             text = f"(could not read {path}: {exc})"
         found.append((_stage_of(path.parent), text))
-    # python tasks' own errors (named by their stage) are the most specific: put them last
-    return sorted(found, key=lambda item: (item[0].startswith("stage "), item[0]))
+    # the stages' own errors are the most specific: put them last (after those of the workflows around them, which
+    # only say that a node failed, whatever the names sort like)
+    from dwiflow.tasks.registry import stages
+
+    stage_nodes = {f"stage {name}" for name in (*stages(), "figures", "stage_derivatives")}
+    return sorted(found, key=lambda item: (item[0] in stage_nodes, item[0]))
 
 
 def run_group(output_dir: Path, progress=say) -> Path:

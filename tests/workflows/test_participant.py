@@ -147,7 +147,7 @@ def test_two_runs_of_one_subject_and_filter_file(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("worker", ["debug", "cf"])
-def test_failed_run_is_named_and_others_complete(dataset, tmp_path, capsys, worker):
+def test_failed_run_is_named_and_others_complete(dataset, tmp_path, capsys, caplog, worker):
     bids = tmp_path / "bids"
     shutil.copytree(dataset["bids"], bids)
     dwi = bids / "sub-two" / "dwi" / "sub-two_dir-AP_dwi.nii.gz"
@@ -163,9 +163,29 @@ def test_failed_run_is_named_and_others_complete(dataset, tmp_path, capsys, work
     assert "run sub-two_dir-AP failed" in err and "log:" in err
     # the stage and its own error, not "see output directory"
     assert "stage mask: " in err and "cannot threshold an image whose values are all equal" in err
+    # not Pydra's own log lines besides ("Task execution failed", a crash-report path)
+    assert not [r for r in caplog.records if r.levelno >= 30 and r.name.startswith("pydra")], caplog.records
     assert (out / "sub-two" / "dwi" / "sub-two_dir-PA_model-tensor_param-fa_dwimap.nii.gz").is_file()
     assert (out / "sub-phantom" / "dwi" / "sub-phantom_model-csd_param-fod_dwimap.nii.gz").is_file()
     assert not list((out / "sub-two" / "dwi").glob("sub-two_dir-AP_*"))
+
+
+def test_task_errors_name_the_stage_not_the_workflow_around_it(tmp_path):
+    """A run's one-line error is its failed stage's, whatever the names of the workflows around it sort like."""
+    import time
+    from types import SimpleNamespace
+
+    import cloudpickle
+
+    from dwiflow.workflows.recon import task_errors
+
+    for folder, node, message in (("a", "tensor", "the tensor's own error"), ("b", "run1", "node tensor failed"),
+                                  ("c", "AllRuns", "run1 failed"), ("d", "zzz_workflow", "run1 failed")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "_job.pklz").write_bytes(cloudpickle.dumps(SimpleNamespace(name=node)))
+        (tmp_path / folder / "_error.pklz").write_bytes(cloudpickle.dumps({"error message": [message]}))
+    found = task_errors(tmp_path, since=time.time() - 60)
+    assert found[-1] == ("stage tensor", "the tensor's own error") and len(found) == 4
 
 
 @pytest.mark.parametrize(
