@@ -328,7 +328,7 @@ def run_participant(
     remove_stale_locks(work_dir)  # one dwiflow process per work dir (the BIDS App claims it): all are leftovers
     removed = repair_cache(work_dir / "cache")
     if removed:
-        progress(f"[dwiflow] {len(removed)} cached result(s) unusable (interrupted or damaged): they are recomputed")
+        progress(f"[dwiflow] {len(removed)} cached result(s) unusable (failed, interrupted or damaged): they are recomputed")
     sweep_partial_outputs(output_dir)
     datasets = dataset_links(bids_dir, mask_dir)
     write_dataset_description(output_dir, bids_dir, recon_spec, authors, datasets)

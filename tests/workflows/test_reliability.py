@@ -271,7 +271,7 @@ def test_damaged_cache_results_are_recomputed(small, tmp_path):
     workflows[0].write_text("12345 text in place of a workflow's result")
     rerun = subprocess.run(_command(root, out, work, "cf"), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
-    assert "unusable (interrupted or damaged): they are recomputed" in rerun.stdout
+    assert "unusable (failed, interrupted or damaged): they are recomputed" in rerun.stdout
     assert _outputs(out) == small["reference"]
 
 
