@@ -5,7 +5,8 @@ projection of the unconstrained solution y_u onto the cone {y : B y >= 0}. Its d
 problem in the constraint multipliers λ >= 0: minimise ½ λᵀGλ + λᵀc_u with G = BBᵀ and c_u = B y_u; then
 y = y_u + Bᵀλ. It is solved by the Lawson–Hanson active-set method (Lawson & Hanson 1974, ch. 23), which like
 MRtrix3's ICLS solver adds the most violated constraint at each step, on the Gram matrix G (computed once), with
-the Cholesky factor of the active block grown by one row per added constraint and rebuilt when one leaves.
+the Cholesky factor of the active block grown by one row per added constraint and rebuilt when one leaves. A
+voxel may start from an active set of its own found before (a warm start, e.g. between SS3T-CSD's alternations).
 Constraint values are updated as c = c_u + G[:, P] λ_P, which costs (number of constraints) × (active set size)
 rather than a product with B.
 
@@ -130,9 +131,15 @@ def _constraint_values(c_u, gram, active, k, lam, c) -> None:
 
 @njit(cache=True, fastmath=True)
 def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs, forward, z, c, in_set, work,
-             inv_diag):
-    """Lawson–Hanson on the dual of one voxel, from λ = 0. Fills ``lam`` (all constraints); returns (status,
-    iterations). Every voxel starts cold, so that its result does not depend on its neighbours."""
+             inv_diag, start, n_start):
+    """Lawson–Hanson on the dual of one voxel. Fills ``lam`` (all constraints); returns (status, iterations).
+
+    Cold (``n_start`` 0), it starts from λ = 0. Otherwise from the constraints ``start[:n_start]`` (the active set
+    of a problem of the same voxel solved before, e.g. SS3T-CSD's previous alternation): their block is factored
+    (a constraint dependent on those before it is left out), and while a multiplier of the block's solution is not
+    positive the most negative one leaves, so that Lawson–Hanson continues from a feasible point of its own path.
+    Either way it stops only where every constraint holds, so both reach the same (unique) projection; a voxel's
+    start is its own earlier result, never a neighbour's."""
     m = c_u.size
     for i in range(m):
         lam[i] = 0.0
@@ -140,6 +147,33 @@ def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs
         c[i] = c_u[i]
     k = 0
     valid = 0  # leading entries of ``forward`` (L⁻¹ of the right-hand side) that the factor's changes left intact
+    for q in range(n_start):
+        active[k] = start[q]
+        if _append(gram, active, k, ridge, chol, inv_diag):
+            in_set[start[q]] = True
+            k += 1
+    while k > 0:
+        for i in range(valid, k):
+            rhs[i] = -c_u[active[i]]
+        _solve(chol, k, rhs, forward, valid, z, inv_diag)
+        valid = k
+        worst = -1
+        worst_value = 0.0
+        for i in range(k):
+            if z[i] <= worst_value:
+                worst_value = z[i]
+                worst = i
+        if worst < 0:
+            for i in range(k):
+                lam[active[i]] = z[i]
+            _constraint_values(c_u, gram, active, k, lam, c)
+            break
+        in_set[active[worst]] = False
+        _delete(chol, k, worst, work, inv_diag)
+        for p in range(worst + 1, k):
+            active[p - 1] = active[p]
+        k -= 1
+        valid = min(valid, worst)
     iterations = 0
     while True:
         # the most violated constraint not yet active
@@ -213,11 +247,13 @@ def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs
 
 @njit(cache=True, parallel=True)
 def solve_msmt(signals, whiten_data, constraints, gram, unwhiten, ridge, max_iterations, tolerance,
-               out, status, iterations):
+               out, status, iterations, starts, finals):
     """Solve every voxel (rows of ``signals``) into ``out`` (coefficients of all tissues, concatenated).
 
     ``whiten_data`` maps a signal to y_u (y_u = s · whiten_data), ``constraints`` is B (rows normalised), ``gram``
-    is BBᵀ, ``unwhiten`` maps y back to coefficients (x = y · unwhiten).
+    is BBᵀ, ``unwhiten`` maps y back to coefficients (x = y · unwhiten). ``starts`` (voxels × constraints, True
+    where active) holds each voxel's starting active set, or has no rows (every voxel starts cold); ``finals``
+    receives the active sets found, unless it has no rows.
     """
     nvox = signals.shape[0]
     m, n = constraints.shape
@@ -238,6 +274,7 @@ def solve_msmt(signals, whiten_data, constraints, gram, unwhiten, ridge, max_ite
         in_set = np.zeros(m, dtype=np.bool_)
         work = np.empty(4 * m)
         inv_diag = np.empty(m)
+        first = np.zeros(m, dtype=np.int64)
         y = np.zeros((stop - start, n))
         for v in range(stop - start):
             finite = True
@@ -253,10 +290,19 @@ def solve_msmt(signals, whiten_data, constraints, gram, unwhiten, ridge, max_ite
             scale = 0.0
             for p in range(n):
                 scale += y_u[v, p] * y_u[v, p]
+            n_first = 0
+            if starts.shape[0] > 0:
+                for i in range(m):
+                    if starts[start + v, i]:
+                        first[n_first] = i
+                        n_first += 1
             st, it = _project(c_u[v], gram, ridge, max_iterations, tolerance * np.sqrt(scale), lam, active, chol,
-                              rhs, forward, z, c, in_set, work, inv_diag)
+                              rhs, forward, z, c, in_set, work, inv_diag, first, n_first)
             status[start + v] = st
             iterations[start + v] = it
+            if finals.shape[0] > 0:
+                for i in range(m):
+                    finals[start + v, i] = lam[i] > 0.0
             for p in range(n):
                 y[v, p] = y_u[v, p]
             for i in range(m):

@@ -69,6 +69,9 @@ class MsmtCsdFit(VoxelFit):
     status_rows, iteration_rows : ndarray (n_voxels,)
         :class:`~dwiflow.core.status.FitStatus` codes and active-set iterations.
     model : MsmtCsdModel
+    active_rows : ndarray (n_voxels, n_constraints) of bool, optional
+        The constraints active at each voxel's solution (``fit(..., keep_active=True)``), a warm start for another
+        fit of the same voxels.
     """
 
     batch: VoxelBatch
@@ -76,6 +79,7 @@ class MsmtCsdFit(VoxelFit):
     status_rows: np.ndarray
     iteration_rows: np.ndarray
     model: "MsmtCsdModel"
+    active_rows: np.ndarray | None = None
 
     def tissue(self, index: int, dtype: npt.DTypeLike = np.float64) -> np.ndarray:
         """Tissue ``index``'s ODF coefficients (..., n_coefficients(lmax)); 0 outside the mask (as MRtrix3). ``dtype``:
@@ -237,23 +241,36 @@ class MsmtCsdModel:
     def n_parameters(self) -> int:
         return self.forward.shape[1]
 
-    def fit(self, data: np.ndarray, mask: np.ndarray | None = None, progress=None) -> MsmtCsdFit:
-        """Deconvolve every voxel of ``data`` (…, n_volumes) inside ``mask`` (threads: numba's setting)."""
+    def fit(self, data: np.ndarray, mask: np.ndarray | None = None, progress=None,
+            start_active: np.ndarray | None = None, keep_active: bool = False) -> MsmtCsdFit:
+        """Deconvolve every voxel of ``data`` (…, n_volumes) inside ``mask`` (threads: numba's setting).
+
+        ``start_active`` (n_voxels, n_constraints) starts each voxel's solver from the active set of an earlier fit
+        of the same voxel (its ``active_rows``, kept with ``keep_active``): fewer iterations when the problems are
+        alike (SS3T-CSD's alternations), and the same solution, which is unique.
+        """
         from dwiflow.core._msmt_kernel import solve_msmt  # compiled lazily (numba)
 
         batch = VoxelBatch.from_volume(data, mask, self.gtab.n_volumes)
         nvox = batch.n_voxels
+        n_constraints = self._constraints.shape[0]
         coefficients = np.empty((nvox, self.n_parameters))
         status = np.zeros(nvox, dtype=np.uint8)
         iterations = np.zeros(nvox, dtype=np.int32)
+        if start_active is not None and np.shape(start_active) != (nvox, n_constraints):
+            raise ValueError(f"start_active has shape {np.shape(start_active)}, expected {(nvox, n_constraints)}")
+        no_sets = np.zeros((0, n_constraints), dtype=np.bool_)
+        active = np.zeros((nvox, n_constraints), dtype=np.bool_) if keep_active else no_sets
         for sl in iter_chunks(nvox, self.chunk_size):
             solve_msmt(np.ascontiguousarray(batch.signal(sl)), self._whiten_data, self._constraints, self._gram,
                        self._unwhiten, self.neg_lambda, self.max_iterations, TOLERANCE,
-                       coefficients[sl], status[sl], iterations[sl])
+                       coefficients[sl], status[sl], iterations[sl],
+                       np.ascontiguousarray(start_active[sl], dtype=np.bool_) if start_active is not None else no_sets,
+                       active[sl] if keep_active else no_sets)
             if progress is not None:
                 progress(sl.stop, nvox)
         coefficients[status != FitStatus.OK] = np.nan
-        return MsmtCsdFit(batch, coefficients, status, iterations, self)
+        return MsmtCsdFit(batch, coefficients, status, iterations, self, active if keep_active else None)
 
 
 def tissue_fractions(l0_terms: list[np.ndarray]) -> np.ndarray:
