@@ -211,6 +211,12 @@ def load_gradients(
 _last_dwi: dict[tuple[int, ...], tuple[np.ndarray, nib.Nifti1Header]] = {}
 
 
+def forget_dwi() -> None:
+    """Free the DWI this process keeps for the next stage that reads it: when the stages left read none (those
+    after the deconvolution), or once the worker processes forked from the BIDS App's pre-flight hold it."""
+    _last_dwi.clear()
+
+
 def _read_into(stream, view: memoryview, chunk: int = 1 << 20) -> int:
     """Fill ``view`` from ``stream``, ``chunk`` bytes at a time (a gzip reader decompresses a request into a new
     buffer of its size first); the number of bytes read (fewer only at the stream's end)."""

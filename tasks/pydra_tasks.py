@@ -86,12 +86,14 @@ def _run_stage(stage: str, method: str | None, options: dict, naming: dict, code
     from dwiflow.bids_specs.outputs import output_spec
     from dwiflow.core.errors import DwiflowInputError
     from dwiflow.tasks import registry
-    from dwiflow.tasks.io import hold_point
+    from dwiflow.tasks.io import forget_dwi, hold_point
     from dwiflow.tasks.options import render_error
     from dwiflow.tasks.pydra_tasks import StageError, StageInterrupted
 
     declared = registry.get(stage, method)
     prefix = f"stages.{stage}.options." if method is not None else f"stages.{stage}."
+    if not any(given.kind == "dwi" for given in declared.inputs):
+        forget_dwi()  # the stages after the deconvolution read none: the DWI kept for the next one is dead weight
     try:
         hold_point(stage)
         configured = declared.options(**options)
@@ -263,9 +265,10 @@ def Figures(staged: Directory, files: dict, entities: dict, naming: dict, code_v
     from fileformats.generic import Directory
 
     from dwiflow.tasks.figures import figures_stage, write_manifest
-    from dwiflow.tasks.io import hold_point
+    from dwiflow.tasks.io import forget_dwi, hold_point
     from dwiflow.tasks.pydra_tasks import StageInterrupted
 
+    forget_dwi()  # the figures draw the derivatives, not the DWI
     folder = Path.cwd() / "figures"
     folder.mkdir(exist_ok=True)
     try:

@@ -342,7 +342,7 @@ def run_participant(
 
     def fresh_worker():  # each Submitter closes its worker; local processes end with this one (LocalProcessWorker)
         if worker == "cf":
-            return LocalProcessWorker(**(worker_options or {}))
+            return LocalProcessWorker(**(worker_options or {})).start_handing_over_the_dwi()
         return worker
 
     pydra_options = {} if worker == "cf" else dict(worker_options or {})

@@ -106,6 +106,16 @@ class LocalProcessWorker(ConcurrentFuturesWorker):
     def _pool_default(self) -> cf.ProcessPoolExecutor:
         return cf.ProcessPoolExecutor(self.n_procs, initializer=start_pool_process)
 
+    def start_handing_over_the_dwi(self) -> "LocalProcessWorker":
+        """Fork the pool's processes now (a fork-started pool starts all of them with its first job), so that they
+        inherit the DWI this process read last (the pre-flight checks'), then free this process's copy: the
+        workers' stages read it from their own, and it is held once, not also by the process that waits."""
+        from dwiflow.tasks.io import forget_dwi
+
+        self.pool.submit(os.getpid).result()
+        forget_dwi()
+        return self
+
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         self.pool = self._pool_default()

@@ -228,3 +228,39 @@ def test_small_refusals(case, capsys, tmp_path):
     (d / "ok.txt").write_text("100 -20 5\n")
     _refused(["csd", case["dwi"], case["bval"], case["bvec"], d / "ok.txt", d / "f.nii.gz", "--niter", "0"], capsys, d,
              "--niter: must be >= 1, got 0")
+
+
+def _dwis_kept() -> int:
+    from dwiflow.tasks.io import _last_dwi
+
+    return len(_last_dwi)
+
+
+def test_the_dwi_is_held_once_and_freed_when_no_stage_left_reads_it(tmp_path, monkeypatch):
+    """The DWI a process keeps for its next stage: the cf worker's processes inherit the one the BIDS App's
+    pre-flight read and the App's process frees its own (it would otherwise be held twice in memory, ~300 MB on a
+    2 mm brain); a stage that reads no DWI (peaks, FOD metrics, mtnormalise, the figures) frees it first."""
+    from dwiflow.tasks.io import _last_dwi, load_dwi
+    from dwiflow.tasks.pydra_tasks import _run_stage
+    from dwiflow.workflows.workers import LocalProcessWorker
+
+    g = acquisition_scheme("single")
+    phantom = make_phantom(g, (6, 6, 3), snr=30, seed=2)
+    dwi = tmp_path / "dwi.nii.gz"
+    nib.save(nib.Nifti1Image(phantom.data.astype(np.float32), AFFINE), dwi)
+    bval, bvec = write_gradients(tmp_path / "dwi", g.bvals, world_to_fsl_bvecs(g.bvecs, AFFINE).T)
+    _last_dwi.clear()
+    load_dwi(dwi, bval, bvec)
+    assert _dwis_kept() == 1
+    worker = LocalProcessWorker(n_procs=1).start_handing_over_the_dwi()
+    try:
+        assert _dwis_kept() == 0 and worker.pool.submit(_dwis_kept).result() == 1
+    finally:
+        worker.close()
+    load_dwi(dwi, bval, bvec)
+    fod = tmp_path / "fod.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=(6, 6, 3, 45)).astype(np.float32), AFFINE), fod)
+    (tmp_path / "peaks").mkdir()
+    monkeypatch.chdir(tmp_path / "peaks")  # a stage writes into its task's working directory
+    _run_stage("peaks", None, {}, {"fod_model": "csd"}, "test", fod=str(fod), mask=None)
+    assert (tmp_path / "peaks" / "peaks.nii.gz").is_file() and _dwis_kept() == 0
