@@ -83,7 +83,7 @@ def group_responses_for(folder: Path, spec, what: str = "--response-dir") -> dic
     folder was given)."""
     from dwiflow.bids_specs.outputs import output_filename
 
-    folder = Path(folder)
+    folder = Path(folder).resolve()  # the runs' workflows read the files from their own working folders
     if not folder.is_dir():
         raise DwiflowInputError(f"{what} {folder}: not a folder")
     wanted = [t for t in ("wm", "gm", "csf")

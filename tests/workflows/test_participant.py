@@ -146,6 +146,20 @@ def test_two_runs_of_one_subject_and_filter_file(dataset, tmp_path):
     assert rows[0].split("\t")[0] == "run" and len(rows) == 3
 
 
+def test_relative_folders_reach_the_workflows(dataset, tmp_path, monkeypatch):
+    """--mask-dir given relative to the current folder: the runs submitted together (cf worker) find the masks (the
+    workflows run in their cache folders; a relative path failed the whole graph at once, and every run was then
+    computed on its own, one after the other)."""
+    monkeypatch.chdir(dataset["bids"])
+    work = tmp_path / "work"
+    assert main([".", str(tmp_path / "out"), "participant", "--recon-spec", str(dataset["spec"]), "--work-dir",
+                 str(work), "--worker", "cf", "--mask-dir", "derivatives/masks", "-q"]) == 0
+    assert not list((work / "cache").glob("*/_error.pklz"))
+    sidecar = json.loads(next((tmp_path / "out").rglob("sub-phantom_desc-brain_mask.json")).read_text())
+    assert any("derivatives/masks" in source for source in sidecar.get("Sources", [sidecar.get("Source", "")])), \
+        sidecar
+
+
 @pytest.mark.parametrize("worker", ["debug", "cf"])
 def test_failed_run_is_named_and_others_complete(dataset, tmp_path, capsys, caplog, worker):
     bids = tmp_path / "bids"
