@@ -7,6 +7,7 @@ processes or cluster jobs, follow the command line's ``-q``/``-v`` too.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 VERBOSITY_ENV = "DWIFLOW_VERBOSITY"
@@ -36,7 +37,10 @@ def say(line: str, level: int = NORMAL) -> None:
         line = f"[dwiflow {stamp}]{line[len(PREFIX):]}"
     else:
         line = f"[dwiflow {stamp}] {line}"
-    print(line, flush=True)
+    # one write of the whole line: worker processes print to the same stream, and print() writes the line and its
+    # end separately, so two processes' lines could interleave ("…done[dwiflow …] …\n\n")
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class StageProgress:
