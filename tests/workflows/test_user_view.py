@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -179,6 +180,30 @@ def test_progress_lines_follow_the_verbosity(capsys, monkeypatch):
     clock.sleep(0.01)
     quiet(5, 100)
     assert capsys.readouterr().out == ""
+
+
+def test_a_progress_line_is_one_write(monkeypatch):
+    """Worker processes print to the same stream: each line goes out in one write, newline included (a pipe keeps
+    writes under 4096 bytes whole), so two processes' lines cannot run into each other."""
+    from dwiflow.tasks import console
+
+    class Recorder:
+        def __init__(self):
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    recorder = Recorder()
+    monkeypatch.setattr(sys, "stdout", recorder)
+    monkeypatch.setenv(console.VERBOSITY_ENV, str(console.NORMAL))
+    console.say("[dwiflow]   sub-01: dki ...")
+    assert len(recorder.writes) == 1 and re.fullmatch(r"\[dwiflow \d\d:\d\d:\d\d\]   sub-01: dki \.\.\.\n",
+                                                       recorder.writes[0]), recorder.writes
 
 
 def test_help_lists_the_built_in_specs_and_every_method(capsys):
