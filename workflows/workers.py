@@ -129,10 +129,16 @@ class LocalProcessWorker(ConcurrentFuturesWorker):
     def kill(self) -> None:
         """Kill the worker processes now (their running tasks leave no result that counts)."""
         processes = list((getattr(self.pool, "_processes", None) or {}).values())
+        manager = getattr(self.pool, "_executor_manager_thread", None)
         self.pool.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             if process.is_alive():
                 process.kill()
         for process in processes:
             process.join(timeout=5)
+        # let the pool's manager thread finish closing its wake-up pipe: at exit, concurrent.futures wakes every
+        # manager thread through that pipe, and one closing it meanwhile makes the interpreter print "Exception
+        # ignored … Bad file descriptor" (seen under load in CI; Python 3.12 guards the pipe with a lock)
+        if manager is not None and manager.is_alive():
+            manager.join(timeout=5)
 
