@@ -26,15 +26,25 @@ def output_spec(key: str) -> dict[str, Any]:
     return outputs[key]
 
 
+class _Wildcards(dict):
+    """Naming whose every placeholder is ``*``: output names as glob patterns, whatever placeholders the specs use."""
+
+    def __missing__(self, key: str) -> str:
+        return "*"
+
+
+WILDCARDS: dict[str, str] = _Wildcards()
+
+
 def output_entities(key: str, naming: dict[str, str] | None = None) -> dict[str, str]:
     """The output's own entities, with ``{placeholders}`` filled from ``naming`` (an entity whose placeholder
-    ``naming`` does not give is left out)."""
+    ``naming`` does not give is left out; :data:`WILDCARDS` gives ``*`` for every one)."""
     out = {}
     for name, value in output_spec(key).get("entities", {}).items():
         value = str(value)
         if "{" in value:
             try:
-                value = "".join(c for c in value.format(**(naming or {})) if c.isalnum() or c == "*")  # a label (or a glob)
+                value = "".join(c for c in value.format_map({} if naming is None else naming) if c.isalnum() or c == "*")  # a label (or a glob)
             except KeyError:
                 continue
         out[name] = value

@@ -259,14 +259,13 @@ class MsmtCsdModel:
         iterations = np.zeros(nvox, dtype=np.int32)
         if start_active is not None and np.shape(start_active) != (nvox, n_constraints):
             raise ValueError(f"start_active has shape {np.shape(start_active)}, expected {(nvox, n_constraints)}")
-        no_sets = np.zeros((0, n_constraints), dtype=np.bool_)
+        no_sets = np.zeros((0, n_constraints), dtype=np.bool_)  # no rows: the kernel starts cold, keeps nothing
+        starts = np.ascontiguousarray(start_active, dtype=np.bool_) if start_active is not None else no_sets
         active = np.zeros((nvox, n_constraints), dtype=np.bool_) if keep_active else no_sets
         for sl in iter_chunks(nvox, self.chunk_size):
             solve_msmt(np.ascontiguousarray(batch.signal(sl)), self._whiten_data, self._constraints, self._gram,
                        self._unwhiten, self.neg_lambda, self.max_iterations, TOLERANCE,
-                       coefficients[sl], status[sl], iterations[sl],
-                       np.ascontiguousarray(start_active[sl], dtype=np.bool_) if start_active is not None else no_sets,
-                       active[sl] if keep_active else no_sets)
+                       coefficients[sl], status[sl], iterations[sl], starts[sl], active[sl])
             if progress is not None:
                 progress(sl.stop, nvox)
         coefficients[status != FitStatus.OK] = np.nan

@@ -40,7 +40,7 @@ def group_summary(output_dir: Path, progress=say) -> Path:
     import nibabel as nib
     import numpy as np
 
-    from dwiflow.bids_specs.outputs import output_filename
+    from dwiflow.bids_specs.outputs import WILDCARDS, output_filename
     from dwiflow.core.response import ResponseFunction
     from dwiflow.tasks.io import read_sidecar
 
@@ -57,7 +57,7 @@ def group_summary(output_dir: Path, progress=say) -> Path:
         mask = nib.load(mask_path).get_fdata() > 0
         values: dict[str, Any] = {"run": label, "voxels_in_mask": str(int(mask.sum()))}
         for column, key, statistic in SUMMARY_METRICS:
-            path = find(output_filename(key, {}, {"fod_model": "*", "method": "*", "tissue_model": "*"}))
+            path = find(output_filename(key, {}, WILDCARDS))
             if path is None:
                 values[column] = "n/a"
                 continue
@@ -73,8 +73,8 @@ def group_summary(output_dir: Path, progress=say) -> Path:
             inside = inside[np.isfinite(inside)]
             values[column] = (f"{(np.mean if statistic == 'mean' else np.median)(inside):.6g}" if inside.size
                               else "n/a")
-        response = (find(output_filename("response_wm", {}, {"fod_model": "*", "method": "*"}))
-                    or find(output_filename("response", {}, {"fod_model": "*", "method": "*"})))
+        response = (find(output_filename("response_wm", {}, WILDCARDS))
+                    or find(output_filename("response", {}, WILDCARDS)))
         values["response_wm_l0_highest_shell"] = (
             f"{ResponseFunction.from_text(response.read_text()).coefficients[-1, 0]:.6g}" if response else "n/a")
         rows.append(values)
@@ -105,7 +105,7 @@ def _dataset_summary(output_dir: Path, summary_tsv: Path) -> Path:
     import nibabel as nib
     import numpy as np
 
-    from dwiflow.bids_specs.outputs import output_filename, output_spec
+    from dwiflow.bids_specs.outputs import WILDCARDS, output_filename, output_spec
     from dwiflow.tasks.figures import distribution_figure
     from dwiflow.tasks.report import dataset_summary_page
 
@@ -114,7 +114,7 @@ def _dataset_summary(output_dir: Path, summary_tsv: Path) -> Path:
     masks: dict[str, np.ndarray] = {}  # each run's mask, read once
     distributions = []
     for label, key, desc in DISTRIBUTION_METRICS:
-        name = output_filename(key, {}, {"fod_model": "*", "tissue_model": "*"})
+        name = output_filename(key, {}, WILDCARDS)
         values = {}
         for run, mask_path in mask_paths.items():
             hits = sorted(mask_path.parent.glob(f"{run}_{name}"))

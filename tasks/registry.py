@@ -306,12 +306,11 @@ def stages() -> dict[str, Entry]:
     # the FOD that feeds peaks and FOD metrics is the highest priority's: a tie would leave the choice to the
     # order of a recon spec's stages
     priorities: dict[int, str] = {}
-    for entry in found.values():
-        for stage in entry.methods.values() if isinstance(entry, StageGroup) else [entry]:
-            if stage.fod_priority is not None:
-                other = priorities.setdefault(stage.fod_priority, stage.name)
-                if other != stage.name:
-                    raise AssertionError(f"stages {other!r} and {stage.name!r} share FOD priority {stage.fod_priority}")
+    for stage in _each_stage(found.values()):
+        if stage.fod_priority is not None:
+            other = priorities.setdefault(stage.fod_priority, stage.name)
+            if other != stage.name:
+                raise AssertionError(f"stages {other!r} and {stage.name!r} share FOD priority {stage.fod_priority}")
     return dict(sorted(found.items(), key=lambda item: item[1].order))
 
 
@@ -327,12 +326,17 @@ def get(name: str, method: str | None = None) -> Stage:
     return entry
 
 
-def all_stages() -> list[Stage]:
-    """Every stage, the methods of a group one by one."""
+def _each_stage(entries) -> list[Stage]:
+    """The stages of registry entries, a group's methods one by one."""
     out: list[Stage] = []
-    for entry in stages().values():
+    for entry in entries:
         out.extend(entry.methods.values() if isinstance(entry, StageGroup) else [entry])
     return out
+
+
+def all_stages() -> list[Stage]:
+    """Every stage, the methods of a group one by one."""
+    return _each_stage(stages().values())
 
 
 def stage_titles() -> dict[str, str]:

@@ -241,9 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     bids_dir, output_dir = args.bids_dir.resolve(), args.output_dir.resolve()
-    # the workflows run in their cache folders: every folder they read from is given to them absolute
+    # the workflows run in their cache folders: the masks they read are found from an absolute folder (group
+    # responses are resolved where they are found, also when a recon spec names their folder)
     args.mask_dir = args.mask_dir.resolve() if args.mask_dir is not None else None
-    args.response_dir = args.response_dir.resolve() if args.response_dir is not None else None
     if not bids_dir.is_dir():
         return _error(f"BIDS_DIR {bids_dir} does not exist")
     if args.omp_nthreads:
