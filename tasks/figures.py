@@ -610,8 +610,8 @@ def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, 
     ``files`` maps output keys (``tensor_fa``, ``csd_fod``, ``response``, ``peaks`` …) to file names
     inside ``staged_dir``; ``naming`` holds the run's ``fod_model`` (whose section gets the peaks and
     the FOD metrics) and response ``method``. What is drawn comes from data: each output's
-    ``figure`` hint in ``bids_specs/outputs.yaml`` (a mosaic panel, FOD glyphs or a named drawing)
-    and ``figure_panels``; sections follow the stage registry's order, and every ``status`` output
+    ``figure`` hint in ``bids_specs/outputs.yaml`` (a mosaic panel, FOD glyphs, possibly ``in_place_of``
+    another output's, or a named drawing) and ``figure_panels``; sections follow the stage registry's order, and every ``status`` output
     gets a status map. Outputs absent from ``files`` get no figures; a figure that cannot be drawn
     becomes a note in the manifest.
     """
@@ -656,6 +656,8 @@ def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, 
     section_of = {key: next((s for s in sorted(titles, key=len, reverse=True) if key == s or key.startswith(s + "_")),
                             key) for key in path_of}
     glyph_label = {section_of[k]: h["glyphs"] for k, h in hints.items() if "glyphs" in h and h.get("peaks", True)}
+    # a FOD drawn in place of another (the normalised WM FOD for the deconvolution's): one panel, the peaks' FOD
+    replaced = {h["in_place_of"].format(**naming) for k, h in hints.items() if "glyphs" in h and "in_place_of" in h}
 
     def mosaic(panel: str, spec: dict[str, Any]) -> None:
         keys = [k for k, h in hints.items() if h.get("panel") == panel]
@@ -770,7 +772,7 @@ def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, 
     for section in titles:  # in run order: glyphs, mosaics, drawings, the FOD metrics, the status map
         keys = [k for k in path_of if section_of[k] == section]
         for key in keys:
-            if "glyphs" in hints[key]:
+            if "glyphs" in hints[key] and key not in replaced:
                 glyphs(key, hints[key])
         for panel, spec in panels.items():
             if spec["section"] == section and panel in {hints[k].get("panel") for k in keys}:

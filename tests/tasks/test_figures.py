@@ -219,3 +219,44 @@ def test_every_model_of_a_run_draws_its_glyphs_on_the_same_patch(tmp_path, monke
     k, rows, cols = calls[0][1]
     assert k == 1 and rows.start <= 15 and rows.stop >= 20 and cols.start <= 4 and cols.stop >= 9
     assert [title for title, _, with_peaks in calls if with_peaks] == ["CSD fibre ODF"]
+
+
+def test_the_normalised_wm_fod_is_drawn_with_the_peaks_in_place_of_the_deconvolutions(tmp_path, monkeypatch):
+    """msmt/ss3t specs: the peaks come from mtnormalise's WM FOD, so its glyphs are drawn, with the peaks, in place
+    of the deconvolution's FOD (which differs from it by the smooth field only): one glyph panel, showing peaks."""
+    import dwiflow.tasks.figures as figures
+
+    calls = []
+
+    def record(path, sh, mask, background, title, peaks=None, patch=None, **kwargs):
+        calls.append((title, peaks is not None, float(sh[mask > 0][:, 0].mean())))
+        return path
+
+    monkeypatch.setattr(figures, "fod_glyph_figure", record)
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    shape = (12, 12, 2)
+    mask = np.ones(shape, np.uint8)
+    save = lambda name, data: nib.save(nib.Nifti1Image(np.asarray(data, np.float32), np.eye(4)), str(staged / name))  # noqa: E731
+    save("m.nii.gz", mask)
+    for name, value in (("wm.nii.gz", 1.0), ("wmnorm.nii.gz", 2.0)):
+        fod = np.zeros(shape + (45,))
+        fod[..., 0] = value
+        save(name, fod)
+    peaks = np.full(shape + (9,), np.nan)
+    peaks[..., :3] = [1.0, 0.0, 0.0]
+    save("peaks.nii.gz", peaks)
+    for deconvolution in ("msmt_csd", "ss3t_csd"):
+        calls.clear()
+        files = {"mask": "m.nii.gz", f"{deconvolution}_wm": "wm.nii.gz", "mtnormalise_wm": "wmnorm.nii.gz",
+                 "peaks": "peaks.nii.gz"}
+        figures.figures_stage(staged, tmp_path / deconvolution, files, {"sub": "x"},
+                              {"fod_model": "mtnormalise", "tissue_model": deconvolution})
+        assert [(title, with_peaks) for title, with_peaks, _ in calls] == [("Normalised white-matter FOD", True)]
+        assert np.isclose(calls[0][2], 2.0)  # the normalised image, not the deconvolution's
+    # without mtnormalise the deconvolution's FOD is drawn, with the peaks when they come from it
+    calls.clear()
+    figures.figures_stage(staged, tmp_path / "plain", {"mask": "m.nii.gz", "msmt_csd_wm": "wm.nii.gz",
+                                                       "peaks": "peaks.nii.gz"}, {"sub": "x"},
+                          {"fod_model": "msmt_csd", "tissue_model": "msmt_csd"})
+    assert [(title, with_peaks) for title, with_peaks, _ in calls] == [("MSMT-CSD white-matter FOD", True)]
