@@ -20,6 +20,7 @@ import os
 import re
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,8 +29,9 @@ import pydra.engine  # noqa: F401  (pydra.workers.base needs the engine imported
 from pydra.workers import base
 from pydra.workers.slurm import SlurmWorker
 
+from dwiflow.tasks.console import VERBOSE, say
+
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
-SUBMITTED_PREFIX = "[dwiflow]   slurm job"
 
 
 def stage_sbatch_arguments(resources: dict[str, dict[str, Any]], stage: str, omp_nthreads: int | None = None) -> list[str]:
@@ -108,8 +110,12 @@ class StageSlurmWorker(SlurmWorker):
         if rc or not found:
             raise RuntimeError(f"sbatch refused the {stage} job ({' '.join(args)}): {(stderr or stdout).strip()}")
         jobid = found.group()
-        print(f"{SUBMITTED_PREFIX} {jobid}: {stage} ({' '.join(a for a in args if not a.startswith('--export'))})",
-              flush=True)
+        # the stage's own progress lines go to its job's log on the node: the submitting process says where it is
+        run = getattr(getattr(job.hooks, "pre_run_task", None), "run_label", None)
+        who = f"{run}: {stage}" if run else stage
+        submitted = time.monotonic()
+        say(f"[dwiflow]   {who} submitted as slurm job {jobid} ({_resources_of(args)})")
+        say(f"[dwiflow]     sbatch {' '.join(a for a in args if not a.startswith('--export'))}", VERBOSE)
         log = Path(str(err_log).replace("%j", jobid))
         misses = 0
         while True:
@@ -127,6 +133,7 @@ class StageSlurmWorker(SlurmWorker):
             if state in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED"):
                 continue
             if state == "COMPLETED" and exit_code == 0:
+                say(f"[dwiflow]   {who} done: slurm job {jobid}, {time.monotonic() - submitted:.1f} s from submission")
                 return True
             raise RuntimeError(f"SLURM job {jobid} ({stage}) ended {state} with exit code {exit_code}: "
                                f"{_last_error(log)} (sbatch log: {log})")
@@ -139,6 +146,18 @@ class StageSlurmWorker(SlurmWorker):
             return None, 0
         state, code = line[0].split("|")[:2]
         return state.split()[0].rstrip("+"), int(code.split(":")[0] or 0)
+
+
+def _resources_of(args: list[str]) -> str:
+    """CPUs and memory of a job from its sbatch arguments, e.g. ``2 CPUs, 4096 MB``."""
+    values = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+    cpus = values.get("cpus-per-task", "1")
+    parts = [f"{cpus} CPU{'s' if cpus != '1' else ''}"]
+    if "mem" in values:
+        parts.append(values["mem"].replace("M", " MB") if values["mem"].endswith("M") else values["mem"])
+    if "time" in values:
+        parts.append(f"time limit {values['time']}")
+    return ", ".join(parts)
 
 
 def _last_error(log: Path) -> str:

@@ -60,7 +60,18 @@ def _progress(label: str, stage: str) -> TaskHooks:
             except OSError:  # timing is informative only
                 pass
 
+    started.run_label = label  # read by the SLURM worker, whose progress lines the submitting process prints
     return TaskHooks(pre_run_task=started, post_run_task=finished)
+
+
+def _labelled(label: str) -> TaskHooks:
+    """Hooks that print nothing but carry the run's label (for the SLURM worker's lines about the node's job)."""
+
+    def started(job) -> None:
+        pass
+
+    started.run_label = label
+    return TaskHooks(pre_run_task=started)
 
 
 def derivative_names(spec: ReconSpec, entities: dict[str, str]) -> dict[str, str]:
@@ -135,7 +146,7 @@ def ReconRun(
     names = derivative_names(spec, entities)
     staging = workflow.add(StageDerivatives(names=names, code_version=code_version, run_folder=run_folder,
                                             source_uris=source_uris, spatial_reference=spatial_reference,
-                                            **staged), name="stage_derivatives")
+                                            **staged), name="stage_derivatives", hooks=_labelled(label))
     figures = add(Figures(staged=staging.staged, files=names, entities=entities, naming=naming,
                           code_version=f"{code_version}+{figures_version()}"), "figures")
     return staging.staged, figures.figures

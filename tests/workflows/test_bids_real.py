@@ -61,8 +61,8 @@ def _sacct(env, *job_ids):
 
 
 def _job_ids(stdout: str) -> dict[str, str]:
-    """job id -> stage, from dwiflow's "slurm job <id>: <stage>" lines."""
-    return dict(re.findall(r"slurm job (\d+): (\w+)", stdout))
+    """job id -> stage, from dwiflow's "<run>: <stage> submitted as slurm job <id>" lines."""
+    return {job: stage for stage, job in re.findall(r"(\w+) submitted as slurm job (\d+) \(", stdout)}
 
 
 def _outputs(folder: Path) -> dict[str, str]:
@@ -151,6 +151,11 @@ def test_every_real_run_through_slurm_equals_cf(cluster, cf_reference, tmp_path,
         print(f"\n[slurm] {len(jobs)} jobs: " + ", ".join(f"{j}={s}" for j, s in sorted(jobs.items(), key=lambda x: int(x[0]))))
     # mask, tensor, response, csd, peaks, fod_metrics, stage_derivatives, figures
     assert sorted(jobs.values()).count("mask") == 1 and len(jobs) == 8
+    # the submitting process shows where each run is: every job submitted and done, named by its run and stage
+    for job_id, stage in jobs.items():
+        assert re.search(rf"\]\s+sub-03: {stage} submitted as slurm job {job_id} \(", run.stdout), run.stdout
+        assert re.search(rf"\]\s+sub-03: {stage} done: slurm job {job_id}, [0-9.]+ s from submission", run.stdout)
+    assert "(2 CPUs, 4096 MB)" in run.stdout and "sbatch --cpus-per-task" not in run.stdout  # args only with -v
     scripts = list(work.rglob("slurm_scripts/*/*.sh"))
     assert len(scripts) == 8 and all("\nenv DWIFLOW_RAN_THROUGH_PREFIX=1 " in p.read_text() for p in scripts), scripts
     accounted = _sacct(cluster["env"], *jobs)
