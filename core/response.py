@@ -33,7 +33,7 @@ import numpy as np
 from numpy.polynomial import legendre
 
 from dwiflow.core.errors import DwiflowInputError
-from dwiflow.core.gradients import GradientTable, Shell
+from dwiflow.core.gradients import DEFAULT_SHELL_TOLERANCE, GradientTable, Shell
 from dwiflow.core.sh import check_lmax, zonal_sh_basis, zonal_sh_basis_rows
 from dwiflow.core.tensor import TensorModel
 from dwiflow.core.voxels import iter_chunks
@@ -476,6 +476,12 @@ def fa_response_voxels(
     return voxels, fit.v1, fa
 
 
+def same_shells(a, b, tolerance: float = DEFAULT_SHELL_TOLERANCE) -> bool:
+    """Whether two lists of b-values name the same shells: as many, each within ``tolerance`` of its partner."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return a.shape == b.shape and bool(np.all(np.abs(a - b) <= tolerance))
+
+
 def response_mean(responses: list[ResponseFunction], legacy: bool = False) -> ResponseFunction:
     """The group-average response, as MRtrix3's ``responsemean``: each input is first scaled by the geometric mean,
     over shells, of (group-mean l=0 term / its own l=0 term), which removes global intensity differences between
@@ -492,7 +498,7 @@ def response_mean(responses: list[ResponseFunction], legacy: bool = False) -> Re
             raise DwiflowInputError(f"response {i} has {r.coefficients.shape[0]} b-values (rows) but the first has "
                                     f"{rows}", parameters=("responses",))
         if np.all(np.isfinite(r.bvalues)) and np.all(np.isfinite(responses[0].bvalues)):
-            if np.any(np.abs(r.bvalues - responses[0].bvalues) > 80):
+            if not same_shells(r.bvalues, responses[0].bvalues):
                 raise DwiflowInputError(
                     f"response {i} is for b={', '.join(f'{b:.0f}' for b in r.bvalues)} but the first for "
                     f"b={', '.join(f'{b:.0f}' for b in responses[0].bvalues)}", parameters=("responses",))

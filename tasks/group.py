@@ -133,15 +133,25 @@ def _dataset_summary(output_dir: Path, summary_tsv: Path) -> Path:
     return dataset_summary_page(output_dir, summary_tsv, distributions, subjects)
 
 
-def group_responses(output_dir: Path, progress=say) -> dict[str, Path]:
+def shells_label(bvalues) -> str:
+    """The name part of a group response for one set of b-values (``b0b1000b2000``), when a dataset has several."""
+    return "".join(f"b{b:.0f}" for b in bvalues)
+
+
+def group_responses(output_dir: Path, progress=say) -> dict[str, list[Path]]:
     """The group-average response of every tissue the runs estimated (MRtrix3 ``responsemean`` semantics,
     :func:`dwiflow.core.response.response_mean`): ``OUTPUT_DIR/<group name>`` per tissue (names from
-    ``bids_specs/outputs.yaml``), each with a sidecar listing the runs that went in."""
-    from dwiflow.bids_specs.outputs import output_filename, sidecar
-    from dwiflow.core.response import ResponseFunction, response_mean
+    ``bids_specs/outputs.yaml``), each with a sidecar listing the runs that went in.
+
+    Runs with other b-values cannot be averaged (a response is one row per shell): when the runs' b-values differ,
+    each set of b-values gets its own group responses, averaging the runs that have them and named by them
+    (``…_desc-wmgroupb0b1000_response.txt``); ``--response-dir`` then gives each run the set that matches it.
+    Returns the files written per tissue."""
+    from dwiflow.bids_specs.outputs import WILDCARDS, output_filename, sidecar
+    from dwiflow.core.response import ResponseFunction, response_mean, same_shells
     from dwiflow.tasks.io import atomic_outputs, read_text
 
-    written: dict[str, Path] = {}
+    written: dict[str, list[Path]] = {}
     with atomic_outputs() as out:
         for tissue in ("wm", "gm", "csf"):
             run_name = output_filename(f"response_{tissue}", {})
@@ -149,12 +159,33 @@ def group_responses(output_dir: Path, progress=say) -> dict[str, Path]:
             if not files:
                 continue
             responses = [ResponseFunction.from_text(read_text(p, "response"), str(p)) for p in files]
-            mean = response_mean(responses)
-            target = output_dir / output_filename(f"group_response_{tissue}", {})
-            written[tissue] = out.text(target, mean.to_text())
-            out.json(target.with_suffix(".json"), sidecar(
-                f"group_response_{tissue}", None, Sources=[str(p.relative_to(output_dir)) for p in files],
-                Runs=len(files), Shells=[float(b) for b in mean.bvalues],
-                ResponseFunction={"Coefficients": mean.coefficients.tolist(), "Type": "zsh"}))
-            progress(f"[dwiflow] group {tissue.upper()} response: mean of {len(files)} runs -> {target.name}")
+            sets: list[list[int]] = []  # runs by their b-values, in the order first seen
+            for index, response in enumerate(responses):
+                home = next((members for members in sets if same_shells(responses[members[0]].bvalues,
+                                                                          response.bvalues)), None)
+                if home is None:
+                    sets.append([index])
+                else:
+                    home.append(index)
+            for members in sorted(sets, key=lambda m: (len(responses[m[0]].bvalues), list(responses[m[0]].bvalues))):
+                mean = response_mean([responses[i] for i in members])
+                label = shells_label(mean.bvalues) if len(sets) > 1 else ""
+                target = output_dir / output_filename(f"group_response_{tissue}", {}, {"shells": label})
+                written.setdefault(tissue, []).append(out.text(target, mean.to_text()))
+                out.json(target.with_suffix(".json"), sidecar(
+                    f"group_response_{tissue}", None, Sources=[str(files[i].relative_to(output_dir)) for i in members],
+                    Runs=len(members), Shells=[float(b) for b in mean.bvalues],
+                    ResponseFunction={"Coefficients": mean.coefficients.tolist(), "Type": "zsh"}))
+                shells = f" with b={', '.join(f'{b:.0f}' for b in mean.bvalues)}" if label else ""
+                runs = f"{len(members)} run{'s' if len(members) != 1 else ''}"
+                progress(f"[dwiflow] group {tissue.upper()} response: mean of {runs}{shells} -> "
+                         f"{target.name}")
+    # group responses of an earlier group level that this one did not write (other b-value sets): --response-dir
+    # would otherwise find them beside the new ones
+    kept = {p for paths in written.values() for p in paths}
+    for tissue in ("wm", "gm", "csf"):
+        for old in output_dir.glob(output_filename(f"group_response_{tissue}", {}, WILDCARDS)):
+            if old not in kept:
+                old.unlink()
+                old.with_suffix(".json").unlink(missing_ok=True)
     return written

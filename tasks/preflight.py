@@ -77,11 +77,21 @@ def stage_data_warnings(stage, data: DataSummary, options) -> list[str]:
     return list(stage.data_warnings(data, options))
 
 
-def group_responses_for(folder: Path, spec, what: str = "--response-dir") -> dict[str, Path]:
-    """The group responses in ``folder`` (names from ``bids_specs/outputs.yaml``) that ``spec`` consumes, by tissue;
-    raises :class:`DwiflowInputError` when the folder, the spec or the files do not fit (``what`` names where the
-    folder was given)."""
-    from dwiflow.bids_specs.outputs import output_filename
+@dataclass(frozen=True)
+class GroupResponses:
+    """One set of group responses (the group level writes one per set of b-values of the runs): the b-values,
+    the file per tissue (``wm`` always; ``gm``, ``csf`` as the recon spec consumes them)."""
+
+    bvalues: tuple[float, ...]
+    files: dict[str, Path]
+
+
+def group_responses_for(folder: Path, spec, what: str = "--response-dir") -> list[GroupResponses]:
+    """The group responses in ``folder`` (names from ``bids_specs/outputs.yaml``) that ``spec`` consumes, one set per
+    set of b-values; raises :class:`DwiflowInputError` when the folder, the spec or the files do not fit (``what``
+    names where the folder was given). :func:`responses_for_run` picks a run's set."""
+    from dwiflow.bids_specs.outputs import WILDCARDS, output_filename
+    from dwiflow.tasks.group import shells_label
 
     folder = Path(folder).resolve()  # the runs' workflows read the files from their own working folders
     if not folder.is_dir():
@@ -91,14 +101,21 @@ def group_responses_for(folder: Path, spec, what: str = "--response-dir") -> dic
     if not wanted:
         raise DwiflowInputError(f"{what}: recon spec {spec.name} deconvolves with no multi-tissue response "
                                 "(use recon spec msmt)")
-    found = {}
-    for tissue in wanted:
-        path = folder / output_filename(f"group_response_{tissue}", {})
-        if path.is_file():
-            _response_bvalues(path)  # readable, or a one-line error
-            found[tissue] = path
-    if "wm" not in found:
-        raise DwiflowInputError(f"{what} {folder}: no {output_filename('group_response_wm', {})} (run "
+    found = []
+    for wm in sorted(folder.glob(output_filename("group_response_wm", {}, WILDCARDS))):
+        bvalues = _response_bvalues(wm)  # readable, or a one-line error
+        label = "" if wm.name == output_filename("group_response_wm", {}, {"shells": ""}) else shells_label(bvalues)
+        if wm.name != output_filename("group_response_wm", {}, {"shells": label}):
+            continue  # not a name the group level writes
+        files = {"wm": wm}
+        for tissue in wanted[1:] if wanted[0] == "wm" else wanted:
+            path = folder / output_filename(f"group_response_{tissue}", {}, {"shells": label})
+            if path.is_file():
+                _response_bvalues(path)
+                files[tissue] = path
+        found.append(GroupResponses(bvalues, files))
+    if not found:
+        raise DwiflowInputError(f"{what} {folder}: no {output_filename('group_response_wm', {}, {'shells': ''})} (run "
                                 "`dwiflow BIDS OUT group` after a participant run with recon spec msmt)")
     return found
 
@@ -112,29 +129,37 @@ def _response_bvalues(path: Path) -> tuple[float, ...]:
     return tuple(ResponseFunction.from_text(read_text(path, "response"), str(path)).bvalues)
 
 
-def _response_shell_problem(label: str, data: DataSummary, responses: dict[str, Path]) -> str | None:
+def responses_for_run(label: str, data: DataSummary, sets: list[GroupResponses]) -> dict[str, Path] | str:
+    """The group responses (by tissue) whose b-values are the run's, or a one-line problem naming both sets."""
+    from dwiflow.core.response import same_shells
+
     shells = ([0.0] if data.n_b0 else []) + [b for b, _ in data.shells]
-    for path in responses.values():
-        theirs = list(_response_bvalues(path))
-        if len(theirs) != len(shells) or any(abs(a - b) > 80 for a, b in zip(theirs, shells)):
-            return (f"{label}: its b-values {', '.join(f'{b:.0f}' for b in shells)} do not match the group response "
-                    f"{path} (b={', '.join(f'{b:.0f}' for b in theirs)})")
-    return None
+    for candidate in sets:
+        if same_shells(candidate.bvalues, shells) and all(same_shells(_response_bvalues(p), shells)
+                                                          for p in candidate.files.values()):
+            return candidate.files
+    theirs = "; ".join(f"{c.files['wm']} (b={', '.join(f'{b:.0f}' for b in c.bvalues)})" for c in sets)
+    return (f"{label}: its b-values {', '.join(f'{b:.0f}' for b in shells)} do not match the group response"
+            f"{'s' if len(sets) > 1 else ''} {theirs}")
 
 
 def check_run(label: str, dwi: Path, bval: Path, bvec: Path, mask: Path | None, spec,
-              responses: dict[str, Path] | None = None, warnings: list[str] | None = None) -> list[str]:
+              responses: list[GroupResponses] | None = None, warnings: list[str] | None = None,
+              chosen: dict[str, dict[str, Path]] | None = None) -> list[str]:
     """Problems of one run for a recon spec (empty when it can run), one line each; what its stages warn about
-    the data is appended to ``warnings`` (``stage <name>: <note>``)."""
+    the data is appended to ``warnings`` (``stage <name>: <note>``); the group responses that match the run's
+    b-values go into ``chosen[label]``."""
     try:
         data = summarise(dwi, bval, bvec, mask)
     except DwiflowInputError as exc:
         return [f"{label}: {exc}"]
     problems = []
     if responses:
-        problem = _response_shell_problem(label, data, responses)
-        if problem:
-            problems.append(problem)
+        match = responses_for_run(label, data, responses)
+        if isinstance(match, str):
+            problems.append(match)
+        elif chosen is not None:
+            chosen[label] = match
     for name, configured in spec.stages.items():
         stage = configured.stage
         if stage.check_data is None or ("mask" in stage.provides and data.mask_given):
@@ -151,14 +176,15 @@ def check_run(label: str, dwi: Path, bval: Path, bvec: Path, mask: Path | None, 
     return problems
 
 
-def check_runs(runs, spec, responses: dict[str, Path] | None = None,
-               warnings: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+def check_runs(runs, spec, responses: list[GroupResponses] | None = None,
+               warnings: dict[str, list[str]] | None = None,
+               chosen: dict[str, dict[str, Path]] | None = None) -> dict[str, list[str]]:
     """Problems per run label (runs without problems are absent); the stages' data warnings per run label go
-    into ``warnings`` when given."""
+    into ``warnings``, and each run's group responses (those of its b-values) into ``chosen``, when given."""
     found = {}
     for run in runs:
         notes: list[str] = []
-        problems = check_run(run.label, run.dwi, run.bval, run.bvec, run.mask, spec, responses, notes)
+        problems = check_run(run.label, run.dwi, run.bval, run.bvec, run.mask, spec, responses, notes, chosen)
         if problems:
             found[run.label] = problems
         if warnings is not None and notes:

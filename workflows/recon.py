@@ -280,13 +280,14 @@ def _recon_task(run: DwiRunSpec, stages: dict[str, Any], cv: str, responses: dic
 
 
 def _all_runs_workflow(runs: list[DwiRunSpec], stages: dict[str, Any], cv: str,
-                       responses: dict[str, Path] | None = None, datasets: dict[str, Path] | None = None,
+                       responses: dict[str, dict[str, Path]] | None = None, datasets: dict[str, Path] | None = None,
                        output_dir: Path | None = None):
     """One workflow holding every run's ReconRun as a node, so that independent runs proceed in parallel."""
 
     @workflow.define(outputs=["first"])
     def AllRuns(n_runs: int = len(runs)):
-        staged = [workflow.add(_recon_task(run, stages, cv, responses, datasets, output_dir), name=f"run{i}").staged
+        staged = [workflow.add(_recon_task(run, stages, cv, (responses or {}).get(run.label), datasets, output_dir),
+                               name=f"run{i}").staged
                   for i, run in enumerate(runs)]
         return staged[0]
 
@@ -302,7 +303,7 @@ def run_participant(
     worker: Any = "cf",
     worker_options: dict[str, Any] | None = None,
     progress=say,
-    responses: dict[str, Path] | None = None,
+    responses: dict[str, dict[str, Path]] | None = None,
     warn=None,
     already_warned: dict[str, list[str]] | None = None,
     report_notes: dict[str, list[str]] | None = None,
@@ -315,8 +316,8 @@ def run_participant(
     for masks from ``mask_dir`` outside it, ``bids::…`` for this derivative dataset; ``dataset_description.json``
     links the names (``DatasetLinks``).
 
-    ``responses``: group responses by tissue (``wm``, ``gm``, ``csf``; from ``--response-dir``) that replace
-    every run's own response stage.
+    ``responses``: run label → group responses by tissue (``wm``, ``gm``, ``csf``; from ``--response-dir``, those
+    of the run's b-values) that replace the run's own response stage.
 
     ``warn`` prints what the outputs' sidecars warn about (default: stderr), except what ``already_warned`` (run
     label → lines printed by the pre-flight checks) holds; ``report_notes`` (run label → lines) are listed among
@@ -385,7 +386,7 @@ def run_participant(
         t0 = time.perf_counter()
         started = time.time()
         progress(f"[dwiflow] run {index}/{len(runs)} {run.label}: stages {', '.join(stages)}")
-        task = _recon_task(run, stages, cv, responses, datasets, output_dir)
+        task = _recon_task(run, stages, cv, (responses or {}).get(run.label), datasets, output_dir)
         log = work_dir / "logs" / f"{run.label}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -397,7 +398,7 @@ def run_participant(
                 raise RuntimeError(f"workflow errored; see {result.cache_dir}")
             files = publish(Path(result.outputs.staged), output_folder(output_dir, run))
             figures = publish(Path(result.outputs.figures), figures_folder(output_dir, run))
-            write_run_methods(output_dir, run, recon_spec, bool(responses))
+            write_run_methods(output_dir, run, recon_spec, bool((responses or {}).get(run.label)))
             outcome = RunOutcome(run, True, files, seconds=time.perf_counter() - t0, figures=figures)
             computed = _computed_seconds(timing_log, run.label, invocation_start)
             how = (f"stages computed in {computed:.1f} s" if computed is not None

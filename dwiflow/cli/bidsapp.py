@@ -49,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"a built-in recon spec ({', '.join(builtin_specs())}) or a YAML file (default csd)")
     p.add_argument("--mask-dir", type=Path, help="derivative dataset with *_desc-brain_mask images to use")
     p.add_argument("--response-dir", type=Path,
-                   help="folder with group responses (the group level's *_desc-{wm,gm,csf}group_response.txt): every "
-                        "run is deconvolved with them instead of its own (recon spec msmt); overrides the recon spec's "
-                        "response_dir")
+                   help="folder with group responses (the group level's *_desc-{wm,gm,csf}group*_response.txt): every "
+                        "run is deconvolved with those of its b-values instead of its own (recon spec msmt); overrides "
+                        "the recon spec's response_dir")
     p.add_argument("--work-dir", type=Path,
                    help="Pydra cache: keep it for fast reruns (default: outside the derivative dataset, in "
                         "$XDG_CACHE_HOME/dwiflow/, else ~/.cache/dwiflow/, one folder per OUTPUT_DIR)")
@@ -164,7 +164,8 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
             return _error(str(exc))
     say(f"[dwiflow] checking {len(runs)} run(s) before anything runs")
     data_notes: dict[str, list[str]] = {}
-    invalid = check_runs(runs, spec, responses, data_notes)
+    run_responses: dict[str, dict[str, Path]] = {}  # each run's group responses: those of its b-values
+    invalid = check_runs(runs, spec, responses, data_notes, run_responses)
     mask_notes = {run.label: [f"--mask-dir {args.mask_dir} has no brain mask for this run: its mask is computed from "
                               "the b=0 volumes"] for run in runs if args.mask_dir and run.mask is None}
     for label, notes in mask_notes.items():
@@ -204,9 +205,9 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
         worker = StageSlurmWorker(sbatch_args=" ".join(shlex.split(args.sbatch_args)),
                                   resources=spec.resources, omp_nthreads=args.omp_nthreads)
     say(f"[dwiflow] {len(runs)} run(s); recon spec {spec.name}; worker {args.worker}; cache {work_dir}")
-    outcomes = run_participant(runs, bids_dir, output_dir, spec, work_dir, worker, options, responses=responses,
-                               already_warned=data_notes, report_notes=mask_notes, authors=args.authors,
-                               mask_dir=args.mask_dir)
+    outcomes = run_participant(runs, bids_dir, output_dir, spec, work_dir, worker, options,
+                               responses=run_responses if responses else None, already_warned=data_notes,
+                               report_notes=mask_notes, authors=args.authors, mask_dir=args.mask_dir)
     failed = [o for o in outcomes if not o.ok]
     if failed or invalid:
         for o in failed:
@@ -256,9 +257,11 @@ def _main(args: argparse.Namespace) -> int:
         if args.analysis_level == "group":
             from dwiflow.workflows.recon import run_group
 
+            from dwiflow.core.errors import DwiflowInputError
+
             try:
                 run_group(output_dir)
-            except FileNotFoundError as exc:
+            except (FileNotFoundError, DwiflowInputError) as exc:
                 return _error(str(exc))
             return 0
         return _participant(args, bids_dir, output_dir)
