@@ -64,6 +64,14 @@ def _progress(label: str, stage: str) -> TaskHooks:
     return TaskHooks(pre_run_task=started, post_run_task=finished)
 
 
+def stages_computed(spec: ReconSpec, mask_given: bool, responses_given: set[str]) -> list[str]:
+    """The recon spec's stages a run computes: not the mask stage when a mask is given (``--mask-dir``), nor the
+    response stage when group responses (kinds ``response_wm`` …) replace its outputs (``--response-dir``)."""
+    return [name for name, configured in spec.stages.items()
+            if not ("mask" in configured.stage.provides and mask_given)
+            and not any(kind in configured.stage.provides for kind in responses_given)]
+
+
 def _labelled(label: str) -> TaskHooks:
     """Hooks that print nothing but carry the run's label (for the SLURM worker's lines about the node's job)."""
 
@@ -124,11 +132,10 @@ def ReconRun(
     given_responses = {kind: value for kind, value in (("response_wm", response_wm), ("response_gm", response_gm),
                                                        ("response_csf", response_csf)) if value is not None}
     available.update(given_responses)  # group responses (--response-dir) replace the per-run ones
+    computed = stages_computed(spec, mask is not None, set(given_responses))
     for name, configured in spec.stages.items():
         stage, options = configured.stage, configured.options
-        if "mask" in stage.provides and mask is not None:
-            continue
-        if given_responses and any(kind in stage.provides for kind in given_responses):
+        if name not in computed:
             continue
         connected = {given.kind: available[given.kind] for given in stage.inputs
                      if given.kind in available and (given.when is None or given.when(spec))}
@@ -385,7 +392,9 @@ def run_participant(
     for index, run in enumerate(runs, 1):
         t0 = time.perf_counter()
         started = time.time()
-        progress(f"[dwiflow] run {index}/{len(runs)} {run.label}: stages {', '.join(stages)}")
+        given = {f"response_{tissue}" for tissue in (responses or {}).get(run.label, {})}
+        computed = stages_computed(recon_spec, run.mask is not None, given)
+        progress(f"[dwiflow] run {index}/{len(runs)} {run.label}: stages {', '.join(computed)}")
         task = _recon_task(run, stages, cv, (responses or {}).get(run.label), datasets, output_dir)
         log = work_dir / "logs" / f"{run.label}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
