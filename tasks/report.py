@@ -40,6 +40,7 @@ figcaption { font-size: 13px; color: #444; margin-top: 4px; }
 table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
 td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }
 th { background: #eef2f6; }
+table.summary td:first-child { white-space: nowrap; }
 pre { background: #f6f8fa; padding: 8px; font-size: 12px; overflow-x: auto; }
 pre.methods { white-space: pre-wrap; font-size: 13px; }
 details { margin: 8px 0; }
@@ -100,10 +101,11 @@ def _esc(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _table(rows: Iterable[Iterable[Any]], header: Iterable[str] | None = None) -> str:
+def _table(rows: Iterable[Iterable[Any]], header: Iterable[str] | None = None, css_class: str = "") -> str:
     head = "<tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table>{head}{body}</table>"
+    opening = f'<table class="{css_class}">' if css_class else "<table>"
+    return f"{opening}{head}{body}</table>"
 
 
 def read_sidecars(files) -> Iterator[tuple[Path, dict[str, Any]]]:
@@ -234,6 +236,24 @@ closest RAS voxel order without resampling.</p>
     return path
 
 
+def _group_responses_section(output_dir: Path) -> str:
+    """The group responses the group level wrote (one set per set of b-values): tissue, b-values, runs, file."""
+    from dwiflow.bids_specs.outputs import WILDCARDS, output_filename
+
+    rows = []
+    for tissue in ("wm", "gm", "csf"):
+        pattern = output_filename(f"group_response_{tissue}", {}, WILDCARDS)
+        for path, side in read_sidecars(sorted(output_dir.glob(pattern.replace(".txt", ".json")))):
+            shells = ", ".join(f"{b:.0f}" for b in side.get("Shells", []))
+            runs = ", ".join(Path(s).name.split("_model-")[0] for s in side.get("Sources", []))
+            rows.append([tissue.upper(), shells, f"{side.get('Runs', '?')}: {runs}", path.with_suffix(".txt").name])
+    if not rows:
+        return ""
+    return ("<h2>Group responses</h2><p>MRtrix3 responsemean averages of the runs' responses, one set per set of "
+            "b-values (<code>--response-dir</code> gives each run the set of its own).</p>"
+            + _table(rows, ["tissue", "b-values (s/mm²)", "runs", "file"], "summary"))
+
+
 def dataset_summary_page(output_dir: Path, summary_tsv: Path, distributions: list[tuple[str, Path | None, str]],
                          subjects: list[str]) -> Path:
     """Write ``OUTPUT_DIR/dataset_summary.html``: the group summary table and one distribution figure per metric.
@@ -242,6 +262,14 @@ def dataset_summary_page(output_dir: Path, summary_tsv: Path, distributions: lis
     """
     lines = summary_tsv.read_text().splitlines()
     header, rows = lines[0].split("\t"), [line.split("\t") for line in lines[1:]]
+    # the TSV has a column per headline metric of every model; the page shows those some run has
+    shown = [i for i, name in enumerate(header) if i == 0 or any(row[i] != "n/a" for row in rows if i < len(row))]
+    left_out = [name for i, name in enumerate(header) if i not in shown]
+    table = _table([[row[i] if i < len(row) else "" for i in shown] for row in rows], [header[i] for i in shown],
+                   "summary")
+    if left_out:
+        table += (f'<p class="note">In the TSV only (n/a for every run: no run made them): '
+                  f'{_esc(", ".join(left_out))}.</p>')
     parts = []
     for metric, figure, note in distributions:
         if figure is not None:
@@ -256,8 +284,8 @@ def dataset_summary_page(output_dir: Path, summary_tsv: Path, distributions: lis
 <html lang="en"><head><meta charset="utf-8"><title>dwiflow: dataset summary</title><style>{STYLE}</style></head>
 <body><header><h1>dwiflow dataset summary</h1><p>{len(rows)} runs; written {time.strftime('%Y-%m-%d %H:%M:%S')}</p>
 </header><nav>subject reports: {links}</nav><main>
-<h2>Summary table</h2><p>{_esc(summary_tsv.name)}</p>{_table(rows, header)}
-<h2>Distributions per metric</h2>{''.join(parts)}
+<h2>Summary table</h2><p>{_esc(summary_tsv.name)}</p>{table}
+{_group_responses_section(output_dir)}<h2>Distributions per metric</h2>{''.join(parts)}
 </main></body></html>
 """
     path = output_dir / "dataset_summary.html"

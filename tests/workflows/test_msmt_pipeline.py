@@ -87,6 +87,8 @@ def test_msmt_recon_spec_wires_dhollander_msmt_and_mtnormalise(tmp_path, capsys,
     group_wm = out / "model-msmtcsd_desc-wmgroup_response.txt"
     assert np.allclose(np.loadtxt(group_wm, comments="#"), wm_response, rtol=1e-9)
     assert json.loads(group_wm.with_suffix(".json").read_text())["Runs"] == 1
+    page = (out / "dataset_summary.html").read_text()  # the dataset page lists the group responses and their runs
+    assert "<h2>Group responses</h2>" in page and f"<td>1: sub-01_acq-b6kmax</td><td>{group_wm.name}</td>" in page
     # participant again with the group responses, named by the recon spec's response_dir (relative to the spec
     # file): no response stage; msmt-csd records the group response
     (tmp_path / "group_spec.yaml").write_text(yaml.safe_dump({**spec, "response_dir": "out"}))

@@ -48,7 +48,12 @@ def test_demo_reports_open_in_chromium(chromium, tmp_path):
     assert len(images) == 7  # tensor, tensor status, response, its voxels, CSD glyphs, FOD metrics, CSD status
     summary = out / "dataset_summary.html"
     assert len(_assert_images_load(chromium, summary, tmp_path)) == 3  # FA, MD and AFD distributions
-    assert "sub-phantom" in summary.read_text()
+    html = summary.read_text()
+    assert "sub-phantom" in html
+    # the page's table shows the metrics some run has; the TSV keeps every model's column (n/a here)
+    header = (out / "desc-group_summary.tsv").read_text().splitlines()[0].split("\t")
+    assert "rumba_fwm_mean" in header and "<th>rumba_fwm_mean</th>" not in html and "<th>fa_mean</th>" in html
+    assert "In the TSV only" in html and "rumba_fwm_mean" in html.split("In the TSV only")[1]
 
 
 def test_every_model_has_its_panels_and_a_failed_report_never_fails_the_run(chromium, tmp_path, monkeypatch):
