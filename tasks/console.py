@@ -39,8 +39,22 @@ def say(line: str, level: int = NORMAL) -> None:
         line = f"[dwiflow {stamp}] {line}"
     # one write of the whole line: worker processes print to the same stream, and print() writes the line and its
     # end separately, so two processes' lines could interleave ("…done[dwiflow …] …\n\n")
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_gone()
+
+
+def _stdout_gone() -> None:
+    """The reader of the progress lines has gone (``dwiflow … | head``, a log process that ended): the work goes
+    on without them. Standard output becomes the null device for the rest of the process, so that neither a later
+    line nor the interpreter's last flush fails."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 class StageProgress:

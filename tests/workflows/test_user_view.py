@@ -206,6 +206,25 @@ def test_a_progress_line_is_one_write(monkeypatch):
                                                        recorder.writes[0]), recorder.writes
 
 
+def test_a_run_goes_on_when_the_reader_of_its_progress_goes(tmp_path):
+    """``dwiflow … | head -2``: the reader closes the pipe after two lines; the run (cf worker: the worker processes
+    print to the same pipe) still finishes, writes its outputs and exits 0, without a broken-pipe error."""
+    import subprocess
+
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    assert dwirecon(["phantom", str(bids), "--shape", "8,8,3", "--seed", "4"]) == 0
+    process = subprocess.Popen([sys.executable, "-m", "dwiflow.cli.bidsapp", str(bids), str(out), "participant",
+                                "--work-dir", str(tmp_path / "work"), "--worker", "cf", "--nprocs", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = [process.stdout.readline(), process.stdout.readline()]
+    process.stdout.close()
+    errors = process.stderr.read()
+    assert process.wait(timeout=600) == 0, errors
+    assert all(line.startswith("[dwiflow ") for line in first), first
+    assert "Broken pipe" not in errors and "Exception ignored" not in errors, errors
+    assert list(out.glob("sub-phantom/dwi/*_model-csd_param-fod_dwimap.nii.gz")) and (out / "sub-phantom.html").is_file()
+
+
 def test_help_lists_the_built_in_specs_and_every_method(capsys):
     from dwiflow.tasks.recon_spec import builtin_specs
     from dwiflow.tasks.registry import StageGroup, stages
