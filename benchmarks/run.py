@@ -794,8 +794,8 @@ def bench_ss3t(n_voxels: int, repeats: int, workdir: Path) -> list[dict]:
     rows = []
     for threads in (1, 2):
         ours = [sys.executable, "-m", "dwiflow.cli.dwirecon", "ss3t-csd", str(folder / "dwi.nii.gz"),
-                str(folder / "dwi.bval"), str(folder / "dwi.bvec"), str(folder / "wm.txt"), str(folder / "gm.txt"),
-                str(folder / "csf.txt"), str(folder / "o_wm.nii.gz"), str(folder / "o_gm.nii.gz"),
+                str(folder / "dwi.bval"), str(folder / "dwi.bvec"), str(folder / "wm.txt"), str(folder / "o_wm.nii.gz"),
+                str(folder / "gm.txt"), str(folder / "o_gm.nii.gz"), str(folder / "csf.txt"),
                 str(folder / "o_csf.nii.gz"), "-q"]
         t_o = _whole_command(ours, threads, repeats)
         t_m = _whole_command(["bash", "-c", SS3T_MRTRIX_SCRIPT, "ss3t", str(folder), str(threads)], threads, 1)

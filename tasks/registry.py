@@ -121,6 +121,14 @@ class Stage:
     # the stage runs numba kernels (always, or with the options for which this function is true): numba's one-time
     # set-up starts on a thread as the stage starts (prepare_compiler_in_background)
     compiled: bool | Callable[[Any], bool] = False
+    # MRtrix3's (input, output) pairs on the command line (dwi2fod msmt_csd DWI RESP_1 OUT_1 RESP_2 OUT_2 …): the
+    # first ``cli_pairs_required`` pairs are positional, in pair order; the others keep their flags and may also
+    # follow positionally (``cli_pairs_metavar`` in the usage), filling the pairs not named by a flag in order, or
+    # as ``cli_pair_slots(input paths, free pair indices)`` assigns them
+    cli_pairs: tuple[tuple[str, str], ...] = ()
+    cli_pairs_required: int = 1
+    cli_pairs_metavar: str = "IN OUT"
+    cli_pair_slots: Callable[[list[Path], list[int]], list[int]] | None = None
 
     @property
     def label(self) -> str:

@@ -32,16 +32,28 @@ def _stage_parser(sub, command: str, stage) -> argparse.ArgumentParser:
     from dwiflow.tasks.options import add_cli_options
 
     p = sub.add_parser(command, help=stage.summary, description=stage.description)
+    required_pairs = stage.cli_pairs[:stage.cli_pairs_required]
+    paired_inputs, paired_outputs = {kind for kind, _ in required_pairs}, {name for _, name in required_pairs}
     for given in stage.inputs:
-        if not given.cli:
+        if not given.cli or given.kind in paired_inputs:
             continue
         if given.flag:
             p.add_argument(f"--{given.kind.replace('_', '-')}", dest=given.kind, metavar=given.metavar,
                            required=given.required, help=given.help)
         else:
             p.add_argument(given.kind, metavar=given.metavar, help=given.help)
+    for kind, name in required_pairs:  # MRtrix3's order: each input followed by its output
+        given, out = next(g for g in stage.inputs if g.kind == kind), stage.output(name)
+        p.add_argument(kind, metavar=given.metavar, help=given.help)
+        p.add_argument(_out_dest(name), metavar=out.metavar or name.upper(), help=f"where to write {out.help}")
+    if len(stage.cli_pairs) > stage.cli_pairs_required:
+        later = ", ".join(f"--{kind.replace('_', '-')} with --{name.replace('_', '-')}"
+                          for kind, name in stage.cli_pairs[stage.cli_pairs_required:])
+        p.add_argument("more_pairs", nargs="*", metavar=stage.cli_pairs_metavar,
+                       help=f"further (input, output) pairs as MRtrix3 takes them, in the order {later} (or name "
+                            "them with those options)")
     for out in stage.outputs:
-        if out.cli == "positional":
+        if out.cli == "positional" and out.name not in paired_outputs:
             p.add_argument(_out_dest(out.name), metavar=out.metavar or out.name.upper(), help=f"where to write {out.help}")
     if any(out.cli == "dir" for out in stage.outputs):
         p.add_argument("out_dir", metavar="OUT_DIR",
@@ -110,6 +122,30 @@ def _progress(command: str, unit: str):
     return report
 
 
+def _assign_pairs(stage, more: list[Path], files: dict, outputs: dict) -> None:
+    """Give the (input, output) pairs that follow the required ones on the command line their places: the stage's
+    pairs not already named by a flag, in order (or as the stage's ``cli_pair_slots`` says)."""
+    from dwiflow.tasks.options import OptionError
+
+    if not more:
+        return
+    if len(more) % 2:
+        raise OptionError(f"{len(more)} file(s) after the first {stage.cli_pairs_required} pair(s): the further "
+                          f"files must come in ({stage.cli_pairs_metavar.replace(' ', ', ')}) pairs")
+    free = [k for k in range(stage.cli_pairs_required, len(stage.cli_pairs))
+            if files.get(stage.cli_pairs[k][0]) is None and stage.cli_pairs[k][1] not in outputs]
+    inputs = more[0::2]
+    if len(inputs) > len(free):
+        raise OptionError(f"{stage.cli_pairs_required + len(inputs)} (input, output) pairs given, with "
+                          f"{len(stage.cli_pairs) - stage.cli_pairs_required - len(free)} named by options: "
+                          f"{stage.command} takes at most {len(stage.cli_pairs)} "
+                          f"({', '.join(kind for kind, _ in stage.cli_pairs)})")
+    slots = stage.cli_pair_slots(inputs, free) if stage.cli_pair_slots else free[:len(inputs)]
+    for source, target, slot in zip(more[0::2], more[1::2], slots):
+        kind, name = stage.cli_pairs[slot]
+        files[kind], outputs[name] = source, target
+
+
 def run_command(args: argparse.Namespace, warn) -> int:
     """Run the stage a parsed command line names."""
     from dwiflow.bids_specs.outputs import entities_from_filename
@@ -130,6 +166,7 @@ def run_command(args: argparse.Namespace, warn) -> int:
     files = {given.kind: getattr(args, given.kind, None) for given in stage.inputs}
     outputs = {o.name: Path(getattr(args, _out_dest(o.name))) for o in stage.outputs
                if o.cli in ("positional", "flag") and getattr(args, _out_dest(o.name), None)}
+    _assign_pairs(stage, [Path(p) for p in getattr(args, "more_pairs", None) or []], files, outputs)
     source = next((files[g.kind] for g in stage.inputs if not g.flag and files.get(g.kind)), None)
     naming = {"fod_model": getattr(options, "model", None)
               or (entities_from_filename(str(source)).get("model") if source else None) or "csd"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -85,6 +86,24 @@ def run_msmt_csd(files, outputs, options: MsmtCsdOptions, context):
                       sh_basis=options.sh_basis)
 
 
+# the apparent diffusivity (mm²/s, from a response's b=0 and largest-b l=0 terms) above which an isotropic response is
+# free water (CSF, ~3e-3) rather than grey matter (~0.8e-3): it names the second tissue of a two-tissue command line
+CSF_DIFFUSIVITY_CUT = 1.5e-3
+
+
+def tissue_slots(responses: list[Path], free: list[int]) -> list[int]:
+    """The tissues (GM = 1, CSF = 2) of the responses that follow the WM pair on the command line: in order, except
+    that a single one is CSF when its signal decays as free water does (MRtrix3's two-tissue recipe for single-shell
+    data is WM + CSF; the fit is the same either way, only the output's description differs)."""
+    if len(responses) == 1 and free == [1, 2]:
+        response = load_response(responses[0])
+        l0, b = response.coefficients[:, 0], response.bvalues
+        if len(b) > 1 and l0[0] > 0 and l0[-1] > 0 and b[-1] > b[0]:
+            if np.log(l0[0] / l0[-1]) / (b[-1] - b[0]) > CSF_DIFFUSIVITY_CUT:
+                return [2]
+    return free[:len(responses)]
+
+
 def check_msmt_csd_data(data, options: MsmtCsdOptions) -> None:
     if not data.shells:
         raise DwiflowInputError("multi-tissue CSD needs diffusion-weighted shells; this run has only b=0 volumes")
@@ -100,7 +119,9 @@ STAGES = (
         summary="multi-shell multi-tissue CSD (Jeurissen 2014)",
         description="MRtrix3's dwi2fod msmt_csd: every shell (b=0 included) modelled as the sum of each tissue's ODF "
                     "convolved with its response; each tissue's ODF non-negative. Responses: one row per shell (e.g. "
-                    "from response dhollander). Give WM and, optionally, GM and CSF (at most one tissue per b-value).",
+                    "from response dhollander). Give WM and, optionally, GM and CSF (at most one tissue per b-value), as "
+                    "MRtrix3 takes them (RESP_WM OUT_WM RESP_GM OUT_GM RESP_CSF OUT_CSF; two pairs: WM and GM, or WM "
+                    "and CSF when the second response decays as free water does) or with the options below.",
         options=MsmtCsdOptions, run=run_msmt_csd,
         inputs=DWI_INPUTS + (
             Input("response_wm", "RESP_WM", "white-matter response (MRtrix3 text format, one row per shell)"),
@@ -116,5 +137,7 @@ STAGES = (
                  Output("status", "the per-voxel status map", cli="flag")),
         provides={"fod": "wm", "gm": "gm", "csf": "csf"}, fod_priority=35, threads=True, compiled=True,
         check_data=check_msmt_csd_data, progress="voxels", conflicts=("csd",),
+        cli_pairs=(("response_wm", "wm"), ("response_gm", "gm"), ("response_csf", "csf")), cli_pairs_metavar="RESP OUT",
+        cli_pair_slots=tissue_slots,
     ),
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -96,6 +97,17 @@ def run_mtnormalise(files, outputs, options: MtNormaliseOptions, context):
     return written
 
 
+def compartment_slots(images: list[Path], free: list[int]) -> list[int]:
+    """The tissues (GM = 1, CSF = 2) of the compartments that follow the WM FOD pair on the command line: in order,
+    except that a single one is CSF when its sidecar says so (dwiflow's msmt-csd and ss3t-csd write one; MRtrix3's
+    two-tissue recipe is WM + CSF). The normalisation is the same either way; the tissue-fraction volumes differ."""
+    if len(images) == 1 and free == [1, 2]:
+        description = (read_sidecar(images[0]) or {}).get("Description", "")
+        if isinstance(description, str) and description.startswith("CSF"):
+            return [2]
+    return free[:len(images)]
+
+
 STAGES = (
     Stage(
         name="mtnormalise", order=45, title="Multi-tissue normalisation (Dhollander 2021)",
@@ -106,7 +118,9 @@ STAGES = (
         summary="multi-tissue log-domain intensity normalisation (MRtrix3 mtnormalise)",
         description="Drives the balanced sum of the tissues' l=0 terms to a reference value with a smooth "
                     "polynomial field in the log domain, rejecting outliers, as MRtrix3 3.0's mtnormalise; divides "
-                    "every tissue image by the field.",
+                    "every tissue image by the field. The tissues as MRtrix3 takes them (IN_WM OUT_WM IN_GM OUT_GM "
+                    "IN_CSF OUT_CSF; two pairs: WM and GM, or WM and CSF when the second's sidecar says CSF) or with "
+                    "the options below.",
         options=MtNormaliseOptions, run=run_mtnormalise,
         inputs=(Input("fod", "IN_WM", "the WM FOD (SH, e.g. from msmt-csd)"),
                 Input("gm", "FILE", "the GM compartment", required=False, flag=True),
@@ -124,5 +138,6 @@ STAGES = (
                         metavar="MASK"),
                  Output("check_factors", "the tissue balance factors (text)", cli="flag", metavar="FILE")),
         provides={"fod": "wm"}, fod_priority=36,
+        cli_pairs=(("fod", "wm"), ("gm", "gm_norm"), ("csf", "csf_norm")), cli_pair_slots=compartment_slots,
     ),
 )

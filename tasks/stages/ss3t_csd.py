@@ -81,6 +81,7 @@ STAGES = (
                  Output("gm", "the GM compartment (l=0 term)", cli="positional", metavar="OUT_GM"),
                  Output("csf", "the CSF compartment (l=0 term)", cli="positional", metavar="OUT_CSF"),
                  Output("status", "the per-voxel status map", cli="flag")),
+        cli_pairs=(("response_wm", "wm"), ("response_gm", "gm"), ("response_csf", "csf")), cli_pairs_required=3,
         provides={"fod": "wm", "gm": "gm", "csf": "csf"}, fod_priority=34, threads=True, compiled=True,
         check_data=check_ss3t_data, progress="fits", conflicts=("csd", "msmt_csd"),
     ),
