@@ -162,7 +162,7 @@ def mrtrix_tensor_fa(data: np.ndarray, gtab: GradientTable, mask: np.ndarray,
     """FA and principal direction as MRtrix3's ``dwi2tensor | tensor2metric -fa -vector -modulate none``: the
     tensor fit of ``dwi2tensor`` (:class:`~dwiflow.core.tensor.TensorModel` ``IWLS``, every finite solution kept,
     flagged or not, on ``n_threads`` threads); FA from the eigenvalues as they are (no clipping; it can exceed 1 in
-    noisy voxels), 0 where the fit failed."""
+    noisy voxels), 0 where the fit failed; the direction of the eigenvalue of largest magnitude."""
     from dwiflow.core.tensor import TensorModel, fractional_anisotropy, lower_triangular_to_matrix
 
     fit = TensorModel(gtab, fit_method="IWLS", keep_flagged_values=True).fit(data, mask, n_threads=n_threads)
@@ -175,7 +175,10 @@ def mrtrix_tensor_fa(data: np.ndarray, gtab: GradientTable, mask: np.ndarray,
     fa_map = np.zeros(mask.shape)
     fa_map[mask] = fa
     vectors = np.zeros(mask.shape + (3,))
-    vectors[mask] = evecs[:, :, 2]
+    # tensor2metric's principal eigenvector is that of the eigenvalue of largest magnitude: a negative one in a
+    # non-physical tensor (FA above 1), where eigh's order would give the largest signed one
+    principal = np.argmax(np.abs(evals), axis=1)
+    vectors[mask] = evecs[np.arange(evecs.shape[0]), :, principal]
     return fa_map.astype(np.float32), vectors
 
 
@@ -199,6 +202,23 @@ def signal_decay_metric(data: np.ndarray, gtab: GradientTable) -> tuple[np.ndarr
     return sdm, error
 
 
+def _external_wm_voxels(algorithm: str, data: np.ndarray, gtab: GradientTable, refined_wm: np.ndarray, number: int,
+                        n_threads: int | None) -> np.ndarray:
+    """The single-fibre WM voxels MRtrix3's ``dwi2response <algorithm> -mask refined_wm -number N`` selects (what
+    ``-wm_algo`` runs): ``fa`` tensor FA of every volume in the mask as given (a given mask is not eroded), the N
+    highest; ``tournier`` and ``tax`` on the largest shell (``dwi2response`` hands a single-shell algorithm that
+    shell alone)."""
+    from dwiflow.core.response_iterative import mrtrix_tax_response, tournier_response
+
+    if algorithm == "fa":
+        fa_map, _ = mrtrix_tensor_fa(data, gtab, refined_wm, n_threads)
+        return _top(fa_map, refined_wm, number)
+    if algorithm == "tournier":
+        # dwi2response tournier -number N re-examines 10 N voxels per iteration (its -iter_voxels default in 3.0)
+        return tournier_response(data, gtab, refined_wm, sf_voxels=number, iter_voxels=10 * number).voxels
+    return mrtrix_tax_response(data, gtab, refined_wm).voxels
+
+
 def dhollander(
     data: np.ndarray,
     gtab: GradientTable,
@@ -210,6 +230,7 @@ def dhollander(
     gm: float = DEFAULT_GM,
     csf: float = DEFAULT_CSF,
     lmax: list[int] | None = None,
+    wm_algo: str | None = None,
     n_threads: int | None = None,
 ) -> DhollanderResult:
     """Estimate WM, GM and CSF responses from one run (see the module notes for the algorithm).
@@ -229,6 +250,11 @@ def dhollander(
         Percentages of the refined WM, GM and CSF kept as final voxels (0.5, 2, 10).
     lmax : list of int, optional
         The WM response's lmax per shell (default: amp2response's, 10 and 0 at b=0).
+    wm_algo : {None, "fa", "tournier", "tax"}
+        MRtrix3's ``-wm_algo``: select the single-fibre WM voxels inside the refined WM with that ``dwi2response``
+        algorithm instead of the built-in ranking (Dhollander 2019): ``fa`` the ``sfwm`` per cent of highest FA,
+        ``tournier`` its iterative selection of as many voxels on the largest shell, ``tax`` its recursive
+        calibration (as many voxels as it keeps; ``sfwm`` is not used).
     n_threads : int, optional
         Threads of the tensor fit (default 1; the result does not depend on it). The CSD fits use numba's.
 
@@ -246,6 +272,8 @@ def dhollander(
                                 parameters=("bvals",))
     if lmax is not None and len(lmax) != len(shells):
         raise DwiflowInputError(f"{len(lmax)} lmax values for {len(shells)} b-values", parameters=("lmax",))
+    if wm_algo not in (None, "fa", "tournier", "tax"):
+        raise DwiflowInputError(f"wm_algo must be fa, tournier or tax, got {wm_algo!r}", parameters=("wm_algo",))
     for name, value in (("sfwm", sfwm), ("gm", gm), ("csf", csf)):
         if not 0 < value <= 100:
             raise DwiflowInputError(f"{name} must be a percentage in (0, 100], got {value}", parameters=(name,))
@@ -330,8 +358,11 @@ def dhollander(
             metric = (amplitude / (wm_sh[..., 0] + csf_sh[..., 0])).astype(np.float32)
         return np.where(region & np.isfinite(metric), metric, 0)
 
-    refined_sfwm = _top(ranking(refined_wm, 2), refined_wm, 2 * wm_number)
-    voxels_wm = _top(ranking(refined_sfwm, 6), refined_sfwm, wm_number)
+    if wm_algo is None:
+        refined_sfwm = _top(ranking(refined_wm, 2), refined_wm, 2 * wm_number)
+        voxels_wm = _top(ranking(refined_sfwm, 6), refined_sfwm, wm_number)
+    else:
+        voxels_wm = _external_wm_voxels(wm_algo, data, gtab, refined_wm, wm_number, n_threads)
     response_wm = amp2response(selected(voxels_wm), vectors[voxels_wm], gtab, lmax=lmax)
     counts.update(voxels_wm=int(voxels_wm.sum()), voxels_gm=int(voxels_gm.sum()), voxels_csf=int(voxels_csf.sum()))
     return DhollanderResult(response_wm, response_gm, response_csf, voxels_wm, voxels_gm, voxels_csf, counts)

@@ -198,3 +198,72 @@ def tax_response(
     final = amp2response(signals[rows], selected_fibres, gtab, shells=[0.0, target.bvalue], lmax=[0, lmax])
     final.metadata["AveragedZonal"] = " ".join(f"{c:.6g}" for c in zonal)
     return IterativeResponse(final, voxels, iteration, converged)
+
+
+def mrtrix_tax_response(
+    data: np.ndarray,
+    gtab: GradientTable,
+    mask: np.ndarray,
+    *,
+    peak_ratio: float = 0.1,
+    max_iters: int = 20,
+    convergence: float = 0.5,
+) -> IterativeResponse:
+    """MRtrix3's ``dwi2response tax`` (its reading of Tax et al. 2014) on the largest shell: from a response built
+    from the shell's mean and standard deviation inside ``mask`` (lmax 4), deconvolve (``dwi2fod csd``) inside the
+    current voxels, keep those whose second FOD peak is below ``peak_ratio`` of the first, re-estimate the response
+    from them (``amp2response``, the first peak's direction), and stop when no coefficient changed by more than
+    ``convergence`` per cent of its value (or after ``max_iters``). Unlike :func:`tax_response` (DIPY's
+    recursive calibration) the selection only shrinks: each iteration tests the voxels the one before kept.
+
+    Returns the last response (the shell's row only, as MRtrix3 writes it) and its voxels.
+    """
+    from dwiflow.core.fixels import segment_fods
+
+    if not 0 < peak_ratio < 1:
+        raise DwiflowInputError(f"peak_ratio must be in (0, 1), got {peak_ratio}", parameters=("peak_ratio",))
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        raise DwiflowInputError("the mask is empty")
+    target = _single_shell(gtab, None)
+    values = np.asarray(data[mask][:, np.asarray(target.indices)], dtype=np.float64)
+    scale = np.sqrt(4.0 * np.pi)
+    mean, std = float(values.mean()) * scale, float(values.std(ddof=1)) * scale
+    response = ResponseFunction(np.array([target.bvalue]), np.array([[mean, -0.5 * std, 0.25 * std * std / mean]]))
+    candidates = mask
+    selected, iteration = candidates, 0
+    for iteration in range(1, max_iters + 1):
+        fit = CsdModel(gtab, response, shell=target.bvalue).fit(data, candidates)
+        index = np.nonzero(candidates)
+        sh = fit.sh[index]
+        ok = np.all(np.isfinite(sh), axis=1)
+        # fod2fixel -fmls_no_thresholds: the lobes' peak amplitudes (largest first) and the first lobe's direction
+        fixels = segment_fods(np.where(ok[:, None], sh, 0.0), ok, integral_threshold=0.0, peak_value_threshold=0.0)
+        first, second = np.zeros(sh.shape[0]), np.zeros(sh.shape[0])
+        has = fixels.counts > 0
+        first[has] = fixels.peak_amplitude[fixels.offsets[has]]
+        two = fixels.counts > 1
+        second[two] = fixels.peak_amplitude[fixels.offsets[two] + 1]
+        lead = np.zeros((sh.shape[0], 3))
+        lead[has] = fixels.directions[fixels.offsets[has]]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            single = second / first < peak_ratio  # no lobe at all: 0/0, never single-fibre
+        if not single.any():
+            raise DwiflowInputError(f"tax: every voxel was excluded from the single-fibre selection at iteration "
+                                    f"{iteration}", parameters=("peak_ratio",))
+        selected = np.zeros(mask.shape, dtype=bool)
+        selected[tuple(i[single] for i in index)] = True
+        direction = np.zeros(mask.shape + (3,))
+        direction[index] = lead
+        new = amp2response(np.asarray(data[selected], dtype=float), direction[selected], gtab, shells=[target.bvalue])
+        old_row, new_row = response.coefficients[0], new.coefficients[0]
+        width = min(old_row.size, new_row.size)
+        halves = 0.5 * (old_row[:width] + new_row[:width])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # MRtrix3's test, signed mean included: a coefficient whose mean is negative never asks for more
+            changed = np.abs(0.5 * (old_row[:width] - new_row[:width])) / halves > 0.01 * convergence
+        response = new
+        if iteration > 1 and not np.any(changed):
+            return IterativeResponse(response, selected, iteration, True)
+        candidates = selected
+    return IterativeResponse(response, selected, iteration, False)

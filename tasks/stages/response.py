@@ -249,6 +249,23 @@ class DhollanderOptions(StageOptions):
                         minimum=0, maximum=100)
     lmax: list[int] | None = option(None, help="the WM response's lmax per b-value, b=0 included (default 10, "
                                                "0 at b=0)", minimum=0, even=True)
+    # command line only: in a recon spec the responses feed a deconvolution of every shell
+    shells: list[float] | None = option(None, help="the b-values to use, b=0 included explicitly, e.g. 0,1000,3000 "
+                                                   "(default: all; MRtrix3's -shells)", minimum=0, spec=False)
+    wm_algo: str | None = option(None, choices=("fa", "tournier", "tax"),
+                                 help="select the single-fibre WM voxels inside the refined WM with this "
+                                      "dwi2response algorithm instead of the built-in one (Dhollander 2019), as "
+                                      "MRtrix3's -wm_algo")
+
+
+def _shells_used(gtab, shells: list[float] | None):
+    """The volumes of the requested b-values (all when none are requested): (volume indices, shells)."""
+    from dwiflow.core.response import select_shells
+
+    if shells is None:
+        return np.arange(gtab.n_volumes), list(gtab.shells)
+    chosen = select_shells(gtab, shells)
+    return np.sort(np.concatenate([s.indices for s in chosen])), chosen
 
 
 def run_dhollander(files, outputs, options: DhollanderOptions, context):
@@ -257,16 +274,21 @@ def run_dhollander(files, outputs, options: DhollanderOptions, context):
 
     dwi, mask = files["dwi"], files.get("mask")
     run = load_dwi(dwi, files["bval"], files["bvec"])
-    if options.lmax is not None and len(options.lmax) != len(run.gtab.shells):
+    volumes, shells = _shells_used(run.gtab, options.shells)
+    if options.lmax is not None and len(options.lmax) != len(shells):
         from dwiflow.tasks.options import OptionError
 
-        raise OptionError(f"{{lmax}}: {len(options.lmax)} values but {dwi} has {len(run.gtab.shells)} b-values "
-                          f"({', '.join(f'{s.bvalue:.0f}' for s in run.gtab.shells)})", "lmax")
-    result = dhollander(run.data, run.gtab, brain_mask(run, mask), erode=options.erode, fa=options.fa,
+        raise OptionError(f"{{lmax}}: {len(options.lmax)} values but {len(shells)} b-values are used "
+                          f"({', '.join(f'{s.bvalue:.0f}' for s in shells)})", "lmax")
+    data, gtab = run.data, run.gtab
+    if volumes.size < gtab.n_volumes:
+        data, gtab = run.data[..., volumes], gtab.subset(volumes)
+    result = dhollander(data, gtab, brain_mask(run, mask), erode=options.erode, fa=options.fa,
                         sfwm=options.sfwm, gm=options.gm, csf=options.csf, lmax=options.lmax,
-                        n_threads=thread_count(context))
+                        wm_algo=options.wm_algo, n_threads=thread_count(context))
     params = {"Erode": options.erode, "FA": options.fa, "SFWM": options.sfwm, "GM": options.gm, "CSF": options.csf,
-              "Lmax": options.lmax, "VoxelCounts": result.counts}
+              "Lmax": options.lmax, "Shells": options.shells, "WmAlgo": options.wm_algo,
+              "VoxelCounts": result.counts}
     written = {}
     with atomic_outputs() as out:
         for tissue in ("wm", "gm", "csf"):
@@ -292,9 +314,15 @@ def check_dhollander_data(data, options) -> None:
     if not data.shells:
         raise DwiflowInputError("dhollander needs b=0 and at least one diffusion-weighted shell; this run has only "
                                 "b=0 volumes")
-    if options.lmax is not None and len(options.lmax) != len(data.shells) + 1:
-        raise OptionError(f"{{lmax}}: {len(options.lmax)} values but this run has {len(data.shells) + 1} b-values "
-                          "(b=0 included)", "lmax")
+    available = ([0.0] if data.n_b0 else []) + [b for b, _ in data.shells]
+    if options.shells is not None:
+        missing = [b for b in options.shells if not any(abs(b - a) <= 80 for a in available)]
+        if missing:
+            raise OptionError(f"{{shells}}: b={', '.join(f'{b:g}' for b in missing)} not in this run (its b-values: "
+                              f"{', '.join(f'{b:.0f}' for b in available)})", "shells")
+    used = len(options.shells) if options.shells is not None else len(available)
+    if options.lmax is not None and len(options.lmax) != used:
+        raise OptionError(f"{{lmax}}: {len(options.lmax)} values but {used} b-values are used (b=0 included)", "lmax")
     if data.shape and options.erode > 0 and min(data.shape) < 2 * options.erode + 1:
         # each pass also removes the image's outer layer, as MRtrix3's maskfilter erode does
         raise OptionError(f"{{erode}}: {options.erode} erosions leave no voxel of a "
@@ -366,8 +394,9 @@ RESPONSE = StageGroup(
             name="response", method="dhollander", order=30, title="Response function",
             summary="MRtrix3 dwi2response dhollander: WM, GM and CSF responses for multi-tissue CSD",
             description="Dhollander et al. 2016/2019 as MRtrix3 3.0: eroded mask, signal decay metric, FA and "
-                        "automatic thresholds, single-fibre WM ranked by a flat-response 2-tissue CSD, then "
-                        "amp2response per tissue over every b-value (isotropic for GM and CSF).",
+                        "automatic thresholds, single-fibre WM ranked by a flat-response 2-tissue CSD (or by "
+                        "--wm-algo's algorithm), then amp2response per tissue over every b-value (or --shells'; "
+                        "isotropic for GM and CSF).",
             options=DhollanderOptions, run=run_dhollander, inputs=DWI_INPUTS + (_MASK,),
             outputs=(Output("wm", "the single-fibre WM response", cli="positional", metavar="OUT_WM"),
                      Output("gm", "the GM response", cli="positional", metavar="OUT_GM"),
@@ -378,8 +407,10 @@ RESPONSE = StageGroup(
             check_data=check_dhollander_data, threads=True, compiled=True,
             methods=lambda o: ("White-matter, grey-matter and CSF response functions were estimated with the "
                                f"dhollander algorithm (brain mask eroded {o.erode} times, FA threshold {o.fa:g}; "
-                               f"{o.sfwm:g}% single-fibre WM, {o.gm:g}% GM and {o.csf:g}% CSF voxels kept), as "
-                               "MRtrix3 3.0's dwi2response dhollander"),
+                               f"{o.sfwm:g}% single-fibre WM, {o.gm:g}% GM and {o.csf:g}% CSF voxels kept"
+                               + (f"; single-fibre WM selected by the {o.wm_algo} algorithm" if o.wm_algo else "")
+                               + (f"; b-values {', '.join(f'{b:g}' for b in o.shells)}" if o.shells else "")
+                               + "), as MRtrix3 3.0's dwi2response dhollander"),
             references=("dhollander2016", "dhollander2019", "mrtrix3")),
     },
 )

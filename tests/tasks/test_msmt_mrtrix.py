@@ -44,6 +44,34 @@ def dhollander_pair(tmp_path_factory, mrtrix):
     return out
 
 
+@pytest.mark.parametrize("acq, options", [("b6kmax", ["--wm-algo", "fa"]), ("b1kb2k", ["--wm-algo", "tournier"]),
+                                          ("b6kmax", ["--wm-algo", "tax"]), ("b1kb2k", ["--shells", "0,2000"])])
+def test_dhollander_wm_algo_and_shells_equal_mrtrix(acq, options, tmp_path, capsys, record, mrtrix):
+    """``--wm-algo`` (MRtrix3's -wm_algo: the single-fibre WM voxels chosen by dwi2response fa, tournier or tax
+    inside the refined WM) and ``--shells`` (-shells): the same voxels as MRtrix3 3.0.3 and l=0 terms within 1e-4."""
+    paths = real_run(f"sub-01_acq-{acq}")
+    ours = [tmp_path / f"o_{t}.txt" for t in ("wm", "gm", "csf")]
+    theirs = [tmp_path / f"m_{t}.txt" for t in ("wm", "gm", "csf")]
+    assert main([str(a) for a in ["response", "dhollander", paths["dwi"], paths["bval"], paths["bvec"], *ours,
+                                  "--mask", paths["mask"], "--erode", "0", "--voxels", tmp_path / "o_vox.nii.gz",
+                                  *options, "-q"]]) == 0, capsys.readouterr().err
+    _mrtrix("dwi2response", "dhollander", paths["dwi"], "-fslgrad", paths["bvec"], paths["bval"], *theirs, "-mask",
+            paths["mask"], "-erode", "0", "-voxels", tmp_path / "m_vox.nii", "-" + options[0][2:].replace("-", "_"),
+            options[1])
+    mine = nib.load(tmp_path / "o_vox.nii.gz").get_fdata() > 0
+    reference = nib.load(tmp_path / "m_vox.nii").get_fdata() > 0
+    label = f"sub-01 {acq}, {' '.join(options)}"
+    wm_dice = 2 * (mine[..., 2] & reference[..., 2]).sum() / (mine[..., 2].sum() + reference[..., 2].sum())
+    record("dhollander", f"single-fibre WM voxels, Dice ({label})", wm_dice, "1", "MRtrix3 3.0.3 dwi2response dhollander")
+    assert np.array_equal(mine, reference) and reference[..., 2].sum() >= 10
+    for o, m in zip(ours, theirs):
+        a, b = load_response(o), load_response(m)
+        assert a.coefficients.shape == b.coefficients.shape and np.allclose(a.bvalues, b.bvalues, atol=20)
+        assert np.max(np.abs(a.coefficients[:, 0] / b.coefficients[:, 0] - 1)) <= 1e-4, (o.name, a.coefficients[:, 0])
+    if options[0] == "--shells":
+        assert list(np.round(load_response(ours[0]).bvalues, -2)) == [0, 2000]
+
+
 @pytest.mark.parametrize("acq", ACQUISITIONS)
 def test_dhollander_selects_mrtrix_voxels_and_responses(dhollander_pair, acq, record):
     folder, _, ours = dhollander_pair[acq]
