@@ -108,7 +108,7 @@ def group_responses_for(folder: Path, spec, what: str = "--response-dir") -> lis
         if wm.name != output_filename("group_response_wm", {}, {"shells": label}):
             continue  # not a name the group level writes
         files = {"wm": wm}
-        for tissue in wanted[1:] if wanted[0] == "wm" else wanted:
+        for tissue in (t for t in wanted if t != "wm"):
             path = folder / output_filename(f"group_response_{tissue}", {}, {"shells": label})
             if path.is_file():
                 _response_bvalues(path)

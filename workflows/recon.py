@@ -392,10 +392,11 @@ def run_participant(
     for index, run in enumerate(runs, 1):
         t0 = time.perf_counter()
         started = time.time()
-        given = {f"response_{tissue}" for tissue in (responses or {}).get(run.label, {})}
-        computed = stages_computed(recon_spec, run.mask is not None, given)
-        progress(f"[dwiflow] run {index}/{len(runs)} {run.label}: stages {', '.join(computed)}")
-        task = _recon_task(run, stages, cv, (responses or {}).get(run.label), datasets, output_dir)
+        run_responses = (responses or {}).get(run.label)
+        given = {f"response_{tissue}" for tissue in run_responses or {}}
+        names = stages_computed(recon_spec, run.mask is not None, given)
+        progress(f"[dwiflow] run {index}/{len(runs)} {run.label}: stages {', '.join(names)}")
+        task = _recon_task(run, stages, cv, run_responses, datasets, output_dir)
         log = work_dir / "logs" / f"{run.label}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -407,7 +408,7 @@ def run_participant(
                 raise RuntimeError(f"workflow errored; see {result.cache_dir}")
             files = publish(Path(result.outputs.staged), output_folder(output_dir, run))
             figures = publish(Path(result.outputs.figures), figures_folder(output_dir, run))
-            write_run_methods(output_dir, run, recon_spec, bool((responses or {}).get(run.label)))
+            write_run_methods(output_dir, run, recon_spec, bool(run_responses))
             outcome = RunOutcome(run, True, files, seconds=time.perf_counter() - t0, figures=figures)
             computed = _computed_seconds(timing_log, run.label, invocation_start)
             how = (f"stages computed in {computed:.1f} s" if computed is not None

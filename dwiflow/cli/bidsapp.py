@@ -255,9 +255,8 @@ def _main(args: argparse.Namespace) -> int:
     install_signal_handlers()
     try:
         if args.analysis_level == "group":
-            from dwiflow.workflows.recon import run_group
-
             from dwiflow.core.errors import DwiflowInputError
+            from dwiflow.workflows.recon import run_group
 
             try:
                 run_group(output_dir)

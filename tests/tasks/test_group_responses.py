@@ -73,3 +73,19 @@ def test_runs_with_other_b_values_get_their_own_group_response(tmp_path):
         f"model-msmtcsd_desc-{t}group_response.{e}" for t in ("wm", "gm", "csf") for e in ("txt", "json"))
     sets = group_responses_for(out, load_recon_spec("msmt"))
     assert len(sets) == 1 and sets[0].files["wm"].name == "model-msmtcsd_desc-wmgroup_response.txt"
+
+
+def test_a_response_the_group_level_cannot_read_is_one_line(tmp_path, capsys):
+    """A damaged run response: the group level ends with one line naming the file, exit 2, and writes no group
+    response (it stopped with a traceback)."""
+    from dwiflow.cli.bidsapp import main
+
+    out = tmp_path / "out"
+    _write_run_responses(out, "01", [0, 1000], 1.0, np.random.default_rng(1))
+    damaged = out / "sub-01" / "dwi" / output_filename("response_gm", {"sub": "01"})
+    damaged.write_text("not a response\n")
+    capsys.readouterr()
+    assert main([str(tmp_path), str(out), "group"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dwiflow: error:") and damaged.name in err[0], err
+    assert not list(out.glob("*group*_response.*"))
