@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -187,6 +188,65 @@ def test_msmt_csd_bad_input_is_refused_in_one_line(case, capsys):
     _refused(base + tissues + ["--lmax", "8,1,0"], capsys, d, "even")
     _refused(base + tissues + ["--mask", case["empty"]], capsys, d, "empty")
     _refused(base + tissues[:2] + ["--response-gm", d / "gm.txt"], capsys, d, "no output for the GM ODF")
+
+
+def _run_pairs(argv, capsys) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def _same_images(a, b) -> bool:
+    return np.array_equal(np.asanyarray(nib.load(a).dataobj), np.asanyarray(nib.load(b).dataobj))
+
+
+def test_msmt_csd_and_mtnormalise_take_mrtrix3_pairs(case, capsys):
+    """The tissues as MRtrix3 takes them, (response or image, output) pairs, give the same files as the named
+    options; two pairs name the second tissue by what it is; wrong counts are refused in one line."""
+    d, base = case["dir"], [str(p) for p in case["base"]]
+    mask = str(write_nifti(d / "mask.nii.gz", np.ones((4, 4, 3), np.uint8), np.diag([2.0, 2.0, 2.0, 1.0])))
+    named = ["msmt-csd", *base, d / "wm.txt", d / "n_wm.nii.gz", "--response-gm", d / "gm.txt", "--gm",
+             d / "n_gm.nii.gz", "--response-csf", d / "csf.txt", "--csf", d / "n_csf.nii.gz", "--mask", mask, "-q"]
+    paired = ["msmt-csd", *base, d / "wm.txt", d / "p_wm.nii.gz", d / "gm.txt", d / "p_gm.nii.gz", d / "csf.txt",
+              d / "p_csf.nii.gz", "--mask", mask, "-q"]
+    assert _run_pairs(named, capsys)[0] == 0 and _run_pairs(paired, capsys)[0] == 0
+    for tissue in ("wm", "gm", "csf"):
+        assert _same_images(d / f"n_{tissue}.nii.gz", d / f"p_{tissue}.nii.gz"), tissue
+    # two pairs: MRtrix3's two-tissue recipe is WM + CSF; a response that decays as free water does is the CSF
+    assert _run_pairs(["msmt-csd", *base, d / "wm.txt", d / "t_wm.nii.gz", d / "csf.txt", d / "t_csf.nii.gz", "--mask",
+                 mask, "-q"], capsys)[0] == 0
+    assert json.loads((d / "t_csf.json").read_text())["Description"].startswith("CSF")
+    assert _run_pairs(["msmt-csd", *base, d / "wm.txt", d / "u_wm.nii.gz", d / "gm.txt", d / "u_gm.nii.gz", "--mask",
+                 mask, "-q"], capsys)[0] == 0
+    assert json.loads((d / "u_gm.json").read_text())["Description"].startswith("Grey-matter")
+    # a pair after the options' GM fills the next tissue (CSF)
+    assert _run_pairs(["msmt-csd", *base, d / "wm.txt", d / "v_wm.nii.gz", d / "csf.txt", d / "v_csf.nii.gz",
+                 "--response-gm", d / "gm.txt", "--gm", d / "v_gm.nii.gz", "--mask", mask, "-q"], capsys)[0] == 0
+    assert _same_images(d / "v_csf.nii.gz", d / "n_csf.nii.gz") and _same_images(d / "v_gm.nii.gz", d / "n_gm.nii.gz")
+    # wrong counts: one line each, exit 2, nothing written
+    before = sorted(p.name for p in d.iterdir())
+    code, err = _run_pairs(["msmt-csd", *base, d / "wm.txt", d / "x_wm.nii.gz", d / "gm.txt", "-q"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "pairs" in err, err
+    code, err = _run_pairs(["msmt-csd", *base, d / "wm.txt", d / "x_wm.nii.gz", d / "gm.txt", d / "x_gm.nii.gz",
+                      d / "csf.txt", d / "x_csf.nii.gz", d / "gm.txt", d / "x_4.nii.gz", "-q"], capsys)
+    assert code == 2 and "takes at most 3" in err, err
+    assert sorted(p.name for p in d.iterdir()) == before
+
+    # mtnormalise IN OUT pairs (MRtrix3's mtnormalise) against the named options
+    named = ["mtnormalise", d / "n_wm.nii.gz", d / "nn_wm.nii.gz", "--gm", d / "n_gm.nii.gz", "--gm-norm",
+             d / "nn_gm.nii.gz", "--csf", d / "n_csf.nii.gz", "--csf-norm", d / "nn_csf.nii.gz", "--mask", mask,
+             "--check-norm", d / "nn_field.nii.gz", "-q"]
+    paired = ["mtnormalise", d / "n_wm.nii.gz", d / "pn_wm.nii.gz", d / "n_gm.nii.gz", d / "pn_gm.nii.gz",
+              d / "n_csf.nii.gz", d / "pn_csf.nii.gz", "--mask", mask, "--check-norm", d / "pn_field.nii.gz", "-q"]
+    assert _run_pairs(named, capsys)[0] == 0 and _run_pairs(paired, capsys)[0] == 0
+    for name in ("wm", "gm", "csf", "field"):
+        assert _same_images(d / f"nn_{name}.nii.gz", d / f"pn_{name}.nii.gz"), name
+    # two pairs: the second is CSF when its sidecar says so (its tissue-fraction volume is named CSF), else GM
+    for image, tissue in (("t_csf", "CSF"), ("u_gm", "GM")):
+        assert _run_pairs(["mtnormalise", d / "t_wm.nii.gz", d / f"tn_{image}_wm.nii.gz", d / f"{image}.nii.gz",
+                     d / f"tn_{image}.nii.gz", "--mask", mask, "--fractions", d / f"tn_{image}_fractions.nii.gz", "-q"],
+                    capsys)[0] == 0
+        side = json.loads((d / f"tn_{image}_fractions.json").read_text())
+        assert side["TissueOrder"] == ["WM FOD", tissue], side["TissueOrder"]
 
 
 def test_more_tissues_than_bvalues_is_refused_and_two_tissues_work_on_one_shell(tmp_path, capsys):
