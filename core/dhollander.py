@@ -263,7 +263,7 @@ def dhollander(
     DhollanderResult
     """
     from dwiflow.core.msmt_csd import MsmtCsdModel
-    from dwiflow.core.peaks import find_peaks
+    from dwiflow.core.peaks import find_peaks, peak_amplitude_degree_2
 
     shells = list(gtab.shells)
     if len(shells) < 2 or not shells[0].is_b0:
@@ -352,8 +352,13 @@ def dhollander(
     def ranking(region: np.ndarray, wm_lmax: int) -> np.ndarray:
         fit = MsmtCsdModel(gtab, [flat_wm, response_csf], lmax=[wm_lmax, 0]).fit(data, region)
         wm_sh, csf_sh = fit.tissue(0), fit.tissue(1)
-        peaks = find_peaks(wm_sh, region & np.all(np.isfinite(wm_sh), axis=-1), npeaks=1, rel_threshold=0.0)
-        amplitude = np.nan_to_num(np.linalg.norm(peaks.vectors[..., 0, :], axis=-1))
+        finite = region & np.all(np.isfinite(wm_sh), axis=-1)
+        if wm_lmax == 2:  # sh2peaks' first peak of an lmax-2 FOD, in closed form (a sixteenth of the search's time)
+            amplitude = np.zeros(region.shape)
+            amplitude[finite] = np.maximum(peak_amplitude_degree_2(wm_sh[finite]), 0.0)
+        else:
+            peaks = find_peaks(wm_sh, finite, npeaks=1, rel_threshold=0.0)
+            amplitude = np.nan_to_num(np.linalg.norm(peaks.vectors[..., 0, :], axis=-1))
         with np.errstate(divide="ignore", invalid="ignore"):
             metric = (amplitude / (wm_sh[..., 0] + csf_sh[..., 0])).astype(np.float32)
         return np.where(region & np.isfinite(metric), metric, 0)

@@ -343,6 +343,32 @@ def vertex_peaks(
     return select_peaks(cand_dir, cand_amp, npeaks, float(rel_threshold), -np.inf, float(cos_sep))
 
 
+@lru_cache(maxsize=1)
+def _quadratic_form_of_degree_2() -> np.ndarray:
+    """The linear map from degree-2 SH coefficients (MRtrix3 basis, 6) to the symmetric matrix M (xx, yy, zz, xy, xz,
+    yz) with uᵀMu equal to the function on the unit sphere: the degree-2 functions there are exactly the quadratic
+    forms (x² + y² + z² = 1 absorbs the constant), so the least-squares fit on any 40 directions is exact."""
+    directions = np.random.default_rng(0).normal(size=(40, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    x, y, z = directions.T
+    monomials = np.stack([x * x, y * y, z * z, 2 * x * y, 2 * x * z, 2 * y * z], axis=1)
+    return np.linalg.lstsq(monomials, real_sh_basis(2, directions), rcond=None)[0]
+
+
+def peak_amplitude_degree_2(sh: np.ndarray) -> np.ndarray:
+    """The largest amplitude of each degree-2 SH function (``sh``: (..., 6), MRtrix3 basis): the largest eigenvalue
+    of its quadratic form, in closed form — what a peak search on an lmax-2 FOD converges to (its only maxima are
+    the antipodal pair along that eigenvector)."""
+    sh = np.asarray(sh, dtype=np.float64)
+    if sh.shape[-1] != 6:
+        raise DwiflowInputError(f"degree-2 SH functions have 6 coefficients, got {sh.shape[-1]}")
+    m = sh.reshape(-1, 6) @ _quadratic_form_of_degree_2().T
+    matrices = np.empty((m.shape[0], 3, 3))
+    for k, (i, j) in enumerate(((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))):
+        matrices[:, i, j] = matrices[:, j, i] = m[:, k]
+    return np.linalg.eigvalsh(matrices)[:, -1].reshape(sh.shape[:-1])
+
+
 def find_peaks_rows(sh: np.ndarray, chunk_size: int = 4000, **options) -> np.ndarray:
     """:func:`find_peaks_batch` over (v, n_coeffs) rows in chunks (bounded memory)."""
     out = np.empty((sh.shape[0], options.get("npeaks", 3), 3))

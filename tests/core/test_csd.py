@@ -213,3 +213,26 @@ def test_gfa_is_std_over_rms_of_the_amplitudes_in_every_chunk():
     assert got.shape == sh.shape[:-1]
     assert np.allclose(got, direct, rtol=1e-12, atol=1e-14)
     assert np.all(got[0, 0, :10] == 0) and got[1, 1, 5] < 1e-12 and np.all(got[got != 0] > 0)
+
+
+def test_peak_amplitude_of_degree_2_functions_in_closed_form():
+    """The largest amplitude of an lmax-2 FOD as the largest eigenvalue of its quadratic form (dhollander's first
+    ranking): a fibre along z gives c00·Y00 + c20·Y20(z); random functions agree with the peak search to 1e-6 and
+    with the amplitude at the search's peak direction."""
+    from dwiflow.core.peaks import peak_amplitude_degree_2
+
+    zonal = np.zeros(6)
+    zonal[0], zonal[3] = 1.3, 0.9  # Y00 and Y20 (MRtrix3 order: l=2, m=-2..2, so m=0 is the 4th)
+    z = np.array([[0.0, 0.0, 1.0]])
+    assert np.isclose(peak_amplitude_degree_2(zonal), (real_sh_basis(2, z) @ zonal)[0], rtol=1e-12)
+    rng = np.random.default_rng(4)
+    sh = rng.normal(size=(300, 6))
+    sh[:, 0] = np.abs(sh[:, 0]) + 2.0  # mostly positive functions, as FODs
+    closed = peak_amplitude_degree_2(sh)
+    searched = find_peaks(sh[:, None, None, :], np.ones((300, 1, 1), bool), npeaks=1, rel_threshold=0.0)
+    vectors = searched.vectors[:, 0, 0, 0, :]
+    amplitude = np.linalg.norm(vectors, axis=-1)
+    assert np.max(np.abs(closed - amplitude) / amplitude) < 1e-6
+    directions = vectors / amplitude[:, None]
+    at_peak = np.einsum("vc,vc->v", real_sh_basis(2, directions), sh)
+    assert np.all(closed >= at_peak - 1e-9 * np.abs(at_peak)) and np.max(closed - at_peak) < 1e-6 * closed.max()
