@@ -33,10 +33,27 @@ SUMMARY_METRICS = (
 SUMMARY_COLUMNS = ("run", "voxels_in_mask", *(c for c, _, _ in SUMMARY_METRICS), "response_wm_l0_highest_shell")
 
 
-def group_summary(output_dir: Path, progress=say) -> Path:
+def participant_files(output_dir: Path, name: str, participants: list[str] | None = None) -> list[Path]:
+    """Every run's file named ``*_<name>`` in the derivative dataset, of the given participants only (labels with or
+    without ``sub-``; a BIDS App's group level analyses the participants it is given, else all)."""
+    folders = ["sub-*"] if participants is None else [f"sub-{p.removeprefix('sub-')}" for p in participants]
+    return sorted({path for folder in folders for path in output_dir.glob(f"{folder}/**/*_{name}")})
+
+
+def check_participants(output_dir: Path, participants: list[str] | None) -> None:
+    """Refuse participant labels that have no participant-level outputs in ``output_dir``."""
+    missing = [p for p in participants or [] if not (output_dir / f"sub-{p.removeprefix('sub-')}").is_dir()]
+    if missing:
+        present = sorted(d.name.removeprefix("sub-") for d in output_dir.glob("sub-*") if d.is_dir())
+        raise FileNotFoundError(f"participant(s) {missing} have no participant-level outputs in {output_dir} "
+                                f"(there: {present})")
+
+
+def group_summary(output_dir: Path, progress=say, participants: list[str] | None = None) -> Path:
     """One TSV of per-run summary statistics over the whole derivative dataset: a row per run (every run with a
     brain mask), a column per headline metric of every model that can run (``SUMMARY_METRICS``: one number each,
-    over the run's mask), and the l=0 term of the (WM) response on its highest shell."""
+    over the run's mask), and the l=0 term of the (WM) response on its highest shell; of ``participants`` only when
+    given."""
     import nibabel as nib
     import numpy as np
 
@@ -46,7 +63,7 @@ def group_summary(output_dir: Path, progress=say) -> Path:
 
     mask_name = output_filename("mask", {})  # names relative to a run: <run entities>_<name>
     rows = []
-    for mask_path in sorted(output_dir.glob(f"sub-*/**/*_{mask_name}")):
+    for mask_path in participant_files(output_dir, mask_name, participants):
         label = mask_path.name[: -len(mask_name) - 1]
         folder = mask_path.parent
 
@@ -86,7 +103,7 @@ def group_summary(output_dir: Path, progress=say) -> Path:
     os.replace(tmp, path)
     progress(f"[dwiflow] group summary of {len(rows)} run(s): {path}")
     try:
-        page = _dataset_summary(output_dir, path)
+        page = _dataset_summary(output_dir, path, participants)
         progress(f"[dwiflow] dataset summary page: {page}")
     except Exception as exc:  # the page is a view of the table; it never fails the group level
         progress(f"[dwiflow] WARNING: the dataset summary page could not be written: {exc}")
@@ -100,7 +117,7 @@ DISTRIBUTION_METRICS = (("FA", "tensor_fa", "tensorfa"), ("MD", "tensor_md", "te
                         ("SMT ODI", "smt_odi", "smtodi"))
 
 
-def _dataset_summary(output_dir: Path, summary_tsv: Path) -> Path:
+def _dataset_summary(output_dir: Path, summary_tsv: Path, participants: list[str] | None = None) -> Path:
     """The group-level HTML page: the summary table and each metric's distribution per run."""
     import nibabel as nib
     import numpy as np
@@ -110,7 +127,7 @@ def _dataset_summary(output_dir: Path, summary_tsv: Path) -> Path:
     from dwiflow.tasks.report import dataset_summary_page
 
     mask_name = output_filename("mask", {})
-    mask_paths = {p.name[: -len(mask_name) - 1]: p for p in sorted(output_dir.glob(f"sub-*/**/*_{mask_name}"))}
+    mask_paths = {p.name[: -len(mask_name) - 1]: p for p in participant_files(output_dir, mask_name, participants)}
     masks: dict[str, np.ndarray] = {}  # each run's mask, read once
     distributions = []
     for label, key, desc in DISTRIBUTION_METRICS:
@@ -138,7 +155,7 @@ def shells_label(bvalues) -> str:
     return "".join(f"b{b:.0f}" for b in bvalues)
 
 
-def group_responses(output_dir: Path, progress=say) -> dict[str, list[Path]]:
+def group_responses(output_dir: Path, progress=say, participants: list[str] | None = None) -> dict[str, list[Path]]:
     """The group-average response of every tissue the runs estimated (MRtrix3 ``responsemean`` semantics,
     :func:`dwiflow.core.response.response_mean`): ``OUTPUT_DIR/<group name>`` per tissue (names from
     ``bids_specs/outputs.yaml``), each with a sidecar listing the runs that went in.
@@ -146,7 +163,7 @@ def group_responses(output_dir: Path, progress=say) -> dict[str, list[Path]]:
     Runs with other b-values cannot be averaged (a response is one row per shell): when the runs' b-values differ,
     each set of b-values gets its own group responses, averaging the runs that have them and named by them
     (``…_desc-wmgroupb0b1000_response.txt``); ``--response-dir`` then gives each run the set that matches it.
-    Returns the files written per tissue."""
+    Only the runs of ``participants`` when given. Returns the files written per tissue."""
     from dwiflow.bids_specs.outputs import WILDCARDS, output_filename, sidecar
     from dwiflow.core.response import ResponseFunction, response_mean, same_shells
     from dwiflow.tasks.io import atomic_outputs, read_text
@@ -155,7 +172,7 @@ def group_responses(output_dir: Path, progress=say) -> dict[str, list[Path]]:
     with atomic_outputs() as out:
         for tissue in ("wm", "gm", "csf"):
             run_name = output_filename(f"response_{tissue}", {})
-            files = sorted(p for p in output_dir.glob(f"sub-*/**/*_{run_name}"))
+            files = participant_files(output_dir, run_name, participants)
             if not files:
                 continue
             responses = [ResponseFunction.from_text(read_text(p, "response"), str(p)) for p in files]

@@ -573,10 +573,12 @@ def task_errors(cache: Path, since: float) -> list[tuple[str, str]]:
     return sorted(found, key=lambda item: (item[0] in stage_nodes, item[0]))
 
 
-def run_group(output_dir: Path, progress=say) -> Path:
-    """The group level: one TSV of per-run summary statistics and the dataset summary page
-    (:func:`dwiflow.tasks.group.group_summary`)."""
-    from dwiflow.tasks.group import group_responses, group_summary
+def run_group(output_dir: Path, progress=say, participants: list[str] | None = None) -> Path:
+    """The group level: the group responses (:func:`dwiflow.tasks.group.group_responses`), one TSV of per-run
+    summary statistics and the dataset summary page (:func:`dwiflow.tasks.group.group_summary`), over the runs of
+    ``participants`` when given (BIDS Apps' ``--participant-label`` at the group level), else of all."""
+    from dwiflow.tasks.group import check_participants, group_responses, group_summary
 
-    group_responses(output_dir, progress)
-    return group_summary(output_dir, progress)
+    check_participants(output_dir, participants)
+    group_responses(output_dir, progress, participants)
+    return group_summary(output_dir, progress, participants)

@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bids_dir", type=Path, help="the BIDS dataset (preprocessed DWI)")
     p.add_argument("output_dir", type=Path, help="where the derivative dataset is written")
     p.add_argument("analysis_level", choices=("participant", "group"))
-    p.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL")
+    p.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL",
+                   help="participants to analyse (with or without sub-; default all); at the group level, the runs "
+                        "the group responses and the summary cover")
     p.add_argument("--session-label", "--session_label", nargs="+", metavar="LABEL")
     p.add_argument("--bids-filter-file", type=Path, metavar="FILE", help="JSON of pybids entities for the DWI query")
     from dwiflow.tasks.recon_spec import builtin_specs
@@ -258,8 +260,12 @@ def _main(args: argparse.Namespace) -> int:
             from dwiflow.core.errors import DwiflowInputError
             from dwiflow.workflows.recon import run_group
 
+            for given, flag in ((args.session_label, "--session-label"), (args.bids_filter_file, "--bids-filter-file")):
+                if given:
+                    print(f"dwiflow: warning: {flag} is not used at the group level (--participant-label is)",
+                          file=sys.stderr)
             try:
-                run_group(output_dir)
+                run_group(output_dir, participants=args.participant_label)
             except (FileNotFoundError, DwiflowInputError) as exc:
                 return _error(str(exc))
             return 0

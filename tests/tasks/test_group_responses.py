@@ -89,3 +89,32 @@ def test_a_response_the_group_level_cannot_read_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dwiflow: error:") and damaged.name in err[0], err
     assert not list(out.glob("*group*_response.*"))
+
+
+def test_the_group_level_covers_the_participants_it_is_given(tmp_path, capsys):
+    """BIDS Apps' --participant-label at the group level: the group responses average those participants' runs
+    only; a label without outputs is one line, exit 2."""
+    from dwiflow.cli.bidsapp import main
+
+    out = tmp_path / "out"
+    rng = np.random.default_rng(8)
+    runs = {s: _write_run_responses(out, s, [0, 1000, 2000], scale, rng) for s, scale in (("01", 1.0), ("02", 2.0),
+                                                                                        ("03", 0.7))}
+    import nibabel as nib
+
+    for subject in runs:  # the brain masks the summary reads
+        nib.save(nib.Nifti1Image(np.ones((3, 3, 2), np.uint8), np.eye(4)),
+                 str(out / f"sub-{subject}" / "dwi" / output_filename("mask", {"sub": subject})))
+    capsys.readouterr()
+    assert main([str(tmp_path), str(out), "group", "--participant-label", "01", "sub-03"]) == 0
+    summary = (out / output_filename("group_summary", {})).read_text().splitlines()
+    assert [line.split("\t")[0] for line in summary[1:]] == ["sub-01", "sub-03"]
+    group_wm = out / output_filename("group_response_wm", {}, {"shells": ""})
+    side = json.loads(group_wm.with_suffix(".json").read_text())
+    assert [s.split("/")[0] for s in side["Sources"]] == ["sub-01", "sub-03"]
+    expected = response_mean([runs["01"]["wm"], runs["03"]["wm"]]).coefficients
+    assert np.allclose(np.loadtxt(group_wm, comments="#", ndmin=2), expected, rtol=1e-6)
+    capsys.readouterr()
+    assert main([str(tmp_path), str(out), "group", "--participant-label", "09"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "['09']" in err[0] and "'01', '02', '03'" in err[0], err
