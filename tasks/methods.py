@@ -116,10 +116,24 @@ def acquisition_sentence(bval: Path, dwi_shape: tuple[int, ...], zooms: tuple[fl
             f"{size} mm voxels.")
 
 
+def _group_response_sentence(files: dict[str, Path]) -> str:
+    """What the methods say of group responses: how many runs they average, at which b-values."""
+    from dwiflow.tasks.io import read_sidecar
+
+    side = read_sidecar(files.get("wm") or next(iter(files.values()))) or {}
+    runs, shells = side.get("Runs"), side.get("Shells")
+    what = (f"the group averages of {runs} run{'s' if runs != 1 else ''}" if isinstance(runs, int)
+            else "group averages")
+    at = f" at b = {', '.join(f'{b:g}' for b in shells)} s/mm²" if isinstance(shells, list) and shells else ""
+    return (f"The response functions were {what}{at}, each run's response first scaled to the group's l=0 terms, as "
+            "MRtrix3's responsemean computes them.")
+
+
 def methods_markdown(spec, run_label: str, acquisition: str, given_mask: bool = False,
-                     group_responses: bool = False) -> str:
+                     group_responses: dict[str, Path] | None = None) -> str:
     """The methods paragraph of one run of ``spec`` (a :class:`~dwiflow.tasks.recon_spec.ReconSpec`), with its
-    numbered references, as Markdown."""
+    numbered references, as Markdown. ``group_responses``: the group responses the run was deconvolved with (by
+    tissue; their sidecars say how many runs each averages)."""
     cited: list[str] = []
 
     def cite(keys) -> str:
@@ -138,8 +152,7 @@ def methods_markdown(spec, run_label: str, acquisition: str, given_mask: bool = 
             sentences.append("The brain mask was the one provided with the data.")
             continue
         if name == "response" and group_responses:
-            sentences.append("The response functions were the group averages given (--response-dir), as MRtrix3's "
-                             "responsemean computes them.")
+            sentences.append(_group_response_sentence(group_responses))
             continue
         if stage.methods is None:
             continue

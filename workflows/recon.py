@@ -408,7 +408,7 @@ def run_participant(
                 raise RuntimeError(f"workflow errored; see {result.cache_dir}")
             files = publish(Path(result.outputs.staged), output_folder(output_dir, run))
             figures = publish(Path(result.outputs.figures), figures_folder(output_dir, run))
-            write_run_methods(output_dir, run, recon_spec, bool(run_responses))
+            write_run_methods(output_dir, run, recon_spec, run_responses)
             outcome = RunOutcome(run, True, files, seconds=time.perf_counter() - t0, figures=figures)
             computed = _computed_seconds(timing_log, run.label, invocation_start)
             how = (f"stages computed in {computed:.1f} s" if computed is not None
@@ -464,7 +464,8 @@ def methods_path(output_dir: Path, label: str) -> Path:
     return output_dir / "logs" / f"{label}_methods.md"
 
 
-def write_run_methods(output_dir: Path, run: DwiRunSpec, recon_spec: ReconSpec, group_responses: bool) -> Path:
+def write_run_methods(output_dir: Path, run: DwiRunSpec, recon_spec: ReconSpec,
+                      group_responses: dict[str, Path] | None = None) -> Path:
     """The run's methods paragraph, from the recon spec, its options and the run's acquisition."""
     import nibabel as nib
 

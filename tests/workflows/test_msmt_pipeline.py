@@ -103,6 +103,8 @@ def test_msmt_recon_spec_wires_dhollander_msmt_and_mtnormalise(tmp_path, capsys,
     assert not list(out2.rglob("*_desc-wm_response.txt"))
     side2 = json.loads(open(f"{base2}_model-msmtcsd_param-fod_desc-wm_dwimap.json").read())
     assert side2["TissueResponses"]["WM"]["Source"] == group_wm.name
+    methods = (out2 / "logs" / "sub-01_acq-b6kmax_methods.md").read_text()  # the paper's sentence says what went in
+    assert "the group averages of 1 run at b = 0, 750, 1500" in methods, methods
     # a run whose b-values differ from the group response's is refused before anything runs, naming both
     (tmp_path / "other.json").write_text(json.dumps({"dwi": {"acquisition": "b1kb2k"}}))
     out3 = tmp_path / "out3"
