@@ -611,9 +611,9 @@ def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, 
     inside ``staged_dir``; ``naming`` holds the run's ``fod_model`` (whose section gets the peaks and
     the FOD metrics) and response ``method``. What is drawn comes from data: each output's
     ``figure`` hint in ``bids_specs/outputs.yaml`` (a mosaic panel, FOD glyphs, possibly ``in_place_of``
-    another output's, or a named drawing) and ``figure_panels``; sections follow the stage registry's order, and every ``status`` output
-    gets a status map. Outputs absent from ``files`` get no figures; a figure that cannot be drawn
-    becomes a note in the manifest.
+    another output's, or a named drawing) and ``figure_panels``; sections follow the stage registry's
+    order, and every ``status`` output gets a status map. Outputs absent from ``files`` get no figures;
+    a figure that cannot be drawn becomes a note in the manifest.
     """
     from dwiflow.bids_specs.outputs import figure_panels, output_spec
     from dwiflow.tasks.registry import stage_titles

@@ -119,9 +119,10 @@ STAGES = (
         summary="multi-shell multi-tissue CSD (Jeurissen 2014)",
         description="MRtrix3's dwi2fod msmt_csd: every shell (b=0 included) modelled as the sum of each tissue's ODF "
                     "convolved with its response; each tissue's ODF non-negative. Responses: one row per shell (e.g. "
-                    "from response dhollander). Give WM and, optionally, GM and CSF (at most one tissue per b-value), as "
-                    "MRtrix3 takes them (RESP_WM OUT_WM RESP_GM OUT_GM RESP_CSF OUT_CSF; two pairs: WM and GM, or WM "
-                    "and CSF when the second response decays as free water does) or with the options below.",
+                    "from response dhollander). Give WM and, optionally, GM and CSF (at most one tissue per "
+                    "b-value), as MRtrix3 takes them (RESP_WM OUT_WM RESP_GM OUT_GM RESP_CSF OUT_CSF; two pairs: WM "
+                    "and GM, or WM and CSF when the second response decays as free water does) or with the options "
+                    "below.",
         options=MsmtCsdOptions, run=run_msmt_csd,
         inputs=DWI_INPUTS + (
             Input("response_wm", "RESP_WM", "white-matter response (MRtrix3 text format, one row per shell)"),

@@ -57,7 +57,8 @@ def test_runs_with_other_b_values_get_their_own_group_response(tmp_path):
     sets = group_responses_for(out, load_recon_spec("msmt"))
     assert sorted(s.bvalues for s in sets) == [(0.0, 1000.0, 2000.0), (0.0, 3000.0)]
     chosen = responses_for_run("sub-04", _summary(5, [1000, 2000]), sets)
-    assert chosen["wm"].name == "model-msmtcsd_desc-wmgroupb0b1000b2000_response.txt" and set(chosen) == {"wm", "gm", "csf"}
+    assert chosen["wm"].name == "model-msmtcsd_desc-wmgroupb0b1000b2000_response.txt"
+    assert set(chosen) == {"wm", "gm", "csf"}
     assert responses_for_run("sub-05", _summary(5, [2990]), sets)["csf"].name == \
         "model-msmtcsd_desc-csfgroupb0b3000_response.txt"  # within MRtrix3's 80 s/mm² shell tolerance
     problem = responses_for_run("sub-06", _summary(5, [2500]), sets)

@@ -63,7 +63,8 @@ def test_dhollander_wm_algo_and_shells_equal_mrtrix(acq, options, tmp_path, caps
     reference = nib.load(tmp_path / "m_vox.nii").get_fdata() > 0
     label = f"sub-01 {acq}, {' '.join(options)}"
     wm_dice = 2 * (mine[..., 2] & reference[..., 2]).sum() / (mine[..., 2].sum() + reference[..., 2].sum())
-    record("dhollander", f"single-fibre WM voxels, Dice ({label})", wm_dice, "1", "MRtrix3 3.0.3 dwi2response dhollander")
+    record("dhollander", f"single-fibre WM voxels, Dice ({label})", wm_dice, "1",
+           "MRtrix3 3.0.3 dwi2response dhollander")
     assert np.array_equal(mine, reference) and reference[..., 2].sum() >= 10
     for o, m in zip(ours, theirs):
         a, b = load_response(o), load_response(m)

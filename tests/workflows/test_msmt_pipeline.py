@@ -98,7 +98,8 @@ def test_msmt_recon_spec_wires_dhollander_msmt_and_mtnormalise(tmp_path, capsys,
                  str(BIDS_REAL / "derivatives" / "masks"), "--work-dir", str(tmp_path / "work")])
     assert code == 0
     # the stages this pass computes: neither the mask (given) nor the responses (the group's)
-    assert "sub-01_acq-b6kmax: stages tensor, msmt_csd, mtnormalise, peaks, fod_metrics, fixels\n" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "sub-01_acq-b6kmax: stages tensor, msmt_csd, mtnormalise, peaks, fod_metrics, fixels\n" in printed
     base2 = out2 / "sub-01" / "dwi" / "sub-01_acq-b6kmax"
     assert not list(out2.rglob("*_desc-wm_response.txt"))
     side2 = json.loads(open(f"{base2}_model-msmtcsd_param-fod_desc-wm_dwimap.json").read())

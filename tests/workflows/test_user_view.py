@@ -222,7 +222,8 @@ def test_a_run_goes_on_when_the_reader_of_its_progress_goes(tmp_path):
     assert process.wait(timeout=600) == 0, errors
     assert all(line.startswith("[dwiflow ") for line in first), first
     assert "Broken pipe" not in errors and "Exception ignored" not in errors, errors
-    assert list(out.glob("sub-phantom/dwi/*_model-csd_param-fod_dwimap.nii.gz")) and (out / "sub-phantom.html").is_file()
+    assert list(out.glob("sub-phantom/dwi/*_model-csd_param-fod_dwimap.nii.gz"))
+    assert (out / "sub-phantom.html").is_file()
 
 
 def test_help_lists_the_built_in_specs_and_every_method(capsys):
