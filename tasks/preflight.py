@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,9 @@ class DataSummary:
     mask_given: bool
     sidecar: dict[str, Any] = field(default_factory=dict)
     shape: tuple[int, ...] = ()  # the image's spatial dimensions (empty when not known)
+    # what the run's stages are handed besides the run's own files (kinds: response_gm, fod …), when a recon spec is
+    # being checked: e.g. how many tissue responses a multi-tissue deconvolution will get
+    provided: frozenset[str] = frozenset()
 
     @property
     def n_dw_shells(self) -> int:
@@ -154,12 +157,17 @@ def check_run(label: str, dwi: Path, bval: Path, bvec: Path, mask: Path | None, 
     except DwiflowInputError as exc:
         return [f"{label}: {exc}"]
     problems = []
+    given: set[str] = set()
     if responses:
         match = responses_for_run(label, data, responses)
         if isinstance(match, str):
             problems.append(match)
-        elif chosen is not None:
-            chosen[label] = match
+        else:
+            given = {f"response_{tissue}" for tissue in match}
+            if chosen is not None:
+                chosen[label] = match
+    provided = given | {kind for c in spec.stages.values() for kind in c.stage.provided(c.options)}
+    data = replace(data, provided=frozenset(provided))
     for name, configured in spec.stages.items():
         stage = configured.stage
         if stage.check_data is None or ("mask" in stage.provides and data.mask_given):

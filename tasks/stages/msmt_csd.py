@@ -107,6 +107,15 @@ def tissue_slots(responses: list[Path], free: list[int]) -> list[int]:
 def check_msmt_csd_data(data, options: MsmtCsdOptions) -> None:
     if not data.shells:
         raise DwiflowInputError("multi-tissue CSD needs diffusion-weighted shells; this run has only b=0 volumes")
+    # in a recon spec: the tissues are the responses the stages before hand it (WM always)
+    tissues = ["WM"] + [name for kind, name in (("response_gm", "GM"), ("response_csf", "CSF"))
+                        if kind in data.provided]
+    bvalues = ([0.0] if data.n_b0 else []) + [b for b, _ in data.shells]
+    if len(tissues) > len(bvalues):
+        raise DwiflowInputError(
+            f"{len(tissues)} tissues ({', '.join(tissues)}) but this run has only {len(bvalues)} distinct b-values "
+            f"({', '.join(f'{b:.0f}' for b in bvalues)}): at most one tissue per b-value can be separated"
+            + ("; for single-shell data use recon spec ss3t" if len(bvalues) == 2 and data.n_b0 else ""))
 
 
 STAGES = (

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from dwiflow.cli.bidsapp import default_work_dir, main
 from dwiflow.cli.dwirecon import main as dwirecon
-from tests.conftest import real_run
+from tests.conftest import BIDS_REAL, real_run
 from tests.workflows.test_participant import SPEC
 
 
@@ -76,6 +76,26 @@ def test_dhollander_erosion_of_thin_data_refused_before_anything_runs(tmp_path):
     (tmp_path / "thin.yaml").write_text(yaml.safe_dump(spec))
     assert check_run("b1kb2k", paths["dwi"], paths["bval"], paths["bvec"], paths["mask"],
                      load_recon_spec(str(tmp_path / "thin.yaml"))) == []
+
+
+def test_three_tissues_on_single_shell_data_refused_before_anything_runs(tmp_path, capsys):
+    """The msmt spec on sub-02 (b=0 and one shell): its dhollander hands MSMT-CSD three tissues, which two b-values
+    cannot separate. The pre-flight says so for each run and names the ss3t spec; nothing is written (the runs
+    failed in the deconvolution, after the mask, tensor and response stages had run)."""
+    from dwiflow.tasks.preflight import check_run
+    from dwiflow.tasks.recon_spec import load_recon_spec
+
+    out = tmp_path / "out"
+    code = main([str(BIDS_REAL), str(out), "participant", "--participant-label", "02", "--recon-spec", "msmt",
+                 "--work-dir", str(tmp_path / "work")])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 2 and not out.exists() and not (tmp_path / "work").exists()
+    assert len(err) == 2 and all("stage msmt_csd: 3 tissues (WM, GM, CSF) but this run has only 2 distinct b-values "
+                                 "(0, 2500)" in line and "use recon spec ss3t" in line for line in err), err
+    paths = real_run("sub-01_acq-b1kb2k")  # three b-values separate three tissues (its only problem: the erosion)
+    problems = check_run("b1kb2k", paths["dwi"], paths["bval"], paths["bvec"], paths["mask"], load_recon_spec("msmt"))
+    assert len(problems) == 1 and "erode" in problems[0], problems
+
 
 @pytest.fixture(scope="module")
 def sessions(tmp_path_factory):
