@@ -41,6 +41,11 @@ class DataSummary:
     def n_dw_shells(self) -> int:
         return len(self.shells)
 
+    @property
+    def bvalues(self) -> list[float]:
+        """The run's distinct b-values, b=0 first when it has b=0 volumes."""
+        return ([0.0] if self.n_b0 else []) + [b for b, _ in self.shells]
+
 
 def _holds_signal(data: np.ndarray) -> bool:
     """Whether any value is finite and not zero (volume by volume: the first volume with signal ends the search)."""
@@ -136,7 +141,7 @@ def responses_for_run(label: str, data: DataSummary, sets: list[GroupResponses])
     """The group responses (by tissue) whose b-values are the run's, or a one-line problem naming both sets."""
     from dwiflow.core.response import same_shells
 
-    shells = ([0.0] if data.n_b0 else []) + [b for b, _ in data.shells]
+    shells = data.bvalues
     for candidate in sets:
         if same_shells(candidate.bvalues, shells) and all(same_shells(_response_bvalues(p), shells)
                                                           for p in candidate.files.values()):

@@ -120,6 +120,15 @@ def write_gradients(base: Path, bvals: np.ndarray, bvecs_3xn: np.ndarray) -> tup
     return bval, bvec
 
 
+def write_dwi_run(folder: Path, gtab, data: np.ndarray, affine: np.ndarray) -> tuple[Path, Path, Path]:
+    """``folder/dwi.nii.gz`` (float32) with its FSL gradients (``dwi.bval``, ``dwi.bvec`` in image axes)."""
+    from dwiflow.core.gradients import world_to_fsl_bvecs
+
+    dwi = write_nifti(folder / "dwi.nii.gz", np.asarray(data, np.float32), affine)
+    bval, bvec = write_gradients(folder / "dwi", gtab.bvals, world_to_fsl_bvecs(gtab.bvecs, affine).T)
+    return dwi, bval, bvec
+
+
 @pytest.fixture(scope="session")
 def sub01_b1kb2k_brain():
     """(gradient table in world frame, signals of the shipped brain mask's voxels) of sub-01 acq-b1kb2k."""

@@ -110,7 +110,7 @@ def check_msmt_csd_data(data, options: MsmtCsdOptions) -> None:
     # in a recon spec: the tissues are the responses the stages before hand it (WM always)
     tissues = ["WM"] + [name for kind, name in (("response_gm", "GM"), ("response_csf", "CSF"))
                         if kind in data.provided]
-    bvalues = ([0.0] if data.n_b0 else []) + [b for b, _ in data.shells]
+    bvalues = data.bvalues
     if len(tissues) > len(bvalues):
         raise DwiflowInputError(
             f"{len(tissues)} tissues ({', '.join(tissues)}) but this run has only {len(bvalues)} distinct b-values "

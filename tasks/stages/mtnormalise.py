@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dwiflow.bids_specs.outputs import sidecar
+from dwiflow.bids_specs.outputs import output_spec, sidecar
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import atomic_outputs, load_image, load_mask, read_sidecar
 from dwiflow.tasks.options import OptionError, StageOptions, option
@@ -102,8 +102,8 @@ def compartment_slots(images: list[Path], free: list[int]) -> list[int]:
     except that a single one is CSF when its sidecar says so (dwiflow's msmt-csd and ss3t-csd write one; MRtrix3's
     two-tissue recipe is WM + CSF). The normalisation is the same either way; the tissue-fraction volumes differ."""
     if len(images) == 1 and free == [1, 2]:
-        description = (read_sidecar(images[0]) or {}).get("Description", "")
-        if isinstance(description, str) and description.startswith("CSF"):
+        csf = {output_spec(key)["Description"] for key in ("msmt_csd_csf", "ss3t_csd_csf", "mtnormalise_csf_norm")}
+        if (read_sidecar(images[0]) or {}).get("Description") in csf:
             return [2]
     return free[:len(images)]
 

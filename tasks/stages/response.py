@@ -314,9 +314,11 @@ def check_dhollander_data(data, options) -> None:
     if not data.shells:
         raise DwiflowInputError("dhollander needs b=0 and at least one diffusion-weighted shell; this run has only "
                                 "b=0 volumes")
-    available = ([0.0] if data.n_b0 else []) + [b for b, _ in data.shells]
+    from dwiflow.core.gradients import DEFAULT_SHELL_TOLERANCE
+
+    available = data.bvalues
     if options.shells is not None:
-        missing = [b for b in options.shells if not any(abs(b - a) <= 80 for a in available)]
+        missing = [b for b in options.shells if not any(abs(b - a) <= DEFAULT_SHELL_TOLERANCE for a in available)]
         if missing:
             raise OptionError(f"{{shells}}: b={', '.join(f'{b:g}' for b in missing)} not in this run (its b-values: "
                               f"{', '.join(f'{b:.0f}' for b in available)})", "shells")

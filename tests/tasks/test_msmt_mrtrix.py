@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 
 from dwiflow.cli.dwirecon import main
-from dwiflow.core.gradients import world_to_fsl_bvecs
 from dwiflow.core.msmt_csd import MsmtCsdModel
 from dwiflow.core.response import ResponseFunction
 from dwiflow.core.sims import acquisition_scheme, make_phantom
 from dwiflow.tasks.registry import get as stage
 from dwiflow.tasks.stagelib import load_response
-from tests.conftest import real_run, write_gradients, write_nifti
+from tests.conftest import real_run, write_dwi_run, write_nifti
 
 ACQUISITIONS = ["b1kb2k", "b6kmax"]
 
@@ -160,8 +159,7 @@ def case(tmp_path):
     g = acquisition_scheme("multi")
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     ph = make_phantom(g, (4, 4, 3), snr=30, seed=3)
-    dwi = write_nifti(tmp_path / "dwi.nii.gz", ph.data.astype(np.float32), affine)
-    bval, bvec = write_gradients(tmp_path / "dwi", g.bvals, world_to_fsl_bvecs(g.bvecs, affine).T)
+    dwi, bval, bvec = write_dwi_run(tmp_path, g, ph.data, affine)
     shells = "# Shells: 0,1000,2000,3000\n"
     (tmp_path / "wm.txt").write_text(shells + "1000 0 0\n500 -250 60\n300 -220 90\n200 -170 90\n")
     (tmp_path / "gm.txt").write_text(shells + "1500\n700\n400\n250\n")
@@ -256,8 +254,7 @@ def test_more_tissues_than_bvalues_is_refused_and_two_tissues_work_on_one_shell(
     g = scheme("single")
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     ph = make_phantom(g, (3, 3, 2), snr=40, seed=4)
-    dwi = write_nifti(tmp_path / "dwi.nii.gz", ph.data.astype(np.float32), affine)
-    bval, bvec = write_gradients(tmp_path / "dwi", g.bvals, world_to_fsl_bvecs(g.bvecs, affine).T)
+    dwi, bval, bvec = write_dwi_run(tmp_path, g, ph.data, affine)
     (tmp_path / "wm.txt").write_text("# Shells: 0,1000\n1000 0 0 0\n450 -200 60 -10\n")
     (tmp_path / "gm.txt").write_text("# Shells: 0,1000\n1500\n700\n")
     (tmp_path / "csf.txt").write_text("# Shells: 0,1000\n3000\n150\n")

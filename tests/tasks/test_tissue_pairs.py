@@ -6,9 +6,8 @@ import json
 import numpy as np
 
 from dwiflow.cli.dwirecon import main
-from dwiflow.core.gradients import world_to_fsl_bvecs
 from dwiflow.core.sims import acquisition_scheme, three_tissue_phantom
-from tests.conftest import write_gradients, write_nifti
+from tests.conftest import write_dwi_run
 
 
 def _run(argv, capsys) -> tuple[int, str]:
@@ -21,8 +20,7 @@ def test_ss3t_csd_takes_the_pairs_in_ss3t_csd_beta1s_order(tmp_path, capsys):
     g = multi.subset(np.flatnonzero(multi.b0s_mask | (multi.bvals == 3000)))
     ph = three_tissue_phantom(g, (4, 4, 2), snr=30, seed=2)
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    dwi = write_nifti(tmp_path / "dwi.nii.gz", ph.data.astype(np.float32), affine)
-    bval, bvec = write_gradients(tmp_path / "dwi", g.bvals, world_to_fsl_bvecs(g.bvecs, affine).T)
+    dwi, bval, bvec = write_dwi_run(tmp_path, g, ph.data, affine)
     shells = "# Shells: 0,3000\n"
     (tmp_path / "wm.txt").write_text(shells + "1000 0 0\n200 -170 90\n")
     (tmp_path / "gm.txt").write_text(shells + "1500\n250\n")
