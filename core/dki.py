@@ -86,6 +86,9 @@ CARLSON_TOLERANCE = 1e-12
 EQUAL_EIGENVALUES = 1e-5
 STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NO_SIGNAL, FitStatus.SINGULAR,
                 FitStatus.NOT_CONVERGED, FitStatus.SIGNAL_ABOVE_B0, FitStatus.NON_PHYSICAL)
+# what a code means for DKI (added to the status map's Levels)
+STATUS_DETAILS = {FitStatus.NON_PHYSICAL: f"a diffusivity (tensor eigenvalue) not above {POSITIVE_EIGENVALUE:g} mm²/s, "
+                                          "where the kurtosis is not defined"}
 
 # the 15 unique elements of the kurtosis tensor as the design matrix orders them (DIPY's order), as index tuples
 DIPY_KURTOSIS_ORDER = ((0, 0, 0, 0), (1, 1, 1, 1), (2, 2, 2, 2), (0, 0, 0, 1), (0, 0, 0, 2), (0, 1, 1, 1),

@@ -60,6 +60,9 @@ GCV_BOUNDS = (1e-5, 10.0)
 
 STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NO_SIGNAL, FitStatus.SIGNAL_ABOVE_B0,
                 FitStatus.SINGULAR, FitStatus.SOLVER_FAILED, FitStatus.NON_PHYSICAL)
+# what a code means for MAP-MRI (added to the status map's Levels)
+STATUS_DETAILS = {FitStatus.NON_PHYSICAL: "a negative return-to-origin, -axis or -plane probability or mean squared "
+                                          "displacement"}
 POSITIVITY_MODES = ("none", "grid", "global")
 GRID_MARGIN = -0.1  # propagator lower bound at the grid points (as the reference implementation)
 WORKING_SET_TIERS = (16, 32, 64, 128, 256)  # sizes of the reduced grid problems (working sets, see _grid_working_set)

@@ -9,7 +9,7 @@ under ``Levels``; each model declares which codes it can produce (its ``STATUS_C
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -42,16 +42,24 @@ _DESCRIPTIONS = {
     FitStatus.NOT_CONVERGED: "did not converge within the iteration limit",
     FitStatus.NO_SOLUTION: "no non-negative solution (every fraction zero)",
     FitStatus.SIGNAL_ABOVE_B0: "diffusion-weighted signal above the b=0 signal on average (non-physical)",
-    FitStatus.NON_PHYSICAL: "non-physical estimate (a negative return-to-origin, -axis or -plane probability or mean "
-                            "squared displacement)",
+    FitStatus.NON_PHYSICAL: "non-physical estimate",
     FitStatus.ON_SEARCH_BOUND: "a parameter on a bound of its search range that is not a physical limit (not "
                                "determined by the data)",
 }
 
 
-def status_levels(codes: Iterable[FitStatus]) -> dict[str, str]:
-    """Sidecar ``Levels`` of a status map: ``{"0": "ok", "1": ...}`` for the given codes, in code order."""
-    return {str(int(code)): FitStatus(code).description for code in sorted(set(codes) | {FitStatus.OK})}
+def status_levels(codes: Iterable[FitStatus], details: Mapping[FitStatus, str] | None = None) -> dict[str, str]:
+    """Sidecar ``Levels`` of a status map: ``{"0": "ok", "1": ...}`` for the given codes, in code order.
+
+    ``details`` says what a code means for the model at hand (its ``STATUS_DETAILS``: which estimate counts as
+    non-physical, for instance); it is added to the shared description in parentheses.
+    """
+    details = details or {}
+    levels = {}
+    for code in sorted(set(codes) | {FitStatus.OK}):
+        text = FitStatus(code).description
+        levels[str(int(code))] = f"{text} ({details[code]})" if code in details else text
+    return levels
 
 
 def input_status(signal: np.ndarray, b0s_mask: np.ndarray) -> np.ndarray:

@@ -49,6 +49,8 @@ BEP016_TENSOR_ORDER = ("xx", "xy", "xz", "yy", "yz", "zz")
 
 STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NO_SIGNAL, FitStatus.SINGULAR,
                 FitStatus.SIGNAL_ABOVE_B0, FitStatus.NON_PHYSICAL)
+# what a code means for the tensor (added to the status map's Levels)
+STATUS_DETAILS = {FitStatus.NON_PHYSICAL: "a negative diffusivity: a tensor eigenvalue below 0"}
 
 
 def tensor_design_matrix(gtab: GradientTable) -> np.ndarray:

@@ -143,17 +143,19 @@ def write_maps(
     orientation: dict[str, dict[str, Any]] | None = None,
     per_output: dict[str, dict[str, Any]] | None = None,
     sh_basis: str = "mrtrix3",
+    status_details: dict[int, str] | None = None,
 ) -> dict[str, Path]:
     """One NIfTI + sidecar per requested output of ``stage``, all or nothing, SH images in ``sh_basis``.
 
     ``volume_of(name)`` gives the output's image; a ``status`` output is written as uint8 with
-    ``Levels`` generated from ``status_codes`` (:class:`~dwiflow.core.status.FitStatus`); ``per_output`` adds
+    ``Levels`` generated from ``status_codes`` (:class:`~dwiflow.core.status.FitStatus`) and the model's
+    ``status_details`` (what a code means for it); ``per_output`` adds
     sidecar keys to one output only (e.g. each tissue's own response function).
     """
     written: dict[str, Path] = {}
     with atomic_outputs(sh_basis) as out:
         for name, path in outputs.items():
-            levels = status_levels(status_codes) if name == "status" else None
+            levels = status_levels(status_codes, status_details) if name == "status" else None
             content = sidecar(stage.output_key(name), parameters, (orientation or {}).get(name), levels,
                               **{**sources, **(per_output or {}).get(name, {})})
             dtype = np.uint8 if output_spec(stage.output_key(name)).get("dtype") == "uint8" else np.float32

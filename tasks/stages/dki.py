@@ -44,7 +44,7 @@ def run_dki(files, outputs, options: DkiOptions, context):
     """Fit the kurtosis model (Jensen 2005) by OLS or WLS as DIPY and write the requested maps (MK/AK/RK as Tabesh
     2011, MKT as Hansen 2013, KFA as Glenn 2015)."""
     from dwiflow.core.dki import (BEP016_KURTOSIS_ORDER, KURTOSIS_ELEMENT_NAMES, MAX_KURTOSIS, MIN_KURTOSIS,
-                                  STATUS_CODES, DiffusionKurtosisModel)
+                                  STATUS_CODES, STATUS_DETAILS, DiffusionKurtosisModel)
 
     run = load_dwi(files["dwi"], files["bval"], files["bvec"])
     threads = thread_count(context)
@@ -71,7 +71,7 @@ def run_dki(files, outputs, options: DkiOptions, context):
                                "TensorElementIndices": [list(i) for i in BEP016_KURTOSIS_ORDER]}}
     return write_maps(STAGES[0], outputs, lambda name: maps[name](), run.affine, parameters,
                       provenance(files["dwi"], files["bval"], files["bvec"], files.get("mask")), STATUS_CODES,
-                      per_output=per_output)
+                      per_output=per_output, status_details=STATUS_DETAILS)
 
 
 def check_dki_data(data, options: DkiOptions) -> None:

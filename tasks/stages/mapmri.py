@@ -102,7 +102,7 @@ def _index(rows, name: str):
 def run_mapmri(files, outputs, options: MapmriOptions, context):
     """MAP-MRI fit: q-space indices, the Laplacian norm, the ODF as SH, the status (and weights, signal, the
     comparison with other variants on request). Δ/δ come from the options or the DWI's sidecar."""
-    from dwiflow.core.mapmri import STATUS_CODES, MapmriModel
+    from dwiflow.core.mapmri import STATUS_CODES, STATUS_DETAILS, MapmriModel
 
     dwi = files["dwi"]
     big, small, times_source = diffusion_times(dwi, options.big_delta, options.small_delta)
@@ -166,7 +166,8 @@ def run_mapmri(files, outputs, options: MapmriOptions, context):
 
     return write_maps(STAGES[0], outputs, volume_of, run.affine, params,
                       provenance(dwi, files["bval"], files["bvec"], files.get("mask")), STATUS_CODES,
-                      {"odf": {"SphericalHarmonicDegree": int(model.radial_order)}}, sh_basis=options.sh_basis)
+                      {"odf": {"SphericalHarmonicDegree": int(model.radial_order)}}, sh_basis=options.sh_basis,
+                      status_details=STATUS_DETAILS)
 
 
 def check_mapmri_data(data, options: MapmriOptions) -> None:

@@ -32,7 +32,8 @@ class TensorOptions(MapOptions):
 def run_tensor(files, outputs, options: TensorOptions, context):
     """Fit the tensor (Basser 1994; IWLS as MRtrix3's dwi2tensor, Veraart 2013; or DIPY's WLS, Chung 2006, or OLS)
     and write the requested maps (tensor2metric's definitions)."""
-    from dwiflow.core.tensor import MIN_POSITIVE_SIGNAL, MRTRIX3_SMALL_INTENSITY, STATUS_CODES, TensorModel
+    from dwiflow.core.tensor import (MIN_POSITIVE_SIGNAL, MRTRIX3_SMALL_INTENSITY, STATUS_CODES, STATUS_DETAILS,
+                                     TensorModel)
 
     run = load_dwi(files["dwi"], files["bval"], files["bvec"])
     voxels = voxels_to_fit(run, files.get("mask"), files["dwi"])
@@ -51,7 +52,8 @@ def run_tensor(files, outputs, options: TensorOptions, context):
             "tensor": lambda: fit.elements, "cl": lambda: fit.cl, "cp": lambda: fit.cp, "cs": lambda: fit.cs,
             "evecs": lambda: fit.evecs_xyz}
     return write_maps(STAGES[0], outputs, lambda name: maps[name](), run.affine, parameters,
-                      provenance(files["dwi"], files["bval"], files["bvec"], files.get("mask")), STATUS_CODES)
+                      provenance(files["dwi"], files["bval"], files["bvec"], files.get("mask")), STATUS_CODES,
+                      status_details=STATUS_DETAILS)
 
 
 _HELP = {"fa": "fractional anisotropy", "md": "mean diffusivity", "ad": "axial diffusivity",

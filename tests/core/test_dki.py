@@ -211,6 +211,35 @@ def test_data_that_cannot_determine_kurtosis_are_refused(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_negative_diffusivity_is_flagged_and_its_status_says_why(tmp_path):
+    """A voxel whose signal grows along one axis (a negative diffusivity; the mean diffusion-weighted signal still
+    below b=0) gets status 8 and NaN maps; the status map's Levels say what non-physical means for DKI, not another
+    model's reason."""
+    import json
+
+    import nibabel as nib
+    from conftest import write_gradients, write_nifti
+
+    from dwiflow.cli.dwirecon import main as dwirecon
+
+    gtab = _scheme()
+    diffusion, full = _tissue(1)
+    good = _signal(gtab, diffusion, full)
+    bad = _signal(gtab, np.diag([1.6e-3, 1.4e-3, -0.4e-3]), np.zeros((3, 3, 3, 3)))
+    assert bad[gtab.bvals > 0].mean() < bad[gtab.bvals == 0].mean()  # not status 7
+    data = np.stack([good, bad, good, good]).reshape(2, 2, 1, -1).astype(np.float32)
+    dwi = write_nifti(tmp_path / "dwi.nii.gz", data)
+    bval, bvec = write_gradients(tmp_path / "dwi", gtab.bvals, gtab.bvecs.T)
+    mk, status = tmp_path / "mk.nii.gz", tmp_path / "status.nii.gz"
+    assert dwirecon(["dki", str(dwi), str(bval), str(bvec), "--mk", str(mk), "--status", str(status), "-q"]) == 0
+    codes = np.asarray(nib.load(status).dataobj).reshape(-1)
+    values = nib.load(mk).get_fdata().reshape(-1)
+    assert codes.tolist() == [0, int(FitStatus.NON_PHYSICAL), 0, 0] and np.isnan(values[1])
+    assert np.all(np.isfinite(values[[0, 2, 3]]))
+    level = json.loads(tmp_path.joinpath("status.json").read_text())["Levels"]["8"]
+    assert "diffusivity" in level and "return-to-origin" not in level, level
+
+
 def _lmi_margin(params: np.ndarray) -> np.ndarray:
     """How far fits (v, 22; DIPY's layout) are inside Dela Haije's constraint, computed independently of dwiflow
     with CVXPY from DIPY's own matrices: the largest t such that M(h, s) - t·I ⪰ 0 for some free variables s, with

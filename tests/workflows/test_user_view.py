@@ -171,7 +171,7 @@ def test_non_physical_mapmri_voxels_get_a_status(tmp_path):
     assert 20 < flagged.sum() < 0.1 * mask.sum(), flagged.sum()
     assert np.all(np.isnan(rtop[flagged])) and np.nanmin(rtop[mask]) > 0
     levels = json.loads(status_path.with_name(status_path.name.replace(".nii.gz", ".json")).read_text())["Levels"]
-    assert levels["8"].startswith("non-physical estimate")
+    assert levels["8"].startswith("non-physical estimate") and "return-to-origin" in levels["8"]
 
 
 def test_progress_lines_follow_the_verbosity(capsys, monkeypatch):
