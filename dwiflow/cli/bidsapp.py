@@ -175,6 +175,9 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
     if invalid:
         lines = [line for problems in invalid.values() for line in problems]
         if not args.skip_invalid_runs or len(invalid) == len(runs):
+            if len(invalid) < len(runs) and not args.skip_invalid_runs:  # say how to go on with the others
+                others = len(runs) - len(invalid)
+                lines[-1] += f" (--skip-invalid-runs analyses the other {others} run{'s' if others > 1 else ''})"
             for line in lines:
                 print(f"dwiflow: error: {line}", file=sys.stderr)
             if args.skip_invalid_runs:

@@ -415,6 +415,8 @@ def test_bad_data_is_found_before_anything_runs(small, tmp_path, capsys, breakag
     code = _app(bids, out)
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    if breakage != "sidecar":  # a run's problem (not the dataset's): the line says how to go on with the others
+        assert err.strip().endswith("(--skip-invalid-runs analyses the other 2 runs)"), err
     assert not out.exists() and not (tmp_path / "work").exists()
     if breakage not in ("sidecar",):  # a dataset pybids can index: the other runs can still go on, on request
         code = _app(bids, out, "--skip-invalid-runs")
