@@ -36,6 +36,8 @@ REFERENCES: dict[str, str] = {
     "jensen2005": "Jensen JH, Helpern JA, Ramani A, Lu H, Kaczynski K. Diffusional kurtosis imaging: the "
                   "quantification of non-Gaussian water diffusion by means of magnetic resonance imaging. Magn Reson "
                   "Med. 2005;53(6):1432-1440.",
+    "jensen2010": "Jensen JH, Helpern JA. MRI quantification of non-Gaussian water diffusion by kurtosis analysis. "
+                  "NMR Biomed. 2010;23(7):698-710.",
     "tabesh2011": "Tabesh A, Jensen JH, Ardekani BA, Helpern JA. Estimation of tensors and tensor-derived measures in "
                   "diffusional kurtosis imaging. Magn Reson Med. 2011;65(3):823-836.",
     "hansen2013": "Hansen B, Lund TE, Sangill R, Jespersen SN. Experimentally and computationally fast method for "

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from dwiflow.core.errors import DwiflowInputError
+from dwiflow.core.gradients import DEFAULT_SHELL_TOLERANCE as SHELL_TOLERANCE
 from dwiflow.tasks.io import load_dwi
-from dwiflow.tasks.options import option
+from dwiflow.tasks.options import OptionError, option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import DWI_INPUTS, MapOptions, provenance, thread_count, voxels_to_fit, write_maps
+from dwiflow.tasks.stagelib import (DWI_INPUTS, MapOptions, provenance, stage_warnings, thread_count, voxels_to_fit,
+                                    write_maps)
+
+KURTOSIS_RANGE = 3000.0  # s/mm²: about where the kurtosis expansion stops describing brain tissue (Jensen & Helpern 2010)
 
 _HELP = {"mk": "mean kurtosis", "ak": "axial kurtosis", "rk": "radial kurtosis",
          "mkt": "mean of the kurtosis tensor", "kfa": "kurtosis fractional anisotropy",
@@ -33,6 +39,11 @@ class DkiOptions(MapOptions):
                               "voxel that needs it, slower); wls/ols: MRtrix3's dwi2tensor "
                               "-dkt, a first fit weighted by the measured signal (wls) or unweighted (ols), then "
                               "`iter` refits weighted by the predicted signal (as the tensor stage's wls/ols)")
+    bmax: float | None = option(None, exclusive_minimum=True, minimum=0, units="s/mm²",
+                                help="fit the b=0 volumes and only the shells up to this b-value (a shell's mean "
+                                     "b-value, within 80 s/mm²): the kurtosis model describes brain tissue to about "
+                                     "b=2500-3000 (Jensen & Helpern 2010); default: every shell, as DIPY and "
+                                     "dwi2tensor -dkt")
     iter: int = option(2, minimum=0, maximum=10,
                        help="reweighted refits after the first fit (dwi2tensor -iter; 0 and 1 both keep the first "
                             "fit; wls/ols only)")
@@ -46,42 +57,78 @@ def run_dki(files, outputs, options: DkiOptions, context):
     from dwiflow.core.dki import (BEP016_KURTOSIS_ORDER, KURTOSIS_ELEMENT_NAMES, MAX_KURTOSIS, MIN_KURTOSIS,
                                   STATUS_CODES, STATUS_DETAILS, DiffusionKurtosisModel)
 
+    from dwiflow.tasks.preflight import summary_of
+
     run = load_dwi(files["dwi"], files["bval"], files["bvec"])
+    # a BIDS App run's recon-spec checks ran before any stage; a command's run here, before fitting
+    check_dki_data(summary_of(run.gtab, None, False), options)
+    notes = stage_warnings(STAGES[0], run, files["dwi"], options, files.get("mask") is not None)
     threads = thread_count(context)
+    gtab, data = run.gtab, run.data
+    if options.bmax is not None:
+        kept = np.flatnonzero(np.isin(gtab.shell_index, [i for i, s in enumerate(gtab.shells)
+                                                         if s.is_b0 or s.bvalue <= options.bmax + SHELL_TOLERANCE]))
+        if kept.size < gtab.n_volumes:
+            gtab, data = gtab.subset(kept), data[..., kept]
     if options.method.startswith("dipy-"):
-        model = DiffusionKurtosisModel(run.gtab, fit_method=options.method.removeprefix("dipy-").upper(),
+        model = DiffusionKurtosisModel(gtab, fit_method=options.method.removeprefix("dipy-").upper(),
                                        n_threads=threads)
         how = {"FitMethod": f"DIPY DiffusionKurtosisModel {options.method.removeprefix('dipy-').upper()}",
                "MinDiffusivity": model.min_diffusivity}
     else:
-        model = DiffusionKurtosisModel(run.gtab, fit_method="IWLS", iterations=options.iter,
+        model = DiffusionKurtosisModel(gtab, fit_method="IWLS", iterations=options.iter,
                                        ols_start=options.method == "ols", n_threads=threads)
         how = {"FitMethod": f"MRtrix3 dwi2tensor -dkt: first fit {options.method.upper()}, then IWLS",
                "Iterations": options.iter if options.iter > 1 else 0}
     voxels = voxels_to_fit(run, files.get("mask"), files["dwi"])
-    fit = model.fit(run.data, voxels, progress=context.progress)
+    fit = model.fit(data, voxels, progress=context.progress)
     maps = {"mk": lambda: fit.mk, "ak": lambda: fit.ak, "rk": lambda: fit.rk, "mkt": lambda: fit.mkt,
             "kfa": lambda: fit.kfa, "fa": lambda: fit.fa, "md": lambda: fit.md, "ad": lambda: fit.ad,
             "rd": lambda: fit.rd, "s0": lambda: fit.s0_map, "kurtosis": lambda: fit.kurtosis_elements,
             "tensor": lambda: fit.elements, "status": lambda: fit.status}
     parameters = {**how, "KurtosisClippedTo": [MIN_KURTOSIS, MAX_KURTOSIS],
-                  "ShellBvalues": sorted({round(float(b)) for b in run.gtab.bvals}),
+                  "ShellBvalues": sorted({round(float(b)) for b in gtab.bvals}), "Bmax": options.bmax,
                   "VoxelsFailed": int(((fit.status != 0) & fit.mask).sum())}
     per_output = {"kurtosis": {"TensorElementOrder": list(KURTOSIS_ELEMENT_NAMES),
                                "TensorElementIndices": [list(i) for i in BEP016_KURTOSIS_ORDER]}}
     return write_maps(STAGES[0], outputs, lambda name: maps[name](), run.affine, parameters,
-                      provenance(files["dwi"], files["bval"], files["bvec"], files.get("mask")), STATUS_CODES,
+                      provenance(files["dwi"], files["bval"], files["bvec"], files.get("mask")) | notes, STATUS_CODES,
                       per_output=per_output, status_details=STATUS_DETAILS)
 
 
+def _fitted_shells(data, options: DkiOptions) -> list[float]:
+    """The diffusion-weighted shells' b-values the fit uses (those up to ``bmax`` when it is given)."""
+    return [b for b, _ in data.shells if options.bmax is None or b <= options.bmax + SHELL_TOLERANCE]
+
+
 def check_dki_data(data, options: DkiOptions) -> None:
-    if data.n_dw_shells + (1 if data.n_b0 else 0) < 3:
+    shells = _fitted_shells(data, options)
+    if len(shells) + (1 if data.n_b0 else 0) < 3:
         have = ", ".join(["b=0"] * bool(data.n_b0) + [f"b={b:g}" for b, _ in data.shells]) or "none"
+        if options.bmax is not None and len(shells) < data.n_dw_shells:
+            kept = ", ".join(["b=0"] * bool(data.n_b0) + [f"b={b:g}" for b in shells]) or "none"
+            raise OptionError(f"{{bmax}}: DKI needs at least three distinct b-values (b=0 counts), but up to "
+                              f"b={options.bmax:g} this run has {kept} (all of it: {have})", "bmax")
         raise DwiflowInputError(f"DKI needs at least three distinct b-values (b=0 counts; e.g. b=0 and two shells): "
                                 f"this run has {have}")
 
 
+def dki_data_warnings(data, options: DkiOptions) -> list[str]:
+    """Shells beyond the kurtosis model's range: it expands the log-signal to second order in b, which describes
+    brain tissue to about b=2500-3000 s/mm² (Jensen & Helpern 2010); higher shells bias the maps towards the
+    sampling."""
+    shells = _fitted_shells(data, options)
+    if options.bmax is not None or not shells or max(shells) <= KURTOSIS_RANGE + SHELL_TOLERANCE:
+        return []
+    return [f"DKI fits every shell, up to b={max(shells):.0f} s/mm²: the kurtosis model describes brain tissue to "
+            f"about b={KURTOSIS_RANGE:.0f} (Jensen & Helpern 2010), so the maps depend on the higher shells; the "
+            f"bmax option (dwirecon dki --bmax {KURTOSIS_RANGE:.0f}; in a recon spec, dki: {{bmax: {KURTOSIS_RANGE:.0f}}}) "
+            "fits those up to it"]
+
+
 def _methods_sentence(options: DkiOptions) -> str:
+    used = (f" (the b=0 volumes and the shells up to b={options.bmax:g} s/mm²)"
+            if options.bmax is not None else "")
     if options.method.startswith("dipy-"):
         how = {"dipy-wls": "weighted linear least squares with weights from an ordinary least-squares fit, as "
                            "DIPY's DiffusionKurtosisModel",
@@ -97,7 +144,7 @@ def _methods_sentence(options: DkiOptions) -> str:
         refits = (f", then refitted {options.iter} times with weights from the predicted signal" if options.iter > 1
                   else "")
         how = f"linear least squares ({first}{refits}), as MRtrix3's dwi2tensor -dkt"
-    return (f"The diffusion kurtosis model was fitted to the log-signal by {how}; "
+    return (f"The diffusion kurtosis model was fitted to the log-signal{used} by {how}; "
             "mean, axial and radial kurtosis were computed analytically, with the mean of the kurtosis tensor and "
             "the kurtosis fractional anisotropy")
 
@@ -108,7 +155,8 @@ STAGES = (
         methods=_methods_sentence,
         references=lambda o: ("jensen2005", "tabesh2011", "hansen2013", "glenn2015")
         + (("dipy",) if o.method.startswith("dipy-") else ("veraart2013", "mrtrix3"))
-        + (("delahaije2020",) if o.method in ("dipy-cls", "dipy-cwls") else ()),
+        + (("delahaije2020",) if o.method in ("dipy-cls", "dipy-cwls") else ())
+        + (("jensen2010",) if o.bmax is not None else ()),
         summary="diffusion kurtosis imaging: MK, AK, RK, MKT, KFA and the tensor of the same fit",
         description="Diffusion and kurtosis tensors fitted to the log-signal (Jensen et al. 2005) by OLS or WLS "
                     "as DIPY's DiffusionKurtosisModel (default; or constrained as its CLS/CWLS), or as MRtrix3's "
@@ -120,6 +168,6 @@ STAGES = (
         inputs=DWI_INPUTS + (Input("mask", "MASK", "voxels to fit (default: every voxel with signal)", required=False,
                                    flag=True),),
         outputs=tuple(Output(name, f"the {text} map", cli="flag") for name, text in _HELP.items()),
-        check_data=check_dki_data, scipy_blas=False, threads=True, progress="voxels",
+        check_data=check_dki_data, data_warnings=dki_data_warnings, scipy_blas=False, threads=True, progress="voxels",
     ),
 )

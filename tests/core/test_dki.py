@@ -240,6 +240,44 @@ def test_a_negative_diffusivity_is_flagged_and_its_status_says_why(tmp_path):
     assert "diffusivity" in level and "return-to-origin" not in level, level
 
 
+def test_bmax_fits_the_lower_shells_and_high_shells_are_warned_about(tmp_path, capsys):
+    """b up to 5000: without --bmax the command warns that the kurtosis model holds to about b=3000 (Jensen &
+    Helpern 2010); --bmax 3000 writes the maps a file without the b=5000 volumes gives, bit for bit, and says so in
+    the sidecar; a --bmax that leaves fewer than three b-values is one line naming --bmax, exit 2, nothing written."""
+    import json
+
+    import nibabel as nib
+    from conftest import write_gradients, write_nifti
+
+    from dwiflow.cli.dwirecon import main as dwirecon
+
+    gtab = _scheme()
+    bvals = np.where(gtab.bvals == 2000, 5000.0, gtab.bvals)  # shells 1000, 3000, 5000
+    diffusion, full = _tissue(2)
+    rng = np.random.default_rng(3)
+    data = np.stack([_signal(gradient_table(bvals, gtab.bvecs.T, frame="world"), diffusion, full)] * 8)
+    data = (data * rng.uniform(0.97, 1.03, data.shape)).reshape(2, 2, 2, -1).astype(np.float32)
+    low = bvals <= 3000
+    every = (write_nifti(tmp_path / "all.nii.gz", data), *write_gradients(tmp_path / "all", bvals, gtab.bvecs.T))
+    lower = (write_nifti(tmp_path / "low.nii.gz", data[..., low]),
+             *write_gradients(tmp_path / "low", bvals[low], gtab.bvecs[low].T))
+    assert dwirecon(["dki", *map(str, every), "--mk", str(tmp_path / "mk_all.nii.gz"), "-q"]) == 0
+    assert "the kurtosis model describes brain tissue to about b=3000" in capsys.readouterr().err
+    assert dwirecon(["dki", *map(str, every), "--mk", str(tmp_path / "mk_cut.nii.gz"), "--bmax", "3000", "-q"]) == 0
+    assert capsys.readouterr().err == ""
+    assert dwirecon(["dki", *map(str, lower), "--mk", str(tmp_path / "mk_low.nii.gz"), "-q"]) == 0
+    cut, low_only, full_fit = (nib.load(tmp_path / f"mk_{n}.nii.gz").get_fdata() for n in ("cut", "low", "all"))
+    assert np.array_equal(cut, low_only) and np.all(np.isfinite(cut))
+    assert np.abs(cut - full_fit).max() > 1e-4  # the b=5000 shell does change the fit it is part of
+    parameters = json.loads((tmp_path / "mk_cut.json").read_text())["Model"]["Parameters"]
+    assert parameters["Bmax"] == 3000 and parameters["ShellBvalues"] == [0, 1000, 3000]
+    out = tmp_path / "mk_none.nii.gz"
+    assert dwirecon(["dki", *map(str, every), "--mk", str(out), "--bmax", "2000"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--bmax" in error and "up to b=2000 this run has b=0, b=1000" in error, error
+    assert not out.exists()
+
+
 def _lmi_margin(params: np.ndarray) -> np.ndarray:
     """How far fits (v, 22; DIPY's layout) are inside Dela Haije's constraint, computed independently of dwiflow
     with CVXPY from DIPY's own matrices: the largest t such that M(h, s) - t·I ⪰ 0 for some free variables s, with
