@@ -100,6 +100,12 @@ def _check_paths(bids_dir: Path, output_dir: Path, work_dir: Path) -> str | None
         return "OUTPUT_DIR must not be BIDS_DIR (use BIDS_DIR/derivatives/dwiflow)"
     if work_dir in (output_dir, bids_dir):
         return f"--work-dir {work_dir} must not be {'OUTPUT_DIR' if work_dir == output_dir else 'BIDS_DIR'}"
+    derivatives = bids_dir / "derivatives"  # the one place inside a BIDS dataset where a pipeline writes
+    for what, path in (("OUTPUT_DIR", output_dir), ("--work-dir", work_dir)):
+        if ((bids_dir / "dataset_description.json").is_file()  # (else: not a BIDS dataset, said after this)
+                and path.is_relative_to(bids_dir) and not (path.is_relative_to(derivatives) and path != derivatives)):
+            return (f"{what} {path} is inside BIDS_DIR, where it would write into the raw dataset: use "
+                    f"{derivatives / 'dwiflow'} or a folder outside BIDS_DIR")
     for what, path in (("OUTPUT_DIR", output_dir), ("--work-dir", work_dir)):
         problem = _writable(path)
         if problem:

@@ -219,6 +219,22 @@ def test_bad_input_exits_2_and_writes_nothing(dataset, tmp_path, capsys, make, m
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("where", ["sub-two", "derivatives", "code/dwiflow"])
+def test_outputs_inside_the_raw_dataset_are_refused(dataset, tmp_path, capsys, where):
+    """OUTPUT_DIR (or --work-dir) inside BIDS_DIR but not in a folder of its derivatives/ would write into the raw
+    dataset (a dataset_description.json in sub-two/, its derivatives beside the raw images): one line, exit 2, the
+    dataset unchanged."""
+    bids = tmp_path / "bids"
+    shutil.copytree(dataset["bids"], bids)
+    before = sorted(p.relative_to(bids) for p in bids.rglob("*"))
+    assert main([str(bids), str(bids / where), "participant", "--work-dir", str(tmp_path / "work")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"OUTPUT_DIR {bids / where} is inside BIDS_DIR" in err, err
+    assert main([str(bids), str(tmp_path / "out"), "participant", "--work-dir", str(bids / where)]) == 2
+    assert "--work-dir" in capsys.readouterr().err
+    assert sorted(p.relative_to(bids) for p in bids.rglob("*")) == before and not (tmp_path / "out").exists()
+
+
 def test_invalid_recon_spec_names_the_key_and_missing_bvec(dataset, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(SPEC.replace("peaks: {npeaks: 2}", "peaks: {npeaks: 2, colour: red}"))
