@@ -70,6 +70,9 @@ def _unreadable_json(root: Path) -> tuple[Path, str] | None:
 
 # the DWI query's own entities: a filter may narrow the selection, not change what a DWI run is
 FIXED_QUERY = {"suffix": "dwi", "extension": [".nii.gz", ".nii"], "datatype": "dwi"}
+# the keys of BIDS file names whose pybids entity (the name a filter file uses, as in fMRIPrep and QSIRecon) differs
+FILENAME_KEYS = {"sub": "subject", "ses": "session", "acq": "acquisition", "dir": "direction", "rec": "reconstruction",
+                 "ce": "ceagent", "trc": "tracer", "mod": "modality"}
 
 
 def find_dwi_runs(
@@ -92,14 +95,25 @@ def find_dwi_runs(
         raise BidsInputError(f"{root} is not a BIDS dataset (no dataset_description.json)")
     layout = _layout(root, validate)
     query: dict[str, Any] = dict(FIXED_QUERY)
-    filters = dict(bids_filters or {})
+    filters: dict[str, Any] = {}
+    for key, value in (bids_filters or {}).items():  # a file-name key (acq) stands for its entity (acquisition)
+        entity = FILENAME_KEYS.get(key, key)
+        if entity != key and entity in (bids_filters or {}):
+            raise BidsInputError(f"BIDS filter: {key!r} and {entity!r} name the same entity; give one")
+        filters[entity] = value
     known = set(layout.get_entities())
     for key, value in filters.items():
         if key in FIXED_QUERY:
             raise BidsInputError(f"BIDS filter {key!r}: dwiflow selects DWI images itself ({key} "
                                  f"{FIXED_QUERY[key]}); a filter may only narrow the runs (e.g. acquisition, run)")
         if key not in known:
-            raise BidsInputError(f"BIDS filter {key!r}: not an entity of {root} (known: {', '.join(sorted(known))})")
+            import difflib
+
+            entities = sorted(set(layout.get_entities(metadata=False)) - set(FIXED_QUERY))
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            raise BidsInputError(f"BIDS filter {key!r}: not an entity of {root}"
+                                 + (f" (did you mean {close[0]!r}?)" if close else "")
+                                 + f"; its entities: {', '.join(entities)}, or a key of the DWI sidecars")
         values = value if isinstance(value, list) else [value]
         if not all(v is None or isinstance(v, (str, int)) and not isinstance(v, bool) for v in values):
             raise BidsInputError(f"BIDS filter {key!r}: expected a label, a number, null or a list of them, got "

@@ -219,6 +219,22 @@ def test_bad_input_exits_2_and_writes_nothing(dataset, tmp_path, capsys, make, m
     assert not (tmp_path / "out").exists()
 
 
+def test_filter_files_take_file_name_keys_and_name_a_misspelt_entity(dataset):
+    """A BIDS filter may use the keys of BIDS file names (dir, sub, acq …) for their entities, as users write them;
+    a misspelt entity is named with the one meant; a key and its entity together are refused."""
+    from dwiflow.bids_specs.inputs import BidsInputError, find_dwi_runs
+
+    def labels(filters):
+        return sorted(run.label for run in find_dwi_runs(dataset["bids"], bids_filters=filters))
+
+    assert labels({"dir": "PA"}) == labels({"direction": "PA"}) == ["sub-two_dir-PA"]
+    assert labels({"sub": "two"}) == ["sub-two_dir-AP", "sub-two_dir-PA"]
+    with pytest.raises(BidsInputError, match=r"'subjetc': not an entity of .*did you mean 'subject'\?"):
+        labels({"subjetc": "two"})
+    with pytest.raises(BidsInputError, match="'dir' and 'direction' name the same entity"):
+        labels({"dir": "PA", "direction": "AP"})
+
+
 @pytest.mark.parametrize("where", ["sub-two", "derivatives", "code/dwiflow"])
 def test_outputs_inside_the_raw_dataset_are_refused(dataset, tmp_path, capsys, where):
     """OUTPUT_DIR (or --work-dir) inside BIDS_DIR but not in a folder of its derivatives/ would write into the raw
