@@ -38,7 +38,7 @@ from functools import lru_cache
 import numpy as np
 
 from dwiflow.core.errors import DwiflowInputError
-from dwiflow.core.gradients import GradientTable, Shell
+from dwiflow.core.gradients import DEFAULT_SHELL_TOLERANCE, GradientTable, Shell
 from dwiflow.core.response import ResponseFunction
 from dwiflow.core.sh import (
     check_lmax,
@@ -323,7 +323,7 @@ class CsdModel:
     def _response_row(response: ResponseFunction, bvalue: float) -> np.ndarray:
         if response.coefficients.shape[0] == 1 and not np.isfinite(response.bvalues[0]):
             return response.coefficients[0]
-        match = np.flatnonzero(np.abs(response.bvalues - bvalue) <= 80)
+        match = np.flatnonzero(np.abs(response.bvalues - bvalue) <= DEFAULT_SHELL_TOLERANCE)
         if match.size == 0:
             have = ", ".join(f"{b:.0f}" for b in response.bvalues)
             raise DwiflowInputError(f"the response has shells b={have} but the data's shell is b={bvalue:.0f}")

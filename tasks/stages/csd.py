@@ -9,6 +9,7 @@ import numpy as np
 from dwiflow.bids_specs.outputs import sidecar
 from dwiflow.tasks.io import atomic_outputs, load_dwi, read_numbers
 from dwiflow.core.errors import DwiflowInputError
+from dwiflow.core.gradients import DEFAULT_SHELL_TOLERANCE as SHELL_TOLERANCE
 from dwiflow.tasks.options import OptionError, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
 from dwiflow.tasks.stagelib import DWI_INPUTS, load_response, provenance, sh_basis_option, stage_warnings, voxels_to_fit
@@ -67,7 +68,7 @@ def run_csd(files, outputs, options: CsdOptions, context):
 def check_csd_data(data, options: CsdOptions) -> None:
     if not data.shells:
         raise DwiflowInputError("CSD needs a diffusion-weighted shell; this run has only b=0 volumes")
-    if options.shell is not None and not any(abs(b - options.shell) <= 80 for b, _ in data.shells):
+    if options.shell is not None and not any(abs(b - options.shell) <= SHELL_TOLERANCE for b, _ in data.shells):
         raise OptionError(f"{{shell}}: this run has no shell at b={options.shell:g} (its shells: "
                           f"{', '.join(f'{b:.0f}' for b, _ in data.shells)})", "shell")
     largest = max(data.shells) if options.shell is None else min(data.shells, key=lambda s: abs(s[0] - options.shell))
