@@ -114,7 +114,8 @@ def group_summary(output_dir: Path, progress=say, participants: list[str] | None
 DISTRIBUTION_METRICS = (("FA", "tensor_fa", "tensorfa"), ("MD", "tensor_md", "tensormd"),
                         ("AFD total", "fod_metrics_afd_total", "afdtotal"), ("RUMBA-SD f_wm", "rumba_fwm", "rumbafwm"),
                         ("MAP-MRI RTOP", "mapmri_rtop", "mapmrirtop"), ("SMT lambda_par", "smt_lpar", "smtlpar"),
-                        ("SMT ODI", "smt_odi", "smtodi"))
+                        ("SMT ODI", "smt_odi", "smtodi"), ("DKI MK", "dki_mk", "dkimk"),
+                        ("NODDI ICVF", "noddi_icvf", "noddiicvf"), ("NODDI ODI", "noddi_odi", "noddiodi"))
 
 
 def _dataset_summary(output_dir: Path, summary_tsv: Path, participants: list[str] | None = None) -> Path:

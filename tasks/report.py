@@ -285,7 +285,7 @@ def dataset_summary_page(output_dir: Path, summary_tsv: Path, distributions: lis
 <body><header><h1>dwiflow dataset summary</h1><p>{len(rows)} runs; written {time.strftime('%Y-%m-%d %H:%M:%S')}</p>
 </header><nav>subject reports: {links}</nav><main>
 <h2>Summary table</h2><p>{_esc(summary_tsv.name)}</p>{table}
-{_group_responses_section(output_dir)}<h2>Distributions per metric</h2>{''.join(parts)}
+{_group_responses_section(output_dir)}{'<h2>Distributions per metric</h2>' + ''.join(parts) if parts else ''}
 </main></body></html>
 """
     path = output_dir / "dataset_summary.html"

@@ -56,6 +56,29 @@ def test_demo_reports_open_in_chromium(chromium, tmp_path):
     assert "In the TSV only" in html and "rumba_fwm_mean" in html.split("In the TSV only")[1]
 
 
+def test_the_dataset_page_draws_the_kurtosis_and_noddi_distributions(tmp_path):
+    """The group level of DKI and NODDI runs draws MK, ICVF and ODI per run on the dataset page (it drew only the
+    tensor's, the CSD's, RUMBA's, MAP-MRI's and SMT's metrics, and showed an empty section otherwise), and a page
+    with no metric to draw has no empty distributions section."""
+    from dwiflow.tasks.report import dataset_summary_page
+
+    bids = tmp_path / "bids"
+    assert dwirecon(["phantom", str(bids), "--shape", "8,8,3", "--scheme", "multi", "--seed", "4"]) == 0
+    spec = tmp_path / "dki_noddi.yaml"
+    spec.write_text("name: dki-noddi\nstages:\n  mask: {}\n  dki: {}\n  noddi: {}\n")
+    out = tmp_path / "out"
+    assert main([str(bids), str(out), "participant", "--recon-spec", str(spec), "--work-dir", str(tmp_path / "w"),
+                 "--mask-dir", str(bids / "derivatives" / "masks"), "-q"]) == 0
+    assert main([str(bids), str(out), "group", "-q"]) == 0
+    html = (out / "dataset_summary.html").read_text()
+    for metric, desc in (("DKI MK", "dkimk"), ("NODDI ICVF", "noddiicvf"), ("NODDI ODI", "noddiodi")):
+        figure = out / "figures" / f"desc-{desc}_distribution.png"
+        assert figure.stat().st_size > 5_000 and f"{metric} distribution per run" in html, metric
+    assert "FA distribution" not in html  # no tensor stage ran
+    empty = dataset_summary_page(out, out / "desc-group_summary.tsv", [], ["phantom"]).read_text()
+    assert "Distributions per metric" not in empty and "<th>dki_mk_mean</th>" in empty
+
+
 def test_every_model_has_its_panels_and_a_failed_report_never_fails_the_run(chromium, tmp_path, monkeypatch):
     bids = tmp_path / "bids"
     assert dwirecon(["phantom", str(bids), "--shape", "10,10,4", "--scheme", "multi", "--seed", "5"]) == 0
