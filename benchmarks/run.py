@@ -760,7 +760,7 @@ def bench_ss3t(n_voxels: int, repeats: int, workdir: Path) -> list[dict]:
     single-shell (b=0 + 3000) three-tissue phantom with its dhollander responses."""
     if not shutil.which("dwi2fod"):
         return []
-    from dwiflow.core.dhollander import dhollander
+    from dwiflow.core.response_dhollander import dhollander
     from dwiflow.core.sims import three_tissue_phantom
 
     multi = acquisition_scheme("multi")

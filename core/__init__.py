@@ -16,7 +16,7 @@ _PUBLIC = {
     "TensorModel": "tensor", "DiffusionKurtosisModel": "dki",
     "amp2response": "response", "response_mean": "response", "ResponseFunction": "response",
     "tournier_response": "response_iterative", "tax_response": "response_iterative",
-    "dhollander": "dhollander",
+    "dhollander": "response_dhollander",
     "CsdModel": "csd", "MsmtCsdModel": "msmt_csd", "Ss3tCsdModel": "ss3t", "RumbaSDModel": "rumba", "MapmriModel": "mapmri",
     "SmtModel": "smt", "NoddiModel": "noddi",
     "find_peaks": "peaks", "median_otsu_mask": "mask",

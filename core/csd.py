@@ -38,7 +38,7 @@ from functools import lru_cache
 import numpy as np
 
 from dwiflow.core.errors import DwiflowInputError
-from dwiflow.core.gradients import DEFAULT_SHELL_TOLERANCE, GradientTable, Shell
+from dwiflow.core.gradients import DEFAULT_SHELL_TOLERANCE, GradientTable, Shell, checked_gradient_table
 from dwiflow.core.response import ResponseFunction
 from dwiflow.core.sh import (
     check_lmax,
@@ -202,6 +202,7 @@ class CsdModel:
         flavour: str = "mrtrix3",
         tau: float = 0.1,
     ) -> None:
+        gtab = checked_gradient_table(gtab, "CsdModel")
         if flavour not in ("mrtrix3", "dipy"):
             raise DwiflowInputError(f"flavour must be 'mrtrix3' or 'dipy', got {flavour!r}")
         self.flavour, self.tau = flavour, float(tau)

@@ -68,7 +68,7 @@ from typing import Literal
 import numpy as np
 
 from dwiflow.core.errors import DwiflowInputError
-from dwiflow.core.gradients import GradientTable
+from dwiflow.core.gradients import GradientTable, checked_gradient_table
 from dwiflow.core.status import FitStatus, signal_above_b0
 from dwiflow.core.tensor import (DEFAULT_IWLS_ITERATIONS, MRTRIX3_SMALL_INTENSITY, _solve_stacked,
                                  check_fit_arguments, lower_triangular_to_matrix, symmetric_matrices)
@@ -519,6 +519,7 @@ class DiffusionKurtosisModel:
                  min_signal: float = MIN_POSITIVE_SIGNAL, chunk_size: int = 1024,
                  iterations: int = DEFAULT_IWLS_ITERATIONS, ols_start: bool = False,
                  n_threads: int | None = None) -> None:
+        gtab = checked_gradient_table(gtab, "DiffusionKurtosisModel")
         check_fit_arguments(CONSTRAINED.get(fit_method, fit_method), iterations, min_signal)
         if n_threads is not None and (int(n_threads) != n_threads or n_threads < 1):
             raise DwiflowInputError(f"n_threads must be a positive integer, got {n_threads!r}",

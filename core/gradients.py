@@ -234,6 +234,22 @@ class GradientTable:
         return GradientTable(self.bvals[indices], self.bvecs[indices], self.b0_threshold, self.shell_tolerance)
 
 
+def checked_gradient_table(gtab: Any, where: str) -> GradientTable:
+    """``gtab`` when it is dwiflow's :class:`GradientTable`; otherwise a ``TypeError`` saying what to pass.
+
+    A DIPY gradient table holds the directions of the ``.bvec`` file it was made from (the image's voxel axes):
+    using them as dwiflow's world-frame directions would rotate every fibre, so it is converted explicitly, with
+    :func:`gradient_table` and the image's affine.
+    """
+    if isinstance(gtab, GradientTable):
+        return gtab
+    if hasattr(gtab, "bvals") and hasattr(gtab, "bvecs"):
+        raise TypeError(f"{where}: this is a DIPY gradient table, whose directions are in the image's voxel axes; "
+                        "convert it with dwiflow.core.gradient_table(gtab, affine=img.affine) (or frame='world' if "
+                        "its directions are world coordinates)")
+    raise TypeError(f"{where}: expected a GradientTable (dwiflow.core.gradient_table), got {type(gtab).__name__}")
+
+
 FRAMES = ("world", "fsl")
 
 

@@ -30,7 +30,7 @@ from math import factorial, gamma, sqrt
 import numpy as np
 
 from dwiflow.core.errors import DwiflowInputError
-from dwiflow.core.gradients import GradientTable
+from dwiflow.core.gradients import GradientTable, checked_gradient_table
 from dwiflow.core.mapmri_basis import (
     _double_factorial,
     index_matrix,
@@ -436,6 +436,7 @@ class MapmriModel:
         solver: str = "CLARABEL",
         chunk_size: int = 128,
     ):
+        gtab = checked_gradient_table(gtab, "MapmriModel")
         self.radial_order = check_radial_order(radial_order)
         self.anisotropic = bool(anisotropic_scaling)
         if not gtab.b0s_mask.any():

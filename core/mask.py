@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from dwiflow.core.errors import DwiflowInputError
-from dwiflow.core.gradients import GradientTable
+from dwiflow.core.gradients import GradientTable, checked_gradient_table
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -84,6 +84,7 @@ def median_otsu_mask(
     -------
     ndarray (x, y, z) of bool
     """
+    gtab = checked_gradient_table(gtab, "median_otsu_mask")
     data = np.asarray(data)
     if data.ndim != 4:
         raise DwiflowInputError(f"a DWI must be 4D (x, y, z, volumes), got {data.ndim}D")
@@ -245,6 +246,7 @@ def mrtrix3_dwi2mask(data: np.ndarray, gtab: GradientTable, clean_scale: int = 2
     multi-shell diffusion MR data without a co-registered T1 image. ISMRM Workshop on Breaking the Barriers of
     Diffusion MRI, 2016, 5.
     """
+    gtab = checked_gradient_table(gtab, "mrtrix3_dwi2mask")
     if data.ndim != 4:
         raise DwiflowInputError(f"the DWI must be 4D, got shape {data.shape}")
     if clean_scale < 0:

@@ -32,7 +32,7 @@ import numpy as np
 
 from dwiflow.core.csd import check_constraint_directions
 from dwiflow.core.errors import DwiflowInputError
-from dwiflow.core.gradients import GradientTable
+from dwiflow.core.gradients import GradientTable, checked_gradient_table
 from dwiflow.core.response import ResponseFunction
 from dwiflow.core.sh import check_lmax, expand_per_degree, n_coefficients, real_sh_basis, zonal_to_rotational_harmonics
 from dwiflow.core.sphere import Sphere, sphere_vertices
@@ -143,6 +143,7 @@ class MsmtCsdModel:
         max_iterations: int | None = None,
         chunk_size: int = 8192,
     ) -> None:
+        gtab = checked_gradient_table(gtab, "MsmtCsdModel")
         if not responses:
             raise DwiflowInputError("give at least one response function", parameters=("responses",))
         if norm_lambda < 0 or neg_lambda < 0:

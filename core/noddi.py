@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dwiflow.core.errors import DwiflowInputError
-from dwiflow.core.gradients import GradientTable
+from dwiflow.core.gradients import GradientTable, checked_gradient_table
 from dwiflow.core.status import FitStatus
 from dwiflow.core.tensor import MIN_POSITIVE_SIGNAL, lower_triangular_to_matrix, tensor_design_matrix
 from dwiflow.core.voxels import VoxelBatch, scatter
@@ -129,6 +129,7 @@ class NoddiModel:
 
     def __init__(self, gtab: GradientTable, d_par: float = D_PAR, d_iso: float = D_ISO,
                  icvf_grid=ICVF_GRID, od_grid=OD_GRID, lambda1: float = LAMBDA1, lambda2: float = LAMBDA2) -> None:
+        gtab = checked_gradient_table(gtab, "NoddiModel")
         if not gtab.b0s_mask.any():
             raise DwiflowInputError("NODDI needs b=0 volumes: the signal is normalised by their mean")
         dw = ~gtab.b0s_mask

@@ -33,7 +33,7 @@ import numpy as np
 from numpy.polynomial import legendre
 
 from dwiflow.core.errors import DwiflowInputError
-from dwiflow.core.gradients import DEFAULT_SHELL_TOLERANCE, GradientTable, Shell
+from dwiflow.core.gradients import DEFAULT_SHELL_TOLERANCE, GradientTable, Shell, checked_gradient_table
 from dwiflow.core.sh import check_lmax, zonal_sh_basis, zonal_sh_basis_rows
 from dwiflow.core.tensor import TensorModel
 from dwiflow.core.voxels import iter_chunks
@@ -379,6 +379,7 @@ def mask_for_response_ssst(
     mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """Voxels inside the central ROI (and ``mask``) whose tensor FA exceeds ``fa_threshold``."""
+    gtab = checked_gradient_table(gtab, "mask_for_response_ssst")
     data = np.asarray(data)
     if data.ndim != 4:
         raise DwiflowInputError(f"data must be 4D (x, y, z, volumes), got {data.ndim}D")
@@ -460,6 +461,7 @@ def fa_response_voxels(
         Principal eigenvectors (world frame), the fibre directions for :func:`amp2response`.
     fa : ndarray (x, y, z)
     """
+    gtab = checked_gradient_table(gtab, "fa_response_voxels")
     from scipy import ndimage
 
     brain_mask = np.asarray(brain_mask, dtype=bool)

@@ -33,7 +33,7 @@ from scipy import ndimage
 
 from dwiflow.core.csd import CsdModel
 from dwiflow.core.errors import DwiflowInputError
-from dwiflow.core.gradients import GradientTable
+from dwiflow.core.gradients import GradientTable, checked_gradient_table
 from dwiflow.core.peaks import find_peaks_rows, vertex_peaks
 from dwiflow.core.response import ResponseFunction, amp2response, top_voxels
 from dwiflow.core.sh import real_sh_basis
@@ -71,6 +71,7 @@ def tournier_response(
 
     Returns the response of that shell only (MRtrix3 writes no b=0 row for this algorithm).
     """
+    gtab = checked_gradient_table(gtab, "tournier_response")
     if max_iters < 2:
         raise DwiflowInputError(f"max_iters must be at least 2, got {max_iters}")
     for name, value in (("sf_voxels", sf_voxels), ("iter_voxels", iter_voxels)):
@@ -149,6 +150,7 @@ def tax_response(
     Every b>0 volume is used (single-shell data, as in DIPY). The returned response has a
     b=0 row (the mean b=0 signal of the final voxels, as DIPY's S0) and the shell's row.
     """
+    gtab = checked_gradient_table(gtab, "tax_response")
     from dwiflow.core._response_kernel import per_voxel_zonal_fits  # compiled lazily (numba)
 
     if not 0 < peak_thr < 1:
@@ -218,6 +220,7 @@ def mrtrix_tax_response(
 
     Returns the last response (the shell's row only, as MRtrix3 writes it) and its voxels.
     """
+    gtab = checked_gradient_table(gtab, "mrtrix_tax_response")
     from dwiflow.core.fixels import segment_fods
 
     if not 0 < peak_ratio < 1:

@@ -43,7 +43,7 @@ import numpy as np
 
 from dwiflow.core.defaults import RUMBA_CSF_DIFFUSIVITY, RUMBA_GM_DIFFUSIVITY, RUMBA_WM_RESPONSE
 from dwiflow.core.errors import DwiflowInputError
-from dwiflow.core.gradients import GradientTable
+from dwiflow.core.gradients import GradientTable, checked_gradient_table
 from dwiflow.core.sphere import Sphere, sphere_vertices
 from dwiflow.core.status import FitStatus, input_status
 from dwiflow.core.voxels import VoxelBatch, VoxelFit, iter_chunks
@@ -512,6 +512,7 @@ class RumbaSDModel:
         chunk_size: int = 256,
         n_threads: int | None = None,
     ):
+        gtab = checked_gradient_table(gtab, "RumbaSDModel")
         if not gtab.b0s_mask.any():
             raise DwiflowInputError("RUMBA-SD needs b=0 volumes (the signal is normalised by their mean); none found")
         if not (~gtab.b0s_mask).any():

@@ -26,7 +26,7 @@ from scipy.special import erf
 
 from dwiflow.core.defaults import FREE_WATER_DIFFUSIVITY, SMT_LAMBDA_PAR_BOUNDS
 from dwiflow.core.errors import DwiflowInputError
-from dwiflow.core.gradients import GradientTable
+from dwiflow.core.gradients import GradientTable, checked_gradient_table
 from dwiflow.core.optimize import bounded_levenberg_marquardt
 from dwiflow.core.sh import real_sh_basis
 from dwiflow.core.status import FitStatus, input_status
@@ -188,6 +188,7 @@ class SmtModel:
         starts: int = 3,
         chunk_size: int = 20000,
     ):
+        gtab = checked_gradient_table(gtab, "SmtModel")
         if not gtab.b0s_mask.any():
             raise DwiflowInputError("SMT needs b=0 volumes (spherical means are normalised by the mean b=0); none found")
         n_shells = len(gtab.dw_shells)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dwiflow.core.errors import DwiflowInputError
-from dwiflow.core.gradients import GradientTable
+from dwiflow.core.gradients import GradientTable, checked_gradient_table
 from dwiflow.core.msmt_csd import MsmtCsdModel
 from dwiflow.core.response import ResponseFunction
 from dwiflow.core.status import FitStatus
@@ -71,6 +71,7 @@ class Ss3tCsdModel:
 
     def __init__(self, gtab: GradientTable, wm: ResponseFunction, gm: ResponseFunction, csf: ResponseFunction,
                  iterations: int = DEFAULT_ITERATIONS, bzero_pct: float = DEFAULT_BZERO_PCT, lmax: int = 8) -> None:
+        gtab = checked_gradient_table(gtab, "Ss3tCsdModel")
         dw_shells = [s for s in gtab.shells if not s.is_b0]
         if not gtab.b0s_mask.any() or len(dw_shells) != 1:
             have = ", ".join(f"{s.bvalue:.0f}" for s in gtab.shells)

@@ -36,7 +36,7 @@ from typing import Literal
 import numpy as np
 
 from dwiflow.core.errors import DwiflowInputError
-from dwiflow.core.gradients import GradientTable
+from dwiflow.core.gradients import GradientTable, checked_gradient_table
 from dwiflow.core.status import FitStatus, signal_above_b0
 from dwiflow.core.voxels import VoxelBatch, run_chunks, scatter
 
@@ -324,6 +324,7 @@ class TensorModel:
         ols_start: bool = False,
         keep_flagged_values: bool = False,
     ) -> None:
+        gtab = checked_gradient_table(gtab, "TensorModel")
         check_fit_arguments(fit_method, iterations, min_signal)
         self.iterations, self.ols_start = int(iterations), bool(ols_start)
         self.keep_flagged_values = bool(keep_flagged_values)

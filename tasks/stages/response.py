@@ -270,7 +270,7 @@ def _shells_used(gtab, shells: list[float] | None):
 
 def run_dhollander(files, outputs, options: DhollanderOptions, context):
     """Dhollander et al. 2016/2019 WM, GM and CSF responses and the voxels selected for each."""
-    from dwiflow.core.dhollander import dhollander
+    from dwiflow.core.response_dhollander import dhollander
 
     dwi, mask = files["dwi"], files.get("mask")
     run = load_dwi(dwi, files["bval"], files["bvec"])

@@ -156,3 +156,44 @@ def test_a_dipy_gradient_table_is_accepted_with_its_affine():
     assert ours.b0_threshold == 60  # DIPY's threshold comes along
     with pytest.raises(DwiflowInputError, match="say which frame"):
         gradient_table(dipy_table)
+
+
+@pytest.mark.parametrize("call", [
+    "TensorModel(g)", "DiffusionKurtosisModel(g)", "CsdModel(g, None)", "MsmtCsdModel(g, [None])",
+    "Ss3tCsdModel(g, None, None, None)", "RumbaSDModel(g)", "MapmriModel(g)", "SmtModel(g)", "NoddiModel(g)",
+    "dhollander(data, g, mask)", "tournier_response(data, g, mask)", "tax_response(data, g, mask)",
+    "median_otsu_mask(data, g)",
+])
+def test_a_dipy_gradient_table_is_refused_with_the_conversion_to_use(call):
+    """A DIPY GradientTable holds the .bvec file's voxel-axis directions: handed to an estimator as is, it would
+    rotate every fibre; each public estimator refuses it with a TypeError that names the conversion (it raised an
+    AttributeError about a missing attribute), and takes the converted table."""
+    from dipy.core.gradients import gradient_table as dipy_gradient_table
+
+    import dwiflow.core as api
+
+    bvals = np.array([0.0, 1000, 1000, 1000, 2000, 2000, 2000])
+    bvecs = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1]], float)
+    names = {name: getattr(api, name) for name in ("TensorModel", "DiffusionKurtosisModel", "CsdModel",
+                                                   "MsmtCsdModel", "Ss3tCsdModel", "RumbaSDModel", "MapmriModel",
+                                                   "SmtModel", "NoddiModel", "dhollander", "tournier_response",
+                                                   "tax_response", "median_otsu_mask")}
+    names.update(g=dipy_gradient_table(bvals, bvecs=bvecs), data=np.ones((2, 2, 2, 7)), mask=np.ones((2, 2, 2), bool))
+    with pytest.raises(TypeError, match=r"DIPY gradient table.*gradient_table\(gtab, affine=img\.affine\)"):
+        eval(call, {}, names)
+    converted = gradient_table(names["g"], affine=np.eye(4))
+    assert np.allclose(np.abs(converted.bvecs[1:4]), np.eye(3))  # what the estimators take instead
+
+
+def test_every_public_name_is_what_it_says_whatever_was_imported_before():
+    """``from dwiflow.core import dhollander`` is the function also after the module that defines it was imported
+    (a module named like the function replaced it on the package: the name then gave the module)."""
+    import importlib
+
+    import dwiflow.core as api
+
+    for name, module in api._PUBLIC.items():
+        importlib.import_module(f"dwiflow.core.{module}")
+    for name in api.__all__:
+        value = getattr(api, name)
+        assert callable(value) and not isinstance(value, type(api)), name

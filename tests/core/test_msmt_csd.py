@@ -3,7 +3,7 @@
 import numpy as np
 
 from dwiflow.core.csd import CsdModel
-from dwiflow.core.dhollander import dhollander
+from dwiflow.core.response_dhollander import dhollander
 from dwiflow.core.msmt_csd import MsmtCsdModel
 from dwiflow.core.msmt_csd import tissue_fractions
 from dwiflow.core.mtnormalise import mtnormalise

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dwiflow.core.csd import CsdModel
-from dwiflow.core.dhollander import dhollander
+from dwiflow.core.response_dhollander import dhollander
 from dwiflow.core.fixels import segment_fods
 from dwiflow.core.peaks import find_peaks
 from dwiflow.core.response import ResponseFunction

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dwiflow.core.errors import DwiflowInputError
-from dwiflow.core.gradients import GradientTable
+from dwiflow.core.gradients import GradientTable, checked_gradient_table
 from dwiflow.core.response import ResponseFunction, amp2response
 
 DEFAULT_ERODE = 3
@@ -264,6 +264,8 @@ def dhollander(
     """
     from dwiflow.core.msmt_csd import MsmtCsdModel
     from dwiflow.core.peaks import find_peaks, peak_amplitude_degree_2
+
+    gtab = checked_gradient_table(gtab, "dhollander")
 
     shells = list(gtab.shells)
     if len(shells) < 2 or not shells[0].is_b0:
