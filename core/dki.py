@@ -285,6 +285,11 @@ class KurtosisFit:
         out = np.where(self.mask[(...,) + extra], values, 0.0)
         return np.where((self.status == FitStatus.OK)[(...,) + extra], out, np.nan)
 
+    @property
+    def kt(self) -> np.ndarray:
+        """The 15 elements of W in DIPY's order: ``kurtosis`` by DIPY's ``DiffusionKurtosisFit`` name."""
+        return self.kurtosis
+
     @cached_property
     def _rotated(self) -> dict[tuple[int, int], np.ndarray]:
         """W_iijj in the eigenvector frame for every pair i ≤ j (Tabesh et al. 2011's rotated elements), computed

@@ -111,6 +111,16 @@ class NoddiFit:
     status: np.ndarray
     mask: np.ndarray
 
+    @property
+    def icvf(self) -> np.ndarray:
+        """The intra-cellular volume fraction: ``ndi`` by the name QSIRecon's and NODDI's maps use."""
+        return self.ndi
+
+    @property
+    def isovf(self) -> np.ndarray:
+        """The isotropic volume fraction: ``fwf`` by the name QSIRecon's and NODDI's maps use."""
+        return self.fwf
+
 
 class NoddiModel:
     """NODDI as AMICO fits it (see the module docstring).

@@ -223,6 +223,28 @@ class TensorFit:
     def quadratic_form(self) -> np.ndarray:
         return lower_triangular_to_matrix(self.lower_triangular)
 
+    # DIPY's TensorFit names for the rotation-invariant maps, for code written against dipy.reconst.dti (same
+    # definitions). Its directions and colour FA are not repeated: they are in the voxel axes of the .bvec file,
+    # these eigenvectors in world coordinates (v1)
+    @property
+    def trace(self) -> np.ndarray:
+        """Sum of the eigenvalues (3·MD)."""
+        return self.evals.sum(axis=-1)
+
+    @property
+    def mode(self) -> np.ndarray:
+        """Tensor mode (Ennis & Kindlmann 2006), as DIPY's: 3√6·det(A/‖A‖) of the deviatoric tensor A (−1 planar,
+        +1 linear), from the eigenvalues (as clipped for ``evals``); NaN for an isotropic tensor (A = 0)."""
+        deviatoric = self.evals - self.evals.mean(axis=-1, keepdims=True)
+        norm = np.sqrt(np.sum(deviatoric ** 2, axis=-1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(norm > 0, 3 * np.sqrt(6) * np.prod(deviatoric, axis=-1) / norm ** 3, np.nan)
+
+    @property
+    def S0_hat(self) -> np.ndarray:  # noqa: N802  (DIPY's name)
+        """The fitted S0 (DIPY's name for it)."""
+        return self.s0
+
     def predict(self, gtab: GradientTable) -> np.ndarray:
         """Signal predicted by the tensors for the given gradient table."""
         x = tensor_design_matrix(gtab)

@@ -83,7 +83,8 @@ def test_phantom_parameters_are_recovered(record):
         data, truth = _phantom(bvals, bvecs, 200, seed=1, snr=snr)
         fit = NoddiModel(gtab).fit(data[:, None, None, :], n_threads=1)
         assert np.all(fit.status == 0)
-        estimates = np.column_stack([fit.ndi.ravel(), fit.odi.ravel(), fit.fwf.ravel()])
+        estimates = np.column_stack([fit.icvf.ravel(), fit.odi.ravel(), fit.isovf.ravel()])  # QSIRecon's names
+        assert np.array_equal(estimates[:, 0], fit.ndi.ravel()) and np.array_equal(estimates[:, 2], fit.fwf.ravel())
         errors = np.median(np.abs(estimates - truth), axis=0)
         for name, error, limit in zip(("ICVF", "ODI", "ISOVF"), errors, limits):
             assert error < limit, (name, snr, error)
