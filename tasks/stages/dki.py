@@ -14,7 +14,8 @@ from dwiflow.tasks.registry import Input, Output, Stage
 from dwiflow.tasks.stagelib import (DWI_INPUTS, MapOptions, provenance, stage_warnings, thread_count, voxels_to_fit,
                                     write_maps)
 
-KURTOSIS_RANGE = 3000.0  # s/mm²: about where the kurtosis expansion stops describing brain tissue (Jensen & Helpern 2010)
+# s/mm²: about where the kurtosis expansion stops describing brain tissue (Jensen & Helpern 2010)
+KURTOSIS_RANGE = 3000.0
 
 _HELP = {"mk": "mean kurtosis", "ak": "axial kurtosis", "rk": "radial kurtosis",
          "mkt": "mean of the kurtosis tensor", "kfa": "kurtosis fractional anisotropy",
@@ -41,7 +42,8 @@ class DkiOptions(MapOptions):
                               "`iter` refits weighted by the predicted signal (as the tensor stage's wls/ols)")
     bmax: float | None = option(None, exclusive_minimum=True, minimum=0, units="s/mm²",
                                 help="fit the b=0 volumes and only the shells up to this b-value (a shell's mean "
-                                     "b-value, within 80 s/mm²): the kurtosis model describes brain tissue to about "
+                                     f"b-value, within {SHELL_TOLERANCE:g} s/mm²): the kurtosis model describes brain "
+                                     "tissue to about "
                                      "b=2500-3000 (Jensen & Helpern 2010); default: every shell, as DIPY and "
                                      "dwi2tensor -dkt")
     iter: int = option(2, minimum=0, maximum=10,
@@ -65,11 +67,10 @@ def run_dki(files, outputs, options: DkiOptions, context):
     notes = stage_warnings(STAGES[0], run, files["dwi"], options, files.get("mask") is not None)
     threads = thread_count(context)
     gtab, data = run.gtab, run.data
-    if options.bmax is not None:
-        kept = np.flatnonzero(np.isin(gtab.shell_index, [i for i, s in enumerate(gtab.shells)
-                                                         if s.is_b0 or s.bvalue <= options.bmax + SHELL_TOLERANCE]))
-        if kept.size < gtab.n_volumes:
-            gtab, data = gtab.subset(kept), data[..., kept]
+    kept = np.flatnonzero(np.isin(gtab.shell_index, [i for i, s in enumerate(gtab.shells)
+                                                     if s.is_b0 or _fitted(s.bvalue, options)]))
+    if kept.size < gtab.n_volumes:
+        gtab, data = gtab.subset(kept), data[..., kept]
     if options.method.startswith("dipy-"):
         model = DiffusionKurtosisModel(gtab, fit_method=options.method.removeprefix("dipy-").upper(),
                                        n_threads=threads)
@@ -96,9 +97,14 @@ def run_dki(files, outputs, options: DkiOptions, context):
                       per_output=per_output, status_details=STATUS_DETAILS)
 
 
+def _fitted(bvalue: float, options: DkiOptions) -> bool:
+    """Whether the fit uses the diffusion-weighted shell of this b-value (those up to ``bmax`` when it is given)."""
+    return options.bmax is None or bvalue <= options.bmax + SHELL_TOLERANCE
+
+
 def _fitted_shells(data, options: DkiOptions) -> list[float]:
-    """The diffusion-weighted shells' b-values the fit uses (those up to ``bmax`` when it is given)."""
-    return [b for b, _ in data.shells if options.bmax is None or b <= options.bmax + SHELL_TOLERANCE]
+    """The diffusion-weighted shells' b-values the fit uses."""
+    return [b for b, _ in data.shells if _fitted(b, options)]
 
 
 def check_dki_data(data, options: DkiOptions) -> None:
@@ -120,10 +126,10 @@ def dki_data_warnings(data, options: DkiOptions) -> list[str]:
     shells = _fitted_shells(data, options)
     if options.bmax is not None or not shells or max(shells) <= KURTOSIS_RANGE + SHELL_TOLERANCE:
         return []
+    limit = f"{KURTOSIS_RANGE:.0f}"
     return [f"DKI fits every shell, up to b={max(shells):.0f} s/mm²: the kurtosis model describes brain tissue to "
-            f"about b={KURTOSIS_RANGE:.0f} (Jensen & Helpern 2010), so the maps depend on the higher shells; the "
-            f"bmax option (dwirecon dki --bmax {KURTOSIS_RANGE:.0f}; in a recon spec, dki: {{bmax: {KURTOSIS_RANGE:.0f}}}) "
-            "fits those up to it"]
+            f"about b={limit} (Jensen & Helpern 2010), so the maps depend on the higher shells; the bmax option "
+            f"(dwirecon dki --bmax {limit}; in a recon spec, dki: {{bmax: {limit}}}) fits those up to it"]
 
 
 def _methods_sentence(options: DkiOptions) -> str:
