@@ -113,6 +113,23 @@ def _check_paths(bids_dir: Path, output_dir: Path, work_dir: Path) -> str | None
     return None
 
 
+def _oversubscription(args: argparse.Namespace) -> str | None:
+    """A note when the processes and threads asked for (``--nprocs`` × ``--omp-nthreads``) exceed the CPUs this
+    process may use, and the stages run here (debug and cf workers): they would compete, and the run be slower."""
+    if args.worker not in ("debug", "cf") or not (args.nprocs or args.omp_nthreads):
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = (args.nprocs or 1) if args.worker == "cf" else 1
+    threads = args.omp_nthreads or 1
+    if processes * threads <= cpus:
+        return None
+    asked = (f"--nprocs {processes} × --omp-nthreads {threads} = {processes * threads} threads"
+             if args.worker == "cf" and args.nprocs and args.omp_nthreads else
+             f"--nprocs {processes}" if args.worker == "cf" and args.nprocs else f"--omp-nthreads {threads}")
+    return (f"{asked} on {cpus} CPU{'s' if cpus > 1 else ''}: they would compete and the run be slower, not faster "
+            f"(at most {cpus} in all)")
+
+
 def default_work_dir(output_dir: Path) -> Path:
     """The work directory when none is given: one folder per OUTPUT_DIR (its name and a digest of its absolute
     path) under ``$XDG_CACHE_HOME/dwiflow`` or ``~/.cache/dwiflow``, so that the cache lies outside the derivative
@@ -149,6 +166,9 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
     problem = _check_paths(bids_dir, output_dir, work_dir)
     if problem:
         return _error(problem)
+    oversubscribed = _oversubscription(args)
+    if oversubscribed:
+        print(f"dwiflow: warning: {oversubscribed}", file=sys.stderr)
     try:
         spec = load_recon_spec(args.recon_spec)
         filters = load_filter_file(args.bids_filter_file) if args.bids_filter_file else None

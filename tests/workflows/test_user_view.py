@@ -262,3 +262,26 @@ def test_help_lists_the_built_in_specs_and_every_method(capsys):
         if isinstance(entry, StageGroup):
             assert f"{entry.title.lower()}: {', '.join(entry.methods)}" in text
             assert {"tournier", "tax", "dhollander"} <= set(entry.methods) or entry.name != "response"
+
+
+@pytest.mark.parametrize("extra, asked", [
+    (["--nprocs", "4", "--omp-nthreads", "3"], "--nprocs 4 × --omp-nthreads 3 = 12 threads on 2 CPUs"),
+    (["--omp-nthreads", "4", "--worker", "debug"], "--omp-nthreads 4 on 2 CPUs"),
+    (["--nprocs", "2"], None), (["--nprocs", "8", "--worker", "slurm"], None),
+])
+def test_more_processes_and_threads_than_cpus_are_warned_about(tmp_path, capsys, monkeypatch, extra, asked):
+    """--nprocs × --omp-nthreads beyond the CPUs this process may use (2 here), with a worker that runs the stages on
+    this machine: a warning before anything else, as fMRIPrep gives; within them, or on SLURM: none."""
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    bids = tmp_path / "bids"
+    assert dwirecon(["phantom", str(bids), "--shape", "4,4,2", "--seed", "4"]) == 0
+    code = main([str(bids), str(tmp_path / "out"), "participant", "--participant-label", "nobody", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and "participant(s) ['nobody'] not found" in err
+    warnings = [line for line in err.splitlines() if line.startswith("dwiflow: warning:")]
+    if asked is None:
+        assert warnings == [], err
+    else:
+        assert len(warnings) == 1 and asked in warnings[0] and "slower, not faster" in warnings[0], err
