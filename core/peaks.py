@@ -91,7 +91,10 @@ def _grid(frequency: int) -> _Grid:
     xs, ys = np.concatenate([zeros, x], 1), np.concatenate([zeros, y], 1)
     design = np.stack([np.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], axis=-1)  # (h, 7, 6)
     design[:, 1:][ring == np.arange(half)[:, None]] = 0.0  # a padded slot (pentagon vertex) contributes nothing
-    refine = np.linalg.pinv(design)  # (h, 6, 7)
+    # the least-squares operators (h, 6, 7), (DᵀD)⁻¹Dᵀ: one batched 6x6 solve (a fifth of a batched pinv's time; the
+    # design has full column rank at every vertex, five or six neighbours and the centre)
+    transposed = np.swapaxes(design, 1, 2)
+    refine = np.linalg.solve(transposed @ design, transposed)
     return _Grid(centre.copy(), folded, nbr_dirs, refine, np.stack([e1, e2], axis=1))
 
 
