@@ -198,6 +198,36 @@ def _inputs():
 DWI_INPUTS = _inputs()
 
 
+def shells_used(gtab, shells: list[float] | None):
+    """The volumes of the requested b-values (all when none are requested; MRtrix3's ``-shells``, b=0 included
+    explicitly): (volume indices, shells in order of b-value)."""
+    from dwiflow.core.response import select_shells
+
+    if shells is None:
+        return np.arange(gtab.n_volumes), list(gtab.shells)
+    chosen = select_shells(gtab, shells)
+    return np.sort(np.concatenate([s.indices for s in chosen])), chosen
+
+
+def responses_for_shells(response, shells, path) -> Any:
+    """``response`` for the shells used: itself when it has a row per shell; when it names more shells (its
+    ``# Shells`` line) including every one used, those rows (MRtrix3 asks for responses of the selected shells
+    only); otherwise itself, for the model's shell check to refuse."""
+    from dwiflow.core.gradients import DEFAULT_SHELL_TOLERANCE
+    from dwiflow.core.response import ResponseFunction
+
+    wanted = np.array([s.bvalue for s in shells])
+    have = response.bvalues
+    if response.coefficients.shape[0] == wanted.size or not np.all(np.isfinite(have)):
+        return response
+    distance = np.abs(have[None, :] - wanted[:, None])
+    rows = np.argmin(distance, axis=1)
+    if np.any(distance[np.arange(wanted.size), rows] > DEFAULT_SHELL_TOLERANCE):
+        return response
+    return ResponseFunction(have[rows], response.coefficients[rows], [response.lmax[r] for r in rows],
+                            dict(response.metadata))
+
+
 def issued_warnings(notes: list[str]) -> dict[str, list[str]]:
     """Issue each note as a Python warning (``dwirecon`` prints it) and return ``{"Warnings": [...]}`` for the
     outputs' sidecars, which the report lists ({} when there is none)."""

@@ -11,8 +11,8 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import load_dwi, read_numbers
 from dwiflow.tasks.options import OptionError, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import (DWI_INPUTS, load_response, provenance, sh_basis_option, tissue_response_sidecars,
-                                   voxels_to_fit, write_maps)
+from dwiflow.tasks.stagelib import (DWI_INPUTS, load_response, provenance, responses_for_shells, sh_basis_option,
+                                   shells_used, tissue_response_sidecars, voxels_to_fit, write_maps)
 
 TISSUES = ("wm", "gm", "csf")
 
@@ -27,6 +27,11 @@ class MsmtCsdOptions(StageOptions):
     norm_lambda: float = option(1e-10, help="weight of the minimum-norm regulariser (relative to the largest "
                                             "diagonal element of the normal matrix)", minimum=0)
     neg_lambda: float = option(1e-10, help="ridge on the constraint multipliers' system", minimum=0)
+    # command line only, as the response stage's: in a recon spec every shell is deconvolved
+    shells: list[float] | None = option(None, help="the b-values to use, b=0 included explicitly, e.g. 0,1000,3000 "
+                                                   "(default: all; MRtrix3's -shells); a response gives a row per "
+                                                   "b-value used, or names its shells (# Shells) including them",
+                                        minimum=0, spec=False)
     sh_basis: str = sh_basis_option()
 
 
@@ -52,14 +57,18 @@ def run_msmt_csd(files, outputs, options: MsmtCsdOptions, context):
                           f"({', '.join(tissues)})", "lmax")
     dwi = files["dwi"]
     run = load_dwi(dwi, files["bval"], files["bvec"])
+    volumes, shells = shells_used(run.gtab, options.shells)
+    data, gtab = run.data, run.gtab
+    if volumes.size < gtab.n_volumes:
+        data, gtab = run.data[..., volumes], gtab.subset(volumes)
     responses = []
     for t in tissues:
         path = files[f"response_{t}"]
-        response = load_response(path)
+        response = responses_for_shells(load_response(path), shells, path)
         responses.append(response)
     directions = read_numbers(files["directions"], "directions") if files.get("directions") else None
     try:
-        model = MsmtCsdModel(run.gtab, responses, lmax=options.lmax, directions=directions,
+        model = MsmtCsdModel(gtab, responses, lmax=options.lmax, directions=directions,
                              norm_lambda=options.norm_lambda, neg_lambda=options.neg_lambda)
     except DwiflowInputError as error:  # name the file behind "response N"
         message = str(error)
@@ -67,7 +76,7 @@ def run_msmt_csd(files, outputs, options: MsmtCsdOptions, context):
             message = message.replace(f"response {i + 1} ", f"response {files[f'response_{t}']} ")
         raise DwiflowInputError(message) from None
     voxels = voxels_to_fit(run, files.get("mask"), dwi)
-    fit = model.fit(run.data, voxels, progress=context.progress)
+    fit = model.fit(data, voxels, progress=context.progress)
     params = {"Tissues": tissues, "Lmax": model.lmax, "NormLambda": options.norm_lambda,
               "NegLambda": options.neg_lambda, "ConstraintDirections": int(model.constraint_dirs.shape[0]),
               "Shells": [float(round(s.bvalue)) for s in model.shells],

@@ -16,7 +16,7 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import atomic_outputs, existing_file, load_dwi, load_image, load_mask, read_numbers, sidecar_path
 from dwiflow.tasks.options import Alias, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage, StageGroup
-from dwiflow.tasks.stagelib import DWI_INPUTS, brain_mask, provenance, thread_count
+from dwiflow.tasks.stagelib import DWI_INPUTS, brain_mask, provenance, shells_used, thread_count
 
 _MASK = Input("mask", "MASK", "brain mask (default: median-Otsu on the b=0 volumes)", required=False, flag=True)
 _OUTPUTS = (Output("response", "the response function (MRtrix3 text format)", cli="positional", metavar="OUT_TXT"),
@@ -258,23 +258,13 @@ class DhollanderOptions(StageOptions):
                                       "MRtrix3's -wm_algo")
 
 
-def _shells_used(gtab, shells: list[float] | None):
-    """The volumes of the requested b-values (all when none are requested): (volume indices, shells)."""
-    from dwiflow.core.response import select_shells
-
-    if shells is None:
-        return np.arange(gtab.n_volumes), list(gtab.shells)
-    chosen = select_shells(gtab, shells)
-    return np.sort(np.concatenate([s.indices for s in chosen])), chosen
-
-
 def run_dhollander(files, outputs, options: DhollanderOptions, context):
     """Dhollander et al. 2016/2019 WM, GM and CSF responses and the voxels selected for each."""
     from dwiflow.core.response_dhollander import dhollander
 
     dwi, mask = files["dwi"], files.get("mask")
     run = load_dwi(dwi, files["bval"], files["bvec"])
-    volumes, shells = _shells_used(run.gtab, options.shells)
+    volumes, shells = shells_used(run.gtab, options.shells)
     if options.lmax is not None and len(options.lmax) != len(shells):
         from dwiflow.tasks.options import OptionError
 

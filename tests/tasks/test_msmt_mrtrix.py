@@ -133,6 +133,46 @@ def test_msmt_csd_equals_mrtrix(dhollander_pair, acq, record):
         assert floored >= 0.999
 
 
+def test_msmt_csd_shells_equal_mrtrix(dhollander_pair, capsys, record):
+    """--shells as dwi2fod's -shells (b6kmax: 0,3000,4500,6000 of its nine b-values, 60 volumes for 47 unknowns;
+    MRtrix3's responses): equal to dwi2fod msmt_csd -shells with responses of those rows, within 1e-5; the full
+    nine-row responses give the same files (their # Shells line names the rows), where dwi2fod asks for those rows
+    only."""
+    folder, paths, _ = dhollander_pair["b6kmax"]
+    img = nib.load(paths["mask"])
+    keep = np.zeros(img.shape, dtype=bool).ravel()
+    keep[np.flatnonzero(img.get_fdata().ravel() > 0)[:1500]] = True
+    subset = write_nifti(folder / "shells_mask.nii.gz", keep.reshape(img.shape).astype(np.uint8), img.affine)
+    shells = "0,3000,4500,6000"
+    rows = {}
+    for t in ("wm", "gm", "csf"):
+        full = load_response(folder / f"mrtrix_{t}.txt")
+        chosen = [int(np.argmin(np.abs(full.bvalues - float(b)))) for b in shells.split(",")]
+        rows[t] = folder / f"rows_{t}.txt"
+        lines = [f"# Shells: {','.join(f'{full.bvalues[r]:g}' for r in chosen)}"]
+        lines += [" ".join(f"{v:.15g}" for v in full.coefficients[r]) for r in chosen]
+        rows[t].write_text("\n".join(lines) + "\n")
+    _mrtrix("dwi2fod", "msmt_csd", paths["dwi"], "-fslgrad", paths["bvec"], paths["bval"], "-mask", subset,
+            "-shells", shells, *sum(([rows[t], folder / f"ms_{t}.nii"] for t in ("wm", "gm", "csf")), []))
+    for label, given in (("rows", rows), ("full", {t: folder / f"mrtrix_{t}.txt" for t in ("wm", "gm", "csf")})):
+        argv = ["msmt-csd", paths["dwi"], paths["bval"], paths["bvec"]]
+        argv += sum(([given[t], folder / f"os_{label}_{t}.nii.gz"] for t in ("wm", "gm", "csf")), [])
+        assert main([str(a) for a in argv] + ["--mask", str(subset), "--shells", shells, "-q"]) == 0
+    inside = keep.reshape(img.shape)
+    theirs = {t: nib.load(folder / f"ms_{t}.nii").get_fdata()[inside] for t in ("wm", "gm", "csf")}
+    total = sum(np.abs(theirs[t][:, 0]) for t in theirs)
+    for t in ("wm", "gm", "csf"):
+        ours = nib.load(folder / f"os_rows_{t}.nii.gz").get_fdata()[inside]
+        assert np.array_equal(ours, nib.load(folder / f"os_full_{t}.nii.gz").get_fdata()[inside]), t
+        scale = np.maximum(np.abs(theirs[t]).max(axis=1), total)
+        within = np.mean(np.abs(ours - theirs[t]).max(axis=1) <= 1e-5 * scale)
+        record("msmt-csd", f"{t.upper()} within 1e-5 with --shells {shells} (sub-01 b6kmax)", within, ">= 0.999",
+               "MRtrix3 3.0.3 dwi2fod msmt_csd -shells")
+        assert within >= 0.999, (t, within)
+    sidecar = json.loads((folder / "os_full_wm.json").read_text())
+    assert sidecar["Model"]["Parameters"]["Shells"] == [0.0, 3000.0, 4500.0, 6000.0]
+
+
 def test_msmt_csd_recovers_a_phantom_compartment():
     """Noiseless WM fibre + isotropic compartment on three shells + b=0: the fit reproduces the signal and the
     isotropic compartment it was made of (within 5%)."""
