@@ -310,6 +310,9 @@ class StageOptions:
             alias = _find_alias(cls, key, spec=True)
             if alias is None:
                 allowed = ", ".join(sorted(known)) or "none"
+                if key in {f.name for f, _, _ in cls.option_fields()}:  # declared with spec=False
+                    raise OptionError(f"{{{key}}}: a command-line option only (--{key.replace('_', '-')}), not one "
+                                      f"of a recon spec (allowed here: {allowed})", key)
                 raise OptionError(f"{{{key}}}: unknown option (allowed: {allowed})", key)
             target, entry = alias
             (warn or _warn)(f"{spell(key)} is deprecated; use {spell(target)}")

@@ -54,7 +54,8 @@ BAD_SPECS = [
     (_with("response", {"method": "fa", "number": 50}), "stages.response.number: unknown key (a response stage "
                                                         "takes method and options)"),
     (_with("response", {"method": "fa", "options": {"depth": 2}}), "stages.response.options.depth: unknown option"),
-    (_with("fod_metrics", {"model": "x"}), "stages.fod_metrics.model: unknown option (allowed: none)"),
+    (_with("fod_metrics", {"model": "x"}), "stages.fod_metrics.model: a command-line option only (--model), not one "
+                                           "of a recon spec (allowed here: none)"),
     # types and ranges, every stage
     (_with("mask", {"median_radius": 0}), "stages.mask.median_radius: must be >= 1, got 0"),
     (_with("tensor", {"method": "lsq"}), "stages.tensor.method: must be one of wls, ols, dipy-wls, dipy-ols, got 'lsq'"),
@@ -102,6 +103,8 @@ BAD_SPECS = [
     (_spec({"mask": {}, "csd": {}}), "stages.csd: needs a response from an earlier stage (add stages.response)"),
     (_spec({"mask": {}, "msmt_csd": {}, "peaks": {}}), "stages.msmt_csd: needs a response_wm from an earlier stage "
                                                        "(add stages.response)"),
+    (_spec({"mask": {}, "response": {"method": "dhollander"}, "msmt_csd": {"shells": [0, 1000]}, "mtnormalise": {}}),
+     "stages.msmt_csd.shells: a command-line option only (--shells), not one of a recon spec"),
     (_spec({"mask": {}, "response": {"method": "dhollander"}, "msmt_csd": {"lmax": [8, 1, 0]}, "mtnormalise": {}}),
      "stages.msmt_csd.lmax"),
     (_spec({"mask": {}, "response": {"method": "dhollander"}, "msmt_csd": {}, "mtnormalise": {"order": 5}}),
