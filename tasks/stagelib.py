@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from dwiflow.core.status import status_levels
 from dwiflow.tasks.io import (atomic_outputs, in_mrtrix3_basis, load_image, load_mask, read_sidecar, read_text,
                               sidecar_path)
 from dwiflow.tasks.options import OptionError, StageOptions, option
+
+if TYPE_CHECKING:
+    from dwiflow.core.response import ResponseFunction
 
 PathLike = str | os.PathLike
 
@@ -209,7 +212,7 @@ def shells_used(gtab, shells: list[float] | None):
     return np.sort(np.concatenate([s.indices for s in chosen])), chosen
 
 
-def responses_for_shells(response, shells, path) -> Any:
+def response_for_shells(response: ResponseFunction, shells: list) -> ResponseFunction:
     """``response`` for the shells used: itself when it has a row per shell; when it names more shells (its
     ``# Shells`` line) including every one used, those rows (MRtrix3 asks for responses of the selected shells
     only); otherwise itself, for the model's shell check to refuse."""

@@ -11,7 +11,7 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import load_dwi, read_numbers
 from dwiflow.tasks.options import OptionError, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import (DWI_INPUTS, load_response, provenance, responses_for_shells, sh_basis_option,
+from dwiflow.tasks.stagelib import (DWI_INPUTS, load_response, provenance, response_for_shells, sh_basis_option,
                                    shells_used, tissue_response_sidecars, voxels_to_fit, write_maps)
 
 TISSUES = ("wm", "gm", "csf")
@@ -64,7 +64,7 @@ def run_msmt_csd(files, outputs, options: MsmtCsdOptions, context):
     responses = []
     for t in tissues:
         path = files[f"response_{t}"]
-        response = responses_for_shells(load_response(path), shells, path)
+        response = response_for_shells(load_response(path), shells)
         responses.append(response)
     directions = read_numbers(files["directions"], "directions") if files.get("directions") else None
     try:
