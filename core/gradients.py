@@ -251,6 +251,8 @@ def checked_gradient_table(gtab: Any, where: str) -> GradientTable:
 
 
 FRAMES = ("world", "fsl")
+# a direction whose norm differs from 1 by more than this scales its volume's b-value (files hold 6 or more decimals)
+UNIT_NORM_TOLERANCE = 1e-3
 
 
 def gradient_table(
@@ -281,7 +283,9 @@ def gradient_table(
         ``bvals`` and ``bvecs`` arrays) gives both; its directions are those of the ``.bvec`` file it was
         made from, so ``affine`` is needed as for the file.
     bvecs : array_like, shape (3, n) or (n, 3)
-        Directions. 3×n is the BIDS layout; n×3 is read with a warning. Omitted with a DIPY table.
+        Directions. 3×n is the BIDS layout; n×3 is read with a warning. Omitted with a DIPY table. A direction
+        whose norm differs from 1 by more than 1e-3 scales its volume's b-value by the squared norm (a scheme that
+        encodes b-values in the gradients' lengths), as MRtrix3 reads such files, with a warning.
     affine : ndarray (4, 4)
         The DWI's voxel-to-world matrix (``nibabel.load(dwi).affine``): ``bvecs`` are FSL/BIDS vectors and
         are converted into world coordinates. Give this or ``frame="world"``.
@@ -361,6 +365,18 @@ def gradient_table(
     if not np.all(np.isfinite(vecs)):
         raise DwiflowInputError(f"{bvec_name}: contains non-finite values")
     norms = np.linalg.norm(vecs, axis=1)
+    off_unit = (norms >= 1e-6) & (np.abs(norms - 1) > UNIT_NORM_TOLERANCE)
+    if off_unit.any():
+        # a scheme that encodes b-values in the vectors' lengths (one nominal b-value, scaled gradients): the b-value
+        # of a volume is the nominal one times the squared norm, as MRtrix3 reads it (its -bvalue_scaling default)
+        weighted = np.flatnonzero(off_unit & (bvals_arr > b0_threshold))
+        example = int(weighted[0] if weighted.size else np.flatnonzero(off_unit)[0])
+        nominal = bvals_arr[example]
+        bvals_arr = np.where(norms >= 1e-6, bvals_arr * norms ** 2, bvals_arr)
+        warnings.warn(f"{bvec_name}: {int(off_unit.sum())} of the directions are not unit vectors (norms "
+                      f"{norms[off_unit].min():.3g} to {norms[off_unit].max():.3g}): their b-values are scaled by "
+                      f"the squared norm, as MRtrix3 does (volume {example}: b={nominal:g} becomes "
+                      f"{bvals_arr[example]:.4g})", stacklevel=2)
     dw = bvals_arr > b0_threshold
     missing = np.flatnonzero(dw & (norms < 1e-6))
     if missing.size:

@@ -157,10 +157,16 @@ def check_run(label: str, dwi: Path, bval: Path, bvec: Path, mask: Path | None, 
     """Problems of one run for a recon spec (empty when it can run), one line each; what its stages warn about
     the data is appended to ``warnings`` (``stage <name>: <note>``); the group responses that match the run's
     b-values go into ``chosen[label]``."""
-    try:
-        data = summarise(dwi, bval, bvec, mask)
-    except DwiflowInputError as exc:
-        return [f"{label}: {exc}"]
+    import warnings as python_warnings
+
+    with python_warnings.catch_warnings(record=True) as caught:  # what reading the files warns about (a bvec
+        python_warnings.simplefilter("always")                   # stored n x 3 …): a warning of the run
+        try:
+            data = summarise(dwi, bval, bvec, mask)
+        except DwiflowInputError as exc:
+            return [f"{label}: {exc}"]
+    if warnings is not None:
+        warnings.extend(str(w.message) for w in caught if issubclass(w.category, UserWarning))
     problems = []
     given: set[str] = set()
     if responses:

@@ -64,7 +64,9 @@ def test_n_by_3_bvecs_are_read_with_a_warning_and_give_the_same_table():
 
 def test_non_unit_vectors_are_normalised_and_zero_b0_vectors_kept():
     vectors = np.array([[0, 0, 0], [2, 0, 0], [0, 0.5, 0]])  # one row per volume
-    g = gradient_table(np.array([0, 1000, 1000]), vectors.T, frame="world")
+    with pytest.warns(UserWarning, match=r"2 of the directions are not unit vectors .*b=1000 becomes 4000"):
+        g = gradient_table(np.array([0, 1000, 1000]), vectors.T, frame="world")
+    assert np.allclose(g.bvals, [0, 4000, 250])  # each b-value times its direction's squared norm (MRtrix3)
     assert np.allclose(np.linalg.norm(g.bvecs, axis=1), [0, 1, 1])
     assert np.allclose(g.bvecs[1], [1, 0, 0]) and np.allclose(g.bvecs[2], [0, 1, 0])
 
@@ -197,3 +199,27 @@ def test_every_public_name_is_what_it_says_whatever_was_imported_before():
     for name in api.__all__:
         value = getattr(api, name)
         assert callable(value) and not isinstance(value, type(api)), name
+
+
+def test_directions_that_are_not_unit_vectors_scale_their_b_values_as_mrtrix3(tmp_path, mrtrix):
+    """A scheme that encodes b-values in the vectors' lengths (sub-03's nominal b=1000, nine directions shortened to
+    0.7): each b-value is scaled by the squared norm, as MRtrix3 3.0.3 reads the same files (mrinfo -dwgrad), with a
+    warning naming the file; unit vectors (to the files' six decimals) leave the b-values as they are."""
+    import subprocess
+
+    paths = real_run("sub-03")
+    bvecs = np.loadtxt(paths["bvec"])
+    bvecs[:, 8:] *= 0.7
+    scaled = tmp_path / "scaled.bvec"
+    np.savetxt(scaled, bvecs, fmt="%.6f")
+    with pytest.warns(UserWarning, match=r"scaled\.bvec: 9 of the directions are not unit vectors \(norms 0\.7 to "
+                                         r"0\.7\).*b=1000 becomes 490"):
+        ours = load_dwi(paths["dwi"], paths["bval"], scaled).gtab.bvals
+    table = subprocess.run(["mrinfo", str(paths["dwi"]), "-fslgrad", str(scaled), str(paths["bval"]), "-dwgrad"],
+                           capture_output=True, text=True, check=True).stdout
+    theirs = np.array([float(line.split()[3]) for line in table.splitlines()])
+    assert np.allclose(ours, theirs, rtol=1e-5, atol=1e-6) and np.isclose(ours[9], 490, rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unit = load_dwi(paths["dwi"], paths["bval"], paths["bvec"]).gtab.bvals
+    assert np.array_equal(unit, np.loadtxt(paths["bval"]))

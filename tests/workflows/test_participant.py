@@ -219,6 +219,31 @@ def test_bad_input_exits_2_and_writes_nothing(dataset, tmp_path, capsys, make, m
     assert not (tmp_path / "out").exists()
 
 
+def test_what_reading_a_run_warns_about_is_a_warning_of_the_run(dataset, tmp_path):
+    """The pre-flight check of a run whose bvec is stored n x 3 (read transposed, with a Python warning) hands the
+    warning over as one of the run's notes, which the App prints as 'dwiflow: warning: <run>: …' (it came out as a
+    raw UserWarning with a source line), and passes the run."""
+    import warnings
+
+    from dwiflow.bids_specs.inputs import find_dwi_runs
+    from dwiflow.tasks.preflight import check_runs
+    from dwiflow.tasks.recon_spec import load_recon_spec
+
+    bids = tmp_path / "bids"
+    shutil.copytree(dataset["bids"], bids)
+    bvec = bids / "sub-two" / "dwi" / "sub-two_dir-AP_dwi.bvec"
+    np.savetxt(bvec, np.loadtxt(bvec).T, fmt="%.8f")
+    runs = find_dwi_runs(bids, ["two"])
+    notes: dict[str, list[str]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none escapes
+        problems = check_runs(runs, load_recon_spec(str(dataset["spec"])), None, notes)
+    assert problems == {}
+    about_bvec = [note for note in notes["sub-two_dir-AP"] if note.startswith(f"{bvec}: directions are stored as")]
+    assert len(about_bvec) == 1 and "transposed" in about_bvec[0]
+    assert not any(".bvec:" in note for note in notes.get("sub-two_dir-PA", []))
+
+
 def test_filter_files_take_file_name_keys_and_name_a_misspelt_entity(dataset):
     """A BIDS filter may use the keys of BIDS file names (dir, sub, acq …) for their entities, as users write them;
     a misspelt entity is named with the one meant; a key and its entity together are refused."""
