@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the recon spec's response_dir")
     p.add_argument("--work-dir", type=Path,
                    help="Pydra cache: keep it for fast reruns (default: outside the derivative dataset, in "
-                        "$XDG_CACHE_HOME/dwiflow/, else ~/.cache/dwiflow/, one folder per OUTPUT_DIR)")
+                        "$XDG_CACHE_HOME/dwiflow/, else ~/.cache/dwiflow/, one folder per OUTPUT_DIR and "
+                        "--participant-label/--session-label/--bids-filter-file selection)")
     p.add_argument("--clean-workdir", action="store_true",
                    help="remove the work directory after a run in which every run succeeded (a rerun then "
                         "recomputes everything)")
@@ -130,14 +131,31 @@ def _oversubscription(args: argparse.Namespace) -> str | None:
             f"(at most {cpus} in all)")
 
 
-def default_work_dir(output_dir: Path) -> Path:
-    """The work directory when none is given: one folder per OUTPUT_DIR (its name and a digest of its absolute
-    path) under ``$XDG_CACHE_HOME/dwiflow`` or ``~/.cache/dwiflow``, so that the cache lies outside the derivative
-    dataset and a rerun finds it; in the system's temporary folder when neither can be written."""
+def _selection(args: argparse.Namespace) -> list[str]:
+    """What selects the runs, as the default work directory's key: participant and session labels (sorted, without
+    their prefixes) and the filter file's text; empty for every run."""
+    parts = [f"sub-{label}" for label in sorted({p.removeprefix("sub-") for p in args.participant_label or []})]
+    parts += [f"ses-{label}" for label in sorted({s.removeprefix("ses-") for s in args.session_label or []})]
+    if args.bids_filter_file:
+        try:
+            parts.append(Path(args.bids_filter_file).read_text())
+        except OSError:  # the filter file's own check says what is wrong with it
+            parts.append(str(args.bids_filter_file))
+    return parts
+
+
+def default_work_dir(output_dir: Path, selection: Sequence[str] = ()) -> Path:
+    """The work directory when none is given: one folder per OUTPUT_DIR and selection of runs (its name and a digest
+    of its absolute path and of ``selection``: the participant and session labels, the filter file) under
+    ``$XDG_CACHE_HOME/dwiflow`` or ``~/.cache/dwiflow``, so that the cache lies outside the derivative dataset and a
+    rerun finds it, and one job per participant into the same OUTPUT_DIR (a cluster's array job) gets a work
+    directory of its own (one dwiflow process per work directory); in the system's temporary folder when neither can
+    be written."""
     import hashlib
     import tempfile
 
-    digest = hashlib.sha256(str(output_dir.resolve()).encode()).hexdigest()[:10]
+    key = str(output_dir.resolve()) + "".join(f"\0{part}" for part in selection)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     leaf = f"{output_dir.name or 'output'}-{digest}"
     for root in (os.environ.get("XDG_CACHE_HOME"), str(Path.home() / ".cache") if Path.home() != Path("/") else None):
         if root and _writable(Path(root) / "dwiflow") is None:
@@ -162,7 +180,7 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
     from dwiflow.tasks.recon_spec import ReconSpecError, load_recon_spec
     from dwiflow.workflows.cache import WorkDirInUse, claim_work_dir, disk_free
 
-    work_dir = (args.work_dir or default_work_dir(output_dir)).resolve()
+    work_dir = (args.work_dir or default_work_dir(output_dir, _selection(args))).resolve()
     problem = _check_paths(bids_dir, output_dir, work_dir)
     if problem:
         return _error(problem)

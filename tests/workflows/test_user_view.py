@@ -120,18 +120,19 @@ def sessions(tmp_path_factory):
 def test_sessions_verbosity_work_dir_warnings_and_summary(sessions, capsys):
     bids, out = sessions["bids"], sessions["root"] / "out"
     common = [str(bids), str(out), "participant", "--recon-spec", str(sessions["spec"]), "--worker", "debug"]
-    # session pre, quiet, default work directory: outside the derivative dataset, one folder per OUTPUT_DIR
+    # session pre, quiet, default work directory: outside the derivative dataset, one folder per OUTPUT_DIR and
+    # selection of runs
     assert main(common + ["--session-label", "pre", "-q"]) == 0
     printed = capsys.readouterr()
     assert "[dwiflow" not in printed.out
     # the data's warning, printed once, before anything ran (the csd stage uses one of the phantom's shells)
     assert printed.err.count("sub-s_ses-pre: stage csd: CSD deconvolves one shell (b=3000)") == 1, printed.err
-    work = default_work_dir(out)
+    work = default_work_dir(out, ["ses-pre"])
     assert work.is_dir() and out not in work.parents and bids not in work.parents
     # session post, verbose, with --clean-workdir: time-stamped lines, the work directory's size, then removed
     assert main(common + ["--session-label", "post", "-v", "--clean-workdir"]) == 0
     printed = capsys.readouterr().out
-    # (the sessions hold the same data: every stage but the figures is a cache hit)
+    work = default_work_dir(out, ["ses-post"])
     assert re.search(r"^\[dwiflow \d\d:\d\d:\d\d\]   sub-s_ses-post: figures done in \d+\.\d s$", printed, re.M), printed
     assert re.search(r"sub-s_ses-post done \(stages computed in \d+\.\d s\)", printed), printed
     assert f"work directory {work} removed (--clean-workdir)" in printed and not work.exists()
@@ -262,6 +263,38 @@ def test_help_lists_the_built_in_specs_and_every_method(capsys):
         if isinstance(entry, StageGroup):
             assert f"{entry.title.lower()}: {', '.join(entry.methods)}" in text
             assert {"tournier", "tax", "dhollander"} <= set(entry.methods) or entry.name != "response"
+
+
+def test_one_job_per_participant_into_one_output_dir_runs_side_by_side(tmp_path):
+    """Two participants run by two dwiflow processes at once into one OUTPUT_DIR, without --work-dir (a cluster's
+    array job): each selection has a default work directory of its own, so neither is refused for a work directory
+    in use (both were: one dwiflow process per work directory), and both write their derivatives; the same
+    selection again finds its cache."""
+    import subprocess
+
+    bids = tmp_path / "bids"
+    assert dwirecon(["phantom", str(bids), "--shape", "6,6,3", "--seed", "4"]) == 0
+    shutil.copytree(bids / "sub-phantom", bids / "sub-other")
+    for path in (bids / "sub-other").rglob("sub-phantom_*"):
+        path.rename(path.with_name(path.name.replace("sub-phantom", "sub-other")))
+    out = tmp_path / "out"
+    env = {**__import__("os").environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+    def start(label):
+        return subprocess.Popen([sys.executable, "-m", "dwiflow.cli.bidsapp", str(bids), str(out), "participant",
+                                 "--participant-label", label, "--worker", "debug", "-q"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    jobs = [start("phantom"), start("other")]
+    results = [(job.wait(timeout=600), job.stderr.read()) for job in jobs]
+    assert all(code == 0 for code, _ in results) and not any("in use" in err for _, err in results), results
+    for label in ("phantom", "other"):
+        assert list(out.glob(f"sub-{label}/dwi/*_model-csd_param-fod_dwimap.nii.gz")), label
+    works = sorted((tmp_path / "cache" / "dwiflow").iterdir())
+    assert len(works) == 2 and len({w.name for w in works}) == 2
+    again = start("other")
+    assert again.wait(timeout=600) == 0
+    assert sorted((tmp_path / "cache" / "dwiflow").iterdir()) == works  # its own work directory again
 
 
 @pytest.mark.parametrize("extra, asked", [
