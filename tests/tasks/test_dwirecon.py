@@ -265,3 +265,24 @@ print(code, loaded, threads, os.environ.get("NUMBA_NUM_THREADS"))
     assert run("stage-first", tensor) == ["0", "False", "None", "1"]
     code, loaded, threads, _ = run("numba-first", csd)
     assert (code, loaded, threads) == ("0", "True", "1")
+
+
+def test_phantom_refuses_a_folder_that_holds_another_dataset(phantom_dir, tmp_path, capsys):
+    """`dwirecon phantom OUT_DIR` into a derivative dataset (or any non-empty folder without an earlier phantom)
+    wrote the phantom into it and replaced its dataset_description.json (DatasetType derivative became raw): one line
+    naming OUT_DIR, exit 2, the folder unchanged. An earlier phantom's folder is rewritten, a new one made."""
+    derivative = tmp_path / "derivatives"
+    derivative.mkdir()
+    description = '{"Name": "x", "BIDSVersion": "1.9.0", "DatasetType": "derivative"}'
+    (derivative / "dataset_description.json").write_text(description)
+    (derivative / "sub-01").mkdir()
+    before = sorted(p.relative_to(derivative) for p in derivative.rglob("*"))
+    assert main(["phantom", str(derivative), "--shape", "4,4,2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"OUT_DIR {derivative} is not empty and holds no earlier phantom" in err, err
+    assert sorted(p.relative_to(derivative) for p in derivative.rglob("*")) == before
+    assert (derivative / "dataset_description.json").read_text() == description
+    (tmp_path / "a_file").write_text("x")
+    assert main(["phantom", str(tmp_path / "a_file"), "--shape", "4,4,2"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["phantom", str(phantom_dir["root"]), "--shape", "12,12,4", "--seed", "2", "-q"]) == 0
