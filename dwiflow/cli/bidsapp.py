@@ -278,15 +278,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dwiflow.tasks.console import NORMAL, QUIET, VERBOSE, VERBOSITY_ENV, set_verbosity
 
     args = build_parser().parse_args(argv)
-    previous = os.environ.get(VERBOSITY_ENV)
+    # called in-process (tests, notebooks): the verbosity and --omp-nthreads' thread counts are this call's only
+    names = (VERBOSITY_ENV, "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
+    previous = {name: os.environ.get(name) for name in names}
     set_verbosity(QUIET if args.quiet else VERBOSE if args.verbose else NORMAL)
     try:
         return _main(args)
-    finally:  # called in-process (tests, notebooks): the verbosity is this call's only
-        if previous is None:
-            os.environ.pop(VERBOSITY_ENV, None)
-        else:
-            os.environ[VERBOSITY_ENV] = previous
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -308,11 +308,14 @@ def test_more_processes_and_threads_than_cpus_are_warned_about(tmp_path, capsys,
     import os
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    threads_before = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
     bids = tmp_path / "bids"
     assert dwirecon(["phantom", str(bids), "--shape", "4,4,2", "--seed", "4"]) == 0
     code = main([str(bids), str(tmp_path / "out"), "participant", "--participant-label", "nobody", *extra])
     err = capsys.readouterr().err
     assert code == 2 and "participant(s) ['nobody'] not found" in err
+    # an in-process call leaves the process's thread settings as they were (numba refuses a change once started)
+    assert all(os.environ.get(name) == value for name, value in threads_before.items())
     warnings = [line for line in err.splitlines() if line.startswith("dwiflow: warning:")]
     if asked is None:
         assert warnings == [], err
