@@ -70,6 +70,19 @@ class ResponseFunction:
         if not self.lmax:
             self.lmax = [2 * (int(np.max(np.flatnonzero(row), initial=0))) for row in self.coefficients]
 
+    def rows_for(self, bvalues, tolerance: float = DEFAULT_SHELL_TOLERANCE) -> "ResponseFunction | None":
+        """The response of these b-values only (each the row of the nearest shell it names, within ``tolerance``);
+        None when it does not name its shells or lacks one of them."""
+        wanted = np.asarray(bvalues, dtype=float).reshape(-1)
+        if not np.all(np.isfinite(self.bvalues)):
+            return None
+        distance = np.abs(self.bvalues[None, :] - wanted[:, None])
+        rows = np.argmin(distance, axis=1)
+        if np.any(distance[np.arange(wanted.size), rows] > tolerance):
+            return None
+        return ResponseFunction(self.bvalues[rows], self.coefficients[rows], [self.lmax[r] for r in rows],
+                                dict(self.metadata))
+
     def amplitude(self, shell_index: int, cos_angle: np.ndarray) -> np.ndarray:
         """Response amplitude of a shell at angles (cosines) from the fibre axis."""
         row = self.coefficients[shell_index]

@@ -72,6 +72,11 @@ def thread_count(context) -> int:
     configured = os.environ.get("NUMBA_NUM_THREADS", "").strip()
     if configured.isdigit() and int(configured) > 0:
         return int(configured)
+    return available_cpus()
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (a container's or a SLURM allocation's, where the system tells)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -201,34 +206,25 @@ def _inputs():
 DWI_INPUTS = _inputs()
 
 
-def shells_used(gtab, shells: list[float] | None):
-    """The volumes of the requested b-values (all when none are requested; MRtrix3's ``-shells``, b=0 included
-    explicitly): (volume indices, shells in order of b-value)."""
+def on_shells(run, shells: list[float] | None):
+    """A run's data and gradient table restricted to the requested b-values (MRtrix3's ``-shells``, b=0 included
+    explicitly; all when none are requested, without a copy): (data, gradient table, shells in order of b-value)."""
     from dwiflow.core.response import select_shells
 
-    if shells is None:
-        return np.arange(gtab.n_volumes), list(gtab.shells)
-    chosen = select_shells(gtab, shells)
-    return np.sort(np.concatenate([s.indices for s in chosen])), chosen
+    chosen = select_shells(run.gtab, shells)
+    if len(chosen) == len(run.gtab.shells):
+        return run.data, run.gtab, chosen
+    volumes = np.sort(np.concatenate([s.indices for s in chosen]))
+    return run.data[..., volumes], run.gtab.subset(volumes), chosen
 
 
 def response_for_shells(response: ResponseFunction, shells: list) -> ResponseFunction:
-    """``response`` for the shells used: itself when it has a row per shell; when it names more shells (its
-    ``# Shells`` line) including every one used, those rows (MRtrix3 asks for responses of the selected shells
-    only); otherwise itself, for the model's shell check to refuse."""
-    from dwiflow.core.gradients import DEFAULT_SHELL_TOLERANCE
-    from dwiflow.core.response import ResponseFunction
-
-    wanted = np.array([s.bvalue for s in shells])
-    have = response.bvalues
-    if response.coefficients.shape[0] == wanted.size or not np.all(np.isfinite(have)):
+    """``response`` for the shells used: itself when it has a row per shell; the rows of those shells when it names
+    more (MRtrix3 asks for responses of the selected shells only); otherwise itself, for the model's shell check
+    to refuse."""
+    if response.coefficients.shape[0] == len(shells):
         return response
-    distance = np.abs(have[None, :] - wanted[:, None])
-    rows = np.argmin(distance, axis=1)
-    if np.any(distance[np.arange(wanted.size), rows] > DEFAULT_SHELL_TOLERANCE):
-        return response
-    return ResponseFunction(have[rows], response.coefficients[rows], [response.lmax[r] for r in rows],
-                            dict(response.metadata))
+    return response.rows_for([s.bvalue for s in shells]) or response
 
 
 def issued_warnings(notes: list[str]) -> dict[str, list[str]]:

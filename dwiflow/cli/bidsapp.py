@@ -119,7 +119,9 @@ def _oversubscription(args: argparse.Namespace) -> str | None:
     process may use, and the stages run here (debug and cf workers): they would compete, and the run be slower."""
     if args.worker not in ("debug", "cf") or not (args.nprocs or args.omp_nthreads):
         return None
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from dwiflow.tasks.stagelib import available_cpus
+
+    cpus = available_cpus()
     processes = (args.nprocs or 1) if args.worker == "cf" else 1
     threads = args.omp_nthreads or 1
     if processes * threads <= cpus:

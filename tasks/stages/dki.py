@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import DEFAULT_SHELL_TOLERANCE as SHELL_TOLERANCE
 from dwiflow.tasks.io import load_dwi
 from dwiflow.tasks.options import OptionError, option
 from dwiflow.tasks.registry import Input, Output, Stage
-from dwiflow.tasks.stagelib import (DWI_INPUTS, MapOptions, provenance, stage_warnings, thread_count, voxels_to_fit,
-                                    write_maps)
+from dwiflow.tasks.stagelib import (DWI_INPUTS, MapOptions, on_shells, provenance, stage_warnings, thread_count,
+                                    voxels_to_fit, write_maps)
 
 # s/mm²: about where the kurtosis expansion stops describing brain tissue (Jensen & Helpern 2010)
 KURTOSIS_RANGE = 3000.0
@@ -66,11 +64,7 @@ def run_dki(files, outputs, options: DkiOptions, context):
     check_dki_data(summary_of(run.gtab, None, False), options)
     notes = stage_warnings(STAGES[0], run, files["dwi"], options, files.get("mask") is not None)
     threads = thread_count(context)
-    gtab, data = run.gtab, run.data
-    kept = np.flatnonzero(np.isin(gtab.shell_index, [i for i, s in enumerate(gtab.shells)
-                                                     if s.is_b0 or _fitted(s.bvalue, options)]))
-    if kept.size < gtab.n_volumes:
-        gtab, data = gtab.subset(kept), data[..., kept]
+    data, gtab, _ = on_shells(run, [s.bvalue for s in run.gtab.shells if s.is_b0 or _fitted(s.bvalue, options)])
     if options.method.startswith("dipy-"):
         model = DiffusionKurtosisModel(gtab, fit_method=options.method.removeprefix("dipy-").upper(),
                                        n_threads=threads)

@@ -12,7 +12,7 @@ from dwiflow.tasks.io import load_dwi, read_numbers
 from dwiflow.tasks.options import OptionError, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage
 from dwiflow.tasks.stagelib import (DWI_INPUTS, load_response, provenance, response_for_shells, sh_basis_option,
-                                   shells_used, tissue_response_sidecars, voxels_to_fit, write_maps)
+                                   on_shells, tissue_response_sidecars, voxels_to_fit, write_maps)
 
 TISSUES = ("wm", "gm", "csf")
 
@@ -57,10 +57,7 @@ def run_msmt_csd(files, outputs, options: MsmtCsdOptions, context):
                           f"({', '.join(tissues)})", "lmax")
     dwi = files["dwi"]
     run = load_dwi(dwi, files["bval"], files["bvec"])
-    volumes, shells = shells_used(run.gtab, options.shells)
-    data, gtab = run.data, run.gtab
-    if volumes.size < gtab.n_volumes:
-        data, gtab = run.data[..., volumes], gtab.subset(volumes)
+    data, gtab, shells = on_shells(run, options.shells)
     responses = []
     for t in tissues:
         path = files[f"response_{t}"]

@@ -16,7 +16,7 @@ from dwiflow.core.errors import DwiflowInputError
 from dwiflow.tasks.io import atomic_outputs, existing_file, load_dwi, load_image, load_mask, read_numbers, sidecar_path
 from dwiflow.tasks.options import Alias, StageOptions, option
 from dwiflow.tasks.registry import Input, Output, Stage, StageGroup
-from dwiflow.tasks.stagelib import DWI_INPUTS, brain_mask, provenance, shells_used, thread_count
+from dwiflow.tasks.stagelib import DWI_INPUTS, brain_mask, on_shells, provenance, thread_count
 
 _MASK = Input("mask", "MASK", "brain mask (default: median-Otsu on the b=0 volumes)", required=False, flag=True)
 _OUTPUTS = (Output("response", "the response function (MRtrix3 text format)", cli="positional", metavar="OUT_TXT"),
@@ -264,15 +264,12 @@ def run_dhollander(files, outputs, options: DhollanderOptions, context):
 
     dwi, mask = files["dwi"], files.get("mask")
     run = load_dwi(dwi, files["bval"], files["bvec"])
-    volumes, shells = shells_used(run.gtab, options.shells)
+    data, gtab, shells = on_shells(run, options.shells)
     if options.lmax is not None and len(options.lmax) != len(shells):
         from dwiflow.tasks.options import OptionError
 
         raise OptionError(f"{{lmax}}: {len(options.lmax)} values but {len(shells)} b-values are used "
                           f"({', '.join(f'{s.bvalue:.0f}' for s in shells)})", "lmax")
-    data, gtab = run.data, run.gtab
-    if volumes.size < gtab.n_volumes:
-        data, gtab = run.data[..., volumes], gtab.subset(volumes)
     result = dhollander(data, gtab, brain_mask(run, mask), erode=options.erode, fa=options.fa,
                         sfwm=options.sfwm, gm=options.gm, csf=options.csf, lmax=options.lmax,
                         wm_algo=options.wm_algo, n_threads=thread_count(context))
