@@ -229,6 +229,16 @@ def _read_into(stream, view: memoryview, chunk: int = 1 << 20) -> int:
     return done
 
 
+def _nifti_header_class(first_bytes: bytes) -> type[nib.Nifti1Header] | None:
+    """The NIfTI header class a file's first four bytes (``sizeof_hdr``: 348 or 540, either byte order) name, or
+    None. Chosen before parsing: nibabel logs to stderr when a NIfTI-2 header is tried as a NIfTI-1 one."""
+    for order in "<>":
+        size = int(np.frombuffer(first_bytes, dtype=f"{order}i4")[0]) if len(first_bytes) == 4 else 0
+        if size in (348, 540):
+            return nib.Nifti1Header if size == 348 else nib.Nifti2Header
+    return None
+
+
 def _stream_unscaled_gz(p: Path, what: str) -> tuple[np.ndarray, nib.Nifti1Header] | None:
     """A ``.nii.gz`` image whose values are stored unscaled in this machine's byte order, decompressed straight into
     its array: the image is held once, not also as decompressed bytes and their growing buffers (reading a DWI whole
@@ -239,14 +249,12 @@ def _stream_unscaled_gz(p: Path, what: str) -> tuple[np.ndarray, nib.Nifti1Heade
         with igzip.open(p, "rb") as stream:
             head = bytearray(540)  # a NIfTI-2 header; a NIfTI-1 header (348 bytes) and the start of what follows
             head = head[:_read_into(stream, memoryview(head))]
-            header = None
-            for header_class in (nib.Nifti1Header, nib.Nifti2Header):
-                try:
-                    header = header_class.from_fileobj(BytesIO(bytes(head)), check=True)
-                    break
-                except Exception:  # not this format (or not a NIfTI header: nibabel's path says so)
-                    continue
-            if header is None:
+            header_class = _nifti_header_class(bytes(head[:4]))
+            if header_class is None:  # not a NIfTI header: nibabel's path says so
+                return None
+            try:
+                header = header_class.from_fileobj(BytesIO(bytes(head)), check=True)
+            except Exception:
                 return None
             slope, inter = header.get_slope_inter()
             dtype = np.dtype(header.get_data_dtype())
