@@ -17,6 +17,7 @@ configuration writes in :meth:`StageOptions.writes`.
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import types
 import typing
@@ -391,6 +392,19 @@ def _cli_value(annotation: Any, name: str) -> Callable[[str], Any]:
         raise argparse.ArgumentTypeError(f"expected {type_text(annotation)}, got {text!r}")
 
     return parse
+
+
+def unrecognized_arguments(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """The error for arguments ``parser`` does not take, naming the option meant when one is misspelt (argparse says
+    only "unrecognized arguments")."""
+    known = [option for action in parser._actions for option in action.option_strings]
+    hints = []
+    for argument in unknown:
+        name = argument.split("=", 1)[0]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6) if name.startswith("--") else []
+        if close:
+            hints.append(f"{name}: did you mean {close[0]}?")
+    return f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
 
 
 def add_cli_options(parser: argparse.ArgumentParser, options: type[StageOptions]) -> None:

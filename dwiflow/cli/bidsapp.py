@@ -278,8 +278,12 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from dwiflow.tasks.console import NORMAL, QUIET, VERBOSE, VERBOSITY_ENV, set_verbosity
+    from dwiflow.tasks.options import unrecognized_arguments
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(unrecognized_arguments(parser, unknown))
     # called in-process (tests, notebooks): the verbosity and --omp-nthreads' thread counts are this call's only
     names = (VERBOSITY_ENV, "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
     previous = {name: os.environ.get(name) for name in names}

@@ -68,7 +68,7 @@ def _stage_parser(sub, command: str, stage) -> argparse.ArgumentParser:
     loudness = p.add_mutually_exclusive_group()
     loudness.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
     loudness.add_argument("-v", "--verbose", action="store_true", help="also print the time each step took")
-    p.set_defaults(stage=stage)
+    p.set_defaults(stage=stage, stage_parser=p)
     return p
 
 
@@ -211,13 +211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command ``argv`` (default: the process's arguments, with :func:`collect_less_in_this_process`);
     returns the exit code."""
     from dwiflow.core.errors import DwiflowInputError
-    from dwiflow.tasks.options import flag, render_error
+    from dwiflow.tasks.options import flag, render_error, unrecognized_arguments
 
     if argv is None:
         collect_less_in_this_process()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[0] if argv else None)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own parser, with its usage, not the top level's
+        args.stage_parser.error(unrecognized_arguments(args.stage_parser, unknown))
     command = args.command + (f" {args.stage_method}" if getattr(args, "stage_method", None) else "")
     notes: list[str] = []
     error, code = None, 0

@@ -265,6 +265,27 @@ def test_help_lists_the_built_in_specs_and_every_method(capsys):
             assert {"tournier", "tax", "dhollander"} <= set(entry.methods) or entry.name != "response"
 
 
+def test_a_misspelt_option_is_named_with_the_one_meant_in_the_commands_own_usage(capsys, tmp_path):
+    """An argument a command does not take is refused (exit 2) by that command's parser, with its usage (dwirecon's
+    subcommands said 'usage: dwirecon [-h] [--version] COMMAND ...'), and a misspelt option names the one meant."""
+    with pytest.raises(SystemExit) as end:
+        dwirecon(["tensor", "dwi.nii.gz", "dwi.bval", "dwi.bvec", "--fa-map", "fa.nii.gz"])
+    err = capsys.readouterr().err
+    assert end.value.code == 2 and "usage: dwirecon tensor " in err, err
+    assert err.splitlines()[-1] == ("dwirecon tensor: error: unrecognized arguments: --fa-map fa.nii.gz "
+                                    "(--fa-map: did you mean --fa?)")
+    with pytest.raises(SystemExit) as end:
+        dwirecon(["response", "dhollander", "a", "b", "c", "d", "e", "f", "g"])
+    err = capsys.readouterr().err
+    assert end.value.code == 2 and err.splitlines()[-1] == "dwirecon response dhollander: error: unrecognized arguments: g"
+    with pytest.raises(SystemExit) as end:
+        main([str(tmp_path), str(tmp_path / "out"), "participant", "--partcipant-label", "01"])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert end.value.code == 2 and err == ("dwiflow: error: unrecognized arguments: --partcipant-label 01 "
+                                           "(--partcipant-label: did you mean --participant-label?)"), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_one_job_per_participant_into_one_output_dir_runs_side_by_side(tmp_path):
     """Two participants run by two dwiflow processes at once into one OUTPUT_DIR, without --work-dir (a cluster's
     array job): each selection has a default work directory of its own, so neither is refused for a work directory
