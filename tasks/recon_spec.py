@@ -106,6 +106,16 @@ def builtin_specs() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def builtin_spec_file(name_or_file: str | Path) -> Path | None:
+    """The YAML file of the built-in recon spec ``name_or_file`` names (to copy and change), or None when it names
+    a file of the user's or no built-in spec."""
+    if Path(name_or_file).suffix in (".yaml", ".yml") or Path(name_or_file).is_file():
+        return None
+    if str(name_or_file) not in builtin_specs():
+        return None
+    return Path(str(package_files.files("dwiflow.tasks").joinpath("recon_specs", f"{name_or_file}.yaml")))
+
+
 def load_recon_spec(name_or_file: str | Path) -> ReconSpec:
     """A built-in preset by name, or a YAML file; validated (errors name the offending key path)."""
     candidate = Path(name_or_file)

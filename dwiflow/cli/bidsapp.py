@@ -179,7 +179,7 @@ def _tree_size(root: Path) -> int:
 def _participant(args, bids_dir: Path, output_dir: Path) -> int:
     from dwiflow.bids_specs.inputs import BidsInputError, find_dwi_runs, load_filter_file
     from dwiflow.tasks.preflight import check_runs
-    from dwiflow.tasks.recon_spec import ReconSpecError, load_recon_spec
+    from dwiflow.tasks.recon_spec import ReconSpecError, builtin_spec_file, load_recon_spec
     from dwiflow.workflows.cache import WorkDirInUse, claim_work_dir, disk_free
 
     work_dir = (args.work_dir or default_work_dir(output_dir, _selection(args))).resolve()
@@ -224,6 +224,10 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
             if len(invalid) < len(runs) and not args.skip_invalid_runs:  # say how to go on with the others
                 others = len(runs) - len(invalid)
                 lines[-1] += f" (--skip-invalid-runs analyses the other {others} run{'s' if others > 1 else ''})"
+            builtin = builtin_spec_file(args.recon_spec)
+            if builtin is not None and any(": stages." in line for line in lines):  # and where such a key is set
+                lines[-1] += (f" (a built-in spec's options are changed in a copy of {builtin}, given as "
+                              "--recon-spec FILE)")
             for line in lines:
                 print(f"dwiflow: error: {line}", file=sys.stderr)
             if args.skip_invalid_runs:

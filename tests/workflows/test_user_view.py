@@ -58,10 +58,11 @@ def test_data_warnings_before_anything_runs():
     assert any("SMT fits 2 kernel parameters to 2 shell means" in n for n in notes), notes
 
 
-def test_dhollander_erosion_of_thin_data_refused_before_anything_runs(tmp_path):
+def test_dhollander_erosion_of_thin_data_refused_before_anything_runs(tmp_path, capsys):
     """dhollander's default 3 erosions leave nothing of two-slice data (each also removes the image's outer layer,
     as MRtrix3's maskfilter erode, which leaves 0 of sub-01's 8865 mask voxels after one pass): the pre-flight says
-    so and names the option; with erode 0 the run passes."""
+    so and names the option, and the BIDS App where a built-in spec's option is changed; with erode 0 the run
+    passes."""
     from dwiflow.tasks import recon_spec
     from dwiflow.tasks.preflight import check_run
     from dwiflow.tasks.recon_spec import load_recon_spec
@@ -71,7 +72,14 @@ def test_dhollander_erosion_of_thin_data_refused_before_anything_runs(tmp_path):
     assert problems == ["b1kb2k: stage response: stages.response.options.erode: 3 erosions leave no voxel of a "
                         "104x104x2 image (each also removes the image's outer layer, as MRtrix3's maskfilter erode); "
                         "use erode 0 for data of fewer than 7 slices"], problems
-    spec = yaml.safe_load((Path(recon_spec.__file__).parent / "recon_specs" / "msmt.yaml").read_text())
+    builtin = Path(recon_spec.__file__).parent / "recon_specs" / "msmt.yaml"
+    out = tmp_path / "out"
+    assert main([str(BIDS_REAL), str(out), "participant", "--participant-label", "01", "--recon-spec", "msmt",
+                 "--work-dir", str(tmp_path / "work")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith(f"(a built-in spec's options are changed in a copy of {builtin}, given as --recon-spec FILE)")
+    assert not out.exists()
+    spec = yaml.safe_load(builtin.read_text())
     spec["stages"]["response"]["options"] = {**spec["stages"]["response"].get("options", {}), "erode": 0}
     (tmp_path / "thin.yaml").write_text(yaml.safe_dump(spec))
     assert check_run("b1kb2k", paths["dwi"], paths["bval"], paths["bvec"], paths["mask"],
