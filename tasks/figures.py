@@ -257,6 +257,19 @@ def status_figure(out: Path, status: np.ndarray, levels: dict[str, str], mask: n
 
 
 # --------------------------------------------------------------------------------------------- responses
+SHELL_COLOURS = ("#1971c2", "#e8590c", "#2b8a3e", "#c92a2a", "#5f3dc4", "#f08c00", "#0b7285")
+
+
+def shell_colours(n_shells: int) -> list:
+    """One colour per shell, all different: the palette's for up to seven shells, else steps of a sequential
+    colour map in the shells' order (sub-01 b6kmax has nine b-values; the palette repeated from the eighth)."""
+    if n_shells <= len(SHELL_COLOURS):
+        return list(SHELL_COLOURS[:n_shells])
+    from matplotlib import colormaps
+
+    return [colormaps["viridis"](x) for x in np.linspace(0.0, 0.92, n_shells)]
+
+
 def response_figure(out: Path, bvalues: np.ndarray, coefficients: np.ndarray, title: str) -> Path:
     """Response amplitude against the angle from the fibre axis per shell, and its glyph (axis vertical).
 
@@ -269,11 +282,11 @@ def response_figure(out: Path, bvalues: np.ndarray, coefficients: np.ndarray, ti
     fig = _new_figure(9.0, 3.8)
     curve_ax = fig.add_axes([0.08, 0.15, 0.5, 0.72])
     glyph_ax = fig.add_axes([0.64, 0.1, 0.34, 0.8])
-    colours = ["#1971c2", "#e8590c", "#2b8a3e", "#c92a2a", "#5f3dc4", "#f08c00", "#0b7285"]
+    colours = shell_colours(len(bvalues))
     for i, (b, row) in enumerate(zip(bvalues, coefficients)):
         lmax = 2 * (len(row) - 1)
         amplitude = zonal_sh_basis(lmax, np.cos(angles)) @ row
-        colour = colours[i % len(colours)]
+        colour = colours[i]
         label = "b = ?" if not np.isfinite(b) else f"b = {b:.0f} s/mm²"
         half = angles <= np.pi / 2
         curve_ax.plot(np.degrees(angles[half]), amplitude[half], color=colour, label=label)

@@ -260,3 +260,21 @@ def test_the_normalised_wm_fod_is_drawn_with_the_peaks_in_place_of_the_deconvolu
                                                        "peaks": "peaks.nii.gz"}, {"sub": "x"},
                           {"fod_model": "msmt_csd", "tissue_model": "msmt_csd"})
     assert [(title, with_peaks) for title, with_peaks, _ in calls] == [("MSMT-CSD white-matter FOD", True)]
+
+
+def test_every_shell_of_a_response_has_its_own_colour(tmp_path, monkeypatch):
+    """A response of sub-01 b6kmax's nine b-values: nine curves in nine colours, in the legend's order (a seven-colour
+    palette drew b=750 and b=6000 alike); four shells keep the palette."""
+    from matplotlib.colors import to_hex
+
+    from dwiflow.tasks.figures import SHELL_COLOURS, response_figure
+
+    kept = _captured(monkeypatch)
+    for bvalues in (np.array([0, 750, 1500, 2250, 3000, 3750, 4500, 5200, 6000.0]), np.array([0, 1000, 2000, 3000.0])):
+        coefficients = np.outer(np.exp(-bvalues / 3000), [1.0, -0.3, 0.1])
+        response_figure(tmp_path / "r.png", bvalues, coefficients, "response")
+        curves = kept[-1].axes[0]
+        colours = [to_hex(line.get_color()) for line in curves.get_lines()]
+        assert len(colours) == len(bvalues) == len(set(colours)), colours
+        assert [t.get_text() for t in curves.get_legend().get_texts()] == [f"b = {b:.0f} s/mm²" for b in bvalues]
+    assert colours == list(SHELL_COLOURS[:4])
