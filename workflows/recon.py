@@ -333,10 +333,9 @@ def run_participant(
     ``worker``: a Pydra worker name (debug, cf, slurm, sge) or a worker object (e.g.
     :class:`dwiflow.workflows.cluster.StageSlurmWorker`).
     """
-    from pydra.engine.submitter import Submitter
 
     from dwiflow.workflows.cache import remove_stale_locks, repair_cache, sweep_partial_outputs, use_work_dir_hash_cache
-    from dwiflow.workflows.workers import LocalProcessWorker, interrupted
+    from dwiflow.workflows.workers import LocalProcessWorker, PromptSubmitter, interrupted
 
     if warn is None:
         def warn(message: str) -> None:
@@ -376,7 +375,7 @@ def run_participant(
         level = submitter_log.level
         submitter_log.setLevel(logging.CRITICAL)
         try:
-            with Submitter(cache_root=work_dir / "cache", worker=fresh_worker(), clean_stale_locks=True,
+            with PromptSubmitter(cache_root=work_dir / "cache", worker=fresh_worker(), clean_stale_locks=True,
                            **pydra_options) as submitter:
                 submitter(_all_runs_workflow(runs, stages, cv, responses, datasets, output_dir), raise_errors=False)
         except Exception as exc:  # reported per run below
@@ -401,7 +400,7 @@ def run_participant(
         log.parent.mkdir(parents=True, exist_ok=True)
         try:
             # locks older than this run are stale (a killed earlier run): one dwiflow process per work dir
-            with Submitter(cache_root=work_dir / "cache", worker=fresh_worker(), clean_stale_locks=True,
+            with PromptSubmitter(cache_root=work_dir / "cache", worker=fresh_worker(), clean_stale_locks=True,
                            **pydra_options) as submitter:
                 result = submitter(task, raise_errors=True)
             if result.errored:

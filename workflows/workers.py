@@ -23,6 +23,7 @@ from typing import ClassVar
 
 import attrs
 import pydra.engine  # noqa: F401  (pydra.workers needs the engine imported first)
+from pydra.engine.submitter import Submitter
 from pydra.workers.cf import ConcurrentFuturesWorker
 
 PR_SET_PDEATHSIG = 1
@@ -142,3 +143,30 @@ class LocalProcessWorker(ConcurrentFuturesWorker):
         if manager is not None and manager.is_alive():
             manager.join(timeout=5)
 
+
+
+def _nodes_done(graph) -> int:
+    return sum(1 for node in graph.nodes if node.done)
+
+
+class PromptSubmitter(Submitter):
+    """Pydra's Submitter, which finishes a workflow as soon as a failure leaves nothing it can run.
+
+    Pydra 1.0a12 marks the nodes downstream of a failed task unrunnable one level per call of
+    ``get_runnable_tasks`` (its walk stops at the first node not yet started), and when a call finds nothing to run
+    its asynchronous loop waits a second before the next: a run that failed in its response stage ended about five
+    seconds later, one per stage after it (and the BIDS App submits a failed run twice). Here the walk is repeated
+    until it finds a task to run or no more nodes end, so the failure propagates at once. What runs, and in which
+    order, is unchanged.
+    """
+
+    def get_runnable_tasks(self, graph):
+        tasks = super().get_runnable_tasks(graph)
+        done = _nodes_done(graph)
+        while not tasks:
+            tasks = super().get_runnable_tasks(graph)
+            now = _nodes_done(graph)
+            if now == done:
+                break
+            done = now
+        return tasks

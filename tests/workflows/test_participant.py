@@ -161,7 +161,21 @@ def test_relative_folders_reach_the_workflows(dataset, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("worker", ["debug", "cf"])
-def test_failed_run_is_named_and_others_complete(dataset, tmp_path, capsys, caplog, worker):
+def test_failed_run_is_named_and_others_complete(dataset, tmp_path, capsys, caplog, monkeypatch, worker):
+    """A run whose mask stage fails is named with its stage's error and log, the other runs complete; and the failed
+    workflow ends at once: Pydra's loop waited a second per stage after the failed one (PromptSubmitter)."""
+    import asyncio
+
+    import pydra.engine.submitter
+
+    waits = []
+    real_sleep = asyncio.sleep
+
+    async def recorded_sleep(delay, *args, **kwargs):
+        waits.append(delay)
+        return await real_sleep(delay, *args, **kwargs)
+
+    monkeypatch.setattr(pydra.engine.submitter.asyncio, "sleep", recorded_sleep)
     bids = tmp_path / "bids"
     shutil.copytree(dataset["bids"], bids)
     dwi = bids / "sub-two" / "dwi" / "sub-two_dir-AP_dwi.nii.gz"
@@ -182,6 +196,7 @@ def test_failed_run_is_named_and_others_complete(dataset, tmp_path, capsys, capl
     assert (out / "sub-two" / "dwi" / "sub-two_dir-PA_model-tensor_param-fa_dwimap.nii.gz").is_file()
     assert (out / "sub-phantom" / "dwi" / "sub-phantom_model-csd_param-fod_dwimap.nii.gz").is_file()
     assert not list((out / "sub-two" / "dwi").glob("sub-two_dir-AP_*"))
+    assert waits == [], waits
 
 
 def test_task_errors_name_the_stage_not_the_workflow_around_it(tmp_path):
