@@ -111,6 +111,10 @@ def load_image(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
     except DwiflowInputError:
         raise
     except Exception as exc:  # nibabel raises many types for unreadable files
+        if p.name.lower().endswith((".mif", ".mif.gz", ".mih")):
+            raise DwiflowInputError(f"cannot read {what} {p}: dwiflow reads NIfTI; convert an MRtrix3 image with "
+                                    f"mrconvert {p.name} out.nii.gz (-export_grad_fsl out.bvec out.bval for a DWI's "
+                                    "gradients)") from None
         raise DwiflowInputError(f"cannot read {what} {p}: {_short(exc)}") from None
     return img
 
@@ -558,7 +562,9 @@ def check_output_paths(outputs: dict[str, Path], inputs: dict[str, Path | None],
         path = Path(path)
         extension = extensions.get(name, "")
         if extension in NIFTI_SUFFIXES and not path.name.endswith(NIFTI_SUFFIXES):
-            raise DwiflowInputError(f"output {name} {path}: a NIfTI file name must end in .nii.gz or .nii")
+            hint = (" (dwiflow writes NIfTI; mrconvert turns it into .mif)"
+                    if path.name.lower().endswith((".mif", ".mif.gz", ".mih")) else "")
+            raise DwiflowInputError(f"output {name} {path}: a NIfTI file name must end in .nii.gz or .nii{hint}")
         if path.is_dir():
             raise DwiflowInputError(f"output {name} {path} is a directory")
         if path.parent.exists() and not path.parent.is_dir():

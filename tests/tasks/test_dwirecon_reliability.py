@@ -51,6 +51,12 @@ def test_outputs_that_would_destroy_inputs_or_each_other_are_refused(case, capsy
     (d / "folder.nii.gz").mkdir()
     _refused(base + ["--fa", d / "folder.nii.gz"], capsys, d, "is a directory")
     _refused(base + ["--fa", d / "fa.img"], capsys, d, "a NIfTI file name must end in .nii.gz or .nii")
+    _refused(base + ["--fa", d / "fa.mif"], capsys, d, "must end in .nii.gz or .nii (dwiflow writes NIfTI; mrconvert "
+             "turns it into .mif)")
+    (d / "dwi.mif").write_bytes(b"mrtrix image\ndim: 5,5,3,10\nEND\n")
+    _refused(["tensor", d / "dwi.mif", case["bval"], case["bvec"], "--fa", d / "fa.nii.gz"], capsys, d,
+             f"cannot read DWI {d / 'dwi.mif'}: dwiflow reads NIfTI; convert an MRtrix3 image with mrconvert dwi.mif "
+             "out.nii.gz (-export_grad_fsl out.bvec out.bval for a DWI's gradients)")
     _refused(["response", "fa", case["dwi"], case["bval"], case["bvec"], d / "r.txt", "--voxels", d / "r.nii.gz"],
              capsys, d, "outputs response and voxels would both be written to")
     _refused(["mask", case["dwi"], case["bval"], case["bvec"], case["bval"]], capsys, d,
