@@ -75,6 +75,19 @@ FILENAME_KEYS = {"sub": "subject", "ses": "session", "acq": "acquisition", "dir"
                  "ce": "ceagent", "trc": "tracer", "mod": "modality"}
 
 
+def _their_dwi(layout, subjects: list[str] | None, narrowed: str) -> str:
+    """What DWI the dataset (or ``subjects``) has, for an error that found none among those selected (``narrowed``:
+    by session or filter): their number and sessions; nothing when nothing narrowed the selection."""
+    if not narrowed:
+        return " (sub-<label>/[ses-<label>/]dwi/*_dwi.nii[.gz])"
+    found = layout.get(**dict(FIXED_QUERY, **({"subject": subjects} if subjects else {})))
+    if not found:
+        return " (none in any session)"
+    sessions = sorted({f.entities["session"] for f in found if "session" in f.entities})
+    return (f" (DWI runs: {len(found)}, in session(s) {', '.join(sessions)})" if sessions
+            else f" (DWI runs: {len(found)}, without sessions)")
+
+
 def find_dwi_runs(
     bids_dir: str | Path,
     participant_labels: list[str] | None = None,
@@ -129,13 +142,16 @@ def find_dwi_runs(
     if session_labels:
         query["session"] = [s.removeprefix("ses-") for s in session_labels]
     files = layout.get(**query)
+    narrowed = "".join([f" in session(s) {', '.join(query['session'])}" if session_labels else "",
+                        " matching the BIDS filter file" if filters else ""])
     if participant_labels:
         with_dwi = {f.entities["subject"] for f in files}
         without = sorted(set(query["subject"]) - with_dwi)
         if without:
-            raise BidsInputError(f"no DWI run found for participant(s) {without} in {root}")
+            raise BidsInputError(f"no DWI run found for participant(s) {', '.join(without)} in {root}{narrowed}"
+                                 + _their_dwi(layout, without, narrowed))
     if not files:
-        raise BidsInputError(f"no DWI run found in {root} for the selection {query}")
+        raise BidsInputError(f"no DWI run found in {root}{narrowed}" + _their_dwi(layout, None, narrowed))
     masks = _mask_index(Path(mask_dir)) if mask_dir else {}
     if mask_dir and not masks:
         raise BidsInputError(f"--mask-dir {mask_dir} holds no *_desc-brain_mask.nii[.gz] image")

@@ -259,13 +259,27 @@ def test_task_errors_name_the_stage_not_the_workflow_around_it(tmp_path):
         (lambda d, t: [str(d["bids"]), str(t / "out"), "participant", "--participant-label", "nobody"], "not found"),
         (lambda d, t: [str(d["bids"]), str(d["bids"]), "participant"], "must not be BIDS_DIR"),
         (lambda d, t: [str(d["bids"]), str(t / "out"), "participant", "--recon-spec", "nope"], "unknown recon spec"),
+        # a selection that finds nothing says what the dataset has (it printed pybids' query, or blamed the
+        # participant for the session)
+        (lambda d, t: [str(d["bids"]), str(t / "out"), "participant", "--session-label", "1"],
+         "no DWI run found in {bids} in session(s) 1 (DWI runs: 3, without sessions)"),
+        (lambda d, t: [str(d["bids"]), str(t / "out"), "participant", "--participant-label", "two", "--session-label",
+                       "ses-1"], "no DWI run found for participant(s) two in {bids} in session(s) 1 (DWI runs: 2, "
+         "without sessions)"),
+        (lambda d, t: [str(d["bids"]), str(t / "out"), "participant", "--bids-filter-file", _write(t / "f.json",
+                       '{"dir": "LR"}')], "no DWI run found in {bids} matching the BIDS filter file (DWI runs: 3, "),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(dataset, tmp_path, capsys, make, message):
     code = main(make(dataset, tmp_path))
     err = capsys.readouterr().err
-    assert code == 2 and message in err
+    assert code == 2 and message.format(bids=dataset["bids"]) in err, err
     assert not (tmp_path / "out").exists()
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
 
 
 def test_what_reading_a_run_warns_about_is_a_warning_of_the_run(dataset, tmp_path):
