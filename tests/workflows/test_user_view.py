@@ -350,3 +350,45 @@ def test_more_processes_and_threads_than_cpus_are_warned_about(tmp_path, capsys,
         assert warnings == [], err
     else:
         assert len(warnings) == 1 and asked in warnings[0] and "slower, not faster" in warnings[0], err
+
+
+@pytest.mark.parametrize("extra, runs_at_once, threads", [
+    ([], 3, "2"),                           # 3 runs, one process per CPU: 8 CPUs // 3 runs at once
+    (["--nprocs", "2"], 2, "4"),            # two processes share 8 CPUs
+    (["--omp-nthreads", "3"], None, "3"),   # the user's choice stands
+    (["--worker", "debug"], None, None),    # one stage at a time: the variables are left alone
+])
+def test_cf_processes_share_the_cpus_among_the_runs_at_once(tmp_path, capsys, monkeypatch, extra, runs_at_once,
+                                                            threads):
+    """Without --omp-nthreads, the cf worker's processes each get their share of the CPUs (numba's and BLAS's pools
+    took every CPU in each process: CPUs² threads with one process per CPU); the tasks see it in the thread
+    variables, and an in-process call leaves the process's own as they were."""
+    import os
+
+    from dwiflow.cli import bidsapp
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    names = bidsapp.THREAD_VARIABLES
+    before = {name: os.environ.get(name) for name in names}
+    seen = {}
+
+    def recording_run_participant(runs, *args, **kwargs):
+        seen.update({name: os.environ.get(name) for name in names}, runs=len(runs))
+        return []
+
+    monkeypatch.setattr("dwiflow.workflows.recon.run_participant", recording_run_participant)
+    bids = tmp_path / "bids"
+    assert dwirecon(["phantom", str(bids), "--shape", "4,4,2", "--seed", "4"]) == 0
+    for label in ("two", "three"):
+        shutil.copytree(bids / "sub-phantom", bids / f"sub-{label}")
+        for path in (bids / f"sub-{label}").rglob("sub-phantom_*"):
+            path.rename(path.with_name(path.name.replace("sub-phantom", f"sub-{label}")))
+    assert main([str(bids), str(tmp_path / "out"), "participant", "--work-dir", str(tmp_path / "work"), *extra]) == 0
+    out = capsys.readouterr().out
+    assert seen.pop("runs") == 3
+    if runs_at_once is not None:
+        assert f"{runs_at_once} runs at once on 8 CPUs: {threads} threads per task" in out, out
+    else:
+        assert "runs at once" not in out
+    assert seen == ({name: threads for name in names} if threads is not None else before), seen
+    assert {name: os.environ.get(name) for name in names} == before
