@@ -37,6 +37,11 @@ class DwiRun:
 def existing_file(path: str | os.PathLike, what: str) -> Path:
     p = Path(path)
     if not p.exists():
+        if p.is_symlink():  # a DataLad / git-annex dataset whose content was not fetched
+            annexed = ".git/annex/objects" in os.readlink(p)
+            raise DwiflowInputError(f"{what} file {p} is a symbolic link to a missing file"
+                                    + (" (its content is not in this git-annex/DataLad dataset: datalad get it)"
+                                       if annexed else ""))
         raise DwiflowInputError(f"{what} file not found: {p}")
     if not p.is_file():
         raise DwiflowInputError(f"{what} is not a file: {p}")

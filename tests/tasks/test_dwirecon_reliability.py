@@ -238,6 +238,12 @@ def test_small_refusals(case, capsys, tmp_path):
     (d / "ok.txt").write_text("100 -20 5\n")
     _refused(["csd", case["dwi"], case["bval"], case["bvec"], d / "ok.txt", d / "f.nii.gz", "--niter", "0"], capsys, d,
              "--niter: must be >= 1, got 0")
+    # a DataLad dataset whose content was not fetched: its files are links into .git/annex (it said "not found")
+    annexed = d / "annexed.nii.gz"
+    annexed.symlink_to("../.git/annex/objects/Xy/Zw/SHA256E-s9--0a.nii.gz/SHA256E-s9--0a.nii.gz")
+    _refused(["tensor", annexed, case["bval"], case["bvec"], "--fa", d / "fa.nii.gz"], capsys, d,
+             f"DWI file {annexed} is a symbolic link to a missing file (its content is not in this git-annex/DataLad "
+             "dataset: datalad get it)")
 
 
 def _dwis_kept() -> int:
