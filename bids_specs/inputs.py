@@ -8,6 +8,7 @@ DWI runs, and every run has its .bval and .bvec.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,12 @@ def _unreadable_json(root: Path) -> tuple[Path, str] | None:
             json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError) as exc:
             return path, str(exc).split(":")[0]
+        except OSError as exc:
+            if path.is_symlink() and not path.exists():  # a DataLad / git-annex dataset whose content was not fetched
+                annexed = ".git/annex/objects" in os.readlink(path)
+                return path, ("a symbolic link to a missing file" + (" (its content is not in this git-annex/DataLad "
+                                                                     "dataset: datalad get it)" if annexed else ""))
+            return path, exc.strerror or type(exc).__name__
     return None
 
 

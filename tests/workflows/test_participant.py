@@ -277,6 +277,25 @@ def test_bad_input_exits_2_and_writes_nothing(dataset, tmp_path, capsys, make, m
     assert not (tmp_path / "out").exists()
 
 
+def test_a_datalad_dataset_whose_content_was_not_fetched_is_named_so(dataset, tmp_path, capsys):
+    """A DataLad dataset (OpenNeuro's) holds links into .git/annex until its content is fetched: a sidecar link to
+    nothing stopped pybids with 'No such file or directory', a DWI link with 'file not found'; both say what it is."""
+    bids = tmp_path / "bids"
+    shutil.copytree(dataset["bids"], bids)
+    folder = bids / "sub-phantom" / "dwi"
+    for name in ("sub-phantom_dwi.json", "sub-phantom_dwi.nii.gz"):
+        original = (folder / name).read_bytes()
+        (folder / name).unlink()
+        (folder / name).symlink_to(f"../../.git/annex/objects/Qx/Vw/SHA256E-s99--1f/SHA256E-s99--1f-{name}")
+        assert main([str(bids), str(tmp_path / "out"), "participant", "--participant-label", "phantom"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(folder / name) in err[0], err
+        assert err[0].endswith("a symbolic link to a missing file (its content is not in this git-annex/DataLad "
+                               "dataset: datalad get it)"), err
+        (folder / name).unlink()
+        (folder / name).write_bytes(original)
+    assert not (tmp_path / "out").exists()
+
 def _write(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)
