@@ -20,9 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from dwiflow._version import __version__
-
-# the thread pools of a task (BLAS's, OpenMP's, numba's): --omp-nthreads, or the cf worker's share of the CPUs
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 from dwiflow.tasks.console import say
 
 EXIT_RUN_FAILED = 1
@@ -75,8 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprocs", type=_positive_int,
                    help="processes for the cf worker (default: one per CPU this process may use)")
     p.add_argument("--omp-nthreads", type=_positive_int,
-                   help="threads per task (numba/BLAS; default with the cf worker: the CPUs shared among the runs "
-                        "that run at once; else the CPUs, or on a cluster the stage's cpus)")
+                   help="threads per task (numba/BLAS; default: every CPU, or on a cluster the stage's cpus)")
     p.add_argument("--sbatch-args", default="", help="extra sbatch arguments for the slurm worker")
     p.add_argument("--authors", nargs="+", metavar="NAME",
                    help="the Authors of the derivative dataset (its dataset_description.json)")
@@ -156,19 +152,6 @@ def _check_output_dataset(output_dir: Path, spec_name: str) -> str | None:
                 f"{spec_name} into a folder of its own (one derivative dataset per recon spec, as QSIRecon's "
                 "qsirecon-<name> folders), or its reports and dataset_description.json would describe it alone")
     return None
-
-
-def _threads_per_task(args: argparse.Namespace, n_runs: int) -> int | None:
-    """Threads per task for the cf worker when --omp-nthreads is not given and several runs run at once: the CPUs
-    shared among them (numba's and BLAS's pools otherwise take every CPU in each process: with one process per CPU,
-    CPUs² threads); None when nothing is shared (one run, another worker, --omp-nthreads given)."""
-    if args.worker != "cf" or args.omp_nthreads:
-        return None
-    from dwiflow.tasks.stagelib import available_cpus
-
-    cpus = available_cpus()
-    at_once = min(args.nprocs or cpus, n_runs)
-    return max(1, cpus // at_once) if at_once > 1 else None
 
 
 def _oversubscription(args: argparse.Namespace) -> str | None:
@@ -320,14 +303,6 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
         worker = StageSlurmWorker(sbatch_args=" ".join(shlex.split(args.sbatch_args)),
                                   resources=spec.resources, omp_nthreads=args.omp_nthreads)
     say(f"[dwiflow] {len(runs)} run(s); recon spec {spec.name}; worker {args.worker}; cache {work_dir}")
-    shared = _threads_per_task(args, len(runs))
-    if shared is not None:  # the cf worker's processes each get their share of the CPUs, not all of them
-        from dwiflow.tasks.stagelib import available_cpus
-
-        for name in THREAD_VARIABLES:
-            os.environ[name] = str(shared)
-        say(f"[dwiflow] {min(args.nprocs or available_cpus(), len(runs))} runs at once on {available_cpus()} CPUs: "
-            f"{shared} thread{'s' * (shared > 1)} per task (--omp-nthreads sets it)")
     outcomes = run_participant(runs, bids_dir, output_dir, spec, work_dir, worker, options,
                                responses=run_responses if responses else None, already_warned=data_notes,
                                report_notes=mask_notes, authors=args.authors, mask_dir=args.mask_dir)
@@ -357,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(unrecognized_arguments(parser, unknown))
     # called in-process (tests, notebooks): the verbosity and --omp-nthreads' thread counts are this call's only
-    names = (VERBOSITY_ENV, *THREAD_VARIABLES)
+    names = (VERBOSITY_ENV, "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
     previous = {name: os.environ.get(name) for name in names}
     set_verbosity(QUIET if args.quiet else VERBOSE if args.verbose else NORMAL)
     try:
@@ -378,8 +353,8 @@ def _main(args: argparse.Namespace) -> int:
     if not bids_dir.is_dir():
         return _error(f"BIDS_DIR {bids_dir} does not exist")
     if args.omp_nthreads:
-        for name in THREAD_VARIABLES:
-            os.environ[name] = str(args.omp_nthreads)
+        os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = str(args.omp_nthreads)
+        os.environ["NUMBA_NUM_THREADS"] = str(args.omp_nthreads)
     from dwiflow.workflows.workers import Interruption, install_signal_handlers
 
     install_signal_handlers()
