@@ -14,7 +14,9 @@ RUMBA_CSF_DIFFUSIVITY = 3.0e-3  # mm²/s
 SMT_LAMBDA_PAR_BOUNDS = (0.1e-3, 3.0e-3)  # mm²/s
 FREE_WATER_DIFFUSIVITY = 3.0e-3  # mm²/s
 
-# b=0 volumes: b-values at or below this (s/mm²), as MRtrix3's BZeroThreshold
+# b=0 volumes: b-values at or below this (s/mm²): DIPY's default b0_threshold. MRtrix3's BZeroThreshold is 10 (its
+# core/dwi/dwi.h); MRtrix3 3.0.3 leaves a volume of 10 < b <= 50 out of every shell with a warning, where it is a b=0
+# volume here (and in MRtrix3 with -config BZeroThreshold 50)
 B0_THRESHOLD = 50.0
 
 # FOD peaks (MRtrix3 sh2peaks layout); 0.2 rather than MRtrix3's 0.1: see the README
