@@ -19,6 +19,8 @@ import asyncio
 import os
 import re
 import shlex
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,6 +54,33 @@ def stage_sbatch_arguments(resources: dict[str, dict[str, Any]], stage: str, omp
     return args
 
 
+def check_sbatch_arguments(sbatch_args: str, resources: dict[str, dict[str, Any]], stage_names: list[str],
+                           omp_nthreads: int | None = None) -> str | None:
+    """Why SLURM would refuse the jobs of ``stage_names`` (one line), or None: each distinct set of their sbatch
+    arguments (``--sbatch-args`` and the recon spec's resources) is put to ``sbatch --test-only``, which submits
+    nothing and refuses an unknown partition, more CPUs or memory than a node has, a bad time limit."""
+    if shutil.which("sbatch") is None:
+        return "--worker slurm: sbatch is not on PATH (run dwiflow where SLURM's commands are)"
+    tried = set()
+    for stage in stage_names:
+        args = tuple(shlex.split(sbatch_args) + stage_sbatch_arguments(resources, stage, omp_nthreads))
+        if args in tried:
+            continue
+        tried.add(args)
+        try:
+            done = subprocess.run(["sbatch", "--test-only", *args, "--wrap", "true"], capture_output=True, text=True,
+                                  timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"--worker slurm: sbatch --test-only did not answer ({type(exc).__name__})"
+        if done.returncode:
+            said = " ".join((done.stderr or done.stdout).split()) or f"exit code {done.returncode}"
+            section = stage if stage in resources else "default" if "default" in resources else None
+            origin = " and ".join((["--sbatch-args"] if sbatch_args.strip() else [])
+                                  + ([f"the recon spec's resources.{section}"] if section else [])) or "defaults"
+            return f"--worker slurm: SLURM refuses the {stage} job's arguments ({' '.join(args)}; from {origin}): {said}"
+    return None
+
+
 @attrs.define
 class StageSlurmWorker(SlurmWorker):
     """Pydra's SLURM worker with per-stage sbatch arguments and failures that name their job and log."""
@@ -77,7 +106,8 @@ class StageSlurmWorker(SlurmWorker):
         # DWIFLOW_JOB_PREFIX: what the job's command runs inside, e.g. "apptainer exec -B /data dwiflow.sif" when
         # dwiflow itself runs in that container (the node then starts the same image)
         prefix = os.environ.get("DWIFLOW_JOB_PREFIX", "").strip()
-        batch_script.write_text(f"#!{interpreter}\n#SBATCH --output={script_dir / 'slurm-%j.out'}\n"
+        # the job's logs are named by sbatch's own --output/--error (a path in an #SBATCH line cannot hold a space)
+        batch_script.write_text(f"#!{interpreter}\n"
                                 f"{prefix + ' ' if prefix else ''}{shlex.quote(sys.executable)} -m "
                                 f"dwiflow.workflows.cluster {shlex.quote(str(job_pkl))}{' --rerun' if rerun else ''}\n")
         return script_dir, batch_script
@@ -108,7 +138,7 @@ class StageSlurmWorker(SlurmWorker):
         rc, stdout, stderr = await base.read_and_display_async("sbatch", *args, str(batch_script), hide_display=True)
         found = re.search(r"\d+", stdout or "")
         if rc or not found:
-            raise RuntimeError(f"sbatch refused the {stage} job ({' '.join(args)}): {(stderr or stdout).strip()}")
+            raise RuntimeError(f"sbatch refused the {stage} job ({' '.join(args)}): {' '.join((stderr or stdout).split())}")
         jobid = found.group()
         # the stage's own progress lines go to its job's log on the node: the submitting process says where it is
         run = getattr(getattr(job.hooks, "pre_run_task", None), "run_label", None)

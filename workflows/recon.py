@@ -426,8 +426,11 @@ def run_participant(
                                + "".join(f"\n--- {where}\n{text}" for where, text in details))
             except OSError:  # a full disk must not hide the run's own error
                 pass
-            message = (f"{details[-1][0]}: {_last_line(details[-1][1])}" if details
-                       else (_last_line(str(exc)) or type(exc).__name__))
+            if details:  # a stage's own error names the stage; a workflow's (a job not submitted) says itself
+                where, text = details[-1]
+                message = f"{where}: {_last_line(text)}" if where.startswith("stage ") else _last_line(text)
+            else:
+                message = _last_line(str(exc)) or type(exc).__name__
             outcome = RunOutcome(run, False, error=message, log=log, seconds=time.perf_counter() - t0)
             progress(f"[dwiflow]   FAILED {run.label}: {message} (log: {log})")
         outcomes.append(outcome)
@@ -535,15 +538,24 @@ def _last_line(text: str) -> str:
     return last
 
 
+def _stage_nodes() -> set[str]:
+    """The Pydra node names of a run's stages (the workflows around them have other names)."""
+    from dwiflow.tasks.registry import stages
+
+    return {*stages(), "figures", "stage_derivatives"}
+
+
 def _stage_of(task_dir: Path) -> str:
-    """The stage (Pydra node name) whose cache directory this is, from its saved job; else the directory name."""
+    """``stage <name>`` or ``workflow <name>`` (Pydra node name) whose cache directory this is, from its saved job;
+    else the directory name."""
     import cloudpickle
 
     try:
         with open(task_dir / "_job.pklz", "rb") as handle:
-            return f"stage {cloudpickle.load(handle).name}"
+            name = cloudpickle.load(handle).name
     except Exception:
         return task_dir.name
+    return f"{'stage' if name in _stage_nodes() else 'workflow'} {name}"
 
 
 def task_errors(cache: Path, since: float) -> list[tuple[str, str]]:
@@ -567,10 +579,7 @@ def task_errors(cache: Path, since: float) -> list[tuple[str, str]]:
         found.append((_stage_of(path.parent), text))
     # the stages' own errors are the most specific: put them last (after those of the workflows around them, which
     # only say that a node failed, whatever the names sort like)
-    from dwiflow.tasks.registry import stages
-
-    stage_nodes = {f"stage {name}" for name in (*stages(), "figures", "stage_derivatives")}
-    return sorted(found, key=lambda item: (item[0] in stage_nodes, item[0]))
+    return sorted(found, key=lambda item: (item[0].startswith("stage "), item[0]))
 
 
 def run_group(output_dir: Path, progress=say, participants: list[str] | None = None) -> Path:

@@ -238,6 +238,11 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
     except (BidsInputError, ReconSpecError) as exc:
         return _error(str(exc))
     problem = _check_output_dataset(output_dir, spec.name)
+    if problem is None and args.worker == "slurm":  # partitions, CPUs, memory and time limits SLURM would refuse
+        from dwiflow.workflows.cluster import check_sbatch_arguments
+
+        problem = check_sbatch_arguments(" ".join(shlex.split(args.sbatch_args)), spec.resources,
+                                         [*spec.stages, "figures"], args.omp_nthreads)
     if problem:
         return _error(problem)
     for note in spec.warnings:
@@ -323,12 +328,26 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
     return 0
 
 
+def _joined_sbatch_args(argv: list[str]) -> list[str]:
+    """``--sbatch-args VALUE`` as ``--sbatch-args=VALUE``: sbatch's arguments start with a dash, which argparse
+    takes for an option of its own ('expected one argument') unless the value is attached."""
+    joined = []
+    arguments = iter(argv)
+    for argument in arguments:
+        if argument == "--sbatch-args":
+            value = next(arguments, None)
+            joined.append(argument if value is None else f"{argument}={value}")
+        else:
+            joined.append(argument)
+    return joined
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from dwiflow.tasks.console import NORMAL, QUIET, VERBOSE, VERBOSITY_ENV, set_verbosity
     from dwiflow.tasks.options import unrecognized_arguments
 
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(_joined_sbatch_args(sys.argv[1:] if argv is None else list(argv)))
     if unknown:
         parser.error(unrecognized_arguments(parser, unknown))
     # called in-process (tests, notebooks): the verbosity and --omp-nthreads' thread counts are this call's only

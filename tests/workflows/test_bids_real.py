@@ -136,7 +136,9 @@ def test_every_real_run_with_the_csd_preset(cf_reference, tmp_path, chromium):
 
 
 def test_every_real_run_through_slurm_equals_cf(cluster, cf_reference, tmp_path, capsys):
-    out, work = tmp_path / "out", tmp_path / "work"
+    # a work directory whose path holds a space (its job scripts named their logs in an #SBATCH line, which sbatch
+    # refused: "Invalid directive found in batch script")
+    out, work = tmp_path / "out", tmp_path / "work dir"
     # sub-03 (its mask computed, as in the cf reference, where --mask-dir has none for it; given alone here it
     # would be an error: a --mask-dir that matches none of the selected runs); sub-02's two runs go through SLURM
     # in the killed-job test below (sub-01's two-slice runs only differ from these in their given masks, which the
@@ -168,6 +170,31 @@ def test_every_real_run_through_slurm_equals_cf(cluster, cf_reference, tmp_path,
     assert len(reference) > 30
     ours = {k: v for k, v in _outputs(out).items() if k.startswith("sub-")}
     assert _differing(ours, reference) == []  # byte-identical to the cf worker, figures included
+
+
+def test_jobs_slurm_would_refuse_are_refused_before_anything_runs(cluster, tmp_path):
+    """A partition the cluster lacks (--sbatch-args given as two words, as users type it: argparse took its value for
+    an option), or more CPUs for a stage than a node has: one line naming the stage and where its arguments come
+    from, exit 2, nothing written and no job submitted (sbatch --test-only)."""
+    spec = tmp_path / "wide.yaml"
+    spec.write_text((REPO / "tasks" / "recon_specs" / "csd.yaml").read_text().replace("csd: {cpus: 2", "csd: {cpus: 4096"))
+    jobs_before = subprocess.run(["sacct", "-n", "-X", "-o", "JobID"], env=cluster["env"], capture_output=True,
+                                 text=True).stdout.split()
+    for extra, message in (
+            (["--sbatch-args", "--partition=nowhere --time=00:10:00"],
+             "SLURM refuses the mask job's arguments (--partition=nowhere --time=00:10:00 --cpus-per-task=1 "),
+            (["--recon-spec", spec], "SLURM refuses the csd job's arguments (--cpus-per-task=4096 ")):
+        run = subprocess.run(_dwiflow([BIDS_REAL, tmp_path / "out", "participant", "--participant-label", "03",
+                                       "--work-dir", tmp_path / "work", "--worker", "slurm", *extra], cluster["env"]),
+                             env=cluster["env"], capture_output=True, text=True, timeout=120)
+        errors = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(errors) == 1 and message in errors[0], run.stderr
+        assert ("from --sbatch-args and the recon spec's resources.default" in errors[0] if "--sbatch-args" in extra
+                else "from the recon spec's resources.csd): " in errors[0]), errors
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+    jobs_after = subprocess.run(["sacct", "-n", "-X", "-o", "JobID"], env=cluster["env"], capture_output=True,
+                                text=True).stdout.split()
+    assert jobs_after == jobs_before
 
 
 def test_killed_job_fails_visibly_and_a_resubmission_recomputes_only_what_was_lost(cluster, cf_reference, tmp_path):

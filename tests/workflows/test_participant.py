@@ -249,6 +249,8 @@ def test_task_errors_name_the_stage_not_the_workflow_around_it(tmp_path):
         (tmp_path / folder / "_error.pklz").write_bytes(cloudpickle.dumps({"error message": [message]}))
     found = task_errors(tmp_path, since=time.time() - 60)
     assert found[-1] == ("stage tensor", "the tensor's own error") and len(found) == 4
+    # the workflows around the stages are named as such (a run whose job sbatch refused failed in 'stage main')
+    assert sorted(where for where, _ in found[:-1]) == ["workflow AllRuns", "workflow run1", "workflow zzz_workflow"]
 
 
 @pytest.mark.parametrize(
