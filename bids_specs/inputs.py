@@ -15,9 +15,11 @@ from typing import Any
 
 # the entities that tell runs apart and are kept in every output's name (a preprocessed derivative's space
 # included: QSIPrep's space-ACPC); an input's desc (desc-preproc) describes its processing, not the run
-RUN_ENTITIES = ("subject", "session", "acquisition", "reconstruction", "direction", "run", "space")
+RUN_ENTITIES = ("subject", "session", "acquisition", "reconstruction", "direction", "run", "part", "space", "chunk")
 SHORT = {"subject": "sub", "session": "ses", "acquisition": "acq", "reconstruction": "rec",
-         "direction": "dir", "run": "run", "space": "space"}
+         "direction": "dir", "run": "run", "part": "part", "space": "space", "chunk": "chunk"}
+# part-phase (and part-real/-imag) images of a complex DWI are not the diffusion-weighted magnitudes
+MAGNITUDE_PARTS = (None, "mag")
 
 
 class BidsInputError(ValueError):
@@ -49,7 +51,8 @@ def _layout(bids_dir: Path, validate: bool):
     from bids import BIDSLayout
 
     try:
-        return BIDSLayout(str(bids_dir), validate=validate, derivatives=False)
+        # with the derivatives entities (desc, res, den …): a preprocessed dataset's runs can be told apart by them
+        return BIDSLayout(str(bids_dir), validate=validate, derivatives=False, config=["bids", "derivatives"])
     except Exception as exc:  # pybids raises many types; name the file when it is a sidecar we can parse
         broken = _unreadable_json(bids_dir)
         if broken is not None:
@@ -149,6 +152,12 @@ def find_dwi_runs(
     if session_labels:
         query["session"] = [s.removeprefix("ses-") for s in session_labels]
     files = layout.get(**query)
+    other_parts = [f for f in files if f.entities.get("part") not in MAGNITUDE_PARTS]
+    files = [f for f in files if f.entities.get("part") in MAGNITUDE_PARTS]
+    if other_parts and not files:
+        raise BidsInputError(f"the selected DWI images of {root} are all part-{other_parts[0].entities['part']} "
+                             f"images ({Path(other_parts[0].path).name} …): dwiflow analyses diffusion magnitudes "
+                             "(part-mag or no part entity)")
     narrowed = "".join([f" in session(s) {', '.join(query['session'])}" if session_labels else "",
                         " matching the BIDS filter file" if filters else ""])
     if participant_labels:
@@ -185,6 +194,12 @@ def find_dwi_runs(
         else:  # a preprocessed derivative's own brain mask beside the DWI (QSIPrep: <run>_desc-brain_mask.nii.gz)
             spec.mask = next((p for p in (path.with_name(f"{spec.label}_desc-brain_mask{ext}")
                                           for ext in (".nii.gz", ".nii")) if p.is_file()), None)
+        same = next((run for run in runs if run.label == spec.label), None)
+        if same is not None:  # their outputs would have the same names: the second would replace the first's
+            desc = same.dwi.name.split("desc-")[1].split("_")[0] if "desc-" in same.dwi.name else None
+            example = f' (e.g. {{"desc": "{desc}"}})' if desc else ""
+            raise BidsInputError(f"DWI runs {same.dwi.name} and {path.name} have the same entities ({spec.label}): "
+                                 f"their outputs would share names; select one with --bids-filter-file{example}")
         runs.append(spec)
     if mask_dir and not any(run.mask for run in runs):
         raise BidsInputError(f"--mask-dir {mask_dir} has a brain mask for none of the {len(runs)} selected run(s) "

@@ -298,6 +298,43 @@ def test_a_datalad_dataset_whose_content_was_not_fetched_is_named_so(dataset, tm
         (folder / name).write_bytes(original)
     assert not (tmp_path / "out").exists()
 
+def test_runs_told_apart_by_part_or_desc_keep_their_own_outputs(dataset, tmp_path):
+    """A complex DWI's part-mag image is the run (its outputs named part-mag), its part-phase image is no DWI to
+    fit; two runs that differ only in an entity the output names do not carry (desc of a preprocessed dataset) are
+    refused before anything runs, naming a filter that picks one. Both were run, the second writing over the first's
+    outputs (part-phase fitted as if it were a magnitude)."""
+    from dwiflow.bids_specs.inputs import BidsInputError, find_dwi_runs
+    from dwiflow.bids_specs.outputs import output_filename
+
+    source = dataset["bids"] / "sub-phantom" / "dwi" / "sub-phantom_dwi"
+    bids = tmp_path / "bids"
+    folder = bids / "sub-c" / "dwi"
+    folder.mkdir(parents=True)
+    shutil.copyfile(dataset["bids"] / "dataset_description.json", bids / "dataset_description.json")
+
+    def copy_run(stem: str) -> None:
+        for ext in (".nii.gz", ".bval", ".bvec"):
+            shutil.copyfile(f"{source}{ext}", folder / f"{stem}{ext}")
+
+    copy_run("sub-c_part-phase_dwi")
+    with pytest.raises(BidsInputError, match="are all part-phase images .*: dwiflow analyses diffusion magnitudes"):
+        find_dwi_runs(bids)
+    copy_run("sub-c_part-mag_dwi")
+    runs = find_dwi_runs(bids)
+    assert [run.label for run in runs] == ["sub-c_part-mag"]
+    assert output_filename("tensor_fa", runs[0].short_entities) == "sub-c_part-mag_model-tensor_param-fa_dwimap.nii.gz"
+    for path in folder.iterdir():
+        path.unlink()
+    copy_run("sub-c_desc-preproc_dwi")
+    copy_run("sub-c_desc-denoised_dwi")
+    with pytest.raises(BidsInputError) as refused:
+        find_dwi_runs(bids)
+    assert str(refused.value) == ("DWI runs sub-c_desc-denoised_dwi.nii.gz and sub-c_desc-preproc_dwi.nii.gz have the "
+                                  "same entities (sub-c): their outputs would share names; select one with "
+                                  '--bids-filter-file (e.g. {"desc": "denoised"})')
+    assert [run.dwi.name for run in find_dwi_runs(bids, bids_filters={"desc": "preproc"})] == [
+        "sub-c_desc-preproc_dwi.nii.gz"]
+
 def _write(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)
