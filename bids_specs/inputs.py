@@ -116,6 +116,13 @@ def find_dwi_runs(
     root = Path(bids_dir)
     if not (root / "dataset_description.json").is_file():
         raise BidsInputError(f"{root} is not a BIDS dataset (no dataset_description.json)")
+    description = root / "dataset_description.json"
+    try:
+        content = json.loads(description.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BidsInputError(f"cannot read {description}: {str(exc).split(':')[0]}") from None
+    if not isinstance(content, dict):
+        raise BidsInputError(f"{description} is not a JSON object (BIDS: a mapping of Name, BIDSVersion …)")
     layout = _layout(root, validate)
     query: dict[str, Any] = dict(FIXED_QUERY)
     filters: dict[str, Any] = {}

@@ -270,6 +270,12 @@ def test_task_errors_name_the_stage_not_the_workflow_around_it(tmp_path):
          "without sessions)"),
         (lambda d, t: [str(d["bids"]), str(t / "out"), "participant", "--bids-filter-file", _write(t / "f.json",
                        '{"dir": "LR"}')], "no DWI run found in {bids} matching the BIDS filter file (DWI runs: 3, "),
+        # a dataset_description.json that is not a JSON object was accepted (binary) or left to pybids ('list'
+        # object has no attribute 'get')
+        (lambda d, t: [_described(d, t, b"\xff\xfe{"), str(t / "out"), "participant"],
+         "described/dataset_description.json: 'utf-8' codec can't decode byte 0xff in position 0"),
+        (lambda d, t: [_described(d, t, b"[1, 2]"), str(t / "out"), "participant"],
+         "described/dataset_description.json is not a JSON object"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(dataset, tmp_path, capsys, make, message):
@@ -334,6 +340,14 @@ def test_runs_told_apart_by_part_or_desc_keep_their_own_outputs(dataset, tmp_pat
                                   '--bids-filter-file (e.g. {"desc": "denoised"})')
     assert [run.dwi.name for run in find_dwi_runs(bids, bids_filters={"desc": "preproc"})] == [
         "sub-c_desc-preproc_dwi.nii.gz"]
+
+def _described(dataset, tmp_path: Path, description: bytes) -> str:
+    """A copy of the dataset with ``description`` as its dataset_description.json."""
+    copy = tmp_path / "described"
+    shutil.copytree(dataset["bids"], copy)
+    (copy / "dataset_description.json").write_bytes(description)
+    return str(copy)
+
 
 def _write(path: Path, text: str) -> str:
     path.write_text(text)
