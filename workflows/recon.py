@@ -333,7 +333,6 @@ def run_participant(
     ``worker``: a Pydra worker name (debug, cf, slurm, sge) or a worker object (e.g.
     :class:`dwiflow.workflows.cluster.StageSlurmWorker`).
     """
-
     from dwiflow.workflows.cache import remove_stale_locks, repair_cache, sweep_partial_outputs, use_work_dir_hash_cache
     from dwiflow.workflows.workers import LocalProcessWorker, PromptSubmitter, interrupted
 
@@ -376,7 +375,7 @@ def run_participant(
         submitter_log.setLevel(logging.CRITICAL)
         try:
             with PromptSubmitter(cache_root=work_dir / "cache", worker=fresh_worker(), clean_stale_locks=True,
-                           **pydra_options) as submitter:
+                                 **pydra_options) as submitter:
                 submitter(_all_runs_workflow(runs, stages, cv, responses, datasets, output_dir), raise_errors=False)
         except Exception as exc:  # reported per run below
             if interrupted():
@@ -401,7 +400,7 @@ def run_participant(
         try:
             # locks older than this run are stale (a killed earlier run): one dwiflow process per work dir
             with PromptSubmitter(cache_root=work_dir / "cache", worker=fresh_worker(), clean_stale_locks=True,
-                           **pydra_options) as submitter:
+                                 **pydra_options) as submitter:
                 result = submitter(task, raise_errors=True)
             if result.errored:
                 raise RuntimeError(f"workflow errored; see {result.cache_dir}")
