@@ -15,6 +15,7 @@ Tournier J-D. et al. MRtrix3. NeuroImage 202 (2019) 116137 (shell clustering, wo
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -312,11 +313,17 @@ def gradient_table(
 
     Examples
     --------
+    >>> from dwiflow.tasks.io import read_bvals, read_bvecs                       # doctest: +SKIP
     >>> img = nibabel.load("sub-01_dwi.nii.gz")                                   # doctest: +SKIP
     >>> gtab = gradient_table(read_bvals("sub-01_dwi.bval"), read_bvecs("sub-01_dwi.bvec"),
     ...                       affine=img.affine)                                    # doctest: +SKIP
     >>> gtab = gradient_table(dipy_gtab, affine=img.affine)                         # doctest: +SKIP
     """
+    for given, name in ((bvals, "bvals"), (bvecs, "bvecs")):
+        if isinstance(given, (str, os.PathLike)):  # DIPY's gradient_table reads file names; the core reads no file
+            raise DwiflowInputError(f"{name}: got the file name {str(given)!r}; dwiflow.core works on arrays: read the "
+                                    "files with dwiflow.tasks.io.read_bvals / read_bvecs (or numpy.loadtxt) first",
+                                    parameters=(name,))
     if bvecs is None and hasattr(bvals, "bvals") and hasattr(bvals, "bvecs"):  # a DIPY GradientTable
         dipy_table = bvals
         bvals, bvecs = np.asarray(dipy_table.bvals, dtype=float), np.asarray(dipy_table.bvecs, dtype=float).T

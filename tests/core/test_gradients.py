@@ -160,6 +160,25 @@ def test_a_dipy_gradient_table_is_accepted_with_its_affine():
         gradient_table(dipy_table)
 
 
+def test_file_names_instead_of_arrays_name_the_readers(tmp_path):
+    """DIPY's gradient_table reads file names; dwiflow.core reads no file. A DIPY user's gradient_table('x.bval',
+    'x.bvec', affine=…) said "could not convert string to float"; it names the readers, whose arrays give the table
+    the files' directions."""
+    from dwiflow.tasks.io import load_gradients, read_bvals, read_bvecs
+
+    paths = real_run("sub-03")
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    for bvals, bvecs, name in ((str(paths["bval"]), str(paths["bvec"]), "bvals"),
+                               (read_bvals(paths["bval"]), paths["bvec"], "bvecs")):
+        with pytest.raises(DwiflowInputError) as refused:
+            gradient_table(bvals, bvecs, affine=affine)
+        assert str(refused.value).startswith(f"{name}: got the file name ") and "read_bvals / read_bvecs" in str(
+            refused.value)
+    table = gradient_table(read_bvals(paths["bval"]), read_bvecs(paths["bvec"]), affine=affine)
+    reference = load_gradients(paths["bval"], paths["bvec"], affine=affine, n_volumes=17)
+    assert np.array_equal(table.bvals, reference.bvals) and np.array_equal(table.bvecs, reference.bvecs)
+
+
 @pytest.mark.parametrize("call", [
     "TensorModel(g)", "DiffusionKurtosisModel(g)", "CsdModel(g, None)", "MsmtCsdModel(g, [None])",
     "Ss3tCsdModel(g, None, None, None)", "RumbaSDModel(g)", "MapmriModel(g)", "SmtModel(g)", "NoddiModel(g)",
