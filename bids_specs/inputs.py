@@ -60,6 +60,16 @@ def _layout(bids_dir: Path, validate: bool):
         raise BidsInputError(f"pybids cannot index {bids_dir}: {' '.join(str(exc).split())[:200]}") from None
 
 
+def broken_link(path: Path) -> str | None:
+    """What a path that is a symbolic link to nothing is (a DataLad / git-annex dataset whose content was not
+    fetched, as OpenNeuro's come), for an error naming it; None for any other path."""
+    if not path.is_symlink() or path.exists():
+        return None
+    annexed = ".git/annex/objects" in os.readlink(path)
+    return "a symbolic link to a missing file" + (" (its content is not in this git-annex/DataLad dataset: datalad "
+                                                  "get it)" if annexed else "")
+
+
 def _unreadable_json(root: Path) -> tuple[Path, str] | None:
     """The first JSON file under ``root`` that does not parse (skipping derivatives and hidden folders)."""
     for path in sorted(root.rglob("*.json")):
@@ -70,11 +80,7 @@ def _unreadable_json(root: Path) -> tuple[Path, str] | None:
         except (ValueError, UnicodeDecodeError) as exc:
             return path, str(exc).split(":")[0]
         except OSError as exc:
-            if path.is_symlink() and not path.exists():  # a DataLad / git-annex dataset whose content was not fetched
-                annexed = ".git/annex/objects" in os.readlink(path)
-                return path, ("a symbolic link to a missing file" + (" (its content is not in this git-annex/DataLad "
-                                                                     "dataset: datalad get it)" if annexed else ""))
-            return path, exc.strerror or type(exc).__name__
+            return path, broken_link(path) or exc.strerror or type(exc).__name__
     return None
 
 

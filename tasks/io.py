@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 from isal import igzip, isal_zlib
 
+from dwiflow.bids_specs.inputs import broken_link
 from dwiflow.bids_specs.outputs import complete_sidecar
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import DEFAULT_B0_THRESHOLD, GradientTable, gradient_table
@@ -37,12 +38,8 @@ class DwiRun:
 def existing_file(path: str | os.PathLike, what: str) -> Path:
     p = Path(path)
     if not p.exists():
-        if p.is_symlink():  # a DataLad / git-annex dataset whose content was not fetched
-            annexed = ".git/annex/objects" in os.readlink(p)
-            raise DwiflowInputError(f"{what} file {p} is a symbolic link to a missing file"
-                                    + (" (its content is not in this git-annex/DataLad dataset: datalad get it)"
-                                       if annexed else ""))
-        raise DwiflowInputError(f"{what} file not found: {p}")
+        link = broken_link(p)
+        raise DwiflowInputError(f"{what} file {p} is {link}" if link else f"{what} file not found: {p}")
     if not p.is_file():
         raise DwiflowInputError(f"{what} is not a file: {p}")
     return p
