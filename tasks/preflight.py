@@ -108,7 +108,7 @@ def group_responses_for(folder: Path, spec, what: str = "--response-dir") -> lis
               if any(i.kind == f"response_{t}" for c in spec.stages.values() for i in c.stage.inputs)]
     if not wanted:
         raise DwiflowInputError(f"{what}: recon spec {spec.name} deconvolves with no multi-tissue response "
-                                "(use recon spec msmt)")
+                                "(use recon spec msmt for multi-shell data, ss3t for single-shell data)")
     found = []
     for wm in sorted(folder.glob(output_filename("group_response_wm", {}, WILDCARDS))):
         bvalues = _response_bvalues(wm)  # readable, or a one-line error

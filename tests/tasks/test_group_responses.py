@@ -4,8 +4,10 @@ each run deconvolved with the set of its own b-values."""
 import json
 
 import numpy as np
+import pytest
 
 from dwiflow.bids_specs.outputs import output_filename
+from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.response import ResponseFunction, response_mean
 from dwiflow.tasks.group import group_responses
 from dwiflow.tasks.preflight import DataSummary, group_responses_for, responses_for_run
@@ -56,6 +58,11 @@ def test_runs_with_other_b_values_get_their_own_group_response(tmp_path):
     # --response-dir: each run gets the set of its b-values; a run with others is refused naming every set
     sets = group_responses_for(out, load_recon_spec("msmt"))
     assert sorted(s.bvalues for s in sets) == [(0.0, 1000.0, 2000.0), (0.0, 3000.0)]
+    assert [s.bvalues for s in group_responses_for(out, load_recon_spec("ss3t"))] == [
+        s.bvalues for s in sets]  # single-shell runs take them too
+    with pytest.raises(DwiflowInputError, match=r"--response-dir: recon spec csd deconvolves with no multi-tissue "
+                       r"response \(use recon spec msmt for multi-shell data, ss3t for single-shell data\)"):
+        group_responses_for(out, load_recon_spec("csd"), "--response-dir")
     chosen = responses_for_run("sub-04", _summary(5, [1000, 2000]), sets)
     assert chosen["wm"].name == "model-msmtcsd_desc-wmgroupb0b1000b2000_response.txt"
     assert set(chosen) == {"wm", "gm", "csf"}
