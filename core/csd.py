@@ -39,7 +39,7 @@ import numpy as np
 
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import DEFAULT_SHELL_TOLERANCE, GradientTable, Shell, checked_gradient_table
-from dwiflow.core.response import ResponseFunction
+from dwiflow.core.response import ResponseFunction, tensor_response_zonal
 from dwiflow.core.sh import (
     check_lmax,
     expand_per_degree,
@@ -160,9 +160,10 @@ class CsdModel:
     Parameters
     ----------
     gtab : GradientTable
-    response : ResponseFunction
+    response : ResponseFunction or (evals, S0)
         Zonal SH per shell; the row whose b-value matches the deconvolved shell is used
-        (a single row without b-values is used as it is).
+        (a single row without b-values is used as it is). DIPY's ``(evals, S0)`` of a single tensor (eigenvalues
+        largest first, mm²/s) is that tensor's signal on the deconvolved shell.
     lmax : int
         FOD degree (default 8, or lower when the response's lmax or the number of directions
         is lower: at most 3 coefficients per measured direction).
@@ -190,7 +191,7 @@ class CsdModel:
     def __init__(
         self,
         gtab: GradientTable,
-        response: ResponseFunction,
+        response: ResponseFunction | tuple,
         lmax: int | None = None,
         shell: float | None = None,
         neg_lambda: float = 1.0,
@@ -212,6 +213,8 @@ class CsdModel:
         if self.shell.is_b0:
             raise DwiflowInputError("cannot deconvolve the b=0 shell")
         self.gtab = gtab
+        if isinstance(response, (tuple, list)) and len(response) == 2:  # DIPY's (evals, S0) of a single tensor
+            response = self._tensor_response(response, self.shell.bvalue, lmax)
         zonal = self._response_row(response, self.shell.bvalue)
         lmax_response = 2 * (np.flatnonzero(np.abs(zonal) > 0).max(initial=0))
         if lmax_response < 2:
@@ -319,6 +322,18 @@ class CsdModel:
     @staticmethod
     def _max_supported_lmax(n_dirs: int) -> int:
         return supported_lmax(n_dirs)
+
+    @staticmethod
+    def _tensor_response(response: tuple, bvalue: float, lmax: int | None) -> ResponseFunction:
+        """DIPY's ``response=(evals, S0)``: the axially symmetric tensor's signal on the deconvolved shell as zonal
+        SH (:func:`~dwiflow.core.response.tensor_response_zonal`), to the FOD's degree (8 unless ``lmax``)."""
+        evals, s0 = response
+        evals = np.asarray(evals, dtype=float).ravel()
+        if evals.size != 3 or not np.all(np.isfinite(evals)) or evals[0] <= 0 or not np.isfinite(float(s0)):
+            raise DwiflowInputError(f"response: a (evals, S0) pair needs 3 finite eigenvalues, the first positive, "
+                                    f"and a finite S0 (DIPY's form), got {response!r:.80}", parameters=("response",))
+        degree = max(8, int(lmax or 0))
+        return tensor_response_zonal(evals, float(s0), np.array([bvalue]), [degree + degree % 2])
 
     @staticmethod
     def _response_row(response: ResponseFunction, bvalue: float) -> np.ndarray:

@@ -144,6 +144,13 @@ class MsmtCsdModel:
         chunk_size: int = 8192,
     ) -> None:
         gtab = checked_gradient_table(gtab, "MsmtCsdModel")
+        if isinstance(responses, ResponseFunction) or not isinstance(responses, (list, tuple)) or not all(
+                isinstance(r, ResponseFunction) for r in responses):
+            raise DwiflowInputError(
+                f"responses: a list of ResponseFunction, one per tissue (WM first; from dhollander() or "
+                f"ResponseFunction.from_text of MRtrix3's files), got {type(responses).__name__}"
+                + (" (DIPY's MultiShellResponse holds its own basis and scaling; it is not converted)"
+                   if type(responses).__name__ == "MultiShellResponse" else ""), parameters=("responses",))
         if not responses:
             raise DwiflowInputError("give at least one response function", parameters=("responses",))
         if norm_lambda < 0 or neg_lambda < 0:

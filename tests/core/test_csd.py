@@ -128,6 +128,21 @@ def test_agrees_with_dipy_csd(acceptance_phantom):
     assert np.median(corr) >= 0.98
 
 
+def test_dipy_response_pair_is_the_tensor_signal_on_the_shell(acceptance_phantom):
+    """CsdModel(gtab, (evals, S0)), as DIPY's ConstrainedSphericalDeconvModel takes it (it raised AttributeError:
+    'tuple' object has no attribute 'coefficients'), is that tensor's zonal SH on the deconvolved shell: the same
+    FODs as the explicit response, which agree with DIPY's given the same pair (test above)."""
+    g, ph, response, _ = acceptance_phantom
+    data = ph.data[:10, :10, :3]
+    paired = CsdModel(g, (np.array(EVALS), 100.0)).fit(data)
+    assert np.array_equal(paired.sh, CsdModel(g, response).fit(data).sh)
+    assert np.array_equal(CsdModel(g, [list(EVALS), 100.0], lmax=6).fit(data).sh, CsdModel(g, response, lmax=6).fit(data).sh)
+    for bad in ((np.array([1.7e-3, 2e-4]), 100.0), (np.array([-1e-3, 2e-4, 2e-4]), 100.0),
+                (np.array(EVALS), float("nan"))):
+        with pytest.raises(DwiflowInputError, match=r"response: a \(evals, S0\) pair needs 3 finite eigenvalues"):
+            CsdModel(g, bad)
+
+
 def test_nan_voxels_get_nan_and_status():
     g = scheme(60)
     ph = make_phantom(g, (4, 4, 2), n_fibres=1, snr=None)

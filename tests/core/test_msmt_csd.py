@@ -111,3 +111,24 @@ def test_warm_start_from_an_earlier_active_set_reaches_the_same_solution_sooner(
                                                                               cold.iteration_rows.mean())
     shuffled = model.fit(noisy, start_active=np.roll(earlier.active_rows, 7, axis=0))
     assert np.max(np.abs(shuffled.coefficient_rows - cold.coefficient_rows) / scale) < 1e-8
+
+
+def test_responses_that_are_not_a_list_of_response_functions_are_named():
+    """DIPY's MultiShellResponse (its own basis and scaling) or a single ResponseFunction handed to MsmtCsdModel said
+    "object of type 'MultiShellResponse' has no len()"; the error says what the model takes."""
+    import pytest
+    from dipy.reconst.mcsd import multi_shell_fiber_response
+
+    from dwiflow.core.errors import DwiflowInputError
+
+    gtab = acquisition_scheme("multi")
+    shells = np.array([0.0, 1000.0, 2000.0, 3000.0])
+    tensors = {name: np.array([[*evals, 100.0]] * 3) for name, evals in
+               (("wm", (1.7e-3, 2e-4, 2e-4)), ("gm", (8e-4, 8e-4, 8e-4)), ("csf", (3e-3, 3e-3, 3e-3)))}
+    dipy_response = multi_shell_fiber_response(8, shells, tensors["wm"], tensors["gm"], tensors["csf"])
+    wm = ResponseFunction(shells, np.array([[100.0, -20.0, 5.0]] * 4), [4] * 4)
+    for given, named in ((dipy_response, "got MultiShellResponse (DIPY's MultiShellResponse holds its own basis"),
+                         (wm, "got ResponseFunction")):
+        with pytest.raises(DwiflowInputError, match=r"responses: a list of ResponseFunction, one per tissue") as refused:
+            MsmtCsdModel(gtab, given)
+        assert named in str(refused.value)
