@@ -186,6 +186,8 @@ class CsdModel:
         of the unconstrained fit as the start. Used by the recursive (Tax) response.
     tau : float
         DIPY's relative threshold (``flavour="dipy"`` only).
+    sh_order_max : int, optional
+        DIPY's name for ``lmax``.
     """
 
     def __init__(
@@ -202,8 +204,14 @@ class CsdModel:
         chunk_size: int = 20_000,
         flavour: str = "mrtrix3",
         tau: float = 0.1,
+        sh_order_max: int | None = None,
     ) -> None:
         gtab = checked_gradient_table(gtab, "CsdModel")
+        if sh_order_max is not None:  # DIPY's name for the FOD's degree
+            if lmax is not None and int(lmax) != int(sh_order_max):
+                raise DwiflowInputError(f"lmax={lmax} and sh_order_max={sh_order_max} name the same degree: give one",
+                                        parameters=("lmax", "sh_order_max"))
+            lmax = int(sh_order_max)
         if flavour not in ("mrtrix3", "dipy"):
             raise DwiflowInputError(f"flavour must be 'mrtrix3' or 'dipy', got {flavour!r}")
         self.flavour, self.tau = flavour, float(tau)

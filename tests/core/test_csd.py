@@ -131,12 +131,17 @@ def test_agrees_with_dipy_csd(acceptance_phantom):
 def test_dipy_response_pair_is_the_tensor_signal_on_the_shell(acceptance_phantom):
     """CsdModel(gtab, (evals, S0)), as DIPY's ConstrainedSphericalDeconvModel takes it (it raised AttributeError:
     'tuple' object has no attribute 'coefficients'), is that tensor's zonal SH on the deconvolved shell: the same
-    FODs as the explicit response, which agree with DIPY's given the same pair (test above)."""
+    FODs as the explicit response, which agree with DIPY's given the same pair (test above). DIPY's keyword for the
+    degree, sh_order_max, is lmax."""
     g, ph, response, _ = acceptance_phantom
     data = ph.data[:10, :10, :3]
     paired = CsdModel(g, (np.array(EVALS), 100.0)).fit(data)
     assert np.array_equal(paired.sh, CsdModel(g, response).fit(data).sh)
-    assert np.array_equal(CsdModel(g, [list(EVALS), 100.0], lmax=6).fit(data).sh, CsdModel(g, response, lmax=6).fit(data).sh)
+    six = CsdModel(g, response, lmax=6).fit(data).sh
+    assert np.array_equal(CsdModel(g, [list(EVALS), 100.0], lmax=6).fit(data).sh, six)
+    assert np.array_equal(CsdModel(g, (np.array(EVALS), 100.0), sh_order_max=6).fit(data).sh, six)  # DIPY's keyword
+    with pytest.raises(DwiflowInputError, match="lmax=8 and sh_order_max=6 name the same degree"):
+        CsdModel(g, response, lmax=8, sh_order_max=6)
     for bad in ((np.array([1.7e-3, 2e-4]), 100.0), (np.array([-1e-3, 2e-4, 2e-4]), 100.0),
                 (np.array(EVALS), float("nan"))):
         with pytest.raises(DwiflowInputError, match=r"response: a \(evals, S0\) pair needs 3 finite eigenvalues"):
