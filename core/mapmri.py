@@ -417,6 +417,12 @@ class MapmriModel:
         Only volumes below it are used to fit the tensor that sets the frame and scales.
     eigenvalue_threshold : float
         Floor of the tensor eigenvalues (mm²/s).
+    positivity : {"none", "grid", "global"}
+        Non-negative propagator on a grid of ``pos_grid`` points within ``pos_radius``, or everywhere (sum of
+        squares, Dela Haije et al. 2020).
+    laplacian_regularization, positivity_constraint, global_constraints : bool, optional
+        DIPY's names: ``laplacian_regularization=False`` is ``laplacian_weighting=0``; ``positivity_constraint``
+        is ``positivity="grid"``, or ``"global"`` with ``global_constraints=True``.
     """
 
     def __init__(
@@ -435,8 +441,18 @@ class MapmriModel:
         pos_radius: float | str = "adaptive",
         solver: str = "CLARABEL",
         chunk_size: int = 128,
+        laplacian_regularization: bool | None = None,
+        positivity_constraint: bool | None = None,
+        global_constraints: bool = False,
     ):
         gtab = checked_gradient_table(gtab, "MapmriModel")
+        if laplacian_regularization is False:  # DIPY's switch: no Laplacian term
+            laplacian_weighting = 0.0
+        if positivity_constraint is not None:  # DIPY's switches: on a grid, or everywhere (global_constraints)
+            if positivity != "none":
+                raise DwiflowInputError("give positivity or DIPY's positivity_constraint, not both",
+                                        parameters=("positivity", "positivity_constraint"))
+            positivity = ("global" if global_constraints else "grid") if positivity_constraint else "none"
         self.radial_order = check_radial_order(radial_order)
         self.anisotropic = bool(anisotropic_scaling)
         if not gtab.b0s_mask.any():

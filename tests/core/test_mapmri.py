@@ -93,6 +93,10 @@ def test_positivity_fits_equal_dipy_and_are_positive(phantom, name, options, dip
     ours = MapmriModel(g, big_delta=BIG_DELTA, small_delta=SMALL_DELTA, **options).fit(data)
     theirs = dipy_fit(g, data, **dipy_options)
     assert np.all(ours.status == 0)
+    # DIPY's keywords (positivity_constraint, global_constraints, laplacian_regularization) mean the same model
+    dipy_named = MapmriModel(g, big_delta=BIG_DELTA, small_delta=SMALL_DELTA, **dipy_options).fit(data[:4])
+    assert np.array_equal(dipy_named.coefficients, MapmriModel(g, big_delta=BIG_DELTA, small_delta=SMALL_DELTA,
+                                                               **options).fit(data[:4]).coefficients)
     assert_indices_agree(ours, theirs, INDICES)
     unconstrained = MapmriModel(g, big_delta=BIG_DELTA, small_delta=SMALL_DELTA,
                                 laplacian_weighting=options["laplacian_weighting"]).fit(data)
