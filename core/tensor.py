@@ -241,6 +241,21 @@ class TensorFit:
             return np.where(norm > 0, 3 * np.sqrt(6) * np.prod(deviatoric, axis=-1) / norm ** 3, np.nan)
 
     @property
+    def linearity(self) -> np.ndarray:
+        """DIPY's name for :attr:`cl` (the same trace-normalised definition)."""
+        return self.cl
+
+    @property
+    def planarity(self) -> np.ndarray:
+        """DIPY's name for :attr:`cp`."""
+        return self.cp
+
+    @property
+    def sphericity(self) -> np.ndarray:
+        """DIPY's name for :attr:`cs`."""
+        return self.cs
+
+    @property
     def S0_hat(self) -> np.ndarray:  # noqa: N802  (DIPY's name)
         """The fitted S0 (DIPY's name for it)."""
         return self.s0

@@ -41,7 +41,8 @@ def test_wls_fa_md_equal_dipy_in_the_brain_mask(run, record):
     # (the mode where the tensor is not isotropic to rounding: at the eigenvalue floor it is 0/0, NaN here)
     anisotropic = ok & (np.ptp(ours.evals, axis=-1) > 1e-3 * ours.evals.mean(axis=-1))
     assert anisotropic.sum() > 0.99 * ok.sum()
-    for name, scale in (("trace", np.abs(ref.trace[ok]).max()), ("mode", 1.0)):
+    for name, scale in (("trace", np.abs(ref.trace[ok]).max()), ("mode", 1.0), ("linearity", 1.0),
+                        ("planarity", 1.0), ("sphericity", 1.0)):
         theirs, mine = np.asarray(getattr(ref, name))[anisotropic], np.asarray(getattr(ours, name))[anisotropic]
         assert np.abs(mine - theirs).max() / scale < 1e-4, name
     assert ours.S0_hat is ours.s0
