@@ -227,11 +227,22 @@ def publish(staged: Path, target: Path) -> list[Path]:
     return [final for _, final in pending]
 
 
+DATASET_NAME = "dwiflow derivatives ({spec})"  # the derivative dataset's Name, which says its recon spec
+
+
+def dataset_recon_spec(description: dict) -> str | None:
+    """The recon spec whose derivatives a dataset_description.json (as a dict) describes, from its Name as
+    :func:`write_dataset_description` writes it; None when the Name is not of that form."""
+    prefix, suffix = DATASET_NAME.split("{spec}")
+    name = str(description.get("Name", ""))
+    return name[len(prefix):-len(suffix)] or None if name.startswith(prefix) and name.endswith(suffix) else None
+
+
 def write_dataset_description(output_dir: Path, bids_dir: Path, recon_spec: ReconSpec,
                               authors: list[str] | None = None, datasets: dict[str, Path] | None = None) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     description = {
-        "Name": f"dwiflow derivatives ({recon_spec.name})",
+        "Name": DATASET_NAME.format(spec=recon_spec.name),
         "BIDSVersion": "1.9.0",
         "DatasetType": "derivative",
         "Authors": list(authors) if authors else [f"dwiflow {__version__} (automated; --authors names the people)"],
