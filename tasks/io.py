@@ -45,6 +45,7 @@ def existing_file(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
+MRTRIX_IMAGE_SUFFIXES = (".mif", ".mif.gz", ".mih")  # MRtrix3's own image formats, which dwiflow does not read or write
 MAX_TEXT_BYTES = 4 * 1024 * 1024  # a .bval/.bvec/response/directions file larger than this is not one
 
 
@@ -113,7 +114,7 @@ def load_image(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
     except DwiflowInputError:
         raise
     except Exception as exc:  # nibabel raises many types for unreadable files
-        if p.name.lower().endswith((".mif", ".mif.gz", ".mih")):
+        if p.name.lower().endswith(MRTRIX_IMAGE_SUFFIXES):
             raise DwiflowInputError(f"cannot read {what} {p}: dwiflow reads NIfTI; convert an MRtrix3 image with "
                                     f"mrconvert {p.name} out.nii.gz (-export_grad_fsl out.bvec out.bval for a DWI's "
                                     "gradients)") from None
@@ -565,7 +566,7 @@ def check_output_paths(outputs: dict[str, Path], inputs: dict[str, Path | None],
         extension = extensions.get(name, "")
         if extension in NIFTI_SUFFIXES and not path.name.endswith(NIFTI_SUFFIXES):
             hint = (" (dwiflow writes NIfTI; mrconvert turns it into .mif)"
-                    if path.name.lower().endswith((".mif", ".mif.gz", ".mih")) else "")
+                    if path.name.lower().endswith(MRTRIX_IMAGE_SUFFIXES) else "")
             raise DwiflowInputError(f"output {name} {path}: a NIfTI file name must end in .nii.gz or .nii{hint}")
         if path.is_dir():
             raise DwiflowInputError(f"output {name} {path} is a directory")
