@@ -878,8 +878,11 @@ def compile_bytecode() -> None:
 
 
 def _whole_command(cmd: list[str], threads: int, repeats: int) -> float:
-    """Seconds of a whole command (process start, reading, fitting, writing) with every thread pool at ``threads``."""
+    """Seconds of a whole command (process start, reading, fitting, writing) with every thread pool at ``threads``.
+    A ``dwirecon`` command gets ``--force``, as MRtrix3's get ``-force``: every repeat writes the same files."""
     env = _thread_env(threads)
+    if "dwiflow.cli.dwirecon" in cmd:
+        cmd = [*cmd, "--force"]
     best = np.inf
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -401,8 +401,14 @@ def unrecognized_arguments(parser: argparse.ArgumentParser, unknown: list[str]) 
     hints = []
     for argument in unknown:
         name = argument.split("=", 1)[0]
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6) if name.startswith("--") else []
-        if close:
+        compared = name
+        if len(name) > 2 and name[0] == "-" and name[1].isalpha():
+            compared = "-" + name  # MRtrix3's single-dash spelling (-lmax): compared as the double-dash one
+        close = difflib.get_close_matches(compared, known, n=1, cutoff=0.6) if compared.startswith("--") else []
+        if name.lstrip("-") in ("fslgrad", "grad") and "bval" in {a.dest for a in parser._actions}:
+            hints.append(f"{name}: the gradients are the positional BVAL BVEC after the DWI, b-values first "
+                         f"(-fslgrad takes bvecs first)")
+        elif close:
             hints.append(f"{name}: did you mean {close[0]}?")
     return f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
 

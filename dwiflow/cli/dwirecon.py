@@ -65,6 +65,9 @@ def _stage_parser(sub, command: str, stage) -> argparse.ArgumentParser:
     add_cli_options(p, stage.options)
     if stage.threads:
         p.add_argument("--nthreads", type=int, help="threads for the per-voxel solver (default: all cores)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite outputs that exist (without it, as MRtrix3 without -force, an existing output "
+                        "stops the command before it computes anything)")
     loudness = p.add_mutually_exclusive_group()
     loudness.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
     loudness.add_argument("-v", "--verbose", action="store_true", help="also print the time each step took")
@@ -146,6 +149,26 @@ def _assign_pairs(stage, more: list[Path], files: dict, outputs: dict) -> None:
         files[kind], outputs[name] = source, target
 
 
+def refuse_existing_outputs(stage, outputs: dict[str, Path], files: dict) -> None:
+    """Refuse output files that exist, as MRtrix3's commands do without ``-force``. Left to the stage's own checks,
+    which say more: an output that is one of the inputs or a folder, and a folder output (a stage writing one says
+    what it may hold: an earlier output of its own, replaced, or nothing else)."""
+    from dwiflow.tasks.options import OptionError
+
+    inputs = {Path(p).resolve() for p in files.values() if p is not None}
+    existing = []
+    for name, path in outputs.items():
+        path = Path(path)
+        if stage.output(name).folder or path.is_dir() or path.resolve() in inputs:
+            continue
+        if path.exists() or path.is_symlink():
+            existing.append(str(path))
+    if existing:
+        them = "them" if len(existing) > 1 else "it"
+        raise OptionError(f"output{'s' * (len(existing) > 1)} {', '.join(existing)} exist{'s' * (len(existing) == 1)}:"
+                          f" give --force to overwrite {them}")
+
+
 def run_command(args: argparse.Namespace, warn) -> int:
     """Run the stage a parsed command line names."""
     from dwiflow.bids_specs.outputs import entities_from_filename
@@ -174,6 +197,8 @@ def run_command(args: argparse.Namespace, warn) -> int:
         written = set(stage.writes(options))
         in_dir = [o.name for o in stage.outputs if o.cli == "dir" and o.name in written]
         outputs.update(names_in_dir(stage, in_dir, args.out_dir, source or args.out_dir, naming))
+    if not getattr(args, "force", False):
+        refuse_existing_outputs(stage, outputs, files)
     _set_threads(getattr(args, "nthreads", None))
     unit = "iterations" if getattr(options, "global_fit", False) else stage.progress
     quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
@@ -207,6 +232,31 @@ def collect_less_in_this_process() -> None:
     atexit.register(gc.freeze)
 
 
+def _long_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every ``--option`` of ``parser`` and of the subcommands built into it."""
+    found = set()
+    for action in parser._actions:
+        found.update(o for o in action.option_strings if o.startswith("--"))
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found |= _long_options(child)
+    return found
+
+
+def with_mrtrix3_style_options(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with MRtrix3's single-dash spelling of an option (``-mask m.nii.gz``, ``-nthreads 2``, ``-force``,
+    ``-quiet``) turned into the double-dash one the command has; a token is changed only when the double-dash
+    form is one of the command's options, so values such as ``-0.5`` pass unchanged."""
+    known = _long_options(parser)
+    converted = []
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if len(name) > 2 and name[0] == "-" and name[1].isalpha() and "-" + name in known:
+            token = "-" + token
+        converted.append(token)
+    return converted
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command ``argv`` (default: the process's arguments, with :func:`collect_less_in_this_process`);
     returns the exit code."""
@@ -217,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         collect_less_in_this_process()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[0] if argv else None)
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(with_mrtrix3_style_options(parser, argv))
     if unknown:  # said by the command's own parser, with its usage, not the top level's
         args.stage_parser.error(unrecognized_arguments(args.stage_parser, unknown))
     command = args.command + (f" {args.stage_method}" if getattr(args, "stage_method", None) else "")

@@ -252,7 +252,7 @@ print(code, loaded, threads, os.environ.get("NUMBA_NUM_THREADS"))
 """
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_NUM_THREADS"}
     csd = ["csd", phantom_dir["dwi"], phantom_dir["bval"], phantom_dir["bvec"], str(tmp_path / "wm.txt"),
-           str(tmp_path / "fod.nii.gz"), "--nthreads", "1", "-q"]
+           str(tmp_path / "fod.nii.gz"), "--nthreads", "1", "-q", "--force"]  # run twice
     tensor = ["tensor", phantom_dir["dwi"], phantom_dir["bval"], phantom_dir["bvec"], "--fa",
               str(tmp_path / "fa.nii.gz"), "--nthreads", "1", "-q"]
 
@@ -286,3 +286,46 @@ def test_phantom_refuses_a_folder_that_holds_another_dataset(phantom_dir, tmp_pa
     assert main(["phantom", str(tmp_path / "a_file"), "--shape", "4,4,2"]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
     assert main(["phantom", str(phantom_dir["root"]), "--shape", "12,12,4", "--seed", "2", "-q"]) == 0
+
+
+def test_an_existing_output_stops_the_command_unless_force(phantom_dir, tmp_path, capsys):
+    """As MRtrix3's commands without -force: an output file that exists is one line naming it and --force, exit 2,
+    before anything is computed (the other output, new, is not written either); with --force it is replaced."""
+    p = phantom_dir
+    fa, md = tmp_path / "fa.nii.gz", tmp_path / "md.nii.gz"
+    fa.write_bytes(b"an earlier result")
+    code, _, err = _run(["tensor", p["dwi"], p["bval"], p["bvec"], "--fa", fa, "--md", md], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"output {fa} exists: give --force to overwrite it" in err
+    assert fa.read_bytes() == b"an earlier result" and not md.exists() and _outputs(tmp_path) == ["fa.nii.gz"]
+    code, _, err = _run(["tensor", p["dwi"], p["bval"], p["bvec"], "--fa", fa, "--md", md, "--force", "-q"], capsys)
+    assert code == 0, err
+    values = nib.load(fa).get_fdata()
+    assert values.shape == (18, 18, 8) and 0.3 < np.median(values[values > 0]) < 1
+    assert _outputs(tmp_path) == ["fa.json", "fa.nii.gz", "md.json", "md.nii.gz"]
+
+
+def test_mrtrix3_single_dash_options(phantom_dir, tmp_path, capsys):
+    """MRtrix3's spellings (-mask, -lmax, -nthreads, -force, -quiet) give the double-dash options' bytes; a
+    misspelt one is named with the option meant, and -fslgrad is told where the gradients go."""
+    p = phantom_dir
+    mask = p["root"] / "derivatives/masks/sub-phantom/dwi/sub-phantom_desc-brain_mask.nii.gz"
+    response = tmp_path / "wm.txt"
+    assert main(["response", "fa", p["dwi"], p["bval"], p["bvec"], str(response), "--erode", "0", "-q"]) == 0
+    files = [p["dwi"], p["bval"], p["bvec"], response]
+    mrtrix_style, ours = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
+    mrtrix_style.write_bytes(b"")
+    code, out, err = _run(["csd", *files, mrtrix_style, "-mask", mask, "-lmax", "6", "-nthreads", "1", "-force",
+                           "-quiet"], capsys)
+    assert code == 0 and out == "", err
+    assert main([str(a) for a in ["csd", *files, ours, "--mask", mask, "--lmax=6", "--nthreads", "1", "-q"]]) == 0
+    assert mrtrix_style.read_bytes() == ours.read_bytes()
+    assert nib.load(ours).shape[-1] == 28  # lmax 6
+    for argv, said in (([*files, tmp_path / "c.nii.gz", "-lmx", "6"],
+                        "unrecognized arguments: -lmx 6 (-lmx: did you mean --lmax?)"),
+                       ([p["dwi"], "-fslgrad", p["bvec"], p["bval"], response, tmp_path / "c.nii.gz"],
+                        "(-fslgrad: the gradients are the positional BVAL BVEC after the DWI, b-values first")):
+        with pytest.raises(SystemExit) as end:
+            main(["csd", *map(str, argv)])
+        assert end.value.code == 2 and said in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "c.nii.gz").exists()
