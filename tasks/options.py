@@ -394,9 +394,10 @@ def _cli_value(annotation: Any, name: str) -> Callable[[str], Any]:
     return parse
 
 
-def unrecognized_arguments(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+def unrecognized_arguments(parser: argparse.ArgumentParser, unknown: list[str],
+                           foreign: dict[str, str] | None = None) -> str:
     """The error for arguments ``parser`` does not take, naming the option meant when one is misspelt (argparse says
-    only "unrecognized arguments")."""
+    only "unrecognized arguments"), or what ``foreign`` says of another tool's option (option → note)."""
     known = [option for action in parser._actions for option in action.option_strings]
     hints = []
     for argument in unknown:
@@ -405,7 +406,9 @@ def unrecognized_arguments(parser: argparse.ArgumentParser, unknown: list[str]) 
         if len(name) > 2 and name[0] == "-" and name[1].isalpha():
             compared = "-" + name  # MRtrix3's single-dash spelling (-lmax): compared as the double-dash one
         close = difflib.get_close_matches(compared, known, n=1, cutoff=0.6) if compared.startswith("--") else []
-        if name.lstrip("-") in ("fslgrad", "grad") and "bval" in {a.dest for a in parser._actions}:
+        if foreign and name in foreign:
+            hints.append(f"{name}: {foreign[name]}")
+        elif name.lstrip("-") in ("fslgrad", "grad") and "bval" in {a.dest for a in parser._actions}:
             hints.append(f"{name}: the gradients are the positional BVAL BVEC after the DWI, b-values first "
                          f"(-fslgrad takes bvecs first)")
         elif close:

@@ -28,6 +28,38 @@ RESOURCE_KEYS = ("cpus", "mem_gb", "time", "sbatch_args")
 ALWAYS_PRESENT_TASKS = ("default", "stage_derivatives", "figures")  # Pydra nodes every run has besides its stages
 
 
+# QSIRecon's built-in recon specs (qsirecon/data/pipelines/*.yaml) and what in dwiflow does their reconstruction;
+# their tractography, ACT, atlases and DSI Studio / TORTOISE steps have no counterpart here
+_MSMT = "--recon-spec msmt (dhollander, MSMT-CSD, mtnormalise, peaks; no tractography)"
+_SS3T = "--recon-spec ss3t (dhollander, SS3T-CSD, mtnormalise, peaks; no tractography)"
+_SCALARS = ("a recon spec YAML whose stages are mask, dki, mapmri and noddi (and msmt's for the FODs) gives "
+            "its DKI, MAP-MRI and NODDI maps; 3D-SHORE and GQI have no counterpart")
+QSIRECON_SPECS = {
+    **dict.fromkeys(("mrtrix_multishell_msmt_ACT-hsvs", "mrtrix_multishell_msmt_ACT-fast",
+                     "mrtrix_multishell_msmt_noACT", "mrtrix_multishell_msmt_pyafq_tractometry"), _MSMT),
+    **dict.fromkeys(("mrtrix_multishell_msmt_noACT_estimate", "mrtrix_multishell_msmt_noACT_apply"),
+                    "--recon-spec msmt with a group response: participant, then group, then participant "
+                    "--response-dir OUTPUT_DIR"),
+    **dict.fromkeys(("mrtrix_singleshell_ss3t_ACT-hsvs", "mrtrix_singleshell_ss3t_ACT-fast",
+                     "mrtrix_singleshell_ss3t_noACT", "ss3t_autotrack", "ss3t_fod_autotrack"), _SS3T),
+    "dipy_dki": "--recon-spec dki", "dipy_mapmri": "--recon-spec mapmri", "amico_noddi": "--recon-spec noddi",
+    **dict.fromkeys(("multishell_scalarfest", "hbcd_scalar_maps", "abcd_recon"), _SCALARS),
+}
+
+
+def qsirecon_hint(name: Any) -> str:
+    """What to run instead of QSIRecon's recon spec ``name`` ('' when it is not one of QSIRecon's, or has no
+    counterpart here)."""
+    if not isinstance(name, str):
+        return ""
+    if name in QSIRECON_SPECS:
+        return f"; {name!r} is QSIRecon's: {QSIRECON_SPECS[name]}"
+    if name in ("dsi_studio_gqi", "dsi_studio_autotrack", "dipy_3dshore", "csdsi_3dshore", "TORTOISE",
+                "pyafq_tractometry", "reorient_fslstd", "dipy_force"):
+        return f"; {name!r} is QSIRecon's, and dwiflow has no counterpart of it"
+    return ""
+
+
 class ReconSpecError(DwiflowInputError):
     """A recon spec that cannot run; the message names the key path."""
 
@@ -130,7 +162,7 @@ def load_recon_spec(name_or_file: str | Path) -> ReconSpec:
     else:
         if str(name_or_file) not in builtin_specs():
             raise ReconSpecError(f"unknown recon spec {name_or_file!r}; built-in: {', '.join(builtin_specs())} "
-                                 "(or give a YAML file)")
+                                 f"(or give a YAML file){qsirecon_hint(str(name_or_file))}")
         text = package_files.files("dwiflow.tasks").joinpath("recon_specs", f"{name_or_file}.yaml").read_text()
         source = f"built-in recon spec {name_or_file!r}"
     try:
@@ -188,6 +220,9 @@ def validate_recon_spec(spec: Any, source: str = "recon spec", base_dir: Path | 
     """
     if not isinstance(spec, dict):
         raise _fail(source, "expected a mapping with a 'stages' mapping")
+    if "nodes" in spec and "stages" not in spec:
+        raise _fail(source, "a QSIRecon recon spec (a list of nodes), which dwiflow does not read: dwiflow's name "
+                            "their stages (see the built-in ones: dwiflow --help)" + qsirecon_hint(spec.get("name")))
     for key in spec:
         if key not in TOP_LEVEL_KEYS:
             raise _fail(source, f"{key}: unknown key (allowed: {', '.join(TOP_LEVEL_KEYS)})")

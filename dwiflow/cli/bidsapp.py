@@ -51,14 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bids-filter-file", type=Path, metavar="FILE", help="JSON of pybids entities for the DWI query")
     from dwiflow.tasks.recon_spec import builtin_specs
 
-    p.add_argument("--recon-spec", default="csd", metavar="NAME|FILE",
+    p.add_argument("--recon-spec", "--recon_spec", default="csd", metavar="NAME|FILE",
                    help=f"a built-in recon spec ({', '.join(builtin_specs())}) or a YAML file (default csd)")
     p.add_argument("--mask-dir", type=Path, help="derivative dataset with *_desc-brain_mask images to use")
     p.add_argument("--response-dir", type=Path,
                    help="folder with group responses (the group level's *_desc-{wm,gm,csf}group*_response.txt): every "
                         "run is deconvolved with those of its b-values instead of its own (recon spec msmt); overrides "
                         "the recon spec's response_dir")
-    p.add_argument("--work-dir", type=Path,
+    p.add_argument("-w", "--work-dir", type=Path,
                    help="Pydra cache: keep it for fast reruns (default: outside the derivative dataset, in "
                         "$XDG_CACHE_HOME/dwiflow/, else ~/.cache/dwiflow/, one folder per OUTPUT_DIR and "
                         "--participant-label/--session-label/--bids-filter-file selection)")
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-invalid-runs", action="store_true",
                    help="run the runs that pass the pre-flight checks and report the others (default: any invalid "
                         "run stops everything before anything is written)")
-    p.add_argument("--skip-bids-validation", action="store_true",
+    p.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
                    help="accepted for BIDS-Apps compatibility; dwiflow checks its own inputs and does not run a validator")
     loudness = p.add_mutually_exclusive_group()
     loudness.add_argument("-v", "--verbose", action="store_true",
@@ -343,6 +343,22 @@ def _joined_sbatch_args(argv: list[str]) -> list[str]:
     return joined
 
 
+# QSIRecon's options (qsirecon/cli/parser.py) that dwiflow has under another name or not at all
+_CPUS = "QSIRecon's CPU budget: here --nprocs (tasks at once) and --omp-nthreads (threads per task)"
+_NO_FREESURFER = "QSIRecon's: dwiflow has no FreeSurfer or anatomical step"
+QSIRECON_OPTIONS = {
+    **dict.fromkeys(("--nthreads", "--n-cpus", "--n_cpus"), _CPUS),
+    **dict.fromkeys(("--mem", "--mem-mb", "--mem_mb"), "QSIRecon's: a cluster job's memory is the recon spec's "
+                                                       "resources (mem_gb) or --sbatch-args=--mem=..."),
+    **dict.fromkeys(("--output-resolution", "--output_resolution"),
+                    "QSIRecon's: dwiflow fits the data on their own grid"),
+    **dict.fromkeys(("--fs-license-file", "--fs_license_file", "--freesurfer-input", "--freesurfer_input"),
+                    _NO_FREESURFER),
+    **dict.fromkeys(("--input-type", "--input_type", "--recon-input", "--recon_input", "--recon-only"),
+                    "QSIRecon's: BIDS_DIR is the input, any BIDS dataset of preprocessed DWI (QSIPrep's too)"),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from dwiflow.tasks.console import NORMAL, QUIET, VERBOSE, VERBOSITY_ENV, set_verbosity
     from dwiflow.tasks.options import unrecognized_arguments
@@ -350,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(_joined_sbatch_args(sys.argv[1:] if argv is None else list(argv)))
     if unknown:
-        parser.error(unrecognized_arguments(parser, unknown))
+        parser.error(unrecognized_arguments(parser, unknown, QSIRECON_OPTIONS))
     # called in-process (tests, notebooks): the verbosity and --omp-nthreads' thread counts are this call's only
     names = (VERBOSITY_ENV, "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
     previous = {name: os.environ.get(name) for name in names}

@@ -350,3 +350,45 @@ def test_more_processes_and_threads_than_cpus_are_warned_about(tmp_path, capsys,
         assert warnings == [], err
     else:
         assert len(warnings) == 1 and asked in warnings[0] and "slower, not faster" in warnings[0], err
+
+
+def test_qsirecon_users_spellings_and_spec_names(capsys, tmp_path):
+    """What QSIRecon users type: its underscore and short spellings of options dwiflow has mean the same; its
+    options dwiflow lacks, its built-in spec names and its spec files are each one line saying what to use here
+    (exit 2, nothing written)."""
+    from dwiflow.cli.bidsapp import build_parser
+
+    parser = build_parser()
+    common = [str(tmp_path), str(tmp_path / "out"), "participant"]
+    theirs = parser.parse_args(common + ["--recon_spec", "dki", "-w", str(tmp_path / "w"), "--skip_bids_validation"])
+    ours = parser.parse_args(common + ["--recon-spec", "dki", "--work-dir", str(tmp_path / "w"),
+                                       "--skip-bids-validation"])
+    assert vars(theirs) == vars(ours) and ours.recon_spec == "dki" and ours.skip_bids_validation
+
+    def refused(*argv):
+        with pytest.raises(SystemExit) as end:
+            main([str(BIDS_REAL), str(tmp_path / "out"), "participant", *argv])
+        assert end.value.code == 2
+        return capsys.readouterr().err.splitlines()[-1]
+
+    assert refused("--nthreads", "8").endswith(
+        "(--nthreads: QSIRecon's CPU budget: here --nprocs (tasks at once) and --omp-nthreads (threads per task))")
+    assert "(--fs-license-file: QSIRecon's: dwiflow has no FreeSurfer or anatomical step)" in refused(
+        "--fs-license-file", "license.txt")
+
+    def refused_spec(spec):
+        assert main([str(BIDS_REAL), str(tmp_path / "out"), "participant", "--recon-spec", spec]) == 2
+        return capsys.readouterr().err.strip()
+
+    assert refused_spec("mrtrix_multishell_msmt_ACT-hsvs").endswith(
+        "'mrtrix_multishell_msmt_ACT-hsvs' is QSIRecon's: --recon-spec msmt (dhollander, MSMT-CSD, mtnormalise, "
+        "peaks; no tractography)")
+    assert refused_spec("amico_noddi").endswith("'amico_noddi' is QSIRecon's: --recon-spec noddi")
+    assert refused_spec("dsi_studio_gqi").endswith("'dsi_studio_gqi' is QSIRecon's, and dwiflow has no counterpart of it")
+    qsirecon_file = tmp_path / "dipy_dki.yaml"
+    qsirecon_file.write_text(yaml.safe_dump({"name": "dipy_dki", "space": "T1w", "anatomical": [], "nodes": [
+        {"name": "dki_recon", "action": "DKI_reconstruction", "software": "Dipy", "input": "qsirecon"}]}))
+    said = refused_spec(str(qsirecon_file))
+    assert said.count("\n") == 0 and f"{qsirecon_file}: a QSIRecon recon spec (a list of nodes)" in said
+    assert said.endswith("'dipy_dki' is QSIRecon's: --recon-spec dki")
+    assert not (tmp_path / "out").exists()
