@@ -367,9 +367,12 @@ def tissue_rgb_figure(out: Path, rgb: np.ndarray, mask: np.ndarray, title: str, 
     box = _bounding_box(mask)
     nx, ny = mask[box].shape[:2]
     cell = 2.0
-    fig = _new_figure(cell * len(slices) + 0.4, cell * ny / max(nx, 1) + 1.0)
+    # at least as wide as the orientation note's line (~5 in at 7 pt): two slices alone are narrower
+    width = max(cell * len(slices) + 0.4, 5.2)
+    fig = _new_figure(width, cell * ny / max(nx, 1) + 1.0)
+    panel = (cell * len(slices) + 0.4) / width  # the slices keep their size; the rest is margin on the right
     for col, k in enumerate(slices):
-        ax = fig.add_axes([0.01 + col / len(slices), 0.16, 1 / len(slices) - 0.02, 0.7])
+        ax = fig.add_axes([0.01 + panel * col / len(slices), 0.16, panel / len(slices) - 0.02, 0.7])
         ax.imshow(np.transpose(colours[box][..., k, :], (1, 0, 2)), origin="lower", interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
@@ -760,8 +763,9 @@ def figures_stage(staged_dir: str | Path, out_dir: str | Path, files: dict[str, 
             else:
                 annotation = f"{int(voxels.sum())} voxels selected by {method}"
             manifest.draw("response", "Response voxels", "responsevoxels",
-                          "Voxels selected for the response (red) over the b=0 image (fitted S0), on the slices that "
-                          "hold most of them.",
+                          ("Voxels selected for each tissue's response (CSF red, GM green, WM blue)" if voxels.ndim == 4
+                           else "Voxels selected for the response (red)")
+                          + " over the b=0 image (fitted S0), on the slices that hold most of them.",
                           lambda path: response_voxels_figure(path, background(), voxels, mask,
                                                               f"Voxels selected for the {method} response",
                                                               annotation, roi))
