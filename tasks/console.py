@@ -39,20 +39,36 @@ def say(line: str, level: int = NORMAL) -> None:
         line = f"[dwiflow {stamp}] {line}"
     # one write of the whole line: worker processes print to the same stream, and print() writes the line and its
     # end separately, so two processes' lines could interleave ("…done[dwiflow …] …\n\n")
+    _write_line(sys.stdout, line)
+
+
+def tell(text: str) -> None:
+    """Print a command's result (e.g. what it wrote) on standard output; if its reader has gone, as with
+    :func:`say`, nothing fails."""
+    _write_line(sys.stdout, text)
+
+
+def complain(line: str) -> None:
+    """Print one warning or error line (``dwiflow: warning: …``) on standard error, in one write; if its reader has
+    gone, the work goes on, as with :func:`say`."""
+    _write_line(sys.stderr, line)
+
+
+def _write_line(stream, line: str) -> None:
     try:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
+        stream.write(line + "\n")
+        stream.flush()
     except BrokenPipeError:
-        _stdout_gone()
+        _stream_gone(stream)
 
 
-def _stdout_gone() -> None:
-    """The reader of the progress lines has gone (``dwiflow … | head``, a log process that ended): the work goes
-    on without them. Standard output becomes the null device for the rest of the process, so that neither a later
-    line nor the interpreter's last flush fails."""
+def _stream_gone(stream) -> None:
+    """The reader of a stream has gone (``dwiflow … 2>&1 | head``, a log process that ended): the work goes on
+    without it. The stream becomes the null device for the rest of the process, so that neither a later line nor
+    the interpreter's last flush fails (a warning printed during a run made the run fail with 'Broken pipe')."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, stream.fileno())
     finally:
         os.close(devnull)
 

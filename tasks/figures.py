@@ -81,7 +81,35 @@ def _new_figure(width: float, height: float):
     return fig
 
 
+def _widen_for_text(fig) -> None:
+    """Widen ``fig`` until every line of text drawn on it (title, notes, annotations) fits, keeping every axes' size
+    and place and the texts' left ends: a figure sized for its slices (one or two of a thin volume) is narrower
+    than its orientation note or a long title."""
+    renderer = fig.canvas.get_renderer()
+    width = fig.bbox.width
+    texts = [t for t in [*fig.texts, getattr(fig, "_suptitle", None)] if t is not None and t.get_text()]
+    needed = width
+    for text in texts:
+        box = text.get_window_extent(renderer)
+        if text.get_horizontalalignment() == "left":
+            needed = max(needed, box.x1 + 4)
+        else:  # centred (the title): as wide as the text
+            needed = max(needed, box.width + 8)
+    if needed <= width + 0.5:
+        return
+    scale = needed / width
+    fig.set_figwidth(fig.get_figwidth() * scale)
+    for ax in fig.axes:
+        position = ax.get_position()
+        ax.set_position([position.x0 / scale, position.y0, position.width / scale, position.height])
+    for text in fig.texts:
+        if text.get_horizontalalignment() == "left":
+            x, y = text.get_position()
+            text.set_position((x / scale, y))
+
+
 def _save(fig, out: Path, dpi: int = 110) -> Path:
+    _widen_for_text(fig)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial.png")
     fig.savefig(tmp, dpi=dpi, format="png")
@@ -367,12 +395,9 @@ def tissue_rgb_figure(out: Path, rgb: np.ndarray, mask: np.ndarray, title: str, 
     box = _bounding_box(mask)
     nx, ny = mask[box].shape[:2]
     cell = 2.0
-    # at least as wide as the orientation note's line (~5 in at 7 pt): two slices alone are narrower
-    width = max(cell * len(slices) + 0.4, 5.2)
-    fig = _new_figure(width, cell * ny / max(nx, 1) + 1.0)
-    panel = (cell * len(slices) + 0.4) / width  # the slices keep their size; the rest is margin on the right
+    fig = _new_figure(cell * len(slices) + 0.4, cell * ny / max(nx, 1) + 1.0)
     for col, k in enumerate(slices):
-        ax = fig.add_axes([0.01 + panel * col / len(slices), 0.16, panel / len(slices) - 0.02, 0.7])
+        ax = fig.add_axes([0.01 + col / len(slices), 0.16, 1 / len(slices) - 0.02, 0.7])
         ax.imshow(np.transpose(colours[box][..., k, :], (1, 0, 2)), origin="lower", interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from pydra.engine.hooks import TaskHooks
 
 from dwiflow._version import __version__
 from dwiflow.bids_specs.inputs import DwiRunSpec
-from dwiflow.tasks.console import say
+from dwiflow.tasks.console import complain, say
 from dwiflow.tasks.pydra_tasks import Figures, StageDerivatives, code_version, figures_version, stage_task
 from dwiflow.tasks.recon_spec import ReconSpec
 
@@ -349,7 +348,7 @@ def run_participant(
 
     if warn is None:
         def warn(message: str) -> None:
-            print(f"dwiflow: warning: {message}", file=sys.stderr, flush=True)
+            complain(f"dwiflow: warning: {message}")
 
     invocation_start = time.time()
     use_work_dir_hash_cache(work_dir)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dwiflow._version import __version__
-from dwiflow.tasks.console import say
+from dwiflow.tasks.console import complain, say
 
 EXIT_RUN_FAILED = 1
 EXIT_INPUT_ERROR = 2
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error(message: str) -> int:
-    print(f"dwiflow: error: {message}", file=sys.stderr)
+    complain(f"dwiflow: error: {message}")
     return EXIT_INPUT_ERROR
 
 
@@ -229,7 +229,7 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
         return _error(problem)
     oversubscribed = _oversubscription(args)
     if oversubscribed:
-        print(f"dwiflow: warning: {oversubscribed}", file=sys.stderr)
+        complain(f"dwiflow: warning: {oversubscribed}")
     try:
         spec = load_recon_spec(args.recon_spec)
         filters = load_filter_file(args.bids_filter_file) if args.bids_filter_file else None
@@ -247,7 +247,7 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
     if problem:
         return _error(problem)
     for note in spec.warnings:
-        print(f"dwiflow: warning: {note}", file=sys.stderr)
+        complain(f"dwiflow: warning: {note}")
     responses = None
     response_dir = args.response_dir if args.response_dir is not None else spec.response_dir
     if response_dir is not None:
@@ -278,16 +278,16 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
                 lines[-1] += (f" (a built-in spec's options are changed in a copy of {builtin}, given as "
                               "--recon-spec FILE)")
             for line in lines:
-                print(f"dwiflow: error: {line}", file=sys.stderr)
+                complain(f"dwiflow: error: {line}")
             if args.skip_invalid_runs:
-                print("dwiflow: error: no run passed the checks", file=sys.stderr)
+                complain("dwiflow: error: no run passed the checks")
             return EXIT_INPUT_ERROR
         for line in lines:
-            print(f"dwiflow: warning: skipped: {line}", file=sys.stderr)
+            complain(f"dwiflow: warning: skipped: {line}")
         runs = [run for run in runs if run.label not in invalid]
     for run in runs:  # what the data of the runs about to run support only poorly
         for note in data_notes.get(run.label, []):
-            print(f"dwiflow: warning: {run.label}: {note}", file=sys.stderr)
+            complain(f"dwiflow: warning: {run.label}: {note}")
     needed = 2 * sum(p.stat().st_size for run in runs for p in (run.dwi, run.bval, run.bvec)) + 64 * 2**20
     if disk_free(work_dir) < needed:
         return _error(f"--work-dir {work_dir}: {disk_free(work_dir) / 2**20:.0f} MB free, the runs need about "
@@ -315,9 +315,9 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
     failed = [o for o in outcomes if not o.ok]
     if failed or invalid:
         for o in failed:
-            print(f"dwiflow: run {o.run.label} failed: {o.error} (log: {o.log})", file=sys.stderr)
+            complain(f"dwiflow: run {o.run.label} failed: {o.error} (log: {o.log})")
         for label in invalid:
-            print(f"dwiflow: run {label} was skipped: it did not pass the checks", file=sys.stderr)
+            complain(f"dwiflow: run {label} was skipped: it did not pass the checks")
         return EXIT_RUN_FAILED
     say(f"[dwiflow] all {len(outcomes)} run(s) done; derivatives in {output_dir}")
     if args.clean_workdir:
@@ -401,8 +401,7 @@ def _main(args: argparse.Namespace) -> int:
 
             for given, flag in ((args.session_label, "--session-label"), (args.bids_filter_file, "--bids-filter-file")):
                 if given:
-                    print(f"dwiflow: warning: {flag} is not used at the group level (--participant-label is)",
-                          file=sys.stderr)
+                    complain(f"dwiflow: warning: {flag} is not used at the group level (--participant-label is)")
             try:
                 run_group(output_dir, participants=args.participant_label)
             except (FileNotFoundError, DwiflowInputError) as exc:
@@ -413,8 +412,8 @@ def _main(args: argparse.Namespace) -> int:
         import signal
 
         signum = Interruption.signal or signal.SIGINT
-        print(f"dwiflow: interrupted by {signal.Signals(signum).name}: rerun the same command to resume (finished "
-              "stages are not recomputed)", file=sys.stderr)
+        complain(f"dwiflow: interrupted by {signal.Signals(signum).name}: rerun the same command to resume (finished "
+                 "stages are not recomputed)")
         return 128 + signum
     except OSError as exc:  # a full disk, a vanished directory ...: one line, not a traceback
         return _error(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}")

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dwiflow._version import __version__
+from dwiflow.tasks.console import complain, tell
 
 EXIT_INPUT_ERROR = 2
 
@@ -120,7 +121,7 @@ def _set_threads(n: int | None) -> None:
 
 def _progress(command: str, unit: str):
     def report(done: int, total: int) -> None:
-        print(f"{command}: {done}/{total} {unit}", file=sys.stderr, flush=True)
+        complain(f"{command}: {done}/{total} {unit}")
 
     return report
 
@@ -209,11 +210,11 @@ def run_command(args: argparse.Namespace, warn) -> int:
     if quiet:
         return 0
     if written:
-        print(f"{stage.label} wrote:\n" + describe_outputs(written))
+        tell(f"{stage.label} wrote:\n" + describe_outputs(written))
     if "response" in written and Path(written["response"]).suffix == ".txt":
-        print(Path(written["response"]).read_text().rstrip())
+        tell(Path(written["response"]).read_text().rstrip())
     if verbose:
-        print(f"{stage.label}: done in {time.perf_counter() - started:.2f} s (reading, fitting, writing)")
+        tell(f"{stage.label}: done in {time.perf_counter() - started:.2f} s (reading, fitting, writing)")
     return 0
 
 
@@ -283,9 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             error, code = str(exc), 1
     notes += [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     for note in notes:
-        print(f"dwirecon {command}: warning: {note}", file=sys.stderr)
+        complain(f"dwirecon {command}: warning: {note}")
     if error is not None:
-        print(f"dwirecon {command}: error: {error}", file=sys.stderr)
+        complain(f"dwirecon {command}: error: {error}")
     return code
 
 

@@ -278,3 +278,46 @@ def test_every_shell_of_a_response_has_its_own_colour(tmp_path, monkeypatch):
         assert len(colours) == len(bvalues) == len(set(colours)), colours
         assert [t.get_text() for t in curves.get_legend().get_texts()] == [f"b = {b:.0f} s/mm²" for b in bvalues]
     assert colours == list(SHELL_COLOURS[:4])
+
+
+def test_no_figure_text_is_cut_off_on_a_thin_volume(tmp_path, monkeypatch):
+    """Every line of text drawn on the figure (titles, notes, annotations) lies inside it, for volumes of one and
+    two slices (the tissue-fraction figure of a two-slice run cut its orientation note off at the right)."""
+    import matplotlib
+
+    from dwiflow.tasks import figures
+
+    matplotlib.use("Agg")
+    saved = []
+    original = figures._save
+
+    def checked_save(fig, out, dpi=110):
+        written = original(fig, out, dpi)  # as drawn into the file
+        renderer = fig.canvas.get_renderer()
+        width, height = fig.bbox.width, fig.bbox.height
+        for text in [*fig.texts, *([fig._suptitle] if fig._suptitle is not None else [])]:
+            if not text.get_text():
+                continue
+            box = text.get_window_extent(renderer)
+            assert box.x0 >= -1 and box.x1 <= width + 1 and box.y0 >= -1 and box.y1 <= height + 1, \
+                (out.name, text.get_text(), box.x1, width)
+        saved.append(out.name)
+        return written
+
+    monkeypatch.setattr(figures, "_save", checked_save)
+    rng = np.random.default_rng(0)
+    for depth in (1, 2):
+        mask = np.zeros((30, 36, depth), dtype=bool)
+        mask[4:26, 5:31] = True
+        rgb = rng.random((30, 36, depth, 3))
+        figures.tissue_rgb_figure(tmp_path / f"rgb{depth}.png", rgb, mask, "Tissue fractions (RGB)")
+        voxels = np.zeros((30, 36, depth, 3), dtype=bool)
+        voxels[10:12, 10:12] = True
+        figures.response_voxels_figure(tmp_path / f"vox{depth}.png", rng.random((30, 36, depth)), voxels, mask,
+                                       "Voxels selected for the dhollander response",
+                                       "dhollander: CSF 4 (red), GM 4 (green), WM 4 (blue) voxels")
+        figures.mosaic_figure(tmp_path / f"map{depth}.png", [figures.MapPanel("FA", rng.random((30, 36, depth)))],
+                              mask, "Tensor: FA")
+        figures.status_figure(tmp_path / f"status{depth}.png", np.zeros((30, 36, depth), dtype=np.uint8),
+                              {"0": "ok", "1": "non-finite input signal"}, mask, "Tensor: per-voxel status")
+    assert len(saved) == 8

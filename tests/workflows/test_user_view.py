@@ -255,6 +255,24 @@ def test_a_run_goes_on_when_the_reader_of_its_progress_goes(tmp_path):
     assert (out / "sub-phantom.html").is_file()
 
 
+def test_a_run_goes_on_when_the_reader_of_its_warnings_goes(tmp_path):
+    """``dwiflow … 2>&1 | tail -0``: the reader of both streams is gone before the run warns (single-shell CSD on
+    multi-shell data); the warning went to a closed pipe and made every run fail with 'Broken pipe'. The run
+    finishes and exits 0."""
+    import subprocess
+
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    assert dwirecon(["phantom", str(bids), "--shape", "6,6,2", "--scheme", "multi", "--seed", "4"]) == 0
+    process = subprocess.Popen([sys.executable, "-m", "dwiflow.cli.bidsapp", str(bids), str(out), "participant",
+                                "--work-dir", str(tmp_path / "work"), "--worker", "debug"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process.stdout.close()
+    assert process.wait(timeout=600) == 0
+    assert list(out.glob("sub-phantom/dwi/*_model-csd_param-fod_dwimap.nii.gz"))
+    sidecar = json.loads(next(out.glob("sub-phantom/dwi/*_model-csd_param-fod_dwimap.json")).read_text())
+    assert any("deconvolves one shell" in note for note in sidecar["Warnings"])  # the warning it printed
+
+
 def test_help_lists_the_built_in_specs_and_every_method(capsys):
     from dwiflow.tasks.recon_spec import builtin_specs
     from dwiflow.tasks.registry import StageGroup, stages
