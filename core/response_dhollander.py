@@ -135,13 +135,17 @@ def optimal_threshold(values: np.ndarray) -> float:
     return float(x1 if f1 < f2 else x2)
 
 
-def _top(values: np.ndarray, region: np.ndarray, number: int, bottom: bool = False) -> np.ndarray:
-    """MRtrix3 ``mrthreshold -top/-bottom N -ignorezero`` on ``region ? values : 0``, intersected with region."""
+def _top(values: np.ndarray, region: np.ndarray, number: int, bottom: bool = False, what: str = "voxels",
+         option: str = "", share: str = "") -> np.ndarray:
+    """MRtrix3 ``mrthreshold -top/-bottom N -ignorezero`` on ``region ? values : 0``, intersected with region.
+    ``what`` names the selection in the error, ``option`` the percentage option that set ``number`` and ``share``
+    what that percentage was of."""
     image = np.where(region, values, 0.0).astype(np.float32)
     candidates = image[(image != 0) & np.isfinite(image)]
     if number < 1 or candidates.size < number:
-        raise DwiflowInputError(f"{candidates.size} candidate voxels for {number} requested: the mask or the tissue "
-                                "is too small for this selection")
+        raise DwiflowInputError(f"dhollander's {what}: {number} of {candidates.size} candidate voxels requested"
+                                f"{f' ({share})' if share else ''}: the mask or the tissue is too small for this "
+                                "selection", parameters=(option,) if option else ())
     ordered = np.sort(candidates)
     if bottom:
         threshold = ordered[number - 1]
@@ -212,7 +216,7 @@ def _external_wm_voxels(algorithm: str, data: np.ndarray, gtab: GradientTable, r
 
     if algorithm == "fa":
         fa_map, _ = mrtrix_tensor_fa(data, gtab, refined_wm, n_threads)
-        return _top(fa_map, refined_wm, number)
+        return _top(fa_map, refined_wm, number, what="single-fibre WM voxels (fa)")
     if algorithm == "tournier":
         # dwi2response tournier -number N re-examines 10 N voxels per iteration (its -iter_voxels default in 3.0)
         return tournier_response(data, gtab, refined_wm, sf_voxels=number, iter_voxels=10 * number).voxels
@@ -334,10 +338,12 @@ def dhollander(
     counts["refined_csf"] = int(refined_csf.sum())
 
     # final voxels
-    voxels_csf = _top(safe_sdm, refined_csf, int(round(counts["refined_csf"] * csf / 100.0)))
+    voxels_csf = _top(safe_sdm, refined_csf, int(round(counts["refined_csf"] * csf / 100.0)), what="CSF voxels",
+                      option="csf", share=f"{csf:g} % of {counts['refined_csf']} refined CSF voxels")
     gm_ref_median = np.float32(_median(safe_sdm[refined_gm]))
     gm_closeness = (np.abs(safe_sdm - gm_ref_median) + np.float32(1)).astype(np.float32)
-    voxels_gm = _top(gm_closeness, refined_gm, int(round(counts["refined_gm"] * gm / 100.0)), bottom=True)
+    voxels_gm = _top(gm_closeness, refined_gm, int(round(counts["refined_gm"] * gm / 100.0)), bottom=True,
+                     what="GM voxels", option="gm", share=f"{gm:g} % of {counts['refined_gm']} refined GM voxels")
 
     selected = lambda region: data[region].astype(float)  # noqa: E731
     response_csf = amp2response(selected(voxels_csf), vectors[voxels_csf], gtab, isotropic=True)
@@ -366,8 +372,11 @@ def dhollander(
         return np.where(region & np.isfinite(metric), metric, 0)
 
     if wm_algo is None:
-        refined_sfwm = _top(ranking(refined_wm, 2), refined_wm, 2 * wm_number)
-        voxels_wm = _top(ranking(refined_sfwm, 6), refined_sfwm, wm_number)
+        share = f"{sfwm:g} % of {counts['refined_wm']} refined WM voxels"
+        refined_sfwm = _top(ranking(refined_wm, 2), refined_wm, 2 * wm_number, what="single-fibre WM candidates",
+                            option="sfwm", share=f"twice {share}")
+        voxels_wm = _top(ranking(refined_sfwm, 6), refined_sfwm, wm_number, what="single-fibre WM voxels",
+                         option="sfwm", share=share)
     else:
         voxels_wm = _external_wm_voxels(wm_algo, data, gtab, refined_wm, wm_number, n_threads)
     response_wm = amp2response(selected(voxels_wm), vectors[voxels_wm], gtab, lmax=lmax)

@@ -585,10 +585,18 @@ def check_output_paths(outputs: dict[str, Path], inputs: dict[str, Path | None],
             raise DwiflowInputError(f"output {name} {path}: {folder} is not writable")
 
 
+# a text file with a BIDS name: its sidecar is the name with .json for the extension, as an image's
+BIDS_TEXT_SUFFIXES = ("_response.txt",)
+
+
 def sidecar_path(path: str | os.PathLike) -> Path:
-    """``x.nii.gz`` → ``x.json``."""
+    """``x.nii.gz`` → ``x.json``; a BIDS-named response ``…_response.txt`` → ``…_response.json``. A text file named
+    freely (MRtrix3's ``gm.txt``) gets ``gm.txt.json``: in MRtrix3's recipe the response ``gm.txt`` and the image
+    ``gm.mif`` (here ``gm.nii.gz``) share a name, and the image's sidecar is ``gm.json``."""
     p = Path(path)
     name = p.name
+    if name.endswith(".txt") and not name.endswith(BIDS_TEXT_SUFFIXES):
+        return p.with_name(name + ".json")
     for ext in (".nii.gz", ".nii", ".txt", ".tsv"):
         if name.endswith(ext):
             return p.with_name(name[: -len(ext)] + ".json")

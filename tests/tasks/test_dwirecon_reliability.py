@@ -57,7 +57,8 @@ def test_outputs_that_would_destroy_inputs_or_each_other_are_refused(case, capsy
     _refused(["tensor", d / "dwi.mif", case["bval"], case["bvec"], "--fa", d / "fa.nii.gz"], capsys, d,
              f"cannot read DWI {d / 'dwi.mif'}: dwiflow reads NIfTI; convert an MRtrix3 image with mrconvert dwi.mif "
              "out.nii.gz (-export_grad_fsl out.bvec out.bval for a DWI's gradients)")
-    _refused(["response", "fa", case["dwi"], case["bval"], case["bvec"], d / "r.txt", "--voxels", d / "r.nii.gz"],
+    # the response's sidecar (r.txt.json) is the voxel image's (r.txt.nii.gz)
+    _refused(["response", "fa", case["dwi"], case["bval"], case["bvec"], d / "r.txt", "--voxels", d / "r.txt.nii.gz"],
              capsys, d, "outputs response and voxels would both be written to")
     _refused(["mask", case["dwi"], case["bval"], case["bvec"], case["bval"]], capsys, d,
              "a NIfTI file name must end in .nii.gz or .nii")

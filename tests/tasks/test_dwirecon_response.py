@@ -41,7 +41,7 @@ def test_amp2response_command(case, tmp_path, capsys):
     # lmax 8 cannot hold the b=3000 kernel's l>=10 content: the least-squares fit differs from
     # the projection by ~6e-4 of S0's coefficient there
     assert np.abs(r.coefficients - truth.coefficients).max() / truth.coefficients[0, 0] < 1e-3
-    side = json.loads((tmp_path / "r.json").read_text())
+    side = json.loads((tmp_path / "r.txt.json").read_text())
     assert side["Lmax"] == [0, 8, 8, 8] and side["Parameters"]["Voxels"] == int((case["ph"].n_fibres == 1).sum())
 
 
@@ -61,7 +61,7 @@ def test_ssst_command_sidecar_records_eigenvalues(case, tmp_path, capsys):
     code = main(["response", "ssst", str(case["dwi"]), str(case["bval"]), str(case["bvec"]), str(out),
                  "--roi-radii", "5", "--fa-threshold", "0.7", "--voxels", str(tmp_path / "v.nii.gz")])
     assert code == 0, capsys.readouterr().err
-    side = json.loads((tmp_path / "ssst.json").read_text())
+    side = json.loads((tmp_path / "ssst.txt.json").read_text())
     # a few crossing voxels with a dominant fibre pass FA > 0.7 in this mixed phantom
     assert np.allclose(side["Eigenvalues"], [1.7e-3, 0.3e-3, 0.3e-3], rtol=0.03)
     assert side["S0"] == pytest.approx(100.0) and side["VoxelCount"] > 0

@@ -71,7 +71,7 @@ def test_rumba_takes_ssst_eigenvalues_and_switches_compartments_off(case, tmp_pa
     response = tmp_path / "ssst.txt"
     assert main(["response", "ssst", case["dwi"], case["bval"], case["bvec"], str(response), "--roi-radii", "3",
                  "--fa-threshold", "0.5"]) == 0
-    evals = json.loads(response.with_suffix(".json").read_text())["Eigenvalues"]
+    evals = json.loads((tmp_path / "ssst.txt.json").read_text())["Eigenvalues"]  # a free name: name + .json
     out = tmp_path / "out"
     assert main(["rumba", case["dwi"], case["bval"], case["bvec"], str(out), "--n-iter", "50", "--wm-response",
                  str(response), "--gm-response", "none", "--no-amplitudes"]) == 0

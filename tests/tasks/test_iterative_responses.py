@@ -145,4 +145,4 @@ def test_iterative_response_errors_and_cli(mixed_phantom, tmp_path, capsys):
             argv += ["--sf-voxels", "100", "--iter-voxels", "600"]
         assert main(argv) == 0, capsys.readouterr().err
         r = ResponseFunction.from_text(out.read_text())
-        assert r.coefficients[-1, 0] > 0 and (tmp_path / f"{method}.json").exists()
+        assert r.coefficients[-1, 0] > 0 and (tmp_path / f"{method}.txt.json").exists()
