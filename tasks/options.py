@@ -22,7 +22,7 @@ import math
 import types
 import typing
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -395,11 +395,16 @@ def _cli_value(annotation: Any, name: str) -> Callable[[str], Any]:
 
 
 def unrecognized_arguments(parser: argparse.ArgumentParser, unknown: list[str],
-                           foreign: dict[str, str] | None = None) -> str:
+                           foreign: dict[str, str] | None = None, argv: Sequence[str] = ()) -> str:
     """The error for arguments ``parser`` does not take, naming the option meant when one is misspelt (argparse says
-    only "unrecognized arguments"), or what ``foreign`` says of another tool's option (option → note)."""
+    only "unrecognized arguments"), or what ``foreign`` says of another tool's option (option → note); with the
+    command line ``argv``, a value given to a switch (MRtrix3's ``-afd afd.mif``; here ``--afd`` takes none)."""
     known = [option for action in parser._actions for option in action.option_strings]
+    switches = {option for action in parser._actions if action.nargs == 0 for option in action.option_strings}
     hints = []
+    for before, argument in zip(argv, argv[1:]):
+        if argument in unknown and not argument.startswith("-") and before in switches:
+            hints.append(f"{before} takes no value")
     for argument in unknown:
         name = argument.split("=", 1)[0]
         compared = name

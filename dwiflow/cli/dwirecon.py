@@ -268,9 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         collect_less_in_this_process()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[0] if argv else None)
-    args, unknown = parser.parse_known_args(with_mrtrix3_style_options(parser, argv))
+    argv = with_mrtrix3_style_options(parser, argv)
+    args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the command's own parser, with its usage, not the top level's
-        args.stage_parser.error(unrecognized_arguments(args.stage_parser, unknown))
+        args.stage_parser.error(unrecognized_arguments(args.stage_parser, unknown, argv=argv))
     command = args.command + (f" {args.stage_method}" if getattr(args, "stage_method", None) else "")
     notes: list[str] = []
     error, code = None, 0

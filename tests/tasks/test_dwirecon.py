@@ -328,4 +328,9 @@ def test_mrtrix3_single_dash_options(phantom_dir, tmp_path, capsys):
         with pytest.raises(SystemExit) as end:
             main(["csd", *map(str, argv)])
         assert end.value.code == 2 and said in capsys.readouterr().err.splitlines()[-1]
-    assert not (tmp_path / "c.nii.gz").exists()
+    # fod2fixel's -afd takes a file name; dwirecon's --afd is a switch (the file is afd.nii.gz in OUT_DIR)
+    with pytest.raises(SystemExit) as end:
+        main(["fixels", str(ours), str(tmp_path / "fixels"), "-afd", "afd.nii.gz"])
+    said = capsys.readouterr().err.splitlines()[-1]
+    assert end.value.code == 2 and said.endswith("unrecognized arguments: afd.nii.gz (--afd takes no value)"), said
+    assert not (tmp_path / "c.nii.gz").exists() and not (tmp_path / "fixels").exists()
