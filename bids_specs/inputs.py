@@ -239,13 +239,28 @@ def _mask_index(mask_dir: Path) -> dict[str, Path]:
     return index
 
 
-def load_filter_file(path: str | Path) -> dict[str, Any]:
-    """A ``--bids-filter-file`` (JSON): pybids query entities applied to the DWI query."""
+def read_filter_text(path: str | Path) -> str:
+    """The text of a ``--bids-filter-file``, read once: it may be a pipe (``<(echo '{…}')``), which a second read
+    finds empty."""
     p = Path(path)
-    if not p.is_file():
-        raise BidsInputError(f"BIDS filter file not found: {p}")
+    if not p.exists():
+        link = broken_link(p)
+        raise BidsInputError(f"BIDS filter file {p} is {link}" if link else f"BIDS filter file not found: {p}")
+    if p.is_dir():
+        raise BidsInputError(f"BIDS filter file {p} is a folder, not a JSON file")
     try:
-        content = json.loads(p.read_text())
+        with open(p, "rb") as stream:
+            return stream.read(1 << 20).decode()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BidsInputError(f"cannot read BIDS filter file {p}: {exc}") from None
+
+
+def load_filter_file(path: str | Path, text: str | None = None) -> dict[str, Any]:
+    """A ``--bids-filter-file`` (JSON): pybids query entities applied to the DWI query; ``text``: the file's, when
+    already read (:func:`read_filter_text`)."""
+    p = Path(path)
+    try:
+        content = json.loads(read_filter_text(p) if text is None else text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BidsInputError(f"BIDS filter file {p} is not valid JSON: {str(exc)[:120]}") from None
     if not isinstance(content, dict):

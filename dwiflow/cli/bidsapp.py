@@ -174,16 +174,13 @@ def _oversubscription(args: argparse.Namespace) -> str | None:
             f"(at most {cpus} in all)")
 
 
-def _selection(args: argparse.Namespace) -> list[str]:
+def _selection(args: argparse.Namespace, filter_text: str | None = None) -> list[str]:
     """What selects the runs, as the default work directory's key: participant and session labels (sorted, without
     their prefixes) and the filter file's text; empty for every run."""
     parts = [f"sub-{label}" for label in sorted({p.removeprefix("sub-") for p in args.participant_label or []})]
     parts += [f"ses-{label}" for label in sorted({s.removeprefix("ses-") for s in args.session_label or []})]
-    if args.bids_filter_file:
-        try:
-            parts.append(Path(args.bids_filter_file).read_text())
-        except OSError:  # the filter file's own check says what is wrong with it
-            parts.append(str(args.bids_filter_file))
+    if filter_text is not None:
+        parts.append(filter_text)
     return parts
 
 
@@ -218,12 +215,18 @@ def _tree_size(root: Path) -> int:
 
 
 def _participant(args, bids_dir: Path, output_dir: Path) -> int:
-    from dwiflow.bids_specs.inputs import BidsInputError, find_dwi_runs, load_filter_file
+    from dwiflow.bids_specs.inputs import BidsInputError, find_dwi_runs, load_filter_file, read_filter_text
     from dwiflow.tasks.preflight import check_runs
     from dwiflow.tasks.recon_spec import ReconSpecError, builtin_spec_file, load_recon_spec
     from dwiflow.workflows.cache import WorkDirInUse, claim_work_dir, disk_free
 
-    work_dir = (args.work_dir or default_work_dir(output_dir, _selection(args))).resolve()
+    filter_text = None
+    if args.bids_filter_file:  # read once: it may be a pipe, <(echo '{"acquisition": "b1k"}')
+        try:
+            filter_text = read_filter_text(args.bids_filter_file)
+        except BidsInputError as exc:
+            return _error(str(exc))
+    work_dir = (args.work_dir or default_work_dir(output_dir, _selection(args, filter_text))).resolve()
     problem = _check_paths(bids_dir, output_dir, work_dir)
     if problem:
         return _error(problem)
@@ -232,7 +235,7 @@ def _participant(args, bids_dir: Path, output_dir: Path) -> int:
         complain(f"dwiflow: warning: {oversubscribed}")
     try:
         spec = load_recon_spec(args.recon_spec)
-        filters = load_filter_file(args.bids_filter_file) if args.bids_filter_file else None
+        filters = load_filter_file(args.bids_filter_file, filter_text) if args.bids_filter_file else None
         # pybids' own validation is not run (it rejects derivative-style inputs users commonly have);
         # --skip-bids-validation is accepted for BIDS-Apps compatibility
         runs = find_dwi_runs(bids_dir, args.participant_label, args.session_label, filters, args.mask_dir, validate=False)

@@ -3,6 +3,7 @@
 
 import json
 
+import nibabel as nib
 import numpy as np
 
 from dwiflow.cli.dwirecon import main
@@ -71,3 +72,46 @@ def test_mrtrix3_recipe_names_response_and_image_alike(tmp_path, capsys):
     assert gm_image["Description"].startswith("Grey-matter")
     gm_response = ResponseFunction.from_text(names["gm"].read_text()).coefficients
     assert np.allclose(gm_image["ResponseFunction"]["Coefficients"], gm_response, rtol=1e-6)
+
+
+def test_ss3t_csd_on_one_shell_of_multi_shell_data(tmp_path, capsys):
+    """--shell B on multi-shell data: SS3T-CSD on b=0 and that shell with the multi-shell responses' rows for them,
+    the same numbers as on the data and responses cut to b=0 + B beforehand (dwiextract -shells 0,B, as QSIRecon's
+    select_gradients); without it, or with a shell the data lack, one line naming what to give."""
+    from dwiflow.core.response import ResponseFunction
+
+    ph = three_tissue_phantom(acquisition_scheme("multi"), (24, 24, 6), snr=30, seed=5)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    (tmp_path / "all").mkdir()
+    (tmp_path / "cut").mkdir()
+    dwi, bval, bvec = write_dwi_run(tmp_path / "all", ph.gtab, ph.data, affine)
+    keep = np.flatnonzero(ph.gtab.b0s_mask | (np.abs(ph.gtab.bvals - 3000) < 80))
+    cut = write_dwi_run(tmp_path / "cut", ph.gtab.subset(keep), ph.data[..., keep], affine)
+    names = [tmp_path / f"{t}.txt" for t in ("wm", "gm", "csf")]
+    assert main([str(a) for a in ["response", "dhollander", dwi, bval, bvec, *names, "--erode", "0", "--sfwm", "5",
+                                  "-q"]]) == 0
+    rows = [ResponseFunction.from_text(n.read_text()) for n in names]
+    assert all(r.bvalues.size == 4 for r in rows)  # b=0 and three shells
+    two_rows = []
+    for n, r in zip(names, rows):
+        two_rows.append(n.with_name(f"two_{n.name}"))
+        two_rows[-1].write_text(r.rows_for([0.0, 3000.0]).to_text())
+    outputs = {k: [tmp_path / f"{k}_{t}.nii.gz" for t in ("wm", "gm", "csf")] for k in ("shell", "cut")}
+    code, err = _run(["ss3t-csd", dwi, bval, bvec, *sum(([r, o] for r, o in zip(names, outputs["shell"])), []),
+                      "--shell", "3000", "-q"], capsys)
+    assert code == 0, err
+    code, err = _run(["ss3t-csd", *cut, *sum(([r, o] for r, o in zip(two_rows, outputs["cut"])), []), "-q"], capsys)
+    assert code == 0, err
+    for a, b in zip(outputs["shell"], outputs["cut"]):
+        assert np.array_equal(np.asarray(nib.load(a).dataobj), np.asarray(nib.load(b).dataobj))
+    assert json.loads((tmp_path / "shell_wm.json").read_text())["Model"]["Parameters"]["Shells"] == [0.0, 3000.0]
+    code, err = _run(["ss3t-csd", dwi, bval, bvec, *sum(([r, tmp_path / f"x{i}.nii.gz"] for i, r in enumerate(names)),
+                                                         []), "-q"], capsys)
+    assert code == 2 and err.strip().endswith("(multi-shell data: recon spec msmt, or b=0 and one shell: dwirecon "
+                                              "ss3t-csd --shell 3000; in a recon spec, ss3t_csd: {shell: 3000} (the "
+                                              "largest, as SS3T's author advises))"), err
+    code, err = _run(["ss3t-csd", dwi, bval, bvec, *sum(([r, tmp_path / f"x{i}.nii.gz"] for i, r in enumerate(names)),
+                                                         []), "--shell", "2500", "-q"], capsys)
+    assert code == 2 and err.strip() == ("dwirecon ss3t-csd: error: --shell: SS3T-CSD uses b=0 and the shell b=2500; "
+                                         "this run has b=0, 1000, 2000, 3000"), err
+    assert not list(tmp_path.glob("x*.nii.gz"))

@@ -410,3 +410,53 @@ def test_qsirecon_users_spellings_and_spec_names(capsys, tmp_path):
     assert said.count("\n") == 0 and f"{qsirecon_file}: a QSIRecon recon spec (a list of nodes)" in said
     assert said.endswith("'dipy_dki' is QSIRecon's: --recon-spec dki")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_filter_file_given_as_a_pipe_is_read_once(tmp_path, capsys):
+    """``--bids-filter-file <(echo '{…}')``: a pipe, which can be read once (it was 'not found': only a regular file
+    was taken, and the default work directory's key read it a second time). Its filter selects the runs."""
+    import os
+    import threading
+
+    fifo = tmp_path / "filter"
+    os.mkfifo(fifo)
+
+    def write():
+        with open(fifo, "w") as stream:
+            stream.write('{"acquisition": "b9k"}')
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    code = main([str(BIDS_REAL), str(tmp_path / "out"), "participant", "--bids-filter-file", str(fifo)])
+    writer.join(timeout=10)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == (f"dwiflow: error: no DWI run found in {BIDS_REAL} matching the BIDS filter file "
+                                 "(DWI runs: 5, without sessions)"), err
+    assert main([str(BIDS_REAL), str(tmp_path / "out"), "participant", "--bids-filter-file", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"dwiflow: error: BIDS filter file {tmp_path} is a folder, not a JSON file"
+    assert not (tmp_path / "out").exists()
+
+
+def test_ss3t_spec_on_multi_shell_data_names_the_shell_option(tmp_path, capsys):
+    """Recon spec ss3t on multi-shell data (bids_real sub-01 b6kmax): refused before anything runs, naming msmt and
+    the shell option with the largest b-value; with ss3t_csd: {shell: B} the run deconvolves b=0 and that shell
+    (its sidecar and methods say so)."""
+    out = tmp_path / "out"
+    (tmp_path / "b6kmax.json").write_text('{"acquisition": "b6kmax"}')
+    selection = ["--participant-label", "01", "--bids-filter-file", str(tmp_path / "b6kmax.json")]
+    assert main([str(BIDS_REAL), str(out), "participant", "--recon-spec", "ss3t", *selection, "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("(multi-shell data: recon spec msmt, or b=0 and one shell: dwirecon ss3t-csd --shell 6000; in a "
+               "recon spec, ss3t_csd: {shell: 6000} (the largest, as SS3T's author advises))" in line
+               for line in err), err
+    assert not out.exists()
+    spec = yaml.safe_load((Path(__file__).parents[2] / "tasks/recon_specs/ss3t.yaml").read_text())
+    spec["stages"]["ss3t_csd"] = {"shell": 6000}
+    spec["stages"]["response"]["options"] = {"erode": 0}  # two slices
+    (tmp_path / "ss3t_b6000.yaml").write_text(yaml.safe_dump(spec))
+    assert main([str(BIDS_REAL), str(out), "participant", "--recon-spec", str(tmp_path / "ss3t_b6000.yaml"),
+                 *selection, "--work-dir", str(tmp_path / "work"), "-q"]) == 0, capsys.readouterr().err
+    side = json.loads(next(out.glob("sub-01/dwi/*_model-ss3tcsd_param-fod_desc-wm_dwimap.json")).read_text())
+    assert side["Model"]["Parameters"]["Shells"] == [0.0, 6000.0]
+    methods = next(out.glob("logs/*b6kmax*methods*")).read_text()
+    assert "from the b=6000 shell (the other shells left out) and b=0 by single-shell three-tissue CSD" in methods
