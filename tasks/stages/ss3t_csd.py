@@ -50,11 +50,11 @@ def _on_shell(response, bvalue: float, name: str):
 
 def run_ss3t_csd(files, outputs, options: Ss3tOptions, context):
     """SS3T-CSD: the WM FOD (SH, MRtrix3 basis, world frame), the GM and CSF compartments (l=0 terms)."""
+    import numpy as np
+
     from dwiflow.core.ss3t import STATUS_CODES, Ss3tCsdModel
 
     dwi = files["dwi"]
-    import numpy as np
-
     run = load_dwi(dwi, files["bval"], files["bvec"])
     responses = {t: load_response(files[f"response_{t}"]) for t in TISSUES}
     gtab, data = run.gtab, run.data
