@@ -430,8 +430,8 @@ def test_a_filter_file_given_as_a_pipe_is_read_once(tmp_path, capsys):
     code = main([str(BIDS_REAL), str(tmp_path / "out"), "participant", "--bids-filter-file", str(fifo)])
     writer.join(timeout=10)
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err == (f"dwiflow: error: no DWI run found in {BIDS_REAL} matching the BIDS filter file "
-                                 "(DWI runs: 5, without sessions)"), err
+    assert code == 2 and err == (f"dwiflow: error: no DWI run found in {BIDS_REAL.resolve()} matching the BIDS "
+                                 "filter file (DWI runs: 5, without sessions)"), err  # BIDS_DIR as resolved
     assert main([str(BIDS_REAL), str(tmp_path / "out"), "participant", "--bids-filter-file", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"dwiflow: error: BIDS filter file {tmp_path} is a folder, not a JSON file"
     assert not (tmp_path / "out").exists()
