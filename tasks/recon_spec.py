@@ -44,20 +44,19 @@ QSIRECON_SPECS = {
                      "mrtrix_singleshell_ss3t_noACT", "ss3t_autotrack", "ss3t_fod_autotrack"), _SS3T),
     "dipy_dki": "--recon-spec dki", "dipy_mapmri": "--recon-spec mapmri", "amico_noddi": "--recon-spec noddi",
     **dict.fromkeys(("multishell_scalarfest", "hbcd_scalar_maps", "abcd_recon"), _SCALARS),
+    # None: no counterpart here
+    **dict.fromkeys(("dsi_studio_gqi", "dsi_studio_autotrack", "dipy_3dshore", "csdsi_3dshore", "TORTOISE",
+                     "pyafq_tractometry", "reorient_fslstd", "dipy_force")),
 }
 
 
 def qsirecon_hint(name: Any) -> str:
-    """What to run instead of QSIRecon's recon spec ``name`` ('' when it is not one of QSIRecon's, or has no
-    counterpart here)."""
-    if not isinstance(name, str):
+    """What to run instead of QSIRecon's recon spec ``name`` ('' when it is not one of QSIRecon's)."""
+    if not isinstance(name, str) or name not in QSIRECON_SPECS:
         return ""
-    if name in QSIRECON_SPECS:
-        return f"; {name!r} is QSIRecon's: {QSIRECON_SPECS[name]}"
-    if name in ("dsi_studio_gqi", "dsi_studio_autotrack", "dipy_3dshore", "csdsi_3dshore", "TORTOISE",
-                "pyafq_tractometry", "reorient_fslstd", "dipy_force"):
+    if QSIRECON_SPECS[name] is None:
         return f"; {name!r} is QSIRecon's, and dwiflow has no counterpart of it"
-    return ""
+    return f"; {name!r} is QSIRecon's: {QSIRECON_SPECS[name]}"
 
 
 class ReconSpecError(DwiflowInputError):
