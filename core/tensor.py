@@ -10,7 +10,8 @@ Two families of fits, each equal to the tool its users compare with:
   dwi2tensor, none when ``iterations`` is below 2); a sample below 1e-6 of the voxel's largest is raised to that;
   eigenvalues are not clipped.
 
-Every pass solves the normal equations of all voxels of a chunk at once (batched 7x7 systems).
+Every pass forms the normal equations of all voxels of a chunk at once (one matrix product gives the 28 distinct
+entries of each 7x7 matrix) and solves them by a Cholesky factorisation vectorised across the voxels.
 
 References
 ----------
@@ -294,6 +295,51 @@ def symmetric_matrices(distinct: np.ndarray, size: int) -> np.ndarray:
     return np.take(distinct, _symmetric_positions(size), axis=1).reshape(-1, size, size)
 
 
+def solve_symmetric_rows(distinct: np.ndarray, rhs: np.ndarray, status: np.ndarray) -> np.ndarray:
+    """Solve every voxel's symmetric positive definite system by Cholesky, entry by entry across the voxels: rows of
+    ``distinct`` hold a matrix's n(n+1)/2 distinct entries (``np.triu_indices(n)`` order), rows of ``rhs`` its
+    right-hand side. Each step of the factorisation and of the two triangular solves is one vector operation over
+    all the voxels; for the tensor's 7×7 systems that is twice as fast as LAPACK's batched solve, which pays its call
+    per matrix. A system that is not positive definite or not finite (weights that overflowed in a voxel of noise)
+    gets NaN and FitStatus.SINGULAR (others unaffected)."""
+    n = rhs.shape[1]
+    entries = np.ascontiguousarray(distinct.T)  # (n(n+1)/2, voxels): each entry's values contiguous
+    position = _symmetric_positions(n).reshape(n, n)
+    lower: dict[tuple[int, int], np.ndarray] = {}
+    inverse_diagonal = []
+    positive = np.ones(rhs.shape[0], dtype=bool)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        for j in range(n):
+            diagonal = entries[position[j, j]].copy()
+            for p in range(j):
+                diagonal -= lower[j, p] * lower[j, p]
+            positive &= diagonal > 0
+            inverse_diagonal.append(1.0 / np.sqrt(diagonal))
+            for i in range(j + 1, n):
+                value = entries[position[i, j]].copy()
+                for p in range(j):
+                    value -= lower[i, p] * lower[j, p]
+                value *= inverse_diagonal[j]
+                lower[i, j] = value
+        forward = []
+        for i in range(n):  # L w = rhs
+            value = rhs[:, i].copy()
+            for p in range(i):
+                value -= lower[i, p] * forward[p]
+            forward.append(value * inverse_diagonal[i])
+        solution = np.empty_like(rhs, dtype=np.float64)
+        for i in range(n - 1, -1, -1):  # Lᵀ x = w
+            value = forward[i]
+            for p in range(i + 1, n):
+                value = value - lower[p, i] * solution[:, p]
+            solution[:, i] = value * inverse_diagonal[i]
+    failed = ~positive | ~np.all(np.isfinite(solution), axis=1)
+    if np.any(failed):
+        solution[failed] = np.nan
+        status[failed & (status == FitStatus.OK)] = FitStatus.SINGULAR
+    return solution
+
+
 def _solve_stacked(normal: np.ndarray, rhs: np.ndarray, status: np.ndarray) -> np.ndarray:
     """Solve stacked systems; a singular or non-finite one (weights that overflowed in a voxel of noise) gets NaN
     and FitStatus.SINGULAR (others unaffected)."""
@@ -410,8 +456,10 @@ class TensorModel:
 
     def _weighted_fit(self, squared_weights: np.ndarray, log_s: np.ndarray, status: np.ndarray) -> np.ndarray:
         """Every voxel's weighted least-squares solution (scaled columns) from its normal equations."""
-        distinct = squared_weights @ self._products
-        return _solve_stacked(symmetric_matrices(distinct, 7), (squared_weights * log_s) @ self._x, status)
+        with np.errstate(invalid="ignore", over="ignore"):  # overflowed weights: SINGULAR in solve_symmetric_rows
+            distinct = squared_weights @ self._products
+            rhs = (squared_weights * log_s) @ self._x
+        return solve_symmetric_rows(distinct, rhs, status)
 
     def _in_units(self, beta: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Parameters in their units; a voxel whose solution is not finite gets SINGULAR and NaN, a flagged one NaN
