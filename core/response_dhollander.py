@@ -163,27 +163,41 @@ def _median(values: np.ndarray) -> float:
 
 def mrtrix_tensor_fa(data: np.ndarray, gtab: GradientTable, mask: np.ndarray,
                      n_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """FA and principal direction as MRtrix3's ``dwi2tensor | tensor2metric -fa -vector -modulate none``: the
-    tensor fit of ``dwi2tensor`` (:class:`~dwiflow.core.tensor.TensorModel` ``IWLS``, every finite solution kept,
-    flagged or not, on ``n_threads`` threads); FA from the eigenvalues as they are (no clipping; it can exceed 1 in
-    noisy voxels), 0 where the fit failed; the direction of the eigenvalue of largest magnitude."""
-    from dwiflow.core.tensor import TensorModel, fractional_anisotropy, lower_triangular_to_matrix
+    """FA as MRtrix3's ``dwi2tensor | tensor2metric -fa``, and the tensors: the tensor fit of ``dwi2tensor``
+    (:class:`~dwiflow.core.tensor.TensorModel` ``IWLS``, every finite solution kept, flagged or not, on
+    ``n_threads`` threads); FA from the tensor's elements as tensor2metric computes it (``DWI::tensor2FA``:
+    √(3/2 · ‖D − tr(D)/3 · I‖² / ‖D‖²), Frobenius norms; equal to the eigenvalue formula without an eigen-
+    decomposition, and not clipped: it can exceed 1 in noisy voxels), 0 where the fit failed. The tensors (x, y, z, 6;
+    lower triangular, zeros where the fit failed) give :func:`principal_directions` of the voxels that need one."""
+    from dwiflow.core.tensor import TensorModel
 
     fit = TensorModel(gtab, fit_method="IWLS", keep_flagged_values=True).fit(data, mask, n_threads=n_threads)
     params = fit.lower_triangular[mask]
     finite = np.all(np.isfinite(params), axis=1)
     params[~finite] = 0.0
-    evals, evecs = np.linalg.eigh(lower_triangular_to_matrix(params))
+    xx, xy, yy, xz, yz, zz = params.T
+    mean = (xx + yy + zz) / 3.0
+    off_diagonal = xy * xy + xz * xz + yz * yz
+    squared_norm = xx * xx + yy * yy + zz * zz + 2.0 * off_diagonal
+    deviation = (xx - mean) ** 2 + (yy - mean) ** 2 + (zz - mean) ** 2 + 2.0 * off_diagonal
     with np.errstate(all="ignore"):
-        fa = np.where(finite, np.nan_to_num(fractional_anisotropy(evals)), 0.0)
+        fa = np.where(finite & (squared_norm != 0), np.sqrt(1.5 * deviation / squared_norm), 0.0)
     fa_map = np.zeros(mask.shape)
-    fa_map[mask] = fa
-    vectors = np.zeros(mask.shape + (3,))
-    # tensor2metric's principal eigenvector is that of the eigenvalue of largest magnitude: a negative one in a
-    # non-physical tensor (FA above 1), where eigh's order would give the largest signed one
+    fa_map[mask] = np.nan_to_num(fa)
+    tensors = np.zeros(mask.shape + (6,))
+    tensors[mask] = params
+    return fa_map.astype(np.float32), tensors
+
+
+def principal_directions(tensors: np.ndarray) -> np.ndarray:
+    """Unit eigenvectors (n, 3) of lower-triangular tensors (n, 6), as tensor2metric ``-vector -modulate none``:
+    that of the eigenvalue of largest magnitude (a negative one in a non-physical tensor, where eigh's order would
+    give the largest signed one)."""
+    from dwiflow.core.tensor import lower_triangular_to_matrix
+
+    evals, evecs = np.linalg.eigh(lower_triangular_to_matrix(tensors))
     principal = np.argmax(np.abs(evals), axis=1)
-    vectors[mask] = evecs[np.arange(evecs.shape[0]), :, principal]
-    return fa_map.astype(np.float32), vectors
+    return evecs[np.arange(evecs.shape[0]), :, principal]
 
 
 def signal_decay_metric(data: np.ndarray, gtab: GradientTable) -> tuple[np.ndarray, np.ndarray]:
@@ -297,7 +311,7 @@ def dhollander(
                                 "data use erode 0)", parameters=("mask", "erode"))
     safe_sdm = np.where(safe, np.minimum(np.nan_to_num(sdm), np.float32(SDM_CAP)), 0).astype(np.float32)
 
-    fa_map, vectors = mrtrix_tensor_fa(data, gtab, safe, n_threads)
+    fa_map, tensors = mrtrix_tensor_fa(data, gtab, safe, n_threads)
     crude_wm = safe & (fa_map > fa)
     crude_non_wm = safe & ~crude_wm
     counts["crude_wm"], counts["crude_non_wm"] = int(crude_wm.sum()), int(crude_non_wm.sum())
@@ -346,8 +360,9 @@ def dhollander(
                      what="GM voxels", option="gm", share=f"{gm:g} % of {counts['refined_gm']} refined GM voxels")
 
     selected = lambda region: data[region].astype(float)  # noqa: E731
-    response_csf = amp2response(selected(voxels_csf), vectors[voxels_csf], gtab, isotropic=True)
-    response_gm = amp2response(selected(voxels_gm), vectors[voxels_gm], gtab, isotropic=True)
+    directions = lambda region: principal_directions(tensors[region])  # noqa: E731
+    response_csf = amp2response(selected(voxels_csf), directions(voxels_csf), gtab, isotropic=True)
+    response_gm = amp2response(selected(voxels_gm), directions(voxels_gm), gtab, isotropic=True)
 
     # single-fibre WM (Dhollander 2019): rank by peak / (WM + CSF l=0 terms) of a flat-response 2-tissue CSD
     wm_number = int(round(counts["refined_wm"] * sfwm / 100.0))
@@ -379,6 +394,6 @@ def dhollander(
                          option="sfwm", share=share)
     else:
         voxels_wm = _external_wm_voxels(wm_algo, data, gtab, refined_wm, wm_number, n_threads)
-    response_wm = amp2response(selected(voxels_wm), vectors[voxels_wm], gtab, lmax=lmax)
+    response_wm = amp2response(selected(voxels_wm), directions(voxels_wm), gtab, lmax=lmax)
     counts.update(voxels_wm=int(voxels_wm.sum()), voxels_gm=int(voxels_gm.sum()), voxels_csf=int(voxels_csf.sum()))
     return DhollanderResult(response_wm, response_gm, response_csf, voxels_wm, voxels_gm, voxels_csf, counts)
