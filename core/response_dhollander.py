@@ -200,13 +200,33 @@ def principal_directions(tensors: np.ndarray) -> np.ndarray:
     return evecs[np.arange(evecs.shape[0]), :, principal]
 
 
-def signal_decay_metric(data: np.ndarray, gtab: GradientTable) -> tuple[np.ndarray, np.ndarray]:
-    """The SDM per voxel and the voxels where a shell's mean signal is not positive (MRtrix3's ``err_b``)."""
+def volume_means(data: np.ndarray, gtab: GradientTable) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each shell's mean of the signal clipped at 0 (as MRtrix3's ``mrcalc -max 0`` then ``mrmath mean``) and the
+    mean over all volumes, unclipped (float64 sums, float32 results), in one pass over the volumes: a volume of a
+    run read from disk is one contiguous block, and no shell's volumes are copied out first."""
+    shell_of = np.empty(gtab.n_volumes, dtype=np.intp)
     shells = list(gtab.shells)
-    means = []
-    for shell in shells:
-        mean = np.mean(np.maximum(data[..., shell.indices], 0), axis=-1, dtype=np.float64).astype(np.float32)
-        means.append(mean)
+    for number, shell in enumerate(shells):
+        shell_of[shell.indices] = number
+    spatial = data.shape[:-1]
+    shell_sums = [np.zeros(spatial) for _ in shells]
+    total = np.zeros(spatial)
+    clipped = np.empty(spatial, dtype=data.dtype)
+    for volume in range(gtab.n_volumes):
+        values = data[..., volume]
+        total += values
+        shell_sums[shell_of[volume]] += np.maximum(values, 0, out=clipped)
+    means = [(sums / shell.count).astype(np.float32) for sums, shell in zip(shell_sums, shells)]
+    return means, (total / gtab.n_volumes).astype(np.float32)
+
+
+def signal_decay_metric(data: np.ndarray, gtab: GradientTable,
+                        means: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The SDM per voxel and the voxels where a shell's mean signal is not positive (MRtrix3's ``err_b``).
+    ``means``: the shells' clipped means from :func:`volume_means`, when already computed."""
+    shells = list(gtab.shells)
+    if means is None:
+        means, _ = volume_means(data, gtab)
     error = np.zeros(data.shape[:3], dtype=bool)
     for mean in means:
         error |= ~(np.isfinite(mean) & (mean > 0))
@@ -281,7 +301,7 @@ def dhollander(
     DhollanderResult
     """
     from dwiflow.core.msmt_csd import MsmtCsdModel
-    from dwiflow.core.peaks import find_peaks, peak_amplitude_degree_2
+    from dwiflow.core.peaks import largest_peak_amplitude, peak_amplitude_degree_2
 
     gtab = checked_gradient_table(gtab, "dhollander")
 
@@ -302,7 +322,8 @@ def dhollander(
     counts["mask"] = int(mask.sum())
     eroded = erode_mask(mask, erode) if erode > 0 else mask.copy()
     counts["eroded"] = int(eroded.sum())
-    sdm, error = signal_decay_metric(data, gtab)
+    shell_means, mean_signal = volume_means(data, gtab)
+    sdm, error = signal_decay_metric(data, gtab, shell_means)
     error |= ~(np.isfinite(sdm) & (sdm > 0))
     safe = eroded & ~error
     counts["safe"] = int(safe.sum())
@@ -366,7 +387,6 @@ def dhollander(
 
     # single-fibre WM (Dhollander 2019): rank by peak / (WM + CSF l=0 terms) of a flat-response 2-tissue CSD
     wm_number = int(round(counts["refined_wm"] * sfwm / 100.0))
-    mean_signal = np.mean(data, axis=-1, dtype=np.float64).astype(np.float32)
     coefficient = float(np.median(mean_signal[refined_wm])) * np.sqrt(4 * np.pi) if refined_wm.any() else 0.0
     flat_rows = np.array([[coefficient, 0, 0, 0] if (s.bvalue < B0_THRESHOLD if lmax is None else lmax[i] == 0)
                           else [coefficient, -coefficient, coefficient, -coefficient] for i, s in enumerate(shells)])
@@ -374,16 +394,17 @@ def dhollander(
 
     def ranking(region: np.ndarray, wm_lmax: int) -> np.ndarray:
         fit = MsmtCsdModel(gtab, [flat_wm, response_csf], lmax=[wm_lmax, 0]).fit(data, region)
-        wm_sh, csf_sh = fit.tissue(0), fit.tissue(1)
-        finite = region & np.all(np.isfinite(wm_sh), axis=-1)
+        (wm_start, wm_stop), (csf_start, _) = fit.model.parameter_slices
+        wm_rows, csf_l0 = fit.coefficient_rows[:, wm_start:wm_stop], fit.coefficient_rows[:, csf_start]
+        finite = np.all(np.isfinite(wm_rows), axis=1)
+        amplitude = np.zeros(wm_rows.shape[0])
         if wm_lmax == 2:  # sh2peaks' first peak of an lmax-2 FOD, in closed form (a sixteenth of the search's time)
-            amplitude = np.zeros(region.shape)
-            amplitude[finite] = np.maximum(peak_amplitude_degree_2(wm_sh[finite]), 0.0)
-        else:
-            peaks = find_peaks(wm_sh, finite, npeaks=1, rel_threshold=0.0)
-            amplitude = np.nan_to_num(np.linalg.norm(peaks.vectors[..., 0, :], axis=-1))
+            amplitude[finite] = np.maximum(peak_amplitude_degree_2(wm_rows[finite]), 0.0)
+        else:  # sh2peaks' first peak: a Newton ascent from the largest samples (no search grid to build)
+            amplitude[finite] = largest_peak_amplitude(wm_rows[finite])
         with np.errstate(divide="ignore", invalid="ignore"):
-            metric = (amplitude / (wm_sh[..., 0] + csf_sh[..., 0])).astype(np.float32)
+            metric = (amplitude / (wm_rows[:, 0] + csf_l0)).astype(np.float32)
+        metric = fit.volume(metric, fill=np.float32(0))  # the region's voxels only: no image of every coefficient
         return np.where(region & np.isfinite(metric), metric, 0)
 
     if wm_algo is None:
