@@ -245,6 +245,13 @@ def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs
         _constraint_values(c_u, gram, active, k, lam, c)
 
 
+@njit(cache=True, inline="always")
+def _add_scaled(target, weight, row) -> None:
+    """target += weight · row (a row update, which the compiler vectorises)."""
+    for i in range(row.size):
+        target[i] += weight * row[i]
+
+
 @njit(cache=True, parallel=True)
 def solve_msmt(signals, whiten_data, constraints, gram, unwhiten, ridge, max_iterations, tolerance,
                out, status, iterations, starts, finals):
@@ -257,13 +264,22 @@ def solve_msmt(signals, whiten_data, constraints, gram, unwhiten, ridge, max_ite
     """
     nvox = signals.shape[0]
     m, n = constraints.shape
+    n_volumes = whiten_data.shape[0]
+    n_out = unwhiten.shape[1]
+    constraints_t = np.ascontiguousarray(constraints.T)
     nblocks = (nvox + BLOCK - 1) // BLOCK
     for b in prange(nblocks):
         start = b * BLOCK
         stop = min(start + BLOCK, nvox)
         block = signals[start:stop]
-        y_u = block @ whiten_data
-        c_u = y_u @ constraints.T
+        # y_u = block · whiten_data and c_u = y_u · Bᵀ, as row updates (no BLAS: nothing of SciPy's is loaded)
+        y_u = np.zeros((stop - start, n))
+        c_u = np.zeros((stop - start, m))
+        for v in range(stop - start):
+            for j in range(n_volumes):
+                _add_scaled(y_u[v], block[v, j], whiten_data[j])
+            for p in range(n):
+                _add_scaled(c_u[v], y_u[v, p], constraints_t[p])
         lam = np.zeros(m)
         active = np.zeros(m, dtype=np.int64)
         chol = np.empty((m, m))
@@ -309,4 +325,9 @@ def solve_msmt(signals, whiten_data, constraints, gram, unwhiten, ridge, max_ite
                 if lam[i] != 0.0:
                     for p in range(n):
                         y[v, p] += lam[i] * constraints[i, p]
-        out[start:stop] = y @ unwhiten
+        for v in range(stop - start):
+            row = out[start + v]
+            for q in range(n_out):
+                row[q] = 0.0
+            for p in range(n):
+                _add_scaled(row, y[v, p], unwhiten[p])

@@ -152,6 +152,7 @@ STAGES = (
                  Output("csf", "the CSF ODF (l=0 term)", cli="flag"),
                  Output("status", "the per-voxel status map", cli="flag")),
         provides={"fod": "wm", "gm": "gm", "csf": "csf"}, fod_priority=35, threads=True, compiled=True,
+        scipy_blas=False,  # its kernel calls no BLAS
         check_data=check_msmt_csd_data, progress="voxels", conflicts=("csd",),
         cli_pairs=(("response_wm", "wm"), ("response_gm", "gm"), ("response_csf", "csf")), cli_pairs_metavar="RESP OUT",
         cli_pair_slots=tissue_slots,

@@ -394,6 +394,8 @@ RESPONSE = StageGroup(
                             metavar="OUT_IMAGE")),
             provides={"response_wm": "wm", "response_gm": "gm", "response_csf": "csf"},
             check_data=check_dhollander_data, threads=True, compiled=True,
+            # the built-in ranking runs only the multi-tissue kernel, which calls no BLAS; -wm_algo's may
+            scipy_blas=lambda o: o.wm_algo is not None,
             methods=lambda o: ("White-matter, grey-matter and CSF response functions were estimated with the "
                                f"dhollander algorithm (brain mask eroded {o.erode} times, FA threshold {o.fa:g}; "
                                f"{o.sfwm:g}% single-fibre WM, {o.gm:g}% GM and {o.csf:g}% CSF voxels kept"

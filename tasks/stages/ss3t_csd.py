@@ -132,6 +132,7 @@ STAGES = (
                  Output("status", "the per-voxel status map", cli="flag")),
         cli_pairs=(("response_wm", "wm"), ("response_gm", "gm"), ("response_csf", "csf")), cli_pairs_required=3,
         provides={"fod": "wm", "gm": "gm", "csf": "csf"}, fod_priority=34, threads=True, compiled=True,
+        scipy_blas=False,  # its kernel calls no BLAS
         check_data=check_ss3t_data, progress="fits", conflicts=("csd", "msmt_csd"),
     ),
 )
