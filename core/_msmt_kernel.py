@@ -245,41 +245,24 @@ def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs
         _constraint_values(c_u, gram, active, k, lam, c)
 
 
-@njit(cache=True, inline="always")
-def _add_scaled(target, weight, row) -> None:
-    """target += weight · row (a row update, which the compiler vectorises)."""
-    for i in range(row.size):
-        target[i] += weight * row[i]
-
-
 @njit(cache=True, parallel=True)
-def solve_msmt(signals, whiten_data, constraints, gram, unwhiten, ridge, max_iterations, tolerance,
+def solve_msmt(unconstrained, constraint_values, constraints, gram, ridge, max_iterations, tolerance,
                out, status, iterations, starts, finals):
-    """Solve every voxel (rows of ``signals``) into ``out`` (coefficients of all tissues, concatenated).
+    """Project every voxel's unconstrained solution (rows of ``unconstrained``, y_u in the whitened coordinates) onto
+    the cone {y : B y >= 0}; the projections go to ``out`` (the caller maps them back to coefficients).
 
-    ``whiten_data`` maps a signal to y_u (y_u = s · whiten_data), ``constraints`` is B (rows normalised), ``gram``
-    is BBᵀ, ``unwhiten`` maps y back to coefficients (x = y · unwhiten). ``starts`` (voxels × constraints, True
-    where active) holds each voxel's starting active set, or has no rows (every voxel starts cold); ``finals``
-    receives the active sets found, unless it has no rows.
+    ``constraint_values`` holds B y_u per voxel, ``constraints`` is B (rows normalised), ``gram`` is BBᵀ. Both
+    products with the data are the caller's (one BLAS product per chunk, on the threads the caller's BLAS limit
+    allows): the kernel itself calls no BLAS. ``starts`` (voxels × constraints, True where active) holds each
+    voxel's starting active set, or has no rows (every voxel starts cold); ``finals`` receives the active sets
+    found, unless it has no rows. A voxel whose unconstrained solution is not finite gets NONFINITE_INPUT and NaN.
     """
-    nvox = signals.shape[0]
+    nvox = unconstrained.shape[0]
     m, n = constraints.shape
-    n_volumes = whiten_data.shape[0]
-    n_out = unwhiten.shape[1]
-    constraints_t = np.ascontiguousarray(constraints.T)
     nblocks = (nvox + BLOCK - 1) // BLOCK
     for b in prange(nblocks):
         start = b * BLOCK
         stop = min(start + BLOCK, nvox)
-        block = signals[start:stop]
-        # y_u = block · whiten_data and c_u = y_u · Bᵀ, as row updates (no BLAS: nothing of SciPy's is loaded)
-        y_u = np.zeros((stop - start, n))
-        c_u = np.zeros((stop - start, m))
-        for v in range(stop - start):
-            for j in range(n_volumes):
-                _add_scaled(y_u[v], block[v, j], whiten_data[j])
-            for p in range(n):
-                _add_scaled(c_u[v], y_u[v, p], constraints_t[p])
         lam = np.zeros(m)
         active = np.zeros(m, dtype=np.int64)
         chol = np.empty((m, m))
@@ -291,43 +274,37 @@ def solve_msmt(signals, whiten_data, constraints, gram, unwhiten, ridge, max_ite
         work = np.empty(4 * m)
         inv_diag = np.empty(m)
         first = np.zeros(m, dtype=np.int64)
-        y = np.zeros((stop - start, n))
-        for v in range(stop - start):
+        for v in range(start, stop):
+            y_u = unconstrained[v]
+            y = out[v]
             finite = True
-            for j in range(block.shape[1]):
-                if not np.isfinite(block[v, j]):
-                    finite = False
-                    break
-            if not finite:
-                status[start + v] = NONFINITE_INPUT
-                for p in range(n):
-                    y[v, p] = np.nan
-                continue
             scale = 0.0
             for p in range(n):
-                scale += y_u[v, p] * y_u[v, p]
+                if not np.isfinite(y_u[p]):
+                    finite = False
+                    break
+                scale += y_u[p] * y_u[p]
+            if not finite:
+                status[v] = NONFINITE_INPUT
+                for p in range(n):
+                    y[p] = np.nan
+                continue
             n_first = 0
             if starts.shape[0] > 0:
                 for i in range(m):
-                    if starts[start + v, i]:
+                    if starts[v, i]:
                         first[n_first] = i
                         n_first += 1
-            st, it = _project(c_u[v], gram, ridge, max_iterations, tolerance * np.sqrt(scale), lam, active, chol,
-                              rhs, forward, z, c, in_set, work, inv_diag, first, n_first)
-            status[start + v] = st
-            iterations[start + v] = it
+            st, it = _project(constraint_values[v], gram, ridge, max_iterations, tolerance * np.sqrt(scale), lam,
+                              active, chol, rhs, forward, z, c, in_set, work, inv_diag, first, n_first)
+            status[v] = st
+            iterations[v] = it
             if finals.shape[0] > 0:
                 for i in range(m):
-                    finals[start + v, i] = lam[i] > 0.0
+                    finals[v, i] = lam[i] > 0.0
             for p in range(n):
-                y[v, p] = y_u[v, p]
+                y[p] = y_u[p]
             for i in range(m):
                 if lam[i] != 0.0:
                     for p in range(n):
-                        y[v, p] += lam[i] * constraints[i, p]
-        for v in range(stop - start):
-            row = out[start + v]
-            for q in range(n_out):
-                row[q] = 0.0
-            for p in range(n):
-                _add_scaled(row, y[v, p], unwhiten[p])
+                        y[p] += lam[i] * constraints[i, p]

@@ -270,10 +270,16 @@ class MsmtCsdModel:
         no_sets = np.zeros((0, n_constraints), dtype=np.bool_)  # no rows: the kernel starts cold, keeps nothing
         starts = np.ascontiguousarray(start_active, dtype=np.bool_) if start_active is not None else no_sets
         active = np.zeros((nvox, n_constraints), dtype=np.bool_) if keep_active else no_sets
+        projected = np.empty((min(self.chunk_size, nvox), self._constraints.shape[1]))
         for sl in iter_chunks(nvox, self.chunk_size):
-            solve_msmt(np.ascontiguousarray(batch.signal(sl)), self._whiten_data, self._constraints, self._gram,
-                       self._unwhiten, self.neg_lambda, self.max_iterations, TOLERANCE,
-                       coefficients[sl], status[sl], iterations[sl], starts[sl], active[sl])
+            # the products with the data here (numpy's BLAS, under the caller's thread limit); the kernel projects
+            unconstrained = batch.signal(sl) @ self._whiten_data
+            with np.errstate(invalid="ignore"):
+                constraint_values = unconstrained @ self._constraints.T
+            rows = projected[: sl.stop - sl.start]
+            solve_msmt(unconstrained, constraint_values, self._constraints, self._gram, self.neg_lambda,
+                       self.max_iterations, TOLERANCE, rows, status[sl], iterations[sl], starts[sl], active[sl])
+            np.matmul(rows, self._unwhiten, out=coefficients[sl])
             if progress is not None:
                 progress(sl.stop, nvox)
         coefficients[status != FitStatus.OK] = np.nan
