@@ -200,24 +200,26 @@ def principal_directions(tensors: np.ndarray) -> np.ndarray:
     return evecs[np.arange(evecs.shape[0]), :, principal]
 
 
-def volume_means(data: np.ndarray, gtab: GradientTable) -> tuple[list[np.ndarray], np.ndarray]:
+def volume_means(data: np.ndarray, gtab: GradientTable, slab: int = 16384) -> tuple[list[np.ndarray], np.ndarray]:
     """Each shell's mean of the signal clipped at 0 (as MRtrix3's ``mrcalc -max 0`` then ``mrmath mean``) and the
-    mean over all volumes, unclipped (float64 sums, float32 results), in one pass over the volumes: a volume of a
-    run read from disk is one contiguous block, and no shell's volumes are copied out first."""
-    shell_of = np.empty(gtab.n_volumes, dtype=np.intp)
+    mean over all volumes, unclipped (float64 sums, float32 results): a few array operations per ``slab`` voxels,
+    each of which runs without the interpreter lock (a stage's numba set-up runs beside it on a thread)."""
     shells = list(gtab.shells)
-    for number, shell in enumerate(shells):
-        shell_of[shell.indices] = number
     spatial = data.shape[:-1]
-    shell_sums = [np.zeros(spatial) for _ in shells]
-    total = np.zeros(spatial)
-    clipped = np.empty(spatial, dtype=data.dtype)
-    for volume in range(gtab.n_volumes):
-        values = data[..., volume]
-        total += values
-        shell_sums[shell_of[volume]] += np.maximum(values, 0, out=clipped)
-    means = [(sums / shell.count).astype(np.float32) for sums, shell in zip(shell_sums, shells)]
-    return means, (total / gtab.n_volumes).astype(np.float32)
+    rows = data.reshape(-1, gtab.n_volumes, order="A")  # a view for a C- or F-ordered image
+    order = "F" if not data.flags.c_contiguous and data.flags.f_contiguous else "C"
+    indicator = np.zeros((gtab.n_volumes, len(shells)))
+    for number, shell in enumerate(shells):
+        indicator[shell.indices, number] = 1.0 / shell.count
+    shell_means = np.empty((rows.shape[0], len(shells)), dtype=np.float32)
+    overall = np.empty(rows.shape[0], dtype=np.float32)
+    for start in range(0, rows.shape[0], slab):
+        block = rows[start:start + slab].astype(np.float64)
+        overall[start:start + slab] = block.mean(axis=1)
+        np.maximum(block, 0.0, out=block)
+        shell_means[start:start + slab] = block @ indicator
+    means = [shell_means[:, number].reshape(spatial, order=order) for number in range(len(shells))]
+    return means, overall.reshape(spatial, order=order)
 
 
 def signal_decay_metric(data: np.ndarray, gtab: GradientTable,
