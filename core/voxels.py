@@ -96,6 +96,14 @@ class VoxelBatch:
         return np.ascontiguousarray(np.take(self._volumes_by_row(self.data), columns, axis=1).T, dtype=float)
 
 
+def cache_sized_chunk(n_volumes: int, values: int = 131072) -> int:
+    """Voxels per chunk of a voxel loop of array operations: ``values`` float64 signal values (1 MB), as a power of
+    two — the chunk's arrays stay in a core's cache. Measured with the tensor fit (2-core machine): on 65 volumes,
+    2048 voxels took 1.17 s and 1024 took 1.27 s on 553k voxels at one thread (1.02 and 1.35 s at two); on 141
+    volumes 1024 was best (0.44 s on 109k voxels, 0.67 s with 2048)."""
+    return int(2 ** round(float(np.log2(max(values / max(int(n_volumes), 1), 64.0)))))
+
+
 def iter_chunks(n: int, chunk_size: int) -> Iterator[slice]:
     """Slices covering ``range(n)`` in steps of ``chunk_size``."""
     for start in range(0, n, chunk_size):
