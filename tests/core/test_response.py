@@ -176,3 +176,25 @@ def test_nonnegative_least_squares_is_optimal():
         gradient = a.T @ (b - a @ ours)
         assert ours.min() >= 0 and gradient.max() <= 1e-8  # no improving direction
         assert np.all(np.abs(gradient[ours > 0]) <= 1e-8)  # stationary on the free variables
+
+
+@pytest.mark.parametrize("layout", ["C", "F"])
+def test_dhollander_volume_means_match_each_shells_clipped_mean(layout):
+    """dhollander's shell means (signal clipped at 0, as mrcalc -max 0 then mrmath mean) and the mean over all
+    volumes, computed by slabs of voxels smaller than the image, equal the per-shell means of the clipped signal
+    to float32 rounding, for C- and Fortran-ordered images (a NIfTI image's array is Fortran-ordered)."""
+    from dwiflow.core.response_dhollander import volume_means
+
+    gtab = acquisition_scheme("multi")
+    data = make_phantom(gtab, (9, 7, 5), n_fibres=(1, 2), snr=5, seed=3).data.astype(np.float32)
+    data[2, 3, 1, :4] = -50.0  # negative samples: clipped in the shell means, kept in the overall mean
+    data = np.asfortranarray(data) if layout == "F" else np.ascontiguousarray(data)
+    means, overall = volume_means(data, gtab, slab=37)
+    for shell, mean in zip(gtab.shells, means):
+        expected = np.maximum(data[..., shell.indices].astype(np.float64), 0).mean(axis=-1)
+        assert mean.shape == data.shape[:3]
+        np.testing.assert_allclose(mean, expected, rtol=2e-7, atol=0)
+    np.testing.assert_allclose(overall, data.astype(np.float64).mean(axis=-1), rtol=2e-7, atol=1e-5)
+    first = next(k for k, shell in enumerate(gtab.shells) if 0 in shell.indices)
+    unclipped = data[2, 3, 1, gtab.shells[first].indices].astype(np.float64).mean()
+    assert means[first][2, 3, 1] > unclipped  # the negative samples count as 0 in the shell's mean
