@@ -26,7 +26,7 @@ NONFINITE_INPUT = int(FitStatus.NONFINITE_INPUT)
 NOT_CONVERGED = int(FitStatus.NOT_CONVERGED)
 SINGULAR = int(FitStatus.SINGULAR)
 
-# voxels per block: one matrix product per block for the unconstrained solutions and their constraint values
+# voxels per block: the unit of the parallel loop, whose scratch arrays are allocated once per block
 BLOCK = 32
 
 

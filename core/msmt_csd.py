@@ -273,8 +273,8 @@ class MsmtCsdModel:
         projected = np.empty((min(self.chunk_size, nvox), self._constraints.shape[1]))
         for sl in iter_chunks(nvox, self.chunk_size):
             # the products with the data here (numpy's BLAS, under the caller's thread limit); the kernel projects
-            unconstrained = batch.signal(sl) @ self._whiten_data
-            with np.errstate(invalid="ignore"):
+            with np.errstate(invalid="ignore"):  # a voxel with a non-finite sample: NONFINITE_INPUT in the kernel
+                unconstrained = batch.signal(sl) @ self._whiten_data
                 constraint_values = unconstrained @ self._constraints.T
             rows = projected[: sl.stop - sl.start]
             solve_msmt(unconstrained, constraint_values, self._constraints, self._gram, self.neg_lambda,

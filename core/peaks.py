@@ -61,6 +61,13 @@ class _Grid:
     tangent: np.ndarray  # (h, 2, 3)
 
 
+def _tangent_frame(directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two unit vectors spanning the plane tangent to each of ``directions`` (n, 3) at that direction."""
+    e1 = np.cross(directions, np.where(np.abs(directions[:, :1]) < 0.9, [[1.0, 0, 0]], [[0, 1.0, 0]]))
+    e1 /= np.linalg.norm(e1, axis=1, keepdims=True)
+    return e1, np.cross(directions, e1)
+
+
 @lru_cache(maxsize=4)
 def _grid(frequency: int) -> _Grid:
     sphere: Sphere = geodesic_sphere(frequency)
@@ -77,9 +84,7 @@ def _grid(frequency: int) -> _Grid:
     ring = ring[:half]
     folded = np.where(ring < half, ring, ring - half)
     centre = v[:half]
-    e1 = np.cross(centre, np.where(np.abs(centre[:, :1]) < 0.9, [[1.0, 0, 0]], [[0, 1.0, 0]]))
-    e1 /= np.linalg.norm(e1, axis=1, keepdims=True)
-    e2 = np.cross(centre, e1)
+    e1, e2 = _tangent_frame(centre)
     nbr_dirs = v[ring]  # (h, 6, 3); padded slots repeat the centre
     cosang = np.clip(np.einsum("hkd,hd->hk", nbr_dirs, centre), -1, 1)
     t = nbr_dirs - cosang[..., None] * centre[:, None, :]
@@ -401,10 +406,7 @@ def largest_peak_amplitude(sh: np.ndarray, starts: int = 3, max_steps: int = 20)
     active = np.ones(directions.shape[0], dtype=bool)
     for _ in range(max_steps):
         u = directions[active]
-        helper = np.where(np.abs(u[:, :1]) < 0.9, [[1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]])
-        e1 = np.cross(u, helper)
-        e1 /= np.linalg.norm(e1, axis=1, keepdims=True)
-        e2 = np.cross(u, e1)
+        e1, e2 = _tangent_frame(u)
         points = u[:, None] + offsets[None, :, :1] * e1[:, None] + offsets[None, :, 1:] * e2[:, None]
         points /= np.linalg.norm(points, axis=2, keepdims=True)
         basis = real_sh_basis(lmax, points.reshape(-1, 3)).reshape(points.shape[0], 9, -1)
@@ -419,9 +421,8 @@ def largest_peak_amplitude(sh: np.ndarray, starts: int = 3, max_steps: int = 20)
             step_x = np.where(concave, -(hyy * gx - hxy * gy) / determinant, gx)
             step_y = np.where(concave, -(hxx * gy - hxy * gx) / determinant, gy)
         length = np.hypot(step_x, step_y)
-        gradient_step = ~concave & (length > 0)
-        scale = np.where(gradient_step, 0.1 / np.where(length > 0, length, 1.0),
-                         np.minimum(1.0, 0.1 / np.where(length > 0, length, 1.0)))
+        limit = 0.1 / np.where(length > 0, length, 1.0)  # a step of at most 0.1 rad; a gradient step of 0.1 rad
+        scale = np.where(concave, np.minimum(1.0, limit), limit)
         step_x, step_y = step_x * scale, step_y * scale
         moved = u + step_x[:, None] * e1 + step_y[:, None] * e2
         directions[active] = moved / np.linalg.norm(moved, axis=1, keepdims=True)

@@ -222,18 +222,15 @@ def volume_means(data: np.ndarray, gtab: GradientTable, slab: int = 16384) -> tu
     return means, overall.reshape(spatial, order=order)
 
 
-def signal_decay_metric(data: np.ndarray, gtab: GradientTable,
-                        means: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The SDM per voxel and the voxels where a shell's mean signal is not positive (MRtrix3's ``err_b``).
-    ``means``: the shells' clipped means from :func:`volume_means`, when already computed."""
+def signal_decay_metric(means: list[np.ndarray], gtab: GradientTable) -> tuple[np.ndarray, np.ndarray]:
+    """The SDM per voxel from the shells' clipped means (:func:`volume_means`) and the voxels where a shell's mean
+    signal is not positive (MRtrix3's ``err_b``)."""
     shells = list(gtab.shells)
-    if means is None:
-        means, _ = volume_means(data, gtab)
-    error = np.zeros(data.shape[:3], dtype=bool)
+    error = np.zeros(means[0].shape, dtype=bool)
     for mean in means:
         error |= ~(np.isfinite(mean) & (mean > 0))
     total = 0
-    sdm = np.zeros(data.shape[:3], dtype=np.float32)
+    sdm = np.zeros(means[0].shape, dtype=np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
         for shell, mean in zip(shells[1:], means[1:]):
             sdm += (np.log(means[0] / mean)).astype(np.float32) * np.float32(shell.count)
@@ -325,7 +322,7 @@ def dhollander(
     eroded = erode_mask(mask, erode) if erode > 0 else mask.copy()
     counts["eroded"] = int(eroded.sum())
     shell_means, mean_signal = volume_means(data, gtab)
-    sdm, error = signal_decay_metric(data, gtab, shell_means)
+    sdm, error = signal_decay_metric(shell_means, gtab)
     error |= ~(np.isfinite(sdm) & (sdm > 0))
     safe = eroded & ~error
     counts["safe"] = int(safe.sum())
@@ -407,7 +404,7 @@ def dhollander(
         with np.errstate(divide="ignore", invalid="ignore"):
             metric = (amplitude / (wm_rows[:, 0] + csf_l0)).astype(np.float32)
         metric = fit.volume(metric, fill=np.float32(0))  # the region's voxels only: no image of every coefficient
-        return np.where(region & np.isfinite(metric), metric, 0)
+        return np.where(np.isfinite(metric), metric, 0)
 
     if wm_algo is None:
         share = f"{sfwm:g} % of {counts['refined_wm']} refined WM voxels"
