@@ -293,20 +293,23 @@ def _unscaled_header(head: bytes) -> nib.Nifti1Header | None:
     return header
 
 
-def _stream_unscaled_gz(p: Path, what: str) -> tuple[np.ndarray, nib.Nifti1Header] | None:
-    """A ``.nii.gz`` image whose values are stored unscaled in this machine's byte order, as a read-only array. The
-    stream is read to its end, so a bad CRC or a truncated stream is an error as in :func:`load_image`. None when
-    the image needs nibabel's path (scaling, another byte order, not a NIfTI header).
+def _read_gz_image(p: Path, what: str) -> tuple[np.ndarray, nib.Nifti1Header] | None:
+    """A ``.nii.gz`` image's values (read-only where they are stored unscaled in this machine's byte order) and
+    header. The stream is read to its end, so a bad CRC or a truncated stream is an error as in
+    :func:`load_image`. None when a streamed image needs nibabel's path (scaling, another byte order, not a NIfTI
+    header).
 
-    A file up to ``ONE_CALL_LIMIT`` is inflated in one call and the array is a view of the decompressed bytes. A
-    larger one (or one that call declines) is decompressed straight into its array: the image is held once, not
-    also as decompressed bytes and their growing buffers (reading a DWI whole otherwise peaks at two to three times
-    its size)."""
+    A file up to ``ONE_CALL_LIMIT`` is inflated in one call; unscaled values are a view of the decompressed bytes,
+    others are nibabel's from them. A larger file (or one that call declines) is decompressed straight into its
+    array: the image is held once, not also as decompressed bytes and their growing buffers (reading a DWI whole
+    otherwise peaks at two to three times its size)."""
     whole = _inflate_in_one_call(p)
     if whole is not None:
         header = _unscaled_header(whole[:540])  # a NIfTI-2 header; a NIfTI-1 header and what follows
-        if header is None:
-            return None
+        if header is None:  # scaled, another byte order: nibabel's values, from the bytes already inflated
+            img = _nifti_from_bytes(whole, what, p)
+            _check_complete(img.header, len(whole), what, p)
+            return np.asanyarray(img.dataobj), img.header
         _check_complete(header, len(whole), what, p)
         shape = header.get_data_shape()
         count = int(np.prod(shape, dtype=np.int64))
@@ -369,7 +372,7 @@ def load_dwi(
         data, header = _last_dwi[identity]
     else:
         _last_dwi.clear()  # the earlier array is freed before the next one is read
-        streamed = _stream_unscaled_gz(path, "DWI") if path.name.endswith(".gz") else None
+        streamed = _read_gz_image(path, "DWI") if path.name.endswith(".gz") else None
         if streamed is None:
             img = load_image(path, "DWI")
             data, header = np.asanyarray(img.dataobj), img.header

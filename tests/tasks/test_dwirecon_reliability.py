@@ -80,7 +80,7 @@ def test_corrupt_and_truncated_gzip_are_errors(case, capsys):
     _refused(argv[:1] + [short] + argv[2:], capsys, case["dir"], "is truncated: its header describes")
 
 
-def test_a_compressed_dwi_is_read_as_nibabel_reads_it_without_a_second_copy(tmp_path, caplog):
+def test_a_compressed_dwi_is_read_as_nibabel_reads_it_without_a_second_copy(tmp_path, caplog, monkeypatch):
     """load_dwi on .nii.gz files holds exactly nibabel's values (unscaled float32, scaled integers, big-endian
     floats, NIfTI-2 compressed or not, a gzip file of two members), read-only, and prints nothing (a NIfTI-2 header
     tried as a NIfTI-1 one made nibabel log two lines to stderr). Unscaled float32 is read without a second copy:
@@ -126,6 +126,11 @@ def test_a_compressed_dwi_is_read_as_nibabel_reads_it_without_a_second_copy(tmp_
             assert peak < run.data.nbytes + path.stat().st_size + (1 << 20), (name, peak, run.data.nbytes)
         if name == "streamed":
             assert peak < 1.5 * run.data.nbytes, (name, peak, run.data.nbytes)
+    # a scaled image is inflated once: nibabel's values come from the bytes the one call inflated
+    _last_dwi.clear()
+    monkeypatch.setattr(io, "load_image", lambda *args, **kwargs: pytest.fail("decompressed a second time"))
+    assert np.array_equal(load_dwi(tmp_path / "scaled.nii.gz", bval, bvec).data, nib.load(tmp_path / "scaled.nii.gz")
+                          .get_fdata(dtype=np.float32))
     _last_dwi.clear()
     assert [record.getMessage() for record in caplog.records if record.name.startswith("nibabel")] == []
 
