@@ -460,7 +460,12 @@ class _SegmentedGzipWriter(IOBase):
         return self._size
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        target = offset if whence == os.SEEK_SET else self._size + offset if whence == os.SEEK_CUR else -1
+        if whence == os.SEEK_SET:
+            target = offset
+        elif whence == os.SEEK_CUR:
+            target = self._size + offset
+        else:  # from the end: the stream's end is where it is being written
+            raise OSError("a compressed output can only be written forwards")
         if target < self._size:
             raise OSError("a compressed output can only be written forwards")
         self.write(bytes(target - self._size))
