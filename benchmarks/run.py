@@ -1133,8 +1133,8 @@ def _dipy_msmt_row(phantom, our_wm: Path, nvox: int, n_timed: int = 240, n_peaks
     """DIPY 1.12's MultiShellDeconvModel (one BLAS thread) with the phantom's true tissue responses, timed on a
     uniform random sample of the phantom's voxels (every kind of voxel our command fits, in proportion) and scaled
     to all of them. Accuracy: first FOD peak against the true fibre on pure single-fibre WM voxels, fitted apart and
-    untimed. (Timed on those alone, DIPY takes ~30 ms a voxel, ~40 % longer than on the sample, which would
-    overstate the ratio.)"""
+    untimed. (Timed on those alone, DIPY took 28–33 ms a voxel against 23 ms on a random sample: 20–40 % longer,
+    which overstated the ratio.)"""
     from dipy.core.gradients import gradient_table as dipy_gtab
     from dipy.core.sphere import Sphere as DipySphere
     from dipy.reconst.mcsd import MultiShellDeconvModel, multi_shell_fiber_response
