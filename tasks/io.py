@@ -78,6 +78,13 @@ def _check_complete(header: nib.Nifti1Header, size: int, what: str, p: Path) -> 
         raise DwiflowInputError(f"{what} {p} is truncated: its header describes {needed} bytes, the file holds {size}")
 
 
+def _complete_nifti_from_bytes(data: bytes, what: str, p: Path) -> nib.Nifti1Image:
+    """The NIfTI image in a file's decompressed bytes, which must hold every byte its header describes."""
+    img = _nifti_from_bytes(data, what, p)
+    _check_complete(img.header, len(data), what, p)
+    return img
+
+
 GZIP_ERRORS = (igzip.BadGzipFile, isal_zlib.error, EOFError)
 
 
@@ -104,8 +111,7 @@ def load_image(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
                 data = igzip.decompress(p.read_bytes())
             except GZIP_ERRORS as exc:
                 raise _gzip_error(exc, what, p) from None
-            img = _nifti_from_bytes(data, what, p)
-            _check_complete(img.header, len(data), what, p)
+            img = _complete_nifti_from_bytes(data, what, p)
         else:
             img = nib.load(str(p))
             if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -307,8 +313,7 @@ def _read_gz_image(p: Path, what: str) -> tuple[np.ndarray, nib.Nifti1Header] | 
     if whole is not None:
         header = _unscaled_header(whole[:540])  # a NIfTI-2 header; a NIfTI-1 header and what follows
         if header is None:  # scaled, another byte order: nibabel's values, from the bytes already inflated
-            img = _nifti_from_bytes(whole, what, p)
-            _check_complete(img.header, len(whole), what, p)
+            img = _complete_nifti_from_bytes(whole, what, p)
             return np.asanyarray(img.dataobj), img.header
         _check_complete(header, len(whole), what, p)
         shape = header.get_data_shape()
@@ -464,8 +469,8 @@ class _SegmentedGzipWriter(IOBase):
             target = offset
         elif whence == os.SEEK_CUR:
             target = self._size + offset
-        else:  # from the end: the stream's end is where it is being written
-            raise OSError("a compressed output can only be written forwards")
+        else:  # from the end: not supported
+            target = -1
         if target < self._size:
             raise OSError("a compressed output can only be written forwards")
         self.write(bytes(target - self._size))

@@ -98,6 +98,7 @@ def test_a_compressed_dwi_is_read_as_nibabel_reads_it_without_a_second_copy(tmp_
     scaled = nib.Nifti1Image(np.round(data).astype(np.int16), AFFINE)
     scaled.header.set_slope_inter(0.5, 3.0)
     plain = nib.Nifti1Image(data.astype(np.float32), AFFINE)
+    limit = io.ONE_CALL_LIMIT
     for name, img in (("plain", plain), ("streamed", plain), ("two_members", plain), ("scaled", scaled),
                       ("big_endian", nib.Nifti1Image(data.astype(">f4"), AFFINE)),
                       ("nifti2", nib.Nifti2Image(data.astype(np.float32), AFFINE)),
@@ -108,15 +109,13 @@ def test_a_compressed_dwi_is_read_as_nibabel_reads_it_without_a_second_copy(tmp_
             whole = gzip.decompress(path.read_bytes())
             path.write_bytes(gzip.compress(whole[:1000]) + gzip.compress(whole[1000:]))
         _last_dwi.clear()
-        limit = io.ONE_CALL_LIMIT
-        io.ONE_CALL_LIMIT = 0 if name == "streamed" else limit
+        monkeypatch.setattr(io, "ONE_CALL_LIMIT", 0 if name == "streamed" else limit)
         tracemalloc.start()
         try:
             run = load_dwi(path, bval, bvec)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-            io.ONE_CALL_LIMIT = limit
         expected = np.asanyarray(nib.load(path).dataobj)
         if not np.issubdtype(expected.dtype, np.floating):
             expected = expected.astype(np.float32)
