@@ -95,6 +95,15 @@ class VoxelBatch:
         columns = self._flat_index if sl is None else self._flat_index[sl]
         return np.ascontiguousarray(np.take(self._volumes_by_row(self.data), columns, axis=1).T, dtype=float)
 
+    def signal_by_volume(self, sl: slice | np.ndarray | None = None) -> np.ndarray:
+        """Signals as (volumes, voxels), C-ordered, in the image's own type, of the masked voxels or of those ``sl``
+        selects: from a Fortran-ordered image, each volume's values are gathered without a transposition."""
+        if self._flat_index is None:
+            idx = self.index if sl is None else tuple(i[sl] for i in self.index)
+            return np.ascontiguousarray(self.data[idx].T)
+        columns = self._flat_index if sl is None else self._flat_index[sl]
+        return np.take(self._volumes_by_row(self.data), columns, axis=1)
+
 
 def cache_sized_chunk(n_volumes: int, values: int = 131072) -> int:
     """Voxels per chunk of a voxel loop of array operations: ``values`` float64 signal values (1 MB), as a power of
