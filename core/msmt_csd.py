@@ -259,7 +259,7 @@ class MsmtCsdModel:
         """
         from dwiflow.core._msmt_kernel import solve_msmt  # compiled lazily (numba)
 
-        batch = VoxelBatch.from_volume(data, mask, self.gtab.n_volumes)
+        batch = VoxelBatch.from_volume(data, mask, self.gtab.n_volumes, memory_order=True)
         nvox = batch.n_voxels
         n_constraints = self._constraints.shape[0]
         coefficients = np.empty((nvox, self.n_parameters))
@@ -274,7 +274,7 @@ class MsmtCsdModel:
         for sl in iter_chunks(nvox, self.chunk_size):
             # the products with the data here (numpy's BLAS, under the caller's thread limit); the kernel projects
             with np.errstate(invalid="ignore"):  # a voxel with a non-finite sample: NONFINITE_INPUT in the kernel
-                unconstrained = batch.signal(sl) @ self._whiten_data
+                unconstrained = batch.signal_by_volume(sl).T @ self._whiten_data  # no transposed copy of the data
                 constraint_values = unconstrained @ self._constraints.T
             rows = projected[: sl.stop - sl.start]
             solve_msmt(unconstrained, constraint_values, self._constraints, self._gram, self.neg_lambda,
