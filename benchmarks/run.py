@@ -1263,22 +1263,45 @@ def main() -> int:
     return 0
 
 
+def machine_description() -> str:
+    """Architecture, CPU model, widest SIMD level, cores and Python: ratios move with the CPU (numpy's and numba's
+    vector code use AVX-512 where there is one; Debian's MRtrix3 is built for baseline x86-64), so each row says
+    where it was measured."""
+    import platform
+
+    model, simd = "", ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        if key.strip() == "flags":
+            flags = set(value.split())
+            simd = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"),
+                                                    ("sse4_2", "SSE4.2")) if flag in flags), "")
+            break
+    details = ", ".join(part for part in (model or platform.processor(), simd) if part)
+    return (f"{platform.machine()}{f' ({details})' if details else ''}, {os.cpu_count()} cores, "
+            f"{platform.python_implementation()} {platform.python_version()}")
+
+
 def write_results(path: Path, rows: list[dict], arguments: str, update: bool = False) -> None:
     """The rows as JSON, with what a reader needs to judge them: machine, threads, versions, date, command.
     ``update``: the file's rows of other steps are kept (and its commands, joined with "; ")."""
     import datetime
     import json
-    import platform
 
     from dwiflow import __version__
 
     record = {"date": datetime.date.today().isoformat(), "dwiflow": __version__,
               "command": f"python benchmarks/run.py {arguments}".strip(),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
-                         f"{platform.python_version()}",
+              "machine": machine_description(),
               "threads": {name: os.environ.get(name) for name in THREAD_VARIABLES},
-              "rows": [{**row, "ratio": row["peer_s"] / row["dwiflow_s"] if row["dwiflow_s"] else None}
-                       for row in rows]}
+              "rows": [{**row, "ratio": row["peer_s"] / row["dwiflow_s"] if row["dwiflow_s"] else None,
+                        "machine": machine_description()} for row in rows]}
     if update and path.is_file():
         earlier = json.loads(path.read_text())
         steps = {row["step"] for row in rows}

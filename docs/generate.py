@@ -106,8 +106,14 @@ def validation_page() -> str:
         rows = [[_literal(r["step"]), _literal(r["peer"]), str(r["voxels"]), f"{r['dwiflow_s']:.3g}",
                  f"{r['peer_s']:.3g}", f"{r['ratio']:.2f}" if r.get("ratio") else "-", _literal(r["accuracy"])]
                 for r in bench["rows"]]
-        lines += _table(["step", "reference", "voxels", "dwiflow s", "reference s", "ratio", "accuracy"], rows,
-                        "10 26 8 8 8 6 34")
+        headers = ["step", "reference", "voxels", "dwiflow s", "reference s", "ratio", "accuracy"]
+        widths = "10 26 8 8 8 6 34"
+        machines = {r.get("machine") for r in bench["rows"]}
+        if machines != {bench["machine"]}:  # rows merged from runs on other machines (ratios move with the CPU)
+            for row, r in zip(rows, bench["rows"]):
+                row.append(_literal(r.get("machine") or "not recorded (an earlier run)"))
+            headers, widths = headers + ["measured on"], "9 22 7 7 7 5 29 14"
+        lines += _table(headers, rows, widths)
     return "\n".join(lines)
 
 
