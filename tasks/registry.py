@@ -238,8 +238,8 @@ def prepare_compiler_in_background() -> threading.Thread:
     """Start numba's one-time set-up on a thread: its import and its compiler's registries, ~0.45 s that a stage's
     first kernel call would otherwise spend before anything else. Meanwhile the stage reads its data, whose
     decompression releases the interpreter lock (a NODDI command on 53,000 voxels: 0.15 s less at one thread, 0.12 s
-    at two). The set-up holds numba's compiler lock, so a kernel called before it is done waits for it; a failure is
-    left for the kernel's own call to report.
+    at two). The set-up holds numba's compiler lock while it loads the registries, so a kernel called before it is
+    done waits for it; a failure is left for the kernel's own call to report.
 
     While it runs, the interpreter hands its lock over every 0.1 ms instead of every 5 ms: the reading thread takes
     the lock back after each piece it decompresses, and waited up to the whole interval each time (reading a
@@ -253,9 +253,14 @@ def prepare_compiler_in_background() -> threading.Thread:
             from numba.core.compiler_lock import global_compiler_lock
             from numba.core.registry import cpu_target
 
+            # The contexts are built before the compiler lock is taken: building the target context takes that
+            # context's own lock and then the compiler lock, and so does a kernel module imported meanwhile on the
+            # stage's thread. Taken the other way round here, each thread held the lock the other waited for (a
+            # msmt-csd command hung).
+            typing_context, target_context = cpu_target.typing_context, cpu_target.target_context
             with global_compiler_lock:
-                cpu_target.target_context.refresh()
-                cpu_target.typing_context.refresh()
+                target_context.refresh()
+                typing_context.refresh()
         except Exception:  # noqa: BLE001  (the kernel's call raises it again, where it can be reported)
             pass
         finally:

@@ -231,6 +231,31 @@ np.save(sys.argv[1], fit.sh)
     assert np.array_equal(results["thread"], results["plain"])
 
 
+def test_numba_set_up_does_not_hold_the_compiler_lock_while_a_kernel_builds_numba_s_context():
+    """Regression (a msmt-csd command hung): defining a kernel on the stage's thread builds numba's CPU target
+    context under that context's own lock, then takes numba's compiler lock; the set-up thread took the compiler
+    lock first and then waited for the context, so each held what the other waited for. In a fresh process, this
+    thread holds the context's lock as a kernel definition would while the set-up starts: the compiler lock must stay
+    free for it (5 s), and the set-up must finish once the context's lock is released."""
+    script = """
+import time
+from numba.core.compiler_lock import global_compiler_lock
+from numba.core.registry import CPUTarget
+from dwiflow.tasks.registry import prepare_compiler_in_background
+context_lock = CPUTarget.__dict__["_toplevel_target_context"]._lock
+with context_lock:
+    thread = prepare_compiler_in_background()
+    time.sleep(1.0)
+    free = global_compiler_lock._lock.acquire(timeout=5)
+    if free:
+        global_compiler_lock._lock.release()
+thread.join(60)
+print("compiler lock free:", free, "set-up finished:", not thread.is_alive())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "compiler lock free: True set-up finished: True" in done.stdout, done.stdout + done.stderr
+
+
 def test_nthreads_reaches_numba_whether_or_not_it_is_imported_yet(phantom_dir, tmp_path):
     """``--nthreads N`` in fresh processes (NUMBA_NUM_THREADS unset, every CPU available): a compiled stage (csd)
     runs its kernels on N numba threads, numba imported by the stage itself; a numpy-only stage (tensor) never
