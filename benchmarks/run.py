@@ -1296,12 +1296,13 @@ def write_results(path: Path, rows: list[dict], arguments: str, update: bool = F
 
     from dwiflow import __version__
 
+    machine = machine_description()
     record = {"date": datetime.date.today().isoformat(), "dwiflow": __version__,
               "command": f"python benchmarks/run.py {arguments}".strip(),
-              "machine": machine_description(),
+              "machine": machine,
               "threads": {name: os.environ.get(name) for name in THREAD_VARIABLES},
               "rows": [{**row, "ratio": row["peer_s"] / row["dwiflow_s"] if row["dwiflow_s"] else None,
-                        "machine": machine_description()} for row in rows]}
+                        "machine": machine} for row in rows]}
     if update and path.is_file():
         earlier = json.loads(path.read_text())
         steps = {row["step"] for row in rows}

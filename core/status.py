@@ -79,9 +79,11 @@ def input_status(signal: np.ndarray, b0s_mask: np.ndarray) -> np.ndarray:
     return status
 
 
-def signal_above_b0(signal: np.ndarray, b0s_mask: np.ndarray) -> np.ndarray:
-    """Rows whose mean diffusion-weighted signal exceeds their mean b=0 signal (False without b=0 or DW volumes)."""
+def signal_above_b0(signal: np.ndarray, b0s_mask: np.ndarray, volume_axis: int = 1) -> np.ndarray:
+    """Voxels whose mean diffusion-weighted signal exceeds their mean b=0 signal (False without b=0 or DW volumes):
+    rows of (n, n_volumes) signals, or columns of (n_volumes, n) ones with ``volume_axis=0`` (means in float64)."""
     if not b0s_mask.any() or b0s_mask.all():
-        return np.zeros(signal.shape[0], dtype=bool)
+        return np.zeros(signal.shape[1 - volume_axis], dtype=bool)
     with np.errstate(invalid="ignore"):
-        return signal[:, ~b0s_mask].mean(axis=1) > signal[:, b0s_mask].mean(axis=1)
+        return (np.compress(~b0s_mask, signal, axis=volume_axis).mean(axis=volume_axis, dtype=np.float64)
+                > np.compress(b0s_mask, signal, axis=volume_axis).mean(axis=volume_axis, dtype=np.float64))

@@ -449,14 +449,21 @@ class TensorModel:
         # DIPY clips eigenvalues at tol / max(design entries) with tol = 1e-6.
         self.min_diffusivity = 1e-6 / max(float((-x[:, :6]).max()), 1.0)
 
+    def _flag_inputs(self, signal: np.ndarray, volume_axis: int) -> tuple[np.ndarray, np.ndarray]:
+        """Status of each voxel's signal before the fit (non-finite, no positive sample, diffusion-weighted mean above
+        the b=0 one) and the mask of finite voxels; voxels are rows (``volume_axis=1``) or columns (0)."""
+        status = np.zeros(signal.shape[1 - volume_axis], dtype=np.uint8)
+        finite = np.all(np.isfinite(signal), axis=volume_axis)
+        status[~finite] = FitStatus.NONFINITE_INPUT
+        positive = np.any(signal > 0, axis=volume_axis)
+        status[finite & ~positive] = FitStatus.NO_SIGNAL
+        above = signal_above_b0(signal, self.gtab.b0s_mask, volume_axis)
+        status[finite & positive & above] = FitStatus.SIGNAL_ABOVE_B0
+        return status, finite
+
     def _fit_batch(self, signal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Fit (v, n) signals by ``OLS`` or ``WLS``; returns (v, 7) parameters in original units and status."""
-        status = np.zeros(signal.shape[0], dtype=np.uint8)
-        finite = np.all(np.isfinite(signal), axis=1)
-        status[~finite] = FitStatus.NONFINITE_INPUT
-        positive = np.any(signal > 0, axis=1)
-        status[finite & ~positive] = FitStatus.NO_SIGNAL
-        status[finite & positive & signal_above_b0(signal, self.gtab.b0s_mask)] = FitStatus.SIGNAL_ABOVE_B0
+        status, finite = self._flag_inputs(signal, volume_axis=1)
         sig = np.where(finite[:, None], signal, 1.0)
         log_s = np.log(np.maximum(sig, self.min_signal))
         beta = log_s @ self._ols_pinv.T
@@ -506,16 +513,7 @@ class TensorModel:
         solution and keeps them from overflowing."""
         if signal.dtype not in (np.float32, np.float64):
             signal = signal.astype(np.float64)
-        status = np.zeros(signal.shape[1], dtype=np.uint8)
-        finite = np.all(np.isfinite(signal), axis=0)
-        status[~finite] = FitStatus.NONFINITE_INPUT
-        positive = np.any(signal > 0, axis=0)
-        status[finite & ~positive] = FitStatus.NO_SIGNAL
-        b0s = self.gtab.b0s_mask
-        if b0s.any() and not b0s.all():
-            with np.errstate(invalid="ignore"):
-                above = signal[~b0s].mean(axis=0, dtype=np.float64) > signal[b0s].mean(axis=0, dtype=np.float64)
-            status[finite & positive & above] = FitStatus.SIGNAL_ABOVE_B0
+        status, finite = self._flag_inputs(signal, volume_axis=0)
         sig = signal if finite.all() else np.where(finite, signal, 1)
         small = MRTRIX3_SMALL_INTENSITY * sig.max(axis=0)
         sig = np.maximum(sig, small)
