@@ -1,5 +1,6 @@
 """Packaging: the namespace layout, the light-weight core, the version."""
 
+import json
 import subprocess
 import sys
 
@@ -47,6 +48,33 @@ def test_readme_stage_table_is_generated_from_the_registry():
             assert f"`{field.name}`" in text or f"`--{field.name.replace('_', '-')}`" in text
 
 
+def test_output_specs_are_read_from_their_compiled_copy_only_while_it_matches_the_yaml():
+    """bids_specs/outputs.json is outputs.yaml compiled (tools/update_readme.py writes it), and the specs a command
+    reads equal the YAML's; a copy made from other YAML text is ignored, so an edited YAML is read as it is."""
+    from importlib import resources
+
+    import yaml
+
+    from dwiflow.bids_specs.outputs import compile_specs, output_specs, specs_from
+
+    folder = resources.files("dwiflow.bids_specs")
+    text, compiled = folder.joinpath("outputs.yaml").read_text(), folder.joinpath("outputs.json").read_text()
+    assert compiled == compile_specs(text), "bids_specs/outputs.json is stale: run .venv/bin/python tools/update_readme.py"
+    assert output_specs() == yaml.safe_load(text)
+    edited = text.replace("Description:", "Description:  ", 1)  # the same specs, other text: parsed afresh
+    changed = text + "\nextra_key: 1\n"
+    assert specs_from(edited, compiled) == yaml.safe_load(text)
+    assert specs_from(changed, compiled)["extra_key"] == 1
+    assert specs_from(text, compiled.replace('"source_sha256": "', '"source_sha256": "0', 1)) == yaml.safe_load(text)
+    assert specs_from(text, "not json") == yaml.safe_load(text)
+    digest = json.loads(compiled)["source_sha256"]
+    assert specs_from(text, json.dumps({"source_sha256": digest, "specs": {"read": "compiled"}})) == {"read": "compiled"}
+    # a command's process reads the compiled copy: PyYAML is never imported
+    probe = ("import sys; from dwiflow.bids_specs.outputs import output_spec; output_spec('tensor_fa'); "
+             "print('yaml' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout == "False\n"
+
+
 def test_sdist_and_wheel_build_and_pass_twine_check(tmp_path):
     """`python -m build` (in this environment, no download) and `twine check`: the wheel carries the licence, the
     SPDX licence expression, the recon specs and the output specs; the version agrees with CITATION.cff."""
@@ -78,7 +106,7 @@ def test_sdist_and_wheel_build_and_pass_twine_check(tmp_path):
     assert "License-Expression: BSD-3-Clause" in metadata and f"Version: {dwiflow.__version__}" in metadata
     for spec in ("csd", "msmt", "ss3t", "mapmri", "rumba", "smt", "dki", "noddi"):
         assert f"dwiflow/tasks/recon_specs/{spec}.yaml" in names
-    assert "dwiflow/bids_specs/outputs.yaml" in names
+    assert "dwiflow/bids_specs/outputs.yaml" in names and "dwiflow/bids_specs/outputs.json" in names
     assert "pydra/tasks/dwiflow/__init__.py" in names and not any(n in names for n in ("pydra/__init__.py",
                                                                                      "pydra/tasks/__init__.py"))
     assert f'version: "{dwiflow.__version__}"' in (repo / "CITATION.cff").read_text()

@@ -76,10 +76,11 @@ def _stage_parser(sub, command: str, stage) -> argparse.ArgumentParser:
     return p
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The command line of every stage, or of ``command``'s alone when it names one (a command's start then spends
-    no time building the other ~20 subcommands' options)."""
-    from dwiflow.tasks.registry import StageGroup, stages
+def build_parser(command: str | None = None, method: str | None = None) -> argparse.ArgumentParser:
+    """The command line of every stage, or of ``command``'s alone when it names one, and of that group's ``method``
+    alone when it names one of its methods (a command's start then spends no time building the other subcommands'
+    options)."""
+    from dwiflow.tasks.registry import StageGroup, command_entry, stages
 
     parser = argparse.ArgumentParser(
         prog="dwirecon",
@@ -88,16 +89,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dwiflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    entries = list(stages().values())
-    if any(entry.command == command for entry in entries):
-        entries = [entry for entry in entries if entry.command == command]
+    named = command_entry(command) if command and not command.startswith("-") else None
+    entries = [named] if named is not None else list(stages().values())
     for entry in entries:
         if isinstance(entry, StageGroup):
             p = sub.add_parser(entry.command, help=f"{entry.title.lower()}: {', '.join(entry.methods)}",
                                description=f"{entry.title}: one method per algorithm ({', '.join(entry.methods)}).")
             methods = p.add_subparsers(dest="stage_method", required=True, metavar="METHOD")
-            for method, stage in entry.methods.items():
-                _stage_parser(methods, method, stage)
+            chosen = [method] if method in entry.methods and entry is named else list(entry.methods)
+            for name in chosen:
+                _stage_parser(methods, name, entry.methods[name])
         else:
             _stage_parser(sub, entry.command, entry)
     return parser
@@ -267,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         collect_less_in_this_process()
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(argv[0] if argv else None)
+    parser = build_parser(*argv[:2])
     argv = with_mrtrix3_style_options(parser, argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the command's own parser, with its usage, not the top level's
