@@ -94,8 +94,7 @@ def median_otsu_mask(
     if image.min() == image.max():  # constant positive b=0 (e.g. a noiseless phantom): all tissue
         return np.ones(image.shape, dtype=bool)
     size = median_window(image.shape, median_radius)
-    for _ in range(numpass):
-        image = median_filter(image, size)
+    image = median_filter(image, size, passes=numpass)
     mask = image > otsu_threshold(image)
     if largest_component and mask.any():
         labels, n = ndimage.label(mask)
@@ -110,16 +109,23 @@ def median_otsu_mask(
     return mask
 
 
-def median_filter(image: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
-    """Median filter of a 3-D image of finite values over windows of ``size`` (odd widths), edges replicated: the
-    values of ``scipy.ndimage.median_filter(image, size, mode="nearest")`` (as DIPY's median_otsu filters), from a
-    compiled, parallel filter that reuses sorted parts of neighbouring windows (a 96×96×60 image, 9×9×9 windows:
-    0.8 s at one thread against SciPy's 3.7 s)."""
-    from dwiflow.core._median_kernel import median_filter_nearest
+def median_filter(image: np.ndarray, size: tuple[int, int, int], passes: int = 1) -> np.ndarray:
+    """``passes`` median filters of a 3-D image of finite values over windows of ``size`` (odd widths), edges
+    replicated: the values of ``scipy.ndimage.median_filter(image, size, mode="nearest")`` applied ``passes`` times
+    (as DIPY's median_otsu filters), from a compiled, parallel running-histogram filter on the values' ranks (the
+    mean b=0 image of bids_real's whole-brain Siemens run, 72×72×39, 9×9×9 windows, 4 passes at one thread: 0.37 s,
+    against 1.47 s for the sorted-segment filter it replaced and 4.6 s for SciPy's)."""
+    from dwiflow.core._median_kernel import median_filter_ranks
 
     if len(size) != 3 or any(width < 1 or width % 2 == 0 for width in size):
         raise ValueError(f"median_filter needs three odd window widths, got {size}")
-    return median_filter_nearest(np.ascontiguousarray(image, dtype=np.float64), *(int(width) for width in size))
+    image = np.asarray(image, dtype=np.float64)
+    if passes < 1:
+        return image.copy()
+    values, ranks = np.unique(image, return_inverse=True)
+    ranks = np.ascontiguousarray(ranks.reshape(image.shape), dtype=np.int32)
+    filtered = median_filter_ranks(ranks, values.size, *(int(width) for width in size), int(passes))
+    return values[filtered]
 
 
 def median_window(shape: tuple[int, ...], median_radius: int) -> tuple[int, ...]:
