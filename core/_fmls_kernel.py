@@ -180,7 +180,7 @@ def _segment(values, keys, sh, lmax, dirs, weights, adj_ptr, adj_idx, samples, c
 
     # a lobe below the peak threshold by more than ``slack`` is dropped whatever Newton finds: it is not searched
     table = work[:lmax + 1, :lmax + 1]
-    derivatives = work[lmax + 1, :6]
+    derivatives = work[lmax + 1, :10]
     newton = work[lmax + 2, :3]
     count = 0
     for lobe in range(n_lobes):
@@ -256,7 +256,7 @@ def segment_rows(amplitudes, keys, sh_rows, lmax, dirs, weights, adj_ptr, adj_id
         late = np.zeros((6, n_dirs), np.int64)
         peak_dir = np.zeros((n_dirs, 3))
         mean = np.zeros((n_dirs, 3))
-        work = np.zeros((lmax + 3, max(lmax + 1, 6)))
+        work = np.zeros((lmax + 3, max(lmax + 1, 10)))
         factors = derivative_factors(lmax)
         for b in range(worker, n_blocks, n_workers):
             for v in range(b * block, min(n_vox, (b + 1) * block)):

@@ -24,18 +24,18 @@ DOT_THRESHOLD = 0.99
 
 
 @njit(cache=True, fastmath=False)
-def _legendre(lmax, cos_el, sin_el, table):
-    """table[l, m] = sqrt((2l+1)/4π (l-m)!/(l+m)!) P_l^m(cos el), Condon-Shortley phase, 0 <= m <= l <= lmax."""
+def _legendre(lmax, cos_el, sin_el, table, factors):
+    """table[l, m] = sqrt((2l+1)/4π (l-m)!/(l+m)!) P_l^m(cos el), Condon-Shortley phase, 0 <= m <= l <= lmax, by
+    MRtrix3's recurrences, with their square roots taken from ``factors`` (:func:`derivative_factors`, entries 4
+    and 5): the same values, without ~90 square roots per evaluation."""
     table[0, 0] = math.sqrt(1.0 / (4.0 * math.pi))
     for m in range(1, lmax + 1):
-        table[m, m] = -math.sqrt((2.0 * m + 1.0) / (2.0 * m)) * sin_el * table[m - 1, m - 1]
+        table[m, m] = factors[m, m, 4] * sin_el * table[m - 1, m - 1]
     for m in range(0, lmax + 1):
         if m + 1 <= lmax:
-            table[m + 1, m] = math.sqrt(2.0 * m + 3.0) * cos_el * table[m, m]
+            table[m + 1, m] = factors[m + 1, m, 4] * cos_el * table[m, m]
         for l in range(m + 2, lmax + 1):
-            a = math.sqrt((4.0 * l * l - 1.0) / (l * l - m * m))
-            b = math.sqrt(((l - 1.0) ** 2 - m * m) / (4.0 * (l - 1.0) ** 2 - 1.0))
-            table[l, m] = a * (cos_el * table[l - 1, m] - b * table[l - 2, m])
+            table[l, m] = factors[l, m, 4] * (cos_el * table[l - 1, m] - factors[l, m, 5] * table[l - 2, m])
 
 
 @njit(cache=True, fastmath=False, inline="always")
@@ -50,9 +50,10 @@ def precompute_legendre(lmax, n_samples):
     [0, π] (fod2fixel's Newton search interpolates in it instead of evaluating the functions)."""
     samples = np.zeros((n_samples, lmax + 1, lmax + 1))
     increment = math.pi / (n_samples - 1)
+    factors = derivative_factors(lmax)
     for n in range(n_samples):
         el = n * increment
-        _legendre(lmax, math.cos(el), math.sin(el), samples[n])
+        _legendre(lmax, math.cos(el), math.sin(el), samples[n], factors)
     return samples
 
 
@@ -80,9 +81,18 @@ def _interpolated_legendre(lmax, el, samples, table):
 
 @njit(cache=True, fastmath=False)
 def derivative_factors(lmax):
-    """The square roots MRtrix3's SH::derivatives multiplies by, per (l, m): computed once instead of per call
-    (the same correctly rounded values)."""
-    f = np.zeros((lmax + 1, lmax + 1, 4))
+    """The square roots MRtrix3's SH::derivatives (entries 0–3, even l) and its associated Legendre recurrences
+    (entries 4 and 5, see :func:`_legendre`) multiply by, per (l, m): computed once instead of per call (the same
+    correctly rounded values)."""
+    f = np.zeros((lmax + 1, lmax + 1, 6))
+    for m in range(1, lmax + 1):
+        f[m, m, 4] = -math.sqrt((2.0 * m + 1.0) / (2.0 * m))
+    for m in range(0, lmax + 1):
+        if m + 1 <= lmax:
+            f[m + 1, m, 4] = math.sqrt(2.0 * m + 3.0)
+        for l in range(m + 2, lmax + 1):
+            f[l, m, 4] = math.sqrt((4.0 * l * l - 1.0) / (l * l - m * m))
+            f[l, m, 5] = math.sqrt(((l - 1.0) ** 2 - m * m) / (4.0 * (l - 1.0) ** 2 - 1.0))
     for l in range(0, lmax + 1, 2):
         f[l, 0, 0] = math.sqrt(l * (l + 1.0))
         f[l, 0, 1] = math.sqrt(l * (l + 1.0) * (l - 1.0) * (l + 2.0))
@@ -96,7 +106,8 @@ def derivative_factors(lmax):
 
 @njit(cache=True, fastmath=False)
 def _derivatives(sh, lmax, el, az, table, out, samples, factors):
-    """out = amplitude, d/del, d/daz, d²/del², d²/del daz, d²/daz² at (el, az), as MRtrix3's SH::derivatives (with
+    """out = amplitude, d/del, d/daz, d²/del², d²/del daz, d²/daz² at (el, az), as MRtrix3's SH::derivatives, then
+    cos el, sin el, cos az, sin az (the Newton step reuses them; ``out`` holds 10 values) (with
     its precomputed Legendre table when ``samples`` has rows, exactly otherwise). cos(m az) and sin(m az) come from
     the angle-addition recurrence (equal to the direct values to a few ulps)."""
     sel = math.sin(el)
@@ -105,7 +116,7 @@ def _derivatives(sh, lmax, el, az, table, out, samples, factors):
     if samples.shape[0] > 0:
         _interpolated_legendre(lmax, el, samples, table)
     else:
-        _legendre(lmax, cel, sel, table)
+        _legendre(lmax, cel, sel, table, factors)
     amplitude = sh[0] * table[0, 0]
     d_el = 0.0
     d_az = 0.0
@@ -164,6 +175,10 @@ def _derivatives(sh, lmax, el, az, table, out, samples, factors):
     out[3] = d2_el2
     out[4] = d2_elaz
     out[5] = d2_az2
+    out[6] = cel
+    out[7] = sel
+    out[8] = cos1
+    out[9] = sin1
 
 
 @njit(cache=True, fastmath=False)
@@ -189,9 +204,10 @@ def _peak(sh, lmax, direction, table, work, samples, factors):
             dt = MAX_DIR_CHANGE
         step_el *= dt
         step_az *= dt
-        direction[0] += step_el * math.cos(az) * math.cos(el) - step_az * math.sin(az)
-        direction[1] += step_el * math.sin(az) * math.cos(el) + step_az * math.cos(az)
-        direction[2] -= step_el * math.sin(el)
+        cos_el, sin_el, cos_az, sin_az = work[6], work[7], work[8], work[9]
+        direction[0] += step_el * cos_az * cos_el - step_az * sin_az
+        direction[1] += step_el * sin_az * cos_el + step_az * cos_az
+        direction[2] -= step_el * sin_el
         norm = math.sqrt(direction[0] ** 2 + direction[1] ** 2 + direction[2] ** 2)
         direction[0] /= norm
         direction[1] /= norm
@@ -208,14 +224,14 @@ def search_peaks(sh_rows, lmax, seeds, npeaks, threshold, out):
     NaN-padded, as sh2peaks; a row that is NaN or has no coefficient beyond l=0 stays NaN."""
     nvox = sh_rows.shape[0]
     nseeds = seeds.shape[0]
+    factors = derivative_factors(lmax)
     for v in prange(nvox):
         table = np.zeros((lmax + 1, lmax + 1))
-        work = np.zeros(6)
+        work = np.zeros(10)
         found_dirs = np.empty((nseeds, 3))
         found_amps = np.empty(nseeds)
         direction = np.empty(3)
         exact = np.zeros((0, 1, 1))
-        factors = derivative_factors(lmax)
         for k in range(npeaks):
             out[v, k, 0] = np.nan
             out[v, k, 1] = np.nan
