@@ -106,10 +106,10 @@ def derivative_factors(lmax):
 
 @njit(cache=True, fastmath=False)
 def _derivatives(sh, lmax, el, az, table, out, samples, factors):
-    """out = amplitude, d/del, d/daz, d²/del², d²/del daz, d²/daz² at (el, az), as MRtrix3's SH::derivatives, then
-    cos el, sin el, cos az, sin az (the Newton step reuses them; ``out`` holds 10 values) (with
-    its precomputed Legendre table when ``samples`` has rows, exactly otherwise). cos(m az) and sin(m az) come from
-    the angle-addition recurrence (equal to the direct values to a few ulps)."""
+    """out = amplitude, d/del, d/daz, d²/del², d²/del daz, d²/daz² at (el, az), as MRtrix3's SH::derivatives (with
+    its precomputed Legendre table when ``samples`` has rows, exactly otherwise), then cos el, sin el, cos az and
+    sin az, which the Newton step reuses (``out`` holds 10 values). cos(m az) and sin(m az) come from the
+    angle-addition recurrence (equal to the direct values to a few ulps)."""
     sel = math.sin(el)
     cel = math.cos(el)
     atpole = sel < 1e-4
