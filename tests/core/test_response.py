@@ -198,3 +198,11 @@ def test_dhollander_volume_means_match_each_shells_clipped_mean(layout):
     first = next(k for k, shell in enumerate(gtab.shells) if 0 in shell.indices)
     unclipped = data[2, 3, 1, gtab.shells[first].indices].astype(np.float64).mean()
     assert means[first][2, 3, 1] > unclipped  # the negative samples count as 0 in the shell's mean
+    # within a region (dhollander's eroded mask): the same values there, bit for bit, and 0 elsewhere
+    region = np.zeros(data.shape[:3], dtype=bool)
+    region[1:8, 2:6, 1:4] = True
+    region[2, 3, 1] = region[0, 0, 0] = True
+    inside, inside_overall = volume_means(data, gtab, slab=37, region=region)
+    for full, part in zip([*means, overall], [*inside, inside_overall]):
+        assert part.dtype == np.float32 and np.array_equal(part[region], full[region])
+        assert not part[~region].any()
