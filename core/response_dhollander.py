@@ -204,39 +204,24 @@ def volume_means(data: np.ndarray, gtab: GradientTable, slab: int = 16384,
                  region: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
     """Each shell's mean of the signal clipped at 0 (as MRtrix3's ``mrcalc -max 0`` then ``mrmath mean``) and the
     mean over all volumes, unclipped (float64 sums, float32 results): a few array operations per ``slab`` voxels,
-    each of which runs without the interpreter lock (a stage's numba set-up runs beside it on a thread). With
-    ``region`` (a mask), only its voxels are averaged (the others hold 0): dhollander reads the means inside the
-    eroded mask alone."""
-    from dwiflow.core.voxels import VoxelBatch
+    each of which runs without the interpreter lock (a stage's numba set-up runs beside it on a thread). Only the
+    voxels of ``region`` (a mask; default every voxel) are averaged, the others hold 0: dhollander reads the means
+    inside the eroded mask alone."""
+    from dwiflow.core.voxels import VoxelBatch, scatter
 
     shells = list(gtab.shells)
-    spatial = data.shape[:-1]
     indicator = np.zeros((gtab.n_volumes, len(shells)))
     for number, shell in enumerate(shells):
         indicator[shell.indices, number] = 1.0 / shell.count
-    if region is None:
-        rows = data.reshape(-1, gtab.n_volumes, order="A")  # a view for a C- or F-ordered image
-        order = "F" if not data.flags.c_contiguous and data.flags.f_contiguous else "C"
-        n_rows, block_of = rows.shape[0], lambda sl: rows[sl].astype(np.float64)  # noqa: E731
-    else:
-        batch = VoxelBatch.from_volume(data, region, gtab.n_volumes, memory_order=True)
-        n_rows, block_of = batch.n_voxels, batch.signal  # float64 rows, as above
-    shell_means = np.empty((n_rows, len(shells)), dtype=np.float32)
-    overall = np.empty(n_rows, dtype=np.float32)
-    for start in range(0, n_rows, slab):
-        block = block_of(slice(start, start + slab))
+    batch = VoxelBatch.from_volume(data, region, gtab.n_volumes, memory_order=True)
+    shell_means = np.empty((batch.n_voxels, len(shells)), dtype=np.float32)
+    overall = np.empty(batch.n_voxels, dtype=np.float32)
+    for start in range(0, batch.n_voxels, slab):
+        block = batch.signal(slice(start, start + slab))  # float64 rows, a copy
         overall[start:start + slab] = block.mean(axis=1)
         np.maximum(block, 0.0, out=block)
         shell_means[start:start + slab] = block @ indicator
-    if region is None:
-        means = [shell_means[:, number].reshape(spatial, order=order) for number in range(len(shells))]
-        return means, overall.reshape(spatial, order=order)
-    means = [np.zeros(spatial, dtype=np.float32) for _ in shells]
-    for number, image in enumerate(means):
-        image[batch.index] = shell_means[:, number]
-    mean_image = np.zeros(spatial, dtype=np.float32)
-    mean_image[batch.index] = overall
-    return means, mean_image
+    return [scatter(shell_means[:, number], batch) for number in range(len(shells))], scatter(overall, batch)
 
 
 def signal_decay_metric(means: list[np.ndarray], gtab: GradientTable) -> tuple[np.ndarray, np.ndarray]:
