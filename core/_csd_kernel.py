@@ -10,10 +10,11 @@ the moments' product ~8 %, the amplitudes ~6 % (each share: the kernel's extra t
 done twice). Measured and slower, so not used: an upper factor (UᵀU, rows contiguous) factored
 right-looking (1.9× the time) or transposed from this Crout factor (+19 %); four voxels as explicit
 SIMD lanes of the factorisation (+9 %: numba leaves LLVM's SLP vectoriser off,
-``numba.config.SLP_VECTORIZE``, so the loop vectoriser runs along k with shuffles instead; +2 % with
-it on); register accumulators in the assembly (+2–3 %); starting without MRtrix3's 10 %-of-maximum
-set (+14 %, 4.1 solves) or at 20 % (+19 %); every start gave the same solutions (within 1e-5 in all
-of 20k voxels).
+``numba.config.SLP_VECTORIZE``, so the loop vectoriser runs along k with shuffles instead; with it
+on and the factorisation compiled without fastmath, so that k is not vectorised, 3 % faster: too
+little to turn it on for every kernel); register accumulators in the assembly (+2–3 %); starting
+without MRtrix3's 10 %-of-maximum set (+14 %, 4.1 solves) or at 20 % (+19 %); every start gave the
+same solutions (within 1e-5 in all of 20k voxels).
 """
 
 from __future__ import annotations
