@@ -42,6 +42,7 @@ import numpy as np
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import GradientTable, checked_gradient_table
 from dwiflow.core.response import ResponseFunction, amp2response
+from dwiflow.core.voxels import VoxelBatch, scatter
 
 DEFAULT_ERODE = 3
 DEFAULT_FA = 0.2
@@ -207,8 +208,6 @@ def volume_means(data: np.ndarray, gtab: GradientTable, slab: int = 16384,
     each of which runs without the interpreter lock (a stage's numba set-up runs beside it on a thread). Only the
     voxels of ``region`` (a mask; default every voxel) are averaged, the others hold 0: dhollander reads the means
     inside the eroded mask alone."""
-    from dwiflow.core.voxels import VoxelBatch, scatter
-
     shells = list(gtab.shells)
     indicator = np.zeros((gtab.n_volumes, len(shells)))
     for number, shell in enumerate(shells):
