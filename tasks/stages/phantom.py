@@ -1,4 +1,4 @@
-"""Command ``phantom``: a small BIDS dataset of a multi-fibre phantom with its ground truth."""
+"""Command ``phantom``: a small BIDS dataset of a multi-fibre (or WM/GM/CSF) phantom with its ground truth."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ class PhantomOptions(StageOptions):
                               help="size of the tissue block; the image adds 3,3,2 voxels of background on each side")
     snr: float = option(30.0, minimum=0, help="S0/sigma; 0 for noiseless")
     seed: int = option(0, minimum=0, help="random seed")
+    tissues: str = option("fibres", choices=("fibres", "three"),
+                          help="fibres: 1-3 fibres and a CSF fraction up to 0.2 in every voxel; three: WM (1-2 fibres), GM "
+                               "and CSF in smooth patches with partial volumes, for multi-tissue CSD (with --scheme "
+                               "multi)")
 
 
 def check_phantom_folder(out_dir: PathLike) -> None:
@@ -55,7 +59,8 @@ def check_phantom_folder(out_dir: PathLike) -> None:
 def run_phantom(files, outputs, options: PhantomOptions, context):
     check_phantom_folder(outputs["dataset"])
     return write_phantom_dataset(outputs["dataset"], scheme=options.scheme, shape=tuple(options.shape),
-                                 snr=None if options.snr <= 0 else options.snr, seed=options.seed)
+                                 snr=None if options.snr <= 0 else options.snr, seed=options.seed,
+                                 tissues=options.tissues)
 
 
 def write_phantom_dataset(
@@ -66,6 +71,7 @@ def write_phantom_dataset(
     seed: int = 0,
     voxel_size: float = 2.0,
     background: tuple[int, int, int] = (3, 3, 2),
+    tissues: str = "fibres",
 ) -> dict[str, Path]:
     """Write a small BIDS dataset of a multi-fibre phantom plus its ground truth.
 
@@ -75,16 +81,29 @@ def write_phantom_dataset(
     fibre directions (world frame) and the CSF fraction. The tissue block of ``shape`` sits in a
     field of view padded by ``background`` voxels per side that hold only noise (as outside a
     head), so that masking behaves as on real data; truth maps are 0 there.
+
+    ``tissues="three"``: the block is WM (1–2 fibres), GM and CSF in spatially smooth patches with partial volumes
+    (:func:`~dwiflow.core.sims.three_tissue_phantom` with :func:`~dwiflow.core.sims.smooth_tissue_fractions`:
+    what dhollander's tissue selection needs); the truth then has the WM fibres (``nfibres``, ``fractions``,
+    ``directions``) and the WM/GM/CSF volume fractions (``tissues``) in place of ``csf``.
     """
     from dwiflow.core.gradients import world_to_fsl_bvecs
-    from dwiflow.core.sims import acquisition_scheme, make_phantom
+    from dwiflow.core.sims import acquisition_scheme, make_phantom, smooth_tissue_fractions, three_tissue_phantom
 
+    if tissues not in ("fibres", "three"):
+        raise ValueError(f"tissues must be 'fibres' or 'three', got {tissues!r}")
     gtab = acquisition_scheme(scheme)
-    tissue = make_phantom(gtab, shape, snr=snr, seed=seed, csf_fraction=(0.0, 0.2))
+    if tissues == "three":
+        block = three_tissue_phantom(gtab, shape, snr=snr, seed=seed,
+                                     fractions=smooth_tissue_fractions(shape, width=2.0, seed=seed))
+        tissue, signal, s0 = block.wm, block.data, 1000.0  # three_tissue_phantom's S0
+    else:
+        tissue = make_phantom(gtab, shape, snr=snr, seed=seed, csf_fraction=(0.0, 0.2))
+        signal, s0 = tissue.data, tissue.s0
     pad = [(b, b) for b in background]
     rng = np.random.default_rng(seed + 1)
-    sigma = 0.0 if snr is None else tissue.s0 / snr
-    data = np.pad(tissue.data, pad + [(0, 0)])
+    sigma = 0.0 if snr is None else s0 / snr
+    data = np.pad(signal, pad + [(0, 0)])
     outside = np.pad(np.zeros(shape, bool), pad, constant_values=True)
     if sigma:
         noise = rng.standard_normal((int(outside.sum()), gtab.n_volumes, 2)) * sigma
@@ -100,12 +119,13 @@ def write_phantom_dataset(
     mask_dir = root / "derivatives" / "masks" / "sub-phantom" / "dwi"
     base = dwi_dir / "sub-phantom_dwi"
     fsl_bvecs = world_to_fsl_bvecs(gtab.bvecs, affine)
-    truth_common = {"FibreEigenvalues": list(phantom.evals), "S0": phantom.s0, "SNR": snr, "Seed": seed,
-                    "Scheme": scheme}
+    truth_common = {"FibreEigenvalues": list(phantom.evals), "S0": s0, "SNR": snr, "Seed": seed,
+                    "Scheme": scheme, "Tissues": tissues}
     files: dict[str, Path] = {}
     with atomic_outputs() as out:
         out.json(root / "dataset_description.json", {
-            "Name": f"dwiflow phantom ({scheme}-shell, {shape[0]}x{shape[1]}x{shape[2]})",
+            "Name": f"dwiflow phantom ({scheme}-shell, {'WM/GM/CSF, ' if tissues == 'three' else ''}"
+                    f"{shape[0]}x{shape[1]}x{shape[2]})",
             "BIDSVersion": "1.9.0", "DatasetType": "raw",
             "GeneratedBy": [{"Name": "dwiflow", "Version": __version__, "Description": "dwirecon phantom"}],
         })
@@ -113,8 +133,10 @@ def write_phantom_dataset(
             "Name": "dwiflow phantom ground truth", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
             "GeneratedBy": [{"Name": "dwiflow", "Version": __version__}],
         })
+        described = ("Simulated DWI of WM (multi-tensor), GM and CSF with Rician noise" if tissues == "three"
+                     else "Simulated multi-tensor DWI with Rician noise")
         files["dwi"] = out.nifti(base.with_name(base.name + ".nii.gz"), data, affine,
-                                 {"Description": "Simulated multi-tensor DWI with Rician noise", **truth_common})
+                                 {"Description": described, **truth_common})
         files["bval"] = out.text(base.with_name(base.name + ".bval"), " ".join(f"{b:g}" for b in gtab.bvals) + "\n")
         files["bvec"] = out.text(base.with_name(base.name + ".bvec"),
                                  "\n".join(" ".join(f"{v:.8f}" for v in row) for row in fsl_bvecs.T) + "\n")
@@ -123,8 +145,12 @@ def write_phantom_dataset(
             "fractions": (np.pad(phantom.fractions, pad + [(0, 0)]), np.float32, "Fibre volume fractions of the tissue"),
             "directions": (np.pad(np.nan_to_num(phantom.directions.reshape(phantom.n_fibres.shape + (-1,))), pad + [(0, 0)]),
                            np.float32, "Fibre directions in world coordinates, 3 volumes per fibre (0 where absent)"),
-            "csf": (np.pad(phantom.csf_fraction, pad), np.float32, "Free-water (CSF) volume fraction"),
         }
+        if tissues == "three":
+            truth["tissues"] = (np.pad(block.fractions, pad + [(0, 0)]), np.float32,
+                                "Volume fractions of WM, GM and CSF (3 volumes)")
+        else:
+            truth["csf"] = (np.pad(phantom.csf_fraction, pad), np.float32, "Free-water (CSF) volume fraction")
         out.json(root / "derivatives" / "masks" / "dataset_description.json", {
             "Name": "dwiflow phantom brain mask (the tissue block)", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
             "GeneratedBy": [{"Name": "dwiflow", "Version": __version__}],
@@ -155,8 +181,8 @@ def keep_one_shell(dwi: Path, bvalue: float) -> None:
 STAGES = (
     Stage(
         name="phantom", order=2000, title="Phantom", summary="write a small BIDS phantom dataset with ground truth",
-        description="Multi-tensor phantom (1-3 fibres per voxel, CSF, Rician noise) as a BIDS dataset with its ground "
-                    "truth and a brain-mask derivative.",
+        description="Multi-tensor phantom (1-3 fibres per voxel, CSF, Rician noise; or WM, GM and CSF patches with "
+                    "--tissues three) as a BIDS dataset with its ground truth and a brain-mask derivative.",
         options=PhantomOptions, run=run_phantom,
         outputs=(Output("dataset", "the dataset folder", cli="positional", metavar="OUT_DIR", folder=True),), pipeline=False,
     ),

@@ -45,6 +45,33 @@ def test_phantom_writes_bids_and_truth(phantom_dir):
     assert b0[mask].mean() == pytest.approx(100, abs=3) and b0[~mask].mean() < 10  # background holds noise only
 
 
+def test_phantom_with_three_tissues(tmp_path):
+    """``--tissues three`` (the demo's dataset): WM, GM and CSF patches with the volume fractions as truth; without
+    noise each voxel's b=0 signal is S0 times the fractions weighted by proton density (CSF 1.3), and a voxel that is
+    nearly pure GM decays isotropically with GM's diffusivity on every shell."""
+    from dwiflow.core.sims import CSF_PROTON_DENSITY, GM_DIFFUSIVITY
+
+    out = tmp_path / "three"
+    assert main(["phantom", str(out), "--scheme", "multi", "--tissues", "three", "--shape", "10,10,4", "--snr", "0",
+                 "--seed", "3", "-q"]) == 0
+    truth_dir = out / "derivatives/truth/sub-phantom/dwi"
+    fractions = nib.load(truth_dir / "sub-phantom_desc-tissues_truth.nii.gz").get_fdata()
+    assert not (truth_dir / "sub-phantom_desc-csf_truth.nii.gz").exists()
+    mask = nib.load(out / "derivatives/masks/sub-phantom/dwi/sub-phantom_desc-brain_mask.nii.gz").get_fdata() > 0
+    assert mask.sum() == 10 * 10 * 4 and np.allclose(fractions[mask].sum(axis=-1), 1) and not fractions[~mask].any()
+    assert np.all(fractions[mask].max(axis=0) > 0.9)  # each tissue has nearly pure voxels (dhollander needs them)
+    base = out / "sub-phantom" / "dwi" / "sub-phantom_dwi"
+    data = nib.load(f"{base}.nii.gz").get_fdata()
+    bvals = np.loadtxt(f"{base}.bval")
+    s0 = data[..., bvals < 50].mean(axis=-1)
+    assert np.allclose(s0[mask], 1000 * (fractions[mask] @ [1.0, 1.0, CSF_PROTON_DENSITY]), rtol=1e-5)
+    grey = mask & (fractions[..., 1] > 0.999)
+    assert grey.any()
+    decay = data[grey] / s0[grey, None]
+    assert np.allclose(decay, np.exp(-bvals * GM_DIFFUSIVITY), atol=2e-3)
+    assert json.loads((out / "dataset_description.json").read_text())["Name"].startswith("dwiflow phantom (multi-shell, WM/GM/CSF")
+
+
 def test_shells_prints_every_shell(phantom_dir, capsys):
     code, out, _ = _run(["shells", phantom_dir["bval"]], capsys)
     assert code == 0
