@@ -14,10 +14,15 @@ Kept in its own module so that ``import dwiflow.core`` never imports numba; comp
 
 Measured starts (one thread): on the benchmarks' phantom a voxel takes ~151 additions for ~43 constraints active at
 its solution (on ../shared/data/bids_real sub-01 b1kb2k ~47 for ~38). Started from its own final active set, a voxel
-takes none (34× faster), which SS3T-CSD's alternations use. No cheap predictor of that set was found: the
-neighbouring voxel's set (real data: 47 → 39 additions, but 3.3 → 3.8 s, since the start's removals cost more than
-they save), the constraints the unconstrained solution violates, or the negative set of a penalised CSD-like
-iteration (~190 candidates for ~43 active) were all slower, by up to 6×.
+takes none (34× faster), which SS3T-CSD's alternations use. No cheap predictor of that set was found: the neighbouring
+voxel's set (real data: 47 → 39 additions, but 3.3 → 3.8 s, since the start's removals cost more than they save), the
+constraints the unconstrained solution violates, or the negative set of a penalised CSD-like iteration (~190
+candidates for ~43 active) were all slower, by up to 6×. Nor does the constraint update (~35 % of the time, m × k per
+addition) pay to skip: adding the T most violated constraints of one update in turn, each re-checked in O(k) against
+the current multipliers, takes more additions than it saves updates (T = 2, 4, 8: 181, 214, 251 additions for 151;
+slower by 3–7 %), and stopping at a looser violation tolerance moves the solution at once (1e-10 relative to |y_u|: WM
+up to 8e-6 of the voxel's largest coefficient; 1e-6: 1.4e-2), since ~250 of the 302 constraints lie within 1e-4 · |y|
+of zero at the solution.
 """
 
 from __future__ import annotations
