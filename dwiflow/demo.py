@@ -15,11 +15,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from dwiflow.bids_specs.outputs import output_filename
 from dwiflow.tasks.stages.phantom import write_phantom_dataset
 
-# the spec's outputs the accuracy is read from (BEP016 names, bids_specs/outputs.yaml)
-PEAKS = "sub-phantom_model-mtnormalise_param-peaks_dwimap.nii.gz"
-TISSUE_FRACTIONS = "sub-phantom_model-msmtcsd_param-tissuefractions_desc-norm_dwimap.nii.gz"
+# the msmt spec's outputs the accuracy is read from: peaks of the normalised WM FOD, normalised tissue fractions
+PEAKS = output_filename("peaks", {"sub": "phantom"}, {"fod_model": "mtnormalise"})
+TISSUE_FRACTIONS = output_filename("mtnormalise_fractions", {"sub": "phantom"}, {"tissue_model": "msmtcsd"})
 
 
 def run_demo(out_dir: Path) -> dict[str, Path]:

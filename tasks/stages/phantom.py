@@ -94,9 +94,10 @@ def write_phantom_dataset(
         raise ValueError(f"tissues must be 'fibres' or 'three', got {tissues!r}")
     gtab = acquisition_scheme(scheme)
     if tissues == "three":
-        block = three_tissue_phantom(gtab, shape, snr=snr, seed=seed,
+        s0 = 1000.0
+        block = three_tissue_phantom(gtab, shape, s0=s0, snr=snr, seed=seed,
                                      fractions=smooth_tissue_fractions(shape, width=2.0, seed=seed))
-        tissue, signal, s0 = block.wm, block.data, 1000.0  # three_tissue_phantom's S0
+        tissue, signal = block.wm, block.data
     else:
         tissue = make_phantom(gtab, shape, snr=snr, seed=seed, csf_fraction=(0.0, 0.2))
         signal, s0 = tissue.data, tissue.s0
@@ -142,7 +143,9 @@ def write_phantom_dataset(
                                  "\n".join(" ".join(f"{v:.8f}" for v in row) for row in fsl_bvecs.T) + "\n")
         truth = {
             "nfibres": (np.pad(phantom.n_fibres, pad), np.uint8, "Number of fibres (0 outside the tissue)"),
-            "fractions": (np.pad(phantom.fractions, pad + [(0, 0)]), np.float32, "Fibre volume fractions of the tissue"),
+            "fractions": (np.pad(phantom.fractions, pad + [(0, 0)]), np.float32,
+                          "Fibre volume fractions within the white matter" if tissues == "three"
+                          else "Fibre volume fractions of the tissue"),
             "directions": (np.pad(np.nan_to_num(phantom.directions.reshape(phantom.n_fibres.shape + (-1,))), pad + [(0, 0)]),
                            np.float32, "Fibre directions in world coordinates, 3 volumes per fibre (0 where absent)"),
         }
