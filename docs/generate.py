@@ -82,13 +82,6 @@ def validation_records() -> list[dict]:
     return sorted(unique.values(), key=lambda r: (r["model"], r["quantity"]))
 
 
-def _steal_note(row: dict) -> str:
-    """The benchmark's note on a row whose step lost more than 5 % of its CPU time to the hypervisor (benchmarks/
-    run.py, ``STEAL_NOTE``): its ratio was measured on a busy shared machine."""
-    steal = row.get("cpu_steal")
-    return f" [CPU steal up to {steal:.0%} in this step's timed runs]" if steal and steal > 0.05 else ""
-
-
 def validation_page() -> str:
     lines = ["Validation", "==========", "",
              "Every number below was written by the test that asserts it (``tests/``, through the ``record`` "
@@ -112,7 +105,7 @@ def validation_page() -> str:
                   ""]
         rows = [[_literal(r["step"]), _literal(r["peer"]), str(r["voxels"]), f"{r['dwiflow_s']:.3g}",
                  f"{r['peer_s']:.3g}", f"{r['ratio']:.2f}" if r.get("ratio") else "-",
-                 _literal(r["accuracy"] + _steal_note(r))] for r in bench["rows"]]
+                 _literal(r["accuracy"] + (f" [{r['note']}]" if r.get("note") else ""))] for r in bench["rows"]]
         headers = ["step", "reference", "voxels", "dwiflow s", "reference s", "ratio", "accuracy"]
         widths = "10 26 8 8 8 6 34"
         machines = {r.get("machine") for r in bench["rows"]}

@@ -15,6 +15,8 @@ from dwiflow.tasks.options import StageOptions, option
 from dwiflow.tasks.registry import Output, Stage
 
 PathLike = str | os.PathLike
+# what the tissue block holds: multi-fibre voxels with some CSF, or WM/GM/CSF patches
+PHANTOM_TISSUES = ("fibres", "three")
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class PhantomOptions(StageOptions):
                               help="size of the tissue block; the image adds 3,3,2 voxels of background on each side")
     snr: float = option(30.0, minimum=0, help="S0/sigma; 0 for noiseless")
     seed: int = option(0, minimum=0, help="random seed")
-    tissues: str = option("fibres", choices=("fibres", "three"),
+    tissues: str = option("fibres", choices=PHANTOM_TISSUES,
                           help="fibres: 1-3 fibres and a CSF fraction up to 0.2 in every voxel; three: WM (1-2 fibres), GM "
                                "and CSF in smooth patches with partial volumes, for multi-tissue CSD (with --scheme "
                                "multi)")
@@ -90,8 +92,8 @@ def write_phantom_dataset(
     from dwiflow.core.gradients import world_to_fsl_bvecs
     from dwiflow.core.sims import acquisition_scheme, make_phantom, smooth_tissue_fractions, three_tissue_phantom
 
-    if tissues not in ("fibres", "three"):
-        raise ValueError(f"tissues must be 'fibres' or 'three', got {tissues!r}")
+    if tissues not in PHANTOM_TISSUES:
+        raise ValueError(f"tissues must be one of {PHANTOM_TISSUES}, got {tissues!r}")
     gtab = acquisition_scheme(scheme)
     if tissues == "three":
         s0 = 1000.0
