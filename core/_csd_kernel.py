@@ -228,24 +228,16 @@ def _finish_voxel(work, chol, f, x, amplitude, changes, n_changed, neg, rhs, thr
             return OK, solves
 
 
-@njit(cache=True, inline="always")
-def _finite_row(bits, v, columns) -> bool:
-    """Whether row ``v`` of a float64 array, given as its uint64 bit patterns, is finite at
-    ``columns`` (exponent not all ones). Integer tests, because fastmath, which numba passes
-    on to callees, lets the compiler assume that floats are finite."""
-    for d in range(columns.shape[0]):
-        if (bits[v, columns[d]] >> np.uint64(52)) & np.uint64(0x7FF) == np.uint64(0x7FF):
-            return False
-    return True
-
-
 @njit(cache=True, parallel=True, fastmath=True)
-def solve_csd(rows, columns, forward, start_t, start_constraints_t, threshold_row, threshold_const, start_fraction, constraints,
+def solve_csd(signal_by_volume, finite_voxel, columns, forward, start_t, start_constraints_t, threshold_row, threshold_const, start_fraction, constraints,
               direction_moments, gaunt_indptr, gaunt_indices, gaunt_data, normal_lower, niter):
     """Deconvolve every voxel: start, then iterate to the fixed point of its negative set.
 
-    rows : (v, n_volumes) signals; columns : (n_dirs,) the deconvolved volumes (a voxel with a
-    non-finite value there gets status 1 and zeros); forward : (n_dirs, n) M; start_t : (n_dirs, n_start) signal → the low-order start's
+    signal_by_volume : (n_volumes, v) float64 signals, volume by volume (a block of voxels reads
+    a run of each volume's row: the caller gathers no transposed copy); finite_voxel : (v,) whether the voxel's values at
+    ``columns`` are finite (a voxel where not gets status 1 and zeros; tested by the caller,
+    since fastmath lets the compiler assume that floats are finite); columns : (n_dirs,) the
+    deconvolved volumes; forward : (n_dirs, n) M; start_t : (n_dirs, n_start) signal → the low-order start's
     coefficients; start_constraints_t : (n_start, n_c) their amplitudes at the constraint
     directions; threshold_row, threshold_const : per-voxel threshold = const + row·s (amplitude
     below which a direction counts as negative); start_fraction : the start's negative set
@@ -261,7 +253,7 @@ def solve_csd(rows, columns, forward, start_t, start_constraints_t, threshold_ro
     its factor. Returns the FOD coefficients (v, n), a :class:`~dwiflow.core.status.FitStatus` code
     per voxel (OK, NONFINITE_INPUT, NOT_CONVERGED, SINGULAR) and the number of solves per voxel.
     """
-    nvox = rows.shape[0]
+    nvox = signal_by_volume.shape[1]
     n_dirs = columns.shape[0]
     n = forward.shape[1]
     n_c = constraints.shape[0]
@@ -274,11 +266,14 @@ def solve_csd(rows, columns, forward, start_t, start_constraints_t, threshold_ro
         v0 = blk * BLOCK
         block_signal = np.zeros((BLOCK, n_dirs))  # lanes past the last voxel stay zero (and idle)
         finite = np.zeros(BLOCK, dtype=np.bool_)
-        for b in range(min(BLOCK, nvox - v0)):
-            finite[b] = _finite_row(rows.view(np.uint64), v0 + b, columns)
-            if finite[b]:
-                for d in range(n_dirs):
-                    block_signal[b, d] = rows[v0 + b, columns[d]]
+        last = min(BLOCK, nvox - v0)
+        for b in range(last):
+            finite[b] = finite_voxel[v0 + b]
+        for d in range(n_dirs):
+            row = columns[d]
+            for b in range(last):
+                if finite[b]:
+                    block_signal[b, d] = signal_by_volume[row, v0 + b]
         rhs = np.dot(block_signal, forward)  # Mᵀs
         start_amplitude = np.dot(np.dot(block_signal, start_t), start_constraints_t)
         threshold_lane = threshold_const + np.dot(block_signal, threshold_row)

@@ -357,7 +357,7 @@ class CsdModel:
         """Deconvolve every voxel of ``data`` (…, n_volumes) inside ``mask``."""
         from dwiflow.core._csd_kernel import solve_csd  # compiled lazily (numba)
 
-        batch = VoxelBatch.from_volume(data, mask, self.gtab.n_volumes)
+        batch = VoxelBatch.from_volume(data, mask, self.gtab.n_volumes, memory_order=True)
         nvox, nsh = batch.n_voxels, self._forward.shape[1]
         sh = np.empty((nvox, nsh))
         status = np.zeros(nvox, dtype=np.uint8)
@@ -375,11 +375,15 @@ class CsdModel:
                 sh[sl][~finite] = np.nan
                 status[sl] = np.where(finite, FitStatus.OK, FitStatus.NONFINITE_INPUT)
                 continue
-            signal = batch.signal(sl)
+            # (volumes, voxels), gathered and converted without a transposition
+            signal = batch.signal_by_volume(sl).astype(np.float64, copy=False)
+            finite = np.ones(signal.shape[1], dtype=bool)
+            for row in columns:
+                finite &= np.isfinite(signal[row])
             if self.flavour == "mrtrix3":  # as dwi2fod: negative samples count as 0 (NaN stays NaN: status)
-                np.maximum(signal, 0.0, out=signal)
+                np.maximum(signal, 0, out=signal)
             out, st, it = solve_csd(
-                np.ascontiguousarray(signal), columns, self._forward, self._start_t,
+                signal, finite, columns, self._forward, self._start_t,
                 self._start_constraints_t, self._threshold_row, self._threshold_const, self._start_fraction,
                 self._constraints, self._mask_moments, self._gaunt_indptr, self._gaunt_indices, self._gaunt_data,
                 normal_lower, self.niter,
