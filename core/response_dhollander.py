@@ -42,7 +42,7 @@ import numpy as np
 from dwiflow.core.errors import DwiflowInputError
 from dwiflow.core.gradients import GradientTable, checked_gradient_table
 from dwiflow.core.response import ResponseFunction, amp2response
-from dwiflow.core.voxels import VoxelBatch, scatter
+from dwiflow.core.voxels import VoxelBatch, run_chunks, scatter
 
 DEFAULT_ERODE = 3
 DEFAULT_FA = 0.2
@@ -201,26 +201,30 @@ def principal_directions(tensors: np.ndarray) -> np.ndarray:
     return evecs[np.arange(evecs.shape[0]), :, principal]
 
 
-def volume_means(data: np.ndarray, gtab: GradientTable, slab: int = 16384,
-                 region: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+def volume_means(data: np.ndarray, gtab: GradientTable, slab: int = 1024,
+                 region: np.ndarray | None = None, n_threads: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
     """Each shell's mean of the signal clipped at 0 (as MRtrix3's ``mrcalc -max 0`` then ``mrmath mean``) and the
     mean over all volumes, unclipped (float64 sums, float32 results): a few array operations per ``slab`` voxels,
-    each of which runs without the interpreter lock (a stage's numba set-up runs beside it on a thread). Only the
+    gathered volume by volume (no transposed copy) in the order the voxels lie in memory, the slabs on ``n_threads``
+    threads (the operations release the interpreter lock; the results do not depend on the thread count). Only the
     voxels of ``region`` (a mask; default every voxel) are averaged, the others hold 0: dhollander reads the means
     inside the eroded mask alone."""
     shells = list(gtab.shells)
-    indicator = np.zeros((gtab.n_volumes, len(shells)))
+    indicator = np.zeros((len(shells), gtab.n_volumes))
     for number, shell in enumerate(shells):
-        indicator[shell.indices, number] = 1.0 / shell.count
+        indicator[number, shell.indices] = 1.0 / shell.count
     batch = VoxelBatch.from_volume(data, region, gtab.n_volumes, memory_order=True)
-    shell_means = np.empty((batch.n_voxels, len(shells)), dtype=np.float32)
+    shell_means = np.empty((len(shells), batch.n_voxels), dtype=np.float32)
     overall = np.empty(batch.n_voxels, dtype=np.float32)
-    for start in range(0, batch.n_voxels, slab):
-        block = batch.signal(slice(start, start + slab))  # float64 rows, a copy
-        overall[start:start + slab] = block.mean(axis=1)
+
+    def average(chunk: slice) -> None:
+        block = batch.signal_by_volume(chunk).astype(np.float64, copy=False)  # (volumes, voxels), a copy
+        overall[chunk] = block.mean(axis=0)
         np.maximum(block, 0.0, out=block)
-        shell_means[start:start + slab] = block @ indicator
-    return [scatter(shell_means[:, number], batch) for number in range(len(shells))], scatter(overall, batch)
+        shell_means[:, chunk] = indicator @ block
+
+    run_chunks(average, batch.n_voxels, slab, n_threads)
+    return [scatter(shell_means[number], batch) for number in range(len(shells))], scatter(overall, batch)
 
 
 def signal_decay_metric(means: list[np.ndarray], gtab: GradientTable) -> tuple[np.ndarray, np.ndarray]:
@@ -294,7 +298,8 @@ def dhollander(
         ``tournier`` its iterative selection of as many voxels on the largest shell, ``tax`` its recursive
         calibration (as many voxels as it keeps; ``sfwm`` is not used).
     n_threads : int, optional
-        Threads of the tensor fit (default 1; the result does not depend on it). The CSD fits use numba's.
+        Threads of the volume means and the tensor fit (default 1; the result does not depend on it). The CSD fits
+        use numba's.
 
     Returns
     -------
@@ -322,7 +327,7 @@ def dhollander(
     counts["mask"] = int(mask.sum())
     eroded = erode_mask(mask, erode) if erode > 0 else mask.copy()
     counts["eroded"] = int(eroded.sum())
-    shell_means, mean_signal = volume_means(data, gtab, region=eroded)
+    shell_means, mean_signal = volume_means(data, gtab, region=eroded, n_threads=n_threads)
     sdm, error = signal_decay_metric(shell_means, gtab)
     error |= ~(np.isfinite(sdm) & (sdm > 0))
     safe = eroded & ~error
