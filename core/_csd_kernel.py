@@ -233,11 +233,11 @@ def solve_csd(signal_by_volume, finite_voxel, columns, forward, start_t, start_c
               direction_moments, gaunt_indptr, gaunt_indices, gaunt_data, normal_lower, niter):
     """Deconvolve every voxel: start, then iterate to the fixed point of its negative set.
 
-    signal_by_volume : (n_volumes, v) float64 signals, volume by volume (a block of voxels reads
-    a run of each volume's row: the caller gathers no transposed copy); finite_voxel : (v,) whether the voxel's values at
-    ``columns`` are finite (a voxel where not gets status 1 and zeros; tested by the caller,
-    since fastmath lets the compiler assume that floats are finite); columns : (n_dirs,) the
-    deconvolved volumes; forward : (n_dirs, n) M; start_t : (n_dirs, n_start) signal → the low-order start's
+    signal_by_volume : (n_volumes, v) float64 signals, volume by volume (a block of voxels
+    reads a run of each volume's row: the caller gathers no transposed copy); finite_voxel :
+    (v,) whether the voxel's values at ``columns`` are finite (a voxel where not gets status 1
+    and zeros; tested by the caller, since fastmath lets the compiler assume that floats are
+    finite); columns : (n_dirs,) the deconvolved volumes; forward : (n_dirs, n) M; start_t : (n_dirs, n_start) signal → the low-order start's
     coefficients; start_constraints_t : (n_start, n_c) their amplitudes at the constraint
     directions; threshold_row, threshold_const : per-voxel threshold = const + row·s (amplitude
     below which a direction counts as negative); start_fraction : the start's negative set
