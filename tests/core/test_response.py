@@ -181,7 +181,7 @@ def test_nonnegative_least_squares_is_optimal():
 @pytest.mark.parametrize("layout", ["C", "F"])
 def test_dhollander_volume_means_match_each_shells_clipped_mean(layout):
     """dhollander's shell means (signal clipped at 0, as mrcalc -max 0 then mrmath mean) and the mean over all
-    volumes, computed by slabs of voxels smaller than the image, equal the per-shell means of the clipped signal
+    volumes, computed by slabs of voxels smaller than the image (on one thread or two), equal the per-shell means of the clipped signal
     to float32 rounding, for C- and Fortran-ordered images (a NIfTI image's array is Fortran-ordered)."""
     from dwiflow.core.response_dhollander import volume_means
 
@@ -190,6 +190,8 @@ def test_dhollander_volume_means_match_each_shells_clipped_mean(layout):
     data[2, 3, 1, :4] = -50.0  # negative samples: clipped in the shell means, kept in the overall mean
     data = np.asfortranarray(data) if layout == "F" else np.ascontiguousarray(data)
     means, overall = volume_means(data, gtab, slab=37)
+    threaded = volume_means(data, gtab, slab=37, n_threads=2)  # the slabs on two threads: the same bits
+    assert all(np.array_equal(a, b) for a, b in zip([*means, overall], [*threaded[0], threaded[1]]))
     for shell, mean in zip(gtab.shells, means):
         expected = np.maximum(data[..., shell.indices].astype(np.float64), 0).mean(axis=-1)
         assert mean.shape == data.shape[:3]
