@@ -18,13 +18,14 @@ def warm_up(specs: list[str] | None = None) -> int:
     """Run each built-in recon spec (default: all) on a 14x14x10 three-tissue phantom; 0 when every spec ran."""
     from dwiflow.cli.bidsapp import main as bidsapp
     from dwiflow.tasks.recon_spec import builtin_specs
-    from dwiflow.tasks.stages.phantom import keep_one_shell, three_tissue_block, write_phantom_dataset
+    from dwiflow.tasks.stages.phantom import add_diffusion_times, keep_one_shell, write_phantom_dataset
 
     failed = []
     with tempfile.TemporaryDirectory(prefix="dwiflow-warmup-") as tmp:
         root = Path(tmp)
-        files = write_phantom_dataset(root / "bids", scheme="multi", shape=(14, 14, 10), snr=30.0, seed=1)
-        three_tissue_block(files["dwi"])
+        files = write_phantom_dataset(root / "bids", scheme="multi", shape=(14, 14, 10), snr=30.0, seed=1,
+                                      tissues="three")
+        add_diffusion_times(files["dwi"])
         # single-shell specs (ss3t) run on a copy with b=0 and the b=3000 shell
         import shutil
 

@@ -170,7 +170,7 @@ def write_phantom_dataset(
 
 def keep_one_shell(dwi: Path, bvalue: float) -> None:
     """Keep only the b=0 volumes and the shell ``bvalue`` of a phantom dataset's DWI (its image, .bval and .bvec in
-    place): single-shell data for SS3T-CSD from the three-tissue block of :func:`three_tissue_block`."""
+    place): single-shell data for SS3T-CSD from a three-tissue dataset (``tissues="three"``)."""
     import nibabel as nib
 
     base = Path(str(dwi).removesuffix(".nii.gz"))
@@ -194,25 +194,12 @@ STAGES = (
 )
 
 
-def three_tissue_block(dwi: Path, seed: int = 2) -> None:
-    """Turn the tissue block of a multi-shell phantom dataset (:func:`write_phantom_dataset`, default background)
-    into spatially smooth WM/GM/CSF patches (what dhollander needs), and give its sidecar the diffusion times
-    MAP-MRI needs (Δ = 40 ms, δ = 20 ms). Used by ``python -m dwiflow.warmup``."""
+def add_diffusion_times(dwi: Path, large_delta: float = 0.04, small_delta: float = 0.02) -> None:
+    """Give a phantom DWI's sidecar the diffusion times MAP-MRI needs (Δ, δ in seconds; the phantom's signal does
+    not depend on them). Used by ``python -m dwiflow.warmup`` on a ``tissues="three"`` dataset."""
     import json
 
-    import nibabel as nib
-
-    from dwiflow.core.sims import acquisition_scheme, smooth_tissue_fractions, three_tissue_phantom
-
-    img = nib.load(dwi)
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    block = (slice(3, -3), slice(3, -3), slice(2, -2))
-    shape = data[block].shape[:3]
-    tissues = three_tissue_phantom(acquisition_scheme("multi"), shape, seed=seed,
-                                   fractions=smooth_tissue_fractions(shape, width=2.0, seed=seed))
-    data[block] = tissues.data
-    save_nifti(nib.Nifti1Image(data, img.affine, img.header), dwi)
     sidecar = Path(str(dwi).replace(".nii.gz", ".json"))
     content = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-    content.update(LargeDelta=0.04, SmallDelta=0.02)
+    content.update(LargeDelta=large_delta, SmallDelta=small_delta)
     sidecar.write_text(json.dumps(content, indent=2))

@@ -533,10 +533,10 @@ def load_builtin_yaml(name: str) -> dict:
 def test_ss3t_spec_on_single_shell_data_and_refused_on_multi_shell(tmp_path, capsys):
     """The built-in ss3t spec on a single-shell (b=0 + 3000) three-tissue phantom: every stage's outputs, BEP016
     sidecars, the tissue responses in the FOD's sidecar; on multi-shell data it is refused before anything runs."""
-    from dwiflow.tasks.stages.phantom import keep_one_shell, three_tissue_block, write_phantom_dataset
+    from dwiflow.tasks.stages.phantom import keep_one_shell, write_phantom_dataset
 
-    files = write_phantom_dataset(tmp_path / "bids", scheme="multi", shape=(14, 14, 10), snr=30.0, seed=1)
-    three_tissue_block(files["dwi"])
+    files = write_phantom_dataset(tmp_path / "bids", scheme="multi", shape=(14, 14, 10), snr=30.0, seed=1,
+                                  tissues="three")
     masks = str(tmp_path / "bids" / "derivatives" / "masks")
     refused = main([str(tmp_path / "bids"), str(tmp_path / "refused"), "participant", "--recon-spec", "ss3t",
                     "--mask-dir", masks, "--work-dir", str(tmp_path / "w0"), "--worker", "debug", "-q"])
