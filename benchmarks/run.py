@@ -1096,9 +1096,7 @@ def _timed_with_memory(cmds: list[list[str]], threads: int) -> tuple[float, floa
                     errors.seek(0)
                     raise RuntimeError(f"{' '.join(cmd[:4])} … failed: {errors.read()[-2000:]}")
 
-    seconds, _, share = _timed(run_all)
-    if share is not None:
-        _STEAL_SHARES.append(share)
+    seconds, _ = _best_of(run_all, 1)  # one run (and its CPU steal recorded)
     return seconds, peak
 
 
@@ -1202,10 +1200,8 @@ def _dipy_msmt_row(phantom, our_wm: Path, nvox: int, n_timed: int = 240, n_peaks
     model = MultiShellDeconvModel(dipy_gtab(gtab.bvals, bvecs=gtab.bvecs), response)
     with threadpool_limits(limits=1, user_api="blas"):
         model.fit(flat[timed[:2]])  # a one-time set-up, if any, is not scaled with the voxels
-        seconds, _, share = _timed(lambda: model.fit(flat[timed]))
+        seconds, _ = _best_of(lambda: model.fit(flat[timed]), 1)
         seconds *= nvox / timed.size
-        if share is not None:
-            _STEAL_SHARES.append(share)
         fit = model.fit(flat[subset])
     vertices = get_sphere("repulsion724").vertices
     theirs = vertices[np.argmax(fit.odf(DipySphere(xyz=vertices)), axis=1)]
