@@ -278,7 +278,9 @@ def single_threaded_blas(scipy_blas: bool = True):
     loaded; otherwise a multi-threaded gemv splits its sums differently with 1 and 2 threads and the last bits
     depend on the machine's thread count. ``scipy_blas=False``: a stage that calls no SciPy BLAS."""
     if scipy_blas:
-        import scipy.linalg.cython_blas  # noqa: F401  (loads SciPy's BLAS so that the limit covers it)
+        from dwiflow.core._scipy_blas import load_scipy_blas
+
+        load_scipy_blas()  # SciPy's BLAS, so that the limit covers it
 
     return threadpool_limits(limits=1, user_api="blas")
 

@@ -17,6 +17,26 @@ def test_core_imports_no_heavy_or_file_dependencies():
     assert result.stdout.strip() == ""
 
 
+def test_numba_kernels_get_scipy_blas_without_the_scipy_linalg_package():
+    """A kernel's import loads SciPy's BLAS extension on its own (not the 0.2-0.35 s package ``scipy.linalg``), numba's
+    BLAS calls work with it, and a later import of the package or of the module the usual ways finds the same one."""
+    code = (
+        "import sys, numpy as np\n"
+        "import dwiflow.core._msmt_kernel\n"
+        "from numba import njit\n"
+        "print('linalg' if 'scipy.linalg' in sys.modules else 'no-linalg')\n"
+        "blas = sys.modules['scipy.linalg.cython_blas']\n"
+        "a = np.arange(12.0).reshape(3, 4)\n"
+        "print(float(np.abs(njit(lambda x: np.dot(x, x.T))(a) - a @ a.T).max()))\n"
+        "import scipy.linalg.cython_blas as again\n"
+        "from scipy.linalg import cython_blas as package_attribute\n"
+        "import scipy.linalg\n"
+        "print(again is blas, package_attribute is blas, callable(scipy.linalg.solve))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["no-linalg", "0.0", "True", "True", "True"]
+
+
 def test_subpackages_live_in_their_folders():
     import dwiflow.bids_specs
     import dwiflow.core
