@@ -118,8 +118,8 @@ class Stage:
     methods: Callable[[Any], str] | None = None
     references: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
     # the stage's numba kernels call SciPy's BLAS: load it before limiting the BLAS threads (False: numpy-only stages,
-    # and stages whose kernels call no BLAS, skip loading SciPy's linear algebra here, ~0.1-0.35 s of a command; a
-    # function of the options when that depends on them)
+    # and stages whose kernels call no BLAS, skip importing SciPy and its BLAS extension here, ~0.02 s of a command
+    # (core/_scipy_blas.py); a function of the options when that depends on them)
     scipy_blas: bool | Callable[[Any], bool] = True
     # the stage runs numba kernels (always, or with the options for which this function is true): numba's one-time
     # set-up starts on a thread as the stage starts (prepare_compiler_in_background)
