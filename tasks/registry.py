@@ -236,8 +236,9 @@ def retain_freed_memory() -> bool:
 
 
 def prepare_compiler_in_background() -> threading.Thread:
-    """Start numba's one-time set-up on a thread: its import and its compiler's registries, ~0.45 s that a stage's
-    first kernel call would otherwise spend before anything else. Meanwhile the stage reads its data, whose
+    """Start numba's one-time set-up on a thread: its import and its compiler's registries, ~0.4–0.5 s (0.7 s while
+    it also imported the package ``scipy.linalg``: :mod:`dwiflow.core._scipy_blas`) that a stage's first kernel call
+    would otherwise spend before anything else. Meanwhile the stage reads its data, whose
     decompression releases the interpreter lock (a NODDI command on 53,000 voxels: 0.15 s less at one thread, 0.12 s
     at two). The set-up holds numba's compiler lock while it loads the registries, so a kernel called before it is
     done waits for it; a failure is left for the kernel's own call to report.
