@@ -229,23 +229,24 @@ def _finish_voxel(work, chol, f, x, amplitude, changes, n_changed, neg, rhs, thr
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def solve_csd(signal_by_volume, finite_voxel, columns, forward, start_t, start_constraints_t, threshold_row, threshold_const, start_fraction, constraints,
-              direction_moments, gaunt_indptr, gaunt_indices, gaunt_data, normal_lower, niter):
+def solve_csd(signal_by_volume, finite_voxel, columns, forward, start_t, start_constraints_t, threshold_row,
+              threshold_const, start_fraction, constraints, direction_moments, gaunt_indptr, gaunt_indices, gaunt_data,
+              normal_lower, niter):
     """Deconvolve every voxel: start, then iterate to the fixed point of its negative set.
 
-    signal_by_volume : (n_volumes, v) float64 signals, volume by volume (a block of voxels
-    reads a run of each volume's row: the caller gathers no transposed copy); finite_voxel :
-    (v,) whether the voxel's values at ``columns`` are finite (a voxel where not gets status 1
-    and zeros; tested by the caller, since fastmath lets the compiler assume that floats are
-    finite); columns : (n_dirs,) the deconvolved volumes; forward : (n_dirs, n) M; start_t : (n_dirs, n_start) signal → the low-order start's
-    coefficients; start_constraints_t : (n_start, n_c) their amplitudes at the constraint
-    directions; threshold_row, threshold_const : per-voxel threshold = const + row·s (amplitude
-    below which a direction counts as negative); start_fraction : the start's negative set
-    also takes amplitudes below this fraction of their maximum (< 0: not);
-    constraints : (n_c, n) rows h; direction_moments : (n_c, n_high) each direction's SH
-    moments (degree ≤ 2·lmax); gaunt_* : CSR (n_pairs, n_high) from moments to the packed
-    lower triangle (row-major) of Σ_negative h hᵀ (about 5% of the Gaunt coefficients are
-    non-zero); normal_lower : (n_pairs,) packed MᵀM + νI; niter ≥ 1.
+    signal_by_volume : (n_volumes, v) float64 signals, volume by volume (a block of voxels reads a
+    run of each volume's row: the caller gathers no transposed copy); finite_voxel : (v,) whether
+    the voxel's values at ``columns`` are finite (a voxel where not gets status 1 and zeros; tested
+    by the caller, since fastmath lets the compiler assume that floats are finite); columns :
+    (n_dirs,) the deconvolved volumes; forward : (n_dirs, n) M; start_t : (n_dirs, n_start) signal →
+    the low-order start's coefficients; start_constraints_t : (n_start, n_c) their amplitudes at the
+    constraint directions; threshold_row, threshold_const : per-voxel threshold = const + row·s
+    (amplitude below which a direction counts as negative); start_fraction : the start's negative
+    set also takes amplitudes below this fraction of their maximum (< 0: not); constraints : (n_c,
+    n) rows h; direction_moments : (n_c, n_high) each direction's SH moments (degree ≤ 2·lmax);
+    gaunt_* : CSR (n_pairs, n_high) from moments to the packed lower triangle (row-major) of
+    Σ_negative h hᵀ (about 5% of the Gaunt coefficients are non-zero); normal_lower : (n_pairs,)
+    packed MᵀM + νI; niter ≥ 1.
 
     The first iterations, where tens of directions change sign, run for ``BLOCK`` voxels in
     lockstep (start, moments and amplitudes as matrix products, assembly from moments

@@ -18,14 +18,13 @@ def warm_up(specs: list[str] | None = None) -> int:
     """Run each built-in recon spec (default: all) on a 14x14x10 three-tissue phantom; 0 when every spec ran."""
     from dwiflow.cli.bidsapp import main as bidsapp
     from dwiflow.tasks.recon_spec import builtin_specs
-    from dwiflow.tasks.stages.phantom import add_diffusion_times, keep_one_shell, write_phantom_dataset
+    from dwiflow.tasks.stages.phantom import keep_one_shell, write_phantom_dataset
 
     failed = []
     with tempfile.TemporaryDirectory(prefix="dwiflow-warmup-") as tmp:
         root = Path(tmp)
         files = write_phantom_dataset(root / "bids", scheme="multi", shape=(14, 14, 10), snr=30.0, seed=1,
-                                      tissues="three")
-        add_diffusion_times(files["dwi"])
+                                      tissues="three", diffusion_times=(0.04, 0.02))  # Δ, δ: MAP-MRI's indices
         # single-shell specs (ss3t) run on a copy with b=0 and the b=3000 shell
         import shutil
 

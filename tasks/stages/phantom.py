@@ -74,6 +74,7 @@ def write_phantom_dataset(
     voxel_size: float = 2.0,
     background: tuple[int, int, int] = (3, 3, 2),
     tissues: str = "fibres",
+    diffusion_times: tuple[float, float] | None = None,
 ) -> dict[str, Path]:
     """Write a small BIDS dataset of a multi-fibre phantom plus its ground truth.
 
@@ -88,6 +89,9 @@ def write_phantom_dataset(
     (:func:`~dwiflow.core.sims.three_tissue_phantom` with :func:`~dwiflow.core.sims.smooth_tissue_fractions`:
     what dhollander's tissue selection needs); the truth then has the WM fibres (``nfibres``, ``fractions``,
     ``directions``) and the WM/GM/CSF volume fractions (``tissues``) in place of ``csf``.
+
+    ``diffusion_times``: (Δ, δ) in seconds, written to the DWI's sidecar (``LargeDelta``, ``SmallDelta``) for the
+    stages that read them (MAP-MRI's q-space indices); the signal does not depend on them.
     """
     from dwiflow.core.gradients import world_to_fsl_bvecs
     from dwiflow.core.sims import acquisition_scheme, make_phantom, smooth_tissue_fractions, three_tissue_phantom
@@ -138,8 +142,9 @@ def write_phantom_dataset(
         })
         described = ("Simulated DWI of WM (multi-tensor), GM and CSF with Rician noise" if tissues == "three"
                      else "Simulated multi-tensor DWI with Rician noise")
+        timing = {} if diffusion_times is None else dict(zip(("LargeDelta", "SmallDelta"), map(float, diffusion_times)))
         files["dwi"] = out.nifti(base.with_name(base.name + ".nii.gz"), data, affine,
-                                 {"Description": described, **truth_common})
+                                 {"Description": described, **truth_common, **timing})
         files["bval"] = out.text(base.with_name(base.name + ".bval"), " ".join(f"{b:g}" for b in gtab.bvals) + "\n")
         files["bvec"] = out.text(base.with_name(base.name + ".bvec"),
                                  "\n".join(" ".join(f"{v:.8f}" for v in row) for row in fsl_bvecs.T) + "\n")
@@ -192,14 +197,3 @@ STAGES = (
         outputs=(Output("dataset", "the dataset folder", cli="positional", metavar="OUT_DIR", folder=True),), pipeline=False,
     ),
 )
-
-
-def add_diffusion_times(dwi: Path, large_delta: float = 0.04, small_delta: float = 0.02) -> None:
-    """Give a phantom DWI's sidecar the diffusion times MAP-MRI needs (Δ, δ in seconds; the phantom's signal does
-    not depend on them). Used by ``python -m dwiflow.warmup`` on a ``tissues="three"`` dataset."""
-    import json
-
-    sidecar = Path(str(dwi).replace(".nii.gz", ".json"))
-    content = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-    content.update(LargeDelta=large_delta, SmallDelta=small_delta)
-    sidecar.write_text(json.dumps(content, indent=2))

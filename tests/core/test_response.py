@@ -181,8 +181,9 @@ def test_nonnegative_least_squares_is_optimal():
 @pytest.mark.parametrize("layout", ["C", "F"])
 def test_dhollander_volume_means_match_each_shells_clipped_mean(layout):
     """dhollander's shell means (signal clipped at 0, as mrcalc -max 0 then mrmath mean) and the mean over all
-    volumes, computed by slabs of voxels smaller than the image (on one thread or two), equal the per-shell means of the clipped signal
-    to float32 rounding, for C- and Fortran-ordered images (a NIfTI image's array is Fortran-ordered)."""
+    volumes, computed by slabs of voxels smaller than the image (on one thread or two), equal the per-shell means of
+    the clipped signal to float32 rounding, for C- and Fortran-ordered images (a NIfTI image's array is
+    Fortran-ordered)."""
     from dwiflow.core.response_dhollander import volume_means
 
     gtab = acquisition_scheme("multi")
