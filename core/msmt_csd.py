@@ -47,6 +47,8 @@ DEFAULT_NORM_LAMBDA = 1e-10
 DEFAULT_NEG_LAMBDA = 1e-10
 # a constraint counts as violated below -tolerance·|y_u| (MRtrix3 uses 0; this only stops rounding-level cycling)
 TOLERANCE = 1e-12
+# constraints violated by more than this (·|y_u|) are chosen on single-precision values first (see the kernel)
+COARSE_TOLERANCE = 3e-7
 
 STATUS_CODES = (FitStatus.OK, FitStatus.NONFINITE_INPUT, FitStatus.NOT_CONVERGED, FitStatus.SINGULAR)
 
@@ -228,6 +230,7 @@ class MsmtCsdModel:
         constraints /= np.linalg.norm(constraints, axis=1, keepdims=True)
         self._constraints = np.ascontiguousarray(constraints)
         self._gram = np.ascontiguousarray(constraints @ constraints.T)
+        self._gram_single = self._gram.astype(np.float32)
         self._unwhiten = np.ascontiguousarray(inverse)  # x = L⁻ᵀ y  →  as rows: y · L⁻¹
 
     def _check_response_shells(self, tissue: int, response: ResponseFunction) -> None:
@@ -278,7 +281,8 @@ class MsmtCsdModel:
                 constraint_values = unconstrained @ self._constraints.T
             rows = projected[: sl.stop - sl.start]
             solve_msmt(unconstrained, constraint_values, self._constraints, self._gram, self.neg_lambda,
-                       self.max_iterations, TOLERANCE, rows, status[sl], iterations[sl], starts[sl], active[sl])
+                       self.max_iterations, TOLERANCE, rows, status[sl], iterations[sl], starts[sl], active[sl],
+                       self._gram_single, COARSE_TOLERANCE)
             np.matmul(rows, self._unwhiten, out=coefficients[sl])
             if progress is not None:
                 progress(sl.stop, nvox)

@@ -132,3 +132,29 @@ def test_responses_that_are_not_a_list_of_response_functions_are_named():
         with pytest.raises(DwiflowInputError, match=r"responses: a list of ResponseFunction, one per tissue") as refused:
             MsmtCsdModel(gtab, given)
         assert named in str(refused.value)
+
+
+def test_constraints_chosen_in_single_precision_reach_the_double_precision_solution(monkeypatch):
+    """Each voxel's search chooses its constraints on single-precision values while the violations exceed
+    COARSE_TOLERANCE · |y_u|, then goes on in double precision: the coefficients are the all-double search's (to
+    rounding, far inside MRtrix3's 1e-5), also with a coarse tolerance below single precision's resolution, where
+    rounding picks constraints that leave at once (the search then continues in double precision). Stopping at
+    the coarse tolerance instead would be off by ~1e-2 of the voxel's largest coefficient."""
+    import dwiflow.core.msmt_csd as msmt_csd
+
+    g = acquisition_scheme("multi")
+    phantom = three_tissue_phantom(g, (12, 12, 4), snr=30, seed=8)
+    responses = dhollander(phantom.data, g, np.ones(phantom.data.shape[:3], bool), erode=0)
+    model = MsmtCsdModel(g, [responses.wm, responses.gm, responses.csf])
+    fits = {}
+    for coarse in (0.0, msmt_csd.COARSE_TOLERANCE, 1e-9):
+        monkeypatch.setattr(msmt_csd, "COARSE_TOLERANCE", coarse)
+        fits[coarse] = model.fit(phantom.data)
+    exact = fits[0.0]
+    scale = np.abs(exact.coefficient_rows).max(axis=1, keepdims=True)
+    for coarse, fit in fits.items():
+        assert np.all(fit.status_rows == 0), coarse
+        difference = np.max(np.abs(fit.coefficient_rows - exact.coefficient_rows) / scale)
+        print(f"coarse tolerance {coarse:g}: {fit.iteration_rows.mean():.1f} additions a voxel "
+              f"({exact.iteration_rows.mean():.1f} in double precision), largest difference {difference:.1e}")
+        assert difference < 1e-8, (coarse, difference)
