@@ -138,44 +138,25 @@ def _solve(chol, k, rhs, forward, valid, out, inv_diag) -> None:
 
 
 @njit(cache=True, fastmath=True)
-def _constraint_values(c_u, gram, active, k, lam, c) -> None:
-    """c = c_u + Σ_j λ_j G[a_j, :] over the active set (four rows of G per pass over c)."""
+def _constraint_values(c_u, gram, active, k, lam, c, weights) -> None:
+    """c = c_u + Σ_j λ_j G[a_j, :] over the active set (four rows of G per pass over c), in the precision of
+    ``c_u``, ``gram`` and ``c``: the multipliers are rounded to it through ``weights`` (four values of that type),
+    so that single precision reads half the bytes of G's rows and fills twice the lanes per instruction."""
     m = c_u.size
     for i in range(m):
         c[i] = c_u[i]
     j = 0
     while j + 3 < k:
-        w0, w1, w2, w3 = lam[active[j]], lam[active[j + 1]], lam[active[j + 2]], lam[active[j + 3]]
+        for q in range(4):
+            weights[q] = lam[active[j + q]]
+        w0, w1, w2, w3 = weights[0], weights[1], weights[2], weights[3]
         r0, r1, r2, r3 = gram[active[j]], gram[active[j + 1]], gram[active[j + 2]], gram[active[j + 3]]
         for i in range(m):
             c[i] += w0 * r0[i] + w1 * r1[i] + w2 * r2[i] + w3 * r3[i]
         j += 4
     while j < k:
-        weight = lam[active[j]]
-        row = gram[active[j]]
-        for i in range(m):
-            c[i] += weight * row[i]
-        j += 1
-
-
-@njit(cache=True, fastmath=True)
-def _constraint_values_single(c_u, gram, active, k, lam, c) -> None:
-    """:func:`_constraint_values` in single precision (``c_u``, ``gram`` and ``c`` float32): half the bytes of G's
-    rows to read and twice the lanes per instruction. Only for choosing the constraint to add: where the path ends is
-    decided on double-precision values."""
-    m = c_u.size
-    for i in range(m):
-        c[i] = c_u[i]
-    j = 0
-    while j + 3 < k:
-        w0, w1 = np.float32(lam[active[j]]), np.float32(lam[active[j + 1]])
-        w2, w3 = np.float32(lam[active[j + 2]]), np.float32(lam[active[j + 3]])
-        r0, r1, r2, r3 = gram[active[j]], gram[active[j + 1]], gram[active[j + 2]], gram[active[j + 3]]
-        for i in range(m):
-            c[i] += w0 * r0[i] + w1 * r1[i] + w2 * r2[i] + w3 * r3[i]
-        j += 4
-    while j < k:
-        weight = np.float32(lam[active[j]])
+        weights[0] = lam[active[j]]
+        weight = weights[0]
         row = gram[active[j]]
         for i in range(m):
             c[i] += weight * row[i]
@@ -184,7 +165,7 @@ def _constraint_values_single(c_u, gram, active, k, lam, c) -> None:
 
 @njit(cache=True, fastmath=True)
 def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs, forward, z, c, in_set, work,
-             inv_diag, start, n_start, c_u_single, gram_single, c_single, coarse_tolerance):
+             inv_diag, start, n_start, gram_single, c_u_single, c_single, weights, weights_single, coarse_tolerance):
     """Lawson–Hanson on the dual of one voxel. Fills ``lam`` (all constraints); returns (status, iterations).
 
     Cold (``n_start`` 0), it starts from λ = 0. Otherwise from the constraints ``start[:n_start]`` (the active set
@@ -195,10 +176,10 @@ def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs
     start is its own earlier result, never a neighbour's.
 
     Started cold with ``coarse_tolerance`` above ``tolerance``, it first chooses each constraint to add from single-
-    precision constraint values (``c_single``, updated through ``gram_single``), among those violated by more than
-    ``coarse_tolerance``. Once none is, or should a constraint just added leave at once (which single-precision
-    rounding can cause), it recomputes the values in double precision and continues there as before: the solution,
-    and when the search stops, are decided in double precision only."""
+    precision constraint values (``c_single``: ``c_u`` rounded to ``c_u_single``, updated through ``gram_single``),
+    among those violated by more than ``coarse_tolerance``. Once none is, or should a constraint just added leave at
+    once (which single-precision rounding can cause), it recomputes the values in double precision and continues
+    there as before: the solution, and when the search stops, are decided in double precision only."""
     m = c_u.size
     for i in range(m):
         lam[i] = 0.0
@@ -225,7 +206,7 @@ def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs
         if worst < 0:
             for i in range(k):
                 lam[active[i]] = z[i]
-            _constraint_values(c_u, gram, active, k, lam, c)
+            _constraint_values(c_u, gram, active, k, lam, c, weights)
             break
         in_set[active[worst]] = False
         _delete(chol, k, worst, work, inv_diag)
@@ -237,6 +218,7 @@ def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs
     single = n_start == 0 and coarse_tolerance > tolerance
     if single:
         for i in range(m):
+            c_u_single[i] = c_u[i]
             c_single[i] = c_u_single[i]
     while True:
         # the most violated constraint not yet active
@@ -250,7 +232,7 @@ def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs
             if worst < 0:
                 # none violated beyond the coarse tolerance: on from exact values
                 single = False
-                _constraint_values(c_u, gram, active, k, lam, c)
+                _constraint_values(c_u, gram, active, k, lam, c, weights)
         if not single:
             worst_value = -tolerance
             for i in range(m):
@@ -320,9 +302,9 @@ def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs
                 break
         # constraint values at the new solution (G is symmetric: rows are read contiguously)
         if single:
-            _constraint_values_single(c_u_single, gram_single, active, k, lam, c_single)
+            _constraint_values(c_u_single, gram_single, active, k, lam, c_single, weights_single)
         else:
-            _constraint_values(c_u, gram, active, k, lam, c)
+            _constraint_values(c_u, gram, active, k, lam, c, weights)
 
 
 @njit(cache=True, parallel=True)
@@ -359,6 +341,8 @@ def solve_msmt(unconstrained, constraint_values, constraints, gram, ridge, max_i
         first = np.zeros(m, dtype=np.int64)
         c_u_single = np.zeros(m, dtype=np.float32)
         c_single = np.zeros(m, dtype=np.float32)
+        weights = np.zeros(4)
+        weights_single = np.zeros(4, dtype=np.float32)
         for v in range(start, stop):
             y_u = unconstrained[v]
             y = out[v]
@@ -381,11 +365,9 @@ def solve_msmt(unconstrained, constraint_values, constraints, gram, ridge, max_i
                         first[n_first] = i
                         n_first += 1
             norm = np.sqrt(scale)
-            for i in range(m):
-                c_u_single[i] = constraint_values[v, i]
             st, it = _project(constraint_values[v], gram, ridge, max_iterations, tolerance * norm, lam, active, chol,
-                              rhs, forward, z, c, in_set, work, inv_diag, first, n_first, c_u_single, gram_single,
-                              c_single, coarse_tolerance * norm)
+                              rhs, forward, z, c, in_set, work, inv_diag, first, n_first, gram_single, c_u_single,
+                              c_single, weights, weights_single, coarse_tolerance * norm)
             status[v] = st
             iterations[v] = it
             if finals.shape[0] > 0:
