@@ -21,6 +21,12 @@ register accumulators in the assembly (+2–3 %); starting without MRtrix3's 10 
 20k voxels). Nor does a better-placed start pay: from the lmax-8 fit with a ridge of 1e-2 of its mean diagonal, cut
 at 5 % of the maximum, a plain float64 iteration on 4000 of the voxels took 3.65 solves for this start's 3.77 (at
 10 %: 3.88), ~1.3 µs a voxel saved for ~13,500 more multiply-adds in the start's products: ~2 % at best, so not built.
+Nor do these, timed alone (best of five; factors of 45 × 45 matrices, assembly of a block of 16): this Crout factor
+in single precision (2.73 against 2.67 µs: its time is the latency of each column's reductions, square root and
+reciprocal, not arithmetic), a column-oriented factor Uᵀ U with U's rows contiguous, updated by AXPYs over k (6.2 µs
+with k unrolled by four, 10.7 without), or the assembly's non-zeros taken by position in their row rather than row
+by row, so that no two in a row add to the same entry (42.5 against 28.4 µs a block: the rows' scattered stores cost
+more).
 """
 
 from __future__ import annotations
