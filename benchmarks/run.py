@@ -7,7 +7,7 @@ peer on the same inputs). Run with ``python3 dev.py bench`` (``--voxels N`` to r
 
 Commands are timed whole (process start, reading, fitting, writing) with every thread pool at the same count;
 each time is the best of ``--repeats`` runs, for dwiflow and for the reference tool alike, except that a reference
-command taking 10 s or more runs once.
+command timed through ``_peer_command`` runs once when it takes 10 s or more.
 """
 
 from __future__ import annotations
