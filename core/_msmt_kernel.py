@@ -169,6 +169,18 @@ def _constraint_values(c_u, gram, active, k, lam, c, weights) -> None:
         j += 1
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _most_violated(c, in_set, limit) -> int:
+    """Index of the smallest constraint value below ``limit`` (a value of ``c``'s type) among the constraints not
+    in the active set, or -1: the constraint Lawson–Hanson adds next."""
+    worst = -1
+    for i in range(c.size):
+        if not in_set[i] and c[i] < limit:
+            limit = c[i]
+            worst = i
+    return worst
+
+
 @njit(cache=True, fastmath=True)
 def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs, forward, z, c, in_set, work,
              inv_diag, start, n_start, gram_single, c_u_single, c_single, weights, weights_single, coarse_tolerance):
@@ -227,24 +239,15 @@ def _project(c_u, gram, ridge, max_iterations, tolerance, lam, active, chol, rhs
             c_u_single[i] = c_u[i]
             c_single[i] = c_u_single[i]
     while True:
-        # the most violated constraint not yet active
         worst = -1
         if single:
-            worst_single = np.float32(-coarse_tolerance)
-            for i in range(m):
-                if not in_set[i] and c_single[i] < worst_single:
-                    worst_single = c_single[i]
-                    worst = i
+            worst = _most_violated(c_single, in_set, np.float32(-coarse_tolerance))
             if worst < 0:
                 # none violated beyond the coarse tolerance: on from exact values
                 single = False
                 _constraint_values(c_u, gram, active, k, lam, c, weights)
         if not single:
-            worst_value = -tolerance
-            for i in range(m):
-                if not in_set[i] and c[i] < worst_value:
-                    worst_value = c[i]
-                    worst = i
+            worst = _most_violated(c, in_set, -tolerance)
         if worst < 0:
             return OK, iterations
         if iterations >= max_iterations:
